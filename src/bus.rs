@@ -1,0 +1,285 @@
+//! The bus handle: what a service holds to publish and subscribe.
+//!
+//! Why it exists: it is the one object a user deals with. It owns the policy that is
+//! the same on every medium (identity of the sender, message validation, catalog
+//! checks, size limits, shutdown) and hands storage and following to the medium.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bson::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::config::{Config, MediumKind};
+use crate::delivery::{AckTracker, Subscriber, Subscription};
+use crate::error::{Error, Result};
+use crate::filter::StartFrom;
+use crate::medium::memory::MemoryMedium;
+use crate::medium::Medium;
+use crate::message::{check_name, Message};
+
+/// A handle on the bus. Cheap to clone (an `Arc` inside), `Send + Sync`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use futures::StreamExt;
+/// use intracom::{bson::doc, Config, Intracom, Message, Subscription};
+///
+/// let config = Config::builder()
+///     .service("billing")
+///     .sender("billing", ["invoice.created", "reload"])
+///     .build()?;
+/// let bus = Intracom::connect(config).await?; // memory medium by default
+/// let mut sub = bus.subscribe(Subscription::named("billing-cache").actions(["reload"])).await?;
+/// bus.publish(Message::broadcast("reload").body(doc! { "tenant": 7 })).await?;
+/// let delivery = sub.next().await.expect("a delivery")?;
+/// assert_eq!(delivery.query.get_i32("tenant")?, 7);
+/// delivery.ack().await?;
+/// bus.shutdown().await;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Intracom {
+    shared: Arc<Shared>,
+    service: Arc<str>,
+    instance: Arc<str>,
+}
+
+struct Shared {
+    config: Config,
+    medium: Arc<dyn Medium>,
+    catalog: Catalog,
+    shutdown: CancellationToken,
+    /// Whether shutting the bus down closes the medium (it does when `connect` made it).
+    owns_medium: bool,
+}
+
+/// What became of a published message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishStatus {
+    /// Written to the medium now.
+    Stored,
+    /// A message with this id was already stored; nothing new was written.
+    Duplicate,
+}
+
+/// The receipt of a publish.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Published {
+    /// The message id.
+    pub id: String,
+    /// The medium's stamp, when known.
+    pub ts: Option<Timestamp>,
+    /// Stored now, or already there.
+    pub status: PublishStatus,
+}
+
+impl Intracom {
+    /// Connects to the medium named by the configuration and seeds the catalog from it.
+    pub async fn connect(config: Config) -> Result<Self> {
+        let medium: Arc<dyn Medium> = match config.medium {
+            MediumKind::Memory => Arc::new(MemoryMedium::new((&config).into())),
+            other => {
+                return Err(Error::Unsupported {
+                    medium: other.to_string(),
+                    what: "connecting: this build does not include that medium yet".into(),
+                })
+            }
+        };
+        Self::start(config, medium, true).await
+    }
+
+    /// A bus on a medium the caller made, e.g. one [`MemoryMedium`] shared by several
+    /// services of one process. Shutting this bus down does not close the medium.
+    pub async fn with_medium(config: Config, medium: Arc<dyn Medium>) -> Result<Self> {
+        Self::start(config, medium, false).await
+    }
+
+    async fn start(config: Config, medium: Arc<dyn Medium>, owns_medium: bool) -> Result<Self> {
+        for (service, actions) in &config.senders {
+            medium.catalog_add(service, actions).await?;
+        }
+        let catalog = Catalog::new(Arc::clone(&medium));
+        catalog.refresh().await?;
+        let instance = config.instance_or_default();
+        tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
+        Ok(Intracom {
+            service: config.service.as_str().into(),
+            instance: instance.into(),
+            shared: Arc::new(Shared {
+                config,
+                medium,
+                catalog,
+                shutdown: CancellationToken::new(),
+                owns_medium,
+            }),
+        })
+    }
+
+    /// Another handle on the same bus for another service of this process (seed 001's
+    /// monolith deployment). It shares the medium, catalog and shutdown.
+    pub fn as_service(&self, service: &str, instance: Option<&str>) -> Result<Self> {
+        check_name("service", service)?;
+        let instance = match instance {
+            Some(i) => {
+                check_name("instance", i)?;
+                i.to_string()
+            }
+            None => format!("{service}-{}", self.instance),
+        };
+        Ok(Intracom {
+            shared: Arc::clone(&self.shared),
+            service: service.into(),
+            instance: instance.into(),
+        })
+    }
+
+    /// This handle's service name (`serviceNameSource` of what it publishes).
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// This handle's instance id (`instanceSource` of what it publishes).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The configuration the bus was started with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The sender/action catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.shared.catalog
+    }
+
+    /// The medium under the bus.
+    pub fn medium(&self) -> &Arc<dyn Medium> {
+        &self.shared.medium
+    }
+
+    /// Publishes one message: fills in the sender, validates it, checks the catalog and
+    /// the size limit (nothing is written if any check fails), then has the medium stamp
+    /// and store it. Publishing the same message id again stores nothing new and
+    /// reports [`PublishStatus::Duplicate`].
+    pub async fn publish(&self, message: Message) -> Result<Published> {
+        let mut out = self.publish_all(vec![message]).await?;
+        out.pop().ok_or_else(|| Error::Medium {
+            medium: self.shared.medium.name(),
+            reason: "append returned no receipt".into(),
+        })
+    }
+
+    /// Publishes several messages in one call to the medium, in order. Every message is
+    /// checked first: if one fails, none is written.
+    pub async fn publish_all(&self, messages: Vec<Message>) -> Result<Vec<Published>> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let medium = &self.shared.medium;
+        let limit = medium
+            .max_message_bytes()
+            .min(self.shared.config.max_message_bytes);
+        let mut ready = Vec::with_capacity(messages.len());
+        for mut message in messages {
+            if message.source_service.is_empty() {
+                message.source_service = self.service.to_string();
+            }
+            message.source_instance = self.instance.to_string();
+            message.ts = None;
+            message.at = None;
+            message.validate()?;
+            self.shared.catalog.check(&message).await?;
+            let size = message.encoded_len()?;
+            if size > limit {
+                return Err(Error::TooLarge {
+                    id: message.id,
+                    size,
+                    limit,
+                });
+            }
+            ready.push(message);
+        }
+        let appended = medium.append(ready).await?;
+        Ok(appended
+            .into_iter()
+            .map(|a| {
+                tracing::debug!(message_id = %a.id, ts = ?a.ts, duplicate = a.duplicate, "published");
+                Published {
+                    id: a.id,
+                    ts: a.ts,
+                    status: if a.duplicate {
+                        PublishStatus::Duplicate
+                    } else {
+                        PublishStatus::Stored
+                    },
+                }
+            })
+            .collect())
+    }
+
+    /// Subscribes. A named subscription resumes after its checkpoint when it has one;
+    /// otherwise it starts where the subscription says (default: now). The start is
+    /// anchored before this returns: a message published after it returns is delivered.
+    pub async fn subscribe(&self, subscription: Subscription) -> Result<Subscriber> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let medium = &self.shared.medium;
+        if let Some(name) = &subscription.name {
+            check_name("subscription name", name)?;
+        }
+        let checkpoint = match &subscription.name {
+            Some(name) => medium.checkpoint_load(name).await?,
+            None => None,
+        };
+        let resumed = checkpoint.is_some();
+        let start = match checkpoint {
+            Some(position) => StartFrom::After(position),
+            None => subscription.start.clone(),
+        };
+        let filter = subscription.filter(&self.service, &self.instance);
+        tracing::debug!(subscription = ?subscription.name, resumed, start = ?start, "subscribing");
+        let events = medium.follow(start, filter).await?;
+        let tracker = subscription
+            .name
+            .clone()
+            .map(|name| Arc::new(AckTracker::new(name, Arc::clone(medium))));
+        Ok(Subscriber::new(
+            subscription.name,
+            events,
+            tracker,
+            self.shared.shutdown.clone(),
+        ))
+    }
+
+    /// Shuts the bus down for every handle that shares it: subscription streams end,
+    /// later calls fail with [`Error::Shutdown`], and a medium made by
+    /// [`Intracom::connect`] is closed.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        if self.shared.owns_medium {
+            self.shared.medium.close().await;
+        }
+        tracing::info!(service = %self.service, instance = %self.instance, "intracom shut down");
+    }
+
+    /// Whether [`Intracom::shutdown`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+}
+
+impl fmt::Debug for Intracom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Intracom")
+            .field("medium", &self.shared.medium.name())
+            .field("service", &self.service)
+            .field("instance", &self.instance)
+            .finish()
+    }
+}

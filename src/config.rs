@@ -1,0 +1,614 @@
+//! Configuration: the seed's properties keys, a file, the environment, and a builder.
+//!
+//! Why it exists: services already configure themselves with `.properties` files
+//! holding the seed keys (`common.intracom.medium=db`, `common.intracom.timeout_ms`,
+//! `common.intracom.senders.list`, `common.intracom.actions.<service>`). Those keys work
+//! here as written; each can be overridden by an environment variable; code can use
+//! [`Config::builder`]. A value intracom cannot use, or an unknown key under
+//! `common.intracom.`, is an error naming the key and the value, at start-up.
+//!
+//! | key | default | meaning |
+//! | --- | --- | --- |
+//! | `common.intracom.medium` | `memory` | `memory`, `db` (MongoDB) or `mqtt` |
+//! | `common.intracom.timeout_ms` | `300000` | message retention, in ms |
+//! | `common.intracom.senders.list` | empty | services in the catalog, comma separated |
+//! | `common.intracom.actions.<service>` | empty | that service's actions, comma separated |
+//! | `common.intracom.service` | `intracom` | this process's service name |
+//! | `common.intracom.instance` | `<host>-<pid>-<n>` | this instance's id |
+//! | `common.intracom.max_message_bytes` | `16777216` | largest encoded message |
+//! | `common.intracom.memory.max_messages` | `100000` | memory medium: messages kept at most |
+//!
+//! Environment: `INTRACOM_CONFIG` names a properties file; each key can be set by its
+//! upper-case name with `.` turned into `_` (`COMMON_INTRACOM_TIMEOUT_MS=1000`,
+//! `COMMON_INTRACOM_ACTIONS_BILLING=load,clear`) or by its exact dotted name. The
+//! environment wins over the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::message::MAX_NAME_LEN;
+
+const PREFIX: &str = "common.intracom.";
+const ACTIONS_PREFIX: &str = "common.intracom.actions.";
+const ENV_PREFIX: &str = "COMMON_INTRACOM_";
+const ENV_ACTIONS_PREFIX: &str = "COMMON_INTRACOM_ACTIONS_";
+/// Environment variable naming the properties file read by [`Config::from_env`].
+pub const CONFIG_FILE_ENV: &str = "INTRACOM_CONFIG";
+
+/// Which medium carries the bus (`common.intracom.medium`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MediumKind {
+    /// In-process (`memory`), the default.
+    #[default]
+    Memory,
+    /// A shared MongoDB database (`db`).
+    Db,
+    /// An MQTT broker (`mqtt`).
+    Mqtt,
+}
+
+impl MediumKind {
+    /// The value as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediumKind::Memory => "memory",
+            MediumKind::Db => "db",
+            MediumKind::Mqtt => "mqtt",
+        }
+    }
+}
+
+impl fmt::Display for MediumKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MediumKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "memory" => Ok(MediumKind::Memory),
+            "db" => Ok(MediumKind::Db),
+            "mqtt" => Ok(MediumKind::Mqtt),
+            _ => Err("expected one of memory, db, mqtt".into()),
+        }
+    }
+}
+
+/// The resolved configuration. Build it with [`Config::from_env`],
+/// [`Config::from_file`], [`Config::from_properties`] or [`Config::builder`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// The medium (default [`MediumKind::Memory`]).
+    pub medium: MediumKind,
+    /// Retention in milliseconds (default 300 000).
+    pub timeout_ms: u64,
+    /// Catalog seed: service → actions, from `senders.list` and `actions.<service>`.
+    pub senders: BTreeMap<String, Vec<String>>,
+    /// This process's service name (default `intracom`).
+    pub service: String,
+    /// This instance's id (default `<host>-<pid>-<n>`, `n` counting handles in the process).
+    pub instance: Option<String>,
+    /// Largest encoded message, in bytes (default 16 MiB).
+    pub max_message_bytes: usize,
+    /// Memory medium: messages kept at most (default 100 000).
+    pub memory_max_messages: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            medium: MediumKind::Memory,
+            timeout_ms: 300_000,
+            senders: BTreeMap::new(),
+            service: "intracom".into(),
+            instance: None,
+            max_message_bytes: 16 * 1024 * 1024,
+            memory_max_messages: 100_000,
+        }
+    }
+}
+
+impl Config {
+    /// A builder starting from the defaults.
+    ///
+    /// ```
+    /// use intracom::{Config, MediumKind};
+    /// let config = Config::builder()
+    ///     .service("billing")
+    ///     .sender("billing", ["invoice.created", "reload"])
+    ///     .set("common.intracom.timeout_ms", "60000")
+    ///     .build()?;
+    /// assert_eq!(config.medium, MediumKind::Memory);
+    /// assert_eq!(config.timeout_ms, 60_000);
+    /// # Ok::<(), intracom::Error>(())
+    /// ```
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+            error: None,
+        }
+    }
+
+    /// Reads the file named by `INTRACOM_CONFIG` (if set), then applies the environment.
+    pub fn from_env() -> Result<Self> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        let text = match vars.iter().find(|(k, _)| k == CONFIG_FILE_ENV) {
+            Some((_, path)) => Some(read_file(Path::new(path))?),
+            None => None,
+        };
+        Self::from_sources(text.as_deref(), vars)
+    }
+
+    /// Reads a properties file, then applies the environment.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let text = read_file(path.as_ref())?;
+        Self::from_sources(Some(&text), std::env::vars())
+    }
+
+    /// Parses properties text alone (no environment).
+    ///
+    /// ```
+    /// let config = intracom::Config::from_properties("
+    ///     # the seed's own lines
+    ///     common.intracom.medium=memory
+    ///     common.intracom.timeout_ms=300000
+    ///     common.intracom.senders.list=custom1,custom2
+    ///     common.intracom.actions.custom1=load,clear
+    /// ")?;
+    /// assert_eq!(config.senders["custom1"], ["load", "clear"]);
+    /// assert!(config.senders["custom2"].is_empty());
+    /// # Ok::<(), intracom::Error>(())
+    /// ```
+    pub fn from_properties(text: &str) -> Result<Self> {
+        Self::from_sources(Some(text), std::iter::empty())
+    }
+
+    /// Properties text (optional) overridden by the given environment variables.
+    pub fn from_sources<I>(text: Option<&str>, env: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut config = Config::default();
+        if let Some(text) = text {
+            for (key, value) in parse_properties(text) {
+                config.set(&key, &value)?;
+            }
+        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for (name, value) in &env {
+            if let Some(key) = env_key(name, &config) {
+                config.set(&key, value)?;
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Sets one key from its string form, as a properties file would. Keys outside
+    /// `common.intracom.` are ignored (the file is shared with the rest of a service's
+    /// config); unknown keys inside it are an error.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let value = value.trim();
+        if !key.starts_with(PREFIX) {
+            return Ok(());
+        }
+        if let Some(service) = key.strip_prefix(ACTIONS_PREFIX) {
+            check_config_name(key, service)?;
+            let actions = split_list(key, value)?;
+            self.senders.insert(service.to_string(), actions);
+            return Ok(());
+        }
+        match &key[PREFIX.len()..] {
+            "medium" => self.medium = value.parse().map_err(|e| Error::config(key, value, e))?,
+            "timeout_ms" => {
+                self.timeout_ms = parse_positive(key, value)?;
+            }
+            "senders.list" => {
+                for service in split_list(key, value)? {
+                    self.senders.entry(service).or_default();
+                }
+            }
+            "service" => {
+                check_config_name(key, value)?;
+                self.service = value.to_string();
+            }
+            "instance" => {
+                check_config_name(key, value)?;
+                self.instance = Some(value.to_string());
+            }
+            "max_message_bytes" => {
+                self.max_message_bytes = usize::try_from(parse_positive(key, value)?)
+                    .map_err(|e| Error::config(key, value, e))?;
+            }
+            "memory.max_messages" => {
+                self.memory_max_messages = usize::try_from(parse_positive(key, value)?)
+                    .map_err(|e| Error::config(key, value, e))?;
+            }
+            _ => return Err(Error::config(key, value, "unknown key")),
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_config_name("common.intracom.service", &self.service)?;
+        if let Some(instance) = &self.instance {
+            check_config_name("common.intracom.instance", instance)?;
+        }
+        Ok(())
+    }
+
+    /// This instance's id: the configured one, or a new `<host>-<pid>-<n>`.
+    pub(crate) fn instance_or_default(&self) -> String {
+        static HANDLES: AtomicU64 = AtomicU64::new(1);
+        match &self.instance {
+            Some(instance) => instance.clone(),
+            None => format!(
+                "{}-{}-{}",
+                host_name(),
+                std::process::id(),
+                HANDLES.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+}
+
+/// Builds a [`Config`] in code; errors from [`ConfigBuilder::set`] surface at
+/// [`ConfigBuilder::build`].
+#[derive(Debug)]
+pub struct ConfigBuilder {
+    config: Config,
+    error: Option<Error>,
+}
+
+impl ConfigBuilder {
+    /// The medium (default memory).
+    pub fn medium(mut self, medium: MediumKind) -> Self {
+        self.config.medium = medium;
+        self
+    }
+
+    /// Retention in milliseconds (default 300 000).
+    pub fn timeout_ms(mut self, ms: u64) -> Self {
+        self.config.timeout_ms = ms;
+        self
+    }
+
+    /// This process's service name (default `intracom`).
+    pub fn service(mut self, service: impl Into<String>) -> Self {
+        self.config.service = service.into();
+        self
+    }
+
+    /// This instance's id (default `<host>-<pid>-<n>`).
+    pub fn instance(mut self, instance: impl Into<String>) -> Self {
+        self.config.instance = Some(instance.into());
+        self
+    }
+
+    /// Adds a service and its actions to the catalog seed.
+    pub fn sender<I, S>(mut self, service: impl Into<String>, actions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let entry = self.config.senders.entry(service.into()).or_default();
+        for action in actions {
+            let action = action.into();
+            if !entry.contains(&action) {
+                entry.push(action);
+            }
+        }
+        self
+    }
+
+    /// Largest encoded message in bytes (default 16 MiB).
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_message_bytes = bytes;
+        self
+    }
+
+    /// Memory medium: messages kept at most (default 100 000).
+    pub fn memory_max_messages(mut self, count: usize) -> Self {
+        self.config.memory_max_messages = count;
+        self
+    }
+
+    /// Sets a key from its properties form (e.g. `common.intracom.timeout_ms`, `"1000"`).
+    /// An error is kept and returned by [`ConfigBuilder::build`].
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        if self.error.is_none() {
+            if let Err(e) = self.config.set(key, value) {
+                self.error = Some(e);
+            }
+        }
+        self
+    }
+
+    /// The configuration, or the first error met.
+    pub fn build(self) -> Result<Config> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        if self.config.timeout_ms == 0 {
+            return Err(Error::config(
+                "common.intracom.timeout_ms",
+                "0",
+                "must be greater than 0",
+            ));
+        }
+        if self.config.max_message_bytes == 0 {
+            return Err(Error::config(
+                "common.intracom.max_message_bytes",
+                "0",
+                "must be greater than 0",
+            ));
+        }
+        if self.config.memory_max_messages == 0 {
+            return Err(Error::config(
+                "common.intracom.memory.max_messages",
+                "0",
+                "must be greater than 0",
+            ));
+        }
+        for (service, actions) in &self.config.senders {
+            check_config_name(&format!("{ACTIONS_PREFIX}{service}"), service)?;
+            for action in actions {
+                check_config_name(&format!("{ACTIONS_PREFIX}{service}"), action)?;
+            }
+        }
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+fn read_file(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::ConfigFile {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The config key an environment variable sets, if it is one of ours.
+fn env_key(name: &str, config: &Config) -> Option<String> {
+    if name.starts_with(PREFIX) {
+        return Some(name.to_string());
+    }
+    if let Some(suffix) = name.strip_prefix(ENV_ACTIONS_PREFIX) {
+        // Match a known service by its environment form; otherwise lower-case.
+        let service = config
+            .senders
+            .keys()
+            .find(|s| env_form(s) == suffix)
+            .cloned()
+            .unwrap_or_else(|| suffix.to_ascii_lowercase());
+        return Some(format!("{ACTIONS_PREFIX}{service}"));
+    }
+    let suffix = name.strip_prefix(ENV_PREFIX)?;
+    const KEYS: [&str; 7] = [
+        "medium",
+        "timeout_ms",
+        "senders.list",
+        "service",
+        "instance",
+        "max_message_bytes",
+        "memory.max_messages",
+    ];
+    match KEYS.iter().find(|k| env_form(k) == suffix) {
+        Some(k) => Some(format!("{PREFIX}{k}")),
+        // An unknown COMMON_INTRACOM_ variable is reported like an unknown key.
+        None => Some(format!("{PREFIX}{}", suffix.to_ascii_lowercase())),
+    }
+}
+
+fn env_form(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Java-style properties: `key=value` or `key: value`, `#`/`!` comments, a trailing
+/// backslash continues the line.
+fn parse_properties(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for raw in text.lines() {
+        let line = raw.trim_start();
+        if pending.is_empty() && (line.is_empty() || line.starts_with('#') || line.starts_with('!'))
+        {
+            continue;
+        }
+        if let Some(stripped) = line.strip_suffix('\\') {
+            pending.push_str(stripped);
+            continue;
+        }
+        pending.push_str(line);
+        let entry = std::mem::take(&mut pending);
+        let split = entry.find(['=', ':']);
+        let (key, value) = match split {
+            Some(i) => (&entry[..i], &entry[i + 1..]),
+            None => (entry.as_str(), ""),
+        };
+        out.push((key.trim().to_string(), value.trim().to_string()));
+    }
+    out
+}
+
+fn split_list(key: &str, value: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        check_config_name(key, item)?;
+        if !out.iter().any(|x| x == item) {
+            out.push(item.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn parse_positive(key: &str, value: &str) -> Result<u64> {
+    match value.parse::<u64>() {
+        Ok(0) => Err(Error::config(key, value, "must be greater than 0")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(Error::config(
+            key,
+            value,
+            format!("not a whole number ({e})"),
+        )),
+    }
+}
+
+fn check_config_name(key: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::config(key, name, "name is empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::config(
+            key,
+            name,
+            format!("longer than {MAX_NAME_LEN} bytes"),
+        ));
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+    {
+        return Err(Error::config(
+            key,
+            name,
+            "contains whitespace, a comma or a control character",
+        ));
+    }
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && check_config_name("", h).is_ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn seed_file_parses_as_written() {
+        let text = "# select the intracom medium\ncommon.intracom.medium=memory\n\
+                    common.intracom.timeout_ms=300000\n\
+                    common.intracom.senders.list=custom1,custom2\n\
+                    common.intracom.actions.custom1=load,clear\n\
+                    other.service.key=ignored\n";
+        let c = Config::from_properties(text).unwrap();
+        assert_eq!(c.medium, MediumKind::Memory);
+        assert_eq!(c.timeout_ms, 300_000);
+        assert_eq!(c.senders["custom1"], ["load", "clear"]);
+        assert_eq!(c.senders["custom2"], Vec::<String>::new());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = Config::from_sources(
+            Some("common.intracom.timeout_ms=300000\ncommon.intracom.senders.list=my-svc"),
+            env(&[
+                ("COMMON_INTRACOM_TIMEOUT_MS", "1000"),
+                ("COMMON_INTRACOM_ACTIONS_MY_SVC", "a,b"),
+                ("common.intracom.medium", "db"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.timeout_ms, 1000);
+        assert_eq!(c.medium, MediumKind::Db);
+        assert_eq!(c.senders["my-svc"], ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        let e = Config::from_properties("common.intracom.medium=kafka")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("common.intracom.medium") && e.contains("kafka"),
+            "{e}"
+        );
+        let e = Config::from_properties("common.intracom.timeout_ms=soon")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("common.intracom.timeout_ms") && e.contains("soon"),
+            "{e}"
+        );
+        let e = Config::from_properties("common.intracom.timeout_ms=0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("greater than 0"), "{e}");
+        let e = Config::from_properties("common.intracom.medum=db")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("common.intracom.medum") && e.contains("unknown key"),
+            "{e}"
+        );
+        let e = Config::from_sources(None, env(&[("COMMON_INTRACOM_TIMEOUT", "5")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("common.intracom.timeout") && e.contains("unknown key"),
+            "{e}"
+        );
+        let e = Config::builder()
+            .set("common.intracom.medium", "x")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Config { ref key, ref value, .. } if key == "common.intracom.medium" && value == "x")
+        );
+    }
+
+    #[test]
+    fn properties_syntax() {
+        let pairs = parse_properties("a = 1\n! comment\nb: two\nc=x,\\\n  y\n\n");
+        assert_eq!(
+            pairs,
+            [
+                ("a".into(), "1".into()),
+                ("b".into(), "two".into()),
+                ("c".into(), "x,y".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn builder_merges_actions() {
+        let c = Config::builder()
+            .sender("a", ["x"])
+            .sender("a", ["x", "y"])
+            .build()
+            .unwrap();
+        assert_eq!(c.senders["a"], ["x", "y"]);
+        assert!(Config::builder().sender("a b", ["x"]).build().is_err());
+    }
+}

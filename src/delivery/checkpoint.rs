@@ -1,0 +1,137 @@
+//! Acks and the checkpoint of a named subscription.
+//!
+//! Consumers may ack out of order (a handler pool finishes in any order). The
+//! checkpoint may only move to a message when every message delivered before it has
+//! been acked too; otherwise a restart would skip the unacked one (a gap). So the
+//! tracker keeps the delivered, not yet checkpointed messages in delivery order and
+//! saves the last one of the acked run at the front. Saves are serialized and never go
+//! backwards, whatever the order in which concurrent acks finish.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::Result;
+use crate::filter::Position;
+use crate::medium::Medium;
+
+pub(crate) struct AckTracker {
+    name: String,
+    medium: Arc<dyn Medium>,
+    state: Mutex<State>,
+    /// The delivery number of the last saved checkpoint.
+    saved: tokio::sync::Mutex<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    /// Delivered and not yet under the checkpoint: number → (position, acked).
+    pending: BTreeMap<u64, (Position, bool)>,
+    /// The end of the acked run: (delivery number, position).
+    watermark: Option<(u64, Position)>,
+}
+
+impl AckTracker {
+    pub(crate) fn new(name: String, medium: Arc<dyn Medium>) -> Self {
+        AckTracker {
+            name,
+            medium,
+            state: Mutex::new(State {
+                next: 1,
+                ..State::default()
+            }),
+            saved: tokio::sync::Mutex::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a delivery; returns its number for [`AckTracker::ack`].
+    pub(crate) fn delivered(&self, position: Position) -> u64 {
+        let mut state = self.state();
+        let number = state.next;
+        state.next += 1;
+        state.pending.insert(number, (position, false));
+        number
+    }
+
+    /// Marks a delivery acked and saves the checkpoint if the acked run grew.
+    pub(crate) async fn ack(&self, number: u64) -> Result<()> {
+        {
+            let mut state = self.state();
+            match state.pending.get_mut(&number) {
+                Some(entry) => entry.1 = true,
+                None => return Ok(()),
+            }
+            while let Some(entry) = state.pending.first_entry() {
+                if !entry.get().1 {
+                    break;
+                }
+                let (n, (position, _)) = entry.remove_entry();
+                state.watermark = Some((n, position));
+            }
+        }
+        self.flush().await
+    }
+
+    /// Saves the current watermark if it is newer than the last save.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let mut saved = self.saved.lock().await;
+        // Read the watermark under the save lock: a later ack may have moved it further,
+        // and saving the newest one serves both.
+        let target = self.state().watermark.clone();
+        if let Some((number, position)) = target {
+            if number > *saved {
+                self.medium.checkpoint_save(&self.name, &position).await?;
+                tracing::trace!(subscription = %self.name, ts = %position.ts, "checkpoint saved");
+                *saved = number;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many deliveries are waiting for an ack (or for an earlier one).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.state().pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::medium::memory::MemoryMedium;
+    use bson::Timestamp;
+
+    fn pos(i: u32) -> Position {
+        Position::new(
+            Timestamp {
+                time: 1,
+                increment: i,
+            },
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn checkpoint_follows_the_contiguous_acked_run() {
+        let medium: Arc<dyn Medium> = Arc::new(MemoryMedium::new(Default::default()));
+        let t = AckTracker::new("sub".into(), Arc::clone(&medium));
+        let n: Vec<u64> = (1..=4).map(|i| t.delivered(pos(i))).collect();
+        t.ack(n[1]).await.unwrap();
+        t.ack(n[3]).await.unwrap();
+        assert_eq!(
+            medium.checkpoint_load("sub").await.unwrap(),
+            None,
+            "1 is not acked: no checkpoint may pass it"
+        );
+        t.ack(n[0]).await.unwrap();
+        assert_eq!(medium.checkpoint_load("sub").await.unwrap(), Some(pos(2)));
+        assert_eq!(t.in_flight(), 2);
+        t.ack(n[2]).await.unwrap();
+        assert_eq!(medium.checkpoint_load("sub").await.unwrap(), Some(pos(4)));
+        t.ack(n[2]).await.unwrap();
+        assert_eq!(t.in_flight(), 0);
+    }
+}

@@ -1,0 +1,202 @@
+//! The consumer side: a stream of deliveries, each acknowledged explicitly.
+
+use std::fmt;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::stream::BoxStream;
+use futures::{Future, Stream, StreamExt};
+use serde::de::DeserializeOwned;
+
+use super::checkpoint::AckTracker;
+use crate::error::{Error, Result};
+use crate::filter::Position;
+use crate::medium::{Event, EventStream};
+use crate::message::Message;
+
+/// One message handed to a subscriber, to be acknowledged with [`Delivery::ack`].
+///
+/// Dereferences to the [`Message`]. For a named subscription, a delivery that is
+/// dropped without an ack holds the checkpoint back: the message (and the ones after
+/// it) come again when the subscription is next created: delivery is at least once.
+pub struct Delivery {
+    message: Arc<Message>,
+    position: Position,
+    ack: Option<(Arc<AckTracker>, u64)>,
+}
+
+impl Delivery {
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The message's position in the medium's order.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// Decodes the payload into a typed value.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        self.message.decode()
+    }
+
+    /// Acknowledges the message. For a named subscription this moves the checkpoint
+    /// once every earlier delivery is acknowledged too; the call returns after the
+    /// checkpoint is saved. For an unnamed subscription it does nothing.
+    ///
+    /// An error (the medium is unreachable) is retryable: acking a later message saves
+    /// a checkpoint that covers this one.
+    pub async fn ack(self) -> Result<()> {
+        match &self.ack {
+            Some((tracker, number)) => tracker.ack(*number).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Deref for Delivery {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.message
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("position", &self.position)
+            .finish()
+    }
+}
+
+/// A subscription's stream of deliveries: a [`futures::Stream`] of
+/// `Result<Delivery, Error>`.
+///
+/// Items come in the medium's order. An `Err` item that [`Error::is_report`] (e.g.
+/// [`Error::Lost`]: messages expired before this subscriber read them) does not end the
+/// stream; the stream ends (`None`) when the bus shuts down.
+///
+/// A slow subscriber does not slow anyone else down and does not make memory grow: it
+/// reads the medium at its own pace. If it falls so far behind that the medium has
+/// dropped messages it had not read yet (retention), it receives [`Error::Lost`] with
+/// the count, then continues with the oldest message still retained.
+pub struct Subscriber {
+    name: Option<String>,
+    inner: BoxStream<'static, Result<Delivery>>,
+    tracker: Option<Arc<AckTracker>>,
+}
+
+impl Subscriber {
+    pub(crate) fn new(
+        name: Option<String>,
+        events: EventStream,
+        tracker: Option<Arc<AckTracker>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let label = name.clone().unwrap_or_else(|| "(anonymous)".into());
+        let acks = tracker.clone();
+        let inner = events
+            .map(move |event| match event? {
+                Event::Message(message, position) => {
+                    let ack = acks
+                        .as_ref()
+                        .map(|t| (Arc::clone(t), t.delivered(position.clone())));
+                    Ok(Delivery { message, position, ack })
+                }
+                Event::Lost { count } => {
+                    tracing::warn!(subscription = %label, count, "messages expired before delivery");
+                    Err(Error::Lost {
+                        subscription: label.clone(),
+                        count,
+                    })
+                }
+            })
+            .take_until(shutdown.cancelled_owned())
+            .boxed();
+        Subscriber {
+            name,
+            inner,
+            tracker,
+        }
+    }
+
+    /// For a named subscription: how many deliveries wait for an ack (theirs or an
+    /// earlier one's) before the checkpoint can pass them. Always 0 when unnamed.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.as_ref().map_or(0, |t| t.in_flight())
+    }
+
+    /// The durable name, if the subscription has one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Runs `handler` on each message until the bus shuts down, acknowledging each
+    /// message whose handler returns `Ok`.
+    ///
+    /// A handler error is logged and the message is not acknowledged: for a named
+    /// subscription it comes again when the subscription is next created. Reports
+    /// ([`Error::Lost`]) and failed checkpoint saves are logged and consumption goes on;
+    /// any other stream error ends the loop and is returned.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use intracom::{Config, Intracom, Message, Subscription};
+    /// let bus = Intracom::connect(Config::builder().service("cache").sender("cache", ["reload"]).build()?).await?;
+    /// let sub = bus.subscribe(Subscription::named("cache-reloader")).await?;
+    /// let worker = tokio::spawn(sub.handle(|m: Message| async move {
+    ///     println!("reloading after {}", m.action);
+    ///     Ok::<(), std::io::Error>(())
+    /// }));
+    /// bus.publish(Message::broadcast("reload")).await?;
+    /// bus.shutdown().await;
+    /// worker.await.expect("handler task")?;
+    /// # Ok::<(), intracom::Error>(()) }).unwrap();
+    /// ```
+    pub async fn handle<F, Fut, E>(mut self, mut handler: F) -> Result<()>
+    where
+        F: FnMut(Message) -> Fut,
+        Fut: Future<Output = std::result::Result<(), E>>,
+        E: fmt::Display,
+    {
+        while let Some(item) = self.next().await {
+            match item {
+                Ok(delivery) => {
+                    let id = delivery.id.clone();
+                    match handler(delivery.message().clone()).await {
+                        Ok(()) => {
+                            if let Err(error) = delivery.ack().await {
+                                tracing::warn!(subscription = ?self.name, message_id = %id, %error, "checkpoint not saved");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(subscription = ?self.name, message_id = %id, %error, "handler failed; message not acknowledged");
+                        }
+                    }
+                }
+                Err(error) if error.is_report() => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Stream for Subscriber {
+    type Item = Result<Delivery>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+impl fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("name", &self.name)
+            .finish()
+    }
+}

@@ -1,0 +1,178 @@
+//! The one error type of the crate.
+//!
+//! Why it exists: a caller of a message bus has to decide, for every failure, whether
+//! to fix its input, retry later, or give up. Each variant says which, and
+//! [`Error::is_retryable`] answers the question for code that only wants to know that.
+
+use std::fmt;
+
+/// Everything that can go wrong in intracom.
+///
+/// Variants carry the names a person needs to fix the problem (the config key, the
+/// service, the action), and keep the underlying error as `source` where there is one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration key has a value intracom cannot use, or the key itself is unknown.
+    /// Fix the configuration; retrying does not help.
+    #[error("config key `{key}`: {reason} (value: {value:?})")]
+    Config {
+        /// The key, as written in the properties file (e.g. `common.intracom.medium`).
+        key: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The properties file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ConfigFile {
+        /// The file that was asked for.
+        path: String,
+        /// Why reading failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The sending service is not in the catalog. Register it (`catalog().register`) or
+    /// list it in `common.intracom.senders.list`. Nothing was written.
+    #[error(
+        "unknown sender service `{service}`: register it or add it to common.intracom.senders.list"
+    )]
+    UnknownSender {
+        /// The service that tried to send.
+        service: String,
+    },
+
+    /// The target service does not declare this action in the catalog. Nothing was written.
+    #[error("service `{service}` does not declare action `{action}` (declared: {declared})")]
+    UnknownAction {
+        /// The service whose catalog entry was checked.
+        service: String,
+        /// The action that was asked for.
+        action: String,
+        /// The actions the service does declare, comma separated.
+        declared: String,
+    },
+
+    /// The message is malformed (empty action, bad service name…). Nothing was written.
+    #[error("invalid message: {reason}")]
+    InvalidMessage {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The encoded message is larger than the medium accepts. Nothing was written.
+    #[error("message {id} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// The message id.
+        id: String,
+        /// Its encoded size in bytes.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+
+    /// A payload could not be converted to or from BSON.
+    #[error("payload conversion failed: {0}")]
+    Payload(#[from] PayloadError),
+
+    /// A subscription resumed from a position whose messages have already expired
+    /// (retention) or were dropped from a full medium. The stream goes on after this
+    /// item with the oldest message still retained: it is a report, not the end.
+    #[error(
+        "subscription `{subscription}` lost {count} message(s) that expired before it read them"
+    )]
+    Lost {
+        /// The subscription name (or `(anonymous)`).
+        subscription: String,
+        /// How many messages were lost, as far as the medium knows.
+        count: u64,
+    },
+
+    /// The medium could not be reached or did not answer in time. Retry later; the
+    /// operation may or may not have happened (publishing is idempotent on the message id).
+    #[error("medium `{medium}` unavailable: {reason}")]
+    Unavailable {
+        /// The medium name (`memory`, `db`, `mqtt`).
+        medium: &'static str,
+        /// What failed.
+        reason: String,
+    },
+
+    /// The medium refused the operation for a reason retrying will not fix.
+    #[error("medium `{medium}` refused the operation: {reason}")]
+    Medium {
+        /// The medium name.
+        medium: &'static str,
+        /// What the medium said.
+        reason: String,
+    },
+
+    /// The configured medium is not part of this build or does not support the operation.
+    #[error("medium `{medium}` does not support {what}")]
+    Unsupported {
+        /// The medium name.
+        medium: String,
+        /// What was asked for.
+        what: String,
+    },
+
+    /// The bus was shut down; the operation was not carried out.
+    #[error("the bus is shut down")]
+    Shutdown,
+}
+
+impl Error {
+    /// Whether the same call may succeed if made again later, unchanged.
+    ///
+    /// True only for [`Error::Unavailable`]: everything else needs a different input,
+    /// configuration or build.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
+    /// Whether a subscription stream can go on after yielding this error.
+    ///
+    /// [`Error::Lost`] and [`Error::Payload`] (a message that does not decode into the
+    /// consumer's type) are reports; the stream continues after them.
+    pub fn is_report(&self) -> bool {
+        matches!(self, Error::Lost { .. } | Error::Payload(_))
+    }
+
+    pub(crate) fn config(
+        key: impl Into<String>,
+        value: impl Into<String>,
+        reason: impl fmt::Display,
+    ) -> Self {
+        Error::Config {
+            key: key.into(),
+            value: value.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn invalid(reason: impl fmt::Display) -> Self {
+        Error::InvalidMessage {
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Why a payload did not convert to or from BSON.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// The value could not be written as a BSON document.
+    #[error("cannot encode payload: {0}")]
+    Encode(#[from] bson::ser::Error),
+    /// The document does not have the shape of the requested type.
+    #[error("cannot decode payload: {0}")]
+    Decode(#[from] bson::de::Error),
+    /// The value encodes to something other than a document (a number, a string…).
+    #[error("payload must encode to a document, got {0}")]
+    NotADocument(String),
+}
+
+/// Short for `std::result::Result<T, intracom::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

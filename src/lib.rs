@@ -1,0 +1,57 @@
+//! # intracom
+//!
+//! A message bus for a fleet of services that already share a MongoDB database: a
+//! message is a document in one collection, stamped with the server's clock, and every
+//! consumer follows the collection from the last position it handled. The same API
+//! runs in one process on the [memory medium](medium::memory) (the default, no server
+//! needed), and is built so that the MongoDB and MQTT media plug in under it.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use futures::StreamExt;
+//! use intracom::{bson::doc, Config, Intracom, Message, Subscription};
+//!
+//! let config = Config::builder()
+//!     .service("billing")
+//!     .sender("billing", ["reload"])
+//!     .sender("users", ["user.deleted"])
+//!     .build()?;
+//! let billing = Intracom::connect(config).await?;
+//! let users = billing.as_service("users", None)?; // a second service in this process
+//!
+//! let mut inbox = users.subscribe(Subscription::named("users-inbox")).await?;
+//! billing.publish(Message::to_service("users", "user.deleted").body(doc! { "id": 12 })).await?;
+//!
+//! let delivery = inbox.next().await.expect("a delivery")?;
+//! assert_eq!(delivery.source_service, "billing");
+//! assert_eq!(delivery.query.get_i32("id")?, 12);
+//! delivery.ack().await?;
+//! billing.shutdown().await;
+//! # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+//! ```
+//!
+//! Layers, top to bottom (DESIGN §2): the [`Intracom`] handle; the [delivery
+//! machinery](delivery) (subscriptions, acks, checkpoints); the [`Medium`] trait; one
+//! module per medium under [`medium`].
+
+#![warn(missing_docs)]
+
+mod bus;
+pub mod catalog;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod filter;
+pub mod medium;
+pub mod message;
+
+pub use bson;
+
+pub use bus::{Intracom, PublishStatus, Published};
+pub use catalog::Catalog;
+pub use config::{Config, ConfigBuilder, MediumKind};
+pub use delivery::{Delivery, Subscriber, Subscription};
+pub use error::{Error, PayloadError, Result};
+pub use filter::{Filter, Position, StartFrom};
+pub use medium::Medium;
+pub use message::{DeliveryMode, Message, MessageType, State};

@@ -1,0 +1,492 @@
+//! The memory medium: the whole bus inside one process.
+//!
+//! Why it exists: a single-instance deployment (seed 000's `memory` mode) needs the
+//! same API without a server, and the conformance suite needs a medium with the exact
+//! semantics of the MongoDB design to hold every other medium to. This is not a mock:
+//!
+//! - one ordered log shared by every handle built on the same [`MemoryMedium`];
+//!   each message gets a stamp from the medium's clock, strictly increasing
+//!   (`Timestamp { time: unix seconds, increment }`, as a MongoDB server would write);
+//! - retention by age (`common.intracom.timeout_ms`) and by count
+//!   (`common.intracom.memory.max_messages`), like a TTL index and a capped collection;
+//! - followers pull from the log at their own pace (a cursor each, no per-subscriber
+//!   queue), so a slow subscriber neither grows memory nor blocks anyone. One that
+//!   falls behind the retained window is told with [`Event::Lost`] how many messages it
+//!   missed, then continues with the oldest retained message.
+//!
+//! Positions carry the log sequence number in their token (`{seq: <i64>}`), so a
+//! resumed follower knows exactly what it missed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bson::{doc, Timestamp};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Appended, CatalogMap, Event, EventStream, Medium};
+use crate::config::Config;
+use crate::error::Result;
+use crate::filter::{Filter, Position, StartFrom};
+use crate::message::Message;
+
+/// How many log entries a follower examines per lock.
+const READ_BATCH: usize = 512;
+
+/// Options of the memory medium. Defaults are those of [`Config`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MemoryOptions {
+    /// How long a message is kept (default 300 000 ms, `common.intracom.timeout_ms`).
+    pub retention: Duration,
+    /// How many messages are kept at most; the oldest go first (default 100 000,
+    /// `common.intracom.memory.max_messages`).
+    pub max_messages: usize,
+    /// Largest encoded message accepted (default 16 MiB, as MongoDB's BSON limit;
+    /// `common.intracom.max_message_bytes`).
+    pub max_message_bytes: usize,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self::from(&Config::default())
+    }
+}
+
+impl From<&Config> for MemoryOptions {
+    fn from(config: &Config) -> Self {
+        MemoryOptions {
+            retention: Duration::from_millis(config.timeout_ms),
+            max_messages: config.memory_max_messages,
+            max_message_bytes: config.max_message_bytes,
+        }
+    }
+}
+
+/// The in-process medium. Clone the `Arc` to share it between bus handles.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use std::sync::Arc;
+/// use intracom::{Config, Intracom, medium::memory::MemoryMedium};
+/// let medium = Arc::new(MemoryMedium::new(Default::default()));
+/// let billing = Intracom::with_medium(Config::builder().service("billing").build()?, medium.clone()).await?;
+/// let users = Intracom::with_medium(Config::builder().service("users").build()?, medium).await?;
+/// # Ok::<(), intracom::Error>(()) });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Runtime::new().unwrap().block_on(f) }
+/// ```
+pub struct MemoryMedium {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    options: MemoryOptions,
+    log: RwLock<Log>,
+    /// The sequence number of the last appended message; followers wait on it.
+    tip: watch::Sender<u64>,
+    closed: CancellationToken,
+    catalog: Mutex<CatalogMap>,
+    checkpoints: Mutex<HashMap<String, Position>>,
+}
+
+struct Entry {
+    seq: u64,
+    expires: Instant,
+    message: Arc<Message>,
+}
+
+struct Log {
+    /// Contiguous in `seq`, oldest first, `expires` non-decreasing.
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`, or of the next message when empty.
+    first_seq: u64,
+    next_seq: u64,
+    ids: HashMap<String, (u64, Timestamp)>,
+    last_ts: Timestamp,
+}
+
+impl Log {
+    fn new() -> Self {
+        Log {
+            entries: VecDeque::new(),
+            first_seq: 1,
+            next_seq: 1,
+            ids: HashMap::new(),
+            last_ts: Timestamp {
+                time: 0,
+                increment: 0,
+            },
+        }
+    }
+
+    /// Drops what retention removes: expired entries and those over the count limit.
+    fn prune(&mut self, now: Instant, max_messages: usize) {
+        while let Some(front) = self.entries.front() {
+            if front.expires > now && self.entries.len() <= max_messages {
+                break;
+            }
+            if let Some(entry) = self.entries.pop_front() {
+                self.ids.remove(&entry.message.id);
+                self.first_seq = entry.seq + 1;
+            }
+        }
+    }
+
+    /// The next stamp: wall-clock seconds, and an increment that makes it strictly
+    /// greater than the previous one even when the clock stalls or steps back.
+    fn next_ts(&mut self) -> Timestamp {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0);
+        let last = self.last_ts;
+        let ts = if secs > last.time {
+            Timestamp {
+                time: secs,
+                increment: 1,
+            }
+        } else if last.increment < u32::MAX {
+            Timestamp {
+                time: last.time,
+                increment: last.increment + 1,
+            }
+        } else {
+            Timestamp {
+                time: last.time.saturating_add(1),
+                increment: 1,
+            }
+        };
+        self.last_ts = ts;
+        ts
+    }
+
+    /// The first sequence number that has not expired at `now`.
+    fn live_first_seq(&self, now: Instant) -> u64 {
+        self.first_seq + self.entries.partition_point(|e| e.expires <= now) as u64
+    }
+
+    /// The sequence number of the last entry stamped at or before `ts`.
+    fn seq_at_or_before(&self, ts: Timestamp) -> Option<u64> {
+        let idx = self
+            .entries
+            .partition_point(|e| e.message.ts.is_some_and(|t| t <= ts));
+        idx.checked_sub(1).map(|i| self.first_seq + i as u64)
+    }
+}
+
+fn position_of(entry: &Entry) -> Position {
+    let ts = entry.message.ts.unwrap_or(Timestamp {
+        time: 0,
+        increment: 0,
+    });
+    Position::new(ts, Some(doc! { "seq": entry.seq as i64 }))
+}
+
+impl MemoryMedium {
+    /// A new, empty medium.
+    pub fn new(options: MemoryOptions) -> Self {
+        let (tip, _) = watch::channel(0);
+        MemoryMedium {
+            shared: Arc::new(Shared {
+                options,
+                log: RwLock::new(Log::new()),
+                tip,
+                closed: CancellationToken::new(),
+                catalog: Mutex::new(CatalogMap::new()),
+                checkpoints: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// How many messages are retained right now (expired ones excluded).
+    pub fn len(&self) -> usize {
+        let log = read(&self.shared.log);
+        let live = log.live_first_seq(Instant::now());
+        (log.next_seq - live) as usize
+    }
+
+    /// Whether no message is retained.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// A poisoned lock means a panic while holding it; the log is still consistent because
+// every mutation completes before anything can panic, so keep going with it.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One follower: a cursor in the log and a small buffer of events ready to hand out.
+struct Follower {
+    shared: Arc<Shared>,
+    /// Sequence number of the last entry examined.
+    cursor: u64,
+    filter: Filter,
+    ready: VecDeque<Event>,
+    tip: watch::Receiver<u64>,
+}
+
+impl Follower {
+    /// Moves the cursor over up to [`READ_BATCH`] entries; true if anything happened.
+    fn fill(&mut self) -> bool {
+        let log = read(&self.shared.log);
+        let now = Instant::now();
+        let live_first = log.live_first_seq(now);
+        let mut progressed = false;
+        if self.cursor + 1 < live_first {
+            self.ready.push_back(Event::Lost {
+                count: live_first - self.cursor - 1,
+            });
+            self.cursor = live_first - 1;
+            progressed = true;
+        }
+        let start = (self.cursor + 1 - log.first_seq) as usize;
+        for entry in log.entries.range(start..).take(READ_BATCH) {
+            self.cursor = entry.seq;
+            progressed = true;
+            if self.filter.matches(&entry.message) {
+                self.ready.push_back(Event::Message(
+                    Arc::clone(&entry.message),
+                    position_of(entry),
+                ));
+            }
+        }
+        progressed
+    }
+
+    async fn next(mut self) -> Option<(Result<Event>, Self)> {
+        let closed = self.shared.closed.clone();
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some((Ok(event), self));
+            }
+            if closed.is_cancelled() {
+                return None;
+            }
+            // Mark the tip seen before reading, so an append after the read wakes us.
+            self.tip.borrow_and_update();
+            if self.fill() {
+                continue;
+            }
+            tokio::select! {
+                _ = closed.cancelled() => return None,
+                changed = self.tip.changed() => if changed.is_err() { return None },
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Medium for MemoryMedium {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.shared.options.max_message_bytes
+    }
+
+    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Appended>> {
+        if self.shared.closed.is_cancelled() {
+            return Err(crate::Error::Shutdown);
+        }
+        let options = &self.shared.options;
+        let mut out = Vec::with_capacity(messages.len());
+        let tip = {
+            let mut log = write(&self.shared.log);
+            let now = Instant::now();
+            log.prune(now, options.max_messages);
+            for mut message in messages {
+                if let Some(&(_, ts)) = log.ids.get(&message.id) {
+                    out.push(Appended {
+                        id: message.id,
+                        ts: Some(ts),
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let ts = log.next_ts();
+                message.ts = Some(ts);
+                message.at = Some(bson::DateTime::now());
+                let seq = log.next_seq;
+                log.next_seq += 1;
+                log.ids.insert(message.id.clone(), (seq, ts));
+                out.push(Appended {
+                    id: message.id.clone(),
+                    ts: Some(ts),
+                    duplicate: false,
+                });
+                log.entries.push_back(Entry {
+                    seq,
+                    expires: now + options.retention,
+                    message: Arc::new(message),
+                });
+            }
+            log.prune(now, options.max_messages);
+            log.next_seq - 1
+        };
+        self.shared.tip.send_replace(tip);
+        Ok(out)
+    }
+
+    async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
+        if self.shared.closed.is_cancelled() {
+            return Err(crate::Error::Shutdown);
+        }
+        let tip = self.shared.tip.subscribe();
+        let cursor = {
+            let log = read(&self.shared.log);
+            let last = log.next_seq - 1;
+            match from {
+                StartFrom::Now => last,
+                StartFrom::Beginning => log.live_first_seq(Instant::now()) - 1,
+                StartFrom::After(position) => {
+                    let seq = position
+                        .token
+                        .as_ref()
+                        .and_then(|t| t.get_i64("seq").ok())
+                        .and_then(|s| u64::try_from(s).ok());
+                    match seq {
+                        // A sequence from this medium: exact, and tells what was lost.
+                        Some(seq) => seq.min(last),
+                        // A position without our token: place it by its stamp.
+                        None => log
+                            .seq_at_or_before(position.ts)
+                            .unwrap_or(log.first_seq.saturating_sub(1)),
+                    }
+                }
+            }
+        };
+        let follower = Follower {
+            shared: Arc::clone(&self.shared),
+            cursor,
+            filter,
+            ready: VecDeque::new(),
+            tip,
+        };
+        Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
+    }
+
+    async fn catalog_load(&self) -> Result<CatalogMap> {
+        Ok(lock(&self.shared.catalog).clone())
+    }
+
+    async fn catalog_add(&self, service: &str, actions: &[String]) -> Result<()> {
+        lock(&self.shared.catalog)
+            .entry(service.to_string())
+            .or_default()
+            .extend(actions.iter().cloned());
+        Ok(())
+    }
+
+    async fn checkpoint_load(&self, name: &str) -> Result<Option<Position>> {
+        Ok(lock(&self.shared.checkpoints).get(name).cloned())
+    }
+
+    async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
+        lock(&self.shared.checkpoints).insert(name.to_string(), position.clone());
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.shared.closed.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn msg(action: &str) -> Message {
+        let mut m = Message::broadcast(action);
+        m.source_service = "s".into();
+        m.source_instance = "s-1".into();
+        m
+    }
+
+    fn medium(retention_ms: u64, max: usize) -> MemoryMedium {
+        MemoryMedium::new(MemoryOptions {
+            retention: Duration::from_millis(retention_ms),
+            max_messages: max,
+            max_message_bytes: 1 << 20,
+        })
+    }
+
+    #[test]
+    fn stamps_strictly_increase_even_when_the_clock_does_not_move() {
+        let mut log = Log::new();
+        let mut last = log.next_ts();
+        for _ in 0..10_000 {
+            let ts = log.next_ts();
+            assert!(ts > last, "{ts:?} after {last:?}");
+            last = ts;
+        }
+        log.last_ts = Timestamp {
+            time: u32::MAX - 1,
+            increment: u32::MAX,
+        };
+        assert!(
+            log.next_ts()
+                > Timestamp {
+                    time: u32::MAX - 1,
+                    increment: u32::MAX
+                }
+        );
+    }
+
+    #[tokio::test]
+    async fn count_limit_reports_exactly_what_was_lost() {
+        let m = medium(60_000, 3);
+        let mut from_start = m
+            .follow(StartFrom::Beginning, Filter::monitor())
+            .await
+            .unwrap();
+        m.append((0..5).map(|i| msg(&format!("a{i}"))).collect())
+            .await
+            .unwrap();
+        match from_start.next().await.unwrap().unwrap() {
+            Event::Lost { count } => assert_eq!(count, 2),
+            other => panic!("expected Lost, got {other:?}"),
+        }
+        let mut actions = Vec::new();
+        for _ in 0..3 {
+            if let Event::Message(message, _) = from_start.next().await.unwrap().unwrap() {
+                actions.push(message.action.clone());
+            }
+        }
+        assert_eq!(actions, ["a2", "a3", "a4"]);
+        assert_eq!(m.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn duplicate_ids_are_stored_once() {
+        let m = medium(60_000, 10);
+        let one = msg("a");
+        let first = m.append(vec![one.clone()]).await.unwrap();
+        let again = m.append(vec![one]).await.unwrap();
+        assert!(!first[0].duplicate);
+        assert!(again[0].duplicate);
+        assert_eq!(first[0].ts, again[0].ts);
+        assert_eq!(m.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn close_ends_followers() {
+        let m = medium(60_000, 10);
+        let mut s = m.follow(StartFrom::Now, Filter::monitor()).await.unwrap();
+        m.close().await;
+        assert!(s.next().await.is_none());
+        assert!(m.append(vec![msg("a")]).await.is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! The medium: where messages are stored and how they are followed.
+//!
+//! Why it exists: the bus and the delivery machinery above it know nothing of MongoDB,
+//! MQTT or memory. A medium promises a small set of operations with the semantics of
+//! the MongoDB design (DESIGN §2–§4), so the same conformance suite runs on each:
+//!
+//! - [`Medium::append`] stamps each message with the medium's clock (`ts`, strictly
+//!   increasing in the medium's order; `at`, wall time) and stores it once: appending an
+//!   id that is already stored is a no-op reported as a duplicate.
+//! - [`Medium::follow`] yields the matching messages after a start point, in the
+//!   medium's order, then waits for new ones. If messages the follower needed are gone
+//!   (retention), it yields [`Event::Lost`] first, then continues with the oldest one
+//!   retained. It never skips silently.
+//! - Small keyed stores: the catalog and subscription checkpoints.
+//!
+//! One module per medium: [`memory`] now; `mongo` and `mqtt` plug in here.
+
+pub mod memory;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bson::Timestamp;
+use futures::stream::BoxStream;
+
+use crate::error::Result;
+use crate::filter::{Filter, Position, StartFrom};
+use crate::message::Message;
+
+/// The outcome of appending one message.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Appended {
+    /// The message id.
+    pub id: String,
+    /// The stamp the medium gave it (for a duplicate: when the medium knows it, the
+    /// stamp of the copy already stored).
+    pub ts: Option<Timestamp>,
+    /// True when a message with this id was already stored; nothing new was written.
+    pub duplicate: bool,
+}
+
+/// What a follower receives.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message, with the position just after which a follower resumes to get the next.
+    Message(Arc<Message>, Position),
+    /// Messages after the start point were removed before they were read.
+    Lost {
+        /// How many, as far as the medium can tell (0 when it cannot count them).
+        count: u64,
+    },
+}
+
+/// A follower's stream of events; it ends when the medium is closed.
+pub type EventStream = BoxStream<'static, Result<Event>>;
+
+/// The sender catalog: service name → the actions it declares.
+pub type CatalogMap = BTreeMap<String, BTreeSet<String>>;
+
+/// What every medium provides. See the module docs for the promises.
+#[async_trait]
+pub trait Medium: Send + Sync + 'static {
+    /// The medium's name as it appears in config and errors (`memory`, `db`, `mqtt`).
+    fn name(&self) -> &'static str;
+
+    /// The largest encoded message the medium accepts, in bytes.
+    fn max_message_bytes(&self) -> usize;
+
+    /// Stamps and stores messages, in order. Ids already stored are reported as
+    /// duplicates and not written again.
+    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Appended>>;
+
+    /// Follows the messages matching `filter` from `from`.
+    ///
+    /// For [`StartFrom::Now`] the start is anchored before this returns: a message
+    /// appended after the call returns is delivered.
+    async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream>;
+
+    /// The whole catalog.
+    async fn catalog_load(&self) -> Result<CatalogMap>;
+
+    /// Adds a service and actions to the catalog (a union with what is there).
+    async fn catalog_add(&self, service: &str, actions: &[String]) -> Result<()>;
+
+    /// The last saved position of a named subscription.
+    async fn checkpoint_load(&self, name: &str) -> Result<Option<Position>>;
+
+    /// Saves the position of a named subscription. Callers never save an older
+    /// position after a newer one for the same name.
+    async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()>;
+
+    /// Ends every follower's stream and releases the medium's resources.
+    async fn close(&self);
+}

@@ -1,0 +1,433 @@
+//! The message: one document on the bus.
+//!
+//! Why it exists: every medium stores and every consumer reads the same shape, with
+//! the field names of the seed documents (`serviceNameSource`, `serviceNameDest`,
+//! `type`, `action`, `query`, `queryId`, `state`, `query_ts`…) so that a person reading
+//! the collection in mongosh recognises it. The order stamp `ts` and the wall time
+//! `at` are written by the medium (the database server's clock for MongoDB), never by
+//! the sender: [`Message::ts`] is `None` until the message has been published.
+
+use std::sync::Mutex;
+
+use bson::{Document, Timestamp};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, PayloadError, Result};
+
+/// Longest accepted service, instance or action name, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// What kind of exchange a message belongs to (seed 001's `QueryType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MessageType {
+    /// To every instance of every service (or of the services that subscribe to it).
+    Broadcast,
+    /// To a service or an instance, no answer expected.
+    FireAndForget,
+    /// A request whose answer is read later.
+    Async,
+    /// A request whose caller waits for the answer.
+    Sync,
+    /// The answer to a request.
+    Response,
+}
+
+impl MessageType {
+    /// The name stored in the `type` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Broadcast => "broadcast",
+            MessageType::FireAndForget => "fire_and_forget",
+            MessageType::Async => "async",
+            MessageType::Sync => "sync",
+            MessageType::Response => "response",
+        }
+    }
+}
+
+impl std::str::FromStr for MessageType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "broadcast" => MessageType::Broadcast,
+            "fire_and_forget" => MessageType::FireAndForget,
+            "async" => MessageType::Async,
+            "sync" => MessageType::Sync,
+            "response" => MessageType::Response,
+            other => return Err(Error::invalid(format!("unknown message type `{other}`"))),
+        })
+    }
+}
+
+/// Who among the target's instances gets the message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeliveryMode {
+    /// Every subscribed instance (the default).
+    #[default]
+    All,
+    /// Exactly one instance of the target service (work queue).
+    One,
+}
+
+/// The state of a request (seed 001's `QueryState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum State {
+    /// Not answered yet.
+    Pending,
+    /// Answered; `result` holds the answer.
+    Done,
+    /// Failed; `response` holds the error.
+    Error,
+}
+
+/// One message on the bus.
+///
+/// Build it with [`Message::broadcast`], [`Message::to_service`] or
+/// [`Message::to_instance`], add a payload with [`Message::body`] or
+/// [`Message::payload`], and publish it with [`crate::Intracom::publish`], which fills
+/// in the sender from the bus's identity unless [`Message::from_service`] set it.
+///
+/// ```
+/// use intracom::{Message, bson::doc};
+/// let m = Message::to_service("billing", "invoice.created").body(doc! { "invoice": 42 });
+/// assert_eq!(m.dest_service.as_deref(), Some("billing"));
+/// assert!(m.ts.is_none()); // stamped by the medium on publish, never by the sender
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Message {
+    /// Client-generated, sortable, unique id (a ULID). Publishing the same id twice
+    /// stores the message once.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// The medium's order stamp (BSON Timestamp from the server's clock); `None` until
+    /// published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<Timestamp>,
+    /// The medium's wall time at publish (drives retention); `None` until published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<bson::DateTime>,
+    /// The sending service.
+    #[serde(rename = "serviceNameSource")]
+    pub source_service: String,
+    /// The sending instance.
+    #[serde(rename = "instanceSource")]
+    pub source_instance: String,
+    /// The target service; `None` (stored as null) means every service.
+    #[serde(rename = "serviceNameDest")]
+    pub dest_service: Option<String>,
+    /// The target instance of `dest_service`, when the message is for one instance only.
+    #[serde(
+        rename = "instanceDest",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dest_instance: Option<String>,
+    /// The exchange this message belongs to.
+    #[serde(rename = "type")]
+    pub kind: MessageType,
+    /// Every instance, or exactly one.
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+    /// The action, one of those the target declares in the catalog.
+    pub action: String,
+    /// The payload.
+    #[serde(default)]
+    pub query: Document,
+    /// Correlation id linking a request and its outcome.
+    #[serde(rename = "queryId", default, skip_serializing_if = "Option::is_none")]
+    pub query_id: Option<String>,
+    /// Request state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
+    /// Outcome of a request: the error when `state` is `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Document>,
+    /// Outcome of a request: the answer when `state` is `done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Document>,
+    /// Creation time on the sender, in nanoseconds since the Unix epoch. Informative
+    /// only: never used for ordering.
+    pub query_ts: i64,
+    /// Time the answer was written, in nanoseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_ts: Option<i64>,
+    /// Request timeout in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_ms: Option<i64>,
+}
+
+impl Message {
+    fn new(
+        kind: MessageType,
+        dest_service: Option<String>,
+        dest_instance: Option<String>,
+        action: String,
+    ) -> Self {
+        Message {
+            id: new_id(),
+            ts: None,
+            at: None,
+            source_service: String::new(),
+            source_instance: String::new(),
+            dest_service,
+            dest_instance,
+            kind,
+            delivery: DeliveryMode::All,
+            action,
+            query: Document::new(),
+            query_id: None,
+            state: None,
+            response: None,
+            result: None,
+            query_ts: now_nanos(),
+            response_ts: None,
+            query_ms: None,
+        }
+    }
+
+    /// A message for every instance of every service (`serviceNameDest: null`,
+    /// `type: broadcast`). The action must be one the sender declares.
+    pub fn broadcast(action: impl Into<String>) -> Self {
+        Self::new(MessageType::Broadcast, None, None, action.into())
+    }
+
+    /// A message for every instance of one service (`type: fire_and_forget`). The
+    /// action must be one that service declares.
+    pub fn to_service(service: impl Into<String>, action: impl Into<String>) -> Self {
+        Self::new(
+            MessageType::FireAndForget,
+            Some(service.into()),
+            None,
+            action.into(),
+        )
+    }
+
+    /// A message for one instance of a service (`instanceDest` set).
+    pub fn to_instance(
+        service: impl Into<String>,
+        instance: impl Into<String>,
+        action: impl Into<String>,
+    ) -> Self {
+        Self::new(
+            MessageType::FireAndForget,
+            Some(service.into()),
+            Some(instance.into()),
+            action.into(),
+        )
+    }
+
+    /// Sets the payload (`query`) to a document.
+    pub fn body(mut self, query: Document) -> Self {
+        self.query = query;
+        self
+    }
+
+    /// Sets the payload (`query`) from any serde value that encodes to a document.
+    ///
+    /// ```
+    /// #[derive(serde::Serialize)]
+    /// struct Reload { tenant: i32 }
+    /// let m = intracom::Message::broadcast("reload").payload(&Reload { tenant: 7 })?;
+    /// assert_eq!(m.query.get_i32("tenant")?, 7);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn payload<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self> {
+        self.query = to_document(value)?;
+        Ok(self)
+    }
+
+    /// Sends on behalf of another service than the bus's own (for processes that host
+    /// several services). The service must still be in the catalog.
+    pub fn from_service(mut self, service: impl Into<String>) -> Self {
+        self.source_service = service.into();
+        self
+    }
+
+    /// Replaces the generated id, e.g. with an id derived from a business key so that
+    /// publishing the same event twice stores it once.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the message type (e.g. [`MessageType::Async`]).
+    pub fn kind(mut self, kind: MessageType) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Decodes the payload into a typed value.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        Ok(bson::from_document(self.query.clone()).map_err(PayloadError::from)?)
+    }
+
+    /// Checks the fields a consumer relies on. The catalog checks come on top of this.
+    pub fn validate(&self) -> Result<()> {
+        check_name("id", &self.id)?;
+        check_name("action", &self.action)?;
+        check_name("serviceNameSource", &self.source_service)?;
+        check_name("instanceSource", &self.source_instance)?;
+        if let Some(dest) = &self.dest_service {
+            check_name("serviceNameDest", dest)?;
+        }
+        if let Some(instance) = &self.dest_instance {
+            check_name("instanceDest", instance)?;
+            if self.dest_service.is_none() {
+                return Err(Error::invalid(
+                    "instanceDest is set but serviceNameDest is null",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The encoded size of the message in bytes, as a medium would store it.
+    pub fn encoded_len(&self) -> Result<usize> {
+        let doc = bson::to_document(self).map_err(PayloadError::from)?;
+        let mut buf = Vec::new();
+        doc.to_writer(&mut buf).map_err(PayloadError::from)?;
+        Ok(buf.len())
+    }
+}
+
+/// Checks a service, instance, action or id name: non-empty, bounded, no whitespace.
+pub(crate) fn check_name(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(format!("`{field}` is empty")));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(format!(
+            "`{field}` is longer than {MAX_NAME_LEN} bytes"
+        )));
+    }
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid(format!(
+            "`{field}` contains whitespace or control characters: {value:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes a serde value as a BSON document (the payload form).
+pub(crate) fn to_document<T: Serialize + ?Sized>(value: &T) -> Result<Document> {
+    match bson::to_bson(value).map_err(PayloadError::from)? {
+        bson::Bson::Document(doc) => Ok(doc),
+        other => Err(PayloadError::NotADocument(format!("{:?}", other.element_type())).into()),
+    }
+}
+
+/// A new client-side message id: a ULID (26 characters, Crockford base32), sortable by
+/// creation time on one process and unique across processes by its 80 random bits.
+pub fn new_id() -> String {
+    static GENERATOR: Mutex<Option<ulid::Generator>> = Mutex::new(None);
+    let mut guard = GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let generator = guard.get_or_insert_with(ulid::Generator::new);
+    // The monotonic generator fails only when 2^80 ids were made in one millisecond;
+    // a fresh random id is still unique then.
+    generator
+        .generate()
+        .unwrap_or_else(|_| ulid::Ulid::new())
+        .to_string()
+}
+
+/// Now, in nanoseconds since the Unix epoch (client clock, for `query_ts`).
+pub(crate) fn now_nanos() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn ids_sort_in_creation_order_and_are_unique() {
+        let ids: Vec<String> = (0..1000).map(|_| new_id()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, ids);
+    }
+
+    #[test]
+    fn seed_field_names_are_used() {
+        let mut m = Message::to_service("billing", "load").body(doc! {"a": 1});
+        m.source_service = "users".into();
+        m.source_instance = "users-1".into();
+        let d = bson::to_document(&m).unwrap();
+        for key in [
+            "_id",
+            "serviceNameSource",
+            "instanceSource",
+            "serviceNameDest",
+            "type",
+            "delivery",
+            "action",
+            "query",
+            "query_ts",
+        ] {
+            assert!(d.contains_key(key), "missing {key} in {d}");
+        }
+        assert_eq!(d.get_str("type").unwrap(), "fire_and_forget");
+        assert!(
+            !d.contains_key("ts"),
+            "an unpublished message carries no stamp"
+        );
+        let back: Message = bson::from_document(d).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn broadcast_stores_null_destination() {
+        let d = bson::to_document(&Message::broadcast("reload")).unwrap();
+        assert_eq!(d.get("serviceNameDest"), Some(&bson::Bson::Null));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut m = Message::broadcast("");
+        m.source_service = "a".into();
+        m.source_instance = "a-1".into();
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.contains("`action` is empty"), "{err}");
+        let mut m = Message::to_service("svc", "has space");
+        m.source_service = "a".into();
+        m.source_instance = "a-1".into();
+        assert!(m.validate().unwrap_err().to_string().contains("action"));
+    }
+
+    #[test]
+    fn payload_must_be_a_document() {
+        let err = Message::broadcast("x").payload(&5).unwrap_err();
+        assert!(
+            matches!(err, Error::Payload(PayloadError::NotADocument(_))),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn typed_payload_round_trips() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Q {
+            tenant: i64,
+            name: String,
+        }
+        let q = Q {
+            tenant: 7,
+            name: "acme".into(),
+        };
+        let m = Message::broadcast("reload").payload(&q).unwrap();
+        assert_eq!(m.decode::<Q>().unwrap(), q);
+        assert!(m.decode::<Vec<String>>().is_err());
+    }
+}
