@@ -1,0 +1,50 @@
+//! The conformance suite on the memory medium: every handle of a test shares one
+//! `MemoryMedium`, as the services of one process do.
+
+mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use conformance::{Harness, World};
+use intracom::medium::memory::{MemoryMedium, MemoryOptions};
+use intracom::{Config, Intracom};
+
+struct Memory;
+
+struct MemoryWorld {
+    medium: Arc<MemoryMedium>,
+    retention: Duration,
+}
+
+#[async_trait]
+impl Harness for Memory {
+    async fn world(&self, retention_ms: u64) -> Box<dyn World> {
+        let config = Config::builder().timeout_ms(retention_ms).build().expect("valid config");
+        let options = MemoryOptions::from(&config);
+        Box::new(MemoryWorld {
+            medium: Arc::new(MemoryMedium::new(options)),
+            retention: Duration::from_millis(retention_ms),
+        })
+    }
+
+    fn short_retention_ms(&self) -> u64 {
+        200
+    }
+}
+
+#[async_trait]
+impl World for MemoryWorld {
+    async fn bus(&self, config: Config) -> Intracom {
+        Intracom::with_medium(config, self.medium.clone()).await.expect("bus on the memory medium")
+    }
+
+    async fn wait_expired(&self, _id: &str) {
+        // Expiry on the memory medium is exact (a monotonic deadline per message): once
+        // the retention has passed since the publish, the message is gone.
+        tokio::time::sleep(self.retention + Duration::from_millis(50)).await;
+    }
+}
+
+conformance_tests!(Memory);
