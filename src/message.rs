@@ -291,10 +291,7 @@ impl Message {
 
     /// The encoded size of the message in bytes, as a medium would store it.
     pub fn encoded_len(&self) -> Result<usize> {
-        let doc = bson::to_document(self).map_err(PayloadError::from)?;
-        let mut buf = Vec::new();
-        doc.to_writer(&mut buf).map_err(PayloadError::from)?;
-        Ok(buf.len())
+        Ok(bson::to_vec(self).map_err(PayloadError::from)?.len())
     }
 }
 

@@ -21,7 +21,10 @@ struct MemoryWorld {
 #[async_trait]
 impl Harness for Memory {
     async fn world(&self, retention_ms: u64) -> Box<dyn World> {
-        let config = Config::builder().timeout_ms(retention_ms).build().expect("valid config");
+        let config = Config::builder()
+            .timeout_ms(retention_ms)
+            .build()
+            .expect("valid config");
         let options = MemoryOptions::from(&config);
         Box::new(MemoryWorld {
             medium: Arc::new(MemoryMedium::new(options)),
@@ -37,7 +40,9 @@ impl Harness for Memory {
 #[async_trait]
 impl World for MemoryWorld {
     async fn bus(&self, config: Config) -> Intracom {
-        Intracom::with_medium(config, self.medium.clone()).await.expect("bus on the memory medium")
+        Intracom::with_medium(config, self.medium.clone())
+            .await
+            .expect("bus on the memory medium")
     }
 
     async fn wait_expired(&self, _id: &str) {

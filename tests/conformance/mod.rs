@@ -15,7 +15,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use intracom::bson::doc;
-use intracom::{Config, Delivery, Error, Intracom, Message, MessageType, PublishStatus, Subscriber, Subscription};
+use intracom::{
+    Config, Delivery, Error, Intracom, Message, MessageType, PublishStatus, Subscriber,
+    Subscription,
+};
 
 /// How long a test waits for an expected delivery before failing (a hang guard, not a
 /// timing assertion).
@@ -73,7 +76,10 @@ pub async fn next(sub: &mut Subscriber) -> Delivery {
 /// Publishes a marker from `from` to every service and checks that it is the next
 /// delivery of each subscriber: nothing else was waiting for them.
 pub async fn expect_marker_next(from: &Intracom, subs: &mut [&mut Subscriber]) {
-    let marker = from.publish(Message::broadcast("marker")).await.expect("marker published");
+    let marker = from
+        .publish(Message::broadcast("marker"))
+        .await
+        .expect("marker published");
     for sub in subs.iter_mut() {
         let d = next(sub).await;
         assert_eq!(
@@ -93,7 +99,10 @@ pub async fn broadcast_reaches_every_subscriber(h: &dyn Harness) {
     let mut s1 = b1.subscribe(Subscription::new()).await.unwrap();
     let mut s2 = b2.subscribe(Subscription::new()).await.unwrap();
     let mut s3 = u1.subscribe(Subscription::new()).await.unwrap();
-    let sent = b1.publish(Message::broadcast("reload").body(doc! {"tenant": 7})).await.unwrap();
+    let sent = b1
+        .publish(Message::broadcast("reload").body(doc! {"tenant": 7}))
+        .await
+        .unwrap();
     assert_eq!(sent.status, PublishStatus::Stored);
     for sub in [&mut s1, &mut s2, &mut s3] {
         let d = next(sub).await;
@@ -118,12 +127,18 @@ pub async fn targeted_reaches_only_its_target(h: &dyn Harness) {
     let mut su1 = u1.subscribe(Subscription::new()).await.unwrap();
 
     // To a service: every instance of it, no one else.
-    let to_users = b1.publish(Message::to_service("users", "user.deleted")).await.unwrap();
+    let to_users = b1
+        .publish(Message::to_service("users", "user.deleted"))
+        .await
+        .unwrap();
     assert_eq!(next(&mut su1).await.id, to_users.id);
     expect_marker_next(&b1, &mut [&mut sb1, &mut sb2, &mut su1]).await;
 
     // To an instance: that instance only.
-    let to_b2 = u1.publish(Message::to_instance("billing", "billing-2", "reload")).await.unwrap();
+    let to_b2 = u1
+        .publish(Message::to_instance("billing", "billing-2", "reload"))
+        .await
+        .unwrap();
     let d = next(&mut sb2).await;
     assert_eq!(d.id, to_b2.id);
     assert_eq!(d.dest_instance.as_deref(), Some("billing-2"));
@@ -142,7 +157,12 @@ pub async fn order_is_the_same_for_every_subscriber(h: &dyn Harness) {
         tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..50 {
-                ids.push(bus.publish(Message::broadcast("reload").body(doc! {"i": i})).await.unwrap().id);
+                ids.push(
+                    bus.publish(Message::broadcast("reload").body(doc! {"i": i}))
+                        .await
+                        .unwrap()
+                        .id,
+                );
             }
             ids
         })
@@ -152,7 +172,12 @@ pub async fn order_is_the_same_for_every_subscriber(h: &dyn Harness) {
         tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..50 {
-                ids.push(bus.publish(Message::broadcast("reload").body(doc! {"i": i})).await.unwrap().id);
+                ids.push(
+                    bus.publish(Message::broadcast("reload").body(doc! {"i": i}))
+                        .await
+                        .unwrap()
+                        .id,
+                );
             }
             ids
         })
@@ -170,8 +195,14 @@ pub async fn order_is_the_same_for_every_subscriber(h: &dyn Harness) {
     assert_eq!(order_a, order_b, "every subscriber sees one order");
     // Each publisher's own messages keep their publish order.
     for ids in [&ids1, &ids2] {
-        let positions: Vec<usize> = ids.iter().map(|id| order_a.iter().position(|x| x == id).unwrap()).collect();
-        assert!(positions.windows(2).all(|w| w[0] < w[1]), "per-publisher order kept");
+        let positions: Vec<usize> = ids
+            .iter()
+            .map(|id| order_a.iter().position(|x| x == id).unwrap())
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "per-publisher order kept"
+        );
     }
     let all: BTreeSet<&str> = order_a.iter().copied().collect();
     assert_eq!(all.len(), 100, "no duplicates, nothing missing");
@@ -185,7 +216,10 @@ pub async fn filters_select_actions_sources_and_types(h: &dyn Harness) {
         .subscribe(Subscription::new().actions(["reload", "marker"]))
         .await
         .unwrap();
-    let mut only_users = b1.subscribe(Subscription::new().sources(["users"])).await.unwrap();
+    let mut only_users = b1
+        .subscribe(Subscription::new().sources(["users"]))
+        .await
+        .unwrap();
     let mut no_own = b1
         .subscribe(Subscription::new().exclude_own_instance())
         .await
@@ -194,8 +228,14 @@ pub async fn filters_select_actions_sources_and_types(h: &dyn Harness) {
         .subscribe(Subscription::new().types([MessageType::FireAndForget]))
         .await
         .unwrap();
-    let created = b1.publish(Message::broadcast("invoice.created")).await.unwrap();
-    let reload = u1.publish(Message::to_service("billing", "reload")).await.unwrap();
+    let created = b1
+        .publish(Message::broadcast("invoice.created"))
+        .await
+        .unwrap();
+    let reload = u1
+        .publish(Message::to_service("billing", "reload"))
+        .await
+        .unwrap();
     assert_eq!(next(&mut only_reload).await.id, reload.id);
     assert_eq!(next(&mut only_users).await.id, reload.id);
     assert_eq!(next(&mut no_own).await.id, reload.id);
@@ -204,17 +244,28 @@ pub async fn filters_select_actions_sources_and_types(h: &dyn Harness) {
     let _ = created;
     // Markers from users pass the source filter; the type filter needs a fire-and-forget.
     expect_marker_next(&u1, &mut [&mut only_reload, &mut only_users, &mut no_own]).await;
-    let ff_marker = u1.publish(Message::to_service("billing", "marker")).await.unwrap();
+    let ff_marker = u1
+        .publish(Message::to_service("billing", "marker"))
+        .await
+        .unwrap();
     assert_eq!(next(&mut only_ff).await.id, ff_marker.id);
 }
 
 pub async fn named_subscription_resumes_without_gap(h: &dyn Harness) {
     let w = h.world(300_000).await;
     let b1 = bus(&*w, "billing", "billing-1").await;
-    let mut sub = b1.subscribe(Subscription::named("billing-cache")).await.unwrap();
+    let mut sub = b1
+        .subscribe(Subscription::named("billing-cache"))
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for i in 0..6 {
-        ids.push(b1.publish(Message::broadcast("reload").body(doc! {"i": i})).await.unwrap().id);
+        ids.push(
+            b1.publish(Message::broadcast("reload").body(doc! {"i": i}))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let mut got = Vec::new();
     for _ in 0..6 {
@@ -236,20 +287,37 @@ pub async fn named_subscription_resumes_without_gap(h: &dyn Harness) {
     d5.ack().await.unwrap();
     drop(sub);
 
-    let later = b1.publish(Message::broadcast("reload").body(doc! {"i": 6})).await.unwrap();
-    let mut again = b1.subscribe(Subscription::named("billing-cache")).await.unwrap();
-    let resumed: Vec<String> = [next(&mut again).await, next(&mut again).await, next(&mut again).await, next(&mut again).await]
-        .iter()
-        .map(|d| d.id.clone())
-        .collect();
+    let later = b1
+        .publish(Message::broadcast("reload").body(doc! {"i": 6}))
+        .await
+        .unwrap();
+    let mut again = b1
+        .subscribe(Subscription::named("billing-cache"))
+        .await
+        .unwrap();
+    let resumed: Vec<String> = [
+        next(&mut again).await,
+        next(&mut again).await,
+        next(&mut again).await,
+        next(&mut again).await,
+    ]
+    .iter()
+    .map(|d| d.id.clone())
+    .collect();
     // #3 (unacked) comes again, #4 and #5 (acked after it) at most twice, then the new one.
-    assert_eq!(resumed, [ids[3].clone(), ids[4].clone(), ids[5].clone(), later.id]);
+    assert_eq!(
+        resumed,
+        [ids[3].clone(), ids[4].clone(), ids[5].clone(), later.id]
+    );
 }
 
 pub async fn checkpoint_is_shared_through_the_medium(h: &dyn Harness) {
     let w = h.world(300_000).await;
     let first = bus(&*w, "billing", "billing-1").await;
-    let mut sub = first.subscribe(Subscription::named("ledger")).await.unwrap();
+    let mut sub = first
+        .subscribe(Subscription::named("ledger"))
+        .await
+        .unwrap();
     let a = first.publish(Message::broadcast("reload")).await.unwrap();
     next(&mut sub).await.ack().await.unwrap();
     first.shutdown().await;
@@ -258,7 +326,10 @@ pub async fn checkpoint_is_shared_through_the_medium(h: &dyn Harness) {
     // Another process of the same service takes over where the first stopped.
     let second = bus(&*w, "billing", "billing-2").await;
     let b = second.publish(Message::broadcast("reload")).await.unwrap();
-    let mut resumed = second.subscribe(Subscription::named("ledger")).await.unwrap();
+    let mut resumed = second
+        .subscribe(Subscription::named("ledger"))
+        .await
+        .unwrap();
     let d = next(&mut resumed).await;
     assert_ne!(d.id, a.id, "the acked message is not delivered again");
     assert_eq!(d.id, b.id);
@@ -269,9 +340,16 @@ pub async fn new_subscription_starts_now_or_from_beginning(h: &dyn Harness) {
     let b1 = bus(&*w, "billing", "billing-1").await;
     let old = b1.publish(Message::broadcast("reload")).await.unwrap();
     let mut now = b1.subscribe(Subscription::named("fresh")).await.unwrap();
-    let mut all = b1.subscribe(Subscription::new().from_beginning()).await.unwrap();
+    let mut all = b1
+        .subscribe(Subscription::new().from_beginning())
+        .await
+        .unwrap();
     let new = b1.publish(Message::broadcast("reload")).await.unwrap();
-    assert_eq!(next(&mut now).await.id, new.id, "a new subscription starts after what exists");
+    assert_eq!(
+        next(&mut now).await.id,
+        new.id,
+        "a new subscription starts after what exists"
+    );
     assert_eq!(next(&mut all).await.id, old.id);
     assert_eq!(next(&mut all).await.id, new.id);
 }
@@ -299,7 +377,10 @@ pub async fn retention_expires_and_reports_loss(h: &dyn Harness) {
     assert_eq!(d.id, fresh.id);
 
     // A subscription from the beginning sees only what is retained, without a report.
-    let mut all = b1.subscribe(Subscription::new().from_beginning()).await.unwrap();
+    let mut all = b1
+        .subscribe(Subscription::new().from_beginning())
+        .await
+        .unwrap();
     assert_eq!(next(&mut all).await.id, fresh.id);
 }
 
@@ -309,26 +390,57 @@ pub async fn catalog_errors_write_nothing(h: &dyn Harness) {
     let stranger = bus(&*w, "stranger", "stranger-1").await;
     let mut watch = b1.subscribe(Subscription::monitor()).await.unwrap();
 
-    let e = stranger.publish(Message::broadcast("marker")).await.unwrap_err();
-    assert!(matches!(&e, Error::UnknownSender { service } if service == "stranger"), "{e}");
+    let e = stranger
+        .publish(Message::broadcast("marker"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::UnknownSender { service } if service == "stranger"),
+        "{e}"
+    );
     assert!(!e.is_retryable());
-    let e = b1.publish(Message::to_service("users", "invoice.created")).await.unwrap_err();
-    assert!(matches!(&e, Error::UnknownAction { service, action, .. } if service == "users" && action == "invoice.created"), "{e}");
-    assert!(e.to_string().contains("user.deleted"), "the error lists what is declared: {e}");
-    let e = b1.publish(Message::to_service("nobody", "reload")).await.unwrap_err();
+    let e = b1
+        .publish(Message::to_service("users", "invoice.created"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::UnknownAction { service, action, .. } if service == "users" && action == "invoice.created"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("user.deleted"),
+        "the error lists what is declared: {e}"
+    );
+    let e = b1
+        .publish(Message::to_service("nobody", "reload"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::UnknownAction { .. }), "{e}");
-    let e = b1.publish(Message::broadcast("user.deleted")).await.unwrap_err();
-    assert!(matches!(e, Error::UnknownAction { .. }), "a broadcast's action is the sender's: {e}");
+    let e = b1
+        .publish(Message::broadcast("user.deleted"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnknownAction { .. }),
+        "a broadcast's action is the sender's: {e}"
+    );
     // One bad message in a batch: none of the batch is written.
     let e = b1
-        .publish_all(vec![Message::broadcast("reload"), Message::broadcast("nope")])
+        .publish_all(vec![
+            Message::broadcast("reload"),
+            Message::broadcast("nope"),
+        ])
         .await
         .unwrap_err();
     assert!(matches!(e, Error::UnknownAction { .. }), "{e}");
     expect_marker_next(&b1, &mut [&mut watch]).await;
 
     // Registered at run time by another process: accepted without a restart.
-    stranger.catalog().register("stranger", ["hello"]).await.unwrap();
+    stranger
+        .catalog()
+        .register("stranger", ["hello"])
+        .await
+        .unwrap();
     let ok = stranger.publish(Message::broadcast("hello")).await.unwrap();
     assert_eq!(next(&mut watch).await.id, ok.id);
     b1.catalog().refresh().await.unwrap();
@@ -352,7 +464,10 @@ pub async fn bad_input_is_refused_and_writes_nothing(h: &dyn Harness) {
     let e = b1.publish(Message::broadcast("")).await.unwrap_err();
     assert!(matches!(e, Error::InvalidMessage { .. }), "{e}");
     let big = "x".repeat(8192);
-    let e = b1.publish(Message::broadcast("reload").body(doc! {"blob": big})).await.unwrap_err();
+    let e = b1
+        .publish(Message::broadcast("reload").body(doc! {"blob": big}))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::TooLarge { limit: 4096, .. }), "{e}");
     let e = b1
         .publish(Message::to_instance("billing", "has space", "reload"))
@@ -390,9 +505,13 @@ pub async fn typed_payloads_round_trip(h: &dyn Harness) {
         customer: "acme".into(),
         lines: vec!["a".into(), "b".into()],
     };
-    b1.publish(Message::broadcast("invoice.created").payload(&invoice).unwrap())
-        .await
-        .unwrap();
+    b1.publish(
+        Message::broadcast("invoice.created")
+            .payload(&invoice)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     let d = next(&mut sub).await;
     assert_eq!(d.decode::<Invoice>().unwrap(), invoice);
     assert!(matches!(d.decode::<Vec<i32>>(), Err(Error::Payload(_))));
@@ -403,7 +522,9 @@ pub async fn a_slow_subscriber_does_not_hold_back_others(h: &dyn Harness) {
     let b1 = bus(&*w, "billing", "billing-1").await;
     let _never_reads = b1.subscribe(Subscription::named("stalled")).await.unwrap();
     let mut reader = b1.subscribe(Subscription::new()).await.unwrap();
-    let batch: Vec<Message> = (0..500).map(|i| Message::broadcast("reload").body(doc! {"i": i})).collect();
+    let batch: Vec<Message> = (0..500)
+        .map(|i| Message::broadcast("reload").body(doc! {"i": i}))
+        .collect();
     b1.publish_all(batch).await.unwrap();
     for i in 0..500 {
         assert_eq!(next(&mut reader).await.query.get_i32("i").unwrap(), i);
@@ -418,18 +539,36 @@ pub async fn shutdown_ends_streams_and_refuses_work(h: &dyn Harness) {
     let mut s2 = users.subscribe(Subscription::named("u")).await.unwrap();
     let waiting = tokio::spawn(async move { s1.next().await.is_none() });
     b1.shutdown().await;
-    assert!(tokio::time::timeout(HANG_GUARD, waiting).await.unwrap().unwrap(), "a waiting stream ends");
+    assert!(
+        tokio::time::timeout(HANG_GUARD, waiting)
+            .await
+            .unwrap()
+            .unwrap(),
+        "a waiting stream ends"
+    );
     assert!(s2.next().await.is_none(), "handles of the same bus end too");
-    assert!(matches!(b1.publish(Message::broadcast("reload")).await, Err(Error::Shutdown)));
-    assert!(matches!(users.subscribe(Subscription::new()).await, Err(Error::Shutdown)));
+    assert!(matches!(
+        b1.publish(Message::broadcast("reload")).await,
+        Err(Error::Shutdown)
+    ));
+    assert!(matches!(
+        users.subscribe(Subscription::new()).await,
+        Err(Error::Shutdown)
+    ));
 }
 
 pub async fn handler_acks_on_ok_only(h: &dyn Harness) {
     let w = h.world(300_000).await;
     let b1 = bus(&*w, "billing", "billing-1").await;
     let sub = b1.subscribe(Subscription::named("worker")).await.unwrap();
-    let ok = b1.publish(Message::broadcast("reload").body(doc! {"fail": false})).await.unwrap();
-    let bad = b1.publish(Message::broadcast("reload").body(doc! {"fail": true})).await.unwrap();
+    let ok = b1
+        .publish(Message::broadcast("reload").body(doc! {"fail": false}))
+        .await
+        .unwrap();
+    let bad = b1
+        .publish(Message::broadcast("reload").body(doc! {"fail": true}))
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(sub.handle(move |m: Message| {
         let tx = tx.clone();
@@ -451,7 +590,11 @@ pub async fn handler_acks_on_ok_only(h: &dyn Harness) {
     task.await.unwrap().unwrap();
     let b2 = bus(&*w, "billing", "billing-2").await;
     let mut again = b2.subscribe(Subscription::named("worker")).await.unwrap();
-    assert_eq!(next(&mut again).await.id, bad.id, "the failed message comes again, the acked one does not");
+    assert_eq!(
+        next(&mut again).await.id,
+        bad.id,
+        "the failed message comes again, the acked one does not"
+    );
 }
 
 /// Instantiates every conformance test for a harness expression.
