@@ -16,6 +16,7 @@ use crate::delivery::{AckTracker, Subscriber, Subscription};
 use crate::error::{Error, Result};
 use crate::filter::StartFrom;
 use crate::medium::memory::MemoryMedium;
+use crate::medium::mongo::MongoMedium;
 use crate::medium::Medium;
 use crate::message::{check_name, Message};
 
@@ -82,6 +83,7 @@ impl Intracom {
     pub async fn connect(config: Config) -> Result<Self> {
         let medium: Arc<dyn Medium> = match config.medium {
             MediumKind::Memory => Arc::new(MemoryMedium::new((&config).into())),
+            MediumKind::Db => Arc::new(MongoMedium::connect(&config).await?),
             other => {
                 return Err(Error::Unsupported {
                     medium: other.to_string(),

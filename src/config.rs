@@ -17,6 +17,14 @@
 //! | `common.intracom.instance` | `<host>-<pid>-<n>` | this instance's id |
 //! | `common.intracom.max_message_bytes` | `16777216` | largest encoded message |
 //! | `common.intracom.memory.max_messages` | `100000` | memory medium: messages kept at most |
+//! | `common.intracom.db.uri` | `mongodb://localhost:27017` | MongoDB connection string (TLS, auth, replica set: all in the URI) |
+//! | `common.intracom.db.database` | `intracom` | database name |
+//! | `common.intracom.db.collection.<role>` | the role | collection for `messages`, `config`, `checkpoints`, `processed`, `dead` |
+//! | `common.intracom.db.retention` | `ttl` | `ttl` (TTL index on `at`) or `capped` (capped collection) |
+//! | `common.intracom.db.capped_bytes` | `268435456` | size of a capped messages collection |
+//! | `common.intracom.db.poll_interval_ms` | `250` | poll period when change streams are unavailable (standalone) |
+//! | `common.intracom.db.safety_window_ms` | `5000` | how far back a `ts` scan looks for writes that committed out of stamp order |
+//! | `common.intracom.db.stream_buffer` | `10000` | change events kept in memory for this process's subscribers |
 //!
 //! Environment: `INTRACOM_CONFIG` names a properties file; each key can be set by its
 //! upper-case name with `.` turned into `_` (`COMMON_INTRACOM_TIMEOUT_MS=1000`,
@@ -100,6 +108,70 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Memory medium: messages kept at most (default 100 000).
     pub memory_max_messages: usize,
+    /// MongoDB medium settings (`common.intracom.db.*`).
+    pub db: DbConfig,
+}
+
+/// How the MongoDB medium retains messages (`common.intracom.db.retention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retention {
+    /// A TTL index on `at` expires messages after `common.intracom.timeout_ms` (default).
+    #[default]
+    Ttl,
+    /// A capped collection of `common.intracom.db.capped_bytes` keeps the newest messages.
+    Capped,
+}
+
+/// MongoDB medium settings.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DbConfig {
+    /// Connection string (default `mongodb://localhost:27017`). TLS (`tls=true`,
+    /// `tlsCAFile=…`), credentials (`user:password@`, `authSource=…`) and the replica set
+    /// (`replicaSet=rs0`, or `directConnection=true`) are all given here.
+    pub uri: String,
+    /// Database name (default `intracom`).
+    pub database: String,
+    /// Messages collection (default `messages`).
+    pub messages: String,
+    /// Catalog collection (default `config`).
+    pub config: String,
+    /// Subscription checkpoints (default `checkpoints`).
+    pub checkpoints: String,
+    /// Idempotency records (default `processed`).
+    pub processed: String,
+    /// Dead letters (default `dead`).
+    pub dead: String,
+    /// TTL or capped retention (default TTL).
+    pub retention: Retention,
+    /// Size of a capped messages collection in bytes (default 256 MiB).
+    pub capped_bytes: u64,
+    /// Poll period in ms when change streams are unavailable (default 250).
+    pub poll_interval_ms: u64,
+    /// Look-back of `ts` scans in ms (default 5000).
+    pub safety_window_ms: u64,
+    /// Change events kept in memory for local subscribers (default 10 000).
+    pub stream_buffer: usize,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            uri: "mongodb://localhost:27017".into(),
+            database: "intracom".into(),
+            messages: "messages".into(),
+            config: "config".into(),
+            checkpoints: "checkpoints".into(),
+            processed: "processed".into(),
+            dead: "dead".into(),
+            retention: Retention::Ttl,
+            capped_bytes: 256 * 1024 * 1024,
+            poll_interval_ms: 250,
+            safety_window_ms: 5000,
+            stream_buffer: 10_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -112,6 +184,7 @@ impl Default for Config {
             instance: None,
             max_message_bytes: 16 * 1024 * 1024,
             memory_max_messages: 100_000,
+            db: DbConfig::default(),
         }
     }
 }
@@ -232,6 +305,39 @@ impl Config {
                 self.memory_max_messages = usize::try_from(parse_positive(key, value)?)
                     .map_err(|e| Error::config(key, value, e))?;
             }
+            "db.uri" => {
+                if !(value.starts_with("mongodb://") || value.starts_with("mongodb+srv://")) {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "must start with mongodb:// or mongodb+srv://",
+                    ));
+                }
+                self.db.uri = value.to_string();
+            }
+            "db.database" => {
+                check_config_name(key, value)?;
+                self.db.database = value.to_string();
+            }
+            "db.collection.messages" => self.db.messages = collection_name(key, value)?,
+            "db.collection.config" => self.db.config = collection_name(key, value)?,
+            "db.collection.checkpoints" => self.db.checkpoints = collection_name(key, value)?,
+            "db.collection.processed" => self.db.processed = collection_name(key, value)?,
+            "db.collection.dead" => self.db.dead = collection_name(key, value)?,
+            "db.retention" => {
+                self.db.retention = match value {
+                    "ttl" => Retention::Ttl,
+                    "capped" => Retention::Capped,
+                    _ => return Err(Error::config(key, value, "expected ttl or capped")),
+                }
+            }
+            "db.capped_bytes" => self.db.capped_bytes = parse_positive(key, value)?,
+            "db.poll_interval_ms" => self.db.poll_interval_ms = parse_positive(key, value)?,
+            "db.safety_window_ms" => self.db.safety_window_ms = parse_positive(key, value)?,
+            "db.stream_buffer" => {
+                self.db.stream_buffer = usize::try_from(parse_positive(key, value)?)
+                    .map_err(|e| Error::config(key, value, e))?;
+            }
             _ => return Err(Error::config(key, value, "unknown key")),
         }
         Ok(())
@@ -321,6 +427,17 @@ impl ConfigBuilder {
         self
     }
 
+    /// MongoDB connection string and database (`common.intracom.db.uri`, `.database`).
+    pub fn mongodb(mut self, uri: impl Into<String>, database: impl Into<String>) -> Self {
+        self.config.medium = MediumKind::Db;
+        let uri = uri.into();
+        if let Err(e) = self.config.set("common.intracom.db.uri", &uri) {
+            self.error.get_or_insert(e);
+        }
+        self.config.db.database = database.into();
+        self
+    }
+
     /// Sets a key from its properties form (e.g. `common.intracom.timeout_ms`, `"1000"`).
     /// An error is kept and returned by [`ConfigBuilder::build`].
     pub fn set(mut self, key: &str, value: &str) -> Self {
@@ -364,6 +481,7 @@ impl ConfigBuilder {
                 check_config_name(&format!("{ACTIONS_PREFIX}{service}"), action)?;
             }
         }
+        check_config_name("common.intracom.db.database", &self.config.db.database)?;
         self.config.validate()?;
         Ok(self.config)
     }
@@ -392,7 +510,7 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         return Some(format!("{ACTIONS_PREFIX}{service}"));
     }
     let suffix = name.strip_prefix(ENV_PREFIX)?;
-    const KEYS: [&str; 7] = [
+    const KEYS: [&str; 19] = [
         "medium",
         "timeout_ms",
         "senders.list",
@@ -400,6 +518,18 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         "instance",
         "max_message_bytes",
         "memory.max_messages",
+        "db.uri",
+        "db.database",
+        "db.collection.messages",
+        "db.collection.config",
+        "db.collection.checkpoints",
+        "db.collection.processed",
+        "db.collection.dead",
+        "db.retention",
+        "db.capped_bytes",
+        "db.poll_interval_ms",
+        "db.safety_window_ms",
+        "db.stream_buffer",
     ];
     match KEYS.iter().find(|k| env_form(k) == suffix) {
         Some(k) => Some(format!("{PREFIX}{k}")),
@@ -456,6 +586,14 @@ fn split_list(key: &str, value: &str) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+fn collection_name(key: &str, value: &str) -> Result<String> {
+    check_config_name(key, value)?;
+    if value.starts_with("system.") || value.contains('$') {
+        return Err(Error::config(key, value, "not a valid collection name"));
+    }
+    Ok(value.to_string())
 }
 
 fn parse_positive(key: &str, value: &str) -> Result<u64> {

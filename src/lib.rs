@@ -49,7 +49,7 @@ pub use bson;
 
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
-pub use config::{Config, ConfigBuilder, MediumKind};
+pub use config::{Config, ConfigBuilder, DbConfig, MediumKind, Retention};
 pub use delivery::{Delivery, Subscriber, Subscription};
 pub use error::{Error, PayloadError, Result};
 pub use filter::{Filter, Position, StartFrom};

@@ -16,6 +16,7 @@
 //! One module per medium: [`memory`] now; `mongo` and `mqtt` plug in here.
 
 pub mod memory;
+pub mod mongo;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

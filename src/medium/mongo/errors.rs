@@ -1,0 +1,72 @@
+//! How driver errors map onto intracom's errors.
+//!
+//! `mongodb::error::Error::is_network_error`, `code()` and `is_resumable` are private to
+//! the driver, so classification reads `*err.kind` and the error labels.
+
+use mongodb::error::{ErrorKind, WriteFailure};
+
+use crate::error::Error;
+
+/// Duplicate key (a message with this `_id` exists).
+pub(crate) const DUPLICATE_KEY: i32 = 11000;
+/// Change stream history is gone: the resume point fell off the oplog.
+pub(crate) const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
+/// The change stream cannot continue (e.g. the collection was dropped or renamed).
+pub(crate) const CHANGE_STREAM_FATAL: i32 = 280;
+/// The resume token is not valid for this collection or server.
+pub(crate) const INVALID_RESUME_TOKEN: i32 = 260;
+/// `$changeStream` on a standalone server: change streams need a replica set.
+pub(crate) const CHANGE_STREAM_NOT_ON_STANDALONE: i32 = 40573;
+/// The collection or index already exists (`NamespaceExists`).
+pub(crate) const NAMESPACE_EXISTS: i32 = 48;
+/// An index with this name exists with other options (`IndexOptionsConflict`).
+pub(crate) const INDEX_OPTIONS_CONFLICT: i32 = 85;
+
+/// The server error code, if the error carries one.
+pub(crate) fn code(err: &mongodb::error::Error) -> Option<i32> {
+    match &*err.kind {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// Whether the same operation may succeed later: network trouble, no reachable
+/// primary, a pool cleared after a failure, or a server error the driver labels as
+/// retryable.
+pub(crate) fn is_transient(err: &mongodb::error::Error) -> bool {
+    matches!(
+        &*err.kind,
+        ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::ServerSelection { .. }
+    ) || err.contains_label("RetryableWriteError")
+        || err.contains_label("ResumableChangeStreamError")
+        || err.contains_label("TransientTransactionError")
+}
+
+/// Whether a change stream cannot be resumed from its token (its history is gone, the
+/// token is invalid, or the stream is fatally broken): the follower must rebuild its
+/// position from the messages collection.
+pub(crate) fn is_history_lost(err: &mongodb::error::Error) -> bool {
+    matches!(
+        code(err),
+        Some(CHANGE_STREAM_HISTORY_LOST | CHANGE_STREAM_FATAL | INVALID_RESUME_TOKEN)
+    )
+}
+
+/// intracom's error for a driver error.
+pub(crate) fn to_error(err: mongodb::error::Error) -> Error {
+    if is_transient(&err) {
+        Error::Unavailable {
+            medium: "db",
+            reason: err.to_string(),
+        }
+    } else {
+        Error::Medium {
+            medium: "db",
+            reason: err.to_string(),
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! One subscriber's way through the messages collection.
+//!
+//! A follower is in one of three modes:
+//! - **ring**: reading the hub's ring of recent change events (the steady state);
+//! - **stream**: resuming from a saved resume token on a temporary change stream of
+//!   its own (`resumeAfter`), exact in order, until it has caught up; it then hands
+//!   over to the ring at the first event whose `clusterTime` is at or after its last
+//!   one, skipping the ids it already delivered (`clusterTime` is not unique: one
+//!   transaction, or from 8.0 a batch, shares it), and closes its stream;
+//! - **scan**: querying the collection by `ts` when there is no usable token (start
+//!   from the beginning, history lost, ring overrun) or no change streams at all
+//!   (standalone server: poll mode). `ts` is stamped by `$currentDate` before commit,
+//!   so two concurrent writes can commit in the other order (DOCS-12300): each pass
+//!   looks back a safety window (`common.intracom.db.safety_window_ms`) and skips the
+//!   ids it delivered. A scan hands over to the ring at the ring's tip read *before*
+//!   its final pass: every event after that tip committed after the pass began or is
+//!   skipped as already delivered.
+//!
+//! Messages older than the retention (`at` + `timeout_ms`) are not delivered even
+//! when the oplog still has their insert event or the TTL monitor has not yet
+//! deleted them (it runs about every 60 s): they are counted and reported as lost.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{doc, Bson, Document, Timestamp};
+use futures::TryStreamExt;
+use mongodb::change_stream::event::ResumeToken;
+use tokio::sync::watch;
+
+use super::errors::{is_history_lost, to_error};
+use super::hub::{self, Events, Hub, RingItem};
+use super::{decode_message, Inner};
+use crate::error::Result;
+use crate::filter::{Filter, Position, StartFrom};
+use crate::medium::Event;
+use crate::message::Message;
+
+const SCAN_BATCH: i64 = 500;
+
+/// A ring entry copied out from under the ring's lock.
+enum Copied {
+    Message(Arc<Message>, Bson, Option<Timestamp>),
+    Bad,
+    Gap,
+}
+
+enum Mode {
+    Ring {
+        cursor: u64,
+    },
+    Stream {
+        stream: Box<Events>,
+        last_cluster_time: Timestamp,
+    },
+    Scan {
+        lower: Timestamp,
+        tip_before: Option<u64>,
+    },
+}
+
+pub(crate) struct Follower {
+    inner: Arc<Inner>,
+    hub: Option<Arc<Hub>>,
+    tip: Option<watch::Receiver<u64>>,
+    filter: Filter,
+    mode: Mode,
+    ready: VecDeque<Event>,
+    /// Expired messages skipped since the last report.
+    lost: u64,
+    /// Ring entries stamped at or below this were covered by a scan.
+    floor: Option<Timestamp>,
+    /// The newest `ts` examined.
+    last_ts: Timestamp,
+    recent: Recent,
+    backoff: Duration,
+}
+
+/// Ids delivered within the safety window of the newest one.
+#[derive(Default)]
+struct Recent {
+    order: VecDeque<(Timestamp, String)>,
+    ids: HashSet<String>,
+}
+
+impl Recent {
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, ts: Timestamp, id: &str, window_secs: u32) {
+        if self.ids.insert(id.to_string()) {
+            self.order.push_back((ts, id.to_string()));
+        }
+        let newest = self.order.iter().map(|(t, _)| *t).max().unwrap_or(ts);
+        let floor = newest.time.saturating_sub(window_secs);
+        while self.order.front().is_some_and(|(t, _)| t.time < floor) {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+/// A follower's position token: the event's resume token and cluster time when it came
+/// from a change stream, and the message id.
+fn position(message: &Message, token: Option<&Bson>, cluster_time: Option<Timestamp>) -> Position {
+    let mut t = doc! { "id": &message.id };
+    if let Some(token) = token {
+        t.insert("rt", token.clone());
+    }
+    if let Some(ct) = cluster_time {
+        t.insert("ct", ct);
+    }
+    Position::new(
+        message.ts.unwrap_or(Timestamp {
+            time: 0,
+            increment: 0,
+        }),
+        Some(t),
+    )
+}
+
+/// The server-side form of a filter, for a `find` (`prefix` "") or a change stream
+/// `$match` on inserts (`prefix` "fullDocument.").
+pub(crate) fn filter_query(filter: &Filter, prefix: &str) -> Document {
+    let f = |name: &str| format!("{prefix}{name}");
+    let mut query = Document::new();
+    let mut and = Vec::new();
+    if let Some(service) = &filter.service {
+        query.insert(f("serviceNameDest"), doc! { "$in": [Bson::Null, service] });
+        let own_instance = match &filter.instance {
+            Some(instance) => doc! { f("instanceDest"): instance },
+            None => doc! { f("instanceDest"): { "$in": [] } },
+        };
+        and.push(doc! { "$or": [ { f("instanceDest"): { "$exists": false } }, own_instance ] });
+        query.insert(f("delivery"), doc! { "$ne": "one" });
+    }
+    if let Some(instance) = &filter.exclude_instance {
+        query.insert(f("instanceSource"), doc! { "$ne": instance });
+    }
+    if let Some(actions) = &filter.actions {
+        query.insert(
+            f("action"),
+            doc! { "$in": actions.iter().collect::<Vec<_>>() },
+        );
+    }
+    if let Some(sources) = &filter.sources {
+        query.insert(
+            f("serviceNameSource"),
+            doc! { "$in": sources.iter().collect::<Vec<_>>() },
+        );
+    }
+    if let Some(types) = &filter.types {
+        query.insert(
+            f("type"),
+            doc! { "$in": types.iter().map(|t| t.as_str()).collect::<Vec<_>>() },
+        );
+    }
+    if !and.is_empty() {
+        query.insert("$and", and);
+    }
+    query
+}
+
+fn minus_window(ts: Timestamp, window_secs: u32) -> Timestamp {
+    Timestamp {
+        time: ts.time.saturating_sub(window_secs),
+        increment: 0,
+    }
+}
+
+impl Follower {
+    pub(crate) async fn start(
+        inner: Arc<Inner>,
+        hub: Option<Arc<Hub>>,
+        from: StartFrom,
+        filter: Filter,
+    ) -> Result<Self> {
+        let tip = hub.as_ref().map(|h| h.tip.subscribe());
+        let mut follower = Follower {
+            inner,
+            hub,
+            tip,
+            filter,
+            mode: Mode::Scan {
+                lower: Timestamp {
+                    time: 0,
+                    increment: 0,
+                },
+                tip_before: None,
+            },
+            ready: VecDeque::new(),
+            lost: 0,
+            floor: None,
+            last_ts: Timestamp {
+                time: 0,
+                increment: 0,
+            },
+            recent: Recent::default(),
+            backoff: Duration::from_millis(100),
+        };
+        follower.mode = match from {
+            StartFrom::Now => match &follower.hub {
+                Some(hub) => Mode::Ring {
+                    cursor: hub.ring().tip(),
+                },
+                None => {
+                    // Poll mode: start after the newest stamp, and remember the ids of the
+                    // safety window so they are not delivered as new.
+                    let newest = Self::newest_ts(&follower.inner).await?;
+                    follower.prime(newest).await?;
+                    Mode::Scan {
+                        lower: newest,
+                        tip_before: None,
+                    }
+                }
+            },
+            StartFrom::Beginning => Mode::Scan {
+                lower: Timestamp {
+                    time: 0,
+                    increment: 0,
+                },
+                tip_before: None,
+            },
+            StartFrom::After(position) => follower.resume(position).await?,
+        };
+        Ok(follower)
+    }
+
+    fn window_secs(&self) -> u32 {
+        u32::try_from(self.inner.db_config.safety_window_ms.div_ceil(1000)).unwrap_or(u32::MAX)
+    }
+
+    async fn resume(&mut self, position: Position) -> Result<Mode> {
+        let token = position.token.clone().unwrap_or_default();
+        if let Ok(id) = token.get_str("id") {
+            self.recent.insert(position.ts, id, self.window_secs());
+        }
+        self.last_ts = position.ts;
+        let resume_token = token
+            .get("rt")
+            .cloned()
+            .and_then(|rt| bson::from_bson::<ResumeToken>(rt).ok());
+        let cluster_time = token.get_timestamp("ct").ok();
+        if let (Some(_), Some(rt), Some(ct)) = (&self.hub, resume_token, cluster_time) {
+            let pipeline = vec![
+                doc! { "$match": { "operationType": "insert" } },
+                doc! { "$match": filter_query(&self.filter, "fullDocument.") },
+            ];
+            match hub::open(&self.inner, pipeline, Some(rt)).await {
+                Ok(stream) => {
+                    tracing::debug!("resuming from a saved resume token");
+                    return Ok(Mode::Stream {
+                        stream: Box::new(stream),
+                        last_cluster_time: ct,
+                    });
+                }
+                Err(e) if is_history_lost(&e) => {
+                    tracing::warn!(error = %e, "saved resume token is past the oplog: catching up from the collection by ts");
+                    self.inner
+                        .stats
+                        .history_lost
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.report_if_expired(position.ts);
+                }
+                Err(e) => return Err(to_error(e)),
+            }
+        }
+        Ok(Mode::Scan {
+            lower: minus_window(position.ts, self.window_secs()),
+            tip_before: None,
+        })
+    }
+
+    /// After losing the change-stream history, messages after a position older than the
+    /// retention may have been deleted: say so (the count is unknown).
+    fn report_if_expired(&mut self, ts: Timestamp) {
+        if self
+            .inner
+            .retention_secs()
+            .is_some_and(|r| u64::from(ts.time) + r < now_secs())
+        {
+            self.ready.push_back(Event::Lost { count: 0 });
+        }
+    }
+
+    async fn newest_ts(inner: &Inner) -> Result<Timestamp> {
+        let newest = inner
+            .messages
+            .find_one(doc! {})
+            .sort(doc! { "ts": -1 })
+            .projection(doc! { "ts": 1 })
+            .await
+            .map_err(to_error)?;
+        Ok(newest
+            .and_then(|d| d.get_timestamp("ts").ok())
+            .unwrap_or(Timestamp {
+                time: 0,
+                increment: 0,
+            }))
+    }
+
+    async fn prime(&mut self, newest: Timestamp) -> Result<()> {
+        let window = self.window_secs();
+        let mut cursor = self
+            .inner
+            .messages
+            .find(doc! { "ts": { "$gt": minus_window(newest, window) } })
+            .projection(doc! { "ts": 1 })
+            .await
+            .map_err(to_error)?;
+        while let Some(d) = cursor.try_next().await.map_err(to_error)? {
+            if let (Ok(id), Ok(ts)) = (d.get_str("_id"), d.get_timestamp("ts")) {
+                self.recent.insert(ts, id, window);
+            }
+        }
+        self.last_ts = newest;
+        Ok(())
+    }
+
+    /// Accepts a decoded message: de-duplication, expiry, filter. Returns whether it was
+    /// queued for delivery.
+    fn offer(
+        &mut self,
+        message: Arc<Message>,
+        token: Option<&Bson>,
+        cluster_time: Option<Timestamp>,
+    ) {
+        let Some(ts) = message.ts else { return };
+        self.last_ts = self.last_ts.max(ts);
+        if self.recent.contains(&message.id) || self.floor.is_some_and(|f| ts <= f) {
+            return;
+        }
+        self.recent.insert(ts, &message.id, self.window_secs());
+        if self.inner.is_expired(&message) {
+            self.lost += 1;
+            return;
+        }
+        if !self.filter.matches(&message) {
+            return;
+        }
+        if self.lost > 0 {
+            self.ready.push_back(Event::Lost { count: self.lost });
+            self.lost = 0;
+        }
+        let position = position(&message, token, cluster_time);
+        self.ready.push_back(Event::Message(message, position));
+    }
+
+    /// Reads the ring from the cursor; switches to a scan on a gap or an overrun.
+    fn fill_from_ring(&mut self, mut cursor: u64) -> Mode {
+        let Some(hub) = self.hub.clone() else {
+            return Mode::Ring { cursor };
+        };
+        let ring = hub.ring();
+        if cursor + 1 < ring.first_seq {
+            drop(ring);
+            tracing::warn!(
+                behind = ring_behind(&hub, cursor),
+                "subscriber fell behind the change-event buffer: catching up from the collection"
+            );
+            self.inner
+                .stats
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.scan_from_last();
+        }
+        let start = (cursor + 1 - ring.first_seq) as usize;
+        // Copy what is needed out of the ring, so the lock is not held while offering.
+        let entries: Vec<(u64, Copied)> = ring
+            .entries
+            .range(start..)
+            .take(SCAN_BATCH as usize)
+            .map(|(seq, item)| {
+                let copied = match item {
+                    RingItem::Message {
+                        message,
+                        token,
+                        cluster_time,
+                    } => Copied::Message(Arc::clone(message), token.clone(), *cluster_time),
+                    RingItem::Bad { .. } => Copied::Bad,
+                    RingItem::Gap => Copied::Gap,
+                };
+                (*seq, copied)
+            })
+            .collect();
+        drop(ring);
+        for (seq, entry) in entries {
+            cursor = seq;
+            match entry {
+                Copied::Gap => {
+                    self.inner
+                        .stats
+                        .fallbacks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.scan_from_last();
+                }
+                Copied::Message(message, token, cluster_time) => {
+                    self.offer(message, Some(&token), cluster_time)
+                }
+                Copied::Bad => {}
+            }
+        }
+        Mode::Ring { cursor }
+    }
+
+    fn scan_from_last(&mut self) -> Mode {
+        Mode::Scan {
+            lower: minus_window(self.last_ts, self.window_secs()),
+            tip_before: None,
+        }
+    }
+
+    /// One scan pass: every matching message stamped after `lower`, in `ts` order.
+    /// Returns the next mode.
+    async fn scan(&mut self, lower: Timestamp, tip_before: Option<u64>) -> Result<Mode> {
+        let tip_before = tip_before.or_else(|| self.hub.as_ref().map(|h| h.ring().tip()));
+        let mut query = filter_query(&self.filter, "");
+        let mut page_lower = lower;
+        let mut found = 0usize;
+        loop {
+            query.insert("ts", doc! { "$gt": page_lower });
+            let batch: Vec<Document> = self
+                .inner
+                .messages
+                .find(query.clone())
+                .sort(doc! { "ts": 1 })
+                .limit(SCAN_BATCH)
+                .await
+                .map_err(to_error)?
+                .try_collect()
+                .await
+                .map_err(to_error)?;
+            let full = batch.len() as i64 == SCAN_BATCH;
+            for document in batch {
+                if let Ok(ts) = document.get_timestamp("ts") {
+                    page_lower = page_lower.max(ts);
+                }
+                match decode_message(&document) {
+                    Ok(message) => {
+                        found += 1;
+                        self.offer(Arc::new(message), None, None);
+                    }
+                    Err(reason) => self.inner.dead_letter(document, reason).await,
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let newest = self.last_ts;
+        match (&self.hub, tip_before) {
+            (Some(hub), Some(tip)) => {
+                if tip + 1 < hub.ring().first_seq {
+                    // The ring moved past the hand-over point during the pass: scan again.
+                    return Ok(Mode::Scan {
+                        lower: minus_window(newest, self.window_secs()),
+                        tip_before: None,
+                    });
+                }
+                self.floor = Some(lower);
+                tracing::debug!(found, "scan caught up: following the change stream");
+                Ok(Mode::Ring { cursor: tip })
+            }
+            _ => {
+                // Poll mode: wait, then look again from the window before the newest.
+                if found == 0 {
+                    let pause = Duration::from_millis(self.inner.db_config.poll_interval_ms);
+                    tokio::select! {
+                        _ = self.inner.closed.cancelled() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                Ok(Mode::Scan {
+                    lower: minus_window(newest.max(lower), self.window_secs()),
+                    tip_before: None,
+                })
+            }
+        }
+    }
+
+    /// Hands a caught-up temporary stream over to the ring, if the ring covers what
+    /// follows `last_cluster_time`.
+    fn handover_from_stream(&mut self, last_cluster_time: Timestamp) -> Option<Mode> {
+        let hub = self.hub.clone()?;
+        let ring = hub.ring();
+        if ring
+            .dropped_cluster_time
+            .is_some_and(|d| d >= last_cluster_time)
+        {
+            return None;
+        }
+        let first_after = ring
+            .entries
+            .iter()
+            .find(|(_, item)| {
+                item.cluster_time()
+                    .is_some_and(|ct| ct >= last_cluster_time)
+            })
+            .map(|(seq, _)| *seq);
+        let cursor = match first_after {
+            Some(seq) => seq - 1,
+            None => ring.tip(),
+        };
+        Some(Mode::Ring { cursor })
+    }
+
+    async fn step(&mut self) -> Result<()> {
+        let mode = std::mem::replace(
+            &mut self.mode,
+            Mode::Ring { cursor: 0 }, // replaced below on every path
+        );
+        self.mode = match mode {
+            Mode::Ring { cursor } => {
+                if let Some(tip) = self.tip.as_mut() {
+                    tip.borrow_and_update();
+                }
+                let next = self.fill_from_ring(cursor);
+                if matches!(next, Mode::Ring { cursor: c } if c == cursor) && self.ready.is_empty()
+                {
+                    if let Some(tip) = self.tip.as_mut() {
+                        tokio::select! {
+                            _ = self.inner.closed.cancelled() => {}
+                            _ = tip.changed() => {}
+                        }
+                    }
+                }
+                next
+            }
+            Mode::Stream {
+                mut stream,
+                last_cluster_time,
+            } => {
+                let next = tokio::select! {
+                    _ = self.inner.closed.cancelled() => return Ok(()),
+                    next = stream.next_if_any() => next,
+                };
+                match next {
+                    Ok(Some(event)) => {
+                        let ct = event.cluster_time.unwrap_or(last_cluster_time);
+                        let token = bson::to_bson(&event.id).ok();
+                        match event.full_document.as_ref().map(decode_message) {
+                            Some(Ok(message)) => {
+                                self.offer(Arc::new(message), token.as_ref(), Some(ct))
+                            }
+                            Some(Err(reason)) => {
+                                if let Some(document) = event.full_document {
+                                    self.inner.dead_letter(document, reason).await;
+                                }
+                            }
+                            None => {}
+                        }
+                        Mode::Stream {
+                            stream,
+                            last_cluster_time: ct,
+                        }
+                    }
+                    Ok(None) => match self.handover_from_stream(last_cluster_time) {
+                        Some(ring) => {
+                            tracing::debug!(
+                                "resumed stream caught up: following the shared change stream"
+                            );
+                            ring
+                        }
+                        None => Mode::Stream {
+                            stream,
+                            last_cluster_time,
+                        },
+                    },
+                    Err(e) if is_history_lost(&e) => {
+                        tracing::warn!(error = %e, "resumed stream lost its history: catching up from the collection by ts");
+                        self.inner
+                            .stats
+                            .history_lost
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.scan_from_last()
+                    }
+                    Err(e) => {
+                        // The driver already tried to resume once; rebuild from our position.
+                        tracing::warn!(error = %e, "resumed stream failed: catching up from the collection by ts");
+                        self.scan_from_last()
+                    }
+                }
+            }
+            Mode::Scan { lower, tip_before } => match self.scan(lower, tip_before).await {
+                Ok(next) => {
+                    self.backoff = Duration::from_millis(100);
+                    next
+                }
+                Err(error) => {
+                    tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan failed: retrying");
+                    tokio::select! {
+                        _ = self.inner.closed.cancelled() => {}
+                        _ = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    Mode::Scan { lower, tip_before }
+                }
+            },
+        };
+        Ok(())
+    }
+
+    pub(crate) async fn next(mut self) -> Option<(Result<Event>, Self)> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some((Ok(event), self));
+            }
+            if self.inner.closed.is_cancelled() {
+                return None;
+            }
+            if let Err(error) = self.step().await {
+                return Some((Err(error), self));
+            }
+        }
+    }
+}
+
+fn ring_behind(hub: &Hub, cursor: u64) -> u64 {
+    hub.ring().tip().saturating_sub(cursor)
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_query_mirrors_filter_matches() {
+        let filter = Filter {
+            service: Some("billing".into()),
+            instance: Some("billing-1".into()),
+            actions: Some(["reload".to_string()].into()),
+            ..Filter::default()
+        };
+        let q = filter_query(&filter, "fullDocument.");
+        assert_eq!(
+            q.get_document("fullDocument.serviceNameDest").unwrap(),
+            &doc! { "$in": [Bson::Null, "billing"] }
+        );
+        assert_eq!(
+            q.get_document("fullDocument.delivery").unwrap(),
+            &doc! { "$ne": "one" }
+        );
+        assert_eq!(
+            q.get_document("fullDocument.action").unwrap(),
+            &doc! { "$in": ["reload"] }
+        );
+        assert!(
+            filter_query(&Filter::monitor(), "").is_empty(),
+            "a monitor takes everything"
+        );
+    }
+
+    #[test]
+    fn recent_ids_keep_only_the_window() {
+        let mut r = Recent::default();
+        r.insert(
+            Timestamp {
+                time: 100,
+                increment: 1,
+            },
+            "a",
+            5,
+        );
+        r.insert(
+            Timestamp {
+                time: 103,
+                increment: 1,
+            },
+            "b",
+            5,
+        );
+        assert!(r.contains("a") && r.contains("b"));
+        r.insert(
+            Timestamp {
+                time: 110,
+                increment: 1,
+            },
+            "c",
+            5,
+        );
+        assert!(!r.contains("a") && !r.contains("b") && r.contains("c"));
+    }
+}

@@ -1,0 +1,242 @@
+//! The hub: one change stream on the messages collection for the whole process.
+//!
+//! Why it exists: every open change stream holds a pool connection while its
+//! `getMore` waits, and the driver's pool has 10 by default; a stream per subscriber
+//! stalls past ten subscribers (SERVER-32946). So one stream per collection per
+//! process feeds a bounded ring of recent events, and local followers read the ring at
+//! their own pace, as on the memory medium.
+//!
+//! Failures: the driver resumes once by itself on a resumable error, from its cached
+//! token (change-streams spec). What fails after that is ours: the hub reopens from
+//! the last token it saw, read with `resume_token()` after every `next_if_any()`
+//! (including empty batches, so a quiet collection keeps a fresh
+//! `postBatchResumeToken`). If the history is gone (286 ChangeStreamHistoryLost, 280,
+//! 260), it opens a fresh stream and puts a [`RingItem::Gap`] in the ring: followers
+//! that reach it rebuild their position from the collection by `ts`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bson::{doc, Document, Timestamp};
+use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::ChangeStream;
+use tokio::sync::watch;
+
+use super::errors::{is_history_lost, CHANGE_STREAM_NOT_ON_STANDALONE};
+use super::{decode_message, Inner};
+use crate::message::Message;
+
+pub(crate) type Events = ChangeStream<ChangeStreamEvent<Document>>;
+
+/// One entry of the ring.
+pub(crate) enum RingItem {
+    /// A message, with its event's resume token and cluster time.
+    Message {
+        message: Arc<Message>,
+        token: bson::Bson,
+        cluster_time: Option<Timestamp>,
+    },
+    /// A document that is not a readable message (dead-lettered by the hub).
+    Bad { cluster_time: Option<Timestamp> },
+    /// The hub lost its history and restarted: events may be missing before this point.
+    Gap,
+}
+
+impl RingItem {
+    pub(crate) fn cluster_time(&self) -> Option<Timestamp> {
+        match self {
+            RingItem::Message { cluster_time, .. } | RingItem::Bad { cluster_time } => {
+                *cluster_time
+            }
+            RingItem::Gap => None,
+        }
+    }
+}
+
+pub(crate) struct Ring {
+    pub(crate) entries: VecDeque<(u64, RingItem)>,
+    /// Sequence number of `entries[0]`, or of the next entry when empty.
+    pub(crate) first_seq: u64,
+    pub(crate) next_seq: u64,
+    capacity: usize,
+    /// The largest cluster time among entries that fell off the front.
+    pub(crate) dropped_cluster_time: Option<Timestamp>,
+}
+
+impl Ring {
+    fn push(&mut self, item: RingItem) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.push_back((seq, item));
+        while self.entries.len() > self.capacity {
+            if let Some((seq, old)) = self.entries.pop_front() {
+                self.first_seq = seq + 1;
+                self.dropped_cluster_time = self.dropped_cluster_time.max(old.cluster_time());
+            }
+        }
+    }
+
+    /// The sequence number of the last entry.
+    pub(crate) fn tip(&self) -> u64 {
+        self.next_seq - 1
+    }
+}
+
+pub(crate) struct Hub {
+    pub(crate) ring: RwLock<Ring>,
+    pub(crate) tip: watch::Sender<u64>,
+}
+
+impl Hub {
+    fn push(&self, item: RingItem) {
+        let tip = {
+            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            ring.push(item);
+            ring.tip()
+        };
+        self.tip.send_replace(tip);
+    }
+
+    pub(crate) fn ring(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The hub's stream: inserts only. (A `$match` on `operationType` is rewritten into
+/// the oplog scan since 5.1; subscriber filters are applied in memory, since one stream
+/// serves every subscriber of the process.)
+pub(crate) fn hub_pipeline() -> Vec<Document> {
+    vec![doc! { "$match": { "operationType": "insert" } }]
+}
+
+pub(crate) async fn open(
+    inner: &Inner,
+    pipeline: Vec<Document>,
+    resume: Option<ResumeToken>,
+) -> mongodb::error::Result<Events> {
+    inner
+        .messages
+        .watch()
+        .pipeline(pipeline)
+        .resume_after(resume)
+        .await
+}
+
+/// What starting the hub found.
+pub(crate) enum Started {
+    Hub(Arc<Hub>),
+    /// The server refused `$changeStream` (40573: not a replica set): poll instead.
+    NoChangeStreams,
+}
+
+/// Opens the stream (anchoring the hub before returning) and starts its task.
+pub(crate) async fn start(inner: Arc<Inner>) -> crate::Result<Started> {
+    let stream = match open(&inner, hub_pipeline(), None).await {
+        Ok(stream) => stream,
+        Err(e) if super::errors::code(&e) == Some(CHANGE_STREAM_NOT_ON_STANDALONE) => {
+            return Ok(Started::NoChangeStreams)
+        }
+        Err(e) => return Err(super::errors::to_error(e)),
+    };
+    let (tip, _) = watch::channel(0);
+    let hub = Arc::new(Hub {
+        ring: RwLock::new(Ring {
+            entries: VecDeque::new(),
+            first_seq: 1,
+            next_seq: 1,
+            capacity: inner.db_config.stream_buffer.max(1),
+            dropped_cluster_time: None,
+        }),
+        tip,
+    });
+    tracing::info!(collection = %inner.db_config.messages, "change stream opened for this process");
+    tokio::spawn(run(inner, Arc::clone(&hub), stream));
+    Ok(Started::Hub(hub))
+}
+
+async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
+    let closed = inner.closed.clone();
+    let mut token = stream.resume_token();
+    loop {
+        let next = tokio::select! {
+            _ = closed.cancelled() => return,
+            next = stream.next_if_any() => next,
+        };
+        match next {
+            Ok(Some(event)) => {
+                token = stream.resume_token().or(Some(event.id.clone()));
+                hub.push(to_item(&inner, event));
+            }
+            // An empty batch: keep the post-batch resume token (quiet collection).
+            Ok(None) => token = stream.resume_token().or(token),
+            Err(error) => match reopen(&inner, &hub, token.clone(), error).await {
+                Some((fresh, fresh_token)) => {
+                    stream = fresh;
+                    token = fresh_token;
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// Reopens after a failure the driver did not absorb, with backoff; `None` when closed.
+async fn reopen(
+    inner: &Inner,
+    hub: &Hub,
+    mut token: Option<ResumeToken>,
+    mut error: mongodb::error::Error,
+) -> Option<(Events, Option<ResumeToken>)> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if is_history_lost(&error) {
+            tracing::warn!(%error, "change stream history lost: restarting the stream; subscribers catch up from the collection");
+            inner
+                .stats
+                .history_lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            token = None;
+        } else {
+            tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream failed: resuming from the last token");
+        }
+        tokio::select! {
+            _ = inner.closed.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if token.is_none() {
+            // Whatever happened between the last event and the fresh stream's anchor is
+            // unknown to the ring: tell the followers.
+            hub.push(RingItem::Gap);
+        }
+        match open(inner, hub_pipeline(), token.clone()).await {
+            Ok(stream) => {
+                tracing::info!(resumed = token.is_some(), "change stream reopened");
+                let fresh = stream.resume_token().or(token);
+                return Some((stream, fresh));
+            }
+            Err(e) => error = e,
+        }
+    }
+}
+
+fn to_item(inner: &Arc<Inner>, event: ChangeStreamEvent<Document>) -> RingItem {
+    let cluster_time = event.cluster_time;
+    let Some(document) = event.full_document else {
+        return RingItem::Bad { cluster_time };
+    };
+    match decode_message(&document) {
+        Ok(message) => RingItem::Message {
+            message: Arc::new(message),
+            token: bson::to_bson(&event.id).unwrap_or(bson::Bson::Null),
+            cluster_time,
+        },
+        Err(reason) => {
+            // Keep the stream loop free of round trips: dead-letter in the background.
+            let inner = Arc::clone(inner);
+            tokio::spawn(async move { inner.dead_letter(document, reason).await });
+            RingItem::Bad { cluster_time }
+        }
+    }
+}

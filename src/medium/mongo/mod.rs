@@ -1,0 +1,463 @@
+//! The MongoDB medium: the bus is one collection of a database the services share.
+//!
+//! Why it exists: it is the point of intracom. A message is a document in the
+//! messages collection (DESIGN §3), stamped by the server; subscribers follow the
+//! collection's change stream (one per process, see [`hub`]) from the position they
+//! last acknowledged (see [`follower`]); on a standalone server, where change streams
+//! do not exist, they poll by `ts`.
+//!
+//! Rules relied on, each cited where the code depends on it:
+//! - publish is one `update` command with `upsert: true`, filter
+//!   `{_id, ts: {$exists: false}}`, the body in `$setOnInsert` and
+//!   `$currentDate {ts: {$type: "timestamp"}, at: {$type: "date"}}`: the server
+//!   stamps the message; a retry of a publish that already succeeded matches nothing,
+//!   tries to insert the same `_id` and fails with 11000, which means "already
+//!   published" and never re-stamps (`$currentDate` fires on a matching upsert too).
+//! - `hello` tells the topology: `setName` on a replica-set member, `msg: "isdbgrid"`
+//!   on mongos; otherwise a standalone, without change streams (40573 if tried).
+//! - `maxBsonObjectSize` from `hello` bounds a message.
+//!
+//! Connection: everything comes from the URI (`common.intracom.db.uri`): TLS
+//! (`tls=true`, `tlsCAFile`, `tlsCertificateKeyFile`), credentials and `authSource`,
+//! `replicaSet` or `directConnection`, timeouts (`serverSelectionTimeoutMS`).
+
+pub(crate) mod errors;
+mod follower;
+mod hub;
+mod setup;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Collection, Database};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use super::{Appended, CatalogMap, EventStream, Medium};
+use crate::config::{Config, DbConfig, Retention};
+use crate::error::{Error, Result};
+use crate::filter::{Filter, Position, StartFrom};
+use crate::message::Message;
+use errors::{to_error, DUPLICATE_KEY};
+use follower::Follower;
+use hub::{Hub, Started};
+
+pub use setup::message_validator;
+
+/// Counters an operator looks at (exported as metrics by the bus).
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Documents that were not readable messages, copied to `dead`.
+    pub dead_lettered: AtomicU64,
+    /// Times a change stream's history was gone (286/280/260).
+    pub history_lost: AtomicU64,
+    /// Times a subscriber fell back to scanning the collection by `ts`.
+    pub fallbacks: AtomicU64,
+}
+
+/// Whether subscribers follow a change stream or poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Following {
+    /// Replica set or sharded cluster: change streams.
+    ChangeStreams,
+    /// Standalone server: polling by `ts` every `common.intracom.db.poll_interval_ms`.
+    Polling,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Database,
+    pub(crate) messages: Collection<Document>,
+    catalog: Collection<Document>,
+    checkpoints: Collection<Document>,
+    dead: Collection<Document>,
+    pub(crate) db_config: DbConfig,
+    pub(crate) timeout_ms: u64,
+    pub(crate) closed: CancellationToken,
+    pub(crate) stats: Stats,
+    max_bson: usize,
+}
+
+impl Inner {
+    /// The retention in seconds, when messages expire by age (TTL).
+    pub(crate) fn retention_secs(&self) -> Option<u64> {
+        (self.db_config.retention == Retention::Ttl).then(|| self.timeout_ms.div_ceil(1000))
+    }
+
+    /// Whether a message is past its retention (the TTL monitor may not have deleted it yet).
+    pub(crate) fn is_expired(&self, message: &Message) -> bool {
+        if self.db_config.retention != Retention::Ttl {
+            return false;
+        }
+        let Some(at) = message.at else { return false };
+        let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
+        // The TTL index expires on whole seconds; use the same bound.
+        age_ms > setup::ttl_seconds(self.timeout_ms).saturating_mul(1000)
+    }
+
+    /// Copies an unreadable document to `dead` with the reason, and counts it. Never
+    /// fails: a consumer keeps consuming whatever happens here.
+    pub(crate) async fn dead_letter(&self, document: Document, reason: String) {
+        let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+        tracing::warn!(message_id = %id, %reason, "unreadable document in the messages collection: dead-lettered");
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let update = doc! {
+            "$setOnInsert": { "document": document, "reason": reason, "origin": "follow" },
+            "$currentDate": { "at": true },
+        };
+        if let Err(error) = self
+            .dead
+            .update_one(doc! { "_id": id }, update)
+            .upsert(true)
+            .await
+        {
+            tracing::warn!(%error, "dead letter not written");
+        }
+    }
+}
+
+/// Decodes a stored document into a message, or says why it is not one.
+pub(crate) fn decode_message(document: &Document) -> std::result::Result<Message, String> {
+    let message: Message =
+        bson::from_document(document.clone()).map_err(|e| format!("not a message: {e}"))?;
+    message.validate().map_err(|e| e.to_string())?;
+    if message.ts.is_none() || message.at.is_none() {
+        return Err("missing the server stamps ts/at".into());
+    }
+    Ok(message)
+}
+
+/// The MongoDB medium (`common.intracom.medium=db`).
+pub struct MongoMedium {
+    inner: Arc<Inner>,
+    following: Following,
+    hub: OnceCell<Option<Arc<Hub>>>,
+}
+
+impl MongoMedium {
+    /// Connects, reads the topology, and creates what is missing (collections,
+    /// indexes, validator, retention). A bad URI is a config error naming
+    /// `common.intracom.db.uri`; an unreachable server is [`Error::Unavailable`].
+    pub async fn connect(config: &Config) -> Result<Self> {
+        let db_config = config.db.clone();
+        let mut options = ClientOptions::parse(&db_config.uri)
+            .await
+            .map_err(|e| Error::config("common.intracom.db.uri", &db_config.uri, e))?;
+        if options.app_name.is_none() {
+            options.app_name = Some(format!("intracom/{}", config.service));
+        }
+        let client = Client::with_options(options)
+            .map_err(|e| Error::config("common.intracom.db.uri", &db_config.uri, e))?;
+        let db = client.database(&db_config.database);
+        let hello = db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(to_error)?;
+        let following = if hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid") {
+            Following::ChangeStreams
+        } else {
+            tracing::warn!(
+                poll_interval_ms = db_config.poll_interval_ms,
+                "standalone MongoDB server: no change streams, subscribers poll by ts (use a replica set for push delivery)"
+            );
+            Following::Polling
+        };
+        let max_bson = hello
+            .get_i32("maxBsonObjectSize")
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(16 * 1024 * 1024);
+        let inner = Arc::new(Inner {
+            messages: db.collection(&db_config.messages),
+            catalog: db.collection(&db_config.config),
+            checkpoints: db.collection(&db_config.checkpoints),
+            dead: db.collection(&db_config.dead),
+            db,
+            db_config,
+            timeout_ms: config.timeout_ms,
+            closed: CancellationToken::new(),
+            stats: Stats::default(),
+            max_bson,
+        });
+        setup::ensure(&inner).await?;
+        Ok(MongoMedium {
+            inner,
+            following,
+            hub: OnceCell::new(),
+        })
+    }
+
+    /// Change streams or polling, as found at connect (or on the first refused stream).
+    pub fn following(&self) -> Following {
+        match self.hub.get() {
+            Some(None) => Following::Polling,
+            _ => self.following,
+        }
+    }
+
+    /// The medium's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The shared change stream, opened on first use; `None` in poll mode.
+    async fn hub(&self) -> Result<Option<Arc<Hub>>> {
+        if self.following == Following::Polling {
+            return Ok(None);
+        }
+        let hub = self
+            .hub
+            .get_or_try_init(|| async {
+                match hub::start(Arc::clone(&self.inner)).await? {
+                    Started::Hub(hub) => Ok::<_, Error>(Some(hub)),
+                    Started::NoChangeStreams => {
+                        tracing::warn!(
+                            "the server refused $changeStream (40573): subscribers poll by ts"
+                        );
+                        Ok(None)
+                    }
+                }
+            })
+            .await?;
+        Ok(hub.clone())
+    }
+
+    /// The `update` statement that publishes one message.
+    fn upsert_statement(message: &Message) -> Result<Document> {
+        let mut body = bson::to_document(message).map_err(crate::error::PayloadError::from)?;
+        for stamped in ["_id", "ts", "at"] {
+            body.remove(stamped);
+        }
+        Ok(doc! {
+            "q": { "_id": &message.id, "ts": { "$exists": false } },
+            "u": {
+                "$setOnInsert": body,
+                "$currentDate": { "ts": { "$type": "timestamp" }, "at": { "$type": "date" } },
+            },
+            "upsert": true,
+        })
+    }
+}
+
+/// How many statements one `update` command carries at most (the server's
+/// `maxWriteBatchSize` is 100 000; the command must also stay under 48 MB).
+const PUBLISH_BATCH: usize = 1000;
+const PUBLISH_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+#[async_trait]
+impl Medium for MongoMedium {
+    fn name(&self) -> &'static str {
+        "db"
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        // Room for the stamps the server adds (`ts`, `at`: about 30 bytes).
+        self.inner.max_bson.saturating_sub(64)
+    }
+
+    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Appended>> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        let mut pending: Vec<(String, Document)> = Vec::with_capacity(messages.len());
+        for message in &messages {
+            pending.push((message.id.clone(), Self::upsert_statement(message)?));
+        }
+        let mut rest = pending.as_slice();
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && take < PUBLISH_BATCH {
+                let size = rest[take].1.to_string().len();
+                if take > 0 && bytes + size > PUBLISH_BATCH_BYTES {
+                    break;
+                }
+                bytes += size;
+                take += 1;
+            }
+            let batch = &rest[..take];
+            let updates: Vec<Document> = batch.iter().map(|(_, s)| s.clone()).collect();
+            // ordered: statements run in publish order, so stamps follow it; the first
+            // failure stops the batch and the rest is sent again.
+            let reply = self
+                .inner
+                .db
+                .run_command(doc! { "update": &self.inner.db_config.messages, "updates": updates, "ordered": true })
+                .await
+                .map_err(to_error)?;
+            if let Ok(wce) = reply.get_document("writeConcernError") {
+                return Err(Error::Unavailable {
+                    medium: "db",
+                    reason: format!("write concern not satisfied: {wce}"),
+                });
+            }
+            let first_error = reply
+                .get_array("writeErrors")
+                .ok()
+                .and_then(|errors| errors.first())
+                .and_then(|e| e.as_document());
+            let stopped_at = match first_error {
+                None => batch.len(),
+                Some(error) => {
+                    let index = error
+                        .get_i32("index")
+                        .ok()
+                        .and_then(|i| usize::try_from(i).ok())
+                        .unwrap_or(0);
+                    let code = error.get_i32("code").unwrap_or(0);
+                    if code != DUPLICATE_KEY || index >= batch.len() {
+                        // Earlier statements were stored; publishing the batch again is safe.
+                        return Err(Error::Medium {
+                            medium: "db",
+                            reason: format!(
+                                "message {} refused: {}",
+                                batch.get(index).map(|(id, _)| id.as_str()).unwrap_or("?"),
+                                error.get_str("errmsg").unwrap_or("write error")
+                            ),
+                        });
+                    }
+                    index
+                }
+            };
+            for (id, _) in &batch[..stopped_at] {
+                out.push(Appended {
+                    id: id.clone(),
+                    ts: None,
+                    duplicate: false,
+                });
+            }
+            if stopped_at < batch.len() {
+                // 11000: the message exists already (a retry of a publish that succeeded).
+                out.push(Appended {
+                    id: batch[stopped_at].0.clone(),
+                    ts: None,
+                    duplicate: true,
+                });
+                rest = &rest[stopped_at + 1..];
+            } else {
+                rest = &rest[batch.len()..];
+            }
+        }
+        Ok(out)
+    }
+
+    async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let hub = self.hub().await?;
+        let follower = Follower::start(Arc::clone(&self.inner), hub, from, filter).await?;
+        Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
+    }
+
+    async fn catalog_load(&self) -> Result<CatalogMap> {
+        let mut cursor = self
+            .inner
+            .catalog
+            .find(doc! { "type": "service" })
+            .await
+            .map_err(to_error)?;
+        let mut map = CatalogMap::new();
+        while let Some(document) = cursor.try_next().await.map_err(to_error)? {
+            let Ok(service) = document.get_str("_id") else {
+                continue;
+            };
+            let actions = document
+                .get_array("actions")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            map.insert(service.to_string(), actions);
+        }
+        Ok(map)
+    }
+
+    async fn catalog_add(&self, service: &str, actions: &[String]) -> Result<()> {
+        // Idempotent: $addToSet with $each adds only what is missing; the upsert creates
+        // the array, so it is never null ($addToSet on null fails).
+        self.inner
+            .catalog
+            .update_one(
+                doc! { "_id": service },
+                doc! {
+                    "$set": { "type": "service" },
+                    "$addToSet": { "actions": { "$each": actions } },
+                    "$currentDate": { "updatedAt": true },
+                },
+            )
+            .upsert(true)
+            .await
+            .map_err(to_error)?;
+        Ok(())
+    }
+
+    async fn checkpoint_load(&self, name: &str) -> Result<Option<Position>> {
+        let found = self
+            .inner
+            .checkpoints
+            .find_one(doc! { "_id": name })
+            .await
+            .map_err(to_error)?;
+        match found.and_then(|d| d.get_document("position").ok().cloned()) {
+            Some(position) => bson::from_document(position)
+                .map(Some)
+                .map_err(|e| Error::Medium {
+                    medium: "db",
+                    reason: format!("checkpoint `{name}` is unreadable: {e}"),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
+        // The resume token is stored as-is: tokens are opaque (mongo-rust-driver #1288).
+        let position = bson::to_document(position).map_err(crate::error::PayloadError::from)?;
+        self.inner
+            .checkpoints
+            .update_one(
+                doc! { "_id": name },
+                doc! { "$set": { "position": position }, "$currentDate": { "updatedAt": true } },
+            )
+            .upsert(true)
+            .await
+            .map_err(to_error)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.inner.closed.cancel();
+    }
+}
+
+impl Drop for MongoMedium {
+    fn drop(&mut self) {
+        self.inner.closed.cancel();
+    }
+}
+
+/// Waits for a condition with a bound (used by the CLI and tests).
+#[doc(hidden)]
+pub async fn wait_until<F, Fut>(bound: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
