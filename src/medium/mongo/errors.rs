@@ -19,8 +19,11 @@ pub(crate) const INVALID_RESUME_TOKEN: i32 = 260;
 pub(crate) const CHANGE_STREAM_NOT_ON_STANDALONE: i32 = 40573;
 /// The collection or index already exists (`NamespaceExists`).
 pub(crate) const NAMESPACE_EXISTS: i32 = 48;
-/// An index with this name exists with other options (`IndexOptionsConflict`).
+/// An index exists with other options (`IndexOptionsConflict`).
 pub(crate) const INDEX_OPTIONS_CONFLICT: i32 = 85;
+/// An index with the same name exists with another spec (`IndexKeySpecsConflict`): what
+/// current servers answer when a TTL index is requested with a new `expireAfterSeconds`.
+pub(crate) const INDEX_KEY_SPECS_CONFLICT: i32 = 86;
 
 /// The server error code, if the error carries one.
 pub(crate) fn code(err: &mongodb::error::Error) -> Option<i32> {

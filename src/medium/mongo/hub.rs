@@ -116,7 +116,7 @@ pub(crate) async fn open(
     resume: Option<ResumeToken>,
 ) -> mongodb::error::Result<Events> {
     inner
-        .messages
+        .stream_messages
         .watch()
         .pipeline(pipeline)
         .resume_after(resume)

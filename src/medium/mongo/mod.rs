@@ -74,6 +74,8 @@ pub enum Following {
 pub(crate) struct Inner {
     pub(crate) db: Database,
     pub(crate) messages: Collection<Document>,
+    /// The messages collection on the change-stream client (see [`MongoMedium::connect`]).
+    pub(crate) stream_messages: Collection<Document>,
     catalog: Collection<Document>,
     checkpoints: Collection<Document>,
     dead: Collection<Document>,
@@ -152,8 +154,20 @@ impl MongoMedium {
         if options.app_name.is_none() {
             options.app_name = Some(format!("intracom/{}", config.service));
         }
-        let client = Client::with_options(options)
-            .map_err(|e| Error::config("common.intracom.db.uri", &db_config.uri, e))?;
+        // Change streams get a client of their own, for two reasons:
+        // - an awaiting getMore holds its connection for up to maxAwaitTimeMS; on a pool
+        //   of their own they never starve publishes (SERVER-32946);
+        // - retryable reads are off there. In driver 3.9 the resume aggregate takes the
+        //   cached token when its command is built, and the executor's retry of a failed
+        //   resume rebuilds the command without it: the retried stream would start at
+        //   "now" and skip what happened meanwhile. Without the retry, the failure comes
+        //   to the hub, which reopens from its own copy of the token.
+        let mut stream_options = options.clone();
+        stream_options.retry_reads = Some(false);
+        let bad_uri =
+            |e: mongodb::error::Error| Error::config("common.intracom.db.uri", &db_config.uri, e);
+        let client = Client::with_options(options).map_err(bad_uri)?;
+        let stream_client = Client::with_options(stream_options).map_err(bad_uri)?;
         let db = client.database(&db_config.database);
         let hello = db
             .run_command(doc! { "hello": 1 })
@@ -175,6 +189,9 @@ impl MongoMedium {
             .unwrap_or(16 * 1024 * 1024);
         let inner = Arc::new(Inner {
             messages: db.collection(&db_config.messages),
+            stream_messages: stream_client
+                .database(&db_config.database)
+                .collection(&db_config.messages),
             catalog: db.collection(&db_config.config),
             checkpoints: db.collection(&db_config.checkpoints),
             dead: db.collection(&db_config.dead),

@@ -12,7 +12,9 @@
 
 use bson::{doc, Bson, Document};
 
-use super::errors::{code, to_error, INDEX_OPTIONS_CONFLICT, NAMESPACE_EXISTS};
+use super::errors::{
+    code, to_error, INDEX_KEY_SPECS_CONFLICT, INDEX_OPTIONS_CONFLICT, NAMESPACE_EXISTS,
+};
 use super::Inner;
 use crate::config::Retention;
 use crate::error::{Error, Result};
@@ -164,7 +166,12 @@ async fn create_indexes(inner: &Inner, collection: &str, indexes: Vec<Document>)
         let cmd = doc! { "createIndexes": collection, "indexes": [index.clone()] };
         match inner.db.run_command(cmd).await {
             Ok(_) => {}
-            Err(e) if code(&e) == Some(INDEX_OPTIONS_CONFLICT) => {
+            Err(e)
+                if matches!(
+                    code(&e),
+                    Some(INDEX_OPTIONS_CONFLICT | INDEX_KEY_SPECS_CONFLICT)
+                ) =>
+            {
                 let (Ok(seconds), Ok(key)) = (
                     index.get_i64("expireAfterSeconds"),
                     index.get_document("key"),

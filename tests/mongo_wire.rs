@@ -1,0 +1,858 @@
+//! The MongoDB medium against a scripted wire-protocol peer: the commands it sends
+//! and how it handles the server's answers. Runs in every CI run; no server needed.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use intracom::bson::{doc, Bson, Document, Timestamp};
+use intracom::{Config, Error, Intracom, Message, PublishStatus, Subscription};
+use support::peer::{cursor_reply, error, insert_event, ok, stored_message, Peer, Reply};
+
+const GUARD: Duration = Duration::from_secs(30);
+
+fn config(peer: &Peer) -> Config {
+    Config::builder()
+        .mongodb(peer.uri(), "intracom")
+        .service("billing")
+        .instance("billing-1")
+        .timeout_ms(300_000)
+        .set("common.intracom.db.safety_window_ms", "2000")
+        .set("common.intracom.db.poll_interval_ms", "50")
+        .build()
+        .expect("config")
+}
+
+/// Scripts the catalog: an empty `config` collection and accepted registrations.
+fn accept_catalog(peer: &Peer) {
+    peer.on("find", |c| {
+        (c.get_str("find") == Ok("config")).then(|| {
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.config", "firstBatch": [
+                { "_id": "billing", "type": "service", "actions": ["reload", "invoice.created"] }
+            ] }, "ok": 1 })
+        })
+    });
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("config"))
+            .then(|| Reply::Doc(doc! { "n": 1, "nModified": 0, "ok": 1 }))
+    });
+}
+
+async fn connect(peer: &Peer) -> Intracom {
+    tokio::time::timeout(GUARD, Intracom::connect(config(peer)))
+        .await
+        .expect("connect within the guard")
+        .expect("connect")
+}
+
+fn get<'a>(d: &'a Document, path: &str) -> &'a Bson {
+    let mut cur = d;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        let v = cur.get(*p).unwrap_or_else(|| panic!("no `{path}` in {d}"));
+        if i + 1 == parts.len() {
+            return v;
+        }
+        cur = v
+            .as_document()
+            .unwrap_or_else(|| panic!("`{p}` is not a document in {d}"));
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_creates_collections_indexes_and_validator() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let bus = connect(&peer).await;
+
+    let creates = peer.commands_named("create");
+    let messages = creates
+        .iter()
+        .find(|c| c.get_str("create") == Ok("messages"))
+        .expect("messages created");
+    let schema = get(messages, "validator.$jsonSchema")
+        .as_document()
+        .unwrap();
+    let required: Vec<&str> = schema
+        .get_array("required")
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .collect();
+    for field in [
+        "_id",
+        "ts",
+        "at",
+        "serviceNameSource",
+        "instanceSource",
+        "type",
+        "action",
+        "query",
+    ] {
+        assert!(
+            required.contains(&field),
+            "validator requires {field}: {required:?}"
+        );
+    }
+    assert_eq!(
+        get(schema, "properties.ts.bsonType"),
+        &Bson::String("timestamp".into())
+    );
+    assert!(
+        !messages.contains_key("capped"),
+        "TTL retention: not capped"
+    );
+    for name in ["config", "checkpoints", "processed", "dead"] {
+        assert!(
+            creates.iter().any(|c| c.get_str("create") == Ok(name)),
+            "{name} created"
+        );
+    }
+    let indexes: Vec<Document> = peer
+        .commands_named("createIndexes")
+        .into_iter()
+        .filter(|c| c.get_str("createIndexes") == Ok("messages"))
+        .flat_map(|c| c.get_array("indexes").unwrap().clone())
+        .filter_map(|b| b.as_document().cloned())
+        .collect();
+    let ttl = indexes
+        .iter()
+        .find(|i| i.get_str("name") == Ok("at_ttl"))
+        .expect("TTL index");
+    assert_eq!(ttl.get_document("key").unwrap(), &doc! { "at": 1 });
+    assert_eq!(
+        ttl.get_i64("expireAfterSeconds").unwrap(),
+        300,
+        "from common.intracom.timeout_ms"
+    );
+    assert!(
+        indexes
+            .iter()
+            .any(|i| i.get_document("key") == Ok(&doc! { "ts": 1 })),
+        "index on ts"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_retention_is_applied_with_coll_mod() {
+    let peer = Peer::replica_set().await;
+    peer.always(
+        "listCollections",
+        doc! { "cursor": { "id": 0i64, "ns": "intracom.$cmd.listCollections", "firstBatch": [
+            { "name": "messages", "type": "collection", "options": {} },
+            { "name": "config", "type": "collection", "options": {} },
+            { "name": "checkpoints", "type": "collection", "options": {} },
+            { "name": "processed", "type": "collection", "options": {} },
+            { "name": "dead", "type": "collection", "options": {} },
+        ] }, "ok": 1 },
+    );
+    peer.always("collMod", ok());
+    peer.on("createIndexes", |c| {
+        let at_ttl = c
+            .get_array("indexes")
+            .ok()?
+            .iter()
+            .any(|i| i.as_document().and_then(|d| d.get_str("name").ok()) == Some("at_ttl"));
+        (at_ttl && c.get_str("createIndexes") == Ok("messages")).then(|| {
+            Reply::Doc(error(
+                86,
+                "IndexKeySpecsConflict",
+                "An existing index has the same name as the requested index",
+            ))
+        })
+    });
+    peer.always("createIndexes", ok());
+    accept_catalog(&peer);
+    let bus = connect(&peer).await;
+    assert!(
+        peer.commands_named("create").is_empty(),
+        "existing collections are left as they are"
+    );
+    let coll_mods = peer.commands_named("collMod");
+    assert!(
+        coll_mods.iter().any(|c| c.contains_key("validator")),
+        "the validator is kept current"
+    );
+    let retention = coll_mods
+        .iter()
+        .find(|c| c.contains_key("index"))
+        .expect("collMod on the TTL index");
+    assert_eq!(
+        get(retention, "index.keyPattern"),
+        &Bson::Document(doc! { "at": 1 })
+    );
+    assert_eq!(
+        get(retention, "index.expireAfterSeconds"),
+        &Bson::Int64(300)
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_retention_in_place_is_refused_by_name() {
+    let peer = Peer::replica_set().await;
+    peer.always(
+        "listCollections",
+        doc! { "cursor": { "id": 0i64, "ns": "intracom.$cmd.listCollections", "firstBatch": [
+            { "name": "messages", "type": "collection", "options": { "capped": true, "size": 1_000_000i64 } },
+        ] }, "ok": 1 },
+    );
+    let err = Intracom::connect(config(&peer)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { key, .. } if key == "common.intracom.db.retention"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_is_one_server_stamped_upsert() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("messages")).then(|| {
+            Reply::Doc(
+                doc! { "n": 1, "nModified": 0, "upserted": [{ "index": 0, "_id": "x" }], "ok": 1 },
+            )
+        })
+    });
+    let bus = connect(&peer).await;
+    let published = bus
+        .publish(Message::broadcast("reload").body(doc! { "tenant": 7 }))
+        .await
+        .unwrap();
+    assert_eq!(published.status, PublishStatus::Stored);
+
+    let updates: Vec<Document> = peer
+        .commands_named("update")
+        .into_iter()
+        .filter(|c| c.get_str("update") == Ok("messages"))
+        .collect();
+    assert_eq!(updates.len(), 1, "one round trip");
+    let command = &updates[0];
+    assert_eq!(command.get_bool("ordered"), Ok(true));
+    let statements = command.get_array("updates").unwrap();
+    assert_eq!(statements.len(), 1);
+    let statement = statements[0].as_document().unwrap();
+    assert_eq!(
+        statement.get_document("q").unwrap(),
+        &doc! { "_id": &published.id, "ts": { "$exists": false } }
+    );
+    assert_eq!(statement.get_bool("upsert"), Ok(true));
+    assert_eq!(
+        get(statement, "u.$currentDate"),
+        &Bson::Document(doc! { "ts": { "$type": "timestamp" }, "at": { "$type": "date" } }),
+        "the server stamps ts and at"
+    );
+    let body = get(statement, "u.$setOnInsert").as_document().unwrap();
+    assert_eq!(body.get_str("serviceNameSource"), Ok("billing"));
+    assert_eq!(body.get_str("instanceSource"), Ok("billing-1"));
+    assert_eq!(body.get("serviceNameDest"), Some(&Bson::Null));
+    assert_eq!(body.get_document("query").unwrap(), &doc! { "tenant": 7 });
+    for stamped in ["_id", "ts", "at"] {
+        assert!(
+            !body.contains_key(stamped),
+            "{stamped} is not in $setOnInsert (same path as the filter or $currentDate)"
+        );
+    }
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_key_on_a_retried_publish_means_already_published() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    // A batch of three: the second already exists (11000 stops the ordered batch), so
+    // the third is sent again on its own.
+    peer.queue(
+        "update",
+        vec![
+            Reply::Doc(doc! { "n": 1, "nModified": 0, "upserted": [{ "index": 0, "_id": "a" }],
+                "writeErrors": [{ "index": 1, "code": 11000, "errmsg": "E11000 duplicate key error collection: intracom.messages index: _id_" }], "ok": 1 }),
+            Reply::Doc(doc! { "n": 1, "nModified": 0, "upserted": [{ "index": 0, "_id": "c" }], "ok": 1 }),
+        ],
+    );
+    let bus = connect(&peer).await;
+    let batch = vec![
+        Message::broadcast("reload").with_id("a"),
+        Message::broadcast("reload").with_id("b"),
+        Message::broadcast("reload").with_id("c"),
+    ];
+    let out = bus.publish_all(batch).await.unwrap();
+    let statuses: Vec<(&str, &PublishStatus)> =
+        out.iter().map(|p| (p.id.as_str(), &p.status)).collect();
+    assert_eq!(
+        statuses,
+        [
+            ("a", &PublishStatus::Stored),
+            ("b", &PublishStatus::Duplicate),
+            ("c", &PublishStatus::Stored)
+        ]
+    );
+    let sent: Vec<Vec<String>> = peer
+        .commands_named("update")
+        .into_iter()
+        .filter(|c| c.get_str("update") == Ok("messages"))
+        .map(|c| {
+            c.get_array("updates")
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    s.as_document()
+                        .unwrap()
+                        .get_document("q")
+                        .unwrap()
+                        .get_str("_id")
+                        .unwrap()
+                        .to_string()
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        [vec!["a", "b", "c"], vec!["c"]],
+        "only what the failed batch did not reach is sent again"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_messages_are_refused_before_any_write() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let bus = connect(&peer).await;
+    let blob = "x".repeat(17 * 1024 * 1024);
+    let err = bus
+        .publish(Message::broadcast("reload").body(doc! { "blob": blob }))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    assert!(
+        peer.commands_named("update")
+            .iter()
+            .all(|c| c.get_str("update") != Ok("messages")),
+        "nothing was sent"
+    );
+    bus.shutdown().await;
+}
+
+fn ts(increment: u32) -> Timestamp {
+    Timestamp {
+        time: 1_800_000_000,
+        increment,
+    }
+}
+
+/// Scripts `getMore` on one cursor: these batches in order, then empty batches that
+/// wait like an awaiting cursor.
+fn script_get_more(peer: &Peer, cursor: i64, batches: Vec<Vec<Document>>, token: &'static str) {
+    let mut batches: std::collections::VecDeque<Vec<Document>> = batches.into();
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(cursor) {
+            return None;
+        }
+        match batches.pop_front() {
+            Some(events) => Some(Reply::Doc(cursor_reply(cursor, "nextBatch", events, token))),
+            None => Some(Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(cursor, "nextBatch", vec![], token),
+            )),
+        }
+    });
+}
+
+/// Scripts the checkpoint store: `saved` is what `find` on checkpoints returns.
+fn accept_checkpoints(peer: &Peer, saved: Option<Document>) {
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("checkpoints")).then(|| {
+            let batch: Vec<Bson> = saved.iter().cloned().map(Bson::Document).collect();
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.checkpoints", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("checkpoints"))
+            .then(|| Reply::Doc(doc! { "n": 1, "nModified": 1, "ok": 1 }))
+    });
+}
+
+fn change_stream_stage(aggregate: &Document) -> Document {
+    let pipeline = aggregate.get_array("pipeline").unwrap();
+    pipeline[0]
+        .as_document()
+        .unwrap()
+        .get_document("$changeStream")
+        .unwrap()
+        .clone()
+}
+
+async fn next_id(sub: &mut intracom::Subscriber) -> String {
+    let item = tokio::time::timeout(GUARD, sub.next())
+        .await
+        .expect("a delivery within the guard")
+        .expect("stream open");
+    item.expect("a delivery, not an error").id.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_of_a_process_share_one_change_stream() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    let m1 = stored_message("m1", "reload", ts(1));
+    script_get_more(
+        &peer,
+        101,
+        vec![vec![], vec![insert_event("t1", m1, ts(1))]],
+        "t1",
+    );
+    let bus = connect(&peer).await;
+    let mut subs = Vec::new();
+    for _ in 0..12 {
+        subs.push(bus.subscribe(Subscription::new()).await.unwrap());
+    }
+    for sub in &mut subs {
+        assert_eq!(next_id(sub).await, "m1");
+    }
+    let aggregates = peer.commands_named("aggregate");
+    assert_eq!(aggregates.len(), 1, "twelve subscribers, one server cursor");
+    let stage = change_stream_stage(&aggregates[0]);
+    assert!(
+        !stage.contains_key("resumeAfter"),
+        "the shared stream starts now: {stage}"
+    );
+    let pipeline = aggregates[0].get_array("pipeline").unwrap();
+    assert_eq!(
+        pipeline[1].as_document().unwrap(),
+        &doc! { "$match": { "operationType": "insert" } }
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared_stream() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let saved = doc! {
+        "_id": "billing-cache",
+        "position": { "ts": ts(1), "token": { "id": "m1", "rt": { "_data": "t1" }, "ct": ts(1) } },
+    };
+    accept_checkpoints(&peer, Some(saved));
+    // First the shared stream (cursor 101), then the subscriber's own resumed stream (102).
+    peer.queue(
+        "aggregate",
+        vec![
+            Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t2")),
+            Reply::Doc(cursor_reply(
+                102,
+                "firstBatch",
+                vec![insert_event(
+                    "t2",
+                    stored_message("m2", "reload", ts(2)),
+                    ts(2),
+                )],
+                "t2",
+            )),
+        ],
+    );
+    // The resumed stream has caught up after m2; the shared stream then sees m3.
+    script_get_more(&peer, 102, vec![vec![]], "t2");
+    let m3_ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = m3_ready.clone();
+    peer.on("getMore", move |c| {
+        (c.get_i64("getMore") == Ok(101) && gate.swap(false, std::sync::atomic::Ordering::SeqCst))
+            .then(|| {
+                Reply::Doc(cursor_reply(
+                    101,
+                    "nextBatch",
+                    vec![insert_event(
+                        "t3",
+                        stored_message("m3", "reload", ts(3)),
+                        ts(3),
+                    )],
+                    "t3",
+                ))
+            })
+    });
+    script_get_more(&peer, 101, vec![], "t3");
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_id(&mut sub).await,
+        "m2",
+        "the first message after the saved token"
+    );
+
+    let aggregates = peer.wait_for("aggregate", 2).await;
+    let resumed = change_stream_stage(&aggregates[1]);
+    assert_eq!(
+        resumed.get_document("resumeAfter").unwrap(),
+        &doc! { "_data": "t1" },
+        "resumes after the saved token"
+    );
+    let pushed = aggregates[1]
+        .get_array("pipeline")
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_document())
+        .find_map(|s| {
+            s.get_document("$match")
+                .ok()
+                .filter(|m| m.contains_key("fullDocument.action"))
+                .cloned()
+        });
+    assert_eq!(
+        pushed
+            .expect("the subscriber's filter is pushed into $match")
+            .get_document("fullDocument.action")
+            .unwrap(),
+        &doc! { "$in": ["reload"] }
+    );
+    // Once it has caught up, the resumed stream is closed and the shared one delivers.
+    m3_ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(next_id(&mut sub).await, "m3");
+    let kills = peer.wait_for("killCursors", 1).await;
+    assert_eq!(
+        kills[0].get_array("cursors").unwrap(),
+        &vec![Bson::Int64(102)],
+        "the resumed stream's cursor is closed"
+    );
+    assert_eq!(
+        peer.commands_named("aggregate").len(),
+        2,
+        "no further streams"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_duplicate() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let (m1, m2, m3) = (
+        stored_message("m1", "reload", ts(1)),
+        stored_message("m2", "reload", ts(2)),
+        stored_message("m3", "reload", ts(3)),
+    );
+    peer.queue(
+        "aggregate",
+        vec![
+            Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
+            Reply::Doc(cursor_reply(102, "firstBatch", vec![], "t5")),
+        ],
+    );
+    peer.queue(
+        "getMore",
+        vec![
+            Reply::Doc(cursor_reply(101, "nextBatch", vec![insert_event("t1", m1.clone(), ts(1))], "t1")),
+            Reply::Doc(error(286, "ChangeStreamHistoryLost", "Resume of change stream was not possible, as the resume point may no longer be in the oplog")),
+        ],
+    );
+    // The catch-up query sees m1 and m2 (m3 is not written yet); the new stream then
+    // reports m2 (committed after it was anchored) and m3.
+    let scanned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = scanned.clone();
+    let (sm1, sm2) = (m1.clone(), m2.clone());
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages")).then(|| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [sm1.clone(), sm2.clone()] }, "ok": 1 })
+        })
+    });
+    let gate = scanned.clone();
+    let mut sent = false;
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(102) {
+            return None;
+        }
+        if sent || !gate.load(std::sync::atomic::Ordering::SeqCst) {
+            return Some(Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(102, "nextBatch", vec![], "t5"),
+            ));
+        }
+        sent = true;
+        Some(Reply::Doc(cursor_reply(
+            102,
+            "nextBatch",
+            vec![
+                insert_event("t6", m2.clone(), ts(2)),
+                insert_event("t7", m3.clone(), ts(3)),
+            ],
+            "t7",
+        )))
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    let got = vec![
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+    ];
+    assert_eq!(got, ["m1", "m2", "m3"], "no gap, no duplicate, in order");
+
+    let aggregates = peer.commands_named("aggregate");
+    assert_eq!(aggregates.len(), 2);
+    assert!(
+        !change_stream_stage(&aggregates[1]).contains_key("resumeAfter"),
+        "after 286 the stream starts afresh"
+    );
+    let scan = peer
+        .commands_named("find")
+        .into_iter()
+        .find(|c| c.get_str("find") == Ok("messages"))
+        .unwrap();
+    assert_eq!(scan.get_document("sort").unwrap(), &doc! { "ts": 1 });
+    let lower = get(&scan, "filter.ts.$gt").as_timestamp().unwrap();
+    assert!(
+        lower < ts(1),
+        "the scan looks back a safety window before the last message: {lower:?}"
+    );
+    // Nothing more was waiting: the next delivery would be a new message.
+    let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(
+        extra.is_err(),
+        "no duplicate after the hand-over: {extra:?}"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_resumes_from_the_last_token() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    // aggregate #2 is the driver's own resume; when it fails too, the error is ours and
+    // the hub reopens (aggregate #3) from the same token.
+    peer.queue(
+        "aggregate",
+        vec![
+            Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
+            Reply::Drop,
+            Reply::Doc(cursor_reply(103, "firstBatch", vec![], "t1")),
+        ],
+    );
+    peer.queue(
+        "getMore",
+        vec![
+            Reply::Doc(cursor_reply(
+                101,
+                "nextBatch",
+                vec![insert_event(
+                    "t1",
+                    stored_message("m1", "reload", ts(1)),
+                    ts(1),
+                )],
+                "t1",
+            )),
+            Reply::Drop,
+        ],
+    );
+    script_get_more(
+        &peer,
+        103,
+        vec![vec![insert_event(
+            "t2",
+            stored_message("m2", "reload", ts(2)),
+            ts(2),
+        )]],
+        "t2",
+    );
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    assert_eq!(next_id(&mut sub).await, "m1");
+    assert_eq!(
+        next_id(&mut sub).await,
+        "m2",
+        "nothing lost across the dropped connections"
+    );
+    let aggregates = peer.commands_named("aggregate");
+    assert_eq!(aggregates.len(), 3);
+    for resumed in &aggregates[1..] {
+        assert_eq!(
+            change_stream_stage(resumed)
+                .get_document("resumeAfter")
+                .unwrap(),
+            &doc! { "_data": "t1" },
+            "resumes after the last event seen"
+        );
+    }
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_server_is_followed_by_polling_ts() {
+    let peer = Peer::standalone().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    // The first query finds the newest stamp (the start point); later scans see m2.
+    let mut scans = 0;
+    peer.on("find", move |c| {
+        if c.get_str("find") != Ok("messages") {
+            return None;
+        }
+        let newest_first = c.get_document("sort").ok() == Some(&doc! { "ts": -1 });
+        let batch: Vec<Document> = if newest_first {
+            vec![doc! { "_id": "m1", "ts": ts(1) }]
+        } else {
+            scans += 1;
+            if scans >= 3 {
+                vec![stored_message("m2", "reload", ts(2))]
+            } else {
+                vec![]
+            }
+        };
+        Some(Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 }))
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    assert_eq!(next_id(&mut sub).await, "m2");
+    assert!(
+        peer.commands_named("aggregate").is_empty(),
+        "no $changeStream on a standalone"
+    );
+    let scan = peer
+        .commands_named("find")
+        .into_iter()
+        .find(|c| {
+            c.get_str("find") == Ok("messages") && c.get_document("sort") == Ok(&doc! { "ts": 1 })
+        })
+        .unwrap();
+    assert!(
+        get(&scan, "filter.ts.$gt").as_timestamp().is_some(),
+        "polls by ts: {scan}"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_documents_are_dead_lettered_and_consumption_goes_on() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    let mut wrong_type = stored_message("bad2", "reload", ts(2));
+    wrong_type.insert("query", "not a document");
+    script_get_more(
+        &peer,
+        101,
+        vec![vec![
+            insert_event("t1", doc! { "_id": "bad1", "hello": "from mongosh" }, ts(1)),
+            insert_event("t2", wrong_type, ts(2)),
+            insert_event("t3", stored_message("good", "reload", ts(3)), ts(3)),
+        ]],
+        "t3",
+    );
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("dead"))
+            .then(|| Reply::Doc(doc! { "n": 1, "nModified": 0, "ok": 1 }))
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    assert_eq!(
+        next_id(&mut sub).await,
+        "good",
+        "consumption goes on past bad documents"
+    );
+    let dead = peer.wait_for("update", 2).await;
+    let dead: Vec<&Document> = dead
+        .iter()
+        .filter(|c| c.get_str("update") == Ok("dead"))
+        .collect();
+    let ids: Vec<&Bson> = dead
+        .iter()
+        .map(|c| {
+            get(
+                c.get_array("updates").unwrap()[0].as_document().unwrap(),
+                "q._id",
+            )
+        })
+        .collect();
+    assert!(
+        ids.contains(&&Bson::String("bad1".into())) && ids.contains(&&Bson::String("bad2".into())),
+        "{ids:?}"
+    );
+    let statement = dead[0].get_array("updates").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(statement.get_bool("upsert"), Ok(true));
+    assert!(
+        get(&statement, "u.$setOnInsert.reason")
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "the reason is kept"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_saves_the_resume_token_as_the_checkpoint() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    accept_checkpoints(&peer, None);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    script_get_more(
+        &peer,
+        101,
+        vec![vec![insert_event(
+            "t1",
+            stored_message("m1", "reload", ts(1)),
+            ts(1),
+        )]],
+        "t1",
+    );
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::named("ledger")).await.unwrap();
+    let delivery = tokio::time::timeout(GUARD, sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.ack().await.unwrap();
+    let saves: Vec<Document> = peer
+        .commands_named("update")
+        .into_iter()
+        .filter(|c| c.get_str("update") == Ok("checkpoints"))
+        .collect();
+    assert_eq!(saves.len(), 1);
+    let statement = saves[0].get_array("updates").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        statement.get_document("q").unwrap(),
+        &doc! { "_id": "ledger" }
+    );
+    let position = get(&statement, "u.$set.position").as_document().unwrap();
+    assert_eq!(
+        get(position, "token.rt"),
+        &Bson::Document(doc! { "_data": "t1" }),
+        "the token is stored as-is"
+    );
+    assert_eq!(get(position, "token.ct"), &Bson::Timestamp(ts(1)));
+    assert_eq!(position.get_timestamp("ts").unwrap(), ts(1));
+    bus.shutdown().await;
+}
