@@ -601,7 +601,14 @@ pub async fn handler_acks_on_ok_only(h: &dyn Harness) {
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:expr) => {
-        $crate::conformance_tests!(@each $harness;
+        $crate::conformance_tests!(@list $harness; []);
+    };
+    // Every test ignored, with the reason, unless the cfg is set (a live server).
+    ($harness:expr, ignore_unless = $cfg:meta, $reason:literal) => {
+        $crate::conformance_tests!(@list $harness; [#[cfg_attr(not($cfg), ignore = $reason)]]);
+    };
+    (@list $harness:expr; $attrs:tt) => {
+        $crate::conformance_tests!(@each $harness; $attrs;
             broadcast_reaches_every_subscriber,
             targeted_reaches_only_its_target,
             order_is_the_same_for_every_subscriber,
@@ -619,13 +626,15 @@ macro_rules! conformance_tests {
             handler_acks_on_ok_only,
         );
     };
-    (@each $harness:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let harness = $harness;
-                $crate::conformance::$name(&harness).await;
-            }
-        )*
+    (@each $harness:expr; $attrs:tt; $($name:ident),* $(,)?) => {
+        $( $crate::conformance_tests!(@one $harness; $attrs; $name); )*
+    };
+    (@one $harness:expr; [$(#[$attr:meta])*]; $name:ident) => {
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let harness = $harness;
+            $crate::conformance::$name(&harness).await;
+        }
     };
 }
