@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, MediumKind};
-use crate::delivery::{AckTracker, Subscriber, Subscription};
+use crate::delivery::{AckTracker, Screen, Subscriber, Subscription};
 use crate::error::{Error, Result};
 use crate::filter::StartFrom;
 use crate::medium::memory::MemoryMedium;
@@ -251,10 +251,16 @@ impl Intracom {
             .name
             .clone()
             .map(|name| Arc::new(AckTracker::new(name, Arc::clone(medium))));
+        // Monitors (tools, audits) see everything; consumers only what the catalog declares.
+        let screen = (!subscription.monitor).then(|| Screen {
+            catalog: self.shared.catalog.clone(),
+            medium: Arc::clone(medium),
+        });
         Ok(Subscriber::new(
             subscription.name,
             events,
             tracker,
+            screen,
             self.shared.shutdown.clone(),
         ))
     }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::medium::{CatalogMap, Medium};
@@ -22,13 +23,19 @@ use crate::message::{check_name, Message};
 pub struct Catalog {
     medium: Arc<dyn Medium>,
     cache: Arc<RwLock<CatalogMap>>,
+    /// When the cache was last reloaded for a delivery check (see [`Catalog::screen`]).
+    last_screen_refresh: Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+/// How often a delivered message with an undeclared action may reload the catalog.
+const SCREEN_REFRESH: Duration = Duration::from_secs(1);
 
 impl Catalog {
     pub(crate) fn new(medium: Arc<dyn Medium>) -> Self {
         Catalog {
             medium,
             cache: Arc::new(RwLock::new(CatalogMap::new())),
+            last_screen_refresh: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -93,6 +100,31 @@ impl Catalog {
                 self.check_cached(message)
             }
         }
+    }
+
+    /// Checks a message that arrived from the medium. Unlike [`Catalog::check`], a miss
+    /// reloads the catalog at most once a second, so a flood of undeclared messages
+    /// cannot turn into a flood of catalog reads on the delivery path.
+    pub(crate) async fn screen(&self, message: &Message) -> Result<()> {
+        let Err(error) = self.check_cached(message) else {
+            return Ok(());
+        };
+        let due = {
+            let mut last = self
+                .last_screen_refresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= SCREEN_REFRESH);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if !due {
+            return Err(error);
+        }
+        self.refresh().await?;
+        self.check_cached(message)
     }
 
     fn check_cached(&self, message: &Message) -> Result<()> {

@@ -53,3 +53,36 @@ impl World for MemoryWorld {
 }
 
 conformance_tests!(Memory);
+
+#[tokio::test]
+async fn undeclared_messages_land_in_the_dead_letters() {
+    use futures::StreamExt;
+    let medium = Arc::new(MemoryMedium::new(MemoryOptions::default()));
+    let config = Config::builder()
+        .service("billing")
+        .instance("billing-1")
+        .sender("billing", ["reload"])
+        .build()
+        .unwrap();
+    let bus = Intracom::with_medium(config, medium.clone()).await.unwrap();
+    let mut sub = bus.subscribe(intracom::Subscription::new()).await.unwrap();
+    let mut rogue = intracom::Message::broadcast("nope");
+    rogue.source_service = "billing".into();
+    rogue.source_instance = "billing-9".into();
+    intracom::Medium::append(&*medium, vec![rogue.clone()])
+        .await
+        .unwrap();
+    let ok = bus
+        .publish(intracom::Message::broadcast("reload"))
+        .await
+        .unwrap();
+    assert_eq!(sub.next().await.unwrap().unwrap().id, ok.id);
+    let dead = medium.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0.get_str("_id").unwrap(), rogue.id);
+    assert!(
+        dead[0].1.contains("nope"),
+        "the reason names the action: {}",
+        dead[0].1
+    );
+}

@@ -14,3 +14,4 @@ pub use subscriber::{Delivery, Subscriber};
 pub use subscription::Subscription;
 
 pub(crate) use checkpoint::AckTracker;
+pub(crate) use subscriber::Screen;

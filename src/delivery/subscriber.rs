@@ -11,10 +11,47 @@ use futures::{Future, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
 use super::checkpoint::AckTracker;
+use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::filter::Position;
-use crate::medium::{Event, EventStream};
+use crate::medium::{Event, EventStream, Medium};
 use crate::message::Message;
+
+/// Keeps messages the catalog does not declare away from consumers: each one is
+/// logged and dead-lettered, and consumption goes on.
+pub(crate) struct Screen {
+    pub(crate) catalog: Catalog,
+    pub(crate) medium: Arc<dyn Medium>,
+}
+
+impl Screen {
+    async fn admit(&self, subscription: &str, message: &Message) -> bool {
+        match self.catalog.screen(message).await {
+            Ok(()) => true,
+            Err(error @ (Error::UnknownAction { .. } | Error::UnknownSender { .. })) => {
+                tracing::warn!(subscription, message_id = %message.id, %error, "undeclared message dead-lettered");
+                match bson::to_document(message) {
+                    Ok(document) => {
+                        if let Err(error) =
+                            self.medium.dead_letter(document, error.to_string()).await
+                        {
+                            tracing::warn!(message_id = %message.id, %error, "dead letter not written");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(message_id = %message.id, %error, "dead letter not encodable")
+                    }
+                }
+                false
+            }
+            Err(error) => {
+                // The catalog cannot be read now: deliver rather than hold the stream.
+                tracing::warn!(subscription, message_id = %message.id, %error, "catalog unavailable: delivered unchecked");
+                true
+            }
+        }
+    }
+}
 
 /// One message handed to a subscriber, to be acknowledged with [`Delivery::ack`].
 ///
@@ -95,24 +132,35 @@ impl Subscriber {
         name: Option<String>,
         events: EventStream,
         tracker: Option<Arc<AckTracker>>,
+        screen: Option<Screen>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
-        let label = name.clone().unwrap_or_else(|| "(anonymous)".into());
+        let label: Arc<str> = name.as_deref().unwrap_or("(anonymous)").into();
         let acks = tracker.clone();
+        let screen = screen.map(Arc::new);
         let inner = events
-            .map(move |event| match event? {
-                Event::Message(message, position) => {
-                    let ack = acks
-                        .as_ref()
-                        .map(|t| (Arc::clone(t), t.delivered(position.clone())));
-                    Ok(Delivery { message, position, ack })
-                }
-                Event::Lost { count } => {
-                    tracing::warn!(subscription = %label, count, "messages expired before delivery");
-                    Err(Error::Lost {
-                        subscription: label.clone(),
-                        count,
-                    })
+            .filter_map(move |event| {
+                let (acks, screen, label) = (acks.clone(), screen.clone(), Arc::clone(&label));
+                async move {
+                    match event {
+                        Err(error) => Some(Err(error)),
+                        Ok(Event::Lost { count }) => {
+                            tracing::warn!(subscription = %label, count, "messages expired before delivery");
+                            Some(Err(Error::Lost {
+                                subscription: label.to_string(),
+                                count,
+                            }))
+                        }
+                        Ok(Event::Message(message, position)) => {
+                            if let Some(screen) = &screen {
+                                if !screen.admit(&label, &message).await {
+                                    return None;
+                                }
+                            }
+                            let ack = acks.as_ref().map(|t| (Arc::clone(t), t.delivered(position.clone())));
+                            Some(Ok(Delivery { message, position, ack }))
+                        }
+                    }
                 }
             })
             .take_until(shutdown.cancelled_owned())

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use bson::{doc, Timestamp};
+use bson::{doc, Document, Timestamp};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -90,6 +90,8 @@ struct Shared {
     closed: CancellationToken,
     catalog: Mutex<CatalogMap>,
     checkpoints: Mutex<HashMap<String, Position>>,
+    /// Dead letters by message id, oldest first; at most `max_messages` are kept.
+    dead: Mutex<VecDeque<(String, Document, String)>>,
 }
 
 struct Entry {
@@ -197,6 +199,7 @@ impl MemoryMedium {
                 closed: CancellationToken::new(),
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
+                dead: Mutex::new(VecDeque::new()),
             }),
         }
     }
@@ -398,8 +401,33 @@ impl Medium for MemoryMedium {
         Ok(())
     }
 
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
+        let id = document
+            .get("_id")
+            .map(|b| b.to_string())
+            .unwrap_or_default();
+        let mut dead = lock(&self.shared.dead);
+        if !dead.iter().any(|(existing, _, _)| *existing == id) {
+            dead.push_back((id, document, reason));
+            while dead.len() > self.shared.options.max_messages {
+                dead.pop_front();
+            }
+        }
+        Ok(())
+    }
+
     async fn close(&self) {
         self.shared.closed.cancel();
+    }
+}
+
+impl MemoryMedium {
+    /// The dead letters kept: (document, reason), oldest first.
+    pub fn dead_letters(&self) -> Vec<(Document, String)> {
+        lock(&self.shared.dead)
+            .iter()
+            .map(|(_, d, r)| (d.clone(), r.clone()))
+            .collect()
     }
 }
 

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bson::Timestamp;
+use bson::{Document, Timestamp};
 use futures::stream::BoxStream;
 
 use crate::error::Result;
@@ -92,6 +92,11 @@ pub trait Medium: Send + Sync + 'static {
     /// Saves the position of a named subscription. Callers never save an older
     /// position after a newer one for the same name.
     async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()>;
+
+    /// Keeps a document that reached a consumer but cannot be delivered (unreadable, or
+    /// an action the catalog does not declare), with the reason, in the dead letters
+    /// (the `dead` collection on MongoDB). Writing the same document twice keeps one.
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()>;
 
     /// Ends every follower's stream and releases the medium's resources.
     async fn close(&self);

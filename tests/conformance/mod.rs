@@ -597,6 +597,24 @@ pub async fn handler_acks_on_ok_only(h: &dyn Harness) {
     );
 }
 
+pub async fn undeclared_messages_are_dead_lettered_not_delivered(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let b1 = bus(&*w, "billing", "billing-1").await;
+    let mut sub = b1.subscribe(Subscription::named("strict")).await.unwrap();
+    let mut watch = b1.subscribe(Subscription::monitor()).await.unwrap();
+    // Written past the publish checks, as a hand-made document or an older peer would be.
+    let mut rogue = Message::to_service("billing", "not.declared");
+    rogue.source_service = "billing".into();
+    rogue.source_instance = "elsewhere-1".into();
+    b1.medium().append(vec![rogue.clone()]).await.unwrap();
+    assert_eq!(
+        next(&mut watch).await.id,
+        rogue.id,
+        "a monitor sees everything"
+    );
+    expect_marker_next(&b1, &mut [&mut sub]).await;
+}
+
 /// Instantiates every conformance test for a harness expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -624,6 +642,7 @@ macro_rules! conformance_tests {
             a_slow_subscriber_does_not_hold_back_others,
             shutdown_ends_streams_and_refuses_work,
             handler_acks_on_ok_only,
+            undeclared_messages_are_dead_lettered_not_delivered,
         );
     };
     (@each $harness:expr; $attrs:tt; $($name:ident),* $(,)?) => {

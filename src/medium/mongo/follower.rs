@@ -80,8 +80,10 @@ pub(crate) struct Follower {
 /// Ids delivered within the safety window of the newest one.
 #[derive(Default)]
 struct Recent {
+    /// In arrival order, which is `ts` order but for writes that committed out of order.
     order: VecDeque<(Timestamp, String)>,
     ids: HashSet<String>,
+    newest: Option<Timestamp>,
 }
 
 impl Recent {
@@ -93,7 +95,8 @@ impl Recent {
         if self.ids.insert(id.to_string()) {
             self.order.push_back((ts, id.to_string()));
         }
-        let newest = self.order.iter().map(|(t, _)| *t).max().unwrap_or(ts);
+        let newest = self.newest.map_or(ts, |n| n.max(ts));
+        self.newest = Some(newest);
         let floor = newest.time.saturating_sub(window_secs);
         while self.order.front().is_some_and(|(t, _)| t.time < floor) {
             if let Some((_, old)) = self.order.pop_front() {
@@ -321,25 +324,25 @@ impl Follower {
     }
 
     /// Accepts a decoded message: de-duplication, expiry, filter. Returns whether it was
-    /// queued for delivery.
+    /// new to this follower (delivered, or skipped as expired or filtered out).
     fn offer(
         &mut self,
         message: Arc<Message>,
         token: Option<&Bson>,
         cluster_time: Option<Timestamp>,
-    ) {
-        let Some(ts) = message.ts else { return };
+    ) -> bool {
+        let Some(ts) = message.ts else { return false };
         self.last_ts = self.last_ts.max(ts);
         if self.recent.contains(&message.id) || self.floor.is_some_and(|f| ts <= f) {
-            return;
+            return false;
         }
         self.recent.insert(ts, &message.id, self.window_secs());
         if self.inner.is_expired(&message) {
             self.lost += 1;
-            return;
+            return true;
         }
         if !self.filter.matches(&message) {
-            return;
+            return true;
         }
         if self.lost > 0 {
             self.ready.push_back(Event::Lost { count: self.lost });
@@ -347,6 +350,7 @@ impl Follower {
         }
         let position = position(&message, token, cluster_time);
         self.ready.push_back(Event::Message(message, position));
+        true
     }
 
     /// Reads the ring from the cursor; switches to a scan on a gap or an overrun.
@@ -398,7 +402,7 @@ impl Follower {
                     return self.scan_from_last();
                 }
                 Copied::Message(message, token, cluster_time) => {
-                    self.offer(message, Some(&token), cluster_time)
+                    self.offer(message, Some(&token), cluster_time);
                 }
                 Copied::Bad => {}
             }
@@ -419,7 +423,8 @@ impl Follower {
         let tip_before = tip_before.or_else(|| self.hub.as_ref().map(|h| h.ring().tip()));
         let mut query = filter_query(&self.filter, "");
         let mut page_lower = lower;
-        let mut found = 0usize;
+        // New to this follower: the look-back window re-reads what was delivered.
+        let mut fresh = 0usize;
         loop {
             query.insert("ts", doc! { "$gt": page_lower });
             let batch: Vec<Document> = self
@@ -440,8 +445,9 @@ impl Follower {
                 }
                 match decode_message(&document) {
                     Ok(message) => {
-                        found += 1;
-                        self.offer(Arc::new(message), None, None);
+                        if self.offer(Arc::new(message), None, None) {
+                            fresh += 1;
+                        }
                     }
                     Err(reason) => self.inner.dead_letter(document, reason).await,
                 }
@@ -461,12 +467,12 @@ impl Follower {
                     });
                 }
                 self.floor = Some(lower);
-                tracing::debug!(found, "scan caught up: following the change stream");
+                tracing::debug!(fresh, "scan caught up: following the change stream");
                 Ok(Mode::Ring { cursor: tip })
             }
             _ => {
                 // Poll mode: wait, then look again from the window before the newest.
-                if found == 0 {
+                if fresh == 0 {
                     let pause = Duration::from_millis(self.inner.db_config.poll_interval_ms);
                     tokio::select! {
                         _ = self.inner.closed.cancelled() => {}
@@ -543,7 +549,7 @@ impl Follower {
                         let token = bson::to_bson(&event.id).ok();
                         match event.full_document.as_ref().map(decode_message) {
                             Some(Ok(message)) => {
-                                self.offer(Arc::new(message), token.as_ref(), Some(ct))
+                                self.offer(Arc::new(message), token.as_ref(), Some(ct));
                             }
                             Some(Err(reason)) => {
                                 if let Some(document) = event.full_document {

@@ -451,6 +451,11 @@ impl Medium for MongoMedium {
         Ok(())
     }
 
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
+        self.inner.dead_letter(document, reason).await;
+        Ok(())
+    }
+
     async fn close(&self) {
         self.inner.closed.cancel();
     }
