@@ -175,11 +175,13 @@ fn minus_window(ts: Timestamp, window_secs: u32) -> Timestamp {
 }
 
 impl Follower {
+    /// `now` is the ring sequence number where a [`StartFrom::Now`] follower starts.
     pub(crate) async fn start(
         inner: Arc<Inner>,
         hub: Option<Arc<Hub>>,
         from: StartFrom,
         filter: Filter,
+        now: u64,
     ) -> Result<Self> {
         let tip = hub.as_ref().map(|h| h.tip.subscribe());
         let mut follower = Follower {
@@ -206,9 +208,7 @@ impl Follower {
         };
         follower.mode = match from {
             StartFrom::Now => match &follower.hub {
-                Some(hub) => Mode::Ring {
-                    cursor: hub.ring().tip(),
-                },
+                Some(_) => Mode::Ring { cursor: now },
                 None => {
                     // Poll mode: start after the newest stamp, and remember the ids of the
                     // safety window so they are not delivered as new.

@@ -369,8 +369,16 @@ impl Medium for MongoMedium {
         if self.inner.closed.is_cancelled() {
             return Err(Error::Shutdown);
         }
+        // "Now" is the moment of this call: the ring's tip before anything is awaited, or
+        // its very beginning when this call opens the shared stream (its anchor is then
+        // part of this call).
+        let now = self
+            .hub
+            .get()
+            .and_then(|h| h.as_ref().map(|h| h.ring().tip()))
+            .unwrap_or(0);
         let hub = self.hub().await?;
-        let follower = Follower::start(Arc::clone(&self.inner), hub, from, filter).await?;
+        let follower = Follower::start(Arc::clone(&self.inner), hub, from, filter, now).await?;
         Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
     }
 
