@@ -61,6 +61,33 @@ fn main() -> ExitCode {
                 "common.intracom.memory.max_messages={}",
                 config.memory_max_messages
             );
+            let db = &config.db;
+            println!("common.intracom.db.uri={}", redact(&db.uri));
+            println!("common.intracom.db.database={}", db.database);
+            for (role, name) in [
+                ("messages", &db.messages),
+                ("config", &db.config),
+                ("checkpoints", &db.checkpoints),
+                ("processed", &db.processed),
+                ("dead", &db.dead),
+            ] {
+                println!("common.intracom.db.collection.{role}={name}");
+            }
+            let retention = match db.retention {
+                intracom::Retention::Capped => "capped",
+                _ => "ttl",
+            };
+            println!("common.intracom.db.retention={retention}");
+            println!("common.intracom.db.capped_bytes={}", db.capped_bytes);
+            println!(
+                "common.intracom.db.poll_interval_ms={}",
+                db.poll_interval_ms
+            );
+            println!(
+                "common.intracom.db.safety_window_ms={}",
+                db.safety_window_ms
+            );
+            println!("common.intracom.db.stream_buffer={}", db.stream_buffer);
             let senders: Vec<&str> = config.senders.keys().map(String::as_str).collect();
             println!("common.intracom.senders.list={}", senders.join(","));
             for (service, actions) in &config.senders {
@@ -69,4 +96,43 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The URI with any password replaced, for printing.
+fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    // Credentials end at the last '@' of the authority.
+    match authority.rsplit_once('@') {
+        Some((credentials, hosts)) if credentials.contains(':') => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{hosts}{tail}")
+        }
+        _ => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact("mongodb://app:s3cret@db1:27017/?replicaSet=rs0"),
+            "mongodb://app:***@db1:27017/?replicaSet=rs0"
+        );
+        assert_eq!(
+            redact("mongodb://app:p@ss@db1,db2/x"),
+            "mongodb://app:***@db1,db2/x"
+        );
+        assert_eq!(
+            redact("mongodb://db1:27017/?a=b@c"),
+            "mongodb://db1:27017/?a=b@c"
+        );
+        assert_eq!(redact("mongodb://localhost"), "mongodb://localhost");
+    }
 }
