@@ -2,8 +2,8 @@
 //!
 //! Why it exists: it is the point of intracom. A message is a document in the
 //! messages collection (DESIGN §3), stamped by the server; subscribers follow the
-//! collection's change stream (one per process, see [`hub`]) from the position they
-//! last acknowledged (see [`follower`]); on a standalone server, where change streams
+//! collection's change stream (one per process, see `hub.rs`) from the position they
+//! last acknowledged (see `follower.rs`); on a standalone server, where change streams
 //! do not exist, they poll by `ts`.
 //!
 //! Rules relied on, each cited where the code depends on it:
