@@ -59,7 +59,7 @@ pub enum StartFrom {
 ///   `types`, where those sets are given;
 /// - it was not sent by `exclude_instance`;
 /// - it is for every instance (`delivery: all`): work-queue messages are claimed, not
-///   followed, unless the filter is a monitor.
+///   followed, unless the filter is a monitor; a `work` filter takes only those.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Filter {
@@ -75,6 +75,9 @@ pub struct Filter {
     pub types: Option<BTreeSet<MessageType>>,
     /// Skip messages sent by this instance.
     pub exclude_instance: Option<String>,
+    /// Work instead of messages: only `delivery: one` for `service` (used to wake
+    /// workers; the work itself is claimed, see [`crate::Medium::claim`]).
+    pub work: bool,
 }
 
 impl Filter {
@@ -98,7 +101,7 @@ impl Filter {
                     return false;
                 }
             }
-            if message.delivery != DeliveryMode::All {
+            if (message.delivery == DeliveryMode::One) != self.work {
                 return false;
             }
         }

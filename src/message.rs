@@ -162,6 +162,36 @@ pub struct Message {
     /// Request timeout in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_ms: Option<i64>,
+    /// Work-queue order: higher first (default 0). Always stored, so that the claim's
+    /// sort by priority never meets a missing field (which sorts below every number).
+    #[serde(default)]
+    pub priority: i32,
+    /// How many times the work was claimed (written by the medium).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: i32,
+    /// Who holds the work and until when (written by the medium).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// The error of the last failed attempt.
+    #[serde(rename = "lastError", default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// For a message re-published from the dead letters: the id of the original.
+    #[serde(rename = "retryOf", default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
+}
+
+/// A work-queue lease: the instance that holds the work, and until when.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The holding instance (or `backoff` while a failed item waits for its retry).
+    pub owner: String,
+    /// When the lease ends, on the medium's clock.
+    pub until: bson::DateTime,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 impl Message {
@@ -190,6 +220,11 @@ impl Message {
             query_ts: now_nanos(),
             response_ts: None,
             query_ms: None,
+            priority: 0,
+            attempts: 0,
+            lease: None,
+            last_error: None,
+            retry_of: None,
         }
     }
 
@@ -255,6 +290,26 @@ impl Message {
     /// publishing the same event twice stores it once.
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
         self.id = id.into();
+        self
+    }
+
+    /// Makes the message work for exactly one instance of its target service
+    /// (`delivery: one`, `state: pending`): a worker claims it, and it is retried on
+    /// failure (see [`crate::Intracom::work`]).
+    ///
+    /// ```
+    /// let job = intracom::Message::to_service("billing", "invoice.render").work().priority(5);
+    /// assert_eq!(job.delivery, intracom::DeliveryMode::One);
+    /// ```
+    pub fn work(mut self) -> Self {
+        self.delivery = DeliveryMode::One;
+        self.state = Some(State::Pending);
+        self
+    }
+
+    /// Work-queue priority: higher is claimed first (default 0).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
         self
     }
 

@@ -118,6 +118,7 @@ impl Subscription {
             sources: self.sources.clone(),
             types: self.types.clone(),
             exclude_instance: self.exclude_own.then(|| instance.to_string()),
+            work: false,
         }
     }
 }

@@ -17,7 +17,8 @@
 //! Positions carry the log sequence number in their token (`{seq: <i64>}`), so a
 //! resumed follower knows exactly what it missed.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,11 +27,13 @@ use bson::{doc, Document, Timestamp};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Appended, CatalogMap, Event, EventStream, Medium};
+use super::{
+    Appended, CatalogMap, ClaimRequest, DeadLetter, Event, EventStream, Medium, Settlement,
+};
 use crate::config::Config;
 use crate::error::Result;
 use crate::filter::{Filter, Position, StartFrom};
-use crate::message::Message;
+use crate::message::{now_nanos, DeliveryMode, Lease, Message, State};
 
 /// How many log entries a follower examines per lock.
 const READ_BATCH: usize = 512;
@@ -90,8 +93,12 @@ struct Shared {
     closed: CancellationToken,
     catalog: Mutex<CatalogMap>,
     checkpoints: Mutex<HashMap<String, Position>>,
-    /// Dead letters by message id, oldest first; at most `max_messages` are kept.
-    dead: Mutex<VecDeque<(String, Document, String)>>,
+    /// Dead letters, oldest first; at most `max_messages` are kept.
+    dead: Mutex<VecDeque<DeadLetter>>,
+    /// Idempotency records: (consumer, message id) → (result, expiry).
+    processed: Mutex<HashMap<(String, String), (Option<Document>, Instant)>>,
+    /// Bumped whenever work is settled; request callers wait on it.
+    outcomes: watch::Sender<u64>,
 }
 
 struct Entry {
@@ -108,6 +115,44 @@ struct Log {
     next_seq: u64,
     ids: HashMap<String, (u64, Timestamp)>,
     last_ts: Timestamp,
+    /// State of work (`delivery: one`) by message id.
+    work: HashMap<String, Work>,
+    /// Pending work by service, in claim order: priority (highest first), then sequence.
+    queues: HashMap<String, BTreeSet<WorkKey>>,
+}
+
+type WorkKey = (Reverse<i32>, u64, String);
+
+/// The mutable part of a work message (the stored message itself never changes).
+struct Work {
+    message: Arc<Message>,
+    seq: u64,
+    state: State,
+    attempts: i32,
+    lease: Option<Lease>,
+    last_error: Option<String>,
+    result: Option<Document>,
+    response: Option<Document>,
+    response_ts: Option<i64>,
+}
+
+impl Work {
+    /// The message as it stands now, as a database would return the document.
+    fn current(&self) -> Message {
+        let mut m = (*self.message).clone();
+        m.state = Some(self.state);
+        m.attempts = self.attempts;
+        m.lease.clone_from(&self.lease);
+        m.last_error.clone_from(&self.last_error);
+        m.result.clone_from(&self.result);
+        m.response.clone_from(&self.response);
+        m.response_ts = self.response_ts;
+        m
+    }
+
+    fn key(&self) -> WorkKey {
+        (Reverse(self.message.priority), self.seq, self.message.id.clone())
+    }
 }
 
 impl Log {
@@ -121,6 +166,20 @@ impl Log {
                 time: 0,
                 increment: 0,
             },
+            work: HashMap::new(),
+            queues: HashMap::new(),
+        }
+    }
+
+    /// Takes work out of its service's pending queue (it is settled or buried).
+    fn dequeue(&mut self, id: &str) {
+        if let Some(work) = self.work.get(id) {
+            let key = work.key();
+            if let Some(service) = &work.message.dest_service {
+                if let Some(queue) = self.queues.get_mut(service) {
+                    queue.remove(&key);
+                }
+            }
         }
     }
 
@@ -132,6 +191,8 @@ impl Log {
             }
             if let Some(entry) = self.entries.pop_front() {
                 self.ids.remove(&entry.message.id);
+                self.dequeue(&entry.message.id);
+                self.work.remove(&entry.message.id);
                 self.first_seq = entry.seq + 1;
             }
         }
@@ -200,6 +261,8 @@ impl MemoryMedium {
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
                 dead: Mutex::new(VecDeque::new()),
+                processed: Mutex::new(HashMap::new()),
+                outcomes: watch::channel(0).0,
             }),
         }
     }
@@ -329,10 +392,29 @@ impl Medium for MemoryMedium {
                     ts: Some(ts),
                     duplicate: false,
                 });
+                let message = Arc::new(message);
+                if message.delivery == DeliveryMode::One {
+                    let state = message.state.unwrap_or(State::Pending);
+                    let work = Work {
+                        message: Arc::clone(&message),
+                        seq,
+                        state,
+                        attempts: message.attempts,
+                        lease: None,
+                        last_error: None,
+                        result: message.result.clone(),
+                        response: message.response.clone(),
+                        response_ts: message.response_ts,
+                    };
+                    if let (State::Pending, Some(service)) = (state, &message.dest_service) {
+                        log.queues.entry(service.clone()).or_default().insert(work.key());
+                    }
+                    log.work.insert(message.id.clone(), work);
+                }
                 log.entries.push_back(Entry {
                     seq,
                     expires: now + options.retention,
-                    message: Arc::new(message),
+                    message,
                 });
             }
             log.prune(now, options.max_messages);
@@ -402,17 +484,195 @@ impl Medium for MemoryMedium {
     }
 
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
-        let id = document
-            .get("_id")
-            .map(|b| b.to_string())
-            .unwrap_or_default();
+        let id = match document.get("_id") {
+            Some(bson::Bson::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
         let mut dead = lock(&self.shared.dead);
-        if !dead.iter().any(|(existing, _, _)| *existing == id) {
-            dead.push_back((id, document, reason));
+        if !dead.iter().any(|d| d.id == id) {
+            dead.push_back(DeadLetter {
+                id,
+                document,
+                reason,
+                at: Some(bson::DateTime::now()),
+            });
             while dead.len() > self.shared.options.max_messages {
                 dead.pop_front();
             }
         }
+        Ok(())
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {
+        if self.shared.closed.is_cancelled() {
+            return Err(crate::Error::Shutdown);
+        }
+        let now = bson::DateTime::now();
+        let mut guard = write(&self.shared.log);
+        let log = &mut *guard;
+        let Some(queue) = log.queues.get(&request.service) else {
+            return Ok(None);
+        };
+        let picked = queue.iter().find_map(|(_, _, id)| {
+            let work = log.work.get(id)?;
+            let free = work.lease.as_ref().is_none_or(|l| l.until <= now);
+            (free && request.actions.contains(&work.message.action)).then(|| id.clone())
+        });
+        let Some(work) = picked.and_then(|id| log.work.get_mut(&id)) else {
+            return Ok(None);
+        };
+        work.attempts += 1;
+        work.lease = Some(Lease {
+            owner: request.owner.clone(),
+            until: add(now, request.lease),
+        });
+        Ok(Some(work.current()))
+    }
+
+    async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+        let mut log = write(&self.shared.log);
+        match log.work.get_mut(id) {
+            Some(work)
+                if work.state == State::Pending
+                    && work.lease.as_ref().is_some_and(|l| l.owner == owner) =>
+            {
+                work.lease = Some(Lease {
+                    owner: owner.to_string(),
+                    until: add(bson::DateTime::now(), lease),
+                });
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn settle(&self, id: &str, owner: Option<&str>, settlement: Settlement) -> Result<bool> {
+        let finished = {
+            let mut guard = write(&self.shared.log);
+            let log = &mut *guard;
+            let Some(work) = log.work.get_mut(id) else {
+                return Ok(false);
+            };
+            let holds = owner.is_none_or(|o| work.lease.as_ref().is_some_and(|l| l.owner == o));
+            if work.state != State::Pending || !holds {
+                return Ok(false);
+            }
+            let finished = !matches!(settlement, Settlement::Retry { .. });
+            match settlement {
+                Settlement::Done(result) => {
+                    work.state = State::Done;
+                    work.result = result;
+                }
+                Settlement::Failed(error) => {
+                    work.state = State::Error;
+                    work.response = Some(error);
+                }
+                Settlement::Retry { error, after } => {
+                    work.last_error = Some(error);
+                    work.lease = Some(Lease {
+                        owner: "backoff".into(),
+                        until: add(bson::DateTime::now(), after),
+                    });
+                }
+            }
+            if finished {
+                work.lease = None;
+                work.response_ts = Some(now_nanos());
+                log.dequeue(id);
+            }
+            finished
+        };
+        if finished {
+            self.shared.outcomes.send_modify(|n| *n += 1);
+        }
+        Ok(true)
+    }
+
+    async fn bury(&self, id: &str, owner: &str, reason: &str) -> Result<bool> {
+        let document = {
+            let mut guard = write(&self.shared.log);
+            let log = &mut *guard;
+            let Some(work) = log.work.get_mut(id) else {
+                return Ok(false);
+            };
+            if work.state != State::Pending || !work.lease.as_ref().is_some_and(|l| l.owner == owner) {
+                return Ok(false);
+            }
+            work.state = State::Error;
+            work.lease = None;
+            work.response = Some(doc! { "error": reason, "dead": true });
+            work.response_ts = Some(now_nanos());
+            let document = bson::to_document(&work.current()).map_err(crate::error::PayloadError::from)?;
+            log.dequeue(id);
+            document
+        };
+        self.shared.outcomes.send_modify(|n| *n += 1);
+        self.dead_letter(document, reason.to_string()).await?;
+        Ok(true)
+    }
+
+    async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut outcomes = self.shared.outcomes.subscribe();
+        loop {
+            outcomes.borrow_and_update();
+            {
+                let log = read(&self.shared.log);
+                if let Some(work) = log.work.get(id) {
+                    if work.state != State::Pending {
+                        return Ok(Some(work.current()));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = self.shared.closed.cancelled() => return Err(crate::Error::Shutdown),
+                changed = outcomes.changed() => if changed.is_err() { return Ok(None) },
+            }
+        }
+    }
+
+    async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        Ok(lock(&self.shared.dead).iter().take(limit).cloned().collect())
+    }
+
+    async fn dead_get(&self, id: &str) -> Result<Option<DeadLetter>> {
+        Ok(lock(&self.shared.dead).iter().find(|d| d.id == id).cloned())
+    }
+
+    async fn dead_remove(&self, id: Option<&str>) -> Result<u64> {
+        let mut dead = lock(&self.shared.dead);
+        let before = dead.len();
+        match id {
+            Some(id) => dead.retain(|d| d.id != id),
+            None => dead.clear(),
+        }
+        Ok((before - dead.len()) as u64)
+    }
+
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>> {
+        let now = Instant::now();
+        let mut processed = lock(&self.shared.processed);
+        let key = (consumer.to_string(), id.to_string());
+        match processed.get(&key) {
+            Some((_, expires)) if *expires <= now => {
+                processed.remove(&key);
+                Ok(None)
+            }
+            Some((result, _)) => Ok(Some(result.clone())),
+            None => Ok(None),
+        }
+    }
+
+    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>) -> Result<()> {
+        let now = Instant::now();
+        let mut processed = lock(&self.shared.processed);
+        if processed.len() >= self.shared.options.max_messages {
+            processed.retain(|_, (_, expires)| *expires > now);
+        }
+        let expires = now + self.shared.options.retention;
+        processed.insert((consumer.to_string(), id.to_string()), (result, expires));
         Ok(())
     }
 
@@ -426,9 +686,15 @@ impl MemoryMedium {
     pub fn dead_letters(&self) -> Vec<(Document, String)> {
         lock(&self.shared.dead)
             .iter()
-            .map(|(_, d, r)| (d.clone(), r.clone()))
+            .map(|d| (d.document.clone(), d.reason.clone()))
             .collect()
     }
+}
+
+/// `at` plus `d`, in the medium's clock.
+fn add(at: bson::DateTime, d: Duration) -> bson::DateTime {
+    let millis = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    bson::DateTime::from_millis(at.timestamp_millis().saturating_add(millis))
 }
 
 #[cfg(test)]

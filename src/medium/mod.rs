@@ -11,7 +11,9 @@
 //!   medium's order, then waits for new ones. If messages the follower needed are gone
 //!   (retention), it yields [`Event::Lost`] first, then continues with the oldest one
 //!   retained. It never skips silently.
-//! - Small keyed stores: the catalog and subscription checkpoints.
+//! - Small keyed stores: the catalog, subscription checkpoints, idempotency records.
+//! - Work (`delivery: one`): an atomic claim with a lease, renewal, settlement in place,
+//!   burial in the dead letters; and waiting for a request's outcome.
 //!
 //! One module per medium: [`memory`] now; `mongo` and `mqtt` plug in here.
 
@@ -20,6 +22,7 @@ pub mod mongo;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bson::{Document, Timestamp};
@@ -61,6 +64,64 @@ pub type EventStream = BoxStream<'static, Result<Event>>;
 /// The sender catalog: service name → the actions it declares.
 pub type CatalogMap = BTreeMap<String, BTreeSet<String>>;
 
+/// What a worker asks the medium for: the next work for a service.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClaimRequest {
+    /// The service whose work is claimed (`serviceNameDest`).
+    pub service: String,
+    /// Only these actions.
+    pub actions: Vec<String>,
+    /// The claiming instance, written into the lease.
+    pub owner: String,
+    /// How long the lease lasts unless renewed.
+    pub lease: Duration,
+}
+
+impl ClaimRequest {
+    /// A claim for `service`'s `actions` by `owner` with a lease of `lease`.
+    pub fn new(service: impl Into<String>, actions: Vec<String>, owner: impl Into<String>, lease: Duration) -> Self {
+        ClaimRequest {
+            service: service.into(),
+            actions,
+            owner: owner.into(),
+            lease,
+        }
+    }
+}
+
+/// How claimed work ends.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Settlement {
+    /// Done: `state: done`, the result in `result`.
+    Done(Option<Document>),
+    /// Failed for good: `state: error`, the error in `response`.
+    Failed(Document),
+    /// Failed, to be tried again after a pause: `state` stays `pending`, the lease
+    /// becomes a back-off marker (`owner: "backoff"`) until then, `lastError` is set.
+    Retry {
+        /// The error of this attempt.
+        error: String,
+        /// The pause before the next claim.
+        after: Duration,
+    },
+}
+
+/// A message that could not be delivered, as kept in the dead letters.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The id of the original message.
+    pub id: String,
+    /// The original document.
+    pub document: Document,
+    /// Why it is here.
+    pub reason: String,
+    /// When it was dead-lettered (medium clock).
+    pub at: Option<bson::DateTime>,
+}
+
 /// What every medium provides. See the module docs for the promises.
 #[async_trait]
 pub trait Medium: Send + Sync + 'static {
@@ -97,6 +158,43 @@ pub trait Medium: Send + Sync + 'static {
     /// an action the catalog does not declare), with the reason, in the dead letters
     /// (the `dead` collection on MongoDB). Writing the same document twice keeps one.
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()>;
+
+    /// Claims the next available work of a service, atomically: `delivery: one`,
+    /// `state: pending`, an action in the list, no live lease; highest `priority` first,
+    /// then oldest `ts`. The claim sets the lease and counts the attempt; the message is
+    /// returned as claimed.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>>;
+
+    /// Extends a lease the owner still holds. False when it lost the lease.
+    async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool>;
+
+    /// Ends claimed work. With an owner, only while that owner holds the lease; with
+    /// `None`, only while the work is still pending (a caller's time-out). False when the
+    /// condition did not hold and nothing changed.
+    async fn settle(&self, id: &str, owner: Option<&str>, settlement: Settlement) -> Result<bool>;
+
+    /// Moves work that used up its attempts to the dead letters, and marks it
+    /// `state: error` where it is. False when the owner no longer holds it.
+    async fn bury(&self, id: &str, owner: &str, reason: &str) -> Result<bool>;
+
+    /// Waits until a request is settled (`state` done or error) and returns it as
+    /// stored; `None` when `timeout` passes first.
+    async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>>;
+
+    /// The dead letters, oldest first, at most `limit`.
+    async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>>;
+
+    /// One dead letter.
+    async fn dead_get(&self, id: &str) -> Result<Option<DeadLetter>>;
+
+    /// Removes dead letters: one id, or all of them with `None`. Returns how many.
+    async fn dead_remove(&self, id: Option<&str>) -> Result<u64>;
+
+    /// Whether `consumer` already processed message `id`; `Some(result)` if it did.
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>>;
+
+    /// Records that `consumer` processed message `id`, with an optional result.
+    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>) -> Result<()>;
 
     /// Ends every follower's stream and releases the medium's resources.
     async fn close(&self);

@@ -138,7 +138,11 @@ pub(crate) fn filter_query(filter: &Filter, prefix: &str) -> Document {
             None => doc! { f("instanceDest"): { "$in": [] } },
         };
         and.push(doc! { "$or": [ { f("instanceDest"): { "$exists": false } }, own_instance ] });
-        query.insert(f("delivery"), doc! { "$ne": "one" });
+        if filter.work {
+            query.insert(f("delivery"), "one");
+        } else {
+            query.insert(f("delivery"), doc! { "$ne": "one" });
+        }
     }
     if let Some(instance) = &filter.exclude_instance {
         query.insert(f("instanceSource"), doc! { "$ne": instance });

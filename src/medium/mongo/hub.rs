@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bson::{doc, Document, Timestamp};
-use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::change_stream::ChangeStream;
 use tokio::sync::watch;
 
@@ -103,11 +103,16 @@ impl Hub {
     }
 }
 
-/// The hub's stream: inserts only. (A `$match` on `operationType` is rewritten into
-/// the oplog scan since 5.1; subscriber filters are applied in memory, since one stream
-/// serves every subscriber of the process.)
+/// The hub's stream: inserts, and updates that settle a request. (A `$match` on
+/// `operationType` and `updateDescription` is rewritten into the oplog scan since 5.1;
+/// subscriber filters are applied in memory, since one stream serves every subscriber
+/// of the process.)
 pub(crate) fn hub_pipeline() -> Vec<Document> {
-    vec![doc! { "$match": { "operationType": "insert" } }]
+    vec![doc! { "$match": { "$or": [
+        { "operationType": "insert" },
+        // A request settled in place: wakes the caller waiting for it.
+        { "operationType": "update", "updateDescription.updatedFields.state": { "$exists": true } },
+    ] } }]
 }
 
 pub(crate) async fn open(
@@ -166,7 +171,13 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
         match next {
             Ok(Some(event)) => {
                 token = stream.resume_token().or(Some(event.id.clone()));
-                hub.push(to_item(&inner, event));
+                if event.operation_type == OperationType::Update {
+                    if let Some(Ok(id)) = event.document_key.as_ref().map(|k| k.get_str("_id")) {
+                        inner.waiters.wake(id);
+                    }
+                } else {
+                    hub.push(to_item(&inner, event));
+                }
             }
             // An empty batch: keep the post-batch resume token (quiet collection).
             Ok(None) => token = stream.resume_token().or(token),

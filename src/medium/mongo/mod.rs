@@ -25,6 +25,7 @@ pub(crate) mod errors;
 mod follower;
 mod hub;
 mod setup;
+mod work;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,7 +39,7 @@ use mongodb::{Client, Collection, Database};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::{Appended, CatalogMap, EventStream, Medium};
+use super::{Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, Settlement};
 use crate::config::{Config, DbConfig, Retention};
 use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
@@ -78,7 +79,9 @@ pub(crate) struct Inner {
     pub(crate) stream_messages: Collection<Document>,
     catalog: Collection<Document>,
     checkpoints: Collection<Document>,
-    dead: Collection<Document>,
+    pub(crate) dead: Collection<Document>,
+    pub(crate) processed: Collection<Document>,
+    pub(crate) waiters: work::Waiters,
     pub(crate) db_config: DbConfig,
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
@@ -195,6 +198,8 @@ impl MongoMedium {
             catalog: db.collection(&db_config.config),
             checkpoints: db.collection(&db_config.checkpoints),
             dead: db.collection(&db_config.dead),
+            processed: db.collection(&db_config.processed),
+            waiters: work::Waiters::default(),
             db,
             db_config,
             timeout_ms: config.timeout_ms,
@@ -462,6 +467,48 @@ impl Medium for MongoMedium {
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
         self.inner.dead_letter(document, reason).await;
         Ok(())
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {
+        work::claim(&self.inner, request).await
+    }
+
+    async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+        work::renew(&self.inner, id, owner, lease).await
+    }
+
+    async fn settle(&self, id: &str, owner: Option<&str>, settlement: Settlement) -> Result<bool> {
+        work::settle(&self.inner, id, owner, settlement).await
+    }
+
+    async fn bury(&self, id: &str, owner: &str, reason: &str) -> Result<bool> {
+        work::bury(&self.inner, id, owner, reason).await
+    }
+
+    async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
+        // The shared stream carries the update events that wake the waiter.
+        self.hub().await?;
+        work::await_outcome(&self.inner, id, timeout).await
+    }
+
+    async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        work::dead_list(&self.inner, limit).await
+    }
+
+    async fn dead_get(&self, id: &str) -> Result<Option<DeadLetter>> {
+        work::dead_get(&self.inner, id).await
+    }
+
+    async fn dead_remove(&self, id: Option<&str>) -> Result<u64> {
+        work::dead_remove(&self.inner, id).await
+    }
+
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>> {
+        work::processed_get(&self.inner, consumer, id).await
+    }
+
+    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>) -> Result<()> {
+        work::processed_put(&self.inner, consumer, id, result).await
     }
 
     async fn close(&self) {

@@ -41,6 +41,9 @@ pub fn message_validator() -> Document {
                 "queryId": { "bsonType": "string" },
                 "state": { "enum": ["pending", "done", "error"] },
                 "query_ts": { "bsonType": ["long", "int"] },
+                "priority": { "bsonType": "int" },
+                "attempts": { "bsonType": "int" },
+                "lease": { "bsonType": "object", "required": ["owner", "until"] },
             }
         }
     }
@@ -95,7 +98,15 @@ pub(crate) async fn ensure(inner: &Inner) -> Result<()> {
         }
     }
 
-    let mut indexes = vec![doc! { "key": { "ts": 1 }, "name": "ts_1" }];
+    let mut indexes = vec![
+        doc! { "key": { "ts": 1 }, "name": "ts_1" },
+        // The claim: a service's pending work, highest priority first, then oldest.
+        doc! {
+            "key": { "serviceNameDest": 1, "state": 1, "priority": -1, "ts": 1 },
+            "name": "work_claim",
+            "partialFilterExpression": { "delivery": "one" },
+        },
+    ];
     if inner.db_config.retention == Retention::Ttl {
         indexes.push(doc! { "key": { "at": 1 }, "name": "at_ttl", "expireAfterSeconds": ttl_seconds(inner.timeout_ms) });
     }

@@ -1,0 +1,252 @@
+//! Work (`delivery: one`), request outcomes, dead letters and idempotency records on
+//! MongoDB.
+//!
+//! Rules relied on:
+//! - `findAndModify` with a sort is atomic for the one document it picks: two workers
+//!   never claim the same work (the standard way to claim with a lease).
+//! - Lease times come from the server's clock (`$$NOW` in an update pipeline, 4.2+),
+//!   never the client's, so skewed workers agree on when a lease ends
+//!   (Hangfire.Mongo #356).
+//! - Settling uses classic update operators: in a pipeline `$set`, a string value
+//!   starting with `$` would be read as a field path.
+//! - A claim counts the attempt, so a worker that crashes holding a lease still uses one
+//!   up; the lease expires and another worker claims the work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::options::ReturnDocument;
+use tokio::sync::Notify;
+
+use super::errors::to_error;
+use super::{decode_message, Inner};
+use crate::error::Result;
+use crate::medium::{ClaimRequest, DeadLetter, Settlement};
+use crate::message::{now_nanos, Message};
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn decode_claimed(document: Document) -> Result<Message> {
+    decode_message(&document).map_err(|reason| crate::Error::Medium {
+        medium: "db",
+        reason: format!("claimed work is not a readable message: {reason}"),
+    })
+}
+
+pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Option<Message>> {
+    let filter = doc! {
+        "serviceNameDest": &request.service,
+        "delivery": "one",
+        "state": "pending",
+        "action": { "$in": &request.actions },
+        "$or": [
+            { "lease": Bson::Null },
+            { "$expr": { "$lte": ["$lease.until", "$$NOW"] } },
+        ],
+    };
+    let update = vec![doc! { "$set": {
+        "lease": { "owner": &request.owner, "until": { "$add": ["$$NOW", millis(request.lease)] } },
+        "attempts": { "$add": [{ "$ifNull": ["$attempts", 0] }, 1] },
+    } }];
+    let claimed = inner
+        .messages
+        .find_one_and_update(filter, update)
+        .sort(doc! { "priority": -1, "ts": 1 })
+        .return_document(ReturnDocument::After)
+        .await
+        .map_err(to_error)?;
+    claimed.map(decode_claimed).transpose()
+}
+
+pub(crate) async fn renew(inner: &Inner, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+    let updated = inner
+        .messages
+        .update_one(
+            doc! { "_id": id, "state": "pending", "lease.owner": owner },
+            vec![doc! { "$set": { "lease.until": { "$add": ["$$NOW", millis(lease)] } } }],
+        )
+        .await
+        .map_err(to_error)?;
+    Ok(updated.matched_count == 1)
+}
+
+pub(crate) async fn settle(inner: &Inner, id: &str, owner: Option<&str>, settlement: Settlement) -> Result<bool> {
+    let mut filter = doc! { "_id": id, "state": "pending" };
+    if let Some(owner) = owner {
+        filter.insert("lease.owner", owner);
+    }
+    let result = match settlement {
+        Settlement::Done(result) => {
+            let mut set = doc! { "state": "done", "response_ts": now_nanos() };
+            if let Some(result) = result {
+                set.insert("result", result);
+            }
+            inner.messages.update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } }).await
+        }
+        Settlement::Failed(error) => {
+            let set = doc! { "state": "error", "response": error, "response_ts": now_nanos() };
+            inner.messages.update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } }).await
+        }
+        Settlement::Retry { error, after } => {
+            let update = vec![doc! { "$set": {
+                "lastError": { "$literal": error },
+                "lease": { "owner": "backoff", "until": { "$add": ["$$NOW", millis(after)] } },
+            } }];
+            inner.messages.update_one(filter, update).await
+        }
+    };
+    Ok(result.map_err(to_error)?.matched_count == 1)
+}
+
+pub(crate) async fn bury(inner: &Inner, id: &str, owner: &str, reason: &str) -> Result<bool> {
+    let buried = inner
+        .messages
+        .find_one_and_update(
+            doc! { "_id": id, "state": "pending", "lease.owner": owner },
+            doc! {
+                "$set": { "state": "error", "response": { "error": reason, "dead": true }, "response_ts": now_nanos() },
+                "$unset": { "lease": "" },
+            },
+        )
+        .return_document(ReturnDocument::After)
+        .await
+        .map_err(to_error)?;
+    match buried {
+        Some(document) => {
+            inner.dead_letter(document, reason.to_string()).await;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Outcome waiters of this process, woken by `update` events of the shared stream.
+#[derive(Default)]
+pub(crate) struct Waiters {
+    by_id: std::sync::Mutex<std::collections::HashMap<String, Arc<Notify>>>,
+}
+
+impl Waiters {
+    fn register(&self, id: &str) -> Arc<Notify> {
+        let mut map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(id.to_string()).or_default())
+    }
+
+    fn unregister(&self, id: &str) {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    pub(crate) fn wake(&self, id: &str) {
+        if let Some(notify) = self.by_id.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// How often a waiting caller re-reads the request even without an event (covers poll
+/// mode and an event missed while the stream was being resumed).
+const OUTCOME_RECHECK: Duration = Duration::from_millis(1000);
+
+pub(crate) async fn await_outcome(inner: &Inner, id: &str, timeout: Duration) -> Result<Option<Message>> {
+    let notify = inner.waiters.register(id);
+    let outcome = wait(inner, id, timeout, &notify).await;
+    inner.waiters.unregister(id);
+    outcome
+}
+
+async fn wait(inner: &Inner, id: &str, timeout: Duration, notify: &Notify) -> Result<Option<Message>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // Listen before reading, so an update between the read and the wait wakes us.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(document) = inner.messages.find_one(doc! { "_id": id }).await.map_err(to_error)? {
+            if document.get_str("state").is_ok_and(|s| s != "pending") {
+                return decode_message(&document).map(Some).map_err(|reason| crate::Error::Medium {
+                    medium: "db",
+                    reason: format!("request {id} is unreadable: {reason}"),
+                });
+            }
+        }
+        let recheck = tokio::time::Instant::now() + OUTCOME_RECHECK;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            _ = inner.closed.cancelled() => return Err(crate::Error::Shutdown),
+            _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
+            _ = &mut notified => {}
+        }
+    }
+}
+
+fn dead_letter_from(document: Document) -> DeadLetter {
+    DeadLetter {
+        id: match document.get("_id") {
+            Some(Bson::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        },
+        reason: document.get_str("reason").unwrap_or_default().to_string(),
+        at: document.get_datetime("at").ok().copied(),
+        document: document.get_document("document").cloned().unwrap_or_default(),
+    }
+}
+
+pub(crate) async fn dead_list(inner: &Inner, limit: usize) -> Result<Vec<DeadLetter>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let found: Vec<Document> = inner
+        .dead
+        .find(doc! {})
+        .sort(doc! { "at": 1 })
+        .limit(limit)
+        .await
+        .map_err(to_error)?
+        .try_collect()
+        .await
+        .map_err(to_error)?;
+    Ok(found.into_iter().map(dead_letter_from).collect())
+}
+
+pub(crate) async fn dead_get(inner: &Inner, id: &str) -> Result<Option<DeadLetter>> {
+    let found = inner.dead.find_one(doc! { "_id": id }).await.map_err(to_error)?;
+    Ok(found.map(dead_letter_from))
+}
+
+pub(crate) async fn dead_remove(inner: &Inner, id: Option<&str>) -> Result<u64> {
+    let removed = match id {
+        Some(id) => inner.dead.delete_one(doc! { "_id": id }).await,
+        None => inner.dead.delete_many(doc! {}).await,
+    };
+    Ok(removed.map_err(to_error)?.deleted_count)
+}
+
+pub(crate) async fn processed_get(inner: &Inner, consumer: &str, id: &str) -> Result<Option<Option<Document>>> {
+    let found = inner
+        .processed
+        .find_one(doc! { "consumer": consumer, "messageId": id })
+        .await
+        .map_err(to_error)?;
+    Ok(found.map(|d| d.get_document("result").ok().cloned()))
+}
+
+pub(crate) async fn processed_put(inner: &Inner, consumer: &str, id: &str, result: Option<Document>) -> Result<()> {
+    let mut set = doc! {};
+    if let Some(result) = result {
+        set.insert("result", result);
+    }
+    let mut update = doc! { "$currentDate": { "at": true } };
+    if !set.is_empty() {
+        update.insert("$set", set);
+    }
+    inner
+        .processed
+        .update_one(doc! { "consumer": consumer, "messageId": id }, update)
+        .upsert(true)
+        .await
+        .map_err(to_error)?;
+    Ok(())
+}
