@@ -19,6 +19,7 @@ use crate::medium::memory::MemoryMedium;
 use crate::medium::mongo::MongoMedium;
 use crate::medium::Medium;
 use crate::message::{check_name, Message};
+use crate::work::LocalRoutes;
 
 /// A handle on the bus. Cheap to clone (an `Arc` inside), `Send + Sync`.
 ///
@@ -47,13 +48,15 @@ pub struct Intracom {
     instance: Arc<str>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     config: Config,
     medium: Arc<dyn Medium>,
     catalog: Catalog,
     shutdown: CancellationToken,
     /// Whether shutting the bus down closes the medium (it does when `connect` made it).
     owns_medium: bool,
+    /// Handlers served in this process (seed 001's local route).
+    pub(crate) routes: LocalRoutes,
 }
 
 /// What became of a published message.
@@ -117,6 +120,7 @@ impl Intracom {
                 catalog,
                 shutdown: CancellationToken::new(),
                 owns_medium,
+                routes: LocalRoutes::default(),
             }),
         })
     }
@@ -179,34 +183,48 @@ impl Intracom {
     /// Publishes several messages in one call to the medium, in order. Every message is
     /// checked first: if one fails, none is written.
     pub async fn publish_all(&self, messages: Vec<Message>) -> Result<Vec<Published>> {
+        let mut ready = Vec::with_capacity(messages.len());
+        for message in messages {
+            ready.push(self.prepare(message).await?);
+        }
+        self.append_prepared(ready).await
+    }
+
+    /// Fills in the sender and checks a message for publishing: shape, catalog, size.
+    pub(crate) async fn prepare(&self, mut message: Message) -> Result<Message> {
         if self.shared.shutdown.is_cancelled() {
             return Err(Error::Shutdown);
         }
-        let medium = &self.shared.medium;
-        let limit = medium
+        if message.source_service.is_empty() {
+            message.source_service = self.service.to_string();
+        }
+        message.source_instance = self.instance.to_string();
+        // Written by the medium only.
+        message.ts = None;
+        message.at = None;
+        message.lease = None;
+        message.attempts = 0;
+        message.validate()?;
+        self.shared.catalog.check(&message).await?;
+        let limit = self
+            .shared
+            .medium
             .max_message_bytes()
             .min(self.shared.config.max_message_bytes);
-        let mut ready = Vec::with_capacity(messages.len());
-        for mut message in messages {
-            if message.source_service.is_empty() {
-                message.source_service = self.service.to_string();
-            }
-            message.source_instance = self.instance.to_string();
-            message.ts = None;
-            message.at = None;
-            message.validate()?;
-            self.shared.catalog.check(&message).await?;
-            let size = message.encoded_len()?;
-            if size > limit {
-                return Err(Error::TooLarge {
-                    id: message.id,
-                    size,
-                    limit,
-                });
-            }
-            ready.push(message);
+        let size = message.encoded_len()?;
+        if size > limit {
+            return Err(Error::TooLarge {
+                id: message.id,
+                size,
+                limit,
+            });
         }
-        let appended = medium.append(ready).await?;
+        Ok(message)
+    }
+
+    /// Hands checked messages to the medium.
+    pub(crate) async fn append_prepared(&self, messages: Vec<Message>) -> Result<Vec<Published>> {
+        let appended = self.shared.medium.append(messages).await?;
         Ok(appended
             .into_iter()
             .map(|a| {
@@ -274,6 +292,14 @@ impl Intracom {
             self.shared.medium.close().await;
         }
         tracing::info!(service = %self.service, instance = %self.instance, "intracom shut down");
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
     }
 
     /// Whether [`Intracom::shutdown`] was called.

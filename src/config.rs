@@ -16,6 +16,8 @@
 //! | `common.intracom.service` | `intracom` | this process's service name |
 //! | `common.intracom.instance` | `<host>-<pid>-<n>` | this instance's id |
 //! | `common.intracom.max_message_bytes` | `16777216` | largest encoded message |
+//! | `common.intracom.request_timeout_ms` | `30000` | default time-out of a request |
+//! | `common.intracom.work.<action>.lease_ms` / `.backoff_ms` / `.max_attempts` | `30000` / `1000` / `5` | work-queue options of one action |
 //! | `common.intracom.memory.max_messages` | `100000` | memory medium: messages kept at most |
 //! | `common.intracom.db.uri` | `mongodb://localhost:27017` | MongoDB connection string (TLS, auth, replica set: all in the URI) |
 //! | `common.intracom.db.database` | `intracom` | database name |
@@ -42,6 +44,7 @@ use crate::message::MAX_NAME_LEN;
 
 const PREFIX: &str = "common.intracom.";
 const ACTIONS_PREFIX: &str = "common.intracom.actions.";
+const WORK_PREFIX: &str = "common.intracom.work.";
 const ENV_PREFIX: &str = "COMMON_INTRACOM_";
 const ENV_ACTIONS_PREFIX: &str = "COMMON_INTRACOM_ACTIONS_";
 /// Environment variable naming the properties file read by [`Config::from_env`].
@@ -110,6 +113,11 @@ pub struct Config {
     pub memory_max_messages: usize,
     /// MongoDB medium settings (`common.intracom.db.*`).
     pub db: DbConfig,
+    /// Default time-out of a request, in ms (default 30 000).
+    pub request_timeout_ms: u64,
+    /// Work options by action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`,
+    /// `.max_attempts`); actions not listed use the options the worker is given.
+    pub work: BTreeMap<String, crate::work::WorkOptions>,
 }
 
 /// How the MongoDB medium retains messages (`common.intracom.db.retention`).
@@ -185,6 +193,8 @@ impl Default for Config {
             max_message_bytes: 16 * 1024 * 1024,
             memory_max_messages: 100_000,
             db: DbConfig::default(),
+            request_timeout_ms: 30_000,
+            work: BTreeMap::new(),
         }
     }
 }
@@ -273,6 +283,35 @@ impl Config {
         if !key.starts_with(PREFIX) {
             return Ok(());
         }
+        if let Some(rest) = key.strip_prefix(WORK_PREFIX) {
+            // The action may contain dots: the option is the last segment.
+            let Some((action, option)) = rest.rsplit_once('.') else {
+                return Err(Error::config(
+                    key,
+                    value,
+                    "expected common.intracom.work.<action>.<option>",
+                ));
+            };
+            check_config_name(key, action)?;
+            let options = self.work.entry(action.to_string()).or_default();
+            let n = parse_positive(key, value)?;
+            match option {
+                "lease_ms" => options.lease = std::time::Duration::from_millis(n),
+                "backoff_ms" => options.backoff = std::time::Duration::from_millis(n),
+                "max_attempts" => {
+                    options.max_attempts =
+                        i32::try_from(n).map_err(|e| Error::config(key, value, e))?;
+                }
+                _ => {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "unknown work option (lease_ms, backoff_ms, max_attempts)",
+                    ))
+                }
+            }
+            return Ok(());
+        }
         if let Some(service) = key.strip_prefix(ACTIONS_PREFIX) {
             check_config_name(key, service)?;
             let actions = split_list(key, value)?;
@@ -297,6 +336,7 @@ impl Config {
                 check_config_name(key, value)?;
                 self.instance = Some(value.to_string());
             }
+            "request_timeout_ms" => self.request_timeout_ms = parse_positive(key, value)?,
             "max_message_bytes" => {
                 self.max_message_bytes = usize::try_from(parse_positive(key, value)?)
                     .map_err(|e| Error::config(key, value, e))?;
@@ -510,7 +550,21 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         return Some(format!("{ACTIONS_PREFIX}{service}"));
     }
     let suffix = name.strip_prefix(ENV_PREFIX)?;
-    const KEYS: [&str; 19] = [
+    if let Some(rest) = name.strip_prefix("COMMON_INTRACOM_WORK_") {
+        // COMMON_INTRACOM_WORK_<ACTION>_<OPTION>: the action is lower-cased with `_` read
+        // as `.` (`INVOICE_RENDER` → `invoice.render`); the dotted key spells any action.
+        for option in ["lease_ms", "backoff_ms", "max_attempts"] {
+            let suffix = format!("_{}", option.to_ascii_uppercase());
+            if let Some(action) = rest.strip_suffix(&suffix) {
+                return Some(format!(
+                    "{WORK_PREFIX}{}.{option}",
+                    action.to_ascii_lowercase().replace('_', ".")
+                ));
+            }
+        }
+        return Some(format!("{WORK_PREFIX}{}", rest.to_ascii_lowercase()));
+    }
+    const KEYS: [&str; 20] = [
         "medium",
         "timeout_ms",
         "senders.list",
@@ -530,6 +584,7 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         "db.poll_interval_ms",
         "db.safety_window_ms",
         "db.stream_buffer",
+        "request_timeout_ms",
     ];
     match KEYS.iter().find(|k| env_form(k) == suffix) {
         Some(k) => Some(format!("{PREFIX}{k}")),
@@ -737,6 +792,26 @@ mod tests {
                 ("c".into(), "x,y".into())
             ]
         );
+    }
+
+    #[test]
+    fn work_options_per_action() {
+        let c = Config::from_sources(
+            Some("common.intracom.work.invoice.render.lease_ms=5000\ncommon.intracom.work.invoice.render.max_attempts=3"),
+            env(&[("COMMON_INTRACOM_WORK_MAIL_SEND_BACKOFF_MS", "250")]),
+        )
+        .unwrap();
+        let render = &c.work["invoice.render"];
+        assert_eq!(render.lease, std::time::Duration::from_millis(5000));
+        assert_eq!(render.max_attempts, 3);
+        assert_eq!(
+            c.work["mail.send"].backoff,
+            std::time::Duration::from_millis(250)
+        );
+        let e = Config::from_properties("common.intracom.work.x.speed=1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("common.intracom.work.x.speed"), "{e}");
     }
 
     #[test]

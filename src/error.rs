@@ -119,6 +119,31 @@ pub enum Error {
         what: String,
     },
 
+    /// No answer to a request within its time-out. The request is marked
+    /// `state: error` ("timed out") so no worker answers it late; sending it again is a
+    /// new request.
+    #[error("no answer from `{service}` to `{action}` within {after:?}")]
+    Timeout {
+        /// The target service.
+        service: String,
+        /// The action.
+        action: String,
+        /// The time-out that passed.
+        after: std::time::Duration,
+    },
+
+    /// The handler of a request failed; its message is here. Retrying sends the same
+    /// query again, which fails the same way unless the cause was transient.
+    #[error("`{service}` failed `{action}`: {message}")]
+    Remote {
+        /// The target service.
+        service: String,
+        /// The action.
+        action: String,
+        /// The handler's error.
+        message: String,
+    },
+
     /// The bus was shut down; the operation was not carried out.
     #[error("the bus is shut down")]
     Shutdown,

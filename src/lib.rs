@@ -39,19 +39,23 @@
 mod bus;
 pub mod catalog;
 pub mod config;
+pub mod dead;
 pub mod delivery;
 pub mod error;
 pub mod filter;
 pub mod medium;
 pub mod message;
+pub mod work;
 
 pub use bson;
 
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
 pub use config::{Config, ConfigBuilder, DbConfig, MediumKind, Retention};
+pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};
 pub use error::{Error, PayloadError, Result};
 pub use filter::{Filter, Position, StartFrom};
-pub use medium::Medium;
-pub use message::{DeliveryMode, Message, MessageType, State};
+pub use medium::{DeadLetter, Medium};
+pub use message::{DeliveryMode, Lease, Message, MessageType, State};
+pub use work::{Request, WorkOptions, Worker};

@@ -96,7 +96,7 @@ struct Shared {
     /// Dead letters, oldest first; at most `max_messages` are kept.
     dead: Mutex<VecDeque<DeadLetter>>,
     /// Idempotency records: (consumer, message id) → (result, expiry).
-    processed: Mutex<HashMap<(String, String), (Option<Document>, Instant)>>,
+    processed: Mutex<HashMap<(String, String), Processed>>,
     /// Bumped whenever work is settled; request callers wait on it.
     outcomes: watch::Sender<u64>,
 }
@@ -122,6 +122,9 @@ struct Log {
 }
 
 type WorkKey = (Reverse<i32>, u64, String);
+
+/// An idempotency record: the result kept, and when the record expires.
+type Processed = (Option<Document>, Instant);
 
 /// The mutable part of a work message (the stored message itself never changes).
 struct Work {
@@ -150,8 +153,17 @@ impl Work {
         m
     }
 
+    /// Whether `owner` holds the lease of this work.
+    fn held_by(&self, owner: &str) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.owner == owner)
+    }
+
     fn key(&self) -> WorkKey {
-        (Reverse(self.message.priority), self.seq, self.message.id.clone())
+        (
+            Reverse(self.message.priority),
+            self.seq,
+            self.message.id.clone(),
+        )
     }
 }
 
@@ -407,7 +419,10 @@ impl Medium for MemoryMedium {
                         response_ts: message.response_ts,
                     };
                     if let (State::Pending, Some(service)) = (state, &message.dest_service) {
-                        log.queues.entry(service.clone()).or_default().insert(work.key());
+                        log.queues
+                            .entry(service.clone())
+                            .or_default()
+                            .insert(work.key());
                     }
                     log.work.insert(message.id.clone(), work);
                 }
@@ -533,10 +548,7 @@ impl Medium for MemoryMedium {
     async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
         let mut log = write(&self.shared.log);
         match log.work.get_mut(id) {
-            Some(work)
-                if work.state == State::Pending
-                    && work.lease.as_ref().is_some_and(|l| l.owner == owner) =>
-            {
+            Some(work) if work.state == State::Pending && work.held_by(owner) => {
                 work.lease = Some(Lease {
                     owner: owner.to_string(),
                     until: add(bson::DateTime::now(), lease),
@@ -554,7 +566,7 @@ impl Medium for MemoryMedium {
             let Some(work) = log.work.get_mut(id) else {
                 return Ok(false);
             };
-            let holds = owner.is_none_or(|o| work.lease.as_ref().is_some_and(|l| l.owner == o));
+            let holds = owner.is_none_or(|o| work.held_by(o));
             if work.state != State::Pending || !holds {
                 return Ok(false);
             }
@@ -596,14 +608,15 @@ impl Medium for MemoryMedium {
             let Some(work) = log.work.get_mut(id) else {
                 return Ok(false);
             };
-            if work.state != State::Pending || !work.lease.as_ref().is_some_and(|l| l.owner == owner) {
+            if work.state != State::Pending || !work.held_by(owner) {
                 return Ok(false);
             }
             work.state = State::Error;
             work.lease = None;
             work.response = Some(doc! { "error": reason, "dead": true });
             work.response_ts = Some(now_nanos());
-            let document = bson::to_document(&work.current()).map_err(crate::error::PayloadError::from)?;
+            let document =
+                bson::to_document(&work.current()).map_err(crate::error::PayloadError::from)?;
             log.dequeue(id);
             document
         };
@@ -634,7 +647,11 @@ impl Medium for MemoryMedium {
     }
 
     async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        Ok(lock(&self.shared.dead).iter().take(limit).cloned().collect())
+        Ok(lock(&self.shared.dead)
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn dead_get(&self, id: &str) -> Result<Option<DeadLetter>> {
@@ -665,7 +682,12 @@ impl Medium for MemoryMedium {
         }
     }
 
-    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>) -> Result<()> {
+    async fn processed_put(
+        &self,
+        consumer: &str,
+        id: &str,
+        result: Option<Document>,
+    ) -> Result<()> {
         let now = Instant::now();
         let mut processed = lock(&self.shared.processed);
         if processed.len() >= self.shared.options.max_messages {

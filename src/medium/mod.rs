@@ -80,7 +80,12 @@ pub struct ClaimRequest {
 
 impl ClaimRequest {
     /// A claim for `service`'s `actions` by `owner` with a lease of `lease`.
-    pub fn new(service: impl Into<String>, actions: Vec<String>, owner: impl Into<String>, lease: Duration) -> Self {
+    pub fn new(
+        service: impl Into<String>,
+        actions: Vec<String>,
+        owner: impl Into<String>,
+        lease: Duration,
+    ) -> Self {
         ClaimRequest {
             service: service.into(),
             actions,
@@ -194,7 +199,8 @@ pub trait Medium: Send + Sync + 'static {
     async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>>;
 
     /// Records that `consumer` processed message `id`, with an optional result.
-    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>) -> Result<()>;
+    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>)
+        -> Result<()>;
 
     /// Ends every follower's stream and releases the medium's resources.
     async fn close(&self);

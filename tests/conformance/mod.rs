@@ -48,11 +48,51 @@ pub fn config(service: &str, instance: &str, retention_ms: u64) -> Config {
         .service(service)
         .instance(instance)
         .timeout_ms(retention_ms)
-        .sender("billing", ["reload", "invoice.created", "marker"])
+        .sender(
+            "billing",
+            [
+                "reload",
+                "invoice.created",
+                "marker",
+                "invoice.get",
+                "invoice.render",
+            ],
+        )
         .sender("users", ["user.deleted", "reload", "marker"])
         .sender("audit", ["marker"])
         .build()
         .expect("test config is valid")
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq, Clone)]
+pub struct InvoiceQuery {
+    pub invoice: i64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq, Clone)]
+pub struct Invoice {
+    pub invoice: i64,
+    pub total: f64,
+    pub served_by: String,
+}
+
+/// Work options short enough for tests.
+pub fn quick() -> intracom::WorkOptions {
+    intracom::WorkOptions::default()
+        .lease(Duration::from_millis(600))
+        .backoff(Duration::from_millis(20))
+        .poll(Duration::from_millis(50))
+}
+
+/// The request document (delivery: one) as settled in the medium, seen by a monitor.
+async fn settled_request(bus: &Intracom, watch: &mut Subscriber) -> intracom::Message {
+    loop {
+        let d = next(watch).await;
+        if d.delivery == intracom::DeliveryMode::One {
+            let settled = bus.medium().await_outcome(&d.id, HANG_GUARD).await.unwrap();
+            return settled.expect("settled");
+        }
+    }
 }
 
 pub async fn bus(world: &dyn World, service: &str, instance: &str) -> Intracom {
@@ -615,6 +655,344 @@ pub async fn undeclared_messages_are_dead_lettered_not_delivered(h: &dyn Harness
     expect_marker_next(&b1, &mut [&mut sub]).await;
 }
 
+pub async fn request_reply_returns_the_typed_answer(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let server = bus(&*w, "billing", "billing-1").await;
+    let client = bus(&*w, "users", "users-1").await;
+    let mut watch = client.subscribe(Subscription::monitor()).await.unwrap();
+    let _worker = server
+        .serve("billing", "invoice.get", |q: InvoiceQuery| async move {
+            Ok::<_, String>(Invoice {
+                invoice: q.invoice,
+                total: 99.5,
+                served_by: "billing-1".into(),
+            })
+        })
+        .unwrap();
+    let answer: Invoice = client
+        .request("billing", "invoice.get", &InvoiceQuery { invoice: 42 })
+        .timeout(HANG_GUARD)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        Invoice {
+            invoice: 42,
+            total: 99.5,
+            served_by: "billing-1".into()
+        }
+    );
+    // The outcome is written into the request document itself.
+    let record = settled_request(&client, &mut watch).await;
+    assert_eq!(record.state, Some(intracom::State::Done));
+    assert_eq!(record.kind, MessageType::Sync);
+    assert_eq!(record.query_id.as_deref(), Some(record.id.as_str()));
+    assert_eq!(
+        record.result.as_ref().unwrap().get_i64("invoice").unwrap(),
+        42
+    );
+    assert!(record.response_ts.is_some() && record.query_ms.is_some());
+    server.shutdown().await;
+}
+
+pub async fn a_handler_error_reaches_the_caller(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let server = bus(&*w, "billing", "billing-1").await;
+    let client = bus(&*w, "users", "users-1").await;
+    let mut watch = client.subscribe(Subscription::monitor()).await.unwrap();
+    let _worker = server
+        .serve("billing", "invoice.get", |q: InvoiceQuery| async move {
+            Err::<Invoice, _>(format!("no invoice {}", q.invoice))
+        })
+        .unwrap();
+    let err = client
+        .request::<_, Invoice>("billing", "invoice.get", &InvoiceQuery { invoice: 7 })
+        .timeout(HANG_GUARD)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Remote { message, .. } if message == "no invoice 7"),
+        "{err}"
+    );
+    let record = settled_request(&client, &mut watch).await;
+    assert_eq!(record.state, Some(intracom::State::Error));
+    assert_eq!(
+        record.response.unwrap().get_str("error").unwrap(),
+        "no invoice 7"
+    );
+    server.shutdown().await;
+}
+
+pub async fn an_unanswered_request_times_out_and_says_so(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let client = bus(&*w, "users", "users-1").await;
+    let mut watch = client.subscribe(Subscription::monitor()).await.unwrap();
+    let err = client
+        .request::<_, Invoice>("billing", "invoice.get", &InvoiceQuery { invoice: 1 })
+        .timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let record = settled_request(&client, &mut watch).await;
+    assert_eq!(record.state, Some(intracom::State::Error));
+    assert_eq!(
+        record.response.unwrap().get_str("error").unwrap(),
+        "timed out"
+    );
+}
+
+pub async fn exactly_one_instance_answers_each_request(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
+    let mut servers = Vec::new();
+    let mut workers = Vec::new();
+    for instance in ["billing-1", "billing-2", "billing-3"] {
+        let server = bus(&*w, "billing", instance).await;
+        let log = served.clone();
+        let name = instance.to_string();
+        workers.push(
+            server
+                .serve("billing", "invoice.get", move |q: InvoiceQuery| {
+                    let (log, name) = (log.clone(), name.clone());
+                    async move {
+                        log.lock().unwrap().push((name.clone(), q.invoice));
+                        Ok::<_, String>(Invoice {
+                            invoice: q.invoice,
+                            total: 1.0,
+                            served_by: name,
+                        })
+                    }
+                })
+                .unwrap(),
+        );
+        servers.push(server);
+    }
+    let client = bus(&*w, "users", "users-1").await;
+    let calls = (0..12).map(|i| {
+        let client = client.clone();
+        async move {
+            client
+                .request::<_, Invoice>("billing", "invoice.get", &InvoiceQuery { invoice: i })
+                .timeout(HANG_GUARD)
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    assert_eq!(
+        answers.iter().map(|a| a.invoice).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>()
+    );
+    let mut handled: Vec<i64> = served.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    handled.sort();
+    assert_eq!(
+        handled,
+        (0..12).collect::<Vec<_>>(),
+        "each request handled exactly once"
+    );
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+pub async fn a_local_handler_is_called_directly_and_recorded(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let web = bus(&*w, "users", "users-1").await;
+    let billing = web.as_service("billing", Some("billing-local")).unwrap();
+    let mut watch = web.subscribe(Subscription::monitor()).await.unwrap();
+    let _worker = billing
+        .serve("billing", "invoice.get", |q: InvoiceQuery| async move {
+            Ok::<_, String>(Invoice {
+                invoice: q.invoice,
+                total: 3.0,
+                served_by: "local".into(),
+            })
+        })
+        .unwrap();
+    let answer: Invoice = web
+        .request("billing", "invoice.get", &InvoiceQuery { invoice: 5 })
+        .await
+        .unwrap();
+    assert_eq!(answer.served_by, "local");
+    // The record is on the bus, already settled (so no worker claims it).
+    let d = next(&mut watch).await;
+    assert_eq!(d.state, Some(intracom::State::Done));
+    assert_eq!(
+        d.result.as_ref().unwrap().get_str("served_by").unwrap(),
+        "local"
+    );
+    web.shutdown().await;
+}
+
+pub async fn work_is_claimed_by_priority_then_age(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let producer = bus(&*w, "users", "users-1").await;
+    let worker_bus = bus(&*w, "billing", "billing-1").await;
+    for (n, priority) in [(1, 0), (2, 9), (3, 5), (4, 9)] {
+        producer
+            .publish(
+                Message::to_service("billing", "invoice.render")
+                    .work()
+                    .priority(priority)
+                    .body(doc! {"n": n}),
+            )
+            .await
+            .unwrap();
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _worker = worker_bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            quick(),
+            move |m: Message| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.query.get_i32("n").unwrap()).ok();
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.push(
+            tokio::time::timeout(HANG_GUARD, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(order, [2, 4, 3, 1], "priority first, then publish order");
+    worker_bus.shutdown().await;
+}
+
+pub async fn failing_work_is_retried_then_dead_lettered(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let worker_bus = bus(&*w, "billing", "billing-1").await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let _worker = worker_bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            quick().max_attempts(3),
+            move |_m: Message| {
+                let seen = seen.clone();
+                async move {
+                    let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    Err::<(), String>(format!("printer on fire ({n})"))
+                }
+            },
+        )
+        .unwrap();
+    let job = worker_bus
+        .publish(Message::to_service("billing", "invoice.render").work())
+        .await
+        .unwrap();
+    let dead = worker_bus.dead_letters();
+    let mut letter = None;
+    for _ in 0..600 {
+        letter = dead.get(&job.id).await.unwrap();
+        if letter.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letter = letter.expect("the job reached the dead letters");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "max_attempts attempts, no more"
+    );
+    assert!(
+        letter.reason.contains("printer on fire (3)"),
+        "the last error is kept: {}",
+        letter.reason
+    );
+    assert_eq!(letter.document.get_i32("attempts").unwrap(), 3);
+    assert_eq!(dead.list(10).await.unwrap().len(), 1);
+
+    // Sent again with a link to the original; then purged.
+    let again = dead.retry(&job.id).await.unwrap();
+    assert_ne!(again.id, job.id);
+    assert!(dead.get(&job.id).await.unwrap().is_none());
+    let mut relisted = None;
+    for _ in 0..600 {
+        relisted = dead.get(&again.id).await.unwrap();
+        if relisted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let relisted = relisted.expect("the retried job failed again");
+    assert_eq!(relisted.document.get_str("retryOf").unwrap(), job.id);
+    assert_eq!(dead.purge(None).await.unwrap(), 1);
+    assert!(dead.list(10).await.unwrap().is_empty());
+    worker_bus.shutdown().await;
+}
+
+pub async fn work_held_by_a_crashed_worker_is_done_by_another(h: &dyn Harness) {
+    let w = h.world(300_000).await;
+    let doomed_bus = bus(&*w, "billing", "billing-doomed").await;
+    let healthy_bus = bus(&*w, "billing", "billing-healthy").await;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let doomed = doomed_bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            quick(),
+            move |_m: Message| {
+                let started_tx = started_tx.clone();
+                async move {
+                    started_tx.send(()).ok();
+                    std::future::pending::<()>().await;
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .unwrap();
+    let job = doomed_bus
+        .publish(Message::to_service("billing", "invoice.render").work())
+        .await
+        .unwrap();
+    tokio::time::timeout(HANG_GUARD, started.recv())
+        .await
+        .unwrap();
+    doomed.abort(); // the worker dies holding the lease
+
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let _healthy = healthy_bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            quick(),
+            move |m: Message| {
+                let done_tx = done_tx.clone();
+                async move {
+                    done_tx.send((m.id.clone(), m.attempts)).ok();
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .unwrap();
+    let (id, attempts) = tokio::time::timeout(HANG_GUARD, done.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(id, job.id);
+    assert_eq!(attempts, 2, "the crashed attempt counts");
+    let settled = healthy_bus
+        .medium()
+        .await_outcome(&job.id, HANG_GUARD)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(settled.state, Some(intracom::State::Done));
+    healthy_bus.shutdown().await;
+    doomed_bus.shutdown().await;
+}
+
 /// Instantiates every conformance test for a harness expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -643,6 +1021,14 @@ macro_rules! conformance_tests {
             shutdown_ends_streams_and_refuses_work,
             handler_acks_on_ok_only,
             undeclared_messages_are_dead_lettered_not_delivered,
+            request_reply_returns_the_typed_answer,
+            a_handler_error_reaches_the_caller,
+            an_unanswered_request_times_out_and_says_so,
+            exactly_one_instance_answers_each_request,
+            a_local_handler_is_called_directly_and_recorded,
+            work_is_claimed_by_priority_then_age,
+            failing_work_is_retried_then_dead_lettered,
+            work_held_by_a_crashed_worker_is_done_by_another,
         );
     };
     (@each $harness:expr; $attrs:tt; $($name:ident),* $(,)?) => {

@@ -507,7 +507,12 @@ impl Medium for MongoMedium {
         work::processed_get(&self.inner, consumer, id).await
     }
 
-    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>) -> Result<()> {
+    async fn processed_put(
+        &self,
+        consumer: &str,
+        id: &str,
+        result: Option<Document>,
+    ) -> Result<()> {
         work::processed_put(&self.inner, consumer, id, result).await
     }
 

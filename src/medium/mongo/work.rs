@@ -74,7 +74,12 @@ pub(crate) async fn renew(inner: &Inner, id: &str, owner: &str, lease: Duration)
     Ok(updated.matched_count == 1)
 }
 
-pub(crate) async fn settle(inner: &Inner, id: &str, owner: Option<&str>, settlement: Settlement) -> Result<bool> {
+pub(crate) async fn settle(
+    inner: &Inner,
+    id: &str,
+    owner: Option<&str>,
+    settlement: Settlement,
+) -> Result<bool> {
     let mut filter = doc! { "_id": id, "state": "pending" };
     if let Some(owner) = owner {
         filter.insert("lease.owner", owner);
@@ -85,11 +90,17 @@ pub(crate) async fn settle(inner: &Inner, id: &str, owner: Option<&str>, settlem
             if let Some(result) = result {
                 set.insert("result", result);
             }
-            inner.messages.update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } }).await
+            inner
+                .messages
+                .update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } })
+                .await
         }
         Settlement::Failed(error) => {
             let set = doc! { "state": "error", "response": error, "response_ts": now_nanos() };
-            inner.messages.update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } }).await
+            inner
+                .messages
+                .update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } })
+                .await
         }
         Settlement::Retry { error, after } => {
             let update = vec![doc! { "$set": {
@@ -137,7 +148,10 @@ impl Waiters {
     }
 
     fn unregister(&self, id: &str) {
-        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     pub(crate) fn wake(&self, id: &str) {
@@ -151,25 +165,41 @@ impl Waiters {
 /// mode and an event missed while the stream was being resumed).
 const OUTCOME_RECHECK: Duration = Duration::from_millis(1000);
 
-pub(crate) async fn await_outcome(inner: &Inner, id: &str, timeout: Duration) -> Result<Option<Message>> {
+pub(crate) async fn await_outcome(
+    inner: &Inner,
+    id: &str,
+    timeout: Duration,
+) -> Result<Option<Message>> {
     let notify = inner.waiters.register(id);
     let outcome = wait(inner, id, timeout, &notify).await;
     inner.waiters.unregister(id);
     outcome
 }
 
-async fn wait(inner: &Inner, id: &str, timeout: Duration, notify: &Notify) -> Result<Option<Message>> {
+async fn wait(
+    inner: &Inner,
+    id: &str,
+    timeout: Duration,
+    notify: &Notify,
+) -> Result<Option<Message>> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         // Listen before reading, so an update between the read and the wait wakes us.
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(document) = inner.messages.find_one(doc! { "_id": id }).await.map_err(to_error)? {
+        if let Some(document) = inner
+            .messages
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(to_error)?
+        {
             if document.get_str("state").is_ok_and(|s| s != "pending") {
-                return decode_message(&document).map(Some).map_err(|reason| crate::Error::Medium {
-                    medium: "db",
-                    reason: format!("request {id} is unreadable: {reason}"),
+                return decode_message(&document).map(Some).map_err(|reason| {
+                    crate::Error::Medium {
+                        medium: "db",
+                        reason: format!("request {id} is unreadable: {reason}"),
+                    }
                 });
             }
         }
@@ -192,7 +222,10 @@ fn dead_letter_from(document: Document) -> DeadLetter {
         },
         reason: document.get_str("reason").unwrap_or_default().to_string(),
         at: document.get_datetime("at").ok().copied(),
-        document: document.get_document("document").cloned().unwrap_or_default(),
+        document: document
+            .get_document("document")
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 
@@ -212,7 +245,11 @@ pub(crate) async fn dead_list(inner: &Inner, limit: usize) -> Result<Vec<DeadLet
 }
 
 pub(crate) async fn dead_get(inner: &Inner, id: &str) -> Result<Option<DeadLetter>> {
-    let found = inner.dead.find_one(doc! { "_id": id }).await.map_err(to_error)?;
+    let found = inner
+        .dead
+        .find_one(doc! { "_id": id })
+        .await
+        .map_err(to_error)?;
     Ok(found.map(dead_letter_from))
 }
 
@@ -224,7 +261,11 @@ pub(crate) async fn dead_remove(inner: &Inner, id: Option<&str>) -> Result<u64> 
     Ok(removed.map_err(to_error)?.deleted_count)
 }
 
-pub(crate) async fn processed_get(inner: &Inner, consumer: &str, id: &str) -> Result<Option<Option<Document>>> {
+pub(crate) async fn processed_get(
+    inner: &Inner,
+    consumer: &str,
+    id: &str,
+) -> Result<Option<Option<Document>>> {
     let found = inner
         .processed
         .find_one(doc! { "consumer": consumer, "messageId": id })
@@ -233,7 +274,12 @@ pub(crate) async fn processed_get(inner: &Inner, consumer: &str, id: &str) -> Re
     Ok(found.map(|d| d.get_document("result").ok().cloned()))
 }
 
-pub(crate) async fn processed_put(inner: &Inner, consumer: &str, id: &str, result: Option<Document>) -> Result<()> {
+pub(crate) async fn processed_put(
+    inner: &Inner,
+    consumer: &str,
+    id: &str,
+    result: Option<Document>,
+) -> Result<()> {
     let mut set = doc! {};
     if let Some(result) = result {
         set.insert("result", result);

@@ -1,0 +1,693 @@
+//! Request/reply and work queues on top of the bus (seeds 001 and 002).
+//!
+//! Why it exists: besides broadcasts, services call each other and hand out work that
+//! exactly one instance must do. Both are `delivery: one` messages with
+//! `state: pending`:
+//!
+//! - a worker of the target service **claims** the message atomically, with a lease
+//!   (owner, until) that it renews while its handler runs (a heartbeat, so a long job is
+//!   not taken away from a live worker);
+//! - it **settles** the message in place: `state: done` with `result`, or
+//!   `state: error` with `response`, and `response_ts`. An admin sees the outcome in
+//!   the request document itself;
+//! - a request's handler error is final and reaches the caller; a work item's handler
+//!   error is retried after an exponential back-off, and after `max_attempts` the item
+//!   moves to the dead letters with its last error;
+//! - a worker that dies holding a lease does not block the work: the lease expires and
+//!   another worker claims it (the claim counts the attempt).
+//!
+//! A caller of [`Intracom::request`] waits for the outcome with a time-out; when it
+//! passes, the request is marked `state: error` ("timed out") and the caller gets
+//! [`Error::Timeout`]. A handler served in the same process is called directly (seed
+//! 001's local route), and the settled request is still written to the medium as a
+//! record.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Intracom;
+use crate::error::{Error, PayloadError, Result};
+use crate::filter::{Filter, StartFrom};
+use crate::medium::{ClaimRequest, Settlement};
+use crate::message::{now_nanos, to_document, DeliveryMode, Message, MessageType, State};
+
+/// A type-erased handler: the message in, an optional result document or an error out.
+pub(crate) type Handler = Arc<
+    dyn Fn(Message) -> BoxFuture<'static, std::result::Result<Option<Document>, String>>
+        + Send
+        + Sync,
+>;
+
+/// The handlers served in this process, by (service, action): the local route.
+#[derive(Default)]
+pub(crate) struct LocalRoutes {
+    routes: RwLock<HashMap<(String, String), Handler>>,
+}
+
+impl LocalRoutes {
+    fn get(&self, service: &str, action: &str) -> Option<Handler> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes
+            .get(&(service.to_string(), action.to_string()))
+            .cloned()
+    }
+
+    fn insert(&self, service: &str, action: &str, handler: Handler) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.insert((service.to_string(), action.to_string()), handler);
+    }
+
+    fn remove(&self, service: &str, action: &str) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.remove(&(service.to_string(), action.to_string()));
+    }
+}
+
+/// How a worker treats its work. Defaults in the field docs; per action from config
+/// (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`, `.max_attempts`).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct WorkOptions {
+    /// Lease length; renewed every third of it while the handler runs (default 30 s).
+    pub lease: Duration,
+    /// First retry pause, doubled at each attempt (default 1 s).
+    pub backoff: Duration,
+    /// Longest retry pause (default 60 s).
+    pub max_backoff: Duration,
+    /// Attempts before the work goes to the dead letters (default 5).
+    pub max_attempts: i32,
+    /// How often an idle worker looks for expired leases and due retries (default 1 s).
+    pub poll: Duration,
+}
+
+impl Default for WorkOptions {
+    fn default() -> Self {
+        WorkOptions {
+            lease: Duration::from_secs(30),
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            max_attempts: 5,
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+impl WorkOptions {
+    /// Sets the lease length.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the first retry pause.
+    pub fn backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets the number of attempts before the dead letters.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Sets the idle poll period.
+    pub fn poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// The pause before attempt `attempts + 1`.
+    fn pause_after(&self, attempts: i32) -> Duration {
+        let exponent = u32::try_from(attempts.saturating_sub(1))
+            .unwrap_or(0)
+            .min(20);
+        self.backoff
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.max_backoff)
+    }
+}
+
+/// Whether a worker answers requests (errors are final) or does work (errors retry).
+#[derive(Clone, Copy, PartialEq)]
+enum Policy {
+    Requests,
+    Work,
+}
+
+/// A running worker (from [`Intracom::serve`] or [`Intracom::work`]). It runs until
+/// [`Worker::stop`] or the bus shuts down; dropping the handle leaves it running.
+#[must_use = "a worker runs until stopped or the bus shuts down; keep the handle to stop it"]
+pub struct Worker {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    routes: Vec<(String, String)>,
+    bus: Intracom,
+}
+
+impl Worker {
+    /// Stops claiming; the work in hand is finished first.
+    pub async fn stop(self) {
+        for (service, action) in &self.routes {
+            self.bus.shared().routes.remove(service, action);
+        }
+        self.stop.cancel();
+        if let Err(error) = self.task.await {
+            tracing::warn!(%error, "worker task ended abnormally");
+        }
+    }
+}
+
+impl Worker {
+    /// Stops at once, abandoning the work in hand as a crash would: its lease is no
+    /// longer renewed, and once it runs out another worker claims the work.
+    pub fn abort(self) {
+        for (service, action) in &self.routes {
+            self.bus.shared().routes.remove(service, action);
+        }
+        self.task.abort();
+    }
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+/// A request on its way: await it for the typed answer. Built by [`Intracom::request`].
+#[must_use = "a request does nothing until awaited"]
+pub struct Request<R> {
+    bus: Intracom,
+    service: String,
+    action: String,
+    query: Result<Document>,
+    timeout: Duration,
+    kind: MessageType,
+    _answer: PhantomData<fn() -> R>,
+}
+
+impl<R> Request<R> {
+    /// How long to wait for the answer (default `common.intracom.request_timeout_ms`,
+    /// 30 s). Written as `query_ms` in the request.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Marks the request `type: async` instead of `sync` (the caller still awaits).
+    pub fn asynchronous(mut self) -> Self {
+        self.kind = MessageType::Async;
+        self
+    }
+}
+
+impl<R: DeserializeOwned + Send + 'static> IntoFuture for Request<R> {
+    type Output = Result<R>;
+    type IntoFuture = BoxFuture<'static, Result<R>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<R: DeserializeOwned> Request<R> {
+    async fn run(self) -> Result<R> {
+        let bus = self.bus;
+        let mut message = Message::to_service(&self.service, &self.action)
+            .body(self.query?)
+            .kind(self.kind);
+        message.delivery = DeliveryMode::One;
+        message.state = Some(State::Pending);
+        message.query_id = Some(message.id.clone());
+        message.query_ms = Some(i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX));
+        let message = bus.prepare(message).await?;
+        let id = message.id.clone();
+        let span = tracing::debug_span!("request", message_id = %id, service = %self.service, action = %self.action);
+        let _entered = span.enter();
+
+        if let Some(handler) = bus.shared().routes.get(&self.service, &self.action) {
+            // Seed 001's local route: call the handler here, and keep the record.
+            tracing::debug!(message_id = %id, "local route");
+            let outcome = run_handler(&handler, message.clone()).await;
+            let mut record = message;
+            record.response_ts = Some(now_nanos());
+            match &outcome {
+                Ok(result) => {
+                    record.state = Some(State::Done);
+                    record.result.clone_from(result);
+                }
+                Err(error) => {
+                    record.state = Some(State::Error);
+                    record.response = Some(doc! { "error": error });
+                }
+            }
+            bus.append_prepared(vec![record]).await?;
+            return match outcome {
+                Ok(result) => decode_result(result),
+                Err(message) => Err(Error::Remote {
+                    service: self.service,
+                    action: self.action,
+                    message,
+                }),
+            };
+        }
+
+        bus.append_prepared(vec![message]).await?;
+        let medium = bus.medium();
+        match medium.await_outcome(&id, self.timeout).await? {
+            Some(settled) if settled.state == Some(State::Done) => decode_result(settled.result),
+            Some(settled) => Err(Error::Remote {
+                service: self.service,
+                action: self.action,
+                message: settled
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.get_str("error").ok())
+                    .unwrap_or("the handler failed")
+                    .to_string(),
+            }),
+            None => {
+                let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+                let marked = medium
+                    .settle(
+                        &id,
+                        None,
+                        Settlement::Failed(doc! { "error": "timed out", "timeout_ms": timeout_ms }),
+                    )
+                    .await
+                    .unwrap_or(false);
+                tracing::warn!(message_id = %id, timeout_ms, marked, "request timed out");
+                Err(Error::Timeout {
+                    service: self.service,
+                    action: self.action,
+                    after: self.timeout,
+                })
+            }
+        }
+    }
+}
+
+/// A handler's result as stored: documents as they are, other values as `{value: …}`,
+/// nothing (unit, `None`) as no result.
+fn encode_result<R: Serialize>(value: &R) -> std::result::Result<Option<Document>, String> {
+    match bson::to_bson(value).map_err(|e| format!("cannot encode the result: {e}"))? {
+        Bson::Document(d) => Ok(Some(d)),
+        Bson::Null => Ok(None),
+        other => Ok(Some(doc! { "value": other })),
+    }
+}
+
+fn decode_result<R: DeserializeOwned>(result: Option<Document>) -> Result<R> {
+    let Some(document) = result else {
+        return bson::from_bson(Bson::Null).map_err(|e| PayloadError::from(e).into());
+    };
+    match bson::from_bson(Bson::Document(document.clone())) {
+        Ok(value) => Ok(value),
+        Err(first) => match (document.len(), document.get("value")) {
+            (1, Some(value)) => {
+                bson::from_bson(value.clone()).map_err(|e| PayloadError::from(e).into())
+            }
+            _ => Err(PayloadError::from(first).into()),
+        },
+    }
+}
+
+async fn run_handler(
+    handler: &Handler,
+    message: Message,
+) -> std::result::Result<Option<Document>, String> {
+    match AssertUnwindSafe(handler(message)).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(_) => Err("the handler panicked".into()),
+    }
+}
+
+impl Intracom {
+    /// Calls `action` of `service` and waits for the typed answer.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use intracom::{Config, Intracom};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Query { invoice: i64 }
+    /// #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    /// struct Invoice { invoice: i64, total: f64 }
+    ///
+    /// let bus = Intracom::connect(Config::builder().service("web").sender("web", Vec::<String>::new())
+    ///     .sender("billing", ["invoice.get"]).build()?).await?;
+    /// let billing = bus.as_service("billing", None)?;
+    /// let _worker = billing.serve("billing", "invoice.get", |q: Query| async move {
+    ///     Ok::<_, String>(Invoice { invoice: q.invoice, total: 12.5 })
+    /// })?;
+    /// let answer: Invoice = bus.request("billing", "invoice.get", &Query { invoice: 7 })
+    ///     .timeout(Duration::from_secs(2))
+    ///     .await?;
+    /// assert_eq!(answer, Invoice { invoice: 7, total: 12.5 });
+    /// # bus.shutdown().await;
+    /// # Ok::<(), intracom::Error>(()) }).unwrap();
+    /// ```
+    pub fn request<Q: Serialize + ?Sized, R>(
+        &self,
+        service: &str,
+        action: &str,
+        query: &Q,
+    ) -> Request<R> {
+        Request {
+            bus: self.clone(),
+            service: service.to_string(),
+            action: action.to_string(),
+            query: to_document(query),
+            timeout: Duration::from_millis(self.config().request_timeout_ms),
+            kind: MessageType::Sync,
+            _answer: PhantomData,
+        }
+    }
+
+    /// Answers requests for `action` of `service`: exactly one instance answers each
+    /// request, whatever number of instances serve it. The handler's `Ok` is the
+    /// caller's answer; its `Err` reaches the caller as [`Error::Remote`]. Requests made
+    /// in this process call the handler directly.
+    pub fn serve<Q, R, E, F, Fut>(&self, service: &str, action: &str, handler: F) -> Result<Worker>
+    where
+        Q: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: fmt::Display + Send + 'static,
+        F: Fn(Q) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: Handler = Arc::new(move |message: Message| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let query: Q = message.decode().map_err(|e| format!("bad query: {e}"))?;
+                let answer = handler(query).await.map_err(|e| e.to_string())?;
+                encode_result(&answer)
+            })
+        });
+        self.shared()
+            .routes
+            .insert(service, action, Arc::clone(&erased));
+        let options = self.work_options(action);
+        self.spawn_worker(
+            service,
+            vec![action.to_string()],
+            options,
+            Policy::Requests,
+            erased,
+        )
+    }
+
+    /// Does work (`delivery: one` messages, see [`Message::work`]) for `actions` of
+    /// `service`. Each item is handled by exactly one worker; a handler `Err` retries the
+    /// item after a back-off, and after `max_attempts` it goes to the dead letters.
+    /// Options given in config for an action (`common.intracom.work.<action>.*`) win over
+    /// `options`.
+    pub fn work<E, F, Fut>(
+        &self,
+        service: &str,
+        actions: &[&str],
+        options: WorkOptions,
+        handler: F,
+    ) -> Result<Worker>
+    where
+        E: fmt::Display + Send + 'static,
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: Handler = Arc::new(move |message: Message| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                handler(message)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let mut options = options;
+        for action in actions {
+            if let Some(configured) = self.config().work.get(*action) {
+                options = configured.clone();
+            }
+        }
+        self.spawn_worker(
+            service,
+            actions.iter().map(|a| a.to_string()).collect(),
+            options,
+            Policy::Work,
+            erased,
+        )
+    }
+
+    fn work_options(&self, action: &str) -> WorkOptions {
+        self.config().work.get(action).cloned().unwrap_or_default()
+    }
+
+    fn spawn_worker(
+        &self,
+        service: &str,
+        actions: Vec<String>,
+        options: WorkOptions,
+        policy: Policy,
+        handler: Handler,
+    ) -> Result<Worker> {
+        if self.is_shut_down() {
+            return Err(Error::Shutdown);
+        }
+        crate::message::check_name("service", service)?;
+        for action in &actions {
+            crate::message::check_name("action", action)?;
+        }
+        let stop = CancellationToken::new();
+        let routes = match policy {
+            Policy::Requests => actions
+                .iter()
+                .map(|a| (service.to_string(), a.clone()))
+                .collect(),
+            Policy::Work => Vec::new(),
+        };
+        let worker = WorkerLoop {
+            bus: self.clone(),
+            claim: ClaimRequest::new(service, actions, self.instance(), options.lease),
+            options,
+            policy,
+            handler,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(worker.run());
+        Ok(Worker {
+            stop,
+            task,
+            routes,
+            bus: self.clone(),
+        })
+    }
+}
+
+struct WorkerLoop {
+    bus: Intracom,
+    claim: ClaimRequest,
+    options: WorkOptions,
+    policy: Policy,
+    handler: Handler,
+    stop: CancellationToken,
+}
+
+impl WorkerLoop {
+    async fn run(self) {
+        let medium = Arc::clone(self.bus.medium());
+        let shutdown = self.bus.shutdown_token();
+        // New work wakes the worker; the poll catches expired leases and due retries.
+        let filter = Filter {
+            service: Some(self.claim.service.clone()),
+            actions: Some(self.claim.actions.iter().cloned().collect::<BTreeSet<_>>()),
+            work: true,
+            ..Filter::default()
+        };
+        let mut wake = match medium.follow(StartFrom::Now, filter).await {
+            Ok(events) => Some(events),
+            Err(error) => {
+                tracing::warn!(%error, "worker cannot follow new work: polling only");
+                None
+            }
+        };
+        let mut failures = 0u32;
+        loop {
+            if self.stop.is_cancelled() || shutdown.is_cancelled() {
+                return;
+            }
+            match medium.claim(&self.claim).await {
+                Ok(Some(message)) => {
+                    failures = 0;
+                    self.process(message).await;
+                    continue;
+                }
+                Ok(None) => failures = 0,
+                Err(Error::Shutdown) => return,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, service = %self.claim.service, "claim failed");
+                }
+            }
+            let pause = if failures > 0 {
+                self.options.poll.saturating_mul(failures.min(10))
+            } else {
+                self.options.poll
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+                event = async {
+                    match wake.as_mut() {
+                        Some(events) => events.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => if event.is_none() { wake = None },
+            }
+        }
+    }
+
+    async fn process(&self, message: Message) {
+        let medium = self.bus.medium();
+        let owner = self.claim.owner.as_str();
+        let id = message.id.clone();
+        let span = tracing::debug_span!("work", message_id = %id, action = %message.action, attempt = message.attempts);
+        let _entered = span.enter();
+        tracing::debug!(message_id = %id, attempt = message.attempts, "claimed");
+
+        if self.policy == Policy::Requests {
+            let deadline = message.query_ms.map(|ms| {
+                message
+                    .query_ts
+                    .saturating_add(ms.saturating_mul(1_000_000))
+            });
+            if deadline.is_some_and(|d| d < now_nanos()) {
+                let _ = medium
+                    .settle(
+                        &id,
+                        Some(owner),
+                        Settlement::Failed(doc! { "error": "timed out before it was handled" }),
+                    )
+                    .await;
+                return;
+            }
+        }
+        if message.attempts > self.options.max_attempts {
+            let reason = format!(
+                "gave up after {} attempts: {}",
+                message.attempts - 1,
+                message
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("the worker holding it stopped")
+            );
+            self.bury(&id, &reason).await;
+            return;
+        }
+
+        // The heartbeat lives in this future: if the worker dies, it stops renewing and
+        // the lease runs out, so another worker takes the work (river PR #1256).
+        let heartbeat = async {
+            let lease = self.options.lease;
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match medium.renew(&id, owner, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(message_id = %id, "lease lost while the handler runs");
+                        return std::future::pending().await;
+                    }
+                    Err(error) => tracing::warn!(message_id = %id, %error, "lease not renewed"),
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = run_handler(&self.handler, message.clone()) => outcome,
+            never = heartbeat => never,
+        };
+
+        let settlement = match (outcome, self.policy) {
+            (Ok(result), _) => Settlement::Done(result),
+            (Err(error), Policy::Requests) => Settlement::Failed(doc! { "error": error }),
+            (Err(error), Policy::Work) if message.attempts >= self.options.max_attempts => {
+                let reason = format!("failed {} times, last: {error}", message.attempts);
+                self.bury(&id, &reason).await;
+                return;
+            }
+            (Err(error), Policy::Work) => {
+                let after = self.options.pause_after(message.attempts);
+                tracing::info!(message_id = %id, %error, retry_in_ms = after.as_millis() as u64, "work failed: will retry");
+                Settlement::Retry { error, after }
+            }
+        };
+        match medium.settle(&id, Some(owner), settlement).await {
+            Ok(true) => tracing::debug!(message_id = %id, "settled"),
+            Ok(false) => {
+                tracing::warn!(message_id = %id, "lease lost before settling: another worker has it")
+            }
+            Err(error) => {
+                tracing::warn!(message_id = %id, %error, "not settled: the lease will expire and the work come again")
+            }
+        }
+    }
+
+    async fn bury(&self, id: &str, reason: &str) {
+        tracing::warn!(message_id = %id, %reason, "work moved to the dead letters");
+        if let Err(error) = self.bus.medium().bury(id, &self.claim.owner, reason).await {
+            tracing::warn!(message_id = %id, %error, "not moved to the dead letters");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let o = WorkOptions::default().backoff(Duration::from_millis(100));
+        assert_eq!(o.pause_after(1), Duration::from_millis(100));
+        assert_eq!(o.pause_after(2), Duration::from_millis(200));
+        assert_eq!(o.pause_after(4), Duration::from_millis(800));
+        assert_eq!(o.pause_after(40), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn results_round_trip_documents_and_plain_values() {
+        #[derive(Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Answer {
+            n: i32,
+        }
+        assert_eq!(
+            decode_result::<Answer>(encode_result(&Answer { n: 3 }).unwrap()).unwrap(),
+            Answer { n: 3 }
+        );
+        assert_eq!(
+            decode_result::<i64>(encode_result(&42i64).unwrap()).unwrap(),
+            42
+        );
+        assert_eq!(
+            decode_result::<String>(encode_result(&"x").unwrap()).unwrap(),
+            "x"
+        );
+        decode_result::<()>(encode_result(&()).unwrap()).unwrap();
+        assert!(decode_result::<Answer>(Some(doc! { "m": 1 })).is_err());
+    }
+}
