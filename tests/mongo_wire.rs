@@ -434,7 +434,11 @@ async fn subscribers_of_a_process_share_one_change_stream() {
     let pipeline = aggregates[0].get_array("pipeline").unwrap();
     assert_eq!(
         pipeline[1].as_document().unwrap(),
-        &doc! { "$match": { "operationType": "insert" } }
+        &doc! { "$match": { "$or": [
+            { "operationType": "insert" },
+            { "operationType": "update", "updateDescription.updatedFields.state": { "$exists": true } },
+        ] } },
+        "inserts, and the updates that settle requests"
     );
     bus.shutdown().await;
 }
