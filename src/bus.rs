@@ -19,6 +19,7 @@ use crate::medium::memory::MemoryMedium;
 use crate::medium::mongo::MongoMedium;
 use crate::medium::Medium;
 use crate::message::{check_name, Message};
+use crate::outbox::Outbox;
 use crate::work::LocalRoutes;
 
 /// A handle on the bus. Cheap to clone (an `Arc` inside), `Send + Sync`.
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     owns_medium: bool,
     /// Handlers served in this process (seed 001's local route).
     pub(crate) routes: LocalRoutes,
+    /// Publishes waiting for the medium to come back.
+    outbox: Arc<Outbox>,
 }
 
 /// What became of a published message.
@@ -67,6 +70,9 @@ pub enum PublishStatus {
     Stored,
     /// A message with this id was already stored; nothing new was written.
     Duplicate,
+    /// The medium is unavailable: the message waits in the outbox and is sent, in
+    /// order, when the medium is back.
+    Buffered,
 }
 
 /// The receipt of a publish.
@@ -110,6 +116,12 @@ impl Intracom {
         let catalog = Catalog::new(Arc::clone(&medium));
         catalog.refresh().await?;
         let instance = config.instance_or_default();
+        let outbox = Arc::new(Outbox::open(
+            config.outbox_max_messages,
+            config.outbox_file.clone(),
+        )?);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
         Ok(Intracom {
             service: config.service.as_str().into(),
@@ -118,9 +130,10 @@ impl Intracom {
                 config,
                 medium,
                 catalog,
-                shutdown: CancellationToken::new(),
+                shutdown,
                 owns_medium,
                 routes: LocalRoutes::default(),
+                outbox,
             }),
         })
     }
@@ -222,9 +235,21 @@ impl Intracom {
         Ok(message)
     }
 
-    /// Hands checked messages to the medium.
+    /// Hands checked messages to the medium, or to the outbox when the medium is
+    /// unavailable (or while earlier messages still wait there, to keep the order).
     pub(crate) async fn append_prepared(&self, messages: Vec<Message>) -> Result<Vec<Published>> {
-        let appended = self.shared.medium.append(messages).await?;
+        let outbox = &self.shared.outbox;
+        if outbox.len() > 0 {
+            return self.buffer(&messages);
+        }
+        let appended = match self.shared.medium.append(&messages).await {
+            Ok(appended) => appended,
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(%error, count = messages.len(), "medium unavailable: publish kept in the outbox");
+                return self.buffer(&messages);
+            }
+            Err(error) => return Err(error),
+        };
         Ok(appended
             .into_iter()
             .map(|a| {
@@ -292,6 +317,23 @@ impl Intracom {
             self.shared.medium.close().await;
         }
         tracing::info!(service = %self.service, instance = %self.instance, "intracom shut down");
+    }
+
+    fn buffer(&self, messages: &[Message]) -> Result<Vec<Published>> {
+        self.shared.outbox.push(messages)?;
+        Ok(messages
+            .iter()
+            .map(|m| Published {
+                id: m.id.clone(),
+                ts: None,
+                status: PublishStatus::Buffered,
+            })
+            .collect())
+    }
+
+    /// How many published messages wait in the outbox for the medium.
+    pub fn outbox_len(&self) -> usize {
+        self.shared.outbox.len()
     }
 
     pub(crate) fn shared(&self) -> &Shared {

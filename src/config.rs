@@ -17,6 +17,8 @@
 //! | `common.intracom.instance` | `<host>-<pid>-<n>` | this instance's id |
 //! | `common.intracom.max_message_bytes` | `16777216` | largest encoded message |
 //! | `common.intracom.request_timeout_ms` | `30000` | default time-out of a request |
+//! | `common.intracom.outbox.max_messages` | `10000` | publishes kept while the medium is unavailable |
+//! | `common.intracom.outbox.file` | none | file that keeps the outbox across restarts |
 //! | `common.intracom.work.<action>.lease_ms` / `.backoff_ms` / `.max_attempts` | `30000` / `1000` / `5` | work-queue options of one action |
 //! | `common.intracom.memory.max_messages` | `100000` | memory medium: messages kept at most |
 //! | `common.intracom.db.uri` | `mongodb://localhost:27017` | MongoDB connection string (TLS, auth, replica set: all in the URI) |
@@ -115,6 +117,10 @@ pub struct Config {
     pub db: DbConfig,
     /// Default time-out of a request, in ms (default 30 000).
     pub request_timeout_ms: u64,
+    /// Outbox capacity in messages (default 10 000; `common.intracom.outbox.max_messages`).
+    pub outbox_max_messages: usize,
+    /// File that keeps the outbox across restarts (default none; `common.intracom.outbox.file`).
+    pub outbox_file: Option<std::path::PathBuf>,
     /// Work options by action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`,
     /// `.max_attempts`); actions not listed use the options the worker is given.
     pub work: BTreeMap<String, crate::work::WorkOptions>,
@@ -194,6 +200,8 @@ impl Default for Config {
             memory_max_messages: 100_000,
             db: DbConfig::default(),
             request_timeout_ms: 30_000,
+            outbox_max_messages: 10_000,
+            outbox_file: None,
             work: BTreeMap::new(),
         }
     }
@@ -337,6 +345,16 @@ impl Config {
                 self.instance = Some(value.to_string());
             }
             "request_timeout_ms" => self.request_timeout_ms = parse_positive(key, value)?,
+            "outbox.max_messages" => {
+                self.outbox_max_messages = usize::try_from(parse_positive(key, value)?)
+                    .map_err(|e| Error::config(key, value, e))?;
+            }
+            "outbox.file" => {
+                if value.is_empty() {
+                    return Err(Error::config(key, value, "empty path"));
+                }
+                self.outbox_file = Some(value.into());
+            }
             "max_message_bytes" => {
                 self.max_message_bytes = usize::try_from(parse_positive(key, value)?)
                     .map_err(|e| Error::config(key, value, e))?;
@@ -478,6 +496,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Keeps the outbox in this file across restarts (`common.intracom.outbox.file`).
+    pub fn outbox_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.outbox_file = Some(path.into());
+        self
+    }
+
     /// Sets a key from its properties form (e.g. `common.intracom.timeout_ms`, `"1000"`).
     /// An error is kept and returned by [`ConfigBuilder::build`].
     pub fn set(mut self, key: &str, value: &str) -> Self {
@@ -564,7 +588,7 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         }
         return Some(format!("{WORK_PREFIX}{}", rest.to_ascii_lowercase()));
     }
-    const KEYS: [&str; 20] = [
+    const KEYS: [&str; 22] = [
         "medium",
         "timeout_ms",
         "senders.list",
@@ -585,6 +609,8 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         "db.safety_window_ms",
         "db.stream_buffer",
         "request_timeout_ms",
+        "outbox.max_messages",
+        "outbox.file",
     ];
     match KEYS.iter().find(|k| env_form(k) == suffix) {
         Some(k) => Some(format!("{PREFIX}{k}")),

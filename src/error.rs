@@ -144,6 +144,14 @@ pub enum Error {
         message: String,
     },
 
+    /// The medium is unavailable and the outbox is full: nothing was kept. Retry later,
+    /// or raise `common.intracom.outbox.max_messages`.
+    #[error("the medium is unavailable and the outbox is full ({capacity} messages)")]
+    OutboxFull {
+        /// The outbox capacity.
+        capacity: usize,
+    },
+
     /// The bus was shut down; the operation was not carried out.
     #[error("the bus is shut down")]
     Shutdown,
@@ -152,10 +160,10 @@ pub enum Error {
 impl Error {
     /// Whether the same call may succeed if made again later, unchanged.
     ///
-    /// True only for [`Error::Unavailable`]: everything else needs a different input,
-    /// configuration or build.
+    /// True for [`Error::Unavailable`] and [`Error::OutboxFull`]: everything else needs a
+    /// different input, configuration or build.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. })
+        matches!(self, Error::Unavailable { .. } | Error::OutboxFull { .. })
     }
 
     /// Whether a subscription stream can go on after yielding this error.

@@ -45,6 +45,7 @@ pub mod error;
 pub mod filter;
 pub mod medium;
 pub mod message;
+mod outbox;
 pub mod work;
 
 pub use bson;

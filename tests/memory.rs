@@ -69,7 +69,7 @@ async fn undeclared_messages_land_in_the_dead_letters() {
     let mut rogue = intracom::Message::broadcast("nope");
     rogue.source_service = "billing".into();
     rogue.source_instance = "billing-9".into();
-    intracom::Medium::append(&*medium, vec![rogue.clone()])
+    intracom::Medium::append(&*medium, &[rogue.clone()])
         .await
         .unwrap();
     let ok = bus

@@ -374,7 +374,7 @@ impl Medium for MemoryMedium {
         self.shared.options.max_message_bytes
     }
 
-    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Appended>> {
+    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
         if self.shared.closed.is_cancelled() {
             return Err(crate::Error::Shutdown);
         }
@@ -384,16 +384,17 @@ impl Medium for MemoryMedium {
             let mut log = write(&self.shared.log);
             let now = Instant::now();
             log.prune(now, options.max_messages);
-            for mut message in messages {
+            for message in messages {
                 if let Some(&(_, ts)) = log.ids.get(&message.id) {
                     out.push(Appended {
-                        id: message.id,
+                        id: message.id.clone(),
                         ts: Some(ts),
                         duplicate: true,
                     });
                     continue;
                 }
                 let ts = log.next_ts();
+                let mut message = message.clone();
                 message.ts = Some(ts);
                 message.at = Some(bson::DateTime::now());
                 let seq = log.next_seq;
@@ -768,7 +769,7 @@ mod tests {
             .follow(StartFrom::Beginning, Filter::monitor())
             .await
             .unwrap();
-        m.append((0..5).map(|i| msg(&format!("a{i}"))).collect())
+        m.append(&(0..5).map(|i| msg(&format!("a{i}"))).collect::<Vec<_>>())
             .await
             .unwrap();
         match from_start.next().await.unwrap().unwrap() {
@@ -789,8 +790,8 @@ mod tests {
     async fn duplicate_ids_are_stored_once() {
         let m = medium(60_000, 10);
         let one = msg("a");
-        let first = m.append(vec![one.clone()]).await.unwrap();
-        let again = m.append(vec![one]).await.unwrap();
+        let first = m.append(&[one.clone()]).await.unwrap();
+        let again = m.append(&[one]).await.unwrap();
         assert!(!first[0].duplicate);
         assert!(again[0].duplicate);
         assert_eq!(first[0].ts, again[0].ts);
@@ -803,6 +804,6 @@ mod tests {
         let mut s = m.follow(StartFrom::Now, Filter::monitor()).await.unwrap();
         m.close().await;
         assert!(s.next().await.is_none());
-        assert!(m.append(vec![msg("a")]).await.is_err());
+        assert!(m.append(&[msg("a")]).await.is_err());
     }
 }

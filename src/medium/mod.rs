@@ -138,7 +138,7 @@ pub trait Medium: Send + Sync + 'static {
 
     /// Stamps and stores messages, in order. Ids already stored are reported as
     /// duplicates and not written again.
-    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Appended>>;
+    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>>;
 
     /// Follows the messages matching `filter` from `from`.
     ///

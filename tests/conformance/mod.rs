@@ -646,7 +646,7 @@ pub async fn undeclared_messages_are_dead_lettered_not_delivered(h: &dyn Harness
     let mut rogue = Message::to_service("billing", "not.declared");
     rogue.source_service = "billing".into();
     rogue.source_instance = "elsewhere-1".into();
-    b1.medium().append(vec![rogue.clone()]).await.unwrap();
+    b1.medium().append(&[rogue.clone()]).await.unwrap();
     assert_eq!(
         next(&mut watch).await.id,
         rogue.id,

@@ -283,13 +283,13 @@ impl Medium for MongoMedium {
         self.inner.max_bson.saturating_sub(64)
     }
 
-    async fn append(&self, messages: Vec<Message>) -> Result<Vec<Appended>> {
+    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
         if self.inner.closed.is_cancelled() {
             return Err(Error::Shutdown);
         }
         let mut out = Vec::with_capacity(messages.len());
         let mut pending: Vec<(String, Document)> = Vec::with_capacity(messages.len());
-        for message in &messages {
+        for message in messages {
             pending.push((message.id.clone(), Self::upsert_statement(message)?));
         }
         let mut rest = pending.as_slice();

@@ -1,0 +1,266 @@
+//! The outbox: publishes that the medium could not take yet (seed 003's MessageStore).
+//!
+//! Why it exists: `publish` must never drop a message silently. When the medium is
+//! unreachable (a retryable error: network down, no primary, server selection time-out)
+//! the checked message is kept here, in publish order, and the caller is told it was
+//! buffered ([`crate::PublishStatus::Buffered`]). A background task sends the outbox
+//! in order once the medium answers again. While anything waits here, new publishes
+//! queue behind it, so order is kept. The outbox is bounded
+//! (`common.intracom.outbox.max_messages`); when full, publish fails with
+//! [`crate::Error::OutboxFull`], which the caller sees.
+//!
+//! With `common.intracom.outbox.file` set, the outbox is also written to that file
+//! (BSON documents, one after the other) and read back at start-up, so a restart does
+//! not lose it. Sending a message twice (after a crash between sending and rewriting
+//! the file) stores it once: publish is idempotent on the message id.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::medium::Medium;
+use crate::message::Message;
+
+/// How many buffered messages one flush sends at a time.
+const FLUSH_BATCH: usize = 100;
+
+pub(crate) struct Outbox {
+    queue: Mutex<VecDeque<Message>>,
+    capacity: usize,
+    file: Option<PathBuf>,
+    wake: Notify,
+}
+
+impl Outbox {
+    /// An outbox, with what a previous run left in `file`.
+    pub(crate) fn open(capacity: usize, file: Option<PathBuf>) -> Result<Self> {
+        let mut queue = VecDeque::new();
+        if let Some(path) = &file {
+            queue = read_file(path)?;
+            if !queue.is_empty() {
+                tracing::info!(count = queue.len(), path = %path.display(), "outbox: replaying messages kept by a previous run");
+            }
+        }
+        Ok(Outbox {
+            queue: Mutex::new(queue),
+            capacity,
+            file,
+            wake: Notify::new(),
+        })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many messages wait.
+    pub(crate) fn len(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// Keeps messages for later, all or none.
+    pub(crate) fn push(&self, messages: &[Message]) -> Result<()> {
+        {
+            let mut queue = self.queue();
+            if queue.len() + messages.len() > self.capacity {
+                return Err(Error::OutboxFull {
+                    capacity: self.capacity,
+                });
+            }
+            if let Some(path) = &self.file {
+                append_file(path, messages)?;
+            }
+            queue.extend(messages.iter().cloned());
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Sends what waits, in order, until the outbox is empty, the medium fails, or the
+    /// bus stops. Returns whether the outbox is empty.
+    async fn flush_once(&self, medium: &dyn Medium) -> bool {
+        loop {
+            let batch: Vec<Message> = self.queue().iter().take(FLUSH_BATCH).cloned().collect();
+            if batch.is_empty() {
+                return true;
+            }
+            match medium.append(&batch).await {
+                Ok(_) => self.sent(batch.len()),
+                Err(error) if error.is_retryable() => {
+                    tracing::debug!(%error, waiting = self.len(), "outbox: medium still unavailable");
+                    return false;
+                }
+                Err(error) => {
+                    // Refused for good (not a connectivity problem): keep it as a dead
+                    // letter with the reason, so it is not lost and does not block the rest.
+                    let first = &batch[0];
+                    tracing::error!(message_id = %first.id, %error, "outbox: message refused by the medium: dead-lettered");
+                    let document = bson::to_document(first).unwrap_or_default();
+                    if let Err(dead) = medium.dead_letter(document, error.to_string()).await {
+                        tracing::error!(message_id = %first.id, error = %dead, "outbox: dead letter not written either; message kept");
+                        return false;
+                    }
+                    self.sent(1);
+                }
+            }
+        }
+    }
+
+    /// Drops the first `count` messages (sent) and rewrites the file.
+    fn sent(&self, count: usize) {
+        let mut queue = self.queue();
+        let count = count.min(queue.len());
+        queue.drain(..count);
+        if let Some(path) = &self.file {
+            if let Err(error) = rewrite_file(path, &queue) {
+                tracing::warn!(%error, path = %path.display(), "outbox file not rewritten: a restart may send messages again (stored once)");
+            }
+        }
+        tracing::info!(sent = count, waiting = queue.len(), "outbox: flushed");
+    }
+
+    /// The flusher: runs until the bus shuts down.
+    pub(crate) async fn run(self: Arc<Self>, medium: Arc<dyn Medium>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if self.flush_once(&*medium).await {
+                backoff = Duration::from_millis(200);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        let left = self.len();
+        if left > 0 {
+            match &self.file {
+                Some(path) => tracing::warn!(left, path = %path.display(), "outbox: messages kept for the next start"),
+                None => tracing::error!(left, "outbox: messages not sent before shut-down (set common.intracom.outbox.file to keep them)"),
+            }
+        }
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::ConfigFile {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn read_file(path: &Path) -> Result<VecDeque<Message>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(VecDeque::new()),
+        Err(e) => return Err(io_error(path, e)),
+    };
+    let mut out = VecDeque::new();
+    let mut rest = bytes.as_slice();
+    while rest.len() >= 4 {
+        let len = i32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let Ok(len) = usize::try_from(len) else { break };
+        if len < 5 || len > rest.len() {
+            // A torn write at the end (crash while appending): the rest is not a message.
+            tracing::warn!(path = %path.display(), "outbox file ends with an incomplete document: ignored");
+            break;
+        }
+        match bson::from_slice::<Message>(&rest[..len]) {
+            Ok(message) => out.push_back(message),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "outbox file holds an unreadable document: skipped")
+            }
+        }
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
+fn encode(messages: &[&Message]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for message in messages {
+        bytes.extend(bson::to_vec(message).map_err(crate::error::PayloadError::from)?);
+    }
+    Ok(bytes)
+}
+
+fn append_file(path: &Path, messages: &[Message]) -> Result<()> {
+    let bytes = encode(&messages.iter().collect::<Vec<_>>())?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_error(path, e))?;
+    file.write_all(&bytes).map_err(|e| io_error(path, e))?;
+    file.sync_data().map_err(|e| io_error(path, e))
+}
+
+fn rewrite_file(path: &Path, queue: &VecDeque<Message>) -> Result<()> {
+    let bytes = encode(&queue.iter().collect::<Vec<_>>())?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| io_error(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_keeps_messages_across_a_restart_and_survives_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.bson");
+        let outbox = Outbox::open(10, Some(path.clone())).unwrap();
+        let messages: Vec<Message> = (0..3)
+            .map(|i| Message::broadcast(format!("a{i}")))
+            .collect();
+        outbox.push(&messages).unwrap();
+        drop(outbox);
+        // A crash in the middle of the next append leaves half a document.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[40, 0, 0, 0, 3])
+            .unwrap();
+        let reopened = Outbox::open(10, Some(path.clone())).unwrap();
+        let ids: Vec<String> = reopened.queue().iter().map(|m| m.id.clone()).collect();
+        assert_eq!(
+            ids,
+            messages.iter().map(|m| m.id.clone()).collect::<Vec<_>>()
+        );
+        reopened.sent(2);
+        let after = Outbox::open(10, Some(path)).unwrap();
+        assert_eq!(
+            after
+                .queue()
+                .iter()
+                .map(|m| m.id.clone())
+                .collect::<Vec<_>>(),
+            [messages[2].id.clone()]
+        );
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_all_or_nothing() {
+        let outbox = Outbox::open(2, None).unwrap();
+        outbox.push(&[Message::broadcast("a")]).unwrap();
+        let err = outbox
+            .push(&[Message::broadcast("b"), Message::broadcast("c")])
+            .unwrap_err();
+        assert!(matches!(err, Error::OutboxFull { capacity: 2 }));
+        assert!(err.is_retryable());
+        assert_eq!(outbox.len(), 1);
+    }
+}

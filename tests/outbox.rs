@@ -1,0 +1,226 @@
+//! The outbox through the public API: a medium that goes down and comes back, on top of
+//! the memory medium.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use intracom::bson::Document;
+use intracom::filter::{Filter, Position, StartFrom};
+use intracom::medium::memory::MemoryMedium;
+use intracom::medium::{Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Settlement};
+use intracom::{Config, Error, Intracom, Medium, Message, PublishStatus, Subscription};
+
+/// The memory medium behind a switch: while `down`, appends fail as a lost network would.
+struct Flaky {
+    inner: MemoryMedium,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl Medium for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes()
+    }
+    async fn append(&self, messages: &[Message]) -> intracom::Result<Vec<Appended>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                medium: "flaky",
+                reason: "connection refused".into(),
+            });
+        }
+        self.inner.append(messages).await
+    }
+    async fn follow(&self, from: StartFrom, filter: Filter) -> intracom::Result<EventStream> {
+        self.inner.follow(from, filter).await
+    }
+    async fn catalog_load(&self) -> intracom::Result<CatalogMap> {
+        self.inner.catalog_load().await
+    }
+    async fn catalog_add(&self, service: &str, actions: &[String]) -> intracom::Result<()> {
+        self.inner.catalog_add(service, actions).await
+    }
+    async fn checkpoint_load(&self, name: &str) -> intracom::Result<Option<Position>> {
+        self.inner.checkpoint_load(name).await
+    }
+    async fn checkpoint_save(&self, name: &str, position: &Position) -> intracom::Result<()> {
+        self.inner.checkpoint_save(name, position).await
+    }
+    async fn dead_letter(&self, document: Document, reason: String) -> intracom::Result<()> {
+        self.inner.dead_letter(document, reason).await
+    }
+    async fn claim(&self, request: &ClaimRequest) -> intracom::Result<Option<Message>> {
+        self.inner.claim(request).await
+    }
+    async fn renew(&self, id: &str, owner: &str, lease: Duration) -> intracom::Result<bool> {
+        self.inner.renew(id, owner, lease).await
+    }
+    async fn settle(&self, id: &str, owner: Option<&str>, s: Settlement) -> intracom::Result<bool> {
+        self.inner.settle(id, owner, s).await
+    }
+    async fn bury(&self, id: &str, owner: &str, reason: &str) -> intracom::Result<bool> {
+        self.inner.bury(id, owner, reason).await
+    }
+    async fn await_outcome(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> intracom::Result<Option<Message>> {
+        self.inner.await_outcome(id, timeout).await
+    }
+    async fn dead_list(&self, limit: usize) -> intracom::Result<Vec<DeadLetter>> {
+        self.inner.dead_list(limit).await
+    }
+    async fn dead_get(&self, id: &str) -> intracom::Result<Option<DeadLetter>> {
+        self.inner.dead_get(id).await
+    }
+    async fn dead_remove(&self, id: Option<&str>) -> intracom::Result<u64> {
+        self.inner.dead_remove(id).await
+    }
+    async fn processed_get(
+        &self,
+        consumer: &str,
+        id: &str,
+    ) -> intracom::Result<Option<Option<Document>>> {
+        self.inner.processed_get(consumer, id).await
+    }
+    async fn processed_put(
+        &self,
+        consumer: &str,
+        id: &str,
+        result: Option<Document>,
+    ) -> intracom::Result<()> {
+        self.inner.processed_put(consumer, id, result).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+fn flaky() -> Arc<Flaky> {
+    Arc::new(Flaky {
+        inner: MemoryMedium::new(Default::default()),
+        down: AtomicBool::new(false),
+    })
+}
+
+fn config() -> intracom::ConfigBuilder {
+    Config::builder()
+        .service("billing")
+        .instance("billing-1")
+        .sender("billing", ["reload"])
+}
+
+async fn next_id(sub: &mut intracom::Subscriber) -> String {
+    let item = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .expect("a delivery");
+    item.expect("open").expect("no error").id.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_wait_in_order_while_the_medium_is_down() {
+    let medium = flaky();
+    let bus = Intracom::with_medium(config().build().unwrap(), medium.clone())
+        .await
+        .unwrap();
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    let first = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(first.status, PublishStatus::Stored);
+
+    medium.down.store(true, Ordering::SeqCst);
+    let mut buffered = Vec::new();
+    for _ in 0..5 {
+        let p = bus.publish(Message::broadcast("reload")).await.unwrap();
+        assert_eq!(
+            p.status,
+            PublishStatus::Buffered,
+            "the caller can tell it was buffered"
+        );
+        buffered.push(p.id);
+    }
+    assert_eq!(bus.outbox_len(), 5);
+    // Bad input is still refused at once, never buffered.
+    assert!(matches!(
+        bus.publish(Message::broadcast("nope")).await,
+        Err(Error::UnknownAction { .. })
+    ));
+
+    medium.down.store(false, Ordering::SeqCst);
+    // A publish now queues behind the outbox, so order is kept.
+    let last = bus.publish(Message::broadcast("reload")).await.unwrap();
+    let mut expected = vec![first.id];
+    expected.extend(buffered);
+    expected.push(last.id);
+    let mut got = Vec::new();
+    for _ in 0..expected.len() {
+        got.push(next_id(&mut sub).await);
+    }
+    assert_eq!(got, expected, "every message once, in publish order");
+    assert_eq!(bus.outbox_len(), 0);
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_is_an_error_the_caller_sees() {
+    let medium = flaky();
+    let config = config()
+        .set("common.intracom.outbox.max_messages", "2")
+        .build()
+        .unwrap();
+    let bus = Intracom::with_medium(config, medium.clone()).await.unwrap();
+    medium.down.store(true, Ordering::SeqCst);
+    bus.publish(Message::broadcast("reload")).await.unwrap();
+    bus.publish(Message::broadcast("reload")).await.unwrap();
+    let err = bus.publish(Message::broadcast("reload")).await.unwrap_err();
+    assert!(matches!(err, Error::OutboxFull { capacity: 2 }), "{err}");
+    assert!(err.is_retryable());
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_file_is_replayed_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.bson");
+    let down = flaky();
+    down.down.store(true, Ordering::SeqCst);
+    let bus = Intracom::with_medium(config().outbox_file(&path).build().unwrap(), down)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(bus.publish(Message::broadcast("reload")).await.unwrap().id);
+    }
+    bus.shutdown().await; // the process stops with the medium still down
+
+    let up = flaky();
+    let mut watch = {
+        // Subscribe first on a bus without the file, to see what the replay sends.
+        let observer =
+            Intracom::with_medium(config().instance("observer").build().unwrap(), up.clone())
+                .await
+                .unwrap();
+        observer.subscribe(Subscription::monitor()).await.unwrap()
+    };
+    let restarted = Intracom::with_medium(config().outbox_file(&path).build().unwrap(), up)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_id(&mut watch).await);
+    }
+    assert_eq!(got, ids, "replayed in order after the restart");
+    for _ in 0..100 {
+        if restarted.outbox_len() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(restarted.outbox_len(), 0);
+    restarted.shutdown().await;
+}
