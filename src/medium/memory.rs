@@ -790,7 +790,7 @@ mod tests {
     async fn duplicate_ids_are_stored_once() {
         let m = medium(60_000, 10);
         let one = msg("a");
-        let first = m.append(&[one.clone()]).await.unwrap();
+        let first = m.append(std::slice::from_ref(&one)).await.unwrap();
         let again = m.append(&[one]).await.unwrap();
         assert!(!first[0].duplicate);
         assert!(again[0].duplicate);
