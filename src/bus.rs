@@ -15,6 +15,7 @@ use crate::config::{Config, MediumKind};
 use crate::delivery::{AckTracker, Screen, Subscriber, Subscription};
 use crate::error::{Error, Result};
 use crate::filter::StartFrom;
+use crate::idempotency::Fallback;
 use crate::medium::memory::MemoryMedium;
 use crate::medium::mongo::MongoMedium;
 use crate::medium::Medium;
@@ -60,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) routes: LocalRoutes,
     /// Publishes waiting for the medium to come back.
     outbox: Arc<Outbox>,
+    /// The idempotency records kept in memory while the store is unreachable.
+    pub(crate) fallback: Fallback,
 }
 
 /// What became of a published message.
@@ -134,6 +137,7 @@ impl Intracom {
                 owns_medium,
                 routes: LocalRoutes::default(),
                 outbox,
+                fallback: Fallback::default(),
             }),
         })
     }

@@ -993,6 +993,65 @@ pub async fn work_held_by_a_crashed_worker_is_done_by_another(h: &dyn Harness) {
     doomed_bus.shutdown().await;
 }
 
+pub async fn idempotent_handlers_run_once_per_consumer(h: &dyn Harness) {
+    use intracom::Once;
+    let w = h.world(300_000).await;
+    let b1 = bus(&*w, "billing", "billing-1").await;
+    let b2 = bus(&*w, "billing", "billing-2").await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run = |n: i64| {
+        let calls = calls.clone();
+        move || async move {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, Error>(Invoice {
+                invoice: n,
+                total: 1.0,
+                served_by: "x".into(),
+            })
+        }
+    };
+    // Re-delivered to another instance of the same consumer: runs once.
+    assert!(matches!(
+        b1.idempotent("ledger")
+            .run_once("m1", run(1))
+            .await
+            .unwrap(),
+        Once::Ran(_)
+    ));
+    match b2
+        .idempotent("ledger")
+        .run_once("m1", run(2))
+        .await
+        .unwrap()
+    {
+        Once::AlreadyDone(Some(result)) => assert_eq!(
+            result.get_i64("invoice").unwrap(),
+            1,
+            "the first result is kept"
+        ),
+        other => panic!("expected AlreadyDone, got {other:?}"),
+    }
+    // Another consumer of the same message runs its own handler.
+    assert!(matches!(
+        b2.idempotent("audit").run_once("m1", run(3)).await.unwrap(),
+        Once::Ran(_)
+    ));
+    // A failed handler is not recorded: the next delivery runs it again.
+    let failed = b1
+        .idempotent("ledger")
+        .run_once("m2", || async { Err::<i32, _>(Error::Shutdown) })
+        .await;
+    assert!(failed.is_err());
+    assert!(matches!(
+        b1.idempotent("ledger")
+            .run_once("m2", run(4))
+            .await
+            .unwrap(),
+        Once::Ran(_)
+    ));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
 /// Instantiates every conformance test for a harness expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -1029,6 +1088,7 @@ macro_rules! conformance_tests {
             work_is_claimed_by_priority_then_age,
             failing_work_is_retried_then_dead_lettered,
             work_held_by_a_crashed_worker_is_done_by_another,
+            idempotent_handlers_run_once_per_consumer,
         );
     };
     (@each $harness:expr; $attrs:tt; $($name:ident),* $(,)?) => {

@@ -1,5 +1,5 @@
-//! The outbox through the public API: a medium that goes down and comes back, on top of
-//! the memory medium.
+//! The outbox and the idempotency fall-back through the public API: a medium that goes
+//! down and comes back, on top of the memory medium.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,20 @@ use intracom::{Config, Error, Intracom, Medium, Message, PublishStatus, Subscrip
 struct Flaky {
     inner: MemoryMedium,
     down: AtomicBool,
+    /// While set, the idempotency store is unreachable.
+    store_down: AtomicBool,
+}
+
+impl Flaky {
+    fn store(&self) -> intracom::Result<()> {
+        if self.store_down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                medium: "flaky",
+                reason: "no primary".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -87,6 +101,7 @@ impl Medium for Flaky {
         consumer: &str,
         id: &str,
     ) -> intracom::Result<Option<Option<Document>>> {
+        self.store()?;
         self.inner.processed_get(consumer, id).await
     }
     async fn processed_put(
@@ -95,6 +110,7 @@ impl Medium for Flaky {
         id: &str,
         result: Option<Document>,
     ) -> intracom::Result<()> {
+        self.store()?;
         self.inner.processed_put(consumer, id, result).await
     }
     async fn close(&self) {
@@ -106,6 +122,7 @@ fn flaky() -> Arc<Flaky> {
     Arc::new(Flaky {
         inner: MemoryMedium::new(Default::default()),
         down: AtomicBool::new(false),
+        store_down: AtomicBool::new(false),
     })
 }
 
@@ -223,4 +240,60 @@ async fn the_outbox_file_is_replayed_at_start_up() {
     }
     assert_eq!(restarted.outbox_len(), 0);
     restarted.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_falls_back_to_memory_and_goes_back() {
+    use intracom::Once;
+    let medium = flaky();
+    let bus = Intracom::with_medium(config().build().unwrap(), medium.clone())
+        .await
+        .unwrap();
+    let ledger = bus.idempotent("ledger");
+    let run = |n: i32| async move { Ok::<_, Error>(n) };
+
+    medium.store_down.store(true, Ordering::SeqCst);
+    assert_eq!(
+        ledger.run_once("m1", || run(1)).await.unwrap(),
+        Once::Ran(1)
+    );
+    assert!(
+        matches!(
+            ledger.run_once("m1", || run(2)).await.unwrap(),
+            Once::AlreadyDone(_)
+        ),
+        "de-duplicated in memory"
+    );
+    ledger.run_once("m2", || run(3)).await.unwrap();
+    assert_eq!(bus.idempotency_fallbacks(), 1, "counted once per outage");
+
+    medium.store_down.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        ledger.run_once("m1", || run(4)).await.unwrap(),
+        Once::AlreadyDone(_)
+    ));
+    // Back on the store: what was recorded meanwhile is there now.
+    assert!(
+        medium
+            .inner
+            .processed_get("ledger", "m2")
+            .await
+            .unwrap()
+            .is_some(),
+        "written back"
+    );
+    assert_eq!(
+        ledger.run_once("m3", || run(5)).await.unwrap(),
+        Once::Ran(5)
+    );
+    assert!(
+        medium
+            .inner
+            .processed_get("ledger", "m3")
+            .await
+            .unwrap()
+            .is_some(),
+        "the store is used again"
+    );
+    bus.shutdown().await;
 }
