@@ -38,10 +38,13 @@ pub enum Once<R> {
 
 type Key = (String, String);
 
+/// Records by key, and the keys oldest first (to drop the oldest past the capacity).
+type Records = (HashMap<Key, Option<Document>>, VecDeque<Key>);
+
 /// The in-memory fall-back and its state, shared by the handles of one bus.
 #[derive(Default)]
 pub(crate) struct Fallback {
-    records: Mutex<(HashMap<Key, Option<Document>>, VecDeque<Key>)>,
+    records: Mutex<Records>,
     active: AtomicBool,
     /// Times the bus fell back to memory.
     pub(crate) fallbacks: AtomicU64,
