@@ -866,3 +866,366 @@ async fn an_ack_saves_the_resume_token_as_the_checkpoint() {
     assert_eq!(position.get_timestamp("ts").unwrap(), ts(1));
     bus.shutdown().await;
 }
+
+fn work_document(id: &str, owner: &str) -> Document {
+    let mut d = stored_message(id, "invoice.render", ts(1));
+    d.insert("serviceNameDest", "billing");
+    d.insert("type", "fire_and_forget");
+    d.insert("delivery", "one");
+    d.insert("state", "pending");
+    d.insert("priority", 0);
+    d.insert("attempts", 1);
+    d.insert(
+        "lease",
+        doc! { "owner": owner, "until": intracom::bson::DateTime::now() },
+    );
+    d
+}
+
+fn statements(command: &Document) -> Vec<Document> {
+    command
+        .get_array("updates")
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_document().cloned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    script_get_more(&peer, 101, vec![], "t0");
+    peer.queue(
+        "findAndModify",
+        vec![Reply::Doc(doc! { "lastErrorObject": { "n": 1, "updatedExisting": true }, "value": work_document("job-1", "billing-1"), "ok": 1 })],
+    );
+    peer.always("findAndModify", doc! { "lastErrorObject": { "n": 0, "updatedExisting": false }, "value": Bson::Null, "ok": 1 });
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("messages"))
+            .then(|| Reply::Doc(doc! { "n": 1, "nModified": 1, "ok": 1 }))
+    });
+    let bus = connect(&peer).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = intracom::WorkOptions::default()
+        .lease(Duration::from_millis(600))
+        .poll(Duration::from_millis(50));
+    let _worker = bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            options,
+            move |m: Message| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.id.clone()).ok();
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(GUARD, rx.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        "job-1"
+    );
+
+    let claim = peer.wait_for("findAndModify", 1).await.remove(0);
+    assert_eq!(claim.get_str("findAndModify"), Ok("messages"));
+    let query = claim.get_document("query").unwrap();
+    assert_eq!(query.get_str("serviceNameDest"), Ok("billing"));
+    assert_eq!(query.get_str("delivery"), Ok("one"));
+    assert_eq!(query.get_str("state"), Ok("pending"));
+    assert_eq!(
+        query.get_document("action").unwrap(),
+        &doc! { "$in": ["invoice.render"] }
+    );
+    assert_eq!(
+        query.get_array("$or").unwrap(),
+        &vec![
+            Bson::Document(doc! { "lease": Bson::Null }),
+            Bson::Document(doc! { "$expr": { "$lte": ["$lease.until", "$$NOW"] } })
+        ],
+        "free, or a lease that ran out by the server's clock"
+    );
+    assert_eq!(
+        claim.get_document("sort").unwrap(),
+        &doc! { "priority": -1, "ts": 1 }
+    );
+    assert_eq!(claim.get_bool("new"), Ok(true));
+    let update = claim
+        .get_array("update")
+        .expect("a pipeline update (for $$NOW)")[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        get(&update, "$set.lease.until"),
+        &Bson::Document(doc! { "$add": ["$$NOW", 600i64] })
+    );
+    assert_eq!(
+        get(&update, "$set.lease.owner"),
+        &Bson::String("billing-1".into())
+    );
+
+    // Settled in place, by the lease holder only.
+    let mut settle = None;
+    for _ in 0..200 {
+        settle = peer
+            .commands_named("update")
+            .into_iter()
+            .filter(|c| c.get_str("update") == Ok("messages"))
+            .flat_map(|c| statements(&c))
+            .next();
+        if settle.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let settle = settle.expect("the worker settled the job");
+    assert_eq!(
+        settle.get_document("q").unwrap(),
+        &doc! { "_id": "job-1", "state": "pending", "lease.owner": "billing-1" }
+    );
+    assert_eq!(get(&settle, "u.$set.state"), &Bson::String("done".into()));
+    assert!(get(&settle, "u.$set.response_ts").as_i64().is_some());
+    assert_eq!(
+        get(&settle, "u.$unset"),
+        &Bson::Document(doc! { "lease": "" })
+    );
+    bus.shutdown().await;
+}
+
+/// Scripts a remote answer: the request is pending until the shared stream reports the
+/// update that settles it, then reads as done.
+fn script_remote_answer(peer: &Peer, answer: Option<Document>) {
+    use std::sync::{Arc, Mutex};
+    let request = Arc::new(Mutex::new(None::<String>));
+    let settled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = request.clone();
+    peer.on("update", move |c| {
+        if c.get_str("update") != Ok("messages") {
+            return None;
+        }
+        let first = statements(c).remove(0);
+        let id = get(&first, "q._id").as_str().unwrap().to_string();
+        if get(&first, "u")
+            .as_document()
+            .unwrap()
+            .contains_key("$setOnInsert")
+        {
+            *seen.lock().unwrap() = Some(id.clone());
+            return Some(Reply::Doc(
+                doc! { "n": 1, "nModified": 0, "upserted": [{ "index": 0, "_id": id }], "ok": 1 },
+            ));
+        }
+        Some(Reply::Doc(doc! { "n": 1, "nModified": 1, "ok": 1 }))
+    });
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    let (wanted, flag) = (request.clone(), settled.clone());
+    let answered = answer.is_some();
+    peer.on("getMore", move |_| {
+        let id = wanted.lock().unwrap().clone();
+        match id {
+            Some(id) if answered && !flag.swap(true, std::sync::atomic::Ordering::SeqCst) => Some(Reply::Doc(cursor_reply(
+                101,
+                "nextBatch",
+                vec![doc! {
+                    "_id": { "_data": "u1" },
+                    "operationType": "update",
+                    "clusterTime": ts(9),
+                    "ns": { "db": "intracom", "coll": "messages" },
+                    "documentKey": { "_id": id },
+                    "updateDescription": { "updatedFields": { "state": "done" }, "removedFields": [] },
+                }],
+                "u1",
+            ))),
+            _ => Some(Reply::After(Duration::from_millis(100), cursor_reply(101, "nextBatch", vec![], "t0"))),
+        }
+    });
+    peer.on("find", move |c| {
+        if c.get_str("find") != Ok("messages") {
+            return None;
+        }
+        let id = request.lock().unwrap().clone().unwrap_or_default();
+        let mut d = stored_message(&id, "invoice.get", ts(5));
+        d.insert("serviceNameDest", "billing");
+        d.insert("delivery", "one");
+        d.insert("type", "sync");
+        d.insert("queryId", &id);
+        match (&answer, settled.load(std::sync::atomic::Ordering::SeqCst)) {
+            (Some(result), true) => {
+                d.insert("state", "done");
+                d.insert("result", result.clone());
+            }
+            _ => {
+                d.insert("state", "pending");
+            }
+        }
+        Some(Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [d] }, "ok": 1 }))
+    });
+}
+
+fn requester(peer: &Peer) -> Config {
+    let mut config = config(peer);
+    config.service = "web".into();
+    config.instance = Some("web-1".into());
+    config
+}
+
+fn accept_requester_catalog(peer: &Peer) {
+    peer.on("find", |c| {
+        (c.get_str("find") == Ok("config")).then(|| {
+            Reply::Doc(
+                doc! { "cursor": { "id": 0i64, "ns": "intracom.config", "firstBatch": [
+                    { "_id": "web", "type": "service", "actions": [] },
+                    { "_id": "billing", "type": "service", "actions": ["invoice.get"] },
+                ] }, "ok": 1 },
+            )
+        })
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_its_outcome_written_in_place() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_requester_catalog(&peer);
+    script_remote_answer(&peer, Some(doc! { "total": 1.5 }));
+    let bus = Intracom::connect(requester(&peer)).await.unwrap();
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Total {
+        total: f64,
+    }
+    let answer: Total = bus
+        .request("billing", "invoice.get", &doc! { "invoice": 42 })
+        .timeout(GUARD)
+        .await
+        .unwrap();
+    assert_eq!(answer, Total { total: 1.5 });
+
+    let publish = peer
+        .commands_named("update")
+        .into_iter()
+        .find(|c| c.get_str("update") == Ok("messages"))
+        .unwrap();
+    let body = get(&statements(&publish)[0], "u.$setOnInsert")
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(body.get_str("delivery"), Ok("one"));
+    assert_eq!(body.get_str("state"), Ok("pending"));
+    assert_eq!(body.get_str("type"), Ok("sync"));
+    assert_eq!(
+        body.get_i64("query_ms"),
+        Ok(30_000),
+        "the caller's time-out is in the request"
+    );
+    let id = get(&statements(&publish)[0], "q._id")
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(body.get_str("queryId"), Ok(id.as_str()));
+    let reads: Vec<Document> = peer
+        .commands_named("find")
+        .into_iter()
+        .filter(|c| c.get_str("find") == Ok("messages"))
+        .collect();
+    assert!(
+        reads
+            .iter()
+            .all(|r| r.get_document("filter") == Ok(&doc! { "_id": &id })),
+        "reads the request document itself"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_request_is_marked_in_place() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_requester_catalog(&peer);
+    script_remote_answer(&peer, None);
+    let bus = Intracom::connect(requester(&peer)).await.unwrap();
+    let err = bus
+        .request::<_, Document>("billing", "invoice.get", &doc! { "invoice": 1 })
+        .timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let updates: Vec<Document> = peer
+        .commands_named("update")
+        .into_iter()
+        .filter(|c| c.get_str("update") == Ok("messages"))
+        .flat_map(|c| statements(&c))
+        .collect();
+    let id = get(&updates[0], "q._id").as_str().unwrap().to_string();
+    let mark = updates
+        .iter()
+        .find(|s| get(s, "u").as_document().unwrap().contains_key("$set"))
+        .expect("marked");
+    assert_eq!(
+        mark.get_document("q").unwrap(),
+        &doc! { "_id": &id, "state": "pending" },
+        "only if nobody answered meanwhile"
+    );
+    assert_eq!(get(mark, "u.$set.state"), &Bson::String("error".into()));
+    assert_eq!(
+        get(mark, "u.$set.response.error"),
+        &Bson::String("timed out".into())
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_made_while_the_server_is_unreachable_arrive_once_in_order() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("messages")).then(|| {
+            let n = c.get_array("updates").map(|u| u.len()).unwrap_or(0) as i32;
+            Reply::Doc(doc! { "n": n, "nModified": 0, "ok": 1 })
+        })
+    });
+    let bus = connect(&peer).await;
+    let first = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(first.status, PublishStatus::Stored);
+
+    peer.refuse_connections(true);
+    let mut ids = vec![first.id.clone()];
+    for _ in 0..3 {
+        let p = bus.publish(Message::broadcast("reload")).await.unwrap();
+        assert_eq!(p.status, PublishStatus::Buffered);
+        ids.push(p.id);
+    }
+    peer.refuse_connections(false);
+
+    let mut sent: Vec<String> = Vec::new();
+    for _ in 0..600 {
+        sent = peer
+            .commands_named("update")
+            .into_iter()
+            .filter(|c| c.get_str("update") == Ok("messages"))
+            .flat_map(|c| statements(&c))
+            .map(|s| get(&s, "q._id").as_str().unwrap().to_string())
+            .collect();
+        if sent.len() >= ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sent, ids, "every message once, in publish order");
+    assert_eq!(bus.outbox_len(), 0);
+    bus.shutdown().await;
+}
