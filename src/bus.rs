@@ -258,6 +258,8 @@ impl Intracom {
             .into_iter()
             .map(|a| {
                 tracing::debug!(message_id = %a.id, ts = ?a.ts, duplicate = a.duplicate, "published");
+                let status = if a.duplicate { "duplicate" } else { "stored" };
+                metrics::counter!(crate::metrics::PUBLISHED, "medium" => self.shared.medium.name(), "status" => status).increment(1);
                 Published {
                     id: a.id,
                     ts: a.ts,
@@ -325,6 +327,8 @@ impl Intracom {
 
     fn buffer(&self, messages: &[Message]) -> Result<Vec<Published>> {
         self.shared.outbox.push(messages)?;
+        metrics::counter!(crate::metrics::PUBLISHED, "medium" => self.shared.medium.name(), "status" => "buffered")
+            .increment(messages.len() as u64);
         Ok(messages
             .iter()
             .map(|m| Published {

@@ -82,6 +82,7 @@ impl Fallback {
     fn fall_back(&self, error: &Error) {
         if !self.active.swap(true, Ordering::SeqCst) {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::FALLBACK, "kind" => "idempotency").increment(1);
             tracing::warn!(%error, "idempotency store unreachable: falling back to memory (this process only)");
         }
     }

@@ -46,6 +46,7 @@ pub mod filter;
 pub mod idempotency;
 pub mod medium;
 pub mod message;
+pub mod metrics;
 mod outbox;
 pub mod work;
 

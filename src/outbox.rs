@@ -77,6 +77,7 @@ impl Outbox {
                 append_file(path, messages)?;
             }
             queue.extend(messages.iter().cloned());
+            metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         }
         self.wake.notify_one();
         Ok(())
@@ -101,6 +102,8 @@ impl Outbox {
                     // letter with the reason, so it is not lost and does not block the rest.
                     let first = &batch[0];
                     tracing::error!(message_id = %first.id, %error, "outbox: message refused by the medium: dead-lettered");
+                    metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "refused")
+                        .increment(1);
                     let document = bson::to_document(first).unwrap_or_default();
                     if let Err(dead) = medium.dead_letter(document, error.to_string()).await {
                         tracing::error!(message_id = %first.id, error = %dead, "outbox: dead letter not written either; message kept");
@@ -117,6 +120,7 @@ impl Outbox {
         let mut queue = self.queue();
         let count = count.min(queue.len());
         queue.drain(..count);
+        metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         if let Some(path) = &self.file {
             if let Err(error) = rewrite_file(path, &queue) {
                 tracing::warn!(%error, path = %path.display(), "outbox file not rewritten: a restart may send messages again (stored once)");

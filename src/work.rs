@@ -227,6 +227,19 @@ impl<R: DeserializeOwned + Send + 'static> IntoFuture for Request<R> {
 
 impl<R: DeserializeOwned> Request<R> {
     async fn run(self) -> Result<R> {
+        let started = std::time::Instant::now();
+        let outcome = self.exchange().await;
+        let label = match &outcome {
+            Ok(_) => "done",
+            Err(Error::Timeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        metrics::histogram!(crate::metrics::REQUEST_SECONDS, "outcome" => label)
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn exchange(self) -> Result<R> {
         let bus = self.bus;
         let mut message = Message::to_service(&self.service, &self.action)
             .body(self.query?)
@@ -571,6 +584,8 @@ impl WorkerLoop {
         let span = tracing::debug_span!("work", message_id = %id, action = %message.action, attempt = message.attempts);
         let _entered = span.enter();
         tracing::debug!(message_id = %id, attempt = message.attempts, "claimed");
+        metrics::counter!(crate::metrics::CLAIMED, "service" => self.claim.service.clone())
+            .increment(1);
 
         if self.policy == Policy::Requests {
             let deadline = message.query_ms.map(|ms| {
@@ -634,6 +649,8 @@ impl WorkerLoop {
             (Err(error), Policy::Work) => {
                 let after = self.options.pause_after(message.attempts);
                 tracing::info!(message_id = %id, %error, retry_in_ms = after.as_millis() as u64, "work failed: will retry");
+                metrics::counter!(crate::metrics::RETRIED, "service" => self.claim.service.clone())
+                    .increment(1);
                 Settlement::Retry { error, after }
             }
         };
@@ -650,6 +667,7 @@ impl WorkerLoop {
 
     async fn bury(&self, id: &str, reason: &str) {
         tracing::warn!(message_id = %id, %reason, "work moved to the dead letters");
+        metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "attempts").increment(1);
         if let Err(error) = self.bus.medium().bury(id, &self.claim.owner, reason).await {
             tracing::warn!(message_id = %id, %error, "not moved to the dead letters");
         }

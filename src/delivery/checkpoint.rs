@@ -59,6 +59,7 @@ impl AckTracker {
 
     /// Marks a delivery acked and saves the checkpoint if the acked run grew.
     pub(crate) async fn ack(&self, number: u64) -> Result<()> {
+        metrics::counter!(crate::metrics::ACKED, "subscription" => self.name.clone()).increment(1);
         {
             let mut state = self.state();
             match state.pending.get_mut(&number) {

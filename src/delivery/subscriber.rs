@@ -30,6 +30,8 @@ impl Screen {
             Ok(()) => true,
             Err(error @ (Error::UnknownAction { .. } | Error::UnknownSender { .. })) => {
                 tracing::warn!(subscription, message_id = %message.id, %error, "undeclared message dead-lettered");
+                metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "undeclared")
+                    .increment(1);
                 match bson::to_document(message) {
                     Ok(document) => {
                         if let Err(error) =
@@ -146,6 +148,7 @@ impl Subscriber {
                         Err(error) => Some(Err(error)),
                         Ok(Event::Lost { count }) => {
                             tracing::warn!(subscription = %label, count, "messages expired before delivery");
+                            metrics::counter!(crate::metrics::LOST, "subscription" => label.to_string()).increment(count.max(1));
                             Some(Err(Error::Lost {
                                 subscription: label.to_string(),
                                 count,
@@ -158,6 +161,11 @@ impl Subscriber {
                                 }
                             }
                             let ack = acks.as_ref().map(|t| (Arc::clone(t), t.delivered(position.clone())));
+                            metrics::counter!(crate::metrics::DELIVERED, "subscription" => label.to_string()).increment(1);
+                            if let Some(at) = message.at {
+                                let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
+                                metrics::histogram!(crate::metrics::DELIVERY_LATENCY).record(age_ms.max(0) as f64 / 1000.0);
+                            }
                             Some(Ok(Delivery { message, position, ack }))
                         }
                     }

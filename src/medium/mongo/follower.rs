@@ -266,10 +266,7 @@ impl Follower {
                 }
                 Err(e) if is_history_lost(&e) => {
                     tracing::warn!(error = %e, "saved resume token is past the oplog: catching up from the collection by ts");
-                    self.inner
-                        .stats
-                        .history_lost
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.inner.count_history_lost();
                     self.report_if_expired(position.ts);
                 }
                 Err(e) => return Err(to_error(e)),
@@ -369,10 +366,7 @@ impl Follower {
                 behind = ring_behind(&hub, cursor),
                 "subscriber fell behind the change-event buffer: catching up from the collection"
             );
-            self.inner
-                .stats
-                .fallbacks
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.count_fallback();
             return self.scan_from_last();
         }
         let start = (cursor + 1 - ring.first_seq) as usize;
@@ -399,10 +393,7 @@ impl Follower {
             cursor = seq;
             match entry {
                 Copied::Gap => {
-                    self.inner
-                        .stats
-                        .fallbacks
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.inner.count_fallback();
                     return self.scan_from_last();
                 }
                 Copied::Message(message, token, cluster_time) => {
@@ -453,7 +444,10 @@ impl Follower {
                             fresh += 1;
                         }
                     }
-                    Err(reason) => self.inner.dead_letter(document, reason).await,
+                    Err(reason) => {
+                        self.inner.count_unreadable();
+                        self.inner.dead_letter(document, reason).await;
+                    }
                 }
             }
             if !full {
@@ -556,6 +550,7 @@ impl Follower {
                                 self.offer(Arc::new(message), token.as_ref(), Some(ct));
                             }
                             Some(Err(reason)) => {
+                                self.inner.count_unreadable();
                                 if let Some(document) = event.full_document {
                                     self.inner.dead_letter(document, reason).await;
                                 }
@@ -581,10 +576,7 @@ impl Follower {
                     },
                     Err(e) if is_history_lost(&e) => {
                         tracing::warn!(error = %e, "resumed stream lost its history: catching up from the collection by ts");
-                        self.inner
-                            .stats
-                            .history_lost
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.inner.count_history_lost();
                         self.scan_from_last()
                     }
                     Err(e) => {

@@ -203,10 +203,7 @@ async fn reopen(
     loop {
         if is_history_lost(&error) {
             tracing::warn!(%error, "change stream history lost: restarting the stream; subscribers catch up from the collection");
-            inner
-                .stats
-                .history_lost
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            inner.count_history_lost();
             token = None;
         } else {
             tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream failed: resuming from the last token");
@@ -244,6 +241,7 @@ fn to_item(inner: &Arc<Inner>, event: ChangeStreamEvent<Document>) -> RingItem {
             cluster_time,
         },
         Err(reason) => {
+            inner.count_unreadable();
             // Keep the stream loop free of round trips: dead-letter in the background.
             let inner = Arc::clone(inner);
             tokio::spawn(async move { inner.dead_letter(document, reason).await });

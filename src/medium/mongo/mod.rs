@@ -106,6 +106,23 @@ impl Inner {
         age_ms > setup::ttl_seconds(self.timeout_ms).saturating_mul(1000)
     }
 
+    /// Counts a document that is not a readable message (then dead-lettered).
+    pub(crate) fn count_unreadable(&self) {
+        metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "unreadable").increment(1);
+    }
+
+    /// Counts a subscriber falling back to a `ts` scan.
+    pub(crate) fn count_fallback(&self) {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::FALLBACK, "kind" => "scan").increment(1);
+    }
+
+    /// Counts a change stream whose history was gone.
+    pub(crate) fn count_history_lost(&self) {
+        self.stats.history_lost.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::FALLBACK, "kind" => "history_lost").increment(1);
+    }
+
     /// Copies an unreadable document to `dead` with the reason, and counts it. Never
     /// fails: a consumer keeps consuming whatever happens here.
     pub(crate) async fn dead_letter(&self, document: Document, reason: String) {

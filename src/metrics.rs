@@ -1,0 +1,53 @@
+//! The metrics an operator scrapes, through the [`metrics`](https://docs.rs/metrics)
+//! facade: install any recorder (or enable the `prometheus` feature and call
+//! [`install_prometheus`]) and they appear.
+//!
+//! | name | kind | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `intracom_published_total` | counter | `medium`, `status` (`stored`, `duplicate`, `buffered`) | publishes |
+//! | `intracom_delivered_total` | counter | `subscription` | messages handed to subscribers |
+//! | `intracom_acked_total` | counter | `subscription` | acknowledgements |
+//! | `intracom_delivery_latency_seconds` | histogram | | from the medium's stamp (`at`) to delivery |
+//! | `intracom_lost_total` | counter | `subscription` | messages reported lost (expired before delivery) |
+//! | `intracom_claimed_total` | counter | `service` | work and requests claimed |
+//! | `intracom_retried_total` | counter | `service` | failed work scheduled again |
+//! | `intracom_dead_lettered_total` | counter | `reason` (`attempts`, `undeclared`, `unreadable`, `refused`) | messages moved to the dead letters |
+//! | `intracom_request_seconds` | histogram | `outcome` (`done`, `error`, `timeout`) | request round trip, caller side |
+//! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `scan`, `history_lost`) | fall-backs |
+//! | `intracom_outbox_messages` | gauge | | publishes waiting in the outbox |
+
+/// Publishes, by medium and status.
+pub const PUBLISHED: &str = "intracom_published_total";
+/// Deliveries, by subscription.
+pub const DELIVERED: &str = "intracom_delivered_total";
+/// Acks, by subscription.
+pub const ACKED: &str = "intracom_acked_total";
+/// Stamp-to-delivery latency.
+pub const DELIVERY_LATENCY: &str = "intracom_delivery_latency_seconds";
+/// Messages reported lost.
+pub const LOST: &str = "intracom_lost_total";
+/// Claims.
+pub const CLAIMED: &str = "intracom_claimed_total";
+/// Retries scheduled.
+pub const RETRIED: &str = "intracom_retried_total";
+/// Dead letters, by reason.
+pub const DEAD_LETTERED: &str = "intracom_dead_lettered_total";
+/// Request round trips.
+pub const REQUEST_SECONDS: &str = "intracom_request_seconds";
+/// Fall-backs, by kind.
+pub const FALLBACK: &str = "intracom_fallback_total";
+/// Outbox size.
+pub const OUTBOX: &str = "intracom_outbox_messages";
+
+/// Serves every intracom metric for Prometheus at `http://<addr>/metrics`.
+/// Needs the `prometheus` feature and a running tokio runtime.
+#[cfg(feature = "prometheus")]
+pub fn install_prometheus(addr: std::net::SocketAddr) -> crate::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| crate::Error::Unsupported {
+            medium: "prometheus".into(),
+            what: format!("installing the exporter on {addr}: {e}"),
+        })
+}
