@@ -1,24 +1,43 @@
 //! The `intracom` admin command.
 //!
-//! Reads the same configuration as the library (`INTRACOM_CONFIG`, a properties file,
-//! the environment) so that an operator sees what a service would see.
+//! Reads the same configuration as the library (`INTRACOM_CONFIG` or `--config`, the
+//! environment) so that an operator sees what a service would see; `--uri` points it at
+//! a MongoDB deployment. Errors are one line and a hint, with exit code 1 (2 for a
+//! command line clap cannot parse).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
-use intracom::Config;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use intracom::bson::{doc, Bson, Document, Timestamp};
+use intracom::medium::memory::MemoryMedium;
+use intracom::medium::mongo::MongoMedium;
+use intracom::{
+    Config, Error, Intracom, MediumKind, Message, MessageType, Position, PublishStatus, StartFrom,
+    Subscription, WorkOptions,
+};
 
 #[derive(Parser)]
 #[command(
     name = "intracom",
     version,
-    about = "Admin tool for the intracom message bus"
+    about = "Admin tool for the intracom message bus",
+    propagate_version = true
 )]
 struct Cli {
     /// Properties file to read (default: $INTRACOM_CONFIG, if set).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// MongoDB connection string; implies common.intracom.medium=db.
+    #[arg(long, global = true, value_name = "URI")]
+    uri: Option<String>,
+    /// Database name (common.intracom.db.database).
+    #[arg(long, global = true, value_name = "NAME")]
+    database: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,75 +46,333 @@ struct Cli {
 enum Command {
     /// Check the configuration and print it as the library resolves it.
     Config,
+    /// Show the bus at work in one process, no server needed: three services,
+    /// a broadcast, a targeted message, a request and a work queue.
+    Demo,
+    /// Follow messages live.
+    Tail(TailArgs),
+    /// Publish a message.
+    Publish(PublishArgs),
+    /// Send a request and print the answer; exits 1 on an error or a time-out.
+    Request(RequestArgs),
+    /// The sender/action catalog.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Counts by service, action, type and state; queue depth; dead letters; lag.
+    Stats(JsonFlag),
+    /// The dead letters.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Check a MongoDB deployment and say what to fix.
+    Doctor,
 }
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON (one document per line) for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TailArgs {
+    /// Only messages from or to this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only these actions (repeatable).
+    #[arg(long)]
+    action: Vec<String>,
+    /// Only this type (broadcast, fire_and_forget, async, sync, response).
+    #[arg(long = "type", value_name = "TYPE")]
+    kind: Option<String>,
+    /// Only this state (pending, done, error) as published.
+    #[arg(long)]
+    state: Option<String>,
+    /// Start in the past: a duration (`10m`), a time (`2026-11-24T07:00:00Z`) or a
+    /// position (`<seconds>:<increment>`, a BSON Timestamp).
+    #[arg(long)]
+    since: Option<String>,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<usize>,
+    /// Print JSON (relaxed extended JSON, one message per line).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// The action.
+    action: String,
+    /// The sending service (must be in the catalog).
+    #[arg(long)]
+    from: String,
+    /// The target service (default: every service).
+    #[arg(long)]
+    to: Option<String>,
+    /// The target instance of --to.
+    #[arg(long)]
+    instance: Option<String>,
+    /// The payload, as JSON (extended JSON accepted).
+    #[arg(long, default_value = "{}")]
+    body: String,
+    /// Make it work for one instance of --to (delivery: one).
+    #[arg(long)]
+    work: bool,
+    /// Work priority (higher first).
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// Use this message id (publishing the same id twice stores it once).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[derive(Args)]
+struct RequestArgs {
+    /// The target service.
+    service: String,
+    /// The action.
+    action: String,
+    /// The requesting service (must be in the catalog).
+    #[arg(long)]
+    from: String,
+    /// The query, as JSON.
+    #[arg(long, default_value = "{}")]
+    body: String,
+    /// How long to wait (e.g. `5s`, `500ms`).
+    #[arg(long, default_value = "30s")]
+    timeout: humantime::Duration,
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// List services and their actions.
+    List(JsonFlag),
+    /// Add a service and actions (a union with what is there).
+    Add {
+        /// The service.
+        service: String,
+        /// Its actions.
+        actions: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// How many at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full.
+    Show {
+        /// The message id.
+        id: String,
+    },
+    /// Publish a dead letter again (new id, `retryOf` naming the original) and remove it.
+    Retry {
+        /// The message id.
+        id: String,
+    },
+    /// Remove one dead letter, or all of them with --all.
+    Purge {
+        /// The message id.
+        id: Option<String>,
+        /// Remove every dead letter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+/// A failure with a hint for the operator.
+struct Failure {
+    message: String,
+    hint: Option<String>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        let hint = match &error {
+            Error::Config { .. } | Error::ConfigFile { .. } => Some(
+                "keys and defaults: `intracom config`, or the README's Configuration section"
+                    .to_string(),
+            ),
+            Error::Unavailable { .. } => Some(
+                "check that MongoDB is reachable at the URI (try `intracom doctor`)".to_string(),
+            ),
+            Error::UnknownSender { .. } | Error::UnknownAction { .. } => {
+                Some("see `intracom catalog list`; add with `intracom catalog add`".to_string())
+            }
+            Error::Timeout { .. } => {
+                Some("is a worker serving this action? raise --timeout if it is slow".to_string())
+            }
+            _ => None,
+        };
+        Failure {
+            message: error.to_string(),
+            hint,
+        }
+    }
+}
+
+fn fail(message: impl Into<String>, hint: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        hint: Some(hint.into()),
+    }
+}
+
+type Outcome = Result<(), Failure>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match &cli.config {
-        Some(path) => Config::from_file(path),
-        None => Config::from_env(),
-    };
-    let config = match loaded {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            eprintln!(
-                "hint: keys and defaults are listed in `cargo doc --open` under intracom::config"
-            );
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INTRACOM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
-        Command::Config => {
-            println!("common.intracom.medium={}", config.medium);
-            println!("common.intracom.timeout_ms={}", config.timeout_ms);
-            println!("common.intracom.service={}", config.service);
-            if let Some(instance) = &config.instance {
-                println!("common.intracom.instance={instance}");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            if let Some(hint) = failure.hint {
+                eprintln!("hint: {hint}");
             }
-            println!(
-                "common.intracom.max_message_bytes={}",
-                config.max_message_bytes
-            );
-            println!(
-                "common.intracom.memory.max_messages={}",
-                config.memory_max_messages
-            );
-            let db = &config.db;
-            println!("common.intracom.db.uri={}", redact(&db.uri));
-            println!("common.intracom.db.database={}", db.database);
-            for (role, name) in [
-                ("messages", &db.messages),
-                ("config", &db.config),
-                ("checkpoints", &db.checkpoints),
-                ("processed", &db.processed),
-                ("dead", &db.dead),
-            ] {
-                println!("common.intracom.db.collection.{role}={name}");
-            }
-            let retention = match db.retention {
-                intracom::Retention::Capped => "capped",
-                _ => "ttl",
-            };
-            println!("common.intracom.db.retention={retention}");
-            println!("common.intracom.db.capped_bytes={}", db.capped_bytes);
-            println!(
-                "common.intracom.db.poll_interval_ms={}",
-                db.poll_interval_ms
-            );
-            println!(
-                "common.intracom.db.safety_window_ms={}",
-                db.safety_window_ms
-            );
-            println!("common.intracom.db.stream_buffer={}", db.stream_buffer);
-            let senders: Vec<&str> = config.senders.keys().map(String::as_str).collect();
-            println!("common.intracom.senders.list={}", senders.join(","));
-            for (service, actions) in &config.senders {
-                println!("common.intracom.actions.{service}={}", actions.join(","));
-            }
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::from_env()?,
+    };
+    if let Some(uri) = &cli.uri {
+        config.set("common.intracom.medium", "db")?;
+        config.set("common.intracom.db.uri", uri)?;
+    }
+    if let Some(database) = &cli.database {
+        config.set("common.intracom.db.database", database)?;
+    }
+    config.set(
+        "common.intracom.instance",
+        &format!("intracom-cli-{}", std::process::id()),
+    )?;
+    Ok(config)
+}
+
+/// The bus, and the MongoDB medium when the bus is on one.
+async fn open(config: &Config, what: &str) -> Result<(Intracom, Arc<MongoMedium>), Failure> {
+    if config.medium != MediumKind::Db {
+        return Err(fail(
+            format!("`{what}` needs a shared medium; common.intracom.medium is `{}`", config.medium),
+            "the memory medium lives inside one process: pass --uri mongodb://… (or set common.intracom.medium=db), or try `intracom demo`",
+        ));
+    }
+    let medium = Arc::new(MongoMedium::connect(config).await?);
+    let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
+    Ok((bus, medium))
+}
+
+async fn run(cli: Cli) -> Outcome {
+    let config = load_config(&cli)?;
+    match cli.command {
+        Command::Config => print_config(&config),
+        Command::Demo => demo().await,
+        Command::Tail(args) => tail(&config, args).await,
+        Command::Publish(args) => publish(&config, args).await,
+        Command::Request(args) => request(&config, args).await,
+        Command::Catalog(command) => catalog(&config, command).await,
+        Command::Stats(flag) => stats(&config, flag.json).await,
+        Command::Dead(command) => dead(&config, command).await,
+        Command::Doctor => doctor(&config).await,
+    }
+}
+
+fn print_config(config: &Config) -> Outcome {
+    println!("common.intracom.medium={}", config.medium);
+    println!("common.intracom.timeout_ms={}", config.timeout_ms);
+    println!("common.intracom.service={}", config.service);
+    println!(
+        "common.intracom.max_message_bytes={}",
+        config.max_message_bytes
+    );
+    println!(
+        "common.intracom.memory.max_messages={}",
+        config.memory_max_messages
+    );
+    println!(
+        "common.intracom.request_timeout_ms={}",
+        config.request_timeout_ms
+    );
+    println!(
+        "common.intracom.outbox.max_messages={}",
+        config.outbox_max_messages
+    );
+    if let Some(file) = &config.outbox_file {
+        println!("common.intracom.outbox.file={}", file.display());
+    }
+    let db = &config.db;
+    println!("common.intracom.db.uri={}", redact(&db.uri));
+    println!("common.intracom.db.database={}", db.database);
+    for (role, name) in [
+        ("messages", &db.messages),
+        ("config", &db.config),
+        ("checkpoints", &db.checkpoints),
+        ("processed", &db.processed),
+        ("dead", &db.dead),
+    ] {
+        println!("common.intracom.db.collection.{role}={name}");
+    }
+    let retention = match db.retention {
+        intracom::Retention::Capped => "capped",
+        _ => "ttl",
+    };
+    println!("common.intracom.db.retention={retention}");
+    println!("common.intracom.db.capped_bytes={}", db.capped_bytes);
+    println!(
+        "common.intracom.db.poll_interval_ms={}",
+        db.poll_interval_ms
+    );
+    println!(
+        "common.intracom.db.safety_window_ms={}",
+        db.safety_window_ms
+    );
+    println!("common.intracom.db.stream_buffer={}", db.stream_buffer);
+    let senders: Vec<&str> = config.senders.keys().map(String::as_str).collect();
+    println!("common.intracom.senders.list={}", senders.join(","));
+    for (service, actions) in &config.senders {
+        println!("common.intracom.actions.{service}={}", actions.join(","));
+    }
+    for (action, options) in &config.work {
+        println!(
+            "common.intracom.work.{action}.lease_ms={}",
+            options.lease.as_millis()
+        );
+        println!(
+            "common.intracom.work.{action}.backoff_ms={}",
+            options.backoff.as_millis()
+        );
+        println!(
+            "common.intracom.work.{action}.max_attempts={}",
+            options.max_attempts
+        );
+    }
+    Ok(())
 }
 
 /// The URI with any password replaced, for printing.
@@ -115,9 +392,523 @@ fn redact(uri: &str) -> String {
     }
 }
 
+fn parse_body(body: &str) -> Result<Document, Failure> {
+    let json: serde_json::Value = serde_json::from_str(body).map_err(|e| {
+        fail(
+            format!("--body is not JSON: {e}"),
+            r#"e.g. --body '{"tenant": 7}'"#,
+        )
+    })?;
+    match Bson::try_from(json) {
+        Ok(Bson::Document(d)) => Ok(d),
+        Ok(_) => Err(fail(
+            "--body must be a JSON object",
+            r#"e.g. --body '{"tenant": 7}'"#,
+        )),
+        Err(e) => Err(fail(
+            format!("--body is not valid extended JSON: {e}"),
+            r#"e.g. --body '{"tenant": 7}'"#,
+        )),
+    }
+}
+
+fn parse_since(since: &str) -> Result<StartFrom, Failure> {
+    let hint = "--since takes a duration (10m), a time (2026-11-24T07:00:00Z) or a position (1795500000:3)";
+    let secs = if let Some((t, i)) = since
+        .split_once(':')
+        .filter(|(t, _)| t.chars().all(|c| c.is_ascii_digit()))
+    {
+        let time = t
+            .parse()
+            .map_err(|_| fail(format!("bad position `{since}`"), hint))?;
+        let increment = i
+            .parse()
+            .map_err(|_| fail(format!("bad position `{since}`"), hint))?;
+        return Ok(StartFrom::After(Position::new(
+            Timestamp { time, increment },
+            None,
+        )));
+    } else if let Ok(ago) = humantime::parse_duration(since) {
+        SystemTime::now().checked_sub(ago).unwrap_or(UNIX_EPOCH)
+    } else if let Ok(at) = humantime::parse_rfc3339_weak(since) {
+        at
+    } else {
+        return Err(fail(format!("cannot read --since `{since}`"), hint));
+    };
+    let time = secs
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0);
+    // Just before the first message of that second.
+    Ok(StartFrom::After(Position::new(
+        Timestamp {
+            time: time.saturating_sub(1),
+            increment: u32::MAX,
+        },
+        None,
+    )))
+}
+
+fn line(message: &Message) -> String {
+    let at = message
+        .at
+        .map(|a| a.try_to_rfc3339_string().unwrap_or_default())
+        .unwrap_or_default();
+    let to = match (&message.dest_service, &message.dest_instance) {
+        (None, _) => "*".to_string(),
+        (Some(s), None) => s.clone(),
+        (Some(s), Some(i)) => format!("{s}/{i}"),
+    };
+    let state = message
+        .state
+        .map(|s| format!(" [{}]", format!("{s:?}").to_lowercase()))
+        .unwrap_or_default();
+    format!(
+        "{at}  {}/{} -> {to}  {} {}{state}  {}  ({})",
+        message.source_service,
+        message.source_instance,
+        message.kind.as_str(),
+        message.action,
+        Bson::Document(message.query.clone()).into_relaxed_extjson(),
+        message.id
+    )
+}
+
+fn json(message: &Message) -> String {
+    match intracom::bson::to_bson(message) {
+        Ok(b) => b.into_relaxed_extjson().to_string(),
+        Err(e) => format!("{{\"error\": \"{e}\"}}"),
+    }
+}
+
+async fn tail(config: &Config, args: TailArgs) -> Outcome {
+    let kind: Option<MessageType> = args.kind.as_deref().map(str::parse).transpose()?;
+    let start = args
+        .since
+        .as_deref()
+        .map(parse_since)
+        .transpose()?
+        .unwrap_or_default();
+    let (bus, _) = open(config, "tail").await?;
+    let mut sub = bus.subscribe(Subscription::monitor().start(start)).await?;
+    if !args.json {
+        eprintln!(
+            "following {} on {} (Ctrl-C to stop)",
+            config.db.messages,
+            redact(&config.db.uri)
+        );
+    }
+    let mut shown = 0;
+    loop {
+        let item = tokio::select! {
+            item = sub.next() => item,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(item) = item else { break };
+        let delivery = match item {
+            Ok(d) => d,
+            Err(e) if e.is_report() => {
+                eprintln!("note: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let m = delivery.message();
+        let wanted = args
+            .service
+            .as_ref()
+            .is_none_or(|s| m.source_service == *s || m.dest_service.as_ref() == Some(s))
+            && (args.action.is_empty() || args.action.contains(&m.action))
+            && kind.is_none_or(|k| m.kind == k)
+            && args.state.as_ref().is_none_or(|s| {
+                m.state.map(|x| format!("{x:?}").to_lowercase()).as_deref() == Some(s.as_str())
+            });
+        if !wanted {
+            continue;
+        }
+        println!("{}", if args.json { json(m) } else { line(m) });
+        let _ = std::io::stdout().flush();
+        shown += 1;
+        if args.count.is_some_and(|c| shown >= c) {
+            break;
+        }
+    }
+    bus.shutdown().await;
+    Ok(())
+}
+
+async fn publish(config: &Config, args: PublishArgs) -> Outcome {
+    let body = parse_body(&args.body)?;
+    let mut message = match (&args.to, &args.instance) {
+        (None, None) => Message::broadcast(&args.action),
+        (Some(to), None) => Message::to_service(to, &args.action),
+        (Some(to), Some(instance)) => Message::to_instance(to, instance, &args.action),
+        (None, Some(_)) => {
+            return Err(fail(
+                "--instance needs --to",
+                "name the service of the instance with --to",
+            ))
+        }
+    }
+    .body(body)
+    .from_service(&args.from)
+    .priority(args.priority);
+    if args.work {
+        message = message.work();
+    }
+    if let Some(id) = args.id {
+        message = message.with_id(id);
+    }
+    let (bus, _) = open(config, "publish").await?;
+    let published = bus.publish(message).await?;
+    let status = match published.status {
+        PublishStatus::Stored => "stored",
+        PublishStatus::Duplicate => "already stored (same id)",
+        _ => "buffered: the database is unreachable, it will be sent when it is back",
+    };
+    println!("{}  {status}", published.id);
+    if published.status == PublishStatus::Buffered {
+        // Give the outbox a chance before the process ends (it is not persisted here).
+        for _ in 0..50 {
+            if bus.outbox_len() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if bus.outbox_len() > 0 {
+            return Err(fail(
+                "the message could not be sent",
+                "check the database, then publish again with --id to keep it single",
+            ));
+        }
+    }
+    bus.shutdown().await;
+    Ok(())
+}
+
+async fn request(config: &Config, args: RequestArgs) -> Outcome {
+    let body = parse_body(&args.body)?;
+    let (bus, _) = open(config, "request").await?;
+    let client = bus.as_service(&args.from, None)?;
+    let answer: Result<Bson, Error> = client
+        .request(&args.service, &args.action, &body)
+        .timeout(args.timeout.into())
+        .await;
+    bus.shutdown().await;
+    println!("{}", answer?.into_relaxed_extjson());
+    Ok(())
+}
+
+async fn catalog(config: &Config, command: CatalogCommand) -> Outcome {
+    let (bus, _) = open(config, "catalog").await?;
+    match command {
+        CatalogCommand::List(flag) => {
+            bus.catalog().refresh().await?;
+            for (service, actions) in bus.catalog().snapshot() {
+                if flag.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "service": service, "actions": actions })
+                    );
+                } else {
+                    println!(
+                        "{service}: {}",
+                        actions.into_iter().collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+        }
+        CatalogCommand::Add { service, actions } => {
+            bus.catalog().register(&service, actions.clone()).await?;
+            println!("{service}: added {}", actions.join(", "));
+        }
+    }
+    bus.shutdown().await;
+    Ok(())
+}
+
+async fn stats(config: &Config, as_json: bool) -> Outcome {
+    let (bus, medium) = open(config, "stats").await?;
+    let stats = medium.admin_stats().await?;
+    bus.shutdown().await;
+    if as_json {
+        let pairs = |rows: &[(String, u64)]| {
+            rows.iter()
+                .map(|(k, n)| serde_json::json!({ "key": k, "count": n }))
+                .collect::<Vec<_>>()
+        };
+        let lag: Vec<_> = stats
+            .lag
+            .iter()
+            .map(|(n, m, s)| serde_json::json!({ "subscription": n, "messages": m, "seconds": s }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "total": stats.total, "by_service": pairs(&stats.by_service), "by_action": pairs(&stats.by_action),
+                "by_type": pairs(&stats.by_type), "by_state": pairs(&stats.by_state),
+                "queue_depth": stats.queue_depth, "dead": stats.dead, "lag": lag,
+            })
+        );
+        return Ok(());
+    }
+    println!("messages retained: {}", stats.total);
+    for (title, rows) in [
+        ("by service", &stats.by_service),
+        ("by action", &stats.by_action),
+        ("by type", &stats.by_type),
+        ("by state", &stats.by_state),
+    ] {
+        println!("{title}:");
+        for (key, n) in rows.iter() {
+            println!("  {key:<32} {n:>10}");
+        }
+    }
+    println!("queue depth (pending work): {}", stats.queue_depth);
+    println!("dead letters: {}", stats.dead);
+    println!("subscription lag:");
+    for (name, messages, seconds) in &stats.lag {
+        println!("  {name:<32} {messages:>10} messages  {seconds:>6} s behind");
+    }
+    Ok(())
+}
+
+async fn dead(config: &Config, command: DeadCommand) -> Outcome {
+    let (bus, _) = open(config, "dead").await?;
+    let dead = bus.dead_letters();
+    match command {
+        DeadCommand::List { limit, json } => {
+            for letter in dead.list(limit).await? {
+                let at = letter
+                    .at
+                    .map(|a| a.try_to_rfc3339_string().unwrap_or_default())
+                    .unwrap_or_default();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "id": letter.id, "at": at, "reason": letter.reason, "document": Bson::Document(letter.document).into_relaxed_extjson() })
+                    );
+                } else {
+                    let action = letter.document.get_str("action").unwrap_or("?");
+                    println!("{}  {at}  {action}  {}", letter.id, letter.reason);
+                }
+            }
+        }
+        DeadCommand::Show { id } => match dead.get(&id).await? {
+            Some(letter) => {
+                println!("id: {}\nreason: {}", letter.id, letter.reason);
+                if let Some(at) = letter.at {
+                    println!("at: {}", at.try_to_rfc3339_string().unwrap_or_default());
+                }
+                let pretty = serde_json::to_string_pretty(
+                    &Bson::Document(letter.document).into_relaxed_extjson(),
+                )
+                .unwrap_or_default();
+                println!("document: {pretty}");
+            }
+            None => {
+                return Err(fail(
+                    format!("no dead letter `{id}`"),
+                    "list them with `intracom dead list`",
+                ))
+            }
+        },
+        DeadCommand::Retry { id } => {
+            let published = dead.retry(&id).await?;
+            println!("{id} sent again as {}", published.id);
+        }
+        DeadCommand::Purge { id, all } => {
+            if id.is_none() && !all {
+                return Err(fail(
+                    "name a dead letter or pass --all",
+                    "intracom dead purge <id>, or intracom dead purge --all",
+                ));
+            }
+            eprintln!("purging…");
+            let removed = dead.purge(id.as_deref()).await?;
+            println!("removed {removed} dead letter(s)");
+        }
+    }
+    bus.shutdown().await;
+    Ok(())
+}
+
+async fn doctor(config: &Config) -> Outcome {
+    let (bus, medium) = open(config, "doctor").await?;
+    println!(
+        "checking {} / {}",
+        redact(&config.db.uri),
+        config.db.database
+    );
+    let checks = medium.doctor().await;
+    bus.shutdown().await;
+    let mut failed = 0;
+    for check in &checks {
+        println!(
+            "{} {:<16} {}",
+            if check.ok { "ok  " } else { "FAIL" },
+            check.name,
+            check.detail
+        );
+        if let Some(fix) = &check.fix {
+            println!("     {:<16} fix: {fix}", "");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        return Err(fail(
+            format!("{failed} check(s) failed"),
+            "apply the fixes above, then run `intracom doctor` again",
+        ));
+    }
+    println!("all {} checks passed", checks.len());
+    Ok(())
+}
+
+/// Three services in one process on the memory medium.
+async fn demo() -> Outcome {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Query {
+        invoice: i64,
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Invoice {
+        invoice: i64,
+        total: f64,
+    }
+    let medium = Arc::new(MemoryMedium::new(Default::default()));
+    let catalog = |service: &str, instance: &str| {
+        Config::builder()
+            .service(service)
+            .instance(instance)
+            .sender("billing", ["reload", "user.deleted", "invoice.get"])
+            .sender("users", ["user.deleted"])
+            .sender("mailer", ["mail.send"])
+            .build()
+    };
+    let billing = Intracom::with_medium(catalog("billing", "billing-1")?, medium.clone()).await?;
+    let users = Intracom::with_medium(catalog("users", "users-1")?, medium.clone()).await?;
+    let mailer_a = Intracom::with_medium(catalog("mailer", "mailer-a")?, medium.clone()).await?;
+    let mailer_b = Intracom::with_medium(catalog("mailer", "mailer-b")?, medium.clone()).await?;
+    let mut inbox_billing = billing
+        .subscribe(Subscription::named("billing-inbox"))
+        .await?;
+    let mut inbox_users = users.subscribe(Subscription::named("users-inbox")).await?;
+    let mut inbox_mailer = mailer_a
+        .subscribe(Subscription::named("mailer-inbox"))
+        .await?;
+
+    println!(
+        "intracom demo: services billing, users and mailer (two instances) on the memory medium\n"
+    );
+    println!("1. broadcast: billing tells every service to reload");
+    billing
+        .publish(Message::broadcast("reload").body(doc! { "tenant": 7 }))
+        .await?;
+    for (who, inbox) in [
+        ("billing-1", &mut inbox_billing),
+        ("users-1", &mut inbox_users),
+        ("mailer-a", &mut inbox_mailer),
+    ] {
+        let d = inbox
+            .next()
+            .await
+            .ok_or_else(|| fail("stream ended", "report this"))??;
+        println!(
+            "   {who:<10} got `{}` from {}: {}",
+            d.action, d.source_service, d.query
+        );
+        d.ack().await?;
+    }
+
+    println!("\n2. targeted: users tells billing that a user was deleted; only billing gets it");
+    users
+        .publish(Message::to_service("billing", "user.deleted").body(doc! { "user": 12 }))
+        .await?;
+    let d = inbox_billing
+        .next()
+        .await
+        .ok_or_else(|| fail("stream ended", "report this"))??;
+    println!(
+        "   billing-1  got `{}` from {} ({}): {}",
+        d.action,
+        d.source_service,
+        d.kind.as_str(),
+        d.query
+    );
+    d.ack().await?;
+
+    println!("\n3. request/reply: users asks billing for invoice 42; one billing instance answers");
+    let _server = billing.serve("billing", "invoice.get", |q: Query| async move {
+        Ok::<_, String>(Invoice {
+            invoice: q.invoice,
+            total: 99.5,
+        })
+    })?;
+    let invoice: Invoice = users
+        .request("billing", "invoice.get", &Query { invoice: 42 })
+        .timeout(Duration::from_secs(5))
+        .await?;
+    println!(
+        "   users-1    got invoice {} for {:.2} (the outcome is also written into the request)",
+        invoice.invoice, invoice.total
+    );
+
+    println!("\n4. work queue: three mails for mailer; each is sent by one instance; one fails once and is retried");
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for mailer in [&mailer_a, &mailer_b] {
+        let (tx, failed_once, me) = (
+            done_tx.clone(),
+            failed_once.clone(),
+            mailer.instance().to_string(),
+        );
+        let options = WorkOptions::default()
+            .backoff(Duration::from_millis(100))
+            .poll(Duration::from_millis(50));
+        workers.push(mailer.work("mailer", &["mail.send"], options, move |job: Message| {
+            let (tx, failed_once, me) = (tx.clone(), failed_once.clone(), me.clone());
+            async move {
+                let to = job.query.get_str("to").unwrap_or("?").to_string();
+                if to == "carol@example.com" && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tx.send(format!("   {me:<10} could not reach the mail server for {to} (attempt {}): will retry", job.attempts)).ok();
+                    return Err("mail server unreachable");
+                }
+                tx.send(format!("   {me:<10} sent mail to {to} (attempt {})", job.attempts)).ok();
+                Ok(())
+            }
+        })?);
+    }
+    for to in ["alice@example.com", "bob@example.com", "carol@example.com"] {
+        billing
+            .publish(
+                Message::to_service("mailer", "mail.send")
+                    .work()
+                    .body(doc! { "to": to }),
+            )
+            .await?;
+    }
+    let mut sent = 0;
+    while sent < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), done.recv()).await {
+            Ok(Some(line)) => {
+                if line.contains("sent mail") {
+                    sent += 1;
+                }
+                println!("{line}");
+            }
+            _ => return Err(fail("the work queue did not finish", "report this")),
+        }
+    }
+    billing.shutdown().await;
+    println!("\ndone: each message was delivered as promised. Next: `intracom --help`, and the README for MongoDB.");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
     #[test]
     fn passwords_are_not_printed() {
@@ -134,5 +925,25 @@ mod tests {
             "mongodb://db1:27017/?a=b@c"
         );
         assert_eq!(redact("mongodb://localhost"), "mongodb://localhost");
+    }
+
+    #[test]
+    fn since_reads_durations_times_and_positions() {
+        let StartFrom::After(p) = parse_since("1795500000:3").ok().unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            p.ts,
+            Timestamp {
+                time: 1_795_500_000,
+                increment: 3
+            }
+        );
+        let StartFrom::After(p) = parse_since("2026-11-24T07:00:00Z").ok().unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.ts.time, 1_795_503_600 - 1);
+        assert!(matches!(parse_since("10m"), Ok(StartFrom::After(_))));
+        assert!(parse_since("yesterday-ish").is_err());
     }
 }

@@ -21,6 +21,7 @@
 //! (`tls=true`, `tlsCAFile`, `tlsCertificateKeyFile`), credentials and `authSource`,
 //! `replicaSet` or `directConnection`, timeouts (`serverSelectionTimeoutMS`).
 
+mod admin;
 pub(crate) mod errors;
 mod follower;
 mod hub;
@@ -48,6 +49,7 @@ use errors::{to_error, DUPLICATE_KEY};
 use follower::Follower;
 use hub::{Hub, Started};
 
+pub use admin::{Check, Stats as AdminStats};
 pub use setup::message_validator;
 
 /// Counters an operator looks at (exported as metrics by the bus).

@@ -1,0 +1,292 @@
+//! The `intracom` command on the memory medium: no server needed.
+
+use assert_cmd::Command;
+
+fn intracom() -> Command {
+    let mut cmd = Command::cargo_bin("intracom").expect("the intracom binary");
+    // A clean environment: no config file, no overrides from the machine.
+    cmd.env_remove("INTRACOM_CONFIG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("COMMON_INTRACOM_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn demo_shows_the_four_patterns() {
+    let output = intracom().arg("demo").output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    for expected in [
+        "billing-1  got `reload`",
+        "users-1    got `reload`",
+        "mailer-a   got `reload`",
+        "got `user.deleted` from users (fire_and_forget)",
+        "got invoice 42 for 99.50",
+        "sent mail to alice@example.com",
+        "sent mail to bob@example.com",
+        "will retry",
+        "sent mail to carol@example.com (attempt 2)",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["tail", "--help"],
+        vec!["publish", "--help"],
+        vec!["request", "--help"],
+        vec!["catalog", "--help"],
+        vec!["catalog", "add", "--help"],
+        vec!["stats", "--help"],
+        vec!["dead", "--help"],
+        vec!["dead", "purge", "--help"],
+        vec!["doctor", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let output = intracom().args(&args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert!(stdout(&output).contains("Usage: intracom"), "{args:?}");
+    }
+}
+
+#[test]
+fn bad_config_names_the_key_and_exits_non_zero() {
+    let output = intracom()
+        .env("COMMON_INTRACOM_MEDIUM", "kafka")
+        .arg("config")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("common.intracom.medium") && err.contains("kafka"),
+        "{err}"
+    );
+    assert!(err.contains("hint:"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("service.properties");
+    std::fs::write(&file, "common.intracom.timeout_ms=soon\n").unwrap();
+    let output = intracom()
+        .arg("--config")
+        .arg(&file)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("common.intracom.timeout_ms"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn config_prints_what_the_library_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("service.properties");
+    std::fs::write(
+        &file,
+        "common.intracom.senders.list=custom1\ncommon.intracom.actions.custom1=load,clear\n",
+    )
+    .unwrap();
+    let output = intracom()
+        .env("INTRACOM_CONFIG", &file)
+        .env("COMMON_INTRACOM_TIMEOUT_MS", "1000")
+        .env("COMMON_INTRACOM_DB_URI", "mongodb://app:secret@db:27017")
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    assert!(out.contains("common.intracom.timeout_ms=1000"), "{out}");
+    assert!(
+        out.contains("common.intracom.actions.custom1=load,clear"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mongodb://app:***@db:27017") && !out.contains("secret"),
+        "{out}"
+    );
+}
+
+#[test]
+fn commands_that_need_a_database_say_so_on_the_memory_medium() {
+    for args in [
+        vec!["stats"],
+        vec!["tail"],
+        vec!["dead", "list"],
+        vec!["doctor"],
+    ] {
+        let output = intracom().args(&args).output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains("needs a shared medium") && err.contains("--uri"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_are_one_line_with_a_hint() {
+    let output = intracom()
+        .args([
+            "publish",
+            "reload",
+            "--from",
+            "billing",
+            "--body",
+            "{not json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.starts_with("error: --body is not JSON"), "{err}");
+    assert!(err.contains("hint:"), "{err}");
+    let output = intracom()
+        .args([
+            "tail",
+            "--since",
+            "whenever",
+            "--uri",
+            "mongodb://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("--since"), "{}", stderr(&output));
+    let output = intracom().arg("no-such-command").output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "clap's usage error");
+}
+
+#[test]
+fn an_unreachable_database_is_a_clear_error() {
+    let output = intracom()
+        .args([
+            "stats",
+            "--uri",
+            "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=500&connectTimeoutMS=200",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("unavailable"), "{err}");
+    assert!(
+        err.contains("hint: check that MongoDB is reachable"),
+        "{err}"
+    );
+}
+
+/// For the CLI-against-MongoDB tests: a fresh database on the test server.
+fn on_server() -> (Command, String) {
+    let uri =
+        std::env::var("INTRACOM_TEST_MONGODB_URI").expect("set at build time, so at run time too");
+    let database = format!(
+        "intracom_cli_{}",
+        intracom::message::new_id().to_lowercase()
+    );
+    let mut cmd = intracom();
+    cmd.args(["--uri", &uri, "--database", &database]);
+    (cmd, database)
+}
+
+fn with(database: &str, args: &[&str]) -> std::process::Output {
+    let uri = std::env::var("INTRACOM_TEST_MONGODB_URI").unwrap();
+    intracom()
+        .args(["--uri", &uri, "--database", database])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[cfg_attr(
+    not(intracom_mongodb_tests),
+    ignore = "set INTRACOM_TEST_MONGODB_URI to run against MongoDB"
+)]
+#[test]
+fn catalog_publish_tail_stats_dead_and_doctor_against_mongodb() {
+    let (mut cmd, db) = on_server();
+    let output = cmd
+        .args(["catalog", "add", "billing", "reload", "invoice.render"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&with(&db, &["catalog", "list"])).contains("billing: invoice.render, reload"));
+
+    let published = with(
+        &db,
+        &[
+            "publish",
+            "reload",
+            "--from",
+            "billing",
+            "--body",
+            r#"{"tenant": 7}"#,
+        ],
+    );
+    assert!(published.status.success(), "{}", stderr(&published));
+    let id = stdout(&published)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let tail = with(&db, &["tail", "--since", "10m", "--count", "1", "--json"]);
+    assert!(tail.status.success(), "{}", stderr(&tail));
+    let line: serde_json::Value =
+        serde_json::from_str(stdout(&tail).lines().next().unwrap()).unwrap();
+    assert_eq!(line["_id"], id.as_str());
+    assert_eq!(line["query"]["tenant"], 7);
+
+    let refused = with(&db, &["publish", "nope", "--from", "billing"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("does not declare action `nope`"));
+
+    let stats = with(&db, &["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
+    assert_eq!(stats["total"], 1);
+    assert_eq!(stats["dead"], 0);
+
+    let timeout = with(
+        &db,
+        &[
+            "request",
+            "billing",
+            "invoice.render",
+            "--from",
+            "billing",
+            "--timeout",
+            "500ms",
+        ],
+    );
+    assert_eq!(timeout.status.code(), Some(1));
+    assert!(
+        stderr(&timeout).contains("no answer"),
+        "{}",
+        stderr(&timeout)
+    );
+
+    assert!(with(&db, &["dead", "list"]).status.success());
+    let doctor = with(&db, &["doctor"]);
+    assert!(
+        stdout(&doctor).contains("ok   topology"),
+        "{}",
+        stdout(&doctor)
+    );
+}
