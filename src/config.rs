@@ -122,8 +122,36 @@ pub struct Config {
     /// File that keeps the outbox across restarts (default none; `common.intracom.outbox.file`).
     pub outbox_file: Option<std::path::PathBuf>,
     /// Work options by action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`,
-    /// `.max_attempts`); actions not listed use the options the worker is given.
-    pub work: BTreeMap<String, crate::work::WorkOptions>,
+    /// `.max_attempts`): each set key overrides the option the worker is given.
+    pub work: BTreeMap<String, WorkOverrides>,
+}
+
+/// Work options one action sets in config; unset ones keep the worker's.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct WorkOverrides {
+    /// `common.intracom.work.<action>.lease_ms`.
+    pub lease: Option<std::time::Duration>,
+    /// `common.intracom.work.<action>.backoff_ms`.
+    pub backoff: Option<std::time::Duration>,
+    /// `common.intracom.work.<action>.max_attempts`.
+    pub max_attempts: Option<i32>,
+}
+
+impl WorkOverrides {
+    /// `options` with these overrides applied.
+    pub fn apply(&self, mut options: crate::work::WorkOptions) -> crate::work::WorkOptions {
+        if let Some(lease) = self.lease {
+            options.lease = lease;
+        }
+        if let Some(backoff) = self.backoff {
+            options.backoff = backoff;
+        }
+        if let Some(attempts) = self.max_attempts {
+            options.max_attempts = attempts;
+        }
+        options
+    }
 }
 
 /// How the MongoDB medium retains messages (`common.intracom.db.retention`).
@@ -304,11 +332,11 @@ impl Config {
             let options = self.work.entry(action.to_string()).or_default();
             let n = parse_positive(key, value)?;
             match option {
-                "lease_ms" => options.lease = std::time::Duration::from_millis(n),
-                "backoff_ms" => options.backoff = std::time::Duration::from_millis(n),
+                "lease_ms" => options.lease = Some(std::time::Duration::from_millis(n)),
+                "backoff_ms" => options.backoff = Some(std::time::Duration::from_millis(n)),
                 "max_attempts" => {
                     options.max_attempts =
-                        i32::try_from(n).map_err(|e| Error::config(key, value, e))?;
+                        Some(i32::try_from(n).map_err(|e| Error::config(key, value, e))?);
                 }
                 _ => {
                     return Err(Error::config(
@@ -827,12 +855,19 @@ mod tests {
             env(&[("COMMON_INTRACOM_WORK_MAIL_SEND_BACKOFF_MS", "250")]),
         )
         .unwrap();
-        let render = &c.work["invoice.render"];
+        let render = c.work["invoice.render"].apply(
+            crate::work::WorkOptions::default().backoff(std::time::Duration::from_millis(7)),
+        );
         assert_eq!(render.lease, std::time::Duration::from_millis(5000));
         assert_eq!(render.max_attempts, 3);
         assert_eq!(
+            render.backoff,
+            std::time::Duration::from_millis(7),
+            "what config does not set stays"
+        );
+        assert_eq!(
             c.work["mail.send"].backoff,
-            std::time::Duration::from_millis(250)
+            Some(std::time::Duration::from_millis(250))
         );
         let e = Config::from_properties("common.intracom.work.x.speed=1")
             .unwrap_err()

@@ -54,7 +54,7 @@ pub use bson;
 
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
-pub use config::{Config, ConfigBuilder, DbConfig, MediumKind, Retention};
+pub use config::{Config, ConfigBuilder, DbConfig, MediumKind, Retention, WorkOverrides};
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};
 pub use error::{Error, PayloadError, Result};

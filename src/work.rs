@@ -75,8 +75,8 @@ impl LocalRoutes {
     }
 }
 
-/// How a worker treats its work. Defaults in the field docs; per action from config
-/// (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`, `.max_attempts`).
+/// How a worker treats its work. Defaults in the field docs; config can override them
+/// per action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`, `.max_attempts`).
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct WorkOptions {
@@ -455,8 +455,8 @@ impl Intracom {
         });
         let mut options = options;
         for action in actions {
-            if let Some(configured) = self.config().work.get(*action) {
-                options = configured.clone();
+            if let Some(overrides) = self.config().work.get(*action) {
+                options = overrides.apply(options);
             }
         }
         self.spawn_worker(
@@ -469,7 +469,11 @@ impl Intracom {
     }
 
     fn work_options(&self, action: &str) -> WorkOptions {
-        self.config().work.get(action).cloned().unwrap_or_default()
+        let options = WorkOptions::default();
+        match self.config().work.get(action) {
+            Some(overrides) => overrides.apply(options),
+            None => options,
+        }
     }
 
     fn spawn_worker(

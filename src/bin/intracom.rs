@@ -359,18 +359,21 @@ fn print_config(config: &Config) -> Outcome {
         println!("common.intracom.actions.{service}={}", actions.join(","));
     }
     for (action, options) in &config.work {
-        println!(
-            "common.intracom.work.{action}.lease_ms={}",
-            options.lease.as_millis()
-        );
-        println!(
-            "common.intracom.work.{action}.backoff_ms={}",
-            options.backoff.as_millis()
-        );
-        println!(
-            "common.intracom.work.{action}.max_attempts={}",
-            options.max_attempts
-        );
+        if let Some(lease) = options.lease {
+            println!(
+                "common.intracom.work.{action}.lease_ms={}",
+                lease.as_millis()
+            );
+        }
+        if let Some(backoff) = options.backoff {
+            println!(
+                "common.intracom.work.{action}.backoff_ms={}",
+                backoff.as_millis()
+            );
+        }
+        if let Some(attempts) = options.max_attempts {
+            println!("common.intracom.work.{action}.max_attempts={attempts}");
+        }
     }
     Ok(())
 }
