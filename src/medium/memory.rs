@@ -500,11 +500,7 @@ impl Medium for MemoryMedium {
     }
 
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
-        let id = match document.get("_id") {
-            Some(bson::Bson::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => String::new(),
-        };
+        let id = super::id_of(&document);
         let mut dead = lock(&self.shared.dead);
         if !dead.iter().any(|d| d.id == id) {
             dead.push_back(DeadLetter {

@@ -127,6 +127,16 @@ pub struct DeadLetter {
     pub at: Option<bson::DateTime>,
 }
 
+/// The `_id` of a stored document as text (message ids are strings; a hand-written
+/// document may have another type).
+pub(crate) fn id_of(document: &Document) -> String {
+    match document.get("_id") {
+        Some(bson::Bson::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
 /// What every medium provides. See the module docs for the promises.
 #[async_trait]
 pub trait Medium: Send + Sync + 'static {

@@ -185,6 +185,23 @@ pub async fn targeted_reaches_only_its_target(h: &dyn Harness) {
     expect_marker_next(&u1, &mut [&mut sb1, &mut sb2, &mut su1]).await;
 }
 
+/// Publishes `count` broadcasts from `bus` in a task; returns their ids in publish order.
+fn spawn_publisher(bus: Intracom, count: i32) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for i in 0..count {
+            let body = doc! {"i": i};
+            ids.push(
+                bus.publish(Message::broadcast("reload").body(body))
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        ids
+    })
+}
+
 pub async fn order_is_the_same_for_every_subscriber(h: &dyn Harness) {
     let w = h.world(300_000).await;
     let b1 = bus(&*w, "billing", "billing-1").await;
@@ -192,36 +209,8 @@ pub async fn order_is_the_same_for_every_subscriber(h: &dyn Harness) {
     let mut a = b1.subscribe(Subscription::new()).await.unwrap();
     let mut b = u1.subscribe(Subscription::monitor()).await.unwrap();
     // Two publishers at once: the medium's order is the only order, the same for all.
-    let p1 = {
-        let bus = b1.clone();
-        tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for i in 0..50 {
-                ids.push(
-                    bus.publish(Message::broadcast("reload").body(doc! {"i": i}))
-                        .await
-                        .unwrap()
-                        .id,
-                );
-            }
-            ids
-        })
-    };
-    let p2 = {
-        let bus = u1.clone();
-        tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for i in 0..50 {
-                ids.push(
-                    bus.publish(Message::broadcast("reload").body(doc! {"i": i}))
-                        .await
-                        .unwrap()
-                        .id,
-                );
-            }
-            ids
-        })
-    };
+    let p1 = spawn_publisher(b1.clone(), 50);
+    let p2 = spawn_publisher(u1.clone(), 50);
     let ids1 = p1.await.unwrap();
     let ids2 = p2.await.unwrap();
     let mut seen_a = Vec::new();

@@ -49,13 +49,13 @@ use errors::{to_error, DUPLICATE_KEY};
 use follower::Follower;
 use hub::{Hub, Started};
 
-pub use admin::{Check, Stats as AdminStats};
+pub use admin::{Check, Stats};
 pub use setup::message_validator;
 
-/// Counters an operator looks at (exported as metrics by the bus).
+/// Counters of this process's MongoDB medium (also exported as metrics).
 #[derive(Debug, Default)]
 #[non_exhaustive]
-pub struct Stats {
+pub struct Counters {
     /// Documents that were not readable messages, copied to `dead`.
     pub dead_lettered: AtomicU64,
     /// Times a change stream's history was gone (286/280/260).
@@ -87,7 +87,7 @@ pub(crate) struct Inner {
     pub(crate) db_config: DbConfig,
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
-    pub(crate) stats: Stats,
+    pub(crate) stats: Counters,
     max_bson: usize,
 }
 
@@ -223,7 +223,7 @@ impl MongoMedium {
             db_config,
             timeout_ms: config.timeout_ms,
             closed: CancellationToken::new(),
-            stats: Stats::default(),
+            stats: Counters::default(),
             max_bson,
         });
         setup::ensure(&inner).await?;
@@ -243,7 +243,7 @@ impl MongoMedium {
     }
 
     /// The medium's counters.
-    pub fn stats(&self) -> &Stats {
+    pub fn counters(&self) -> &Counters {
         &self.inner.stats
     }
 
@@ -544,21 +544,4 @@ impl Drop for MongoMedium {
     fn drop(&mut self) {
         self.inner.closed.cancel();
     }
-}
-
-/// Waits for a condition with a bound (used by the CLI and tests).
-#[doc(hidden)]
-pub async fn wait_until<F, Fut>(bound: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + bound;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    false
 }

@@ -215,11 +215,7 @@ async fn wait(
 
 fn dead_letter_from(document: Document) -> DeadLetter {
     DeadLetter {
-        id: match document.get("_id") {
-            Some(Bson::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => String::new(),
-        },
+        id: crate::medium::id_of(&document),
         reason: document.get_str("reason").unwrap_or_default().to_string(),
         at: document.get_datetime("at").ok().copied(),
         document: document
