@@ -36,6 +36,7 @@ use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::bus::Intracom;
 use crate::error::{Error, PayloadError, Result};
@@ -228,7 +229,13 @@ impl<R: DeserializeOwned + Send + 'static> IntoFuture for Request<R> {
 impl<R: DeserializeOwned> Request<R> {
     async fn run(self) -> Result<R> {
         let started = std::time::Instant::now();
-        let outcome = self.exchange().await;
+        let span = tracing::debug_span!(
+            "request",
+            service = %self.service,
+            action = %self.action,
+            message_id = tracing::field::Empty
+        );
+        let outcome = self.exchange().instrument(span).await;
         let label = match &outcome {
             Ok(_) => "done",
             Err(Error::Timeout { .. }) => "timeout",
@@ -250,8 +257,7 @@ impl<R: DeserializeOwned> Request<R> {
         message.query_ms = Some(i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX));
         let message = bus.prepare(message).await?;
         let id = message.id.clone();
-        let span = tracing::debug_span!("request", message_id = %id, service = %self.service, action = %self.action);
-        let _entered = span.enter();
+        tracing::Span::current().record("message_id", id.as_str());
 
         if let Some(handler) = bus.shared().routes.get(&self.service, &self.action) {
             // Seed 001's local route: call the handler here, and keep the record.
@@ -582,11 +588,14 @@ impl WorkerLoop {
     }
 
     async fn process(&self, message: Message) {
+        let span = tracing::debug_span!("work", message_id = %message.id, action = %message.action, attempt = message.attempts);
+        self.handle(message).instrument(span).await
+    }
+
+    async fn handle(&self, message: Message) {
         let medium = self.bus.medium();
         let owner = self.claim.owner.as_str();
         let id = message.id.clone();
-        let span = tracing::debug_span!("work", message_id = %id, action = %message.action, attempt = message.attempts);
-        let _entered = span.enter();
         tracing::debug!(message_id = %id, attempt = message.attempts, "claimed");
         metrics::counter!(crate::metrics::CLAIMED, "service" => self.claim.service.clone())
             .increment(1);
