@@ -1,6 +1,6 @@
 //! The metrics an operator scrapes, through the [`metrics`](https://docs.rs/metrics)
 //! facade: install any recorder (or enable the `prometheus` feature and call
-//! [`install_prometheus`]) and they appear.
+//! `install_prometheus`) and they appear.
 //!
 //! | name | kind | labels | meaning |
 //! | --- | --- | --- | --- |

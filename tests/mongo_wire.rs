@@ -1229,3 +1229,129 @@ async fn publishes_made_while_the_server_is_unreachable_arrive_once_in_order() {
     assert_eq!(bus.outbox_len(), 0);
     bus.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_without_hello_are_asked_is_master() {
+    let peer = Peer::replica_set().await;
+    peer.without_hello();
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let bus = connect(&peer).await;
+    let asked: Vec<String> = peer
+        .commands()
+        .iter()
+        .map(|c| support::peer::command_name(c).to_string())
+        .filter(|n| n == "hello" || n == "isMaster")
+        .collect();
+    assert_eq!(
+        asked,
+        ["hello", "isMaster"],
+        "hello first, then the legacy name"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_and_stats_read_what_they_report() {
+    use intracom::medium::mongo::MongoMedium;
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    peer.always(
+        "listIndexes",
+        doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [
+            { "v": 2, "key": { "_id": 1 }, "name": "_id_" },
+            { "v": 2, "key": { "ts": 1 }, "name": "ts_1" },
+            { "v": 2, "key": { "at": 1 }, "name": "at_ttl", "expireAfterSeconds": 60 },
+        ] }, "ok": 1 },
+    );
+    peer.on("find", |c| {
+        (c.get_str("find") == Ok("oplog.rs")).then(|| {
+            let newest = c.get_document("sort").ok() == Some(&doc! { "$natural": -1 });
+            let ts = if newest { Timestamp { time: 1_800_000_100, increment: 1 } } else { Timestamp { time: 1_800_000_000, increment: 1 } };
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "local.oplog.rs", "firstBatch": [{ "ts": ts }] }, "ok": 1 })
+        })
+    });
+    let medium = MongoMedium::connect(&config(&peer)).await.unwrap();
+    let checks = medium.doctor().await;
+    let by_name = |n: &str| {
+        checks
+            .iter()
+            .find(|c| c.name == n)
+            .unwrap_or_else(|| panic!("no check {n}: {checks:#?}"))
+    };
+    assert!(by_name("topology").ok);
+    assert!(by_name("change streams").ok);
+    assert!(by_name("index ts_1").ok);
+    assert!(
+        !by_name("index work_claim").ok,
+        "a missing index is reported"
+    );
+    let retention = by_name("retention");
+    assert!(
+        !retention.ok && retention.detail.contains("60 s") && retention.detail.contains("300 s"),
+        "{retention:?}"
+    );
+    let oplog = by_name("oplog window");
+    assert!(
+        !oplog.ok && oplog.detail.contains("100 s"),
+        "100 s of oplog is less than 300 s of retention: {oplog:?}"
+    );
+    assert!(oplog
+        .fix
+        .as_deref()
+        .is_some_and(|f| f.contains("replSetResizeOplog")));
+
+    peer.on("aggregate", |c| {
+        c.get_array("pipeline")
+            .ok()?
+            .first()?
+            .as_document()?
+            .get_document("$facet")
+            .ok()?;
+        Some(Reply::Doc(
+            doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [{
+                "total": [{ "n": 3 }],
+                "byService": [{ "_id": "billing", "n": 3 }],
+                "byAction": [{ "_id": "reload", "n": 2 }, { "_id": "invoice.render", "n": 1 }],
+                "byType": [{ "_id": "broadcast", "n": 3 }],
+                "byState": [{ "_id": "pending", "n": 1 }],
+                "queue": [{ "n": 1 }],
+                "newest": [{ "_id": "m3", "ts": Timestamp { time: 1_800_000_050, increment: 1 } }],
+            }] }, "ok": 1 },
+        ))
+    });
+    peer.always("count", doc! { "n": 0, "ok": 1 });
+    peer.on("find", |c| {
+        (c.get_str("find") == Ok("checkpoints")).then(|| {
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.checkpoints", "firstBatch": [
+                { "_id": "billing-cache", "position": { "ts": Timestamp { time: 1_800_000_020, increment: 1 } } },
+            ] }, "ok": 1 })
+        })
+    });
+    peer.on("aggregate", |c| {
+        // count_documents is an aggregate with $match and $group.
+        let stages = c.get_array("pipeline").ok()?;
+        stages.iter().any(|s| s.as_document().is_some_and(|d| d.contains_key("$group"))).then(|| {
+            let behind = if c.get_str("aggregate") == Ok("dead") { 4 } else { 2 };
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.x", "firstBatch": [{ "_id": 1, "n": behind }] }, "ok": 1 })
+        })
+    });
+    let stats = medium.admin_stats().await.unwrap();
+    assert_eq!(stats.total, 3);
+    assert_eq!(
+        stats.by_action,
+        [("reload".to_string(), 2), ("invoice.render".to_string(), 1)]
+    );
+    assert_eq!(stats.queue_depth, 1);
+    assert_eq!(stats.dead, 4);
+    assert_eq!(
+        stats.lag,
+        [("billing-cache".to_string(), 2, 30)],
+        "2 messages and 30 s behind the newest"
+    );
+}

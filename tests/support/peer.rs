@@ -35,6 +35,8 @@ type Rule = Box<dyn FnMut(&Document) -> Option<Reply> + Send>;
 
 struct Shared {
     standalone: bool,
+    /// Answer an application's `hello` with CommandNotFound, as servers before 4.4.2 do.
+    no_hello: std::sync::atomic::AtomicBool,
     log: Mutex<Vec<Document>>,
     /// Rules by command name, consulted in order; a rule answering `None` passes.
     rules: Mutex<Vec<(String, Rule)>>,
@@ -78,6 +80,7 @@ impl Peer {
         let (generation, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             standalone,
+            no_hello: std::sync::atomic::AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
             rules: Mutex::new(Vec::new()),
             generation,
@@ -134,7 +137,7 @@ impl Peer {
         self.on(command, move |_| Some(Reply::Doc(reply.clone())));
     }
 
-    /// The commands received so far (not the handshake and monitoring `hello`s).
+    /// The commands received so far (not the driver's handshake and monitoring `hello`s).
     pub fn commands(&self) -> Vec<Document> {
         self.shared.log.lock().unwrap().clone()
     }
@@ -150,6 +153,12 @@ impl Peer {
     /// Closes every open connection.
     pub fn drop_connections(&self) {
         self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Plays a server older than 4.4.2: an application's `hello` (one not sent to
+    /// `admin` by the driver's handshake) gets CommandNotFound; `isMaster` works.
+    pub fn without_hello(&self) {
+        self.shared.no_hello.store(true, Ordering::SeqCst);
     }
 
     /// Refuses (closes at once) new connections until told otherwise.
@@ -295,7 +304,15 @@ async fn serve(shared: Arc<Shared>, mut socket: TcpStream) {
             return;
         };
         let name = command_name(&command).to_string();
-        let reply = if name == "hello" || name == "isMaster" || name == "ismaster" {
+        let from_application = command.get_str("$db").is_ok_and(|db| db != "admin");
+        let reply = if name == "hello" && from_application && shared.no_hello.load(Ordering::SeqCst)
+        {
+            shared.log.lock().unwrap().push(command.clone());
+            Reply::Doc(error(59, "CommandNotFound", "no such command: 'hello'"))
+        } else if name == "hello" || name == "isMaster" || name == "ismaster" {
+            if from_application {
+                shared.log.lock().unwrap().push(command.clone());
+            }
             Reply::Doc(hello(&shared, &local))
         } else {
             shared.log.lock().unwrap().push(command.clone());

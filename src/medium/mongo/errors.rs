@@ -7,6 +7,8 @@ use mongodb::error::{ErrorKind, WriteFailure};
 
 use crate::error::Error;
 
+/// The server does not know the command.
+pub(crate) const COMMAND_NOT_FOUND: i32 = 59;
 /// Duplicate key (a message with this `_id` exists).
 pub(crate) const DUPLICATE_KEY: i32 = 11000;
 /// Change stream history is gone: the resume point fell off the oplog.

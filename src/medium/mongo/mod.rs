@@ -191,10 +191,15 @@ impl MongoMedium {
         let client = Client::with_options(options).map_err(bad_uri)?;
         let stream_client = Client::with_options(stream_options).map_err(bad_uri)?;
         let db = client.database(&db_config.database);
-        let hello = db
-            .run_command(doc! { "hello": 1 })
-            .await
-            .map_err(to_error)?;
+        // `hello` exists from 4.4.2 (and 5.0); older servers answer CommandNotFound (59)
+        // and know the same reply as `isMaster`.
+        let hello = match db.run_command(doc! { "hello": 1 }).await {
+            Err(e) if errors::code(&e) == Some(errors::COMMAND_NOT_FOUND) => db
+                .run_command(doc! { "isMaster": 1 })
+                .await
+                .map_err(to_error)?,
+            other => other.map_err(to_error)?,
+        };
         let following = if hello.contains_key("setName") || hello.get_str("msg") == Ok("isdbgrid") {
             Following::ChangeStreams
         } else {
