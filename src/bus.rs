@@ -123,6 +123,7 @@ impl Intracom {
             config.outbox_max_messages,
             config.outbox_file.clone(),
         )?);
+        let fallback = Fallback::new(std::time::Duration::from_millis(config.timeout_ms));
         let shutdown = CancellationToken::new();
         tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
@@ -137,7 +138,7 @@ impl Intracom {
                 owns_medium,
                 routes: LocalRoutes::default(),
                 outbox,
-                fallback: Fallback::default(),
+                fallback,
             }),
         })
     }

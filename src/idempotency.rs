@@ -1,28 +1,36 @@
 //! Exactly-once effect on top of at-least-once delivery (seed 003's IdempotencyStore).
 //!
 //! Why it exists: the bus delivers at least once (a restart re-delivers the in-flight
-//! messages, a crashed worker's job runs again). A consumer whose effect must happen
-//! once asks the bus to run its handler at most once per message id. Records are kept
-//! per (consumer, message id): two consumers of one message each run once
-//! (MassTransit #3543). They live in the medium's store (`processed` on MongoDB, with a
-//! TTL of `common.intracom.timeout_ms`, so a record outlives any re-delivery of its
-//! message).
+//! messages, a crashed worker's job runs again, every instance of a service receives a
+//! broadcast). A consumer whose effect must happen once asks the bus to run its handler
+//! at most once per message id. Records are kept per (consumer, message id): two
+//! consumers of one message each run once (MassTransit #3543). They live in the
+//! medium's store (`processed` on MongoDB, expiring after `common.intracom.timeout_ms`,
+//! so a record outlives any re-delivery of its message).
+//!
+//! A record is **reserved** before the handler runs, so two instances handling the same
+//! message at the same moment do not both run it: the second waits for the first's
+//! outcome. The reservation has a lease: if its holder dies, the lease lapses and a
+//! waiting instance takes over. A handler that fails releases the record, so a later
+//! delivery runs it again.
 //!
 //! When the store cannot be reached, records go to a bounded in-memory store instead:
 //! the fall-back is logged once and counted, and when the store answers again the
 //! records made meanwhile are written to it and the bus goes back to it. While on the
 //! fall-back, de-duplication covers this process only.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use bson::Document;
 use serde::Serialize;
 
 use crate::bus::Intracom;
-use crate::error::Error;
+use crate::error::{Error, Result};
+use crate::medium::records::LocalRecords;
+use crate::medium::Reservation;
+use crate::message::new_id;
 
 /// How many records the in-memory fall-back keeps (the oldest go first).
 pub const FALLBACK_CAPACITY: usize = 10_000;
@@ -32,54 +40,48 @@ pub const FALLBACK_CAPACITY: usize = 10_000;
 pub enum Once<R> {
     /// The handler ran now; its result.
     Ran(R),
-    /// The handler had already run for this message; the result recorded then.
-    AlreadyDone(Option<Document>),
+    /// The handler had already run for this message (here or in another instance); the
+    /// result recorded then.
+    AlreadyDone(Option<bson::Document>),
 }
 
-type Key = (String, String);
-
-/// Records by key, and the keys oldest first (to drop the oldest past the capacity).
-type Records = (HashMap<Key, Option<Document>>, VecDeque<Key>);
-
 /// The in-memory fall-back and its state, shared by the handles of one bus.
-#[derive(Default)]
 pub(crate) struct Fallback {
-    records: Mutex<Records>,
+    records: LocalRecords,
     active: AtomicBool,
+    /// When the store last failed; while on the fall-back it is tried again after
+    /// [`PROBE_EVERY`], not on every call (each failing call can take the driver's
+    /// server-selection time-out).
+    failed_at: Mutex<Option<Instant>>,
     /// Times the bus fell back to memory.
     pub(crate) fallbacks: AtomicU64,
 }
 
+/// How often the store is tried again while on the fall-back.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
 impl Fallback {
-    fn get(&self, key: &Key) -> Option<Option<Document>> {
-        self.records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .get(key)
-            .cloned()
-    }
-
-    fn put(&self, key: Key, result: Option<Document>) {
-        let mut guard = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let (map, order) = &mut *guard;
-        if map.insert(key.clone(), result).is_none() {
-            order.push_back(key);
-        }
-        while order.len() > FALLBACK_CAPACITY {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
+    pub(crate) fn new(retention: Duration) -> Self {
+        Fallback {
+            records: LocalRecords::new(FALLBACK_CAPACITY, retention),
+            active: AtomicBool::new(false),
+            failed_at: Mutex::new(None),
+            fallbacks: AtomicU64::new(0),
         }
     }
 
-    fn take_all(&self) -> Vec<(Key, Option<Document>)> {
-        let mut guard = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        guard.1.clear();
-        guard.0.drain().collect()
+    fn active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// On the fall-back and too early to try the store again.
+    fn skip_store(&self) -> bool {
+        let failed_at = *self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        self.active() && failed_at.is_some_and(|at| at.elapsed() < PROBE_EVERY)
     }
 
     fn fall_back(&self, error: &Error) {
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if !self.active.swap(true, Ordering::SeqCst) {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::FALLBACK, "kind" => "idempotency").increment(1);
@@ -88,18 +90,36 @@ impl Fallback {
     }
 }
 
+/// Where a reservation is held.
+#[derive(Clone, Copy, PartialEq)]
+enum Place {
+    Store,
+    Memory,
+}
+
 /// Runs handlers at most once per message for one consumer; from
 /// [`Intracom::idempotent`].
 #[derive(Clone, Debug)]
 pub struct Idempotent {
     bus: Intracom,
     consumer: String,
+    lease: Duration,
 }
 
 impl Idempotent {
-    /// Runs `handler` unless this consumer already processed message `id`. The record
-    /// is written only when the handler succeeds, so a failed attempt runs again on the
-    /// next delivery. The result, if any, is kept and returned to later calls.
+    /// How long a reservation holds while the handler runs (default 60 s). Another
+    /// instance waiting for the same message takes over only after it lapses, so keep it
+    /// above the handler's longest run and any clock skew between instances.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Runs `handler` unless this consumer already processed message `id`. If another
+    /// instance is running it right now, waits for its outcome (or for its lease to
+    /// lapse, then runs it here). The record is kept only when the handler succeeds, so
+    /// a failed attempt runs again on the next delivery; the result, if any, is returned
+    /// to later calls.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -112,95 +132,202 @@ impl Idempotent {
     /// assert!(matches!(again, Once::AlreadyDone(Some(_))));
     /// # Ok::<(), intracom::Error>(()) }).unwrap();
     /// ```
-    pub async fn run_once<R, E, F, Fut>(&self, id: &str, handler: F) -> Result<Once<R>, E>
+    pub async fn run_once<R, E, F, Fut>(
+        &self,
+        id: &str,
+        handler: F,
+    ) -> std::result::Result<Once<R>, E>
     where
         R: Serialize,
         E: From<Error>,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<R, E>>,
+        Fut: Future<Output = std::result::Result<R, E>>,
     {
-        if let Some(result) = self.lookup(id).await.map_err(E::from)? {
-            tracing::debug!(consumer = %self.consumer, message_id = %id, "already processed: skipped");
-            return Ok(Once::AlreadyDone(result));
-        }
-        let value = handler().await?;
-        let result = match bson::to_bson(&value) {
-            Ok(bson::Bson::Document(d)) => Some(d),
-            Ok(bson::Bson::Null) | Err(_) => None,
-            Ok(other) => Some(bson::doc! { "value": other }),
+        let owner = format!("{}/{}", self.bus.instance(), new_id());
+        let mut pause = Duration::from_millis(20);
+        let place = loop {
+            match self.reserve(id, &owner).await.map_err(E::from)? {
+                (Reservation::Reserved, place) => break place,
+                (Reservation::Done(result), _) => {
+                    tracing::debug!(consumer = %self.consumer, message_id = %id, "already processed: skipped");
+                    return Ok(Once::AlreadyDone(result));
+                }
+                // Another instance runs it now: wait for its outcome or its lease.
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
         };
-        self.record(id, result).await.map_err(E::from)?;
-        Ok(Once::Ran(value))
+        match handler().await {
+            Ok(value) => {
+                let result = match bson::to_bson(&value) {
+                    Ok(bson::Bson::Document(d)) => Some(d),
+                    Ok(bson::Bson::Null) | Err(_) => None,
+                    Ok(other) => Some(bson::doc! { "value": other }),
+                };
+                self.complete(id, &owner, place, result)
+                    .await
+                    .map_err(E::from)?;
+                Ok(Once::Ran(value))
+            }
+            Err(error) => {
+                self.release(id, &owner, place).await;
+                Err(error)
+            }
+        }
     }
 
-    /// Whether this consumer processed message `id`: `Some(result)` if it did.
-    pub async fn lookup(&self, id: &str) -> Result<Option<Option<Document>>, Error> {
-        let fallback = &self.bus.shared().fallback;
-        let key = (self.consumer.clone(), id.to_string());
-        match self.bus.medium().processed_get(&self.consumer, id).await {
-            Ok(found) => {
-                // Read the memory record before the write-back empties it.
-                let local = fallback.get(&key);
-                if fallback.active.load(Ordering::SeqCst) {
+    fn fallback(&self) -> &Fallback {
+        &self.bus.shared().fallback
+    }
+
+    async fn reserve(&self, id: &str, owner: &str) -> Result<(Reservation, Place)> {
+        let fallback = self.fallback();
+        if fallback.skip_store() {
+            return Ok((
+                fallback
+                    .records
+                    .reserve(&self.consumer, id, owner, self.lease),
+                Place::Memory,
+            ));
+        }
+        let medium = self.bus.medium();
+        match medium
+            .processed_reserve(&self.consumer, id, owner, self.lease)
+            .await
+        {
+            Ok(reservation) => {
+                if fallback.active() {
+                    // Done in memory during the outage: done, whatever the store says.
+                    if let Some(result) = fallback.records.done(&self.consumer, id) {
+                        if reservation == Reservation::Reserved {
+                            medium
+                                .processed_complete(&self.consumer, id, owner, result.clone())
+                                .await?;
+                        }
+                        self.recover().await;
+                        return Ok((Reservation::Done(result), Place::Store));
+                    }
                     self.recover().await;
                 }
-                Ok(found.or(local))
+                Ok((reservation, Place::Store))
             }
             Err(error) if error.is_retryable() => {
                 fallback.fall_back(&error);
-                Ok(fallback.get(&key))
+                Ok((
+                    fallback
+                        .records
+                        .reserve(&self.consumer, id, owner, self.lease),
+                    Place::Memory,
+                ))
             }
             Err(error) => Err(error),
         }
     }
 
-    async fn record(&self, id: &str, result: Option<Document>) -> Result<(), Error> {
-        let fallback = &self.bus.shared().fallback;
+    async fn complete(
+        &self,
+        id: &str,
+        owner: &str,
+        place: Place,
+        result: Option<bson::Document>,
+    ) -> Result<()> {
+        let fallback = self.fallback();
+        if place == Place::Memory {
+            fallback.records.complete(&self.consumer, id, owner, result);
+            return Ok(());
+        }
         match self
             .bus
             .medium()
-            .processed_put(&self.consumer, id, result.clone())
+            .processed_complete(&self.consumer, id, owner, result.clone())
             .await
         {
             Ok(()) => Ok(()),
             Err(error) if error.is_retryable() => {
+                // Remember it here; it is written back when the store returns.
                 fallback.fall_back(&error);
-                fallback.put((self.consumer.clone(), id.to_string()), result);
+                if fallback
+                    .records
+                    .reserve(&self.consumer, id, owner, self.lease)
+                    == Reservation::Reserved
+                {
+                    fallback.records.complete(&self.consumer, id, owner, result);
+                }
                 Ok(())
             }
             Err(error) => Err(error),
         }
     }
 
-    /// The store answers again: write what was recorded meanwhile, and go back to it.
+    async fn release(&self, id: &str, owner: &str, place: Place) {
+        if place == Place::Memory {
+            self.fallback().records.release(&self.consumer, id, owner);
+            return;
+        }
+        if let Err(error) = self
+            .bus
+            .medium()
+            .processed_release(&self.consumer, id, owner)
+            .await
+        {
+            // The reservation lapses with its lease anyway.
+            tracing::warn!(consumer = %self.consumer, message_id = %id, %error, "reservation not released");
+        }
+    }
+
+    /// The store answers again: write what was done meanwhile, and go back to it.
     async fn recover(&self) {
-        let fallback = &self.bus.shared().fallback;
-        let pending = fallback.take_all();
-        let count = pending.len();
-        for ((consumer, id), result) in pending {
-            if let Err(error) = self
-                .bus
-                .medium()
-                .processed_put(&consumer, &id, result.clone())
+        let fallback = self.fallback();
+        let done = fallback.records.take_done();
+        let count = done.len();
+        let owner = format!("{}/write-back", self.bus.instance());
+        let medium = self.bus.medium();
+        let mut failed = None;
+        for (consumer, id, result) in done {
+            if failed.is_some() {
+                fallback.records.restore_done(&consumer, &id, result);
+                continue;
+            }
+            let written = match medium
+                .processed_reserve(&consumer, &id, &owner, self.lease)
                 .await
             {
-                tracing::warn!(%error, "idempotency store failed again: staying on memory");
-                fallback.put((consumer, id), result);
-                return;
+                Ok(Reservation::Reserved) => {
+                    medium
+                        .processed_complete(&consumer, &id, &owner, result.clone())
+                        .await
+                }
+                Ok(_) => Ok(()),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = written {
+                fallback.records.restore_done(&consumer, &id, result);
+                failed = Some(error);
             }
         }
-        fallback.active.store(false, Ordering::SeqCst);
-        tracing::info!(written_back = count, "idempotency store reachable again");
+        match failed {
+            Some(error) => {
+                tracing::warn!(%error, "idempotency store failed again: staying on memory");
+                fallback.fall_back(&error);
+            }
+            None => {
+                fallback.active.store(false, Ordering::SeqCst);
+                tracing::info!(written_back = count, "idempotency store reachable again");
+            }
+        }
     }
 }
 
 impl Intracom {
     /// Runs handlers at most once per message id for `consumer` (a name that stays the
-    /// same across restarts, like a subscription name).
+    /// same across restarts and instances, like a subscription name).
     pub fn idempotent(&self, consumer: &str) -> Idempotent {
         Idempotent {
             bus: self.clone(),
             consumer: consumer.to_string(),
+            lease: Duration::from_secs(60),
         }
     }
 

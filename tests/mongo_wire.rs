@@ -1355,3 +1355,107 @@ async fn doctor_and_stats_read_what_they_report() {
         "2 messages and 30 s behind the newest"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_reserves_by_insert_and_reads_the_holder_on_duplicate_key() {
+    use intracom::medium::mongo::MongoMedium;
+    use intracom::medium::Reservation;
+    use intracom::Medium;
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    let future = intracom::bson::DateTime::from_millis(
+        intracom::bson::DateTime::now().timestamp_millis() + 60_000,
+    );
+    let past = intracom::bson::DateTime::from_millis(
+        intracom::bson::DateTime::now().timestamp_millis() - 1_000,
+    );
+    let duplicate = doc! { "n": 0, "writeErrors": [{ "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" }], "ok": 1 };
+    peer.queue(
+        "insert",
+        vec![
+            Reply::Doc(doc! { "n": 1, "ok": 1 }),
+            Reply::Doc(duplicate.clone()),
+            Reply::Doc(duplicate.clone()),
+            Reply::Doc(duplicate),
+        ],
+    );
+    let holder = |until: intracom::bson::DateTime, state: &str| {
+        doc! { "consumer": "ledger", "messageId": "m1", "state": state, "owner": "other/1", "until": until, "result": { "n": 3 } }
+    };
+    let (live, lapsed, done) = (
+        holder(future, "running"),
+        holder(past, "running"),
+        holder(future, "done"),
+    );
+    peer.queue(
+        "find",
+        vec![
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.processed", "firstBatch": [live] }, "ok": 1 }),
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.processed", "firstBatch": [lapsed] }, "ok": 1 }),
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.processed", "firstBatch": [done] }, "ok": 1 }),
+        ],
+    );
+    peer.always("update", doc! { "n": 1, "nModified": 1, "ok": 1 });
+    let medium = MongoMedium::connect(&config(&peer)).await.unwrap();
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        medium
+            .processed_reserve("ledger", "m1", "me/1", lease)
+            .await
+            .unwrap(),
+        Reservation::Reserved
+    );
+    assert_eq!(
+        medium
+            .processed_reserve("ledger", "m1", "me/1", lease)
+            .await
+            .unwrap(),
+        Reservation::Busy,
+        "a live holder"
+    );
+    assert_eq!(
+        medium
+            .processed_reserve("ledger", "m1", "me/1", lease)
+            .await
+            .unwrap(),
+        Reservation::Reserved,
+        "a lapsed lease is taken over"
+    );
+    assert_eq!(
+        medium
+            .processed_reserve("ledger", "m1", "me/1", lease)
+            .await
+            .unwrap(),
+        Reservation::Done(Some(doc! { "n": 3 }))
+    );
+
+    let insert = peer.commands_named("insert").remove(0);
+    assert_eq!(insert.get_str("insert"), Ok("processed"));
+    let record = insert.get_array("documents").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .clone();
+    assert_eq!(record.get_str("state"), Ok("running"));
+    assert_eq!(record.get_str("owner"), Ok("me/1"));
+    assert!(
+        record.get_datetime("until").is_ok() && record.get_datetime("at").is_ok(),
+        "lease end, and the TTL field"
+    );
+    let take_over = statements(
+        &peer
+            .commands_named("update")
+            .into_iter()
+            .find(|c| c.get_str("update") == Ok("processed"))
+            .unwrap(),
+    )
+    .remove(0);
+    assert_eq!(
+        take_over.get_document("q").unwrap(),
+        &doc! { "consumer": "ledger", "messageId": "m1", "state": "running", "until": past },
+        "only if the lapsed lease is still the one seen"
+    );
+    assert_eq!(
+        get(&take_over, "u.$set.owner"),
+        &Bson::String("me/1".into())
+    );
+}

@@ -27,8 +27,10 @@ use bson::{doc, Document, Timestamp};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::records::LocalRecords;
 use super::{
-    Appended, CatalogMap, ClaimRequest, DeadLetter, Event, EventStream, Medium, Settlement,
+    Appended, CatalogMap, ClaimRequest, DeadLetter, Event, EventStream, Medium, Reservation,
+    Settlement,
 };
 use crate::config::Config;
 use crate::error::Result;
@@ -95,8 +97,8 @@ struct Shared {
     checkpoints: Mutex<HashMap<String, Position>>,
     /// Dead letters, oldest first; at most `max_messages` are kept.
     dead: Mutex<VecDeque<DeadLetter>>,
-    /// Idempotency records: (consumer, message id) → (result, expiry).
-    processed: Mutex<HashMap<(String, String), Processed>>,
+    /// Idempotency records.
+    processed: LocalRecords,
     /// Bumped whenever work is settled; request callers wait on it.
     outcomes: watch::Sender<u64>,
 }
@@ -122,9 +124,6 @@ struct Log {
 }
 
 type WorkKey = (Reverse<i32>, u64, String);
-
-/// An idempotency record: the result kept, and when the record expires.
-type Processed = (Option<Document>, Instant);
 
 /// The mutable part of a work message (the stored message itself never changes).
 struct Work {
@@ -263,6 +262,7 @@ fn position_of(entry: &Entry) -> Position {
 impl MemoryMedium {
     /// A new, empty medium.
     pub fn new(options: MemoryOptions) -> Self {
+        let processed = LocalRecords::new(options.max_messages, options.retention);
         let (tip, _) = watch::channel(0);
         MemoryMedium {
             shared: Arc::new(Shared {
@@ -273,7 +273,7 @@ impl MemoryMedium {
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
                 dead: Mutex::new(VecDeque::new()),
-                processed: Mutex::new(HashMap::new()),
+                processed,
                 outcomes: watch::channel(0).0,
             }),
         }
@@ -665,33 +665,29 @@ impl Medium for MemoryMedium {
         Ok((before - dead.len()) as u64)
     }
 
-    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>> {
-        let now = Instant::now();
-        let mut processed = lock(&self.shared.processed);
-        let key = (consumer.to_string(), id.to_string());
-        match processed.get(&key) {
-            Some((_, expires)) if *expires <= now => {
-                processed.remove(&key);
-                Ok(None)
-            }
-            Some((result, _)) => Ok(Some(result.clone())),
-            None => Ok(None),
-        }
-    }
-
-    async fn processed_put(
+    async fn processed_reserve(
         &self,
         consumer: &str,
         id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Reservation> {
+        Ok(self.shared.processed.reserve(consumer, id, owner, lease))
+    }
+
+    async fn processed_complete(
+        &self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
         result: Option<Document>,
     ) -> Result<()> {
-        let now = Instant::now();
-        let mut processed = lock(&self.shared.processed);
-        if processed.len() >= self.shared.options.max_messages {
-            processed.retain(|_, (_, expires)| *expires > now);
-        }
-        let expires = now + self.shared.options.retention;
-        processed.insert((consumer.to_string(), id.to_string()), (result, expires));
+        self.shared.processed.complete(consumer, id, owner, result);
+        Ok(())
+    }
+
+    async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
+        self.shared.processed.release(consumer, id, owner);
         Ok(())
     }
 

@@ -19,6 +19,7 @@
 
 pub mod memory;
 pub mod mongo;
+pub(crate) mod records;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -113,6 +114,18 @@ pub enum Settlement {
     },
 }
 
+/// The state of an idempotency record after [`Medium::processed_reserve`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Reservation {
+    /// The caller holds the record now: it runs the handler, then completes or releases.
+    Reserved,
+    /// The handler already ran for this message; the result recorded then.
+    Done(Option<Document>),
+    /// Another holder is running the handler now, and its lease has not lapsed.
+    Busy,
+}
+
 /// A message that could not be delivered, as kept in the dead letters.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -205,12 +218,29 @@ pub trait Medium: Send + Sync + 'static {
     /// Removes dead letters: one id, or all of them with `None`. Returns how many.
     async fn dead_remove(&self, id: Option<&str>) -> Result<u64>;
 
-    /// Whether `consumer` already processed message `id`; `Some(result)` if it did.
-    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>>;
+    /// Reserves the idempotency record of (`consumer`, message `id`) for `owner`, for
+    /// `lease`: the caller may run its handler only when this returns
+    /// [`Reservation::Reserved`]. A record whose lease lapsed (its holder died) can be
+    /// taken over.
+    async fn processed_reserve(
+        &self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Reservation>;
 
-    /// Records that `consumer` processed message `id`, with an optional result.
-    async fn processed_put(&self, consumer: &str, id: &str, result: Option<Document>)
-        -> Result<()>;
+    /// Marks a reserved record done, with the handler's result.
+    async fn processed_complete(
+        &self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
+        result: Option<Document>,
+    ) -> Result<()>;
+
+    /// Drops a reservation whose handler failed, so a later delivery runs it again.
+    async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()>;
 
     /// Ends every follower's stream and releases the medium's resources.
     async fn close(&self);

@@ -1041,6 +1041,74 @@ pub async fn idempotent_handlers_run_once_per_consumer(h: &dyn Harness) {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
+pub async fn concurrent_instances_run_an_effect_once(h: &dyn Harness) {
+    use intracom::Once;
+    let w = h.world(300_000).await;
+    let b1 = bus(&*w, "billing", "billing-1").await;
+    let b2 = bus(&*w, "billing", "billing-2").await;
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Both instances got the same broadcast and handle it at the same moment.
+    let attempt = |b: Intracom| {
+        let runs = runs.clone();
+        async move {
+            b.idempotent("ledger")
+                .run_once("m-broadcast", || async move {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, Error>(7)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = tokio::join!(attempt(b1.clone()), attempt(b2.clone()));
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the effect happened once"
+    );
+    let outcomes = [a, b];
+    assert!(outcomes.contains(&Once::Ran(7)), "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| matches!(o, Once::AlreadyDone(Some(r)) if r.get_i32("value") == Ok(7))),
+        "{outcomes:?}"
+    );
+}
+
+pub async fn a_dead_holders_reservation_is_taken_over(h: &dyn Harness) {
+    use intracom::Once;
+    let w = h.world(300_000).await;
+    let b1 = bus(&*w, "billing", "billing-1").await;
+    // An instance reserved the message, then died without finishing.
+    let reserved = b1
+        .medium()
+        .processed_reserve(
+            "ledger",
+            "m-crash",
+            "billing-dead/1",
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reserved, intracom::medium::Reservation::Reserved);
+    // Bounded well below the record's retention (300 s), so only a take-over passes.
+    let outcome = tokio::time::timeout(
+        HANG_GUARD,
+        b1.idempotent("ledger")
+            .run_once("m-crash", || async { Ok::<_, Error>("done here") }),
+    )
+    .await
+    .expect("taken over after the lease, not after the retention")
+    .unwrap();
+    assert_eq!(
+        outcome,
+        Once::Ran("done here"),
+        "run once the dead holder's lease lapsed"
+    );
+}
+
 /// Instantiates every conformance test for a harness expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -1078,6 +1146,8 @@ macro_rules! conformance_tests {
             failing_work_is_retried_then_dead_lettered,
             work_held_by_a_crashed_worker_is_done_by_another,
             idempotent_handlers_run_once_per_consumer,
+            concurrent_instances_run_an_effect_once,
+            a_dead_holders_reservation_is_taken_over,
         );
     };
     (@each $harness:expr; $attrs:tt; $($name:ident),* $(,)?) => {

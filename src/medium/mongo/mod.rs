@@ -40,7 +40,9 @@ use mongodb::{Client, Collection, Database};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::{Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, Settlement};
+use super::{
+    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, Reservation, Settlement,
+};
 use crate::config::{Config, DbConfig, Retention};
 use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
@@ -527,17 +529,28 @@ impl Medium for MongoMedium {
         work::dead_remove(&self.inner, id).await
     }
 
-    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<Option<Document>>> {
-        work::processed_get(&self.inner, consumer, id).await
-    }
-
-    async fn processed_put(
+    async fn processed_reserve(
         &self,
         consumer: &str,
         id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Reservation> {
+        work::processed_reserve(&self.inner, consumer, id, owner, lease).await
+    }
+
+    async fn processed_complete(
+        &self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
         result: Option<Document>,
     ) -> Result<()> {
-        work::processed_put(&self.inner, consumer, id, result).await
+        work::processed_complete(&self.inner, consumer, id, owner, result).await
+    }
+
+    async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
+        work::processed_release(&self.inner, consumer, id, owner).await
     }
 
     async fn close(&self) {

@@ -20,10 +20,10 @@ use futures::TryStreamExt;
 use mongodb::options::ReturnDocument;
 use tokio::sync::Notify;
 
-use super::errors::to_error;
+use super::errors::{code, to_error, DUPLICATE_KEY};
 use super::{decode_message, Inner};
 use crate::error::Result;
-use crate::medium::{ClaimRequest, DeadLetter, Settlement};
+use crate::medium::{ClaimRequest, DeadLetter, Reservation, Settlement};
 use crate::message::{now_nanos, Message};
 
 fn millis(d: Duration) -> i64 {
@@ -257,37 +257,93 @@ pub(crate) async fn dead_remove(inner: &Inner, id: Option<&str>) -> Result<u64> 
     Ok(removed.map_err(to_error)?.deleted_count)
 }
 
-pub(crate) async fn processed_get(
+/// Reserves (consumer, message id): an insert, so two instances racing for the same
+/// message get one winner (the unique index on {consumer, messageId} answers 11000 to
+/// the other). The loser reads the record: done → its result; a live lease → busy; a
+/// lapsed lease (the holder died) → a conditional take-over. Lease times come from this
+/// client's clock (an insert cannot use `$$NOW`): keep leases well above clock skew.
+pub(crate) async fn processed_reserve(
     inner: &Inner,
     consumer: &str,
     id: &str,
-) -> Result<Option<Option<Document>>> {
-    let found = inner
+    owner: &str,
+    lease: Duration,
+) -> Result<Reservation> {
+    let now = bson::DateTime::now();
+    let until = bson::DateTime::from_millis(now.timestamp_millis().saturating_add(millis(lease)));
+    let record = doc! { "consumer": consumer, "messageId": id, "state": "running", "owner": owner, "until": until, "at": now };
+    match inner.processed.insert_one(record).await {
+        Ok(_) => return Ok(Reservation::Reserved),
+        Err(e) if code(&e) == Some(DUPLICATE_KEY) => {}
+        Err(e) => return Err(to_error(e)),
+    }
+    let key = doc! { "consumer": consumer, "messageId": id };
+    let Some(existing) = inner
         .processed
-        .find_one(doc! { "consumer": consumer, "messageId": id })
+        .find_one(key.clone())
         .await
-        .map_err(to_error)?;
-    Ok(found.map(|d| d.get_document("result").ok().cloned()))
+        .map_err(to_error)?
+    else {
+        // Released between our insert and our read: the caller tries again.
+        return Ok(Reservation::Busy);
+    };
+    if existing.get_str("state") != Ok("running") {
+        return Ok(Reservation::Done(
+            existing.get_document("result").ok().cloned(),
+        ));
+    }
+    let held_until = existing.get_datetime("until").ok().copied();
+    if existing.get_str("owner") == Ok(owner) || held_until.is_none_or(|u| u <= now) {
+        let mut filter = key;
+        filter.insert("state", "running");
+        if let Some(u) = held_until {
+            filter.insert("until", u);
+        }
+        let taken = inner
+            .processed
+            .update_one(filter, doc! { "$set": { "owner": owner, "until": until } })
+            .await
+            .map_err(to_error)?;
+        if taken.matched_count == 1 {
+            return Ok(Reservation::Reserved);
+        }
+    }
+    Ok(Reservation::Busy)
 }
 
-pub(crate) async fn processed_put(
+pub(crate) async fn processed_complete(
     inner: &Inner,
     consumer: &str,
     id: &str,
+    owner: &str,
     result: Option<Document>,
 ) -> Result<()> {
-    let mut set = doc! {};
+    let mut set = doc! { "state": "done" };
     if let Some(result) = result {
         set.insert("result", result);
     }
-    let mut update = doc! { "$currentDate": { "at": true } };
-    if !set.is_empty() {
-        update.insert("$set", set);
-    }
     inner
         .processed
-        .update_one(doc! { "consumer": consumer, "messageId": id }, update)
-        .upsert(true)
+        .update_one(
+            doc! { "consumer": consumer, "messageId": id, "owner": owner, "state": "running" },
+            doc! { "$set": set, "$unset": { "until": "" }, "$currentDate": { "at": true } },
+        )
+        .await
+        .map_err(to_error)?;
+    Ok(())
+}
+
+pub(crate) async fn processed_release(
+    inner: &Inner,
+    consumer: &str,
+    id: &str,
+    owner: &str,
+) -> Result<()> {
+    inner
+        .processed
+        .delete_one(
+            doc! { "consumer": consumer, "messageId": id, "owner": owner, "state": "running" },
+        )
         .await
         .map_err(to_error)?;
     Ok(())

@@ -1,0 +1,217 @@
+//! Idempotency records kept in process memory: the memory medium's store, and the
+//! fall-back of the bus when a medium's store cannot be reached. Same rules as the
+//! `processed` collection: one record per (consumer, message id), reserved with a lease
+//! while a handler runs, done with its result after, expired after the retention.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bson::Document;
+
+use super::Reservation;
+
+type Key = (String, String);
+
+enum State {
+    Running { owner: String, until: Instant },
+    Done(Option<Document>),
+}
+
+struct Record {
+    state: State,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Records {
+    map: HashMap<Key, Record>,
+    /// Keys oldest first, to drop the oldest past the capacity.
+    order: VecDeque<Key>,
+}
+
+pub(crate) struct LocalRecords {
+    records: Mutex<Records>,
+    capacity: usize,
+    retention: Duration,
+}
+
+impl LocalRecords {
+    pub(crate) fn new(capacity: usize, retention: Duration) -> Self {
+        LocalRecords {
+            records: Mutex::new(Records::default()),
+            capacity: capacity.max(1),
+            retention,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn reserve(
+        &self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Reservation {
+        let now = Instant::now();
+        let key = (consumer.to_string(), id.to_string());
+        let mut records = self.lock();
+        let free = match records.map.get(&key) {
+            None => true,
+            Some(record) if record.expires <= now => true,
+            Some(Record {
+                state: State::Done(result),
+                ..
+            }) => return Reservation::Done(result.clone()),
+            Some(Record {
+                state:
+                    State::Running {
+                        owner: holder,
+                        until,
+                    },
+                ..
+            }) => holder == owner || *until <= now,
+        };
+        if !free {
+            return Reservation::Busy;
+        }
+        let fresh = !records.map.contains_key(&key);
+        records.map.insert(
+            key.clone(),
+            Record {
+                state: State::Running {
+                    owner: owner.to_string(),
+                    until: now + lease,
+                },
+                expires: now + self.retention,
+            },
+        );
+        if fresh {
+            records.order.push_back(key);
+            while records.order.len() > self.capacity {
+                if let Some(old) = records.order.pop_front() {
+                    records.map.remove(&old);
+                }
+            }
+        }
+        Reservation::Reserved
+    }
+
+    pub(crate) fn complete(&self, consumer: &str, id: &str, owner: &str, result: Option<Document>) {
+        let mut records = self.lock();
+        if let Some(record) = records.map.get_mut(&(consumer.to_string(), id.to_string())) {
+            if matches!(&record.state, State::Running { owner: holder, .. } if holder == owner) {
+                record.state = State::Done(result);
+            }
+        }
+    }
+
+    pub(crate) fn release(&self, consumer: &str, id: &str, owner: &str) {
+        let key = (consumer.to_string(), id.to_string());
+        let mut records = self.lock();
+        if matches!(records.map.get(&key), Some(Record { state: State::Running { owner: holder, .. }, .. }) if holder == owner)
+        {
+            records.map.remove(&key);
+            records.order.retain(|k| *k != key);
+        }
+    }
+
+    /// The result of a done record, if the message is done.
+    pub(crate) fn done(&self, consumer: &str, id: &str) -> Option<Option<Document>> {
+        let records = self.lock();
+        match records.map.get(&(consumer.to_string(), id.to_string())) {
+            Some(Record {
+                state: State::Done(result),
+                expires,
+            }) if *expires > Instant::now() => Some(result.clone()),
+            _ => None,
+        }
+    }
+
+    /// Puts back a done record that could not be written to the store.
+    pub(crate) fn restore_done(&self, consumer: &str, id: &str, result: Option<Document>) {
+        let key = (consumer.to_string(), id.to_string());
+        let mut records = self.lock();
+        let record = Record {
+            state: State::Done(result),
+            expires: Instant::now() + self.retention,
+        };
+        if records.map.insert(key.clone(), record).is_none() {
+            records.order.push_back(key);
+        }
+    }
+
+    /// Removes and returns the done records (to write them to a store that is back).
+    pub(crate) fn take_done(&self) -> Vec<(String, String, Option<Document>)> {
+        let mut records = self.lock();
+        let done: Vec<Key> = records
+            .map
+            .iter()
+            .filter(|(_, r)| matches!(r.state, State::Done(_)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::with_capacity(done.len());
+        for key in done {
+            if let Some(Record {
+                state: State::Done(result),
+                ..
+            }) = records.map.remove(&key)
+            {
+                out.push((key.0.clone(), key.1.clone(), result));
+            }
+        }
+        let Records { map, order } = &mut *records;
+        order.retain(|k| map.contains_key(k));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time_and_a_lapsed_lease_is_taken_over() {
+        let r = LocalRecords::new(10, Duration::from_secs(60));
+        assert_eq!(
+            r.reserve("c", "m", "a", Duration::from_millis(30)),
+            Reservation::Reserved
+        );
+        assert_eq!(
+            r.reserve("c", "m", "b", Duration::from_secs(1)),
+            Reservation::Busy
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(
+            r.reserve("c", "m", "b", Duration::from_secs(1)),
+            Reservation::Reserved,
+            "a's lease lapsed"
+        );
+        r.complete("c", "m", "a", None);
+        assert_eq!(
+            r.reserve("c", "m", "x", Duration::from_secs(1)),
+            Reservation::Busy,
+            "a lost it: its completion does not count"
+        );
+        r.complete("c", "m", "b", Some(bson::doc! { "n": 1 }));
+        assert_eq!(
+            r.reserve("c", "m", "x", Duration::from_secs(1)),
+            Reservation::Done(Some(bson::doc! { "n": 1 }))
+        );
+        assert_eq!(
+            r.reserve("other", "m", "x", Duration::from_secs(1)),
+            Reservation::Reserved,
+            "per consumer"
+        );
+        r.release("other", "m", "x");
+        assert_eq!(
+            r.reserve("other", "m", "y", Duration::from_secs(1)),
+            Reservation::Reserved,
+            "released: runs again"
+        );
+        assert_eq!(r.take_done().len(), 1);
+    }
+}
