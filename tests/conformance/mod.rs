@@ -856,6 +856,18 @@ pub async fn work_is_claimed_by_priority_then_age(h: &dyn Harness) {
     worker_bus.shutdown().await;
 }
 
+/// The dead letter of a message, once it is there (within 30 s).
+async fn wait_dead_letter(dead: &intracom::DeadLetters, id: &str) -> Option<intracom::DeadLetter> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(letter) = dead.get(id).await.unwrap() {
+            return Some(letter);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 pub async fn failing_work_is_retried_then_dead_lettered(h: &dyn Harness) {
     let w = h.world(300_000).await;
     let worker_bus = bus(&*w, "billing", "billing-1").await;
@@ -880,15 +892,9 @@ pub async fn failing_work_is_retried_then_dead_lettered(h: &dyn Harness) {
         .await
         .unwrap();
     let dead = worker_bus.dead_letters();
-    let mut letter = None;
-    for _ in 0..600 {
-        letter = dead.get(&job.id).await.unwrap();
-        if letter.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let letter = letter.expect("the job reached the dead letters");
+    let letter = wait_dead_letter(&dead, &job.id)
+        .await
+        .expect("the job reached the dead letters");
     assert_eq!(
         calls.load(std::sync::atomic::Ordering::SeqCst),
         3,
@@ -906,15 +912,9 @@ pub async fn failing_work_is_retried_then_dead_lettered(h: &dyn Harness) {
     let again = dead.retry(&job.id).await.unwrap();
     assert_ne!(again.id, job.id);
     assert!(dead.get(&job.id).await.unwrap().is_none());
-    let mut relisted = None;
-    for _ in 0..600 {
-        relisted = dead.get(&again.id).await.unwrap();
-        if relisted.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let relisted = relisted.expect("the retried job failed again");
+    let relisted = wait_dead_letter(&dead, &again.id)
+        .await
+        .expect("the retried job failed again");
     assert_eq!(relisted.document.get_str("retryOf").unwrap(), job.id);
     assert_eq!(dead.purge(None).await.unwrap(), 1);
     assert!(dead.list(10).await.unwrap().is_empty());
