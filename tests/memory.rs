@@ -52,9 +52,15 @@ impl World for MemoryWorld {
     }
 }
 
-conformance_tests!(Memory);
+fn main() {
+    let mut trials = conformance::trials("memory", Arc::new(Memory), None);
+    trials.push(libtest_mimic::Trial::test(
+        "undeclared_messages_land_in_the_dead_letters",
+        || conformance::block_on(undeclared_messages_land_in_the_dead_letters()),
+    ));
+    conformance::run_main(trials, 4, || {});
+}
 
-#[tokio::test]
 async fn undeclared_messages_land_in_the_dead_letters() {
     use futures::StreamExt;
     let medium = Arc::new(MemoryMedium::new(MemoryOptions::default()));

@@ -31,6 +31,63 @@ pub trait Harness: Send + Sync {
     async fn world(&self, retention_ms: u64) -> Box<dyn World>;
     /// The retention to use in the retention test (short, within the medium's resolution).
     fn short_retention_ms(&self) -> u64;
+    /// What the medium promises (Watermill's `Features`): a case that needs more is
+    /// reported as ignored, naming what is missing.
+    fn capabilities(&self) -> &'static [Capability] {
+        Capability::ALL
+    }
+    /// Why a case cannot pass on this particular server although the medium is right:
+    /// a documented divergence of that server from mongod, paired with a test that
+    /// shows the divergence still exists. `None` for every case on a faithful server.
+    fn excluded(&self, _case: &str) -> Option<&'static str> {
+        None
+    }
+}
+
+/// What a medium can promise. Each conformance case names the ones it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// The medium stamps every message (`ts`, `at`) from its own clock; the order of
+    /// stamps is the delivery order.
+    ServerStamps,
+    /// Messages are kept after delivery: a subscription can start from the oldest one
+    /// still retained.
+    History,
+    /// Messages expire after the retention, and a subscriber that comes back after some
+    /// of its messages expired is told how many it lost.
+    LossReports,
+    /// A named subscription's position lives in the medium: another process of the
+    /// same service resumes from it.
+    SharedCheckpoints,
+    /// Work waits in the medium until a worker claims it, highest priority first.
+    StoredQueue,
+    /// Request outcomes, leases and idempotency records are kept by the medium and seen
+    /// alike by every process.
+    SharedState,
+}
+
+impl Capability {
+    /// Everything: what the memory and MongoDB media promise.
+    pub const ALL: &'static [Capability] = &[
+        Capability::ServerStamps,
+        Capability::History,
+        Capability::LossReports,
+        Capability::SharedCheckpoints,
+        Capability::StoredQueue,
+        Capability::SharedState,
+    ];
+
+    /// A short name for test reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::ServerStamps => "server-stamps",
+            Capability::History => "history",
+            Capability::LossReports => "loss-reports",
+            Capability::SharedCheckpoints => "shared-checkpoints",
+            Capability::StoredQueue => "stored-queue",
+            Capability::SharedState => "shared-state",
+        }
+    }
 }
 
 /// A medium shared by the buses of one test, as a shared database is by processes.
@@ -152,8 +209,10 @@ pub async fn broadcast_reaches_every_subscriber(h: &dyn Harness) {
         assert_eq!(d.source_instance, "billing-1");
         assert_eq!(d.kind, MessageType::Broadcast);
         assert_eq!(d.query, doc! {"tenant": 7});
-        assert!(d.ts.is_some(), "the medium stamps every message");
-        assert!(d.at.is_some(), "the medium writes the wall time");
+        if h.capabilities().contains(&Capability::ServerStamps) {
+            assert!(d.ts.is_some(), "the medium stamps every message");
+            assert!(d.at.is_some(), "the medium writes the wall time");
+        }
     }
 }
 
@@ -1109,56 +1168,117 @@ pub async fn a_dead_holders_reservation_is_taken_over(h: &dyn Harness) {
     );
 }
 
-/// Instantiates every conformance test for a harness expression.
-#[macro_export]
-macro_rules! conformance_tests {
-    ($harness:expr) => {
-        $crate::conformance_tests!(@list $harness; []);
-    };
-    // Every test ignored, with the reason, unless the cfg is set (a live server).
-    ($harness:expr, ignore_unless = $cfg:meta, $reason:literal) => {
-        $crate::conformance_tests!(@list $harness; [#[cfg_attr(not($cfg), ignore = $reason)]]);
-    };
-    (@list $harness:expr; $attrs:tt) => {
-        $crate::conformance_tests!(@each $harness; $attrs;
-            broadcast_reaches_every_subscriber,
-            targeted_reaches_only_its_target,
-            order_is_the_same_for_every_subscriber,
-            filters_select_actions_sources_and_types,
-            named_subscription_resumes_without_gap,
-            checkpoint_is_shared_through_the_medium,
-            new_subscription_starts_now_or_from_beginning,
-            retention_expires_and_reports_loss,
-            catalog_errors_write_nothing,
-            bad_input_is_refused_and_writes_nothing,
-            republishing_an_id_stores_it_once,
-            typed_payloads_round_trip,
-            a_slow_subscriber_does_not_hold_back_others,
-            shutdown_ends_streams_and_refuses_work,
-            handler_acks_on_ok_only,
-            undeclared_messages_are_dead_lettered_not_delivered,
-            request_reply_returns_the_typed_answer,
-            a_handler_error_reaches_the_caller,
-            an_unanswered_request_times_out_and_says_so,
-            exactly_one_instance_answers_each_request,
-            a_local_handler_is_called_directly_and_recorded,
-            work_is_claimed_by_priority_then_age,
-            failing_work_is_retried_then_dead_lettered,
-            work_held_by_a_crashed_worker_is_done_by_another,
-            idempotent_handlers_run_once_per_consumer,
-            concurrent_instances_run_an_effect_once,
-            a_dead_holders_reservation_is_taken_over,
-        );
-    };
-    (@each $harness:expr; $attrs:tt; $($name:ident),* $(,)?) => {
-        $( $crate::conformance_tests!(@one $harness; $attrs; $name); )*
-    };
-    (@one $harness:expr; [$(#[$attr:meta])*]; $name:ident) => {
-        $(#[$attr])*
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let harness = $harness;
-            $crate::conformance::$name(&harness).await;
+/// One case of the suite: its name, what it needs, how to run it.
+pub struct Case {
+    /// The function name, used as the test name.
+    pub name: &'static str,
+    /// The capabilities the case relies on.
+    pub needs: &'static [Capability],
+    /// Runs the case against a harness.
+    pub run: for<'a> fn(&'a dyn Harness) -> futures::future::BoxFuture<'a, ()>,
+}
+
+macro_rules! case {
+    ($name:ident $(, $need:ident)*) => {
+        Case {
+            name: stringify!($name),
+            needs: &[$(Capability::$need),*],
+            run: |h| Box::pin($name(h)),
         }
     };
+}
+
+/// Every case of the suite.
+pub fn cases() -> Vec<Case> {
+    vec![
+        case!(broadcast_reaches_every_subscriber),
+        case!(targeted_reaches_only_its_target),
+        case!(order_is_the_same_for_every_subscriber),
+        case!(filters_select_actions_sources_and_types),
+        case!(named_subscription_resumes_without_gap),
+        case!(checkpoint_is_shared_through_the_medium, SharedCheckpoints),
+        case!(new_subscription_starts_now_or_from_beginning, History),
+        case!(retention_expires_and_reports_loss, History, LossReports),
+        case!(catalog_errors_write_nothing),
+        case!(bad_input_is_refused_and_writes_nothing),
+        case!(republishing_an_id_stores_it_once),
+        case!(typed_payloads_round_trip),
+        case!(a_slow_subscriber_does_not_hold_back_others),
+        case!(shutdown_ends_streams_and_refuses_work),
+        case!(handler_acks_on_ok_only),
+        case!(undeclared_messages_are_dead_lettered_not_delivered),
+        case!(request_reply_returns_the_typed_answer),
+        case!(a_handler_error_reaches_the_caller),
+        case!(an_unanswered_request_times_out_and_says_so),
+        case!(exactly_one_instance_answers_each_request),
+        case!(a_local_handler_is_called_directly_and_recorded),
+        case!(work_is_claimed_by_priority_then_age, StoredQueue),
+        case!(failing_work_is_retried_then_dead_lettered),
+        case!(work_held_by_a_crashed_worker_is_done_by_another, StoredQueue),
+        case!(idempotent_handlers_run_once_per_consumer),
+        case!(concurrent_instances_run_an_effect_once, SharedState),
+        case!(a_dead_holders_reservation_is_taken_over, SharedState),
+    ]
+}
+
+/// Runs an async test body on a runtime of its own, as `#[tokio::test(flavor =
+/// "multi_thread", worker_threads = 2)]` does.
+pub fn block_on<F: std::future::Future<Output = ()>>(body: F) -> Result<(), libtest_mimic::Failed> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| libtest_mimic::Failed::from(format!("cannot build a runtime: {e}")))?;
+    runtime.block_on(body);
+    // Whatever a test left running (a worker, a stream) must not keep the trial alive.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}
+
+/// The suite's trials for one medium: `<prefix>::<case>`. A case is ignored, with the
+/// reason as its kind, when the medium cannot be had (`unavailable`), lacks a
+/// capability the case needs, or is a server with a listed divergence for the case.
+pub fn trials(
+    prefix: &str,
+    harness: std::sync::Arc<dyn Harness>,
+    unavailable: Option<&str>,
+) -> Vec<libtest_mimic::Trial> {
+    cases()
+        .into_iter()
+        .map(|case| {
+            let missing: Vec<&str> = case
+                .needs
+                .iter()
+                .filter(|need| !harness.capabilities().contains(need))
+                .map(|need| need.name())
+                .collect();
+            let skip = if let Some(reason) = unavailable {
+                Some(reason.to_string())
+            } else if !missing.is_empty() {
+                Some(format!("{prefix} lacks {}", missing.join(", ")))
+            } else {
+                harness.excluded(case.name).map(str::to_string)
+            };
+            let name = format!("{prefix}::{}", case.name);
+            let harness = std::sync::Arc::clone(&harness);
+            let run = case.run;
+            let trial = libtest_mimic::Trial::test(name, move || block_on(run(&*harness)));
+            match skip {
+                Some(reason) => trial.with_ignored_flag(true).with_kind(reason),
+                None => trial,
+            }
+        })
+        .collect()
+}
+
+/// Runs trials like `cargo test` does, with `--test-threads` defaulting to `threads`
+/// (the cases mostly wait on I/O), then calls `teardown` and exits with the result.
+pub fn run_main(trials: Vec<libtest_mimic::Trial>, threads: usize, teardown: impl FnOnce()) -> ! {
+    let mut args = libtest_mimic::Arguments::from_args();
+    if args.test_threads.is_none() {
+        args.test_threads = Some(threads);
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    teardown();
+    conclusion.exit()
 }

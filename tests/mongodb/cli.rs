@@ -1,0 +1,154 @@
+//! The `intracom` command against the real servers.
+
+use std::process::Output;
+
+use assert_cmd::Command;
+
+use crate::servers::Target;
+use crate::{check, database_name, Check};
+
+pub fn checks() -> Vec<Check> {
+    vec![
+        check!(catalog_publish_tail_stats_dead_and_doctor),
+        check!(doctor_passes_on_a_young_deployment),
+    ]
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The command on a fresh database of the target.
+struct On {
+    uri: String,
+    database: String,
+}
+
+impl On {
+    fn new(t: &Target) -> Self {
+        On {
+            uri: t.uri().expect("server"),
+            database: database_name(),
+        }
+    }
+
+    /// Runs `intracom --uri … --database … <args>` on a blocking thread.
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::cargo_bin("intracom").expect("the intracom binary");
+        // A clean environment: no config file, no overrides from the machine.
+        cmd.env_remove("INTRACOM_CONFIG");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("COMMON_INTRACOM_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(["--uri", &self.uri, "--database", &self.database])
+            .args(args);
+        tokio::task::spawn_blocking(move || cmd.output().expect("the intracom binary runs"))
+            .await
+            .expect("the command's thread")
+    }
+}
+
+async fn catalog_publish_tail_stats_dead_and_doctor(t: &Target) {
+    let db = On::new(t);
+    let added = db
+        .run(&["catalog", "add", "billing", "reload", "invoice.render"])
+        .await;
+    assert!(added.status.success(), "{}", stderr(&added));
+    let listed = db.run(&["catalog", "list"]).await;
+    assert!(
+        stdout(&listed).contains("billing: invoice.render, reload"),
+        "{}",
+        stdout(&listed)
+    );
+
+    let published = db
+        .run(&[
+            "publish",
+            "reload",
+            "--from",
+            "billing",
+            "--body",
+            r#"{"tenant": 7}"#,
+        ])
+        .await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let id = stdout(&published)
+        .split_whitespace()
+        .next()
+        .expect("the id is printed")
+        .to_string();
+    let tail = db
+        .run(&["tail", "--since", "10m", "--count", "1", "--json"])
+        .await;
+    assert!(tail.status.success(), "{}", stderr(&tail));
+    let line: serde_json::Value = serde_json::from_str(
+        stdout(&tail)
+            .lines()
+            .next()
+            .expect("one line per message"),
+    )
+    .expect("JSON");
+    assert_eq!(line["_id"], id.as_str());
+    assert_eq!(line["query"]["tenant"], 7);
+
+    let refused = db.run(&["publish", "nope", "--from", "billing"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("does not declare action `nope`"));
+
+    let stats = db.run(&["stats", "--json"]).await;
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).expect("JSON");
+    assert_eq!(stats["total"], 1);
+    assert_eq!(stats["dead"], 0);
+
+    let timeout = db
+        .run(&[
+            "request",
+            "billing",
+            "invoice.render",
+            "--from",
+            "billing",
+            "--timeout",
+            "500ms",
+        ])
+        .await;
+    assert_eq!(timeout.status.code(), Some(1));
+    assert!(
+        stderr(&timeout).contains("no answer"),
+        "{}",
+        stderr(&timeout)
+    );
+
+    let dead = db.run(&["dead", "list"]).await;
+    assert!(dead.status.success(), "{}", stderr(&dead));
+    let doctor = db.run(&["doctor"]).await;
+    assert!(
+        stdout(&doctor).contains("ok   topology"),
+        "{}",
+        stdout(&doctor)
+    );
+}
+
+/// A deployment younger than the retention has an oplog that has not filled up: its
+/// window says nothing about its size, and `doctor` must not call it too small.
+async fn doctor_passes_on_a_young_deployment(t: &Target) {
+    let db = On::new(t);
+    let published = db
+        .run(&["catalog", "add", "billing", "reload"])
+        .await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let doctor = db.run(&["doctor"]).await;
+    let out = stdout(&doctor);
+    assert!(
+        doctor.status.success(),
+        "doctor exits 0 on a healthy young deployment:\n{out}\n{}",
+        stderr(&doctor)
+    );
+    assert!(out.contains("oplog"), "doctor reports the oplog: {out}");
+}

@@ -1,0 +1,196 @@
+//! MongoDB-specific behaviours on real servers: TTL, validator, dead letters, a token
+//! from a dropped collection, one change stream for many subscribers.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use intracom::bson::{doc, Document};
+use intracom::{Config, Intracom, Message, Subscription};
+
+use crate::conformance::next;
+use crate::servers::Target;
+use crate::{catalog, check, database_name, eventually, on_server, raw_client, Check};
+
+pub fn checks() -> Vec<Check> {
+    vec![
+        check!(ttl_index_deletes_expired_messages),
+        check!(a_token_from_a_dropped_collection_falls_back_to_the_collection),
+        check!(twenty_subscribers_do_not_need_twenty_connections),
+        check!(hand_written_documents_are_validated_or_dead_lettered),
+    ]
+}
+
+async fn drop_database(uri: &str, name: &str) {
+    raw_client(uri).await.database(name).drop().await.ok();
+}
+
+async fn ttl_index_deletes_expired_messages(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let config = Config::builder()
+        .service("billing")
+        .instance("billing-1")
+        .sender("billing", ["reload"])
+        .timeout_ms(2_000)
+        .build()
+        .unwrap();
+    let bus = Intracom::connect(on_server(config, &uri, &database))
+        .await
+        .unwrap();
+    let published = bus.publish(Message::broadcast("reload")).await.unwrap();
+    let db = raw_client(&uri).await.database(&database);
+    let indexes: Vec<Document> = db
+        .run_command(doc! { "listIndexes": "messages" })
+        .await
+        .unwrap()
+        .get_document("cursor")
+        .unwrap()
+        .get_array("firstBatch")
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_document().cloned())
+        .collect();
+    let ttl = indexes
+        .iter()
+        .find(|i| i.get_document("key") == Ok(&doc! { "at": 1 }))
+        .expect("TTL index on at");
+    assert_eq!(
+        ttl.get_i32("expireAfterSeconds")
+            .map(i64::from)
+            .or_else(|_| ttl.get_i64("expireAfterSeconds")),
+        Ok(2)
+    );
+    let messages = db.collection::<Document>("messages");
+    let stored = messages
+        .find_one(doc! { "_id": &published.id })
+        .await
+        .unwrap()
+        .expect("stored");
+    assert!(
+        stored.get_timestamp("ts").is_ok(),
+        "ts is a server Timestamp: {stored}"
+    );
+    assert!(
+        stored.get_datetime("at").is_ok(),
+        "at is a server Date: {stored}"
+    );
+    eventually(
+        "the TTL monitor deletes the message",
+        Duration::from_secs(180),
+        || async {
+            messages
+                .count_documents(doc! { "_id": &published.id })
+                .await
+                .unwrap()
+                == 0
+        },
+    )
+    .await;
+    bus.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+async fn a_token_from_a_dropped_collection_falls_back_to_the_collection(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let first = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .unwrap();
+    let mut sub = first
+        .subscribe(Subscription::named("ledger"))
+        .await
+        .unwrap();
+    first.publish(Message::broadcast("reload")).await.unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    first.shutdown().await;
+    // The saved resume token now names a collection that no longer exists.
+    raw_client(&uri)
+        .await
+        .database(&database)
+        .collection::<Document>("messages")
+        .drop()
+        .await
+        .unwrap();
+
+    let second = Intracom::connect(on_server(catalog("billing", "billing-2"), &uri, &database))
+        .await
+        .unwrap();
+    let after = second.publish(Message::broadcast("reload")).await.unwrap();
+    let mut resumed = second
+        .subscribe(Subscription::named("ledger"))
+        .await
+        .unwrap();
+    let d = next(&mut resumed).await;
+    assert_eq!(d.id, after.id, "caught up from the collection by ts");
+    second.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+async fn twenty_subscribers_do_not_need_twenty_connections(t: &Target) {
+    let uri = t.uri().expect("server");
+    // With a stream per subscriber, 20 awaiting getMores on a pool of 3 would stall.
+    let database = database_name();
+    let mut config = on_server(catalog("billing", "billing-1"), &uri, &database);
+    let sep = if config.db.uri.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    config.db.uri = format!("{}{sep}maxPoolSize=3", config.db.uri);
+    let bus = Intracom::connect(config).await.unwrap();
+    let mut subs = Vec::new();
+    for _ in 0..20 {
+        subs.push(bus.subscribe(Subscription::new()).await.unwrap());
+    }
+    let sent = bus.publish(Message::broadcast("reload")).await.unwrap();
+    for sub in &mut subs {
+        assert_eq!(next(sub).await.id, sent.id);
+    }
+    bus.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+async fn hand_written_documents_are_validated_or_dead_lettered(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let bus = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .unwrap();
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    let db = raw_client(&uri).await.database(&database);
+    let messages = db.collection::<Document>("messages");
+    // The validator refuses what consumers could not read (121 DocumentValidationFailure).
+    let refused = messages
+        .insert_one(doc! { "_id": "by-hand", "hello": "mongosh" })
+        .await;
+    assert!(
+        refused.is_err(),
+        "the $jsonSchema validator refuses a document without the message fields"
+    );
+    // Forced in anyway: it is dead-lettered and consumption goes on.
+    messages
+        .insert_one(doc! { "_id": "forced", "hello": "mongosh" })
+        .bypass_document_validation(true)
+        .await
+        .unwrap();
+    let good = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(next(&mut sub).await.id, good.id);
+    let dead = db.collection::<Document>("dead");
+    let mut found = None;
+    for _ in 0..100 {
+        found = dead.find_one(doc! { "_id": "forced" }).await.unwrap();
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let found = found.expect("dead-lettered");
+    assert!(found.get_str("reason").is_ok_and(|r| !r.is_empty()));
+    assert_eq!(
+        found.get_document("document").unwrap().get_str("hello"),
+        Ok("mongosh")
+    );
+    bus.shutdown().await;
+    let _ = sub.next().await;
+    drop_database(&uri, &database).await;
+}
