@@ -199,7 +199,7 @@ impl Server {
         if let Some(n) = self.options.oplog_max_entries {
             command.arg("--oplog-max-entries").arg(n.to_string());
         }
-        let child = keeper::spawn(command)
+        let child = spawn_kept(command)
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let pid = child.id();
         self.child = Some(child);
@@ -301,7 +301,8 @@ impl Drop for Server {
     }
 }
 
-fn terminate(child: &mut Child) {
+/// Stops a child process: SIGTERM, then SIGKILL if it has not exited after 10 s; reaps it.
+pub fn terminate(child: &mut Child) {
     let pid = child.id();
     if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
@@ -448,6 +449,13 @@ pub fn stop_shared() {
                 .stop();
         }
     }
+}
+
+/// Spawns a server process that the kernel kills if this test process dies
+/// (`PR_SET_PDEATHSIG`), forked from a thread that lives as long as the process. Any
+/// server a test binary starts (MongoDB-compatible, Mosquitto…) goes through here.
+pub fn spawn_kept(command: Command) -> std::io::Result<Child> {
+    keeper::spawn(command)
 }
 
 /// Starts server processes from one thread that lives as long as the test binary.
