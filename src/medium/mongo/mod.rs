@@ -90,10 +90,28 @@ pub(crate) struct Inner {
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
     pub(crate) stats: Counters,
+    /// How many times the change-stream client lost its connections (pool cleared:
+    /// a network error, or the server going away). See [`Inner::stream_interruptions`].
+    interruptions: Arc<AtomicU64>,
     max_bson: usize,
 }
 
 impl Inner {
+    /// A counter that moves each time the change-stream client's connection pool is
+    /// cleared: the server went away or a connection broke.
+    ///
+    /// Why it matters: the driver resumes a change stream once by itself after such an
+    /// error, from its cached token, and says nothing. mongod either resumes exactly
+    /// there or fails the resume (a token it does not have); a server that lost writes
+    /// it had acknowledged (a crash without a journal) may instead resume *later* and
+    /// skip events silently. A stream that lived through an interruption is therefore
+    /// not trusted to be gapless: the hub starts afresh and every follower catches up
+    /// from the collection by `ts`, which is right on mongod too (one indexed query per
+    /// subscriber after an outage).
+    pub(crate) fn stream_interruptions(&self) -> u64 {
+        self.interruptions.load(Ordering::SeqCst)
+    }
+
     /// The retention in seconds, when messages expire by age (TTL).
     pub(crate) fn retention_secs(&self) -> Option<u64> {
         (self.db_config.retention == Retention::Ttl).then(|| self.timeout_ms.div_ceil(1000))
@@ -188,6 +206,14 @@ impl MongoMedium {
         //   to the hub, which reopens from its own copy of the token.
         let mut stream_options = options.clone();
         stream_options.retry_reads = Some(false);
+        let interruptions = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&interruptions);
+        stream_options.cmap_event_handler =
+            Some(mongodb::event::EventHandler::callback(move |event| {
+                if let mongodb::event::cmap::CmapEvent::PoolCleared(_) = event {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
         let bad_uri =
             |e: mongodb::error::Error| Error::config("common.intracom.db.uri", &db_config.uri, e);
         let client = Client::with_options(options).map_err(bad_uri)?;
@@ -231,6 +257,7 @@ impl MongoMedium {
             timeout_ms: config.timeout_ms,
             closed: CancellationToken::new(),
             stats: Counters::default(),
+            interruptions,
             max_bson,
         });
         setup::ensure(&inner).await?;
