@@ -180,14 +180,28 @@ pub struct Message {
     pub retry_of: Option<String>,
 }
 
-/// A work-queue lease: the instance that holds the work, and until when.
+/// A work-queue lease: the instance that holds the work, since when, for how long.
+///
+/// Both times are the medium's: `at` is written by the server (`$currentDate` on
+/// MongoDB) when the lease is taken or renewed, and the lease ends `ms` milliseconds
+/// later by the server's clock (`$$NOW`). No client clock takes part, so workers whose
+/// clocks disagree still agree on who holds the work.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Lease {
     /// The holding instance (or `backoff` while a failed item waits for its retry).
     pub owner: String,
+    /// When the lease was taken or last renewed, on the medium's clock.
+    pub at: bson::DateTime,
+    /// How long it lasts from `at`, in milliseconds.
+    pub ms: i64,
+}
+
+impl Lease {
     /// When the lease ends, on the medium's clock.
-    pub until: bson::DateTime,
+    pub fn until(&self) -> bson::DateTime {
+        bson::DateTime::from_millis(self.at.timestamp_millis().saturating_add(self.ms))
+    }
 }
 
 fn is_zero(n: &i32) -> bool {

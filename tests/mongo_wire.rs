@@ -437,8 +437,9 @@ async fn subscribers_of_a_process_share_one_change_stream() {
         &doc! { "$match": { "$or": [
             { "operationType": "insert" },
             { "operationType": "update", "updateDescription.updatedFields.state": { "$exists": true } },
+            { "operationType": { "$in": ["drop", "rename", "dropDatabase", "invalidate"] } },
         ] } },
-        "inserts, and the updates that settle requests"
+        "inserts, the updates that settle requests, and the events that end the stream"
     );
     bus.shutdown().await;
 }
@@ -508,23 +509,24 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
         &doc! { "_data": "t1" },
         "resumes after the saved token"
     );
-    let pushed = aggregates[1]
-        .get_array("pipeline")
-        .unwrap()
-        .iter()
-        .filter_map(|s| s.as_document())
-        .find_map(|s| {
-            s.get_document("$match")
-                .ok()
-                .filter(|m| m.contains_key("fullDocument.action"))
-                .cloned()
-        });
+    let stages = aggregates[1].get_array("pipeline").unwrap();
+    let matched = stages[1]
+        .as_document()
+        .and_then(|s| s.get_document("$match").ok())
+        .and_then(|m| m.get_array("$or").ok())
+        .expect("one $match: the subscriber's inserts, or an ending event");
+    let inserts = matched[0].as_document().unwrap();
+    assert_eq!(inserts.get_str("operationType"), Ok("insert"));
     assert_eq!(
-        pushed
-            .expect("the subscriber's filter is pushed into $match")
+        inserts
             .get_document("fullDocument.action")
-            .unwrap(),
+            .expect("the subscriber's filter is pushed into $match"),
         &doc! { "$in": ["reload"] }
+    );
+    assert_eq!(
+        matched[1].as_document().unwrap(),
+        &doc! { "operationType": { "$in": ["drop", "rename", "dropDatabase", "invalidate"] } },
+        "a drop after the saved token reaches the follower"
     );
     // Once it has caught up, the resumed stream is closed and the shared one delivers.
     m3_ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -877,7 +879,7 @@ fn work_document(id: &str, owner: &str) -> Document {
     d.insert("attempts", 1);
     d.insert(
         "lease",
-        doc! { "owner": owner, "until": intracom::bson::DateTime::now() },
+        doc! { "owner": owner, "at": intracom::bson::DateTime::now(), "ms": 600i64 },
     );
     d
 }
@@ -951,7 +953,10 @@ async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
         query.get_array("$or").unwrap(),
         &vec![
             Bson::Document(doc! { "lease": Bson::Null }),
-            Bson::Document(doc! { "$expr": { "$lte": ["$lease.until", "$$NOW"] } })
+            Bson::Document(doc! { "$expr": { "$lte": [
+                { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } },
+                "$$NOW",
+            ] } })
         ],
         "free, or a lease that ran out by the server's clock"
     );
@@ -960,19 +965,17 @@ async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
         &doc! { "priority": -1, "ts": 1 }
     );
     assert_eq!(claim.get_bool("new"), Ok(true));
+    // Classic operators, no pipeline: the server stamps the lease with its clock.
     let update = claim
-        .get_array("update")
-        .expect("a pipeline update (for $$NOW)")[0]
-        .as_document()
-        .unwrap()
-        .clone();
+        .get_document("update")
+        .expect("a classic update document");
     assert_eq!(
-        get(&update, "$set.lease.until"),
-        &Bson::Document(doc! { "$add": ["$$NOW", 600i64] })
-    );
-    assert_eq!(
-        get(&update, "$set.lease.owner"),
-        &Bson::String("billing-1".into())
+        update,
+        &doc! {
+            "$set": { "lease.owner": "billing-1", "lease.ms": 600i64 },
+            "$currentDate": { "lease.at": true },
+            "$inc": { "attempts": 1 },
+        }
     );
 
     // Settled in place, by the lease holder only.
@@ -1269,11 +1272,28 @@ async fn doctor_and_stats_read_what_they_report() {
             { "v": 2, "key": { "at": 1 }, "name": "at_ttl", "expireAfterSeconds": 60 },
         ] }, "ok": 1 },
     );
+    // The oldest entry in natural order, the newest write from hello, the fill from
+    // $collStats: first a full oplog, then one that has not filled up yet.
     peer.on("find", |c| {
-        (c.get_str("find") == Ok("oplog.rs")).then(|| {
-            let newest = c.get_document("sort").ok() == Some(&doc! { "$natural": -1 });
-            let ts = if newest { Timestamp { time: 1_800_000_100, increment: 1 } } else { Timestamp { time: 1_800_000_000, increment: 1 } };
+        (c.get_str("find") == Ok("oplog.rs")
+            && c.get_document("sort").ok() == Some(&doc! { "$natural": 1 }))
+        .then(|| {
+            let ts = Timestamp { time: 1_800_000_000, increment: 1 };
             Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "local.oplog.rs", "firstBatch": [{ "ts": ts }] }, "ok": 1 })
+        })
+    });
+    peer.set_last_write(Timestamp {
+        time: 1_800_000_100,
+        increment: 1,
+    });
+    let oplog_size = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(990));
+    let size = std::sync::Arc::clone(&oplog_size);
+    peer.on("aggregate", move |c| {
+        (c.get_str("aggregate") == Ok("oplog.rs")).then(|| {
+            let size = size.load(std::sync::atomic::Ordering::SeqCst);
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "local.oplog.rs", "firstBatch": [
+                { "ns": "local.oplog.rs", "storageStats": { "size": size, "maxSize": 1000i64, "capped": true } },
+            ] }, "ok": 1 })
         })
     });
     let medium = MongoMedium::connect(&config(&peer)).await.unwrap();
@@ -1299,12 +1319,23 @@ async fn doctor_and_stats_read_what_they_report() {
     let oplog = by_name("oplog window");
     assert!(
         !oplog.ok && oplog.detail.contains("100 s"),
-        "100 s of oplog is less than 300 s of retention: {oplog:?}"
+        "100 s of a full oplog is less than 300 s of retention: {oplog:?}"
     );
     assert!(oplog
         .fix
         .as_deref()
         .is_some_and(|f| f.contains("replSetResizeOplog")));
+    // A young deployment: the oplog has not filled up, its window says nothing yet.
+    oplog_size.store(100, std::sync::atomic::Ordering::SeqCst);
+    let young = medium.doctor().await;
+    let oplog = young
+        .iter()
+        .find(|c| c.name == "oplog window")
+        .expect("the oplog check");
+    assert!(
+        oplog.ok && oplog.detail.contains("not full yet"),
+        "an oplog that has not filled up is not too small: {oplog:?}"
+    );
 
     peer.on("aggregate", |c| {
         c.get_array("pipeline")

@@ -528,28 +528,22 @@ impl Medium for MemoryMedium {
         };
         let picked = queue.iter().find_map(|(_, _, id)| {
             let work = log.work.get(id)?;
-            let free = work.lease.as_ref().is_none_or(|l| l.until <= now);
+            let free = work.lease.as_ref().is_none_or(|l| l.until() <= now);
             (free && request.actions.contains(&work.message.action)).then(|| id.clone())
         });
         let Some(work) = picked.and_then(|id| log.work.get_mut(&id)) else {
             return Ok(None);
         };
         work.attempts += 1;
-        work.lease = Some(Lease {
-            owner: request.owner.clone(),
-            until: add(now, request.lease),
-        });
+        work.lease = Some(lease(&request.owner, now, request.lease));
         Ok(Some(work.current()))
     }
 
-    async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+    async fn renew(&self, id: &str, owner: &str, duration: Duration) -> Result<bool> {
         let mut log = write(&self.shared.log);
         match log.work.get_mut(id) {
             Some(work) if work.state == State::Pending && work.held_by(owner) => {
-                work.lease = Some(Lease {
-                    owner: owner.to_string(),
-                    until: add(bson::DateTime::now(), lease),
-                });
+                work.lease = Some(lease(owner, bson::DateTime::now(), duration));
                 Ok(true)
             }
             _ => Ok(false),
@@ -579,10 +573,7 @@ impl Medium for MemoryMedium {
                 }
                 Settlement::Retry { error, after } => {
                     work.last_error = Some(error);
-                    work.lease = Some(Lease {
-                        owner: "backoff".into(),
-                        until: add(bson::DateTime::now(), after),
-                    });
+                    work.lease = Some(lease("backoff", bson::DateTime::now(), after));
                 }
             }
             if finished {
@@ -869,10 +860,13 @@ impl MemoryMedium {
     }
 }
 
-/// `at` plus `d`, in the medium's clock.
-fn add(at: bson::DateTime, d: Duration) -> bson::DateTime {
-    let millis = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    bson::DateTime::from_millis(at.timestamp_millis().saturating_add(millis))
+/// A lease for `owner` taken at `at` (the medium's clock) for `d`.
+fn lease(owner: &str, at: bson::DateTime, d: Duration) -> Lease {
+    Lease {
+        owner: owner.to_string(),
+        at,
+        ms: i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+    }
 }
 
 #[cfg(test)]

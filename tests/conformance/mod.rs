@@ -1214,7 +1214,10 @@ pub fn cases() -> Vec<Case> {
         case!(a_local_handler_is_called_directly_and_recorded),
         case!(work_is_claimed_by_priority_then_age, StoredQueue),
         case!(failing_work_is_retried_then_dead_lettered),
-        case!(work_held_by_a_crashed_worker_is_done_by_another, StoredQueue),
+        case!(
+            work_held_by_a_crashed_worker_is_done_by_another,
+            StoredQueue
+        ),
         case!(idempotent_handlers_run_once_per_consumer),
         case!(concurrent_instances_run_an_effect_once, SharedState),
         case!(a_dead_holders_reservation_is_taken_over, SharedState),

@@ -87,13 +87,9 @@ async fn catalog_publish_tail_stats_dead_and_doctor(t: &Target) {
         .run(&["tail", "--since", "10m", "--count", "1", "--json"])
         .await;
     assert!(tail.status.success(), "{}", stderr(&tail));
-    let line: serde_json::Value = serde_json::from_str(
-        stdout(&tail)
-            .lines()
-            .next()
-            .expect("one line per message"),
-    )
-    .expect("JSON");
+    let line: serde_json::Value =
+        serde_json::from_str(stdout(&tail).lines().next().expect("one line per message"))
+            .expect("JSON");
     assert_eq!(line["_id"], id.as_str());
     assert_eq!(line["query"]["tenant"], 7);
 
@@ -139,9 +135,7 @@ async fn catalog_publish_tail_stats_dead_and_doctor(t: &Target) {
 /// window says nothing about its size, and `doctor` must not call it too small.
 async fn doctor_passes_on_a_young_deployment(t: &Target) {
     let db = On::new(t);
-    let published = db
-        .run(&["catalog", "add", "billing", "reload"])
-        .await;
+    let published = db.run(&["catalog", "add", "billing", "reload"]).await;
     assert!(published.status.success(), "{}", stderr(&published));
     let doctor = db.run(&["doctor"]).await;
     let out = stdout(&doctor);

@@ -37,6 +37,8 @@ struct Shared {
     standalone: bool,
     /// Answer an application's `hello` with CommandNotFound, as servers before 4.4.2 do.
     no_hello: std::sync::atomic::AtomicBool,
+    /// `lastWrite.opTime.ts` in `hello`, as a replica-set member reports its newest write.
+    last_write: Mutex<Option<Timestamp>>,
     log: Mutex<Vec<Document>>,
     /// Rules by command name, consulted in order; a rule answering `None` passes.
     rules: Mutex<Vec<(String, Rule)>>,
@@ -81,6 +83,7 @@ impl Peer {
         let shared = Arc::new(Shared {
             standalone,
             no_hello: std::sync::atomic::AtomicBool::new(false),
+            last_write: Mutex::new(None),
             log: Mutex::new(Vec::new()),
             rules: Mutex::new(Vec::new()),
             generation,
@@ -159,6 +162,11 @@ impl Peer {
     /// `admin` by the driver's handshake) gets CommandNotFound; `isMaster` works.
     pub fn without_hello(&self) {
         self.shared.no_hello.store(true, Ordering::SeqCst);
+    }
+
+    /// Reports this newest write in `hello.lastWrite.opTime`.
+    pub fn set_last_write(&self, ts: Timestamp) {
+        *self.shared.last_write.lock().unwrap() = Some(ts);
     }
 
     /// Refuses (closes at once) new connections until told otherwise.
@@ -284,6 +292,12 @@ fn hello(shared: &Shared, addr: &str) -> Document {
         reply.insert("hosts", vec![addr.to_string()]);
         reply.insert("primary", addr);
         reply.insert("me", addr);
+        if let Some(ts) = *shared.last_write.lock().unwrap() {
+            reply.insert(
+                "lastWrite",
+                doc! { "opTime": { "ts": ts, "t": 1i64 }, "lastWriteDate": intracom::bson::DateTime::now() },
+            );
+        }
     }
     reply
 }

@@ -199,8 +199,8 @@ impl Server {
         if let Some(n) = self.options.oplog_max_entries {
             command.arg("--oplog-max-entries").arg(n.to_string());
         }
-        let child = spawn_kept(command)
-            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let child =
+            spawn_kept(command).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -377,8 +377,9 @@ impl Target {
     pub fn uri(&self) -> Result<String, String> {
         match self {
             Target::Secantus(kind) => shared(*kind).map(|s| s.uri()),
-            Target::Mongod => std::env::var(MONGODB_URI_ENV)
-                .map_err(|_| format!("{MONGODB_URI_ENV} is not set")),
+            Target::Mongod => {
+                std::env::var(MONGODB_URI_ENV).map_err(|_| format!("{MONGODB_URI_ENV} is not set"))
+            }
         }
     }
 

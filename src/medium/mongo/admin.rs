@@ -304,61 +304,99 @@ impl MongoMedium {
 
 /// The oplog window against the retention: a subscriber stopped longer than the window
 /// cannot resume from its token and catches up by scanning the collection instead.
+///
+/// The window is judged only when it means something: an oplog that has not filled up
+/// yet holds everything since the deployment began, so its span says nothing about how
+/// much it can hold. Rules relied on:
+/// - the oldest entry is the first in natural order (`sort({$natural: 1})`);
+/// - the newest write is `hello.lastWrite.opTime` on a replica-set member (cheap, and
+///   answered alike by every server; a `$natural: -1` read is not);
+/// - a capped oplog reports its `size` and `maxSize` in `$collStats.storageStats`.
 async fn oplog_window(medium: &MongoMedium, timeout_ms: u64) -> Check {
-    let oplog = medium
-        .inner
-        .db
-        .client()
-        .database("local")
-        .collection::<Document>("oplog.rs");
-    let first = oplog
+    const NAME: &str = "oplog window";
+    let client = medium.inner.db.client();
+    let oplog = client.database("local").collection::<Document>("oplog.rs");
+    let first = match oplog
         .find_one(doc! {})
         .sort(doc! { "$natural": 1 })
         .projection(doc! { "ts": 1 })
-        .await;
-    let last = oplog
-        .find_one(doc! {})
-        .sort(doc! { "$natural": -1 })
-        .projection(doc! { "ts": 1 })
-        .await;
-    match (first, last) {
-        (Ok(Some(first)), Ok(Some(last))) => {
-            let (Ok(a), Ok(b)) = (first.get_timestamp("ts"), last.get_timestamp("ts")) else {
-                return Check::fail(
-                    "oplog window",
-                    "oplog entries without ts",
-                    "check the deployment",
-                );
-            };
-            let window = u64::from(b.time.saturating_sub(a.time));
-            let retention = timeout_ms / 1000;
-            if window >= retention {
-                Check::pass(
-                    "oplog window",
-                    format!("{window} s of history, retention {retention} s"),
-                )
-            } else {
-                Check::fail(
-                    "oplog window",
-                    format!("{window} s of history, shorter than the retention of {retention} s: a subscriber stopped longer than the window catches up by scanning"),
-                    "raise the oplog size (replSetResizeOplog) or its minimum retention (oplogMinRetentionHours)",
-                )
-            }
+        .await
+    {
+        Ok(Some(first)) => first,
+        Ok(None) => return Check::fail(NAME, "empty oplog", "is this a replica set member?"),
+        Err(e) if code(&e) == Some(13) => {
+            return Check::fail(
+                NAME,
+                "not allowed to read local.oplog.rs",
+                "grant the clusterMonitor role to check it",
+            )
         }
-        (Err(e), _) | (_, Err(e)) if code(&e) == Some(13) => Check::fail(
-            "oplog window",
-            "not allowed to read local.oplog.rs",
-            "grant the clusterMonitor role to check it",
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("cannot read the oplog: {e}"),
+                "check the user's rights",
+            )
+        }
+    };
+    let newest = match client
+        .database("admin")
+        .run_command(doc! { "hello": 1 })
+        .await
+    {
+        Ok(hello) => hello
+            .get_document("lastWrite")
+            .and_then(|w| w.get_document("opTime"))
+            .and_then(|t| t.get_timestamp("ts"))
+            .ok(),
+        Err(_) => None,
+    };
+    let (Ok(oldest), Some(newest)) = (first.get_timestamp("ts"), newest) else {
+        return Check::fail(
+            NAME,
+            "no oplog time found (oldest entry's ts, hello.lastWrite.opTime)",
+            "check that this is a replica set member",
+        );
+    };
+    let window = u64::from(newest.time.saturating_sub(oldest.time));
+    let retention = timeout_ms / 1000;
+    if window >= retention {
+        return Check::pass(
+            NAME,
+            format!("{window} s of history, retention {retention} s"),
+        );
+    }
+    match oplog_fill(&oplog).await {
+        Some((size, max)) if size.saturating_mul(10) >= max.saturating_mul(9) => Check::fail(
+            NAME,
+            format!("{window} s of history in a full oplog ({size} of {max} bytes), shorter than the retention of {retention} s: a subscriber stopped longer than the window catches up by scanning"),
+            "raise the oplog size (replSetResizeOplog) or its minimum retention (oplogMinRetentionHours)",
         ),
-        (Err(e), _) | (_, Err(e)) => Check::fail(
-            "oplog window",
-            format!("cannot read the oplog: {e}"),
-            "check the user's rights",
+        Some((size, max)) => Check::pass(
+            NAME,
+            format!("{window} s of history so far; the oplog is not full yet ({size} of {max} bytes), so it holds everything since it began"),
         ),
-        _ => Check::fail(
-            "oplog window",
-            "empty oplog",
-            "is this a replica set member?",
+        None => Check::pass(
+            NAME,
+            format!("{window} s of history so far; the server does not report the oplog's capacity, so whether it holds the retention of {retention} s cannot be judged yet"),
         ),
     }
+}
+
+/// The oplog's size and maximum size in bytes, when the server reports them.
+async fn oplog_fill(oplog: &mongodb::Collection<Document>) -> Option<(u64, u64)> {
+    let mut cursor = oplog
+        .aggregate(vec![doc! { "$collStats": { "storageStats": {} } }])
+        .await
+        .ok()?;
+    let stats = cursor.try_next().await.ok()??;
+    let storage = stats.get_document("storageStats").ok()?;
+    let number = |key: &str| match storage.get(key) {
+        Some(Bson::Int32(n)) => u64::try_from(*n).ok(),
+        Some(Bson::Int64(n)) => u64::try_from(*n).ok(),
+        Some(Bson::Double(n)) if *n >= 0.0 => Some(*n as u64),
+        _ => None,
+    };
+    let max = number("maxSize").filter(|m| *m > 0)?;
+    Some((number("size")?, max))
 }

@@ -252,10 +252,12 @@ impl Follower {
             .and_then(|rt| bson::from_bson::<ResumeToken>(rt).ok());
         let cluster_time = token.get_timestamp("ct").ok();
         if let (Some(_), Some(rt), Some(ct)) = (&self.hub, resume_token, cluster_time) {
-            let pipeline = vec![
-                doc! { "$match": { "operationType": "insert" } },
-                doc! { "$match": filter_query(&self.filter, "fullDocument.") },
-            ];
+            // Inserts this subscriber wants, and the events that end the stream (a drop
+            // of the collection after the saved position): those must reach us, or the
+            // stream would look silent instead of ended.
+            let mut inserts = filter_query(&self.filter, "fullDocument.");
+            inserts.insert("operationType", "insert");
+            let pipeline = vec![doc! { "$match": { "$or": [inserts, hub::ending_events()] } }];
             match hub::open(&self.inner, pipeline, Some(rt)).await {
                 Ok(stream) => {
                     tracing::debug!("resuming from a saved resume token");
@@ -542,6 +544,13 @@ impl Follower {
                     next = stream.next_if_any() => next,
                 };
                 match next {
+                    Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
+                        // Everything up to the drop came through this stream; what the
+                        // re-created collection holds is read from it by `ts`.
+                        tracing::warn!(operation = ?event.operation_type, "the messages collection was dropped or renamed after the saved position: catching up from the collection by ts");
+                        self.inner.count_fallback();
+                        self.scan_from_last()
+                    }
                     Ok(Some(event)) => {
                         let ct = event.cluster_time.unwrap_or(last_cluster_time);
                         let token = bson::to_bson(&event.id).ok();
@@ -561,6 +570,13 @@ impl Follower {
                             stream,
                             last_cluster_time: ct,
                         }
+                    }
+                    Ok(None) if !stream.is_alive() => {
+                        // The server closed the cursor: the end of this stream, not
+                        // silence. Whatever follows is read from the collection.
+                        tracing::warn!("resumed stream closed by the server: catching up from the collection by ts");
+                        self.inner.count_fallback();
+                        self.scan_from_last()
                     }
                     Ok(None) => match self.handover_from_stream(last_cluster_time) {
                         Some(ring) => {

@@ -103,16 +103,36 @@ impl Hub {
     }
 }
 
-/// The hub's stream: inserts, and updates that settle a request. (A `$match` on
-/// `operationType` and `updateDescription` is rewritten into the oplog scan since 5.1;
-/// subscriber filters are applied in memory, since one stream serves every subscriber
-/// of the process.)
+/// The hub's stream: inserts, updates that settle a request, and the events that end
+/// a collection's stream. (A `$match` on `operationType` and `updateDescription` is
+/// rewritten into the oplog scan since 5.1; subscriber filters are applied in memory,
+/// since one stream serves every subscriber of the process.)
 pub(crate) fn hub_pipeline() -> Vec<Document> {
     vec![doc! { "$match": { "$or": [
         { "operationType": "insert" },
         // A request settled in place: wakes the caller waiting for it.
         { "operationType": "update", "updateDescription.updatedFields.state": { "$exists": true } },
+        ending_events(),
     ] } }]
+}
+
+/// The events after which a collection's change stream has no more to say: the
+/// collection was dropped or renamed (then `invalidate`, and the server closes the
+/// cursor), or its database was dropped. A `$match` that filters them out hides the
+/// reason, not the end: let them through and handle them.
+pub(crate) fn ending_events() -> Document {
+    doc! { "operationType": { "$in": ["drop", "rename", "dropDatabase", "invalidate"] } }
+}
+
+/// Whether a change event ends the stream (see [`ending_events`]).
+pub(crate) fn is_ending(operation: &OperationType) -> bool {
+    matches!(
+        operation,
+        OperationType::Drop
+            | OperationType::Rename
+            | OperationType::DropDatabase
+            | OperationType::Invalidate
+    )
 }
 
 pub(crate) async fn open(
@@ -168,7 +188,10 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
             _ = closed.cancelled() => return,
             next = stream.next_if_any() => next,
         };
-        match next {
+        let failure = match next {
+            Ok(Some(event)) if is_ending(&event.operation_type) => {
+                Ended::Collection(event.operation_type)
+            }
             Ok(Some(event)) => {
                 token = stream.resume_token().or(Some(event.id.clone()));
                 if event.operation_type == OperationType::Update {
@@ -178,18 +201,35 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
                 } else {
                     hub.push(to_item(&inner, event));
                 }
+                continue;
             }
+            // The server closed the cursor without an error: the end, not silence.
+            Ok(None) if !stream.is_alive() => Ended::Closed,
             // An empty batch: keep the post-batch resume token (quiet collection).
-            Ok(None) => token = stream.resume_token().or(token),
-            Err(error) => match reopen(&inner, &hub, token.clone(), error).await {
-                Some((fresh, fresh_token)) => {
-                    stream = fresh;
-                    token = fresh_token;
-                }
-                None => return,
-            },
+            Ok(None) => {
+                token = stream.resume_token().or(token);
+                continue;
+            }
+            Err(error) => Ended::Error(error),
+        };
+        match reopen(&inner, &hub, token.clone(), failure).await {
+            Some((fresh, fresh_token)) => {
+                stream = fresh;
+                token = fresh_token;
+            }
+            None => return,
         }
     }
+}
+
+/// Why the hub's stream stopped.
+enum Ended {
+    /// The driver gave up (it already tried to resume once).
+    Error(mongodb::error::Error),
+    /// The collection was dropped or renamed, or its database dropped.
+    Collection(OperationType),
+    /// The server closed the cursor without an error or an ending event.
+    Closed,
 }
 
 /// Reopens after a failure the driver did not absorb, with backoff; `None` when closed.
@@ -197,9 +237,31 @@ async fn reopen(
     inner: &Inner,
     hub: &Hub,
     mut token: Option<ResumeToken>,
-    mut error: mongodb::error::Error,
+    ended: Ended,
 ) -> Option<(Events, Option<ResumeToken>)> {
     let mut backoff = Duration::from_millis(100);
+    let mut error = match ended {
+        Ended::Error(error) => error,
+        Ended::Collection(operation) => {
+            // Nothing after this event can come from this stream: start a fresh one, and
+            // have the followers catch up from the collection (which a publish or this
+            // set-up re-creates).
+            tracing::warn!(?operation, collection = %inner.db_config.messages, "the messages collection was dropped or renamed: restarting the change stream; subscribers catch up from the collection");
+            inner.count_fallback();
+            if let Err(error) = super::setup::ensure(inner).await {
+                tracing::warn!(%error, "the messages collection was not set up again");
+            }
+            return fresh(inner, hub).await;
+        }
+        Ended::Closed => {
+            // mongod closes a stream only after `invalidate`; a server that closes it
+            // without one has ended it all the same. Resuming from the token could be
+            // closed again at once: start fresh, the followers fill the gap by `ts`.
+            tracing::warn!("the server closed the change stream: restarting it; subscribers catch up from the collection");
+            inner.count_fallback();
+            return fresh(inner, hub).await;
+        }
+    };
     loop {
         if is_history_lost(&error) {
             tracing::warn!(%error, "change stream history lost: restarting the stream; subscribers catch up from the collection");
@@ -225,6 +287,29 @@ async fn reopen(
                 return Some((stream, fresh));
             }
             Err(e) => error = e,
+        }
+    }
+}
+
+/// Opens a stream from now, after a gap the followers must fill from the collection.
+async fn fresh(inner: &Inner, hub: &Hub) -> Option<(Events, Option<ResumeToken>)> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        hub.push(RingItem::Gap);
+        match open(inner, hub_pipeline(), None).await {
+            Ok(stream) => {
+                tracing::info!("change stream restarted from now");
+                let token = stream.resume_token();
+                return Some((stream, token));
+            }
+            Err(error) => {
+                tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream not restarted: retrying");
+                tokio::select! {
+                    _ = inner.closed.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -43,7 +43,15 @@ pub fn message_validator() -> Document {
                 "query_ts": { "bsonType": ["long", "int"] },
                 "priority": { "bsonType": "int" },
                 "attempts": { "bsonType": "int" },
-                "lease": { "bsonType": "object", "required": ["owner", "until"] },
+                "lease": {
+                    "bsonType": "object",
+                    "required": ["owner", "at", "ms"],
+                    "properties": {
+                        "owner": { "bsonType": "string" },
+                        "at": { "bsonType": "date" },
+                        "ms": { "bsonType": ["long", "int"] },
+                    },
+                },
             }
         }
     }

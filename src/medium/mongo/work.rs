@@ -4,11 +4,16 @@
 //! Rules relied on:
 //! - `findAndModify` with a sort is atomic for the one document it picks: two workers
 //!   never claim the same work (the standard way to claim with a lease).
-//! - Lease times come from the server's clock (`$$NOW` in an update pipeline, 4.2+),
-//!   never the client's, so skewed workers agree on when a lease ends
-//!   (Hangfire.Mongo #356).
-//! - Settling uses classic update operators: in a pipeline `$set`, a string value
-//!   starting with `$` would be read as a field path.
+//! - Lease times come from the server's clock, never the client's, so skewed workers
+//!   agree on when a lease ends (Hangfire.Mongo #356): a lease is `{owner, at, ms}`,
+//!   `at` written by `$currentDate` (the server's wall clock at the write), and it has
+//!   ended when `$dateAdd(at, ms) <= $$NOW` (`$$NOW` in a query `$expr` is the
+//!   server's clock at the query, 4.2+; `$dateAdd` is 5.0+).
+//! - Claims, renewals and back-off are classic update operators (`$set`, `$inc`,
+//!   `$currentDate`), not update pipelines: they work on every MongoDB and on servers
+//!   without pipeline updates, and in a classic `$set` a string starting with `$` is a
+//!   value, never a field path. `lease` is either absent or an object (the validator
+//!   refuses a null one), so setting `lease.owner` never meets a null parent.
 //! - A claim counts the attempt, so a worker that crashes holding a lease still uses one
 //!   up; the lease expires and another worker claims the work.
 
@@ -30,6 +35,11 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// When a lease ends, as a server-side expression: `at` plus `ms` milliseconds.
+fn lease_end() -> Document {
+    doc! { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } }
+}
+
 fn decode_claimed(document: Document) -> Result<Message> {
     decode_message(&document).map_err(|reason| crate::Error::Medium {
         medium: "db",
@@ -45,13 +55,14 @@ pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Optio
         "action": { "$in": &request.actions },
         "$or": [
             { "lease": Bson::Null },
-            { "$expr": { "$lte": ["$lease.until", "$$NOW"] } },
+            { "$expr": { "$lte": [lease_end(), "$$NOW"] } },
         ],
     };
-    let update = vec![doc! { "$set": {
-        "lease": { "owner": &request.owner, "until": { "$add": ["$$NOW", millis(request.lease)] } },
-        "attempts": { "$add": [{ "$ifNull": ["$attempts", 0] }, 1] },
-    } }];
+    let update = doc! {
+        "$set": { "lease.owner": &request.owner, "lease.ms": millis(request.lease) },
+        "$currentDate": { "lease.at": true },
+        "$inc": { "attempts": 1 },
+    };
     let claimed = inner
         .messages
         .find_one_and_update(filter, update)
@@ -67,7 +78,7 @@ pub(crate) async fn renew(inner: &Inner, id: &str, owner: &str, lease: Duration)
         .messages
         .update_one(
             doc! { "_id": id, "state": "pending", "lease.owner": owner },
-            vec![doc! { "$set": { "lease.until": { "$add": ["$$NOW", millis(lease)] } } }],
+            doc! { "$set": { "lease.ms": millis(lease) }, "$currentDate": { "lease.at": true } },
         )
         .await
         .map_err(to_error)?;
@@ -103,10 +114,10 @@ pub(crate) async fn settle(
                 .await
         }
         Settlement::Retry { error, after } => {
-            let update = vec![doc! { "$set": {
-                "lastError": { "$literal": error },
-                "lease": { "owner": "backoff", "until": { "$add": ["$$NOW", millis(after)] } },
-            } }];
+            let update = doc! {
+                "$set": { "lastError": error, "lease.owner": "backoff", "lease.ms": millis(after) },
+                "$currentDate": { "lease.at": true },
+            };
             inner.messages.update_one(filter, update).await
         }
     };
