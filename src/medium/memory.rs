@@ -760,7 +760,7 @@ impl Medium for MemoryMedium {
                 if work
                     .lease
                     .as_ref()
-                    .is_some_and(|l| l.owner != "backoff" && l.until > now)
+                    .is_some_and(|l| l.owner != "backoff" && l.until() > now)
                 {
                     queue.in_flight += 1;
                 } else {
@@ -799,7 +799,7 @@ impl Medium for MemoryMedium {
                 let held = work
                     .lease
                     .as_ref()
-                    .is_some_and(|l| l.owner != "backoff" && l.until > now);
+                    .is_some_and(|l| l.owner != "backoff" && l.until() > now);
                 if work.message.action != action || work.state != State::Pending || held {
                     continue;
                 }

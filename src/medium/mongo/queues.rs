@@ -6,12 +6,14 @@
 //! collection, plus their dead letters in `dead`.
 //!
 //! Rules relied on:
-//! - "In flight" compares `lease.until` with a time taken on this client, not `$$NOW`:
-//!   counts and purges are operator views, a second of clock skew does not matter
-//!   there, and one of the test servers misreads `$$NOW` inside a query `$expr`
-//!   (MONGODB.md, "Test servers"). Claims keep using the server's clock.
-//! - A missing `lease.until` sorts below every date in BSON comparison order, so
-//!   `$gt: [<missing>, now]` is false: unleased work counts as waiting.
+//! - A lease is `{owner, at, ms}` and ends at `$dateAdd(at, ms)` (see `work.rs`). "In
+//!   flight" compares that end with a time taken on this client, not `$$NOW`: counts
+//!   and purges are operator views, a second of clock skew does not matter there, and
+//!   one of the test servers misreads `$$NOW` inside a query `$expr` (MONGODB.md, "Test
+//!   servers"). Claims keep using the server's clock.
+//! - `$dateAdd` of a missing `lease.at` is null, and null sorts below every date in
+//!   BSON comparison order, so `$gt: [null, now]` is false: unleased work counts as
+//!   waiting.
 //! - `updateMany` is not a retryable write: a purge interrupted by a network error may
 //!   have purged part of the queue; running it again purges the rest.
 
@@ -26,11 +28,16 @@ use crate::error::Result;
 use crate::medium::QueueStats;
 use crate::message::now_nanos;
 
+/// When a lease ends: `at` plus `ms` milliseconds.
+fn lease_end() -> Document {
+    doc! { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } }
+}
+
 /// Held by a worker whose lease has not run out, at `now`.
 fn held(now: bson::DateTime) -> Document {
     doc! { "$and": [
         { "$ne": ["$lease.owner", "backoff"] },
-        { "$gt": ["$lease.until", now] },
+        { "$gt": [lease_end(), now] },
     ] }
 }
 
@@ -119,7 +126,7 @@ pub(crate) async fn purge(inner: &Inner, service: &str, action: &str) -> Result<
         "$or": [
             { "lease": Bson::Null },
             { "lease.owner": "backoff" },
-            { "lease.until": { "$lte": now } },
+            { "$expr": { "$lte": [lease_end(), now] } },
         ],
     };
     let update = doc! {
