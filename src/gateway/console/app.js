@@ -44,7 +44,8 @@ function button(label, className, onClick) {
 }
 
 // ---- Server-Sent Events over fetch (EventSource cannot send the Authorization header).
-async function* events(url, signal) {
+// `onOpen` runs once the gateway answered: the subscription is anchored then.
+async function* events(url, signal, onOpen) {
   const response = await fetch(url, {
     headers: { Authorization: "Bearer " + state.token, Accept: "text/event-stream" },
     signal,
@@ -53,6 +54,7 @@ async function* events(url, signal) {
     const body = await response.json().catch(() => ({}));
     throw new Error(body.message || response.status + " " + response.statusText);
   }
+  if (onOpen) onOpen();
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   let event = { event: "message", data: [], id: null };
@@ -133,9 +135,11 @@ async function followTail() {
   let lastId = null;
   while (!controller.signal.aborted) {
     try {
-      $("#tail-state").textContent = "following";
-      $("#tail").dataset.live = "true";
-      for await (const e of events(tailUrl(lastId), controller.signal)) {
+      const opened = () => {
+        $("#tail-state").textContent = "following";
+        $("#tail").dataset.live = "true";
+      };
+      for await (const e of events(tailUrl(lastId), controller.signal, opened)) {
         if (e.event === "message") {
           lastId = e.id;
           if (!state.paused) showMessage(JSON.parse(e.data));
