@@ -25,6 +25,9 @@ pub fn trials() -> Vec<Trial> {
         Trial::test("memory::message_store_over_the_outbox", || {
             block_on(message_store_over_the_outbox())
         }),
+        Trial::test("memory::a_late_reconnect_is_told_what_was_lost", || {
+            block_on(a_late_reconnect_is_told_what_was_lost())
+        }),
         Trial::test(
             "memory::https_with_rustls",
             || block_on(https_with_rustls()),
@@ -247,6 +250,42 @@ async fn message_store_over_the_outbox() {
         marker,
         "nothing else came"
     );
+    gw.stop().await;
+}
+
+async fn a_late_reconnect_is_told_what_was_lost() {
+    use intracom::medium::memory::{MemoryMedium, MemoryOptions};
+    let mut config = config("gateway");
+    config.memory_max_messages = 10;
+    let medium = Arc::new(MemoryMedium::new(MemoryOptions::from(&config)));
+    let bus = Intracom::with_medium(config, medium.clone())
+        .await
+        .expect("bus");
+    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, Some(medium));
+    let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
+    gw.publish(BILLING, json!({ "action": "reload" })).await;
+    let (last_event_id, _) = sub.message("the first message").await;
+    drop(sub);
+    let mut published = Vec::new();
+    for n in 0..30 {
+        published.push(
+            gw.publish(BILLING, json!({ "action": "reload", "query": { "n": n } }))
+                .await,
+        );
+    }
+    // Only the last 10 are retained: the other 20 are reported, then the rest comes.
+    let mut resumed = gw
+        .subscribe("/subscribe/reload", BILLING, Some(&last_event_id))
+        .await;
+    let lost = resumed.expect("the loss report").await;
+    assert_eq!(lost.event, "lost", "{lost:?}");
+    assert_eq!(lost.json()["count"], 20);
+    for expected in &published[20..] {
+        assert_eq!(
+            &resumed.message("a retained message").await.1["id"],
+            expected
+        );
+    }
     gw.stop().await;
 }
 
