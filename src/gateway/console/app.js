@@ -111,7 +111,7 @@ function showMessage(m) {
     cell(m.at ? new Date(m.at).toLocaleTimeString() : ""),
     cell(m.serviceNameSource + "/" + m.instanceSource),
     cell(to),
-    cell(m.type),
+    cell(m.state ? m.type + " · " + m.state : m.type),
     cell(m.action),
     cell(JSON.stringify(m.query), "query"),
     cell(m.id, "id"),
