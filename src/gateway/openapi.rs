@@ -21,7 +21,7 @@ use super::{dead, error, ops, publish, queues, sse, stats, stores, AppState};
         title = "intracom gateway",
         description = "The intracom message bus over HTTP: publish, subscribe (Server-Sent Events), request/reply, queues, dead letters, the message and idempotency stores. Authenticate with `Authorization: Bearer <token>`; every error is a JSON `ErrorBody`."
     ),
-    components(schemas(error::ErrorBody, sse::StreamNotice)),
+    components(schemas(error::ErrorBody, sse::StreamNotice, sse::Start)),
     modifiers(&Bearer),
     tags(
         (name = "messages", description = "Publish, subscribe, ack, request"),

@@ -86,10 +86,8 @@ pub struct SubscribeParams {
     pub source: Option<String>,
     /// Only this type.
     #[serde(rename = "type")]
-    #[param(value_type = Option<super::model::Kind>)]
     pub kind: Option<super::model::Kind>,
     /// Where to start without `Last-Event-ID` or checkpoint (default `now`).
-    #[param(value_type = Option<Start>)]
     pub from: Option<Start>,
     /// Resume after this event id (for clients that cannot send `Last-Event-ID`).
     pub after: Option<String>,

@@ -63,7 +63,6 @@ pub(crate) async fn keep(
         .from
         .clone()
         .ok_or_else(|| ApiError::BadRequest("`from` is required: the sending service".into()))?;
-    check_name("from", &from)?;
     let id = idempotency_key(&headers)?;
     let message = request.into_message(&from, id)?;
     let receipt = Receipt::from(state.bus_as(&from)?.publish_later(message).await?);

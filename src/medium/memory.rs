@@ -734,19 +734,11 @@ impl Medium for MemoryMedium {
         let now = bson::DateTime::now();
         let mut queues: std::collections::BTreeMap<(String, String), QueueStats> =
             Default::default();
-        fn entry<'a>(
-            queues: &'a mut std::collections::BTreeMap<(String, String), QueueStats>,
-            service: &str,
-            action: &str,
-        ) -> &'a mut QueueStats {
-            queues
+        let mut count = |service: &str, action: &str, add: fn(&mut QueueStats)| {
+            add(queues
                 .entry((service.to_string(), action.to_string()))
-                .or_insert_with(|| QueueStats {
-                    service: service.to_string(),
-                    action: action.to_string(),
-                    ..QueueStats::default()
-                })
-        }
+                .or_insert_with(|| QueueStats::new(service, action)))
+        };
         {
             let log = read(&self.shared.log);
             for work in log.work.values() {
@@ -756,15 +748,14 @@ impl Medium for MemoryMedium {
                 if work.state != State::Pending {
                     continue;
                 }
-                let queue = entry(&mut queues, service, &work.message.action);
-                if work
+                let held = work
                     .lease
                     .as_ref()
-                    .is_some_and(|l| l.owner != "backoff" && l.until() > now)
-                {
-                    queue.in_flight += 1;
+                    .is_some_and(|l| l.owner != "backoff" && l.until() > now);
+                if held {
+                    count(service, &work.message.action, |q| q.in_flight += 1);
                 } else {
-                    queue.depth += 1;
+                    count(service, &work.message.action, |q| q.depth += 1);
                 }
             }
         }
@@ -775,7 +766,7 @@ impl Medium for MemoryMedium {
                 d.get_str("serviceNameDest"),
                 d.get_str("action"),
             ) {
-                entry(&mut queues, service, action).dead += 1;
+                count(service, action, |q| q.dead += 1);
             }
         }
         Ok(queues.into_values().collect())

@@ -165,6 +165,17 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+impl QueueStats {
+    /// The queue of `service`'s `action`, with every count at zero.
+    pub fn new(service: impl Into<String>, action: impl Into<String>) -> Self {
+        QueueStats {
+            service: service.into(),
+            action: action.into(),
+            ..QueueStats::default()
+        }
+    }
+}
+
 /// An idempotency record, as [`Medium::processed_get`] reads it.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]

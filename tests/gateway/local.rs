@@ -501,6 +501,14 @@ async fn openapi_survives_schemathesis(st: PathBuf) {
         document["components"]["schemas"]["PublishRequest"]["properties"]["action"].is_object(),
         "schemas come from the handlers' types"
     );
+    let text = document.to_string();
+    for reference in text.split("\"#/components/schemas/").skip(1) {
+        let name = reference.split('"').next().unwrap_or_default();
+        assert!(
+            document["components"]["schemas"][name].is_object(),
+            "#/components/schemas/{name} is referenced but not defined"
+        );
+    }
 
     // A request's documented answers from upstream (502: the handler failed; 504: no
     // answer in time) are outcomes, not faults of the gateway; every other 5xx is.

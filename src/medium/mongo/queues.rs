@@ -64,11 +64,7 @@ fn queue(
     (service, action): (String, String),
 ) -> &mut QueueStats {
     rows.entry((service.clone(), action.clone()))
-        .or_insert_with(|| QueueStats {
-            service,
-            action,
-            ..QueueStats::default()
-        })
+        .or_insert_with(|| QueueStats::new(service, action))
 }
 
 pub(crate) async fn queues(inner: &Inner) -> Result<Vec<QueueStats>> {
