@@ -39,6 +39,9 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> axum::Json<Health>
     })
 }
 
+/// How long `/readyz` waits for the medium.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The medium answers: the gateway can publish and deliver now.
 #[utoipa::path(
     get,
@@ -54,8 +57,20 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> ApiResult<axum::Jso
     if state.bus().is_shut_down() {
         return Err(crate::Error::Shutdown.into());
     }
-    // Reading the catalog is one round trip to the medium's store.
-    medium.catalog_load().await?;
+    // Reading the catalog is one round trip to the medium's store; a probe answers
+    // within READY_WITHIN even when the driver would wait longer for a server.
+    match tokio::time::timeout(READY_WITHIN, medium.catalog_load()).await {
+        Ok(loaded) => {
+            loaded?;
+        }
+        Err(_) => {
+            return Err(crate::Error::Unavailable {
+                medium: medium.name(),
+                reason: format!("no answer within {READY_WITHIN:?}"),
+            }
+            .into())
+        }
+    }
     Ok(axum::Json(Health {
         status: "ready".into(),
         medium: medium.name().into(),
