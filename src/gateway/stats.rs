@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::queues::{all_queues, Queue};
 use super::AppState;
 
@@ -146,6 +146,13 @@ pub struct StatsJson {
     /// Server-Sent Events streams open now.
     #[serde(rename = "sseClients")]
     pub sse_clients: u64,
+    /// Why counts or queues are missing: the medium's error while it is unavailable.
+    #[serde(
+        rename = "mediumError",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub medium_error: Option<String>,
 }
 
 fn rows(rows: Vec<(String, u64)>) -> Vec<Count> {
@@ -154,11 +161,17 @@ fn rows(rows: Vec<(String, u64)>) -> Vec<Count> {
         .collect()
 }
 
-/// A medium that does not provide an operator view leaves it out; other errors fail.
-fn optional<T>(result: crate::Result<T>) -> crate::Result<Option<T>> {
+/// A view the medium does not provide is left out; so is one it cannot give now (it is
+/// unavailable: the error is noted, and the rest of the stats, which the operator needs
+/// most then, is still shown). Other errors fail.
+fn optional<T>(result: ApiResult<T>, noted: &mut Option<String>) -> ApiResult<Option<T>> {
     match result {
         Ok(value) => Ok(Some(value)),
-        Err(crate::Error::Unsupported { .. }) => Ok(None),
+        Err(ApiError::Bus(crate::Error::Unsupported { .. })) => Ok(None),
+        Err(ApiError::Bus(error)) if error.is_retryable() => {
+            noted.get_or_insert_with(|| error.to_string());
+            Ok(None)
+        }
         Err(error) => Err(error),
     }
 }
@@ -181,12 +194,12 @@ pub(crate) async fn stats(
 ) -> ApiResult<axum::Json<StatsJson>> {
     caller.admin()?;
     let bus = state.bus();
-    let medium_stats = optional(bus.medium().stats().await)?;
-    let queues = match all_queues(&state).await {
-        Ok(queues) => Some(queues),
-        Err(super::error::ApiError::Bus(crate::Error::Unsupported { .. })) => None,
-        Err(error) => return Err(error),
-    };
+    let mut medium_error = None;
+    let medium_stats = optional(
+        bus.medium().stats().await.map_err(ApiError::from),
+        &mut medium_error,
+    )?;
+    let queues = optional(all_queues(&state).await, &mut medium_error)?;
     let (counts, lag) = match medium_stats {
         Some(s) => (
             Some(Counts {
@@ -217,6 +230,7 @@ pub(crate) async fn stats(
         latency: state.latency().summary(),
         outbox: bus.outbox_len() as u64,
         sse_clients: state.sse_clients().load(Ordering::Relaxed) as u64,
+        medium_error,
     }))
 }
 

@@ -1,5 +1,6 @@
-//! The memory medium behind a switch: while `down`, appends fail as a lost network
-//! would, so that publishes go to the outbox (the MessageStore the gateway shows).
+//! The memory medium behind a switch: while `down`, appends and catalog reads fail as a
+//! lost network would, so that publishes go to the outbox (the MessageStore the
+//! gateway shows) and the readiness probe fails.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -30,6 +31,16 @@ impl Flaky {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
+
+    fn reachable(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                medium: "flaky",
+                reason: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -41,18 +52,14 @@ impl Medium for Flaky {
         self.inner.max_message_bytes()
     }
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "connection refused".into(),
-            });
-        }
+        self.reachable()?;
         self.inner.append(messages).await
     }
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
         self.inner.follow(from, filter).await
     }
     async fn catalog_load(&self) -> Result<CatalogMap> {
+        self.reachable()?;
         self.inner.catalog_load().await
     }
     async fn catalog_add(&self, service: &str, actions: &[String]) -> Result<()> {

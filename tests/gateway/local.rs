@@ -164,8 +164,20 @@ async fn message_store_over_the_outbox() {
     let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
     assert_eq!(gw.get("/messages", ADMIN).await.1, json!([]));
 
-    // The medium is down: publishes wait in the outbox, in order.
+    let probe = |path: &'static str| {
+        let gw = &gw;
+        async move { gw.call(reqwest::Method::GET, path, None, None).await }
+    };
+    assert_eq!(probe("/readyz").await.0, StatusCode::OK);
+
+    // The medium is down: not ready (but alive); publishes wait in the outbox, in order.
     flaky.set_down(true);
+    let (status, not_ready) = probe("/readyz").await;
+    assert_eq!(
+        (status, &not_ready["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("unavailable"))
+    );
+    assert_eq!(probe("/healthz").await.0, StatusCode::OK);
     let (status, kept) = gw
         .post(
             "/publish",
@@ -197,7 +209,17 @@ async fn message_store_over_the_outbox() {
         ]
     );
     assert_eq!(waiting[0]["query"]["n"], 1);
-    assert_eq!(gw.get("/stats", ADMIN).await.1["outbox"], 2);
+    let stats = gw.get("/stats", ADMIN).await.1;
+    assert_eq!(
+        stats["outbox"], 2,
+        "the stats still show while the medium is down: {stats}"
+    );
+    assert!(
+        stats["mediumError"]
+            .as_str()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{stats}"
+    );
 
     // One is taken back before it is sent.
     let (status, removed) = gw
@@ -233,8 +255,9 @@ async fn message_store_over_the_outbox() {
         "the stores are for admin tokens"
     );
 
-    // The medium is back: the outbox is sent; only the message left in it arrives.
+    // The medium is back: ready; the outbox is sent; only the message left in it arrives.
     flaky.set_down(false);
+    assert_eq!(probe("/readyz").await.0, StatusCode::OK);
     let (_, m) = sub.message("the message kept in the store").await;
     assert_eq!(m["id"], stored["id"]);
     assert_eq!(m["query"]["n"], 2);

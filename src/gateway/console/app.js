@@ -190,6 +190,7 @@ async function refreshStats() {
     ["pending work", s.counts ? s.counts.queueDepth : "–"],
     ["dead letters", s.counts ? s.counts.dead : "–"],
     ["outbox", s.outbox],
+    ["medium", s.mediumError || "answering"],
     ["SSE clients", s.sseClients],
     ["delivered here", l.delivered],
     ["latency p50 / p90 / p99", ms(l.p50Ms) + " / " + ms(l.p90Ms) + " / " + ms(l.p99Ms)],
