@@ -25,6 +25,8 @@ mod admin;
 pub(crate) mod errors;
 mod follower;
 mod hub;
+mod processed;
+mod queues;
 mod setup;
 mod work;
 
@@ -41,7 +43,8 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, Reservation, Settlement,
+    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, ProcessedRecord,
+    QueueStats, Reservation, Settlement,
 };
 use crate::config::{Config, DbConfig, Retention};
 use crate::error::{Error, Result};
@@ -578,6 +581,26 @@ impl Medium for MongoMedium {
 
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
         work::processed_release(&self.inner, consumer, id, owner).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.admin_stats().await
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        queues::queues(&self.inner).await
+    }
+
+    async fn queue_purge(&self, service: &str, action: &str) -> Result<u64> {
+        queues::purge(&self.inner, service, action).await
+    }
+
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<ProcessedRecord>> {
+        processed::get(&self.inner, consumer, id).await
+    }
+
+    async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
+        processed::remove(&self.inner, consumer, id).await
     }
 
     async fn close(&self) {
