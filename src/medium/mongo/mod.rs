@@ -84,6 +84,7 @@ pub(crate) struct Inner {
     pub(crate) messages: Collection<Document>,
     /// The messages collection on the change-stream client (see [`MongoMedium::connect`]).
     pub(crate) stream_messages: Collection<Document>,
+    stream_client: Client,
     catalog: Collection<Document>,
     checkpoints: Collection<Document>,
     pub(crate) dead: Collection<Document>,
@@ -250,6 +251,7 @@ impl MongoMedium {
             stream_messages: stream_client
                 .database(&db_config.database)
                 .collection(&db_config.messages),
+            stream_client,
             catalog: db.collection(&db_config.config),
             checkpoints: db.collection(&db_config.checkpoints),
             dead: db.collection(&db_config.dead),
@@ -605,6 +607,11 @@ impl Medium for MongoMedium {
 
     async fn close(&self) {
         self.inner.closed.cancel();
+        // Stop the drivers' pool workers and monitors now, rather than when the runtime
+        // drops them under requests still waiting for a connection.
+        for client in [self.inner.db.client(), &self.inner.stream_client] {
+            client.clone().shutdown().immediate(true).await;
+        }
     }
 }
 

@@ -6,13 +6,11 @@
 //! collection, plus their dead letters in `dead`.
 //!
 //! Rules relied on:
-//! - A lease is `{owner, at, ms}` and ends at `$dateAdd(at, ms)` (see `work.rs`). "In
-//!   flight" compares that end with a time taken on this client, not `$$NOW`: counts
-//!   and purges are operator views, a second of clock skew does not matter there, and
-//!   one of the test servers misreads `$$NOW` inside a query `$expr` (MONGODB.md, "Test
-//!   servers"). Claims keep using the server's clock.
+//! - A lease is `{owner, at, ms}` and ends at `$dateAdd(at, ms)` (see `work.rs`),
+//!   compared with `$$NOW`, the server's clock, as the claim does: a purge must never
+//!   take work a worker still holds because this client's clock runs ahead.
 //! - `$dateAdd` of a missing `lease.at` is null, and null sorts below every date in
-//!   BSON comparison order, so `$gt: [null, now]` is false: unleased work counts as
+//!   BSON comparison order, so `$gt: [null, $$NOW]` is false: unleased work counts as
 //!   waiting.
 //! - `updateMany` is not a retryable write: a purge interrupted by a network error may
 //!   have purged part of the queue; running it again purges the rest.
@@ -23,21 +21,17 @@ use bson::{doc, Bson, Document};
 use futures::TryStreamExt;
 
 use super::errors::to_error;
+use super::work::lease_end;
 use super::Inner;
 use crate::error::Result;
 use crate::medium::QueueStats;
 use crate::message::now_nanos;
 
-/// When a lease ends: `at` plus `ms` milliseconds.
-fn lease_end() -> Document {
-    doc! { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } }
-}
-
-/// Held by a worker whose lease has not run out, at `now`.
-fn held(now: bson::DateTime) -> Document {
+/// Held by a worker whose lease has not run out by the server's clock.
+fn held() -> Document {
     doc! { "$and": [
         { "$ne": ["$lease.owner", "backoff"] },
-        { "$gt": [lease_end(), now] },
+        { "$gt": [lease_end(), "$$NOW"] },
     ] }
 }
 
@@ -68,14 +62,13 @@ fn queue(
 }
 
 pub(crate) async fn queues(inner: &Inner) -> Result<Vec<QueueStats>> {
-    let now = bson::DateTime::now();
     let pending: Vec<Document> = inner
         .messages
         .aggregate(vec![
             doc! { "$match": { "delivery": "one", "state": "pending" } },
             doc! { "$group": {
                 "_id": { "service": "$serviceNameDest", "action": "$action" },
-                "inFlight": { "$sum": { "$cond": [held(now), 1, 0] } },
+                "inFlight": { "$sum": { "$cond": [held(), 1, 0] } },
                 "total": { "$sum": 1 },
             } },
         ])
@@ -113,7 +106,6 @@ pub(crate) async fn queues(inner: &Inner) -> Result<Vec<QueueStats>> {
 }
 
 pub(crate) async fn purge(inner: &Inner, service: &str, action: &str) -> Result<u64> {
-    let now = bson::DateTime::now();
     let filter = doc! {
         "serviceNameDest": service,
         "action": action,
@@ -122,7 +114,7 @@ pub(crate) async fn purge(inner: &Inner, service: &str, action: &str) -> Result<
         "$or": [
             { "lease": Bson::Null },
             { "lease.owner": "backoff" },
-            { "$expr": { "$lte": [lease_end(), now] } },
+            { "$expr": { "$lte": [lease_end(), "$$NOW"] } },
         ],
     };
     let update = doc! {
