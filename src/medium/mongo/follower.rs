@@ -29,7 +29,7 @@ use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::watch;
 
-use super::errors::{is_history_lost, to_error};
+use super::errors::{is_history_lost, is_transient, to_error};
 use super::hub::{self, Events, Hub, RingItem};
 use super::{decode_message, Inner};
 use crate::error::Result;
@@ -275,7 +275,15 @@ impl Follower {
                     self.inner.count_history_lost();
                     self.report_if_expired(position.ts);
                 }
-                Err(e) => return Err(to_error(e)),
+                Err(e) if is_transient(&e) => return Err(to_error(e)),
+                Err(e) => {
+                    // The server refuses the token for another reason (a position
+                    // from elsewhere: another deployment, a hand-made or damaged one):
+                    // its `ts` is still a place in the collection to read from.
+                    tracing::warn!(error = %e, "saved resume token refused by the server: catching up from the collection by ts");
+                    self.inner.count_fallback();
+                    self.report_if_expired(position.ts);
+                }
             }
         }
         Ok(Mode::Scan {
