@@ -69,7 +69,7 @@ pub use error::{ApiError, ErrorBody};
 pub use model::{Kind, MessageJson, Receipt, ReceiptStatus, Stamp};
 pub use publish::{PublishRequest, IDEMPOTENCY_KEY};
 pub use server::Tls;
-pub use sse::{decode_position, encode_position, StreamNotice};
+pub use sse::{decode_position, encode_position, scoped_name, StreamNotice};
 
 /// Options of the gateway. Every default is written on its field.
 #[derive(Clone, Debug)]

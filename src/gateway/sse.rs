@@ -23,6 +23,11 @@
 //! `max_in_flight` deliveries wait for an ack before the stream pauses. The saved
 //! checkpoint wins over `Last-Event-ID` for a named subscription (the unacked ones come
 //! again). A second connection with the same name takes over from the first.
+//!
+//! Names belong to the token's service: `?name=inbox` of `users` and `?name=inbox` of
+//! `billing` are two subscriptions with two checkpoints, and one service can neither
+//! resume from, ack into nor hold another's. In the medium (and in `/stats`) the
+//! subscription is named [`scoped_name`]`(service, name)`, `users/inbox`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +51,7 @@ use super::model::MessageJson;
 use super::AppState;
 use crate::delivery::{Delivery, Subscriber, Subscription};
 use crate::filter::{Position, StartFrom};
-use crate::message::check_name;
+use crate::message::{check_name, MAX_NAME_LEN};
 
 /// The SSE `id:` of a position: its BSON, base64url without padding. Lossless, so the
 /// medium's own resume data (a change-stream token) comes back intact.
@@ -109,7 +114,25 @@ pub struct StreamNotice {
     pub count: Option<u64>,
 }
 
-/// The deliveries of the named subscriptions streaming now, waiting for their acks.
+/// The name under which the gateway keeps the named subscription `name` of `service` in
+/// the medium: `<service>/<name>`, with `%` and `/` in the service written `%25` and
+/// `%2F`, so that the service ends at the first `/` and two (service, name) pairs
+/// never make one name. 400 when `name` is not a valid name or the whole is over
+/// [`MAX_NAME_LEN`] bytes.
+pub fn scoped_name(service: &str, name: &str) -> ApiResult<String> {
+    check_name("name", name)?;
+    let scoped = format!("{}/{name}", service.replace('%', "%25").replace('/', "%2F"));
+    if scoped.len() > MAX_NAME_LEN {
+        return Err(ApiError::BadRequest(format!(
+            "the subscription name is too long: `{scoped}` (the service, `/` and the name) must stay within {MAX_NAME_LEN} bytes"
+        )));
+    }
+    check_name("subscription name", &scoped)?;
+    Ok(scoped)
+}
+
+/// The deliveries of the named subscriptions streaming now, waiting for their acks,
+/// by scoped name ([`scoped_name`]: the service and the name).
 #[derive(Default)]
 pub(crate) struct Inflight {
     slots: Mutex<HashMap<String, Slot>>,
@@ -118,7 +141,6 @@ pub(crate) struct Inflight {
 
 struct Slot {
     generation: u64,
-    service: String,
     stop: CancellationToken,
     deliveries: HashMap<String, (Delivery, OwnedSemaphorePermit)>,
 }
@@ -128,32 +150,24 @@ impl Inflight {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens the slot of a named subscription for a new connection; a connection already
-    /// streaming it is stopped. Another service's live subscription of that name is a
-    /// conflict.
-    fn open(&self, name: &str, service: &str) -> ApiResult<(u64, CancellationToken)> {
+    /// Opens the slot of a named subscription (a scoped name) for a new connection; a
+    /// connection already streaming it (the same service's) is stopped.
+    fn open(&self, scoped: &str) -> (u64, CancellationToken) {
         let mut slots = self.slots();
-        if let Some(old) = slots.get(name) {
-            if old.service != service {
-                return Err(ApiError::Conflict(format!(
-                    "subscription `{name}` is streaming to service `{}` now",
-                    old.service
-                )));
-            }
+        if let Some(old) = slots.get(scoped) {
             old.stop.cancel();
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let stop = CancellationToken::new();
         slots.insert(
-            name.to_string(),
+            scoped.to_string(),
             Slot {
                 generation,
-                service: service.to_string(),
                 stop: stop.clone(),
                 deliveries: HashMap::new(),
             },
         );
-        Ok((generation, stop))
+        (generation, stop)
     }
 
     fn keep(&self, name: &str, generation: u64, delivery: Delivery, permit: OwnedSemaphorePermit) {
@@ -172,19 +186,15 @@ impl Inflight {
         }
     }
 
-    fn take(&self, name: &str, id: &str, service: &str) -> ApiResult<Delivery> {
+    /// The delivery `id` waiting on the subscription `scoped`; `name` is how the client
+    /// calls it, for the message.
+    fn take(&self, scoped: &str, name: &str, id: &str) -> ApiResult<Delivery> {
         let mut slots = self.slots();
-        let slot = slots.get_mut(name).ok_or_else(|| {
+        let slot = slots.get_mut(scoped).ok_or_else(|| {
             ApiError::NotFound(format!(
-                "subscription `{name}` is not streaming: its unacked messages come again when it reconnects"
+                "subscription `{name}` of this token's service is not streaming: its unacked messages come again when it reconnects"
             ))
         })?;
-        if slot.service != service {
-            return Err(ApiError::Forbidden(format!(
-                "subscription `{name}` belongs to service `{}`",
-                slot.service
-            )));
-        }
         slot.deliveries
             .remove(id)
             .map(|(delivery, _permit)| delivery)
@@ -213,8 +223,7 @@ impl Inflight {
         (status = 200, description = "An event stream: `message` events (data: MessageJson, id: the position), `lost`, `lagged` and `error` notices (data: StreamNotice)", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter or Last-Event-ID", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "A token without a service; `monitor` without admin", body = ErrorBody),
-        (status = 409, description = "The named subscription streams to another service", body = ErrorBody),
+        (status = 403, description = "A token without a service (a named `monitor` subscription needs one too); `monitor` without admin", body = ErrorBody),
     )
 )]
 pub(crate) async fn subscribe(
@@ -271,18 +280,17 @@ pub(crate) async fn subscribe(
     });
     let named = match &params.name {
         Some(name) => {
-            check_name("name", name)?;
-            subscription = subscription.with_name(name);
-            Some(name.clone())
+            // The checkpoint belongs to the token's service (an admin token without a
+            // service has none to keep it under).
+            let scoped = scoped_name(caller.service()?, name)?;
+            subscription = subscription.with_name(&scoped);
+            Some(scoped)
         }
         None => None,
     };
     let instance = params.instance.as_deref();
     let bus = state.bus().as_service(&service, instance)?;
-    let slot = named
-        .as_ref()
-        .map(|name| state.inflight().open(name, &service))
-        .transpose()?;
+    let slot = named.as_ref().map(|name| state.inflight().open(name));
     let subscriber = match bus.subscribe(subscription).await {
         Ok(subscriber) => subscriber,
         Err(error) => {
@@ -476,7 +484,8 @@ impl Pump {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AckParams {
-    /// The named subscription the message was delivered on.
+    /// The named subscription the message was delivered on (the `name` it was opened
+    /// with: the token's service is implied).
     pub subscription: String,
 }
 
@@ -504,8 +513,8 @@ pub struct Acked {
         (status = 200, description = "Acknowledged; the checkpoint is saved", body = Acked),
         (status = 400, description = "Bad parameters", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The subscription belongs to another service", body = ErrorBody),
-        (status = 404, description = "Not waiting for an ack on that subscription", body = ErrorBody),
+        (status = 403, description = "A token without a service", body = ErrorBody),
+        (status = 404, description = "Not waiting for an ack on that subscription of the token's service", body = ErrorBody),
     )
 )]
 pub(crate) async fn ack(
@@ -514,8 +523,8 @@ pub(crate) async fn ack(
     Path(id): Path<String>,
     Query(params): Query<AckParams>,
 ) -> ApiResult<axum::Json<Acked>> {
-    let service = caller.service()?;
-    let delivery = state.inflight().take(&params.subscription, &id, service)?;
+    let scoped = scoped_name(caller.service()?, &params.subscription)?;
+    let delivery = state.inflight().take(&scoped, &params.subscription, &id)?;
     delivery.ack().await?;
     Ok(axum::Json(Acked {
         id,

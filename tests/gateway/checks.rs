@@ -19,6 +19,7 @@ pub fn checks() -> Vec<Check> {
         check!(unauthorized_forbidden_and_too_large),
         check!(a_slow_client_falls_behind_alone),
         check!(named_subscriptions_resume_after_their_acks),
+        check!(a_subscription_name_belongs_to_its_service),
         check!(queues_and_dead_letters),
         check!(idempotency_store),
     ]
@@ -510,10 +511,11 @@ async fn named_subscriptions_resume_after_their_acks(place: &Place) {
         StatusCode::NOT_FOUND,
         "not_found",
     );
+    // Names belong to the token's service: billing has no `users-inbox` streaming.
     refused(
         gw.post(&ack(&ids[2]), BILLING, json!({})).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
+        StatusCode::NOT_FOUND,
+        "not_found",
     );
     refused(
         gw.post(
@@ -546,9 +548,64 @@ async fn named_subscriptions_resume_after_their_acks(place: &Place) {
     assert!(
         stats["lag"]
             .as_array()
-            .is_some_and(|lag| lag.iter().any(|l| l["subscription"] == "users-inbox")),
+            .is_some_and(|lag| lag.iter().any(|l| l["subscription"] == "users/users-inbox")),
         "the console sees the subscription's lag: {stats}"
     );
+    gw.stop().await;
+}
+
+async fn a_subscription_name_belongs_to_its_service(place: &Place) {
+    let gw = Gw::start(place).await;
+    let path = "/subscribe/reload?name=inbox";
+    let reload = |n: i32| json!({ "action": "reload", "query": { "n": n } });
+    let ack = |id: &str| format!("/ack/{id}?subscription=inbox");
+
+    // users reads two messages and acks the first, then goes away.
+    let mut users = gw.subscribe(path, USERS, None).await;
+    let m0 = gw.publish(BILLING, reload(0)).await;
+    let m1 = gw.publish(BILLING, reload(1)).await;
+    assert_eq!(users.message("m0").await.1["id"], m0.as_str());
+    assert_eq!(users.message("m1").await.1["id"], m1.as_str());
+    assert_eq!(gw.post(&ack(&m0), USERS, json!({})).await.0, StatusCode::OK);
+    drop(users);
+    eventually("users' stream closed", || async {
+        gw.get("/stats", ADMIN).await.1["sseClients"] == 0
+    })
+    .await;
+
+    // billing opens the same name: a subscription of its own, starting now, not
+    // users' checkpoint (which would give m1 first).
+    let mut billing = gw.subscribe(path, BILLING, None).await;
+    let m2 = gw.publish(BILLING, reload(2)).await;
+    assert_eq!(
+        billing.message("billing's first").await.1["id"],
+        m2.as_str(),
+        "billing did not resume from users' checkpoint"
+    );
+    refused(
+        gw.post(&ack(&m1), BILLING, json!({})).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(
+        gw.post(&ack(&m2), BILLING, json!({})).await.0,
+        StatusCode::OK
+    );
+
+    // users comes back while billing still holds `inbox`: no conflict, and its
+    // checkpoint did not move: m1 (unacked), then m2.
+    let mut users = gw.subscribe(path, USERS, None).await;
+    assert_eq!(users.message("m1 again").await.1["id"], m1.as_str());
+    assert_eq!(users.message("m2").await.1["id"], m2.as_str());
+    let lag = gw.get("/stats", ADMIN).await.1["lag"].clone();
+    for name in ["users/inbox", "billing/inbox"] {
+        assert!(
+            lag.as_array()
+                .is_some_and(|l| l.iter().any(|l| l["subscription"] == name)),
+            "{name} in {lag}"
+        );
+    }
+    drop(billing);
     gw.stop().await;
 }
 
