@@ -3,8 +3,11 @@
 //! Why it exists: a service written in any language sends on the bus with one HTTP
 //! call, under the identity of its token. Everything the library checks still holds
 //! (catalog, names, size); the gateway adds only what HTTP needs: the sender comes from
-//! the token, and an `Idempotency-Key` header becomes the message id, so a POST retried
-//! after a lost response stores the message once.
+//! the token, and an `Idempotency-Key` header fixes the message id, so a POST retried
+//! after a lost response stores the message once. The id is derived from the sending
+//! service and the key ([`idempotent_id`]): keys of different services never meet, so
+//! one service cannot suppress another's messages by using its keys first, nor learn
+//! whether an id exists.
 
 use std::time::Duration;
 
@@ -20,8 +23,26 @@ use super::model::{document_of, json_of, Kind, Receipt};
 use super::AppState;
 use crate::message::{check_name, Message};
 
-/// The header whose value becomes the message id.
+/// The header whose value, with the sending service, fixes the message id
+/// ([`idempotent_id`]).
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// The message id of a publish by `sender` with the `Idempotency-Key` `key`: `ik-`
+/// and 32 hexadecimal digits (128 bits of the SHA-256 of the service and the key).
+/// The same sender and key always give the same id (a retried POST stores once); two
+/// services using the same key give two ids.
+pub fn idempotent_id(sender: &str, key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    // Names hold no control characters (check_name): NUL separates them unambiguously.
+    hash.update(b"intracom Idempotency-Key\0");
+    hash.update(sender.as_bytes());
+    hash.update(b"\0");
+    hash.update(key.as_bytes());
+    let digest = hash.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("ik-{hex}")
+}
 
 /// A message to publish.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
@@ -89,8 +110,9 @@ impl PublishRequest {
     }
 }
 
-/// The `Idempotency-Key` header, checked as a message id.
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+/// The message id fixed by the `Idempotency-Key` header for a message from `sender`
+/// ([`idempotent_id`]), if the header is there.
+pub(crate) fn idempotency_id(sender: &str, headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -98,23 +120,24 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> 
         .to_str()
         .map_err(|_| ApiError::BadRequest("the Idempotency-Key header is not ASCII".into()))?;
     check_name("Idempotency-Key", key)?;
-    Ok(Some(key.to_string()))
+    Ok(Some(idempotent_id(sender, key)))
 }
 
 /// Publishes a message as the token's service: to every service, to one service, or
-/// to one instance. With an `Idempotency-Key` header, the key is the message id: the
-/// same POST sent again stores nothing new and answers 200 with `duplicate`.
+/// to one instance. With an `Idempotency-Key` header the message id is derived from
+/// the service and the key: the same POST sent again stores nothing new and answers
+/// 200 with `duplicate`; another service's key never collides with it.
 #[utoipa::path(
     post,
     path = "/publish",
     tag = "messages",
     security(("bearer" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Becomes the message id: a retried POST stores the message once"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Fixes the message id (derived from the token's service and the key): a retried POST stores the message once"),
     ),
     responses(
         (status = 201, description = "Stored", body = Receipt),
-        (status = 200, description = "Already stored under this Idempotency-Key", body = Receipt),
+        (status = 200, description = "Already stored under this Idempotency-Key (of this service)", body = Receipt),
         (status = 202, description = "The medium is unavailable: kept in the outbox", body = Receipt),
         (status = 400, description = "Bad JSON or an invalid message", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
@@ -130,7 +153,7 @@ pub(crate) async fn publish(
     Json(request): Json<PublishRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
     let service = caller.as_service(request.from.as_deref())?.to_string();
-    let id = idempotency_key(&headers)?;
+    let id = idempotency_id(&service, &headers)?;
     let message = request.into_message(&service, id)?;
     let bus = state.bus_as(&service)?;
     let receipt = Receipt::from(bus.publish(message).await?);

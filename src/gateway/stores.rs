@@ -27,7 +27,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
 use super::model::{document_of, json_of, rfc3339, MessageJson, Receipt, Removed};
-use super::publish::{idempotency_key, PublishRequest};
+use super::publish::{idempotency_id, PublishRequest};
 use super::AppState;
 use crate::medium::{ProcessedRecord, Reservation};
 use crate::message::check_name;
@@ -41,7 +41,7 @@ use crate::message::check_name;
     tag = "stores",
     security(("bearer" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Becomes the message id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Fixes the message id, derived from `from` and the key (as on /publish)"),
     ),
     responses(
         (status = 202, description = "Kept; sent when the medium takes it", body = Receipt),
@@ -63,7 +63,7 @@ pub(crate) async fn keep(
         .from
         .clone()
         .ok_or_else(|| ApiError::BadRequest("`from` is required: the sending service".into()))?;
-    let id = idempotency_key(&headers)?;
+    let id = idempotency_id(&from, &headers)?;
     let message = request.into_message(&from, id)?;
     let receipt = Receipt::from(state.bus_as(&from)?.publish_later(message).await?);
     Ok((StatusCode::ACCEPTED, axum::Json(receipt)))

@@ -16,6 +16,7 @@ pub fn checks() -> Vec<Check> {
         check!(publish_reaches_an_sse_subscriber),
         check!(last_event_id_resumes_50_messages_in_order),
         check!(request_reply_answers_fails_and_times_out),
+        check!(idempotency_keys_belong_to_their_sender),
         check!(unauthorized_forbidden_and_too_large),
         check!(a_slow_client_falls_behind_alone),
         check!(named_subscriptions_resume_after_their_acks),
@@ -26,10 +27,14 @@ pub fn checks() -> Vec<Check> {
 }
 
 async fn post_keyed(gw: &Gw, key: &str, body: Value) -> (StatusCode, Value) {
+    post_keyed_as(gw, BILLING, key, body).await
+}
+
+async fn post_keyed_as(gw: &Gw, token: &str, key: &str, body: Value) -> (StatusCode, Value) {
     let response = gw
         .http
         .post(gw.url("/publish"))
-        .bearer_auth(BILLING)
+        .bearer_auth(token)
         .header("Idempotency-Key", key)
         .json(&body)
         .send()
@@ -78,15 +83,20 @@ async fn publish_reaches_an_sse_subscriber(place: &Place) {
     let body = json!({ "action": "reload", "query": { "tenant": 7 } });
     let (status, first) = post_keyed(&gw, "reload-tenant-7", body.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
-    assert_eq!(first["id"], "reload-tenant-7");
+    assert_eq!(
+        first["id"],
+        intracom::gateway::idempotent_id("billing", "reload-tenant-7")
+    );
     assert_eq!(first["status"], "stored");
     let (status, again) = post_keyed(&gw, "reload-tenant-7", body).await;
     assert_eq!(status, StatusCode::OK, "{again}");
     assert_eq!(again["status"], "duplicate");
+    assert_eq!(again["id"], first["id"]);
+    let keyed = first["id"].clone();
     let marker = gw.publish(BILLING, json!({ "action": "reload" })).await;
     for (who, stream) in [("users", &mut users), ("billing", &mut reloads)] {
         let (_, m) = stream.message(who).await;
-        assert_eq!(m["id"], "reload-tenant-7", "{who}");
+        assert_eq!(m["id"], keyed, "{who}");
         assert_eq!(m["serviceNameDest"], Value::Null, "a broadcast");
         let (_, m) = stream.message(who).await;
         assert_eq!(m["id"], marker, "{who}: the retried POST was stored once");
@@ -239,6 +249,46 @@ async fn request_reply_answers_fails_and_times_out(place: &Place) {
     );
     worker.stop().await;
     billing.shutdown().await;
+    gw.stop().await;
+}
+
+async fn idempotency_keys_belong_to_their_sender(place: &Place) {
+    let gw = Gw::start(place).await;
+    let mut users = gw.subscribe("/subscribe/*", USERS, None).await;
+    let key = "nightly-7";
+    let (status, billing) = post_keyed_as(&gw, BILLING, key, json!({ "action": "reload" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{billing}");
+    // users uses the same key: its own message, stored (not a `duplicate` of
+    // billing's, which would suppress it and tell users that billing used the key).
+    let (status, own) = post_keyed_as(&gw, USERS, key, json!({ "action": "user.deleted" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{own}");
+    assert_eq!(own["status"], "stored");
+    assert_ne!(own["id"], billing["id"]);
+    // Each sender's retry is still one message.
+    for (token, action, first) in [(BILLING, "reload", &billing), (USERS, "user.deleted", &own)] {
+        let (status, again) = post_keyed_as(&gw, token, key, json!({ "action": action })).await;
+        assert_eq!(
+            (status, &again["status"], &again["id"]),
+            (StatusCode::OK, &json!("duplicate"), &first["id"]),
+            "{again}"
+        );
+    }
+    let marker = gw.publish(BILLING, json!({ "action": "marker" })).await;
+    let mut received = Vec::new();
+    loop {
+        let (_, m) = users.message("the keyed messages").await;
+        if m["id"] == marker.as_str() {
+            break;
+        }
+        received.push((m["serviceNameSource"].clone(), m["id"].clone()));
+    }
+    assert_eq!(
+        received,
+        [
+            (json!("billing"), billing["id"].clone()),
+            (json!("users"), own["id"].clone())
+        ]
+    );
     gw.stop().await;
 }
 
