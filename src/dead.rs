@@ -17,7 +17,7 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// The oldest dead letters, at most `limit`.
+    /// The oldest dead letters, at most `limit` (none for 0).
     pub async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         self.bus.medium().dead_list(limit).await
     }

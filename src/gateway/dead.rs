@@ -67,10 +67,14 @@ impl From<&DeadLetter> for DeadLetterJson {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// At most this many, oldest first (default 100, at most 10 000).
-    #[param(minimum = 0, maximum = 10000)]
+    /// At most this many, oldest first: 1 to 10 000 (default 100). Anything else is
+    /// refused with 400.
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
 }
+
+/// The most dead letters one `GET /dead` lists.
+const MAX_LIST: u32 = 10_000;
 
 /// The dead letters, oldest first.
 #[utoipa::path(
@@ -81,7 +85,7 @@ pub struct ListParams {
     params(ListParams),
     responses(
         (status = 200, description = "The dead letters", body = [DeadLetterJson]),
-        (status = 400, description = "Bad parameters", body = ErrorBody),
+        (status = 400, description = "Bad parameters (a limit outside 1..=10000)", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
     )
@@ -92,7 +96,14 @@ pub(crate) async fn list(
     Query(params): Query<ListParams>,
 ) -> ApiResult<axum::Json<Vec<DeadLetterJson>>> {
     caller.admin()?;
-    let limit = params.limit.unwrap_or(100).min(10_000) as usize;
+    let limit = match params.limit.unwrap_or(100) {
+        limit @ 1..=MAX_LIST => limit as usize,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "limit must be between 1 and {MAX_LIST}, not {other}"
+            )))
+        }
+    };
     let letters = state.bus().dead_letters().list(limit).await?;
     Ok(axum::Json(
         letters.iter().map(DeadLetterJson::from).collect(),

@@ -727,6 +727,25 @@ async fn queues_and_dead_letters(place: &Place) {
         "{letter}"
     );
     assert_eq!(letter["action"], "user.export");
+    // A limit is 1 to 10 000; every medium lists nothing for 0 (MongoDB's
+    // `.limit(0)` would mean "no limit").
+    for limit in [0, 10_001] {
+        refused(
+            gw.get(&format!("/dead?limit={limit}"), ADMIN).await,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        );
+    }
+    let none = gw.bus.dead_letters().list(0).await.expect("list(0)");
+    assert!(none.is_empty(), "list(0) gave {} dead letters", none.len());
+    assert_eq!(
+        gw.get("/dead?limit=1", ADMIN)
+            .await
+            .1
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
     let listed = gw.get("/dead?limit=10", ADMIN).await.1;
     assert!(listed
         .as_array()

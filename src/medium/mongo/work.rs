@@ -237,6 +237,9 @@ fn dead_letter_from(document: Document) -> DeadLetter {
 }
 
 pub(crate) async fn dead_list(inner: &Inner, limit: usize) -> Result<Vec<DeadLetter>> {
+    if limit == 0 {
+        return Ok(Vec::new()); // .limit(0) would mean no limit
+    }
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let found: Vec<Document> = inner
         .dead
