@@ -297,10 +297,13 @@ impl Intracom {
         let filter = subscription.filter(&self.service, &self.instance);
         tracing::debug!(subscription = ?subscription.name, resumed, start = ?start, "subscribing");
         let events = medium.follow(start, filter).await?;
-        let tracker = subscription
-            .name
-            .clone()
-            .map(|name| Arc::new(AckTracker::new(name, Arc::clone(medium))));
+        let metric: Arc<str> = match (&subscription.metrics_label, &subscription.name) {
+            (Some(label), _) | (None, Some(label)) => label.as_str().into(),
+            (None, None) => "(anonymous)".into(),
+        };
+        let tracker = subscription.name.clone().map(|name| {
+            Arc::new(AckTracker::new(name, Arc::clone(medium)).labelled(metric.to_string()))
+        });
         // Monitors (tools, audits) see everything; consumers only what the catalog declares.
         let screen = (!subscription.monitor).then(|| Screen {
             catalog: self.shared.catalog.clone(),
@@ -308,6 +311,7 @@ impl Intracom {
         });
         Ok(Subscriber::new(
             subscription.name,
+            metric,
             events,
             tracker,
             screen,

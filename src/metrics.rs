@@ -15,9 +15,14 @@
 //! | `intracom_request_seconds` | histogram | `outcome` (`done`, `error`, `timeout`) | request round trip, caller side |
 //! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `scan`, `history_lost`) | fall-backs |
 //! | `intracom_outbox_messages` | gauge | | publishes waiting in the outbox |
-//! | `intracom_gateway_requests_total` | counter | `method`, `route`, `status` | HTTP requests to the gateway |
+//! | `intracom_gateway_requests_total` | counter | `method` (`GET`, `POST`, `PUT`, `DELETE`, `PATCH`, `HEAD`, `OPTIONS`, `OTHER`), `route`, `status` | HTTP requests to the gateway |
 //! | `intracom_gateway_sse_clients` | gauge | | Server-Sent Events streams open |
 //! | `intracom_gateway_fell_behind_total` | counter | | SSE clients ended because they read too slowly |
+//!
+//! `subscription` is the subscription's name (`(anonymous)` without one), except for
+//! the named subscriptions of the gateway's clients, counted as `gateway:<service>`:
+//! their names are chosen by HTTP clients, and a label value per name would let any
+//! client grow `/metrics` without bound.
 
 /// Publishes, by medium and status.
 pub const PUBLISHED: &str = "intracom_published_total";

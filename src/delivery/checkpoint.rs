@@ -16,6 +16,8 @@ use crate::medium::Medium;
 
 pub(crate) struct AckTracker {
     name: String,
+    /// The `subscription` label of the ack counter (the name, unless told otherwise).
+    label: String,
     medium: Arc<dyn Medium>,
     state: Mutex<State>,
     /// The delivery number of the last saved checkpoint.
@@ -34,6 +36,7 @@ struct State {
 impl AckTracker {
     pub(crate) fn new(name: String, medium: Arc<dyn Medium>) -> Self {
         AckTracker {
+            label: name.clone(),
             name,
             medium,
             state: Mutex::new(State {
@@ -42,6 +45,12 @@ impl AckTracker {
             }),
             saved: tokio::sync::Mutex::new(0),
         }
+    }
+
+    /// The same tracker, counting its acks under `label` instead of its name.
+    pub(crate) fn labelled(mut self, label: String) -> Self {
+        self.label = label;
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -59,7 +68,7 @@ impl AckTracker {
 
     /// Marks a delivery acked and saves the checkpoint if the acked run grew.
     pub(crate) async fn ack(&self, number: u64) -> Result<()> {
-        metrics::counter!(crate::metrics::ACKED, "subscription" => self.name.clone()).increment(1);
+        metrics::counter!(crate::metrics::ACKED, "subscription" => self.label.clone()).increment(1);
         {
             let mut state = self.state();
             match state.pending.get_mut(&number) {

@@ -130,8 +130,11 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
+    /// `metric` is the `subscription` label of the counters (see
+    /// `Subscription::metrics_label`); logs name the subscription.
     pub(crate) fn new(
         name: Option<String>,
+        metric: Arc<str>,
         events: EventStream,
         tracker: Option<Arc<AckTracker>>,
         screen: Option<Screen>,
@@ -142,13 +145,13 @@ impl Subscriber {
         let screen = screen.map(Arc::new);
         let inner = events
             .filter_map(move |event| {
-                let (acks, screen, label) = (acks.clone(), screen.clone(), Arc::clone(&label));
+                let (acks, screen, label, metric) = (acks.clone(), screen.clone(), Arc::clone(&label), Arc::clone(&metric));
                 async move {
                     match event {
                         Err(error) => Some(Err(error)),
                         Ok(Event::Lost { count }) => {
                             tracing::warn!(subscription = %label, count, "messages expired before delivery");
-                            metrics::counter!(crate::metrics::LOST, "subscription" => label.to_string()).increment(count.max(1));
+                            metrics::counter!(crate::metrics::LOST, "subscription" => metric.to_string()).increment(count.max(1));
                             Some(Err(Error::Lost {
                                 subscription: label.to_string(),
                                 count,
@@ -161,7 +164,7 @@ impl Subscriber {
                                 }
                             }
                             let ack = acks.as_ref().map(|t| (Arc::clone(t), t.delivered(position.clone())));
-                            metrics::counter!(crate::metrics::DELIVERED, "subscription" => label.to_string()).increment(1);
+                            metrics::counter!(crate::metrics::DELIVERED, "subscription" => metric.to_string()).increment(1);
                             if let Some(at) = message.at {
                                 let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
                                 metrics::histogram!(crate::metrics::DELIVERY_LATENCY).record(age_ms.max(0) as f64 / 1000.0);

@@ -27,6 +27,10 @@ pub struct Subscription {
     pub(crate) start: StartFrom,
     pub(crate) monitor: bool,
     pub(crate) exclude_own: bool,
+    /// The `subscription` label of this subscription's metrics when it is not the name:
+    /// the gateway counts the subscriptions its clients name under their service, so
+    /// that no client makes label values at will.
+    pub(crate) metrics_label: Option<String>,
 }
 
 impl Subscription {
@@ -63,6 +67,14 @@ impl Subscription {
     /// Names the subscription (see [`Subscription::named`]).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Counts this subscription's deliveries, acks and losses under `label` rather than
+    /// its name.
+    #[cfg(feature = "gateway")]
+    pub(crate) fn metrics_label(mut self, label: impl Into<String>) -> Self {
+        self.metrics_label = Some(label.into());
         self
     }
 

@@ -282,8 +282,12 @@ pub(crate) async fn subscribe(
         Some(name) => {
             // The checkpoint belongs to the token's service (an admin token without a
             // service has none to keep it under).
-            let scoped = scoped_name(caller.service()?, name)?;
-            subscription = subscription.with_name(&scoped);
+            let own = caller.service()?;
+            let scoped = scoped_name(own, name)?;
+            // Clients choose names at will: the metrics count them by service.
+            subscription = subscription
+                .with_name(&scoped)
+                .metrics_label(format!("gateway:{own}"));
             Some(scoped)
         }
         None => None,

@@ -17,13 +17,16 @@ use serde_json::{json, Value};
 
 use super::flaky::Flaky;
 use super::servers::{cache_dir, spawn_kept};
-use super::{block_on, config, eventually, tokens, Gw, Place, ADMIN, BILLING, GUARD, OPS};
+use super::{block_on, config, eventually, tokens, Gw, Place, ADMIN, BILLING, GUARD, OPS, USERS};
 
 /// The trials of this file; a missing tool makes its trial ignored with the reason.
 pub fn trials() -> Vec<Trial> {
     let mut trials = vec![
         Trial::test("memory::message_store_over_the_outbox", || {
             block_on(message_store_over_the_outbox())
+        }),
+        Trial::test("memory::metric_labels_stay_bounded", || {
+            block_on(metric_labels_stay_bounded())
         }),
         Trial::test("memory::a_late_reconnect_is_told_what_was_lost", || {
             block_on(a_late_reconnect_is_told_what_was_lost())
@@ -273,6 +276,49 @@ async fn message_store_over_the_outbox() {
         marker,
         "nothing else came"
     );
+    gw.stop().await;
+}
+
+/// What a client chooses (an HTTP method, a subscription name) never becomes a label
+/// value of `/metrics` (the metrics are the process's: other tests add to them, none
+/// uses these names).
+async fn metric_labels_stay_bounded() {
+    let gw = Gw::start(&Place::Memory).await;
+    let name = format!("chosen{}", intracom::message::new_id().to_lowercase());
+    let mut sub = gw
+        .subscribe(&format!("/subscribe/reload?name={name}"), USERS, None)
+        .await;
+    let id = gw.publish(BILLING, json!({ "action": "reload" })).await;
+    assert_eq!(sub.message("the delivery").await.1["id"], id.as_str());
+    let (status, acked) = gw
+        .post(&format!("/ack/{id}?subscription={name}"), USERS, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{acked}");
+    let invented = reqwest::Method::from_bytes(b"BREWCOFFEE").expect("a method");
+    let (status, _) = gw.call(invented, "/healthz", None, None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+    let text = gw
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("its text");
+    assert!(
+        !text.contains(&name),
+        "the subscription name is a label value"
+    );
+    assert!(!text.contains("BREWCOFFEE"), "the method is a label value");
+    for line in [
+        "intracom_acked_total{subscription=\"gateway:users\"}",
+        "intracom_delivered_total{subscription=\"gateway:users\"}",
+        "method=\"OTHER\"",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
     gw.stop().await;
 }
 
