@@ -20,7 +20,7 @@ use crate::medium::memory::MemoryMedium;
 use crate::medium::mongo::MongoMedium;
 use crate::medium::Medium;
 use crate::message::{check_name, Message};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, OutboxRemoval};
 use crate::work::LocalRoutes;
 
 /// A handle on the bus. Cheap to clone (an `Arc` inside), `Send + Sync`.
@@ -355,10 +355,11 @@ impl Intracom {
         self.shared.outbox.messages()
     }
 
-    /// Takes a message out of the outbox before it is sent; false when it is not
-    /// waiting there (sent already, or never kept). The outbox file, if any, is
-    /// rewritten.
-    pub fn outbox_remove(&self, id: &str) -> Result<bool> {
+    /// Takes a message out of the outbox before it is sent: [`OutboxRemoval::Removed`]
+    /// (the outbox file, if any, is rewritten), [`OutboxRemoval::Sending`] while the
+    /// outbox is handing it to the medium (it cannot be taken back), or
+    /// [`OutboxRemoval::NotWaiting`] (sent already, or never kept).
+    pub fn outbox_remove(&self, id: &str) -> Result<OutboxRemoval> {
         self.shared.outbox.remove(id)
     }
 

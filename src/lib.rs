@@ -64,4 +64,5 @@ pub use filter::{Filter, Position, StartFrom};
 pub use idempotency::{Idempotent, Once};
 pub use medium::{DeadLetter, Medium};
 pub use message::{DeliveryMode, Lease, Message, MessageType, State};
+pub use outbox::OutboxRemoval;
 pub use work::{Request, WorkOptions, Worker};

@@ -9,12 +9,17 @@
 //! (`common.intracom.outbox.max_messages`); when full, publish fails with
 //! [`crate::Error::OutboxFull`], which the caller sees.
 //!
+//! A message can be taken out before it is sent ([`OutboxRemoval`]), but not while the
+//! flusher is sending it: the batch on its way is known, and removing one of its
+//! messages answers [`OutboxRemoval::Sending`] instead of a "removed" that would not
+//! be true.
+//!
 //! With `common.intracom.outbox.file` set, the outbox is also written to that file
 //! (BSON documents, one after the other) and read back at start-up, so a restart does
 //! not lose it. Sending a message twice (after a crash between sending and rewriting
 //! the file) stores it once: publish is idempotent on the message id.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,8 +35,30 @@ use crate::message::Message;
 /// How many buffered messages one flush sends at a time.
 const FLUSH_BATCH: usize = 100;
 
+/// What became of a request to take a message out of the outbox
+/// ([`crate::Intracom::outbox_remove`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutboxRemoval {
+    /// Taken out: it will not be sent.
+    Removed,
+    /// The outbox is sending it to the medium now: it cannot be taken back (it may be
+    /// stored already). If the medium does not take it, it waits again and can be
+    /// removed then.
+    Sending,
+    /// Not in the outbox: sent already, or never kept.
+    NotWaiting,
+}
+
+/// The messages waiting, and the ids of those on their way to the medium now.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Message>,
+    sending: HashSet<String>,
+}
+
 pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<Message>>,
+    queue: Mutex<Waiting>,
     capacity: usize,
     file: Option<PathBuf>,
     wake: Notify,
@@ -48,48 +75,70 @@ impl Outbox {
             }
         }
         Ok(Outbox {
-            queue: Mutex::new(queue),
+            queue: Mutex::new(Waiting {
+                queue,
+                sending: HashSet::new(),
+            }),
             capacity,
             file,
             wake: Notify::new(),
         })
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many messages wait.
     pub(crate) fn len(&self) -> usize {
-        self.queue().len()
+        self.waiting().queue.len()
     }
 
     /// The messages waiting, oldest first.
     pub(crate) fn messages(&self) -> Vec<Message> {
-        self.queue().iter().cloned().collect()
+        self.waiting().queue.iter().cloned().collect()
     }
 
-    /// Takes a message out before it is sent; false when it is not waiting (sent
-    /// already, or never kept).
-    pub(crate) fn remove(&self, id: &str) -> Result<bool> {
-        let mut queue = self.queue();
+    /// Takes a message out before it is sent, unless it is being sent now.
+    pub(crate) fn remove(&self, id: &str) -> Result<OutboxRemoval> {
+        let mut waiting = self.waiting();
+        if waiting.sending.contains(id) {
+            return Ok(OutboxRemoval::Sending);
+        }
+        let queue = &mut waiting.queue;
         let before = queue.len();
         queue.retain(|m| m.id != id);
         if queue.len() == before {
-            return Ok(false);
+            return Ok(OutboxRemoval::NotWaiting);
         }
         metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         if let Some(path) = &self.file {
-            rewrite_file(path, &queue)?;
+            rewrite_file(path, queue)?;
         }
         tracing::info!(message_id = %id, waiting = queue.len(), "outbox: message removed before it was sent");
-        Ok(true)
+        Ok(OutboxRemoval::Removed)
+    }
+
+    /// The next messages to send, oldest first, marked as on their way: until
+    /// [`Outbox::sent`] or [`Outbox::release`], they cannot be removed.
+    fn take_batch(&self) -> Vec<Message> {
+        let mut waiting = self.waiting();
+        let batch: Vec<Message> = waiting.queue.iter().take(FLUSH_BATCH).cloned().collect();
+        waiting.sending = batch.iter().map(|m| m.id.clone()).collect();
+        batch
+    }
+
+    /// The batch on its way was not sent (or only partly): what is left of it waits
+    /// again, and can be removed.
+    fn release(&self) {
+        self.waiting().sending.clear();
     }
 
     /// Keeps messages for later, all or none.
     pub(crate) fn push(&self, messages: &[Message]) -> Result<()> {
         {
-            let mut queue = self.queue();
+            let mut waiting = self.waiting();
+            let queue = &mut waiting.queue;
             if queue.len() + messages.len() > self.capacity {
                 return Err(Error::OutboxFull {
                     capacity: self.capacity,
@@ -109,13 +158,15 @@ impl Outbox {
     /// bus stops. Returns whether the outbox is empty.
     async fn flush_once(&self, medium: &dyn Medium) -> bool {
         loop {
-            let batch: Vec<Message> = self.queue().iter().take(FLUSH_BATCH).cloned().collect();
+            let batch = self.take_batch();
             if batch.is_empty() {
                 return true;
             }
-            match medium.append(&batch).await {
+            let appended = medium.append(&batch).await;
+            match appended {
                 Ok(_) => self.sent(&batch),
                 Err(error) if error.is_retryable() => {
+                    self.release();
                     tracing::debug!(%error, waiting = self.len(), "outbox: medium still unavailable");
                     return false;
                 }
@@ -128,6 +179,7 @@ impl Outbox {
                         .increment(1);
                     let document = bson::to_document(first).unwrap_or_default();
                     if let Err(dead) = medium.dead_letter(document, error.to_string()).await {
+                        self.release();
                         tracing::error!(message_id = %first.id, error = %dead, "outbox: dead letter not written either; message kept");
                         return false;
                     }
@@ -137,17 +189,19 @@ impl Outbox {
         }
     }
 
-    /// Drops the messages that were sent and rewrites the file. By id, not by count: one
-    /// may have been removed ([`Outbox::remove`]) while its batch was on its way.
+    /// Drops the messages that were sent (by id), rewrites the file, and ends the batch
+    /// on its way.
     fn sent(&self, sent: &[Message]) {
-        let ids: std::collections::HashSet<&str> = sent.iter().map(|m| m.id.as_str()).collect();
-        let mut queue = self.queue();
+        let ids: HashSet<&str> = sent.iter().map(|m| m.id.as_str()).collect();
+        let mut waiting = self.waiting();
+        waiting.sending.clear();
+        let queue = &mut waiting.queue;
         let before = queue.len();
         queue.retain(|m| !ids.contains(m.id.as_str()));
         let count = before - queue.len();
         metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         if let Some(path) = &self.file {
-            if let Err(error) = rewrite_file(path, &queue) {
+            if let Err(error) = rewrite_file(path, queue) {
                 tracing::warn!(%error, path = %path.display(), "outbox file not rewritten: a restart may send messages again (stored once)");
             }
         }
@@ -264,7 +318,7 @@ mod tests {
             .write_all(&[40, 0, 0, 0, 3])
             .unwrap();
         let reopened = Outbox::open(10, Some(path.clone())).unwrap();
-        let ids: Vec<String> = reopened.queue().iter().map(|m| m.id.clone()).collect();
+        let ids: Vec<String> = reopened.messages().into_iter().map(|m| m.id).collect();
         assert_eq!(
             ids,
             messages.iter().map(|m| m.id.clone()).collect::<Vec<_>>()
@@ -273,27 +327,47 @@ mod tests {
         let after = Outbox::open(10, Some(path)).unwrap();
         assert_eq!(
             after
-                .queue()
-                .iter()
-                .map(|m| m.id.clone())
+                .messages()
+                .into_iter()
+                .map(|m| m.id)
                 .collect::<Vec<_>>(),
             [messages[2].id.clone()]
         );
     }
 
     #[test]
-    fn a_removed_message_is_not_counted_as_sent() {
+    fn a_message_being_sent_is_not_removed() {
         let outbox = Outbox::open(10, None).unwrap();
         let messages: Vec<Message> = (0..3)
             .map(|i| Message::broadcast(format!("a{i}")))
             .collect();
-        outbox.push(&messages).unwrap();
-        // The flusher took the first two; meanwhile the first one is removed.
-        assert!(outbox.remove(&messages[0].id).unwrap());
-        assert!(!outbox.remove(&messages[0].id).unwrap());
-        outbox.sent(&messages[..2]);
-        let left: Vec<String> = outbox.messages().into_iter().map(|m| m.id).collect();
-        assert_eq!(left, [messages[2].id.clone()]);
+        outbox.push(&messages[..2]).unwrap();
+        // The flusher takes what waits; the third message comes after.
+        assert_eq!(outbox.take_batch().len(), 2);
+        outbox.push(&messages[2..]).unwrap();
+        assert_eq!(
+            outbox.remove(&messages[0].id).unwrap(),
+            OutboxRemoval::Sending
+        );
+        assert_eq!(
+            outbox.remove(&messages[2].id).unwrap(),
+            OutboxRemoval::Removed
+        );
+        // The medium did not take the batch: its messages wait again and can go.
+        outbox.release();
+        assert_eq!(
+            outbox.remove(&messages[1].id).unwrap(),
+            OutboxRemoval::Removed
+        );
+        // The next batch is sent: gone, not "removed".
+        let batch = outbox.take_batch();
+        assert_eq!(batch.len(), 1);
+        outbox.sent(&batch);
+        assert_eq!(
+            outbox.remove(&messages[0].id).unwrap(),
+            OutboxRemoval::NotWaiting
+        );
+        assert_eq!(outbox.len(), 0);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!
 //! - `POST /messages` keeps a message (checked like a publish) in the outbox of this
 //!   gateway, which sends it as soon as the medium takes it; `GET /messages` lists what
-//!   waits; `DELETE /messages/{messageId}` takes one out before it is sent.
+//!   waits; `DELETE /messages/{messageId}` takes one out before it is sent (409 while
+//!   the outbox is handing it to the medium: it cannot be taken back then).
 //! - `POST /idempotency` marks a message processed by a consumer (with an optional
 //!   result); `GET /idempotency/{messageId}?consumer=` tells whether it was;
 //!   `DELETE /idempotency/{messageId}?consumer=` forgets it, so the message would be
@@ -31,6 +32,7 @@ use super::publish::{idempotency_id, PublishRequest};
 use super::AppState;
 use crate::medium::{ProcessedRecord, Reservation};
 use crate::message::check_name;
+use crate::OutboxRemoval;
 
 /// Keeps a message in this gateway's outbox (the MessageStore): it is checked as a
 /// publish is (catalog, size), then sent after what already waits there as soon as the
@@ -102,6 +104,7 @@ pub(crate) async fn waiting(
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 404, description = "Not waiting (sent already, or never kept)", body = ErrorBody),
+        (status = 409, description = "Being sent to the medium now: it cannot be taken back", body = ErrorBody),
     )
 )]
 pub(crate) async fn drop_waiting(
@@ -110,12 +113,14 @@ pub(crate) async fn drop_waiting(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Removed>> {
     caller.admin()?;
-    if state.bus().outbox_remove(&id)? {
-        Ok(axum::Json(Removed { removed: 1 }))
-    } else {
-        Err(ApiError::NotFound(format!(
+    match state.bus().outbox_remove(&id)? {
+        OutboxRemoval::Removed => Ok(axum::Json(Removed { removed: 1 })),
+        OutboxRemoval::Sending => Err(ApiError::Conflict(format!(
+            "message `{id}` is being sent to the medium now: it cannot be taken back (if the medium does not take it, it waits again and can be removed then)"
+        ))),
+        _ => Err(ApiError::NotFound(format!(
             "message `{id}` is not waiting in the outbox (sent already, or never kept)"
-        )))
+        ))),
     }
 }
 

@@ -1,8 +1,9 @@
-//! The memory medium behind a switch: while `down`, appends and catalog reads fail as a
+//! The memory medium behind switches: while `down`, appends and catalog reads fail as a
 //! lost network would, so that publishes go to the outbox (the MessageStore the
-//! gateway shows) and the readiness probe fails.
+//! gateway shows) and the readiness probe fails; while `held`, appends wait (a send on
+//! its way); other switches fail one operation each.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +19,8 @@ use intracom::{Error, Medium, Message, Result};
 pub struct Flaky {
     pub inner: MemoryMedium,
     pub down: AtomicBool,
+    hold: tokio::sync::watch::Sender<bool>,
+    held: AtomicUsize,
 }
 
 impl Flaky {
@@ -25,11 +28,23 @@ impl Flaky {
         Flaky {
             inner: MemoryMedium::new(Default::default()),
             down: AtomicBool::new(false),
+            hold: tokio::sync::watch::Sender::new(false),
+            held: AtomicUsize::new(0),
         }
     }
 
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// While held, an append waits until released.
+    pub fn set_held(&self, held: bool) {
+        self.hold.send_replace(held);
+    }
+
+    /// How many appends wait now.
+    pub fn held_appends(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 
     fn reachable(&self) -> Result<()> {
@@ -52,6 +67,12 @@ impl Medium for Flaky {
         self.inner.max_message_bytes()
     }
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
+        let mut hold = self.hold.subscribe();
+        if *hold.borrow_and_update() {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            let _ = hold.wait_for(|held| !*held).await;
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
         self.reachable()?;
         self.inner.append(messages).await
     }

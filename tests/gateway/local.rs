@@ -25,6 +25,9 @@ pub fn trials() -> Vec<Trial> {
         Trial::test("memory::message_store_over_the_outbox", || {
             block_on(message_store_over_the_outbox())
         }),
+        Trial::test("memory::a_message_being_sent_is_not_removed", || {
+            block_on(a_message_being_sent_is_not_removed())
+        }),
         Trial::test("memory::metric_labels_stay_bounded", || {
             block_on(metric_labels_stay_bounded())
         }),
@@ -276,6 +279,48 @@ async fn message_store_over_the_outbox() {
         marker,
         "nothing else came"
     );
+    gw.stop().await;
+}
+
+/// `DELETE /messages/{id}` while the outbox is handing that message to the medium
+/// answers 409, not "removed, it will not be sent" (it is sent).
+async fn a_message_being_sent_is_not_removed() {
+    let flaky = Arc::new(Flaky::new());
+    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
+        .await
+        .expect("bus");
+    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
+    flaky.set_down(true);
+    let (status, kept) = gw
+        .post("/publish", BILLING, json!({ "action": "reload" }))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{kept}");
+    let path = format!("/messages/{}", kept["id"].as_str().unwrap_or("?"));
+
+    // The medium is back, and the outbox's send of the message is on its way.
+    flaky.set_held(true);
+    flaky.set_down(false);
+    eventually("the outbox sending", || async { flaky.held_appends() == 1 }).await;
+    let (status, answer) = gw.delete(&path, ADMIN).await;
+    assert_eq!(
+        (status, &answer["code"]),
+        (StatusCode::CONFLICT, &json!("conflict")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("being sent")),
+        "{answer}"
+    );
+    flaky.set_held(false);
+    assert_eq!(sub.message("the message sent").await.1["id"], kept["id"]);
+    eventually("the outbox empties", || async {
+        gw.get("/messages", ADMIN).await.1 == json!([])
+    })
+    .await;
+    assert_eq!(gw.delete(&path, ADMIN).await.0, StatusCode::NOT_FOUND);
     gw.stop().await;
 }
 
