@@ -18,6 +18,7 @@
 //! | `intracom_gateway_requests_total` | counter | `method` (`GET`, `POST`, `PUT`, `DELETE`, `PATCH`, `HEAD`, `OPTIONS`, `OTHER`), `route`, `status` | HTTP requests to the gateway |
 //! | `intracom_gateway_sse_clients` | gauge | | Server-Sent Events streams open |
 //! | `intracom_gateway_fell_behind_total` | counter | | SSE clients ended because they read too slowly |
+//! | `intracom_gateway_sse_buffered_bytes` | gauge | | bytes of events queued for SSE clients |
 //!
 //! `subscription` is the subscription's name (`(anonymous)` without one), except for
 //! the named subscriptions of the gateway's clients, counted as `gateway:<service>`:
@@ -53,6 +54,8 @@ pub const GATEWAY_REQUESTS: &str = "intracom_gateway_requests_total";
 pub const GATEWAY_SSE_CLIENTS: &str = "intracom_gateway_sse_clients";
 /// SSE clients that fell behind.
 pub const GATEWAY_FELL_BEHIND: &str = "intracom_gateway_fell_behind_total";
+/// Bytes queued for SSE clients.
+pub const GATEWAY_SSE_BUFFERED_BYTES: &str = "intracom_gateway_sse_buffered_bytes";
 
 /// Serves every intracom metric for Prometheus at `http://<addr>/metrics`.
 /// Needs the `prometheus` feature and a running tokio runtime.

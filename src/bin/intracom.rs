@@ -107,6 +107,10 @@ struct ServeArgs {
     /// Events read ahead for one SSE client.
     #[arg(long, default_value_t = 256)]
     sse_buffer: usize,
+    /// Bytes of events read ahead for one SSE client (an event larger than this goes
+    /// alone).
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    sse_buffer_bytes: usize,
     /// How long an SSE client may leave its buffer full before it is told it fell
     /// behind and its stream ends (it resumes with Last-Event-ID).
     #[arg(long, default_value = "30s")]
@@ -404,6 +408,7 @@ async fn serve(mut config: Config, args: ServeArgs) -> Outcome {
     );
     let options = GatewayOptions::default()
         .sse_buffer(args.sse_buffer)
+        .sse_buffer_bytes(args.sse_buffer_bytes)
         .sse_stall(args.sse_stall.into());
     let served = Gateway::new(bus.clone(), tokens)
         .options(options)

@@ -45,6 +45,7 @@ mod extract;
 mod model;
 mod openapi;
 mod ops;
+mod outgoing;
 mod publish;
 mod queues;
 mod server;
@@ -52,7 +53,7 @@ mod sse;
 mod stats;
 mod stores;
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -78,12 +79,15 @@ pub struct GatewayOptions {
     /// Largest request body, in bytes; larger ones get 413 before they are read
     /// (default: the bus's `common.intracom.max_message_bytes`).
     pub max_body_bytes: Option<usize>,
-    /// Events read ahead for one SSE client (default 256): the most a slow client
-    /// costs, beside its socket buffers.
+    /// Events read ahead for one SSE client (default 256).
     pub sse_buffer: usize,
-    /// How long a client may leave that buffer full before it is told it fell behind
-    /// (`event: lagged`) and its stream ends (default 30 s). It resumes with
-    /// `Last-Event-ID`.
+    /// Bytes of events read ahead for one SSE client (default 8 MiB): with
+    /// `sse_buffer`, the most a slow client costs, beside its socket buffers. An event
+    /// larger than this goes alone.
+    pub sse_buffer_bytes: usize,
+    /// How long a client may leave that buffer full before it falls behind: what is
+    /// buffered for it is dropped, it is told (`event: lagged`) and its stream ends
+    /// (default 30 s). It resumes with `Last-Event-ID`.
     pub sse_stall: Duration,
     /// How often an idle SSE stream sends a comment to keep proxies from closing it
     /// (default 15 s).
@@ -100,6 +104,7 @@ impl Default for GatewayOptions {
         GatewayOptions {
             max_body_bytes: None,
             sse_buffer: 256,
+            sse_buffer_bytes: 8 * 1024 * 1024,
             sse_stall: Duration::from_secs(30),
             keep_alive: Duration::from_secs(15),
             max_in_flight: 1000,
@@ -118,6 +123,12 @@ impl GatewayOptions {
     /// Sets the read-ahead of one SSE client.
     pub fn sse_buffer(mut self, events: usize) -> Self {
         self.sse_buffer = events.max(1);
+        self
+    }
+
+    /// Sets the bytes read ahead for one SSE client.
+    pub fn sse_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.sse_buffer_bytes = bytes.max(1);
         self
     }
 
@@ -214,6 +225,7 @@ impl Gateway {
             latency: stats::Latency::default(),
             prometheus,
             sse_clients: AtomicUsize::new(0),
+            sse_buffered_bytes: AtomicU64::new(0),
             stop: CancellationToken::new(),
         }))
     }
@@ -250,6 +262,8 @@ struct Inner {
     latency: stats::Latency,
     prometheus: Option<PrometheusHandle>,
     sse_clients: AtomicUsize,
+    /// Bytes of events queued for SSE clients now, all streams together.
+    sse_buffered_bytes: AtomicU64,
     /// Cancelled when the gateway stops: every SSE stream ends.
     stop: CancellationToken,
 }
@@ -287,6 +301,11 @@ impl AppState {
 
     pub(crate) fn sse_clients(&self) -> &AtomicUsize {
         &self.0.sse_clients
+    }
+
+    /// Bytes of events queued for SSE clients now, all streams together.
+    pub(crate) fn sse_buffered_bytes(&self) -> &AtomicU64 {
+        &self.0.sse_buffered_bytes
     }
 
     pub(crate) fn stop(&self) -> &CancellationToken {

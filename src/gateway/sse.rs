@@ -10,15 +10,22 @@
 //! Events:
 //! - `message`: a message ([`MessageJson`]);
 //! - `lost`: messages expired before this subscriber read them (retention); the stream
-//!   goes on with the oldest one retained;
+//!   goes on with the oldest one retained (`count` is absent when the medium cannot
+//!   tell how many);
 //! - `lagged`: the client read so slowly that the gateway's buffer for it stayed full for
-//!   [`GatewayOptions::sse_stall`](super::GatewayOptions): the stream ends after the
-//!   events already buffered, and the client resumes with `Last-Event-ID`;
+//!   [`GatewayOptions::sse_stall`](super::GatewayOptions): what was buffered for it is
+//!   dropped, this event is sent instead (if the connection takes it), the stream ends,
+//!   and the client resumes with `Last-Event-ID` (after the last event it received);
+//! - `superseded`: another connection opened the same named subscription and took it
+//!   over; this stream ends. A client that gets it must not reconnect (an
+//!   `EventSource` reconnects by itself: close it), or the two connections take the
+//!   name from each other in turn;
 //! - `error`: the subscription failed; the stream ends.
 //!
 //! A slow client holds nobody up and costs bounded memory: each connection reads the
-//! medium through its own cursor, at most [`GatewayOptions::sse_buffer`] events ahead of
-//! what the connection has taken. A named subscription (`?name=`) keeps a checkpoint
+//! medium through its own cursor, at most [`GatewayOptions::sse_buffer`] events and
+//! [`GatewayOptions::sse_buffer_bytes`] bytes ahead of what the connection has taken
+//! (an event larger than that goes alone), beside what its socket buffers hold. A named subscription (`?name=`) keeps a checkpoint
 //! in the medium, moved by `POST /ack/{messageId}?subscription=<name>`; at most
 //! `max_in_flight` deliveries wait for an ack before the stream pauses. The saved
 //! checkpoint wins over `Last-Event-ID` for a named subscription (the unacked ones come
@@ -40,7 +47,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use base64::Engine;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
@@ -48,6 +55,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Path, Query};
 use super::model::MessageJson;
+use super::outgoing::{Outgoing, Queued, Refused, Response};
 use super::AppState;
 use crate::delivery::{Delivery, Subscriber, Subscription};
 use crate::filter::{Position, StartFrom};
@@ -102,14 +110,15 @@ pub struct SubscribeParams {
     pub service: Option<String>,
 }
 
-/// The data of a `lost`, `lagged` or `error` event.
+/// The data of a `lost`, `lagged`, `superseded` or `error` event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StreamNotice {
-    /// `lost`, `fell_behind`, or an error code.
+    /// `lost`, `fell_behind`, `superseded`, or an error code.
     pub code: String,
     /// What happened and what to do.
     pub message: String,
-    /// For `lost`: how many messages, as far as the medium can tell.
+    /// For `lost`: how many messages, when the medium can tell (absent: an unknown
+    /// number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
 }
@@ -220,7 +229,7 @@ impl Inflight {
         SubscribeParams,
     ),
     responses(
-        (status = 200, description = "An event stream: `message` events (data: MessageJson, id: the position), `lost`, `lagged` and `error` notices (data: StreamNotice)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream: `message` events (data: MessageJson, id: the position), `lost`, `lagged`, `superseded` and `error` notices (data: StreamNotice)", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter or Last-Event-ID", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A token without a service (a named `monitor` subscription needs one too); `monitor` without admin", body = ErrorBody),
@@ -294,6 +303,7 @@ pub(crate) async fn subscribe(
     };
     let instance = params.instance.as_deref();
     let bus = state.bus().as_service(&service, instance)?;
+    let opened = bson::DateTime::now();
     let slot = named.as_ref().map(|name| state.inflight().open(name));
     let subscriber = match bus.subscribe(subscription).await {
         Ok(subscriber) => subscriber,
@@ -306,105 +316,155 @@ pub(crate) async fn subscribe(
     };
     tracing::info!(service, topic, subscription = ?params.name, monitor, resumed = last_event_id.is_some(), "gateway: subscriber connected");
     let options = state.options();
-    let (tx, rx) = mpsc::channel(options.sse_buffer.max(1));
-    let (end_tx, end_rx) = oneshot::channel();
+    let outgoing = Outgoing::new(state.clone(), options.sse_buffer, options.sse_buffer_bytes);
     let pump = Pump {
         state: state.clone(),
         subscriber,
-        tx,
+        outgoing: Arc::clone(&outgoing),
         stall: options.sse_stall,
         named: named.zip(slot),
         permits: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
         service_filter: params.service.clone().filter(|_| monitor),
+        opened,
     };
-    tokio::spawn(async move {
-        let end = pump.run().await;
-        let _ = end_tx.send(end);
-    });
-    let events = futures::stream::unfold((rx, Some(end_rx)), |(mut rx, end_rx)| async move {
-        if let Some(event) = rx.recv().await {
-            return Some((Ok(event), (rx, end_rx)));
-        }
-        // The pump is done: say why, once, then end the stream.
-        let end = end_rx?.await.ok()?;
-        end.notice().map(|event| (Ok(event), (rx, None)))
-    });
+    // Counted before the response goes out, so that a client sees itself in /stats.
+    state.sse_clients().fetch_add(1, Ordering::Relaxed);
+    metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).increment(1.0);
+    tokio::spawn(pump.run());
+    let events = Response::new(outgoing).into_stream();
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(options.keep_alive)))
 }
 
 /// Why a stream ended.
 enum End {
-    /// The client went away (or a newer connection took the name over).
+    /// The client went away.
     Gone,
+    /// A newer connection took the subscription's name over.
+    Superseded,
     /// The client left its buffer full for the stall time.
     FellBehind,
     /// The subscription failed.
     Failed(ErrorBody),
-    /// The bus shut down.
+    /// The bus or the gateway shut down.
     Shutdown,
 }
 
-impl End {
-    fn notice(self) -> Option<Event> {
-        let (event, notice) = match self {
-            End::Gone | End::Shutdown => return None,
-            End::FellBehind => (
-                "lagged",
-                StreamNotice {
-                    code: "fell_behind".into(),
-                    message: "this client read too slowly and fell behind: reconnect with Last-Event-ID to resume where it stopped".into(),
-                    count: None,
-                },
-            ),
-            End::Failed(body) => (
-                "error",
-                StreamNotice {
-                    code: body.code,
-                    message: body.message,
-                    count: None,
-                },
-            ),
-        };
-        Event::default().event(event).json_data(notice).ok()
+/// An event whose data is a [`StreamNotice`].
+fn notice(event: &str, notice: &StreamNotice) -> Queued {
+    Queued::new(
+        event,
+        None,
+        serde_json::to_string(notice).unwrap_or_else(|_| "{}".into()),
+    )
+}
+
+/// The notice of a `lost` event: `count` is 0 when the medium cannot tell how many.
+fn lost_notice(count: u64) -> StreamNotice {
+    let (message, count) = match count {
+        0 => ("an unknown number of messages expired before this subscriber read them; continuing with the oldest retained".to_string(), None),
+        n => (format!("{n} message(s) expired before this subscriber read them; continuing with the oldest retained"), Some(n)),
+    };
+    StreamNotice {
+        code: "lost".into(),
+        message,
+        count,
     }
 }
 
-/// Reads one connection's subscription into its bounded buffer.
+impl End {
+    /// The last event of the stream, and whether it replaces what is still queued.
+    fn last(&self, subscription: Option<&str>) -> (Option<Queued>, bool) {
+        match self {
+            End::Gone | End::Shutdown => (None, false),
+            End::FellBehind => (
+                Some(notice(
+                    "lagged",
+                    &StreamNotice {
+                        code: "fell_behind".into(),
+                        message: "this client read too slowly and fell behind: what was buffered for it is dropped; reconnect with Last-Event-ID to resume after the last event it received".into(),
+                        count: None,
+                    },
+                )),
+                true,
+            ),
+            End::Superseded => (
+                Some(notice(
+                    "superseded",
+                    &StreamNotice {
+                        code: "superseded".into(),
+                        message: format!(
+                            "another connection took subscription `{}` over: this one ends; do not reconnect it (close the EventSource), or the two take the name from each other in turn",
+                            subscription.unwrap_or_default()
+                        ),
+                        count: None,
+                    },
+                )),
+                // Its deliveries cannot be acked any more: they come again on the new
+                // connection.
+                true,
+            ),
+            End::Failed(body) => (
+                Some(notice(
+                    "error",
+                    &StreamNotice {
+                        code: body.code.clone(),
+                        message: body.message.clone(),
+                        count: None,
+                    },
+                )),
+                false,
+            ),
+        }
+    }
+}
+
+/// Reads one connection's subscription into its bounded queue.
 struct Pump {
     state: AppState,
     subscriber: Subscriber,
-    tx: mpsc::Sender<Event>,
+    outgoing: Arc<Outgoing>,
     stall: Duration,
     /// The subscription name, its slot generation and the slot's stop token.
     named: Option<(String, (u64, CancellationToken))>,
     permits: Arc<Semaphore>,
     service_filter: Option<String>,
+    /// When the client connected (this process's clock): deliveries stamped before
+    /// are backlog (a replay), not live, and their age is not a latency.
+    opened: bson::DateTime,
 }
 
 impl Pump {
-    async fn run(mut self) -> End {
+    /// Pumps until the stream ends, then says why; the stream was counted in
+    /// `sse_clients` by `subscribe`.
+    async fn run(mut self) {
         let state = self.state.clone();
-        state.sse_clients().fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).increment(1.0);
         let end = self.pump().await;
         state.sse_clients().fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).decrement(1.0);
         if let Some((name, (generation, _))) = &self.named {
             self.state.inflight().close(name, *generation);
         }
+        let subscription = self.subscriber.name();
         match &end {
             End::FellBehind => {
                 metrics::counter!(crate::metrics::GATEWAY_FELL_BEHIND).increment(1);
-                tracing::warn!(subscription = ?self.subscriber.name(), stall_ms = self.stall.as_millis() as u64, "gateway: SSE client fell behind; stream ended");
+                tracing::warn!(subscription, stall_ms = self.stall.as_millis() as u64, "gateway: SSE client fell behind; what was buffered for it is dropped and its stream ends");
             }
             End::Failed(body) => {
-                tracing::warn!(subscription = ?self.subscriber.name(), error = %body.message, "gateway: subscription failed")
+                tracing::warn!(subscription, error = %body.message, "gateway: subscription failed")
+            }
+            End::Superseded => {
+                tracing::info!(
+                    subscription,
+                    "gateway: named subscription taken over by a newer connection"
+                )
             }
             End::Gone | End::Shutdown => {
-                tracing::debug!(subscription = ?self.subscriber.name(), "gateway: subscriber disconnected")
+                tracing::debug!(subscription, "gateway: subscriber disconnected")
             }
         }
-        end
+        let (last, discard) = end.last(subscription);
+        self.outgoing.end(last, discard);
     }
 
     async fn pump(&mut self) -> End {
@@ -414,35 +474,29 @@ impl Pump {
             .map(|(_, (_, stop))| stop.clone())
             .unwrap_or_default();
         let gateway_stop = self.state.stop().clone();
+        let gone = self.outgoing.gone().clone();
         loop {
             let item = tokio::select! {
                 item = self.subscriber.next() => item,
-                _ = self.tx.closed() => return End::Gone,
-                _ = stop.cancelled() => return End::Gone,
+                _ = gone.cancelled() => return End::Gone,
+                _ = stop.cancelled() => return End::Superseded,
                 _ = gateway_stop.cancelled() => return End::Shutdown,
             };
-            let event = match item {
+            let queued = match item {
                 None => return End::Shutdown,
                 Some(Ok(delivery)) => match self.message(delivery, &stop).await {
-                    Ok(Some(event)) => event,
+                    Ok(Some(queued)) => queued,
                     Ok(None) => continue,
                     Err(end) => return end,
                 },
-                Some(Err(crate::Error::Lost { count, .. })) => Event::default()
-                    .event("lost")
-                    .json_data(StreamNotice {
-                        code: "lost".into(),
-                        message: format!("{count} message(s) expired before this subscriber read them; continuing with the oldest retained"),
-                        count: Some(count),
-                    })
-                    .unwrap_or_default(),
+                Some(Err(crate::Error::Lost { count, .. })) => notice("lost", &lost_notice(count)),
                 Some(Err(error)) if error.is_report() => continue,
                 Some(Err(error)) => return End::Failed(ApiError::from(error).body()),
             };
-            match tokio::time::timeout(self.stall, self.tx.send(event)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return End::Gone,
-                Err(_) => return End::FellBehind,
+            match self.outgoing.push(queued, self.stall).await {
+                Ok(()) => {}
+                Err(Refused::Gone) => return End::Gone,
+                Err(Refused::Full) => return End::FellBehind,
             }
         }
     }
@@ -453,7 +507,7 @@ impl Pump {
         &mut self,
         delivery: Delivery,
         stop: &CancellationToken,
-    ) -> Result<Option<Event>, End> {
+    ) -> Result<Option<Queued>, End> {
         if let Some(service) = &self.service_filter {
             if delivery.source_service != *service
                 && delivery.dest_service.as_ref() != Some(service)
@@ -462,25 +516,25 @@ impl Pump {
             }
         }
         let json = MessageJson::from(delivery.message());
-        let event = Event::default()
-            .event("message")
-            .id(encode_position(delivery.position()))
-            .json_data(&json)
+        let data = serde_json::to_string(&json)
             .map_err(|e| End::Failed(ApiError::Internal(e.to_string()).body()))?;
-        if let Some(at) = delivery.at {
-            self.state.latency().record(at);
-        }
+        let mut queued = Queued::new("message", Some(encode_position(delivery.position())), data);
+        // Latency is measured on live deliveries only: a message stamped before the
+        // client connected is backlog (a replay after Last-Event-ID, a checkpoint or
+        // from=beginning), and its age says nothing of the bus's speed.
+        queued.stamp = delivery.at.filter(|at| *at >= self.opened);
         if let Some((name, (generation, _))) = &self.named {
+            let gone = self.outgoing.gone();
             let permit = tokio::select! {
                 permit = Arc::clone(&self.permits).acquire_owned() => permit.map_err(|_| End::Shutdown)?,
-                _ = self.tx.closed() => return Err(End::Gone),
-                _ = stop.cancelled() => return Err(End::Gone),
+                _ = gone.cancelled() => return Err(End::Gone),
+                _ = stop.cancelled() => return Err(End::Superseded),
             };
             self.state
                 .inflight()
                 .keep(name, *generation, delivery, permit);
         }
-        Ok(Some(event))
+        Ok(Some(queued))
     }
 }
 
@@ -557,5 +611,16 @@ mod tests {
         assert_eq!(decode_position(&id).unwrap(), position);
         assert!(decode_position("not an id").is_err());
         assert!(decode_position("AAAA").is_err());
+    }
+
+    #[test]
+    fn a_loss_of_unknown_size_is_not_called_zero() {
+        let unknown = lost_notice(0);
+        assert_eq!(unknown.count, None);
+        assert!(unknown.message.contains("an unknown number"), "{unknown:?}");
+        assert!(!unknown.message.contains('0'), "{unknown:?}");
+        let known = lost_notice(20);
+        assert_eq!(known.count, Some(20));
+        assert!(known.message.starts_with("20 message(s)"), "{known:?}");
     }
 }

@@ -23,7 +23,8 @@ use super::AppState;
 pub const LATENCY_WINDOW: usize = 1024;
 
 /// Delivery latencies of this gateway: from the medium's stamp (`at`) to the moment the
-/// event was handed to the client's stream.
+/// event was handed to the client's HTTP response, for live deliveries only (messages
+/// stamped after the client connected: a replay's backlog has an age, not a latency).
 #[derive(Default)]
 pub(crate) struct Latency {
     window: Mutex<(VecDeque<u64>, u64)>,
@@ -61,10 +62,10 @@ impl Latency {
     }
 }
 
-/// Delivery latency through this gateway, over the last deliveries.
+/// Delivery latency through this gateway, over the last live deliveries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LatencyJson {
-    /// Messages streamed since the gateway started.
+    /// Live messages handed to clients since the gateway started.
     pub delivered: u64,
     /// How many of the last ones the figures cover.
     pub samples: u64,
@@ -146,6 +147,10 @@ pub struct StatsJson {
     /// Server-Sent Events streams open now.
     #[serde(rename = "sseClients")]
     pub sse_clients: u64,
+    /// Bytes of events queued in this gateway for SSE clients now, all streams
+    /// together (each stream at most `sse_buffer_bytes`, or one larger event).
+    #[serde(rename = "sseBufferedBytes")]
+    pub sse_buffered_bytes: u64,
     /// Why counts or queues are missing: the medium's error while it is unavailable.
     #[serde(
         rename = "mediumError",
@@ -230,6 +235,7 @@ pub(crate) async fn stats(
         latency: state.latency().summary(),
         outbox: bus.outbox_len() as u64,
         sse_clients: state.sse_clients().load(Ordering::Relaxed) as u64,
+        sse_buffered_bytes: state.sse_buffered_bytes().load(Ordering::Relaxed),
         medium_error,
     }))
 }

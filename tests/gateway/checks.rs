@@ -19,6 +19,8 @@ pub fn checks() -> Vec<Check> {
         check!(idempotency_keys_belong_to_their_sender),
         check!(unauthorized_forbidden_and_too_large),
         check!(a_slow_client_falls_behind_alone),
+        check!(a_takeover_tells_the_old_stream),
+        check!(latency_counts_live_deliveries),
         check!(named_subscriptions_resume_after_their_acks),
         check!(a_subscription_name_belongs_to_its_service),
         check!(queues_and_dead_letters),
@@ -428,12 +430,16 @@ async fn unauthorized_forbidden_and_too_large(place: &Place) {
     gw.stop().await;
 }
 
+/// The byte budget of one SSE client in [`a_slow_client_falls_behind_alone`].
+const BUDGET: usize = 256 * 1024;
+
 async fn a_slow_client_falls_behind_alone(place: &Place) {
+    // The stall is long enough for a client that reads (the fast one) on a loaded
+    // machine; the slow one never reads until it is cut off.
     let options = GatewayOptions::default()
-        .sse_buffer(8)
-        .sse_stall(Duration::from_millis(300));
+        .sse_buffer_bytes(BUDGET)
+        .sse_stall(Duration::from_secs(5));
     let gw = Gw::with(place, options).await;
-    // The slow client: its stream is opened and never read until the end.
     let mut slow = gw.subscribe("/subscribe/reload", USERS, None).await;
     let mut fast = gw.subscribe("/subscribe/reload", BILLING, None).await;
     let reader = tokio::spawn(async move {
@@ -446,9 +452,35 @@ async fn a_slow_client_falls_behind_alone(place: &Place) {
             ids.push(m["id"].as_str().unwrap_or_default().to_string());
         }
     });
+    assert_eq!(
+        gw.get("/stats", ADMIN).await.1["sseClients"],
+        2,
+        "a stream counts once its response is there"
+    );
+    // What the gateway may hold for two clients: each its budget, or one event over it.
+    let bound = 2 * (BUDGET + 64 * 1024) as u64;
     let pad = "p".repeat(30 * 1024);
     let mut published = Vec::new();
+    let mut most = 0;
     loop {
+        let stats = gw.get("/stats", ADMIN).await.1;
+        let buffered = stats["sseBufferedBytes"]
+            .as_u64()
+            .expect("sseBufferedBytes");
+        most = most.max(buffered);
+        assert!(
+            buffered <= bound,
+            "the gateway holds {buffered} bytes for two clients (bound {bound})"
+        );
+        if stats["sseClients"] == 1 {
+            break; // the slow client's stream ended; the fast one goes on
+        }
+        if buffered >= (BUDGET / 2) as u64 {
+            // A queue is filling: the slow client's (it stays full until the stall
+            // ends it) or the fast one's (it drains). Wait rather than publish more.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         for _ in 0..20 {
             let n = published.len();
             published.push(
@@ -459,16 +491,43 @@ async fn a_slow_client_falls_behind_alone(place: &Place) {
                 .await,
             );
         }
-        let clients = gw.get("/stats", ADMIN).await.1["sseClients"].as_u64();
-        if clients == Some(1) {
-            break; // the slow client's stream ended; the fast one goes on
-        }
         assert!(
             published.len() < 4000,
-            "the slow client was never told it fell behind ({} messages, {clients:?} clients)",
+            "the slow client never filled its buffer ({} messages)",
             published.len()
         );
     }
+    // It fell behind: what was queued for it is dropped at once, before it reads
+    // anything; only its `lagged` notice waits (and the fast client drains its own).
+    eventually("the slow client's buffer dropped", || async {
+        let buffered = gw.get("/stats", ADMIN).await.1["sseBufferedBytes"].as_u64();
+        buffered.is_some_and(|b| b < 4096)
+    })
+    .await;
+    // When it reads at last, it gets what its socket held, then `lagged`, then the end.
+    let slow_reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut last_id = None;
+        loop {
+            let event = slow.expect("the slow client's stream").await;
+            match event.event.as_str() {
+                "message" => {
+                    seen.push(event.json()["id"].as_str().unwrap_or_default().to_string());
+                    last_id = event.id.clone();
+                }
+                "lagged" => {
+                    assert_eq!(event.json()["code"], "fell_behind");
+                    break;
+                }
+                other => panic!("unexpected `{other}` event: {event:?}"),
+            }
+        }
+        let after = tokio::time::timeout(GUARD, slow.next())
+            .await
+            .expect("the end of the slow stream");
+        assert!(after.is_none(), "the stream ends after `lagged`: {after:?}");
+        (seen, last_id)
+    });
     gw.publish(
         BILLING,
         json!({ "action": "reload", "query": { "last": true } }),
@@ -482,29 +541,12 @@ async fn a_slow_client_falls_behind_alone(place: &Place) {
         fast_ids, published,
         "the fast client got everything, in order"
     );
-
-    let mut seen = Vec::new();
-    let mut last_id = None;
-    loop {
-        let event = slow.expect("the slow client's stream").await;
-        match event.event.as_str() {
-            "message" => {
-                seen.push(event.json()["id"].as_str().unwrap_or_default().to_string());
-                last_id = event.id.clone();
-            }
-            "lagged" => {
-                assert_eq!(event.json()["code"], "fell_behind");
-                break;
-            }
-            other => panic!("unexpected `{other}` event: {event:?}"),
-        }
-    }
-    let after = tokio::time::timeout(GUARD, slow.next())
+    let (seen, last_id) = tokio::time::timeout(GUARD, slow_reader)
         .await
-        .expect("the end of the slow stream");
-    assert!(after.is_none(), "the stream ends after `lagged`: {after:?}");
+        .expect("the slow client: hang guard")
+        .expect("the slow client's task");
     eprintln!(
-        "slow client: told it fell behind after {} of {} messages",
+        "slow client: told it fell behind after {} of {} messages; the gateway held at most {most} bytes",
         seen.len(),
         published.len()
     );
@@ -531,6 +573,47 @@ async fn a_slow_client_falls_behind_alone(place: &Place) {
         );
     }
     assert_eq!(resumed.message("the marker").await.1["query"]["last"], true);
+    gw.stop().await;
+}
+
+async fn a_takeover_tells_the_old_stream(place: &Place) {
+    let gw = Gw::start(place).await;
+    let path = "/subscribe/reload?name=desk";
+    let mut old = gw.subscribe(path, USERS, None).await;
+    let mut new = gw.subscribe(path, USERS, None).await;
+    let event = old.expect("the old stream's last event").await;
+    assert_eq!(event.event, "superseded", "{event:?}");
+    assert_eq!(event.json()["code"], "superseded");
+    let after = tokio::time::timeout(GUARD, old.next())
+        .await
+        .expect("the end of the old stream");
+    assert!(after.is_none(), "the old stream ends: {after:?}");
+    let id = gw.publish(BILLING, json!({ "action": "reload" })).await;
+    assert_eq!(new.message("the new stream").await.1["id"], id.as_str());
+    gw.stop().await;
+}
+
+/// The latency figure covers live deliveries only: a replay's backlog has an age.
+async fn latency_counts_live_deliveries(place: &Place) {
+    let gw = Gw::start(place).await;
+    for n in 0..3 {
+        gw.publish(BILLING, json!({ "action": "reload", "query": { "n": n } }))
+            .await;
+    }
+    // The clocks move on past the backlog's stamps (ms), and past the connection's.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut sub = gw
+        .subscribe("/subscribe/reload?from=beginning", USERS, None)
+        .await;
+    for n in 0..3 {
+        assert_eq!(sub.message("the backlog").await.1["query"]["n"], n);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let live = gw.publish(BILLING, json!({ "action": "reload" })).await;
+    assert_eq!(sub.message("the live one").await.1["id"], live.as_str());
+    let latency = gw.get("/stats", ADMIN).await.1["latency"].clone();
+    assert_eq!(latency["delivered"], 1, "{latency}");
+    assert_eq!(latency["samples"], 1, "{latency}");
     gw.stop().await;
 }
 
