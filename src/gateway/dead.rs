@@ -110,13 +110,8 @@ pub(crate) async fn list(
     ))
 }
 
-async fn find(state: &AppState, id: &str) -> ApiResult<DeadLetter> {
-    state
-        .bus()
-        .dead_letters()
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no dead letter `{id}`")))
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no dead letter `{id}`"))
 }
 
 /// One dead letter.
@@ -139,7 +134,9 @@ pub(crate) async fn show(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<DeadLetterJson>> {
     caller.admin()?;
-    Ok(axum::Json(DeadLetterJson::from(&find(&state, &id).await?)))
+    let letter = state.bus().dead_letters().get(&id).await?;
+    let letter = letter.ok_or_else(|| not_found(&id))?;
+    Ok(axum::Json(DeadLetterJson::from(&letter)))
 }
 
 /// Removes one dead letter.
@@ -163,8 +160,11 @@ pub(crate) async fn purge_one(
 ) -> ApiResult<axum::Json<Removed>> {
     caller.admin()?;
     match state.bus().dead_letters().purge(Some(&id)).await? {
-        0 => Err(ApiError::NotFound(format!("no dead letter `{id}`"))),
-        removed => Ok(axum::Json(Removed { removed })),
+        0 => Err(not_found(&id)),
+        removed => {
+            tracing::info!(message_id = %id, "gateway: dead letter purged");
+            Ok(axum::Json(Removed { removed }))
+        }
     }
 }
 
@@ -190,8 +190,10 @@ pub(crate) async fn purge_all(
     Ok(axum::Json(Removed { removed }))
 }
 
-/// Sends a dead letter again: a new message (new id, `retryOf` naming the original, work
+/// Sends a dead letter again: a new message (`retryOf` naming the original, work
 /// starting over) through the same checks as any publish; the dead letter is removed.
+/// The new id is derived from the dead letter: retrying it again after a failed
+/// removal (503) stores nothing new (200, `duplicate`).
 #[utoipa::path(
     post,
     path = "/retry/{messageId}",
@@ -200,11 +202,13 @@ pub(crate) async fn purge_all(
     params(("messageId" = String, Path, description = "The id of the original message")),
     responses(
         (status = 201, description = "Sent again", body = Receipt),
+        (status = 200, description = "Sent by an earlier retry of this dead letter, whose removal failed: nothing new was sent, the dead letter is removed now", body = Receipt),
         (status = 202, description = "The medium is unavailable: the new message waits in the outbox", body = Receipt),
         (status = 400, description = "The dead letter is not a message that can be sent", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin token, or the catalog refuses it now", body = ErrorBody),
         (status = 404, description = "No such dead letter", body = ErrorBody),
+        (status = 503, description = "The medium is unavailable (if the message was sent, retrying again does not send it twice)", body = ErrorBody),
     )
 )]
 pub(crate) async fn retry(
@@ -213,9 +217,8 @@ pub(crate) async fn retry(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
     caller.admin()?;
-    find(&state, &id).await?;
-    let published = state.bus().dead_letters().retry(&id).await?;
-    let mut receipt = Receipt::from(published);
+    let published = state.bus().dead_letters().retry_if_present(&id).await?;
+    let mut receipt = Receipt::from(published.ok_or_else(|| not_found(&id))?);
     receipt.retry_of = Some(id);
     Ok((receipt.status_code(), axum::Json(receipt)))
 }

@@ -21,6 +21,8 @@ pub struct Flaky {
     pub down: AtomicBool,
     hold: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
+    /// While set, removing dead letters fails as a lost network would.
+    pub dead_remove_down: AtomicBool,
 }
 
 impl Flaky {
@@ -30,6 +32,7 @@ impl Flaky {
             down: AtomicBool::new(false),
             hold: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
+            dead_remove_down: AtomicBool::new(false),
         }
     }
 
@@ -117,6 +120,12 @@ impl Medium for Flaky {
         self.inner.dead_get(id).await
     }
     async fn dead_remove(&self, id: Option<&str>) -> Result<u64> {
+        if self.dead_remove_down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                medium: "flaky",
+                reason: "connection reset".into(),
+            });
+        }
         self.inner.dead_remove(id).await
     }
     async fn processed_reserve(

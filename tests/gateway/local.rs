@@ -28,6 +28,9 @@ pub fn trials() -> Vec<Trial> {
         Trial::test("memory::a_message_being_sent_is_not_removed", || {
             block_on(a_message_being_sent_is_not_removed())
         }),
+        Trial::test("memory::a_dead_letter_retried_twice_is_sent_once", || {
+            block_on(a_dead_letter_retried_twice_is_sent_once())
+        }),
         Trial::test("memory::metric_labels_stay_bounded", || {
             block_on(metric_labels_stay_bounded())
         }),
@@ -321,6 +324,64 @@ async fn a_message_being_sent_is_not_removed() {
     })
     .await;
     assert_eq!(gw.delete(&path, ADMIN).await.0, StatusCode::NOT_FOUND);
+    gw.stop().await;
+}
+
+/// A retry whose publish went through but whose removal of the dead letter failed
+/// (503) is retried: the message is stored once, so the work runs once.
+async fn a_dead_letter_retried_twice_is_sent_once() {
+    use std::sync::atomic::Ordering;
+    let flaky = Arc::new(Flaky::new());
+    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
+        .await
+        .expect("bus");
+    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let mut job = Message::to_service("billing", "invoice.render")
+        .work()
+        .from_service("billing");
+    job.id = "dead-job-2".into();
+    job.source_instance = "billing-1".into();
+    gw.bus
+        .medium()
+        .dead_letter(
+            bson::to_document(&job).expect("a document"),
+            "failed".into(),
+        )
+        .await
+        .expect("dead letter");
+    let mut monitor = gw
+        .subscribe("/subscribe/invoice.render?monitor=true", ADMIN, None)
+        .await;
+
+    flaky.dead_remove_down.store(true, Ordering::SeqCst);
+    let (status, failed) = gw.post("/retry/dead-job-2", ADMIN, json!({})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{failed}");
+    flaky.dead_remove_down.store(false, Ordering::SeqCst);
+    let (status, again) = gw.post("/retry/dead-job-2", ADMIN, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["status"], "duplicate", "{again}");
+    assert_eq!(again["retryOf"], "dead-job-2");
+    assert_eq!(
+        gw.get("/dead/dead-job-2", ADMIN).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let marker = gw
+        .publish(
+            BILLING,
+            json!({ "to": "billing", "action": "invoice.render", "query": { "marker": true } }),
+        )
+        .await;
+    let (_, m) = monitor.message("the retried job").await;
+    assert_eq!(
+        (&m["id"], &m["retryOf"]),
+        (&again["id"], &json!("dead-job-2"))
+    );
+    assert_eq!(
+        monitor.message("the marker").await.1["id"],
+        marker.as_str(),
+        "the job was stored once"
+    );
     gw.stop().await;
 }
 
