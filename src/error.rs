@@ -155,6 +155,18 @@ pub enum Error {
     /// The bus was shut down; the operation was not carried out.
     #[error("the bus is shut down")]
     Shutdown,
+
+    /// An I/O operation of this process failed: listening on or serving a socket,
+    /// drawing random bytes from the operating system. Fix the cause (an address in
+    /// use, a permission) and start again.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done (`listening on 0.0.0.0:8080`).
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -183,6 +195,14 @@ impl Error {
             key: key.into(),
             value: value.into(),
             reason: reason.to_string(),
+        }
+    }
+
+    /// An [`Error::Io`]: `what` failed with `source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
         }
     }
 

@@ -204,9 +204,11 @@ impl Tokens {
     pub fn generate() -> Result<String> {
         use base64::Engine;
         let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|e| Error::Unsupported {
-            medium: "gateway".into(),
-            what: format!("drawing a random token: {e}"),
+        getrandom::fill(&mut bytes).map_err(|e| {
+            Error::io(
+                "drawing a random token",
+                std::io::Error::other(e.to_string()),
+            )
         })?;
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
     }

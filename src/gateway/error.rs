@@ -78,7 +78,7 @@ impl ApiError {
                 E::Medium { .. } | E::Remote { .. } => StatusCode::BAD_GATEWAY,
                 E::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 E::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
-                E::Config { .. } | E::ConfigFile { .. } | E::Lost { .. } => {
+                E::Config { .. } | E::ConfigFile { .. } | E::Lost { .. } | E::Io { .. } => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             },
@@ -111,6 +111,7 @@ impl ApiError {
                 E::Unsupported { .. } => "unsupported",
                 E::Config { .. } | E::ConfigFile { .. } => "config",
                 E::Lost { .. } => "lost",
+                E::Io { .. } => "io",
             },
         }
     }
@@ -145,3 +146,24 @@ impl IntoResponse for ApiError {
 
 /// Short for the result of a route.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_failure_is_the_gateway_s_not_unsupported() {
+        let error = ApiError::Bus(crate::Error::io(
+            "gateway: listening on 127.0.0.1:8080",
+            std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        ));
+        assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(error.code(), "io");
+        let text = error.to_string();
+        assert!(
+            text.starts_with("gateway: listening on 127.0.0.1:8080: "),
+            "{text}"
+        );
+        assert!(!text.contains("does not support"), "{text}");
+    }
+}

@@ -23,8 +23,8 @@
 //! let bus = Intracom::connect(Config::from_env()?).await?;
 //! let tokens = Tokens::from_file("/etc/intracom/tokens")?
 //!     .with_token("dev-only", Identity::service("billing"));
-//! let listener = std::net::TcpListener::bind("127.0.0.1:8080").map_err(|e| intracom::Error::Unsupported {
-//!     medium: "gateway".into(), what: format!("listening: {e}") })?;
+//! let listener = std::net::TcpListener::bind("127.0.0.1:8080")
+//!     .map_err(|e| intracom::Error::io("listening on 127.0.0.1:8080", e))?;
 //! Gateway::new(bus, tokens)
 //!     .serve(listener, None, async { let _ = tokio::signal::ctrl_c().await; })
 //!     .await

@@ -72,13 +72,6 @@ impl Tls {
     }
 }
 
-fn io(what: &str, error: std::io::Error) -> Error {
-    Error::Unsupported {
-        medium: "gateway".into(),
-        what: format!("{what}: {error}"),
-    }
-}
-
 /// How long open connections get to finish once the gateway stops.
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -92,8 +85,10 @@ pub(crate) async fn serve(
     let config = tls.as_ref().map(Tls::config).transpose()?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| io("listening", e))?;
-    let address = listener.local_addr().map_err(|e| io("listening", e))?;
+        .map_err(|e| Error::io("gateway: listening", e))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::io("gateway: listening", e))?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
@@ -107,7 +102,7 @@ pub(crate) async fn serve(
         Some(config) => {
             tracing::info!(%address, "gateway listening (https)");
             axum_server::from_tcp_rustls(listener, config)
-                .map_err(|e| io("listening", e))?
+                .map_err(|e| Error::io(format!("gateway: listening on {address}"), e))?
                 .handle(handle)
                 .serve(service)
                 .await
@@ -115,11 +110,11 @@ pub(crate) async fn serve(
         None => {
             tracing::info!(%address, "gateway listening (http)");
             axum_server::from_tcp(listener)
-                .map_err(|e| io("listening", e))?
+                .map_err(|e| Error::io(format!("gateway: listening on {address}"), e))?
                 .handle(handle)
                 .serve(service)
                 .await
         }
     };
-    served.map_err(|e| io("serving", e))
+    served.map_err(|e| Error::io(format!("gateway: serving on {address}"), e))
 }
