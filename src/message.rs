@@ -20,6 +20,7 @@ pub const MAX_NAME_LEN: usize = 256;
 
 /// What kind of exchange a message belongs to (seed 001's `QueryType`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "gateway", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum MessageType {
@@ -76,6 +77,7 @@ pub enum DeliveryMode {
 
 /// The state of a request (seed 001's `QueryState`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "gateway", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum State {
@@ -85,6 +87,17 @@ pub enum State {
     Done,
     /// Failed; `response` holds the error.
     Error,
+}
+
+impl State {
+    /// The name stored in the `state` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Done => "done",
+            State::Error => "error",
+        }
+    }
 }
 
 /// One message on the bus.

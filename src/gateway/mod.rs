@@ -67,7 +67,7 @@ use crate::bus::Intracom;
 
 pub use auth::{Identity, Tokens};
 pub use error::{ApiError, ErrorBody};
-pub use model::{Kind, MessageJson, Receipt, ReceiptStatus, Stamp};
+pub use model::{MessageJson, Receipt, ReceiptStatus, Stamp};
 pub use publish::{idempotent_id, PublishRequest, IDEMPOTENCY_KEY};
 pub use server::Tls;
 pub use sse::{decode_position, encode_position, scoped_name, StreamNotice};

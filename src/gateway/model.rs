@@ -34,34 +34,6 @@ impl From<Timestamp> for Stamp {
     }
 }
 
-/// The exchange a message belongs to (seed 001's `QueryType`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// To every service.
-    Broadcast,
-    /// To a service or an instance, no answer expected.
-    FireAndForget,
-    /// A request whose answer is read later.
-    Async,
-    /// A request whose caller waits.
-    Sync,
-    /// The answer to a request.
-    Response,
-}
-
-impl From<Kind> for MessageType {
-    fn from(kind: Kind) -> Self {
-        match kind {
-            Kind::Broadcast => MessageType::Broadcast,
-            Kind::FireAndForget => MessageType::FireAndForget,
-            Kind::Async => MessageType::Async,
-            Kind::Sync => MessageType::Sync,
-            Kind::Response => MessageType::Response,
-        }
-    }
-}
-
 /// A message as the gateway shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MessageJson {
@@ -91,7 +63,7 @@ pub struct MessageJson {
     pub dest_instance: Option<String>,
     /// The exchange: `broadcast`, `fire_and_forget`, `async`, `sync`, `response`.
     #[serde(rename = "type")]
-    pub kind: Kind,
+    pub kind: MessageType,
     /// `all` (every instance) or `one` (work: one instance).
     pub delivery: String,
     /// The action.
@@ -104,7 +76,7 @@ pub struct MessageJson {
     pub query_id: Option<String>,
     /// Request or work state: `pending`, `done`, `error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<State>,
     /// The answer of a settled request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -138,24 +110,6 @@ pub(crate) fn rfc3339(at: bson::DateTime) -> String {
         .unwrap_or_else(|_| at.timestamp_millis().to_string())
 }
 
-fn kind_of(kind: MessageType) -> Kind {
-    match kind {
-        MessageType::Broadcast => Kind::Broadcast,
-        MessageType::FireAndForget => Kind::FireAndForget,
-        MessageType::Async => Kind::Async,
-        MessageType::Sync => Kind::Sync,
-        MessageType::Response => Kind::Response,
-    }
-}
-
-fn state_of(state: State) -> &'static str {
-    match state {
-        State::Pending => "pending",
-        State::Done => "done",
-        State::Error => "error",
-    }
-}
-
 impl From<&Message> for MessageJson {
     fn from(m: &Message) -> Self {
         MessageJson {
@@ -166,7 +120,7 @@ impl From<&Message> for MessageJson {
             source_instance: m.source_instance.clone(),
             dest_service: m.dest_service.clone(),
             dest_instance: m.dest_instance.clone(),
-            kind: kind_of(m.kind),
+            kind: m.kind,
             delivery: match m.delivery {
                 DeliveryMode::One => "one".into(),
                 DeliveryMode::All => "all".into(),
@@ -174,7 +128,7 @@ impl From<&Message> for MessageJson {
             action: m.action.clone(),
             query: json_of(&m.query),
             query_id: m.query_id.clone(),
-            state: m.state.map(|s| state_of(s).to_string()),
+            state: m.state,
             result: m.result.as_ref().map(json_of),
             response: m.response.as_ref().map(json_of),
             priority: m.priority,

@@ -19,9 +19,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
-use super::model::{document_of, json_of, Kind, Receipt};
+use super::model::{document_of, json_of, Receipt};
 use super::AppState;
-use crate::message::{check_name, Message};
+use crate::message::{check_name, Message, MessageType};
 
 /// The header whose value, with the sending service, fixes the message id
 /// ([`idempotent_id`]).
@@ -62,7 +62,7 @@ pub struct PublishRequest {
     pub query: Option<serde_json::Value>,
     /// The exchange (default `broadcast` without `to`, else `fire_and_forget`).
     #[serde(default, rename = "type")]
-    pub kind: Option<Kind>,
+    pub kind: Option<MessageType>,
     /// Work for exactly one instance of `to` (`delivery: one`), claimed by a worker.
     #[serde(default)]
     pub work: bool,
@@ -92,7 +92,7 @@ impl PublishRequest {
             message = message.body(document_of(query, "query")?);
         }
         if let Some(kind) = self.kind {
-            message = message.kind(kind.into());
+            message = message.kind(kind);
         }
         if self.work {
             if self.to.is_none() {

@@ -99,7 +99,7 @@ pub struct SubscribeParams {
     pub source: Option<String>,
     /// Only this type.
     #[serde(rename = "type")]
-    pub kind: Option<super::model::Kind>,
+    pub kind: Option<crate::message::MessageType>,
     /// Where to start without `Last-Event-ID` or checkpoint (default `now`).
     pub from: Option<Start>,
     /// Resume after this event id (for clients that cannot send `Last-Event-ID`).
@@ -266,7 +266,7 @@ pub(crate) async fn subscribe(
         subscription = subscription.sources([source.clone()]);
     }
     if let Some(kind) = params.kind {
-        subscription = subscription.types([kind.into()]);
+        subscription = subscription.types([kind]);
     }
     let last_event_id = headers
         .get("last-event-id")

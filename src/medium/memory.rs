@@ -703,7 +703,7 @@ impl Medium for MemoryMedium {
             *by_type.entry(m.kind.as_str()).or_default() += 1;
             let state = log.work.get(&m.id).map(|w| w.state).or(m.state);
             if let Some(state) = state {
-                *by_state.entry(state_name(state)).or_default() += 1;
+                *by_state.entry(state.as_str()).or_default() += 1;
             }
         }
         stats.total = live.len() as u64;
@@ -821,14 +821,6 @@ impl Medium for MemoryMedium {
 
     async fn close(&self) {
         self.shared.closed.cancel();
-    }
-}
-
-fn state_name(state: State) -> &'static str {
-    match state {
-        State::Pending => "pending",
-        State::Done => "done",
-        State::Error => "error",
     }
 }
 
