@@ -138,22 +138,6 @@ pub struct WorkOverrides {
     pub max_attempts: Option<i32>,
 }
 
-impl WorkOverrides {
-    /// `options` with these overrides applied.
-    pub fn apply(&self, mut options: crate::work::WorkOptions) -> crate::work::WorkOptions {
-        if let Some(lease) = self.lease {
-            options.lease = lease;
-        }
-        if let Some(backoff) = self.backoff {
-            options.backoff = backoff;
-        }
-        if let Some(attempts) = self.max_attempts {
-            options.max_attempts = attempts;
-        }
-        options
-    }
-}
-
 /// How the MongoDB medium retains messages (`common.intracom.db.retention`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -846,33 +830,6 @@ mod tests {
                 ("c".into(), "x,y".into())
             ]
         );
-    }
-
-    #[test]
-    fn work_options_per_action() {
-        let c = Config::from_sources(
-            Some("common.intracom.work.invoice.render.lease_ms=5000\ncommon.intracom.work.invoice.render.max_attempts=3"),
-            env(&[("COMMON_INTRACOM_WORK_MAIL_SEND_BACKOFF_MS", "250")]),
-        )
-        .unwrap();
-        let render = c.work["invoice.render"].apply(
-            crate::work::WorkOptions::default().backoff(std::time::Duration::from_millis(7)),
-        );
-        assert_eq!(render.lease, std::time::Duration::from_millis(5000));
-        assert_eq!(render.max_attempts, 3);
-        assert_eq!(
-            render.backoff,
-            std::time::Duration::from_millis(7),
-            "what config does not set stays"
-        );
-        assert_eq!(
-            c.work["mail.send"].backoff,
-            Some(std::time::Duration::from_millis(250))
-        );
-        let e = Config::from_properties("common.intracom.work.x.speed=1")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("common.intracom.work.x.speed"), "{e}");
     }
 
     #[test]

@@ -29,9 +29,23 @@ use async_trait::async_trait;
 use bson::{Document, Timestamp};
 use futures::stream::BoxStream;
 
-use crate::error::Result;
+use crate::config::{Config, MediumKind};
+use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
 use crate::message::Message;
+
+/// Opens the medium the configuration names (`common.intracom.medium`): the one place
+/// that knows every medium, so the bus above it names none.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
+    match config.medium {
+        MediumKind::Memory => Ok(Arc::new(memory::MemoryMedium::new(config.into()))),
+        MediumKind::Db => Ok(Arc::new(mongo::MongoMedium::connect(config).await?)),
+        other => Err(Error::Unsupported {
+            medium: other.to_string(),
+            what: "connecting: this build does not include that medium yet".into(),
+        }),
+    }
+}
 
 /// The outcome of appending one message.
 #[derive(Clone, Debug, PartialEq)]
