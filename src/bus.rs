@@ -286,7 +286,10 @@ impl Intracom {
         };
         let filter = subscription.filter(&self.service, &self.instance);
         tracing::debug!(subscription = ?subscription.name, resumed, start = ?start, "subscribing");
-        let events = medium.follow(start, filter).await?;
+        let events = match &subscription.name {
+            Some(name) => medium.follow_durable(name, start, filter).await?,
+            None => medium.follow(start, filter).await?,
+        };
         let tracker = subscription
             .name
             .clone()

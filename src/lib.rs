@@ -54,12 +54,14 @@ pub use bson;
 
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
-pub use config::{Config, ConfigBuilder, DbConfig, MediumKind, Retention, WorkOverrides};
+pub use config::{
+    Config, ConfigBuilder, DbConfig, MediumKind, MqttConfig, Retention, WorkOverrides,
+};
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};
 pub use error::{Error, PayloadError, Result};
 pub use filter::{Filter, Position, StartFrom};
 pub use idempotency::{Idempotent, Once};
-pub use medium::{DeadLetter, Medium};
+pub use medium::{Capabilities, DeadLetter, Medium};
 pub use message::{DeliveryMode, Lease, Message, MessageType, State};
 pub use work::{Request, WorkOptions, Worker};

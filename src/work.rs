@@ -272,9 +272,13 @@ impl<R: DeserializeOwned> Request<R> {
             };
         }
 
+        // The time-out covers the whole request, including a medium that waits for a
+        // worker to be present before it sends (MQTT).
+        let deadline = tokio::time::Instant::now() + self.timeout;
         bus.append_prepared(vec![message]).await?;
         let medium = bus.medium();
-        match medium.await_outcome(&id, self.timeout).await? {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match medium.await_outcome(&id, left).await? {
             Some(settled) if settled.state == Some(State::Done) => decode_result(settled.result),
             Some(settled) => Err(Error::Remote {
                 service: self.service,
@@ -522,6 +526,9 @@ impl WorkerLoop {
     async fn run(self) {
         let medium = Arc::clone(self.bus.medium());
         let shutdown = self.bus.shutdown_token();
+        if !medium.capabilities().stored_queue {
+            return self.run_pushed().await;
+        }
         // New work wakes the worker; the poll catches expired leases and due retries.
         let filter = Filter {
             service: Some(self.claim.service.clone()),
@@ -569,6 +576,59 @@ impl WorkerLoop {
                         None => std::future::pending().await,
                     }
                 } => if event.is_none() { wake = None },
+            }
+        }
+    }
+
+    /// On a medium that pushes work to one worker (MQTT): take what it hands out, in
+    /// order; subscribe again (with a pause) if the subscription fails or ends.
+    async fn run_pushed(self) {
+        let medium = Arc::clone(self.bus.medium());
+        let shutdown = self.bus.shutdown_token();
+        let mut failures = 0u32;
+        loop {
+            let jobs = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                jobs = medium.receive_work(&self.claim) => jobs,
+            };
+            match jobs {
+                Ok(Some(mut jobs)) => {
+                    failures = 0;
+                    loop {
+                        let job = tokio::select! {
+                            _ = self.stop.cancelled() => return,
+                            _ = shutdown.cancelled() => return,
+                            job = jobs.next() => job,
+                        };
+                        match job {
+                            Some(Ok(message)) => self.process(message).await,
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, service = %self.claim.service, "work subscription failed");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tracing::error!(
+                        medium = medium.name(),
+                        "the medium neither stores nor pushes work"
+                    );
+                    return;
+                }
+                Err(Error::Shutdown) => return,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, service = %self.claim.service, "cannot subscribe to work");
+                }
+            }
+            let pause = self.options.poll.saturating_mul(failures.clamp(1, 10));
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -1,0 +1,5 @@
+use crate::Check;
+
+pub fn checks() -> Vec<Check> {
+    vec![]
+}
