@@ -109,7 +109,38 @@ macro_rules! check {
     };
 }
 
+/// The value of a counter this binary's recorder saw (summed over other labels).
+pub fn counter(name: &str, label: (&str, &str)) -> u64 {
+    use metrics_util::debugging::DebugValue;
+    let Some(snapshotter) = SNAPSHOTTER.get() else {
+        return 0;
+    };
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == name)
+        .filter(|(key, ..)| {
+            key.key()
+                .labels()
+                .any(|l| l.key() == label.0 && l.value() == label.1)
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+    std::sync::OnceLock::new();
+
 fn main() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _ = SNAPSHOTTER.set(recorder.snapshotter());
+    recorder
+        .install()
+        .expect("the only metrics recorder of this test binary");
     let unavailable = broker::unavailable();
     let mut trials = conformance::trials("mqtt", Arc::new(Mqtt), unavailable.as_deref());
     for check in specific::checks().into_iter().chain(cli::checks()) {

@@ -388,21 +388,27 @@ impl Conn {
         }
     }
 
-    /// Ends the connection: a DISCONNECT (the broker keeps a persistent session), then
-    /// the driver stops. Waits for it, bounded.
+    /// Ends the connection: a DISCONNECT after what was queued before it (acks), so
+    /// the broker keeps a persistent session as acknowledged; then the driver stops.
+    /// Every caller waits for that, bounded.
     pub(crate) async fn close(&self) {
-        if !self.shared.closed.is_cancelled() {
-            let _ = self.client.try_disconnect();
-            self.shared.closed.cancel();
-        }
-        let driver = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(driver) = driver {
-            let abort = driver.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), driver)
-                .await
-                .is_err()
-            {
-                abort.abort();
+        let mut link = self.shared.link.subscribe();
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            if !self.shared.closed.is_cancelled() {
+                self.shared.closed.cancel();
+                // A full queue drains as the driver runs; a link that is down ends the
+                // driver at its next error.
+                while self.client.try_disconnect().is_err() && !self.link().ended {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            let _ = link.wait_for(|l| l.ended).await;
+        })
+        .await;
+        if ended.is_err() {
+            let driver = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(driver) = driver {
+                driver.abort();
             }
         }
     }
@@ -421,7 +427,14 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.shared.closed.cancel();
+        if !self.shared.closed.is_cancelled() {
+            self.shared.closed.cancel();
+            if self.client.try_disconnect().is_err() {
+                if let Some(driver) = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    driver.abort();
+                }
+            }
+        }
     }
 }
 
@@ -457,22 +470,9 @@ async fn drive(
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let event = tokio::select! {
-            event = eventloop.poll() => event,
-            _ = shared.closed.cancelled() => {
-                // Let the DISCONNECT go out (it is queued behind earlier acks), bounded.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    loop {
-                        match eventloop.poll().await {
-                            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                            Ok(_) => {}
-                        }
-                    }
-                })
-                .await;
-                break;
-            }
-        };
+        // Never dropped half-way: rumqttc's poll may be writing a packet (an ack).
+        // Closing sends a DISCONNECT through the same queue, after what came before it.
+        let event = eventloop.poll().await;
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 backoff = Duration::from_millis(50);
@@ -578,6 +578,7 @@ async fn drive(
                     state.inflight.entry(pkid).or_default().push_back(waiter);
                 }
             }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
                 let mut state = shared.state();
                 if let Some(waiter) = state.unassigned.pop_front() {

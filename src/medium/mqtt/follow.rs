@@ -117,13 +117,12 @@ struct Follower {
 impl Drop for Follower {
     fn drop(&mut self) {
         let conn = Arc::clone(&self.conn);
-        if let Some((name, named)) = self.named.take() {
-            if let Some(inner) = self.inner.upgrade() {
-                let mut map = lock(&inner.named);
-                if map.get(&name).is_some_and(|n| Arc::ptr_eq(n, &named)) {
-                    map.remove(&name);
-                }
+        if let (Some((name, named)), Some(inner)) = (self.named.take(), self.inner.upgrade()) {
+            let mut map = lock(&inner.named);
+            if map.get(&name).is_some_and(|n| Arc::ptr_eq(n, &named)) {
+                map.remove(&name);
             }
+            lock(&inner.closing).insert(name, Arc::clone(&conn));
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move { conn.close().await });
@@ -229,9 +228,10 @@ pub(crate) async fn open(
         Some(name) => {
             // One consumer per session: an earlier subscription of this name in this
             // process lets go first (its acks are sent before the next one connects).
-            let earlier = lock(&inner.named).remove(name);
-            if let Some(earlier) = earlier {
-                earlier.conn.close().await;
+            let earlier = lock(&inner.named).remove(name).map(|n| Arc::clone(&n.conn));
+            let closing = lock(&inner.closing).remove(name);
+            for conn in earlier.into_iter().chain(closing) {
+                conn.close().await;
             }
             Session {
                 client_id: format!("{}sub-{name}", inner.config.mqtt.client_id_prefix),

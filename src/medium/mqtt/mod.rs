@@ -120,6 +120,9 @@ pub(crate) struct Inner {
     published: Mutex<Remembered<()>>,
     /// Named subscriptions of this process, by name.
     named: Mutex<HashMap<String, Arc<follow::Named>>>,
+    /// Connections of named subscriptions that were dropped and are closing: the next
+    /// subscription of that name waits for them (their acks go out first).
+    closing: Mutex<HashMap<String, Arc<Conn>>>,
     /// Jobs held by this process's workers, by message id.
     jobs: Mutex<HashMap<String, Job>>,
     conns: Mutex<Vec<Weak<Conn>>>,
@@ -288,6 +291,7 @@ impl MqttMedium {
             outcome_tick: watch::channel(0).0,
             published: Mutex::new(Remembered::new(retention)),
             named: Mutex::new(HashMap::new()),
+            closing: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
             conns: Mutex::new(vec![Arc::downgrade(&main)]),
             processed: LocalRecords::new(config.memory_max_messages, retention),
