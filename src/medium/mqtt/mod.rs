@@ -111,9 +111,9 @@ pub(crate) struct Inner {
     workers: Mutex<HashMap<String, HashMap<String, BTreeSet<String>>>>,
     presence: watch::Sender<u64>,
     fences: Mutex<HashMap<String, oneshot::Sender<()>>>,
-    /// The dead letters collected by the read in progress.
-    dead_read: Mutex<Option<HashMap<String, DeadLetter>>>,
-    dead_lock: tokio::sync::Mutex<()>,
+    /// The retained messages collected by the read in progress: (filter, topic → payload).
+    retained_read: Mutex<Option<(String, HashMap<String, Bytes>)>>,
+    read_lock: tokio::sync::Mutex<()>,
     outcomes: Mutex<Remembered<Message>>,
     outcome_tick: watch::Sender<u64>,
     /// Ids this medium published (a second publish of one is a duplicate).
@@ -285,8 +285,8 @@ impl MqttMedium {
             workers: Mutex::new(HashMap::new()),
             presence: watch::channel(0).0,
             fences: Mutex::new(HashMap::new()),
-            dead_read: Mutex::new(None),
-            dead_lock: tokio::sync::Mutex::new(()),
+            retained_read: Mutex::new(None),
+            read_lock: tokio::sync::Mutex::new(()),
             outcomes: Mutex::new(Remembered::new(retention)),
             outcome_tick: watch::channel(0).0,
             published: Mutex::new(Remembered::new(retention)),
@@ -327,6 +327,21 @@ impl MqttMedium {
     /// The broker's maximum packet size, from its CONNACK (`None`: it set none).
     pub fn broker_max_packet_size(&self) -> Option<u32> {
         self.inner.main.link().max_packet
+    }
+
+    /// What the broker publishes about itself under `$SYS/broker/` (Mosquitto and
+    /// others; empty if the broker publishes nothing there or denies it): topic → value.
+    pub async fn broker_stats(&self) -> Result<Vec<(String, String)>> {
+        let found = self.inner.read_retained("$SYS/broker/#".into()).await?;
+        let mut out: Vec<(String, String)> = found
+            .into_iter()
+            .map(|(t, v)| {
+                let key = t.strip_prefix("$SYS/broker/").unwrap_or(&t).to_string();
+                (key, String::from_utf8_lossy(&v).into_owned())
+            })
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     /// The workers present on the broker: service → number of worker connections.
@@ -445,10 +460,10 @@ impl Inner {
         }
     }
 
-    /// Reads retained dead letters matching `filter` (one id, or all).
-    async fn read_dead(&self, filter: String) -> Result<Vec<DeadLetter>> {
-        let _one_at_a_time = self.dead_lock.lock().await;
-        *lock(&self.dead_read) = Some(HashMap::new());
+    /// Reads the retained messages under `filter`: subscribes, fences, unsubscribes.
+    async fn read_retained(&self, filter: String) -> Result<HashMap<String, Bytes>> {
+        let _one_at_a_time = self.read_lock.lock().await;
+        *lock(&self.retained_read) = Some((filter.clone(), HashMap::new()));
         let read = async {
             self.main
                 .subscribe(
@@ -463,9 +478,28 @@ impl Inner {
             self.main.unsubscribe(&filter).await
         };
         let outcome = read.await;
-        let letters = lock(&self.dead_read).take().unwrap_or_default();
+        let found = lock(&self.retained_read)
+            .take()
+            .map(|(_, f)| f)
+            .unwrap_or_default();
         outcome?;
-        let mut letters: Vec<DeadLetter> = letters.into_values().collect();
+        Ok(found)
+    }
+
+    /// Reads retained dead letters matching `filter` (one id, or all), oldest first.
+    async fn read_dead(&self, filter: String) -> Result<Vec<DeadLetter>> {
+        let mut letters: Vec<DeadLetter> = Vec::new();
+        for (topic, payload) in self.read_retained(filter).await? {
+            match bson::from_slice::<Document>(&payload) {
+                Ok(d) => letters.push(DeadLetter {
+                    id: d.get_str("_id").unwrap_or_default().to_string(),
+                    document: d.get_document("document").cloned().unwrap_or_default(),
+                    reason: d.get_str("reason").unwrap_or_default().to_string(),
+                    at: d.get_datetime("at").ok().copied(),
+                }),
+                Err(error) => tracing::warn!(%topic, %error, "unreadable dead letter skipped"),
+            }
+        }
         letters.sort_by_key(|d| (d.at, d.id.clone()));
         Ok(letters)
     }
@@ -509,6 +543,11 @@ async fn dispatch(inner: Weak<Inner>, mut inbound: tokio::sync::mpsc::UnboundedR
         let Some(inner) = inner.upgrade() else { return };
         let topic = String::from_utf8_lossy(&message.publish.topic).into_owned();
         let payload = &message.publish.payload;
+        if let Some((filter, found)) = lock(&inner.retained_read).as_mut() {
+            if !payload.is_empty() && topics::matches(filter, &topic) {
+                found.insert(topic.clone(), payload.clone());
+            }
+        }
         match inner.topics.kind(&topic) {
             Some("reply") => match bson::from_slice::<Message>(payload) {
                 Ok(outcome) => {
@@ -554,25 +593,6 @@ async fn dispatch(inner: Weak<Inner>, mut inbound: tokio::sync::mpsc::UnboundedR
                 let token = String::from_utf8_lossy(payload).into_owned();
                 if let Some(waiter) = lock(&inner.fences).remove(&token) {
                     let _ = waiter.send(());
-                }
-            }
-            Some("dead") if !payload.is_empty() => {
-                let mut read = lock(&inner.dead_read);
-                if let Some(letters) = read.as_mut() {
-                    match bson::from_slice::<Document>(payload) {
-                        Ok(d) => {
-                            let letter = DeadLetter {
-                                id: d.get_str("_id").unwrap_or_default().to_string(),
-                                document: d.get_document("document").cloned().unwrap_or_default(),
-                                reason: d.get_str("reason").unwrap_or_default().to_string(),
-                                at: d.get_datetime("at").ok().copied(),
-                            };
-                            letters.insert(letter.id.clone(), letter);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%topic, %error, "unreadable dead letter skipped")
-                        }
-                    }
                 }
             }
             _ => {}

@@ -208,6 +208,21 @@ impl Topics {
     }
 }
 
+/// Whether `topic` matches the subscription filter `filter` (`+` one level, `#` the
+/// rest).
+pub(crate) fn matches(filter: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        match (level, topic_levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 fn qos1(path: String) -> TopicFilter {
     TopicFilter::new(path, QoS::AtLeastOnce)
 }
@@ -260,6 +275,15 @@ mod tests {
             t.parse_catalog("site/intracom/catalog/billing/reload"),
             Some(("billing", Some("reload")))
         );
+    }
+
+    #[test]
+    fn filters_match_topics() {
+        assert!(matches("a/dead/+", "a/dead/x"));
+        assert!(!matches("a/dead/+", "a/dead/x/y"));
+        assert!(matches("$SYS/broker/#", "$SYS/broker/clients/connected"));
+        assert!(matches("a/dead/x", "a/dead/x"));
+        assert!(!matches("a/dead/x", "a/dead/xy"));
     }
 
     #[test]
