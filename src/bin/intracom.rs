@@ -706,6 +706,8 @@ async fn catalog(config: &Config, command: CatalogCommand) -> Outcome {
 
 async fn stats(config: &Config, as_json: bool) -> Outcome {
     let (bus, admin) = open(config, "stats").await?;
+    // Without the mqtt feature MongoDB is the only shared medium.
+    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
     let medium = match admin {
         Admin::Mongo(medium) => medium,
         #[cfg(feature = "mqtt")]
@@ -871,6 +873,7 @@ async fn dead(config: &Config, command: DeadCommand) -> Outcome {
 
 async fn doctor(config: &Config) -> Outcome {
     let (bus, admin) = open(config, "doctor").await?;
+    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
     let medium = match admin {
         Admin::Mongo(medium) => medium,
         #[cfg(feature = "mqtt")]

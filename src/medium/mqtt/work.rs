@@ -132,7 +132,7 @@ impl Worker {
             let inbound = tokio::select! {
                 _ = self.inner.closed.cancelled() => return None,
                 again = self.again.recv() => {
-                    let Some(mut message) = again else { return None };
+                    let mut message = again?;
                     // Another attempt of a job this worker holds.
                     message.attempts += 1;
                     if let Some(job) = lock(&self.inner.jobs).get_mut(&message.id) {
