@@ -21,6 +21,7 @@ pub fn checks() -> Vec<Check> {
         check!(an_unreadable_payload_is_dead_lettered_and_consumption_goes_on),
         check!(work_without_a_worker_is_refused_not_lost),
         check!(history_is_refused_not_faked),
+        check!(a_worker_that_stops_hands_back_what_the_broker_queued_for_it),
     ]
 }
 
@@ -369,4 +370,107 @@ async fn history_is_refused_not_faked() {
     );
     bus.shutdown().await;
     assert!(sub.next().await.is_none());
+}
+
+async fn a_worker_that_stops_hands_back_what_the_broker_queued_for_it() {
+    use std::sync::{Arc, Mutex};
+    let (url, space) = (shared_url(), space());
+    let first = bus_on(&url, &space, "billing", "billing-1").await;
+    let second = bus_on(&url, &space, "billing", "billing-2").await;
+    let done = Arc::new(Mutex::new(Vec::<(String, i32)>::new()));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let record = |who: &'static str, hold: bool| {
+        let (done, gate, started_tx) = (done.clone(), gate.clone(), started_tx.clone());
+        move |m: Message| {
+            let (done, gate, started_tx) = (done.clone(), gate.clone(), started_tx.clone());
+            async move {
+                if hold {
+                    started_tx.send(()).ok();
+                    gate.notified().await;
+                }
+                done.lock()
+                    .unwrap()
+                    .push((who.to_string(), m.query.get_i32("n").unwrap()));
+                Ok::<(), String>(())
+            }
+        }
+    };
+    let busy = first
+        .work(
+            "billing",
+            &["invoice.render"],
+            intracom::WorkOptions::default(),
+            record("first", true),
+        )
+        .unwrap();
+    let _idle = second
+        .work(
+            "billing",
+            &["invoice.render"],
+            intracom::WorkOptions::default(),
+            record("second", false),
+        )
+        .unwrap();
+    // Both workers present before any job goes out (a publish waits for one worker only).
+    let watcher = intracom::medium::mqtt::MqttMedium::connect(&isolated(
+        catalog("web", "watch"),
+        &url,
+        &space,
+    ))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while watcher.workers() != [("billing".to_string(), 2)] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            watcher.workers()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for n in 0..10 {
+        first
+            .publish(
+                Message::to_service("billing", "invoice.render")
+                    .work()
+                    .body(doc! { "n": n }),
+            )
+            .await
+            .unwrap();
+    }
+    // The first worker holds one job; the broker queues its round-robin share behind it.
+    tokio::time::timeout(HANG_GUARD, started.recv())
+        .await
+        .unwrap();
+    let stopping = tokio::spawn(busy.stop());
+    gate.notify_one();
+    stopping.await.unwrap();
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        let mut handled: Vec<i32> = done.lock().unwrap().iter().map(|(_, n)| *n).collect();
+        handled.sort();
+        handled.dedup();
+        if handled == (0..10).collect::<Vec<_>>() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs lost when a worker stopped: done {:?}",
+            done.lock().unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let by_first = done
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(w, _)| w == "first")
+        .count();
+    assert_eq!(
+        by_first, 1,
+        "the stopping worker finished the job in hand only"
+    );
+    first.shutdown().await;
+    second.shutdown().await;
 }

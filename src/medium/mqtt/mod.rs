@@ -34,7 +34,9 @@
 //!   one to appear) rather than lost; there is no priority order; Mosquitto hands a
 //!   shared subscription's messages round-robin and does not pass the job of a worker
 //!   whose connection died to another one (MQTT 5 §4.8.2 says it SHOULD): the job is
-//!   lost with the connection. A worker that stops cleanly hands back the job it holds;
+//!   lost with the connection. A worker that stops cleanly (or whose bus shuts down)
+//!   hands back what it holds and what the broker queued for it, to another worker of
+//!   the service or, if it was the last, to the dead letters;
 //! - **no shared state**: a request's outcome is seen by the process that made the
 //!   request; idempotency records are kept per process.
 //!
@@ -125,6 +127,9 @@ pub(crate) struct Inner {
     closing: Mutex<HashMap<String, Arc<Conn>>>,
     /// Jobs held by this process's workers, by message id.
     jobs: Mutex<HashMap<String, Job>>,
+    /// Workers whose job stream is live, and the stops of those that ended.
+    live_workers: watch::Sender<usize>,
+    stopping: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     conns: Mutex<Vec<Weak<Conn>>>,
     processed: LocalRecords,
     closed: CancellationToken,
@@ -293,6 +298,8 @@ impl MqttMedium {
             named: Mutex::new(HashMap::new()),
             closing: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
+            live_workers: watch::channel(0).0,
+            stopping: Mutex::new(Vec::new()),
             conns: Mutex::new(vec![Arc::downgrade(&main)]),
             processed: LocalRecords::new(config.memory_max_messages, retention),
             closed: CancellationToken::new(),
@@ -886,6 +893,14 @@ impl Medium for MqttMedium {
     async fn close(&self) {
         let inner = &self.inner;
         inner.closed.cancel();
+        // Workers end their streams on the bus's shutdown; each stop hands back what
+        // it holds and what the broker queued for it, on its still open connection.
+        let mut live = inner.live_workers.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), live.wait_for(|n| *n == 0)).await;
+        let stops: Vec<_> = lock(&inner.stopping).drain(..).collect();
+        for stop in stops {
+            let _ = stop.await;
+        }
         work::hand_back_all(inner).await;
         let conns: Vec<Arc<Conn>> = lock(&inner.conns)
             .iter()

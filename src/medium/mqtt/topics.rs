@@ -228,7 +228,7 @@ fn qos1(path: String) -> TopicFilter {
 }
 
 /// A client id as one topic level (client ids may hold any character).
-fn sanitize(client_id: &str) -> String {
+pub(crate) fn sanitize(client_id: &str) -> String {
     client_id
         .chars()
         .map(|c| match c {

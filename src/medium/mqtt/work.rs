@@ -10,7 +10,10 @@
 //! again in the same worker after its back-off; after its last attempt it goes to the
 //! dead letters. A request's outcome goes to the request's Response Topic with its
 //! Correlation Data. The worker's presence is a retained message that its Will deletes
-//! if the connection dies, so publishers know whether anyone takes the work.
+//! if the connection dies, so publishers know whether anyone takes the work. A worker
+//! that stops (or whose bus shuts down) leaves its shared subscriptions and hands back
+//! what it holds and what the broker had queued for it: to another worker of the
+//! service, or to the dead letters if it was the last one.
 
 use std::sync::Arc;
 
@@ -49,36 +52,120 @@ impl Job {
 struct Worker {
     inner: Arc<Inner>,
     conn: Arc<Conn>,
-    rx: mpsc::UnboundedReceiver<Inbound>,
+    /// Taken by the stop that drains it.
+    rx: Option<mpsc::UnboundedReceiver<Inbound>>,
     again_tx: mpsc::UnboundedSender<Message>,
     again: mpsc::UnboundedReceiver<Message>,
     presence: String,
+    /// The shared subscriptions, left first when the worker stops.
+    filters: Vec<String>,
+    service: String,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let (inner, conn, presence) = (
-            Arc::clone(&self.inner),
-            Arc::clone(&self.conn),
-            self.presence.clone(),
-        );
+        let stopping = Stopping {
+            inner: Arc::clone(&self.inner),
+            conn: Arc::clone(&self.conn),
+            rx: self.rx.take(),
+            presence: self.presence.clone(),
+            filters: std::mem::take(&mut self.filters),
+            service: self.service.clone(),
+        };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { stop(&inner, &conn, &presence).await });
+            let stop = runtime.spawn(stopping.run());
+            let mut stops = lock(&self.inner.stopping);
+            stops.retain(|s| !s.is_finished());
+            stops.push(stop);
         }
+        self.inner
+            .live_workers
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
-/// A worker stops: it is no longer present, what it holds goes back to the work topic
-/// for another worker, and its connection closes.
-async fn stop(inner: &Inner, conn: &Arc<Conn>, presence: &str) {
-    if let Err(error) = conn
-        .publish(presence, Bytes::new(), true, PublishProperties::default())
-        .await
-    {
-        tracing::debug!(%error, "worker presence not removed (its Will removes it)");
+/// How long a stopping worker spends handing its jobs back.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A worker that stops: it is no longer present, leaves its shared subscriptions,
+/// hands back what the broker had queued for it (up to a fence) and what it holds,
+/// then closes. Mosquitto hands a shared subscription's messages round-robin and
+/// discards what it queued for a connection that goes away, so this is what keeps a
+/// clean stop from losing jobs.
+struct Stopping {
+    inner: Arc<Inner>,
+    conn: Arc<Conn>,
+    rx: Option<mpsc::UnboundedReceiver<Inbound>>,
+    presence: String,
+    filters: Vec<String>,
+    service: String,
+}
+
+impl Stopping {
+    async fn run(mut self) {
+        let drained = tokio::time::timeout(STOP_WAIT, self.drain()).await;
+        if drained.is_err() {
+            tracing::warn!(client_id = %self.conn.client_id(), "worker stop: jobs not all handed back in time");
+        }
+        hand_back(&self.inner, Some(&self.conn)).await;
+        self.conn.close().await;
     }
-    hand_back(inner, Some(conn)).await;
-    conn.close().await;
+
+    async fn drain(&mut self) {
+        let conn = &self.conn;
+        if let Err(error) = conn
+            .publish(
+                &self.presence,
+                Bytes::new(),
+                true,
+                PublishProperties::default(),
+            )
+            .await
+        {
+            tracing::debug!(%error, "worker presence not removed (its Will removes it)");
+        }
+        for filter in &self.filters {
+            if let Err(error) = conn.unsubscribe(filter).await {
+                tracing::debug!(%error, %filter, "shared subscription not left");
+                return;
+            }
+        }
+        let Some(rx) = self.rx.as_mut() else { return };
+        let fence = self.inner.topics.fence(conn.client_id());
+        let token = short_id();
+        if conn
+            .publish(
+                &fence,
+                Bytes::from(token.clone().into_bytes()),
+                false,
+                PublishProperties::default(),
+            )
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(inbound) = rx.recv().await {
+            if inbound.publish.topic.as_ref() == fence.as_bytes() {
+                conn.ack(&inbound).await;
+                if inbound.publish.payload.as_ref() == token.as_bytes() {
+                    return;
+                }
+                continue;
+            }
+            let Ok(message) = bson::from_slice::<Message>(&inbound.publish.payload) else {
+                conn.ack(&inbound).await;
+                continue;
+            };
+            let job = Job {
+                conn: Arc::clone(conn),
+                inbound: Arc::new(inbound),
+                message,
+                again: mpsc::unbounded_channel().0,
+            };
+            give_back(&self.inner, job, &self.service).await;
+        }
+    }
 }
 
 /// Republishes the jobs held by `conn` (all workers when `None`) to their work topic,
@@ -94,29 +181,52 @@ async fn hand_back(inner: &Inner, conn: Option<&Arc<Conn>>) {
         ids.into_iter().filter_map(|id| jobs.remove(&id)).collect()
     };
     for job in held {
-        let id = job.message.id.clone();
-        let payload = match bson::to_vec(&job.message) {
-            Ok(p) => Bytes::from(p),
-            Err(error) => {
-                tracing::warn!(message_id = %id, %error, "job not handed back: not encodable");
-                continue;
-            }
-        };
+        let service = job.message.dest_service.clone().unwrap_or_default();
+        give_back(inner, job, &service).await;
+    }
+}
+
+/// Gives one job back: to the other workers of its service if one is present, else to
+/// the dead letters (`intracom dead retry` sends it again); then acknowledges it.
+async fn give_back(inner: &Inner, job: Job, service: &str) {
+    let id = job.message.id.clone();
+    let me = super::topics::sanitize(job.conn.client_id());
+    let others = lock(&inner.workers).get(service).is_some_and(|workers| {
+        workers
+            .iter()
+            .any(|(worker, actions)| *worker != me && actions.contains(&job.message.action))
+    });
+    let outcome = if others {
         let mut properties = job.properties().cloned().unwrap_or_default();
         properties.subscription_identifiers.clear();
         properties.topic_alias = None;
-        match job
-            .conn
-            .publish(&job.topic(), payload, false, properties)
-            .await
-        {
-            Ok(()) => {
-                job.conn.ack(&job.inbound).await;
-                tracing::info!(message_id = %id, "job handed back by a stopping worker");
-            }
-            Err(error) => {
-                tracing::warn!(message_id = %id, %error, "job not handed back: the broker sends it again only if this session resumes")
-            }
+        match bson::to_vec(&job.message) {
+            Ok(payload) => job
+                .conn
+                .publish(&job.topic(), Bytes::from(payload), false, properties)
+                .await
+                .map(|()| "handed back to another worker"),
+            Err(error) => Err(PayloadError::from(error).into()),
+        }
+    } else {
+        match bson::to_document(&job.message) {
+            Ok(document) => inner
+                .write_dead(
+                    document,
+                    format!("the last worker of `{service}` stopped with this job"),
+                )
+                .await
+                .map(|()| "dead-lettered: no other worker"),
+            Err(error) => Err(PayloadError::from(error).into()),
+        }
+    };
+    match outcome {
+        Ok(what) => {
+            job.conn.ack(&job.inbound).await;
+            tracing::info!(message_id = %id, "stopping worker: job {what}");
+        }
+        Err(error) => {
+            tracing::warn!(message_id = %id, %error, "stopping worker: job not handed back")
         }
     }
 }
@@ -140,7 +250,12 @@ impl Worker {
                     }
                     return Some((Ok(message), self));
                 }
-                inbound = self.rx.recv() => inbound,
+                inbound = async {
+                    match self.rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => None,
+                    }
+                } => inbound,
             };
             let Some(inbound) = inbound else {
                 return Some((
@@ -151,6 +266,16 @@ impl Worker {
                     self,
                 ));
             };
+            if self
+                .inner
+                .topics
+                .kind(&String::from_utf8_lossy(&inbound.publish.topic))
+                == Some("fence")
+            {
+                // A stop's fence from an earlier connection of this worker: not a job.
+                self.conn.ack(&inbound).await;
+                continue;
+            }
             let mut message = match bson::from_slice::<Message>(&inbound.publish.payload) {
                 Ok(message) => message,
                 Err(error) => {
@@ -215,8 +340,18 @@ pub(crate) async fn receive(inner: &Arc<Inner>, request: &ClaimRequest) -> Resul
             will: Some(clearing_will(&presence)),
         })
         .await?;
+    let filter_paths: Vec<String> = filters.iter().map(|f| f.path.clone()).collect();
+    let fence = inner.topics.fence(conn.client_id());
     let announced = async {
         conn.subscribe(filters, true).await?;
+        conn.subscribe(
+            vec![rumqttc::v5::mqttbytes::v5::Filter::new(
+                fence,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )],
+            true,
+        )
+        .await?;
         conn.publish(
             &presence,
             Bytes::from(request.actions.join("\n").into_bytes()),
@@ -231,13 +366,16 @@ pub(crate) async fn receive(inner: &Arc<Inner>, request: &ClaimRequest) -> Resul
     }
     tracing::debug!(client_id = %conn.client_id(), service = %request.service, actions = ?request.actions, "mqtt worker subscribed");
     let (again_tx, again) = mpsc::unbounded_channel();
+    inner.live_workers.send_modify(|n| *n += 1);
     let worker = Worker {
         inner: Arc::clone(inner),
         conn,
-        rx,
+        rx: Some(rx),
         again_tx,
         again,
         presence,
+        filters: filter_paths,
+        service: request.service.clone(),
     };
     Ok(futures::stream::unfold(worker, Worker::next).boxed())
 }
