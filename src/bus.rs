@@ -338,6 +338,32 @@ impl Intracom {
         self.shared.outbox.len()
     }
 
+    /// The published messages waiting in the outbox for the medium, oldest first (seed
+    /// 003's MessageStore: the messages not routed yet).
+    pub fn outbox_messages(&self) -> Vec<Message> {
+        self.shared.outbox.messages()
+    }
+
+    /// Takes a message out of the outbox before it is sent; false when it is not
+    /// waiting there (sent already, or never kept). The outbox file, if any, is
+    /// rewritten.
+    pub fn outbox_remove(&self, id: &str) -> Result<bool> {
+        self.shared.outbox.remove(id)
+    }
+
+    /// Checks a message as [`Intracom::publish`] does, then hands it to the outbox
+    /// instead of the medium: it is sent, after what already waits there, as soon as the
+    /// medium takes it. Returns [`PublishStatus::Buffered`]; a full outbox is
+    /// [`Error::OutboxFull`].
+    pub async fn publish_later(&self, message: Message) -> Result<Published> {
+        let message = self.prepare(message).await?;
+        let mut out = self.buffer(std::slice::from_ref(&message))?;
+        out.pop().ok_or_else(|| Error::Medium {
+            medium: self.shared.medium.name(),
+            reason: "the outbox returned no receipt".into(),
+        })
+    }
+
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }

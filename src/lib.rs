@@ -44,6 +44,8 @@ pub mod dead;
 pub mod delivery;
 pub mod error;
 pub mod filter;
+#[cfg(feature = "gateway")]
+pub mod gateway;
 pub mod idempotency;
 pub mod medium;
 pub mod message;

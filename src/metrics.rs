@@ -15,6 +15,9 @@
 //! | `intracom_request_seconds` | histogram | `outcome` (`done`, `error`, `timeout`) | request round trip, caller side |
 //! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `scan`, `history_lost`) | fall-backs |
 //! | `intracom_outbox_messages` | gauge | | publishes waiting in the outbox |
+//! | `intracom_gateway_requests_total` | counter | `method`, `route`, `status` | HTTP requests to the gateway |
+//! | `intracom_gateway_sse_clients` | gauge | | Server-Sent Events streams open |
+//! | `intracom_gateway_fell_behind_total` | counter | | SSE clients ended because they read too slowly |
 
 /// Publishes, by medium and status.
 pub const PUBLISHED: &str = "intracom_published_total";
@@ -38,6 +41,13 @@ pub const REQUEST_SECONDS: &str = "intracom_request_seconds";
 pub const FALLBACK: &str = "intracom_fallback_total";
 /// Outbox size.
 pub const OUTBOX: &str = "intracom_outbox_messages";
+
+/// Gateway requests, by method, route and status.
+pub const GATEWAY_REQUESTS: &str = "intracom_gateway_requests_total";
+/// Open SSE streams of the gateway.
+pub const GATEWAY_SSE_CLIENTS: &str = "intracom_gateway_sse_clients";
+/// SSE clients that fell behind.
+pub const GATEWAY_FELL_BEHIND: &str = "intracom_gateway_fell_behind_total";
 
 /// Serves every intracom metric for Prometheus at `http://<addr>/metrics`.
 /// Needs the `prometheus` feature and a running tokio runtime.

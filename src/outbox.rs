@@ -64,6 +64,28 @@ impl Outbox {
         self.queue().len()
     }
 
+    /// The messages waiting, oldest first.
+    pub(crate) fn messages(&self) -> Vec<Message> {
+        self.queue().iter().cloned().collect()
+    }
+
+    /// Takes a message out before it is sent; false when it is not waiting (sent
+    /// already, or never kept).
+    pub(crate) fn remove(&self, id: &str) -> Result<bool> {
+        let mut queue = self.queue();
+        let before = queue.len();
+        queue.retain(|m| m.id != id);
+        if queue.len() == before {
+            return Ok(false);
+        }
+        metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
+        if let Some(path) = &self.file {
+            rewrite_file(path, &queue)?;
+        }
+        tracing::info!(message_id = %id, waiting = queue.len(), "outbox: message removed before it was sent");
+        Ok(true)
+    }
+
     /// Keeps messages for later, all or none.
     pub(crate) fn push(&self, messages: &[Message]) -> Result<()> {
         {
@@ -92,7 +114,7 @@ impl Outbox {
                 return true;
             }
             match medium.append(&batch).await {
-                Ok(_) => self.sent(batch.len()),
+                Ok(_) => self.sent(&batch),
                 Err(error) if error.is_retryable() => {
                     tracing::debug!(%error, waiting = self.len(), "outbox: medium still unavailable");
                     return false;
@@ -109,17 +131,20 @@ impl Outbox {
                         tracing::error!(message_id = %first.id, error = %dead, "outbox: dead letter not written either; message kept");
                         return false;
                     }
-                    self.sent(1);
+                    self.sent(&batch[..1]);
                 }
             }
         }
     }
 
-    /// Drops the first `count` messages (sent) and rewrites the file.
-    fn sent(&self, count: usize) {
+    /// Drops the messages that were sent and rewrites the file. By id, not by count: one
+    /// may have been removed ([`Outbox::remove`]) while its batch was on its way.
+    fn sent(&self, sent: &[Message]) {
+        let ids: std::collections::HashSet<&str> = sent.iter().map(|m| m.id.as_str()).collect();
         let mut queue = self.queue();
-        let count = count.min(queue.len());
-        queue.drain(..count);
+        let before = queue.len();
+        queue.retain(|m| !ids.contains(m.id.as_str()));
+        let count = before - queue.len();
         metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         if let Some(path) = &self.file {
             if let Err(error) = rewrite_file(path, &queue) {
@@ -244,7 +269,7 @@ mod tests {
             ids,
             messages.iter().map(|m| m.id.clone()).collect::<Vec<_>>()
         );
-        reopened.sent(2);
+        reopened.sent(&messages[..2]);
         let after = Outbox::open(10, Some(path)).unwrap();
         assert_eq!(
             after
@@ -254,6 +279,21 @@ mod tests {
                 .collect::<Vec<_>>(),
             [messages[2].id.clone()]
         );
+    }
+
+    #[test]
+    fn a_removed_message_is_not_counted_as_sent() {
+        let outbox = Outbox::open(10, None).unwrap();
+        let messages: Vec<Message> = (0..3)
+            .map(|i| Message::broadcast(format!("a{i}")))
+            .collect();
+        outbox.push(&messages).unwrap();
+        // The flusher took the first two; meanwhile the first one is removed.
+        assert!(outbox.remove(&messages[0].id).unwrap());
+        assert!(!outbox.remove(&messages[0].id).unwrap());
+        outbox.sent(&messages[..2]);
+        let left: Vec<String> = outbox.messages().into_iter().map(|m| m.id).collect();
+        assert_eq!(left, [messages[2].id.clone()]);
     }
 
     #[test]

@@ -678,23 +678,9 @@ impl WorkerLoop {
 
         // The heartbeat lives in this future: if the worker dies, it stops renewing and
         // the lease runs out, so another worker takes the work (river PR #1256).
-        let heartbeat = async {
-            let lease = self.options.lease;
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match medium.renew(&id, owner, lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(message_id = %id, "lease lost while the handler runs");
-                        return std::future::pending().await;
-                    }
-                    Err(error) => tracing::warn!(message_id = %id, %error, "lease not renewed"),
-                }
-            }
-        };
         let outcome = tokio::select! {
             outcome = run_handler(&self.handler, message.clone()) => outcome,
-            never = heartbeat => never,
+            never = self.hold_lease(&id) => never,
         };
 
         let settlement = match (outcome, self.policy) {
@@ -713,14 +699,66 @@ impl WorkerLoop {
                 Settlement::Retry { error, after }
             }
         };
-        match medium.settle(&id, Some(owner), settlement).await {
-            Ok(true) => tracing::debug!(message_id = %id, "settled"),
-            Ok(false) => {
-                tracing::warn!(message_id = %id, "lease lost before settling: another worker has it")
+        // Still holding the lease while settling: a settle that fails for a while (a
+        // server stepping down, a lost connection) is tried again instead of letting the
+        // lease run out and the finished work run a second time.
+        tokio::select! {
+            () = self.settle(&id, settlement) => {}
+            () = self.hold_lease(&id) => {}
+        }
+    }
+
+    /// Renews the lease every third of its length while the caller works; never
+    /// returns (a lost lease stops the renewals and waits forever), so it only ends
+    /// when the `select!` it races in does.
+    async fn hold_lease<T>(&self, id: &str) -> T {
+        let medium = self.bus.medium();
+        let lease = self.options.lease;
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            match medium.renew(id, &self.claim.owner, lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(message_id = %id, "lease lost while the work is in hand");
+                    return std::future::pending().await;
+                }
+                Err(error) => tracing::warn!(message_id = %id, %error, "lease not renewed"),
             }
-            Err(error) => {
-                tracing::warn!(message_id = %id, %error, "not settled: the lease will expire and the work come again")
+        }
+    }
+
+    /// Settles held work, trying again while the medium is unavailable (retryable
+    /// errors) and neither the worker nor the bus is stopping.
+    async fn settle(&self, id: &str, settlement: Settlement) {
+        let medium = self.bus.medium();
+        let shutdown = self.bus.shutdown_token();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match medium
+                .settle(id, Some(&self.claim.owner), settlement.clone())
+                .await
+            {
+                Ok(true) => return tracing::debug!(message_id = %id, "settled"),
+                Ok(false) => {
+                    return tracing::warn!(message_id = %id, "lease lost before settling: another worker has it")
+                }
+                Err(error)
+                    if error.is_retryable()
+                        && !shutdown.is_cancelled()
+                        && !self.stop.is_cancelled() =>
+                {
+                    tracing::warn!(message_id = %id, %error, retry_in_ms = pause.as_millis() as u64, "not settled yet: trying again while the lease is held");
+                }
+                Err(error) => {
+                    return tracing::warn!(message_id = %id, %error, "not settled: the lease will expire and the work come again")
+                }
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = self.stop.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 

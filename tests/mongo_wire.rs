@@ -131,8 +131,8 @@ async fn setup_creates_collections_indexes_and_validator() {
     assert!(
         indexes
             .iter()
-            .any(|i| i.get_document("key") == Ok(&doc! { "ts": 1 })),
-        "index on ts"
+            .any(|i| i.get_document("key") == Ok(&doc! { "ts": 1, "_id": 1 })),
+        "index on (ts, _id), the order of scans"
     );
     bus.shutdown().await;
 }
@@ -382,6 +382,17 @@ fn accept_checkpoints(peer: &Peer, saved: Option<Document>) {
     });
 }
 
+/// The lower `ts` bound of a scan's first page: `{ts: {$gt: …}}`, alone or after the
+/// subscriber's filter in an `$and`.
+fn scan_lower(find: &Document) -> Option<Timestamp> {
+    let filter = find.get_document("filter").ok()?;
+    let page = match filter.get_array("$and") {
+        Ok(parts) => parts.last()?.as_document()?,
+        Err(_) => filter,
+    };
+    page.get_document("ts").ok()?.get_timestamp("$gt").ok()
+}
+
 fn change_stream_stage(aggregate: &Document) -> Document {
     let pipeline = aggregate.get_array("pipeline").unwrap();
     pipeline[0]
@@ -623,8 +634,11 @@ async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_
         .into_iter()
         .find(|c| c.get_str("find") == Ok("messages"))
         .unwrap();
-    assert_eq!(scan.get_document("sort").unwrap(), &doc! { "ts": 1 });
-    let lower = get(&scan, "filter.ts.$gt").as_timestamp().unwrap();
+    assert_eq!(
+        scan.get_document("sort").unwrap(),
+        &doc! { "ts": 1, "_id": 1 }
+    );
+    let lower = scan_lower(&scan).unwrap();
     assert!(
         lower < ts(1),
         "the scan looks back a safety window before the last message: {lower:?}"
@@ -639,18 +653,21 @@ async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_connection_resumes_from_the_last_token() {
+async fn a_dropped_connection_restarts_the_stream_and_catches_up_by_ts() {
+    // A stream that lived through a lost connection is not trusted to be gapless (the
+    // server may be a new one that lost acknowledged writes and resumes after an
+    // unknown token *later*): the hub starts afresh and followers scan by `ts`.
     let peer = Peer::replica_set().await;
     peer.accept_setup();
     accept_catalog(&peer);
-    // aggregate #2 is the driver's own resume; when it fails too, the error is ours and
-    // the hub reopens (aggregate #3) from the same token.
+    // aggregate #2 is the driver's own resume, which fails too; #3 is the hub's fresh
+    // stream, from now.
     peer.queue(
         "aggregate",
         vec![
             Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
             Reply::Drop,
-            Reply::Doc(cursor_reply(103, "firstBatch", vec![], "t1")),
+            Reply::Doc(cursor_reply(103, "firstBatch", vec![], "t2")),
         ],
     );
     peer.queue(
@@ -669,15 +686,29 @@ async fn a_dropped_connection_resumes_from_the_last_token() {
             Reply::Drop,
         ],
     );
+    // m2 was stored during the outage: only the collection has it. m1 is read again by
+    // the look-back window and not delivered twice.
+    let scans = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Document>::new()));
+    let seen = std::sync::Arc::clone(&scans);
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages")).then(|| {
+            seen.lock().unwrap().push(c.clone());
+            let batch = vec![
+                stored_message("m1", "reload", ts(1)),
+                stored_message("m2", "reload", ts(2)),
+            ];
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
     script_get_more(
         &peer,
         103,
         vec![vec![insert_event(
-            "t2",
-            stored_message("m2", "reload", ts(2)),
-            ts(2),
+            "t3",
+            stored_message("m3", "reload", ts(3)),
+            ts(3),
         )]],
-        "t2",
+        "t3",
     );
     let bus = connect(&peer).await;
     let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
@@ -685,19 +716,31 @@ async fn a_dropped_connection_resumes_from_the_last_token() {
     assert_eq!(
         next_id(&mut sub).await,
         "m2",
-        "nothing lost across the dropped connections"
+        "caught up from the collection"
+    );
+    assert_eq!(
+        next_id(&mut sub).await,
+        "m3",
+        "then the fresh stream, nothing twice"
     );
     let aggregates = peer.commands_named("aggregate");
     assert_eq!(aggregates.len(), 3);
-    for resumed in &aggregates[1..] {
-        assert_eq!(
-            change_stream_stage(resumed)
-                .get_document("resumeAfter")
-                .unwrap(),
-            &doc! { "_data": "t1" },
-            "resumes after the last event seen"
-        );
-    }
+    assert_eq!(
+        change_stream_stage(&aggregates[1])
+            .get_document("resumeAfter")
+            .unwrap(),
+        &doc! { "_data": "t1" },
+        "the driver's own resume, after the last event seen"
+    );
+    assert!(
+        !change_stream_stage(&aggregates[2]).contains_key("resumeAfter"),
+        "the hub's stream starts afresh"
+    );
+    let scan = scans.lock().unwrap()[0].clone();
+    assert!(
+        scan_lower(&scan).is_some(),
+        "the catch-up reads by ts: {scan}"
+    );
     bus.shutdown().await;
 }
 
@@ -742,13 +785,11 @@ async fn a_standalone_server_is_followed_by_polling_ts() {
         .commands_named("find")
         .into_iter()
         .find(|c| {
-            c.get_str("find") == Ok("messages") && c.get_document("sort") == Ok(&doc! { "ts": 1 })
+            c.get_str("find") == Ok("messages")
+                && c.get_document("sort") == Ok(&doc! { "ts": 1, "_id": 1 })
         })
         .unwrap();
-    assert!(
-        get(&scan, "filter.ts.$gt").as_timestamp().is_some(),
-        "polls by ts: {scan}"
-    );
+    assert!(scan_lower(&scan).is_some(), "polls by ts: {scan}");
     bus.shutdown().await;
 }
 
@@ -1268,7 +1309,7 @@ async fn doctor_and_stats_read_what_they_report() {
         "listIndexes",
         doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [
             { "v": 2, "key": { "_id": 1 }, "name": "_id_" },
-            { "v": 2, "key": { "ts": 1 }, "name": "ts_1" },
+            { "v": 2, "key": { "ts": 1, "_id": 1 }, "name": "ts_1__id_1" },
             { "v": 2, "key": { "at": 1 }, "name": "at_ttl", "expireAfterSeconds": 60 },
         ] }, "ok": 1 },
     );
@@ -1306,7 +1347,7 @@ async fn doctor_and_stats_read_what_they_report() {
     };
     assert!(by_name("topology").ok);
     assert!(by_name("change streams").ok);
-    assert!(by_name("index ts_1").ok);
+    assert!(by_name("index ts_1__id_1").ok);
     assert!(
         !by_name("index work_claim").ok,
         "a missing index is reported"

@@ -74,6 +74,67 @@ enum Command {
     Dead(DeadCommand),
     /// Check a MongoDB deployment and say what to fix (MongoDB only).
     Doctor,
+    /// Serve the HTTP gateway (REST, Server-Sent Events, OpenAPI, web console) on the
+    /// configured medium.
+    #[cfg(feature = "gateway")]
+    Serve(ServeArgs),
+    /// Gateway tokens.
+    #[cfg(feature = "gateway")]
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[cfg(feature = "gateway")]
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8080",
+        env = "INTRACOM_GATEWAY_LISTEN"
+    )]
+    listen: std::net::SocketAddr,
+    /// The tokens file: one `<sha-256 hex> <roles>` line per token (see `intracom token new`).
+    #[arg(long, value_name = "FILE", env = "INTRACOM_GATEWAY_TOKENS")]
+    tokens: PathBuf,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        env = "INTRACOM_GATEWAY_TLS_CERT"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "INTRACOM_GATEWAY_TLS_KEY"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Events read ahead for one SSE client.
+    #[arg(long, default_value_t = 256)]
+    sse_buffer: usize,
+    /// How long an SSE client may leave its buffer full before it is told it fell
+    /// behind and its stream ends (it resumes with Last-Event-ID).
+    #[arg(long, default_value = "30s")]
+    sse_stall: humantime::Duration,
+}
+
+#[cfg(feature = "gateway")]
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a random token; prints it, then the line to add to the tokens file (only
+    /// the hash is kept there).
+    New {
+        /// The service the token acts as.
+        #[arg(long, required_unless_present = "admin")]
+        service: Option<String>,
+        /// Give the token the admin role (queues, dead letters, stores, stats).
+        #[arg(long)]
+        admin: bool,
+    },
 }
 
 #[derive(Args)]
@@ -357,7 +418,106 @@ async fn run(cli: Cli) -> Outcome {
         Command::Stats(flag) => stats(&config, flag.json).await,
         Command::Dead(command) => dead(&config, command).await,
         Command::Doctor => doctor(&config).await,
+        #[cfg(feature = "gateway")]
+        Command::Serve(args) => serve(config, args).await,
+        #[cfg(feature = "gateway")]
+        Command::Token(command) => token(command),
     }
+}
+
+#[cfg(feature = "gateway")]
+async fn serve(mut config: Config, args: ServeArgs) -> Outcome {
+    use intracom::gateway::{Gateway, GatewayOptions, Tls, Tokens};
+    config.set(
+        "common.intracom.instance",
+        &format!("intracom-gateway-{}", std::process::id()),
+    )?;
+    let tokens = Tokens::from_file(&args.tokens)?;
+    if tokens.is_empty() {
+        eprintln!(
+            "warning: {} holds no token: every API call will be refused (`intracom token new`)",
+            args.tokens.display()
+        );
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls::new(cert, key)),
+        _ => None,
+    };
+    let listener = std::net::TcpListener::bind(args.listen).map_err(|e| {
+        fail(
+            format!("cannot listen on {}: {e}", args.listen),
+            "choose another address with --listen",
+        )
+    })?;
+    let bus = Intracom::connect(config.clone()).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let address = listener
+        .local_addr()
+        .map_err(|e| fail(e.to_string(), "report this"))?;
+    eprintln!(
+        "intracom gateway on {scheme}://{address} (medium {}, {} token(s)); console at {scheme}://{address}/, API at {scheme}://{address}/openapi.json",
+        config.medium,
+        tokens.len()
+    );
+    let options = GatewayOptions::default()
+        .sse_buffer(args.sse_buffer)
+        .sse_stall(args.sse_stall.into());
+    let served = Gateway::new(bus.clone(), tokens)
+        .options(options)
+        .serve(listener, tls, stop_signal())
+        .await;
+    bus.shutdown().await;
+    served?;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+#[cfg(feature = "gateway")]
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(feature = "gateway")]
+fn token(command: TokenCommand) -> Outcome {
+    use intracom::gateway::{Identity, Tokens};
+    match command {
+        TokenCommand::New { service, admin } => {
+            let identity = match service {
+                Some(service) => {
+                    let identity = Identity::service(service);
+                    if admin {
+                        identity.and_admin()
+                    } else {
+                        identity
+                    }
+                }
+                None => Identity::admin(),
+            };
+            let token = Tokens::generate()?;
+            let line = Tokens::line(&token, &identity);
+            Tokens::parse(&line)?;
+            println!("{token}");
+            println!("# add this line to the tokens file (it keeps the hash only):");
+            println!("{line}");
+        }
+    }
+    Ok(())
 }
 
 fn print_config(config: &Config) -> Outcome {

@@ -16,6 +16,8 @@
 //!   burial in the dead letters; and waiting for a request's outcome. A medium that
 //!   pushes work to one consumer instead (MQTT's shared subscriptions) hands it out
 //!   through [`Medium::receive_work`]; settlement and burial are the same calls.
+//! - Views for operators (counts, queues, idempotency records), which a medium may
+//!   leave [unsupported](crate::Error::Unsupported): their default implementations say so.
 //!
 //! Not every medium can keep every promise: [`Medium::capabilities`] says which it
 //! keeps (Watermill's `Features`), and a medium never fakes one it lacks.
@@ -104,6 +106,11 @@ impl Capabilities {
 /// Work pushed to one worker ([`Medium::receive_work`]): each item is a message as
 /// claimed (its `attempts` counts this delivery). The stream ends when the medium closes.
 pub type WorkStream = BoxStream<'static, Result<Message>>;
+
+/// Counts over the retained messages, the dead letters and each named subscription's
+/// lag ([`Medium::stats`]). The MongoDB medium's `intracom stats` figures, shared by
+/// every medium.
+pub use mongo::Stats;
 
 /// The outcome of appending one message.
 #[derive(Clone, Debug, PartialEq)]
@@ -210,6 +217,59 @@ pub struct DeadLetter {
     pub reason: String,
     /// When it was dead-lettered (medium clock).
     pub at: Option<bson::DateTime>,
+}
+
+/// The work of one action of one service (`delivery: one` messages to `service` with
+/// `action`): a queue, as [`Medium::queues`] counts it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// The service that does the work (`serviceNameDest`).
+    pub service: String,
+    /// The action.
+    pub action: String,
+    /// Pending and not held by a live worker: waiting to be claimed, or waiting out a
+    /// retry's back-off.
+    pub depth: u64,
+    /// Pending and held by a worker whose lease has not run out.
+    pub in_flight: u64,
+    /// Dead letters of this service and action.
+    pub dead: u64,
+}
+
+impl QueueStats {
+    /// The queue of `service`'s `action`, with every count at zero.
+    pub fn new(service: impl Into<String>, action: impl Into<String>) -> Self {
+        QueueStats {
+            service: service.into(),
+            action: action.into(),
+            ..QueueStats::default()
+        }
+    }
+}
+
+/// An idempotency record, as [`Medium::processed_get`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ProcessedRecord {
+    /// The consumer that handled (or handles) the message.
+    pub consumer: String,
+    /// The message id.
+    pub id: String,
+    /// True once the handler succeeded; false while a holder runs it.
+    pub done: bool,
+    /// The handler's result, when done and it returned one.
+    pub result: Option<Document>,
+    /// When it was reserved, or done (medium clock).
+    pub at: Option<bson::DateTime>,
+}
+
+/// The error of an operator view a medium does not provide.
+fn unsupported(medium: &str, what: &str) -> Error {
+    Error::Unsupported {
+        medium: medium.to_string(),
+        what: what.to_string(),
+    }
 }
 
 /// The `_id` of a stored document as text (message ids are strings; a hand-written
@@ -342,6 +402,41 @@ pub trait Medium: Send + Sync + 'static {
 
     /// Drops a reservation whose handler failed, so a later delivery runs it again.
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()>;
+
+    /// Counts over the retained messages (by service, action, type, state), the queue
+    /// depth, the dead letters, and each named subscription's lag. Default: unsupported.
+    async fn stats(&self) -> Result<Stats> {
+        Err(unsupported(self.name(), "stats"))
+    }
+
+    /// The work queues: one entry per (service, action) that has pending work or dead
+    /// letters, with its depth, in-flight and dead counts. Default: unsupported.
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        Err(unsupported(self.name(), "queue counts"))
+    }
+
+    /// Ends the pending work of `service`'s `action` that no live worker holds: each item
+    /// is settled in place as `state: error` with `response: {error: "purged"}` (a record
+    /// stays; no worker claims it). Returns how many. Default: unsupported.
+    async fn queue_purge(&self, service: &str, action: &str) -> Result<u64> {
+        let _ = (service, action);
+        Err(unsupported(self.name(), "purging a queue"))
+    }
+
+    /// The idempotency record of (`consumer`, message `id`), if there is one. Default:
+    /// unsupported.
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<ProcessedRecord>> {
+        let _ = (consumer, id);
+        Err(unsupported(self.name(), "reading idempotency records"))
+    }
+
+    /// Removes the idempotency record of (`consumer`, message `id`), whatever its state,
+    /// so the message would be handled again. Returns how many were removed (0 or 1).
+    /// Default: unsupported.
+    async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
+        let _ = (consumer, id);
+        Err(unsupported(self.name(), "removing idempotency records"))
+    }
 
     /// Ends every follower's stream and releases the medium's resources.
     async fn close(&self);

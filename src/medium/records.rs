@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bson::Document;
 
-use super::Reservation;
+use super::{ProcessedRecord, Reservation};
 
 type Key = (String, String);
 
@@ -21,6 +21,8 @@ enum State {
 struct Record {
     state: State,
     expires: Instant,
+    /// When it was reserved, or done.
+    at: bson::DateTime,
 }
 
 #[derive(Default)]
@@ -87,6 +89,7 @@ impl LocalRecords {
                     until: now + lease,
                 },
                 expires: now + self.retention,
+                at: bson::DateTime::now(),
             },
         );
         if fresh {
@@ -105,6 +108,7 @@ impl LocalRecords {
         if let Some(record) = records.map.get_mut(&(consumer.to_string(), id.to_string())) {
             if matches!(&record.state, State::Running { owner: holder, .. } if holder == owner) {
                 record.state = State::Done(result);
+                record.at = bson::DateTime::now();
             }
         }
     }
@@ -126,6 +130,7 @@ impl LocalRecords {
             Some(Record {
                 state: State::Done(result),
                 expires,
+                ..
             }) if *expires > Instant::now() => Some(result.clone()),
             _ => None,
         }
@@ -138,10 +143,42 @@ impl LocalRecords {
         let record = Record {
             state: State::Done(result),
             expires: Instant::now() + self.retention,
+            at: bson::DateTime::now(),
         };
         if records.map.insert(key.clone(), record).is_none() {
             records.order.push_back(key);
         }
+    }
+
+    /// The record of (`consumer`, `id`), unless it expired.
+    pub(crate) fn get(&self, consumer: &str, id: &str) -> Option<ProcessedRecord> {
+        let records = self.lock();
+        let record = records
+            .map
+            .get(&(consumer.to_string(), id.to_string()))
+            .filter(|r| r.expires > Instant::now())?;
+        let (done, result) = match &record.state {
+            State::Done(result) => (true, result.clone()),
+            State::Running { .. } => (false, None),
+        };
+        Some(ProcessedRecord {
+            consumer: consumer.to_string(),
+            id: id.to_string(),
+            done,
+            result,
+            at: Some(record.at),
+        })
+    }
+
+    /// Removes the record of (`consumer`, `id`) whatever its state; true if there was one.
+    pub(crate) fn remove(&self, consumer: &str, id: &str) -> bool {
+        let key = (consumer.to_string(), id.to_string());
+        let mut records = self.lock();
+        let removed = records.map.remove(&key).is_some();
+        if removed {
+            records.order.retain(|k| *k != key);
+        }
+        removed
     }
 
     /// Removes and returns the done records (to write them to a store that is back).
@@ -212,6 +249,10 @@ mod tests {
             Reservation::Reserved,
             "released: runs again"
         );
+        assert!(r.get("c", "m").is_some_and(|record| record.done));
+        assert!(r.get("other", "m").is_some_and(|record| !record.done));
+        assert!(r.remove("other", "m"));
+        assert!(r.get("other", "m").is_none());
         assert_eq!(r.take_done().len(), 1);
     }
 }

@@ -181,6 +181,13 @@ macro_rules! check {
 }
 
 fn main() {
+    // INTRACOM_TEST_LOG=intracom=debug shows what the medium does during the tests.
+    if let Ok(filter) = std::env::var("INTRACOM_TEST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut trials: Vec<Trial> = Vec::new();
     let checks: Vec<Check> = specific::checks()
         .into_iter()

@@ -212,7 +212,7 @@ impl MongoMedium {
                     .map(|b| b.iter().filter_map(Bson::as_document).cloned().collect())
                     .unwrap_or_default();
                 let named = |n: &str| indexes.iter().find(|i| i.get_str("name") == Ok(n)).cloned();
-                for name in ["ts_1", "work_claim"] {
+                for name in ["ts_1__id_1", "work_claim"] {
                     checks.push(match named(name) {
                         Some(_) => Check::pass(&format!("index {name}"), "present"),
                         None => Check::fail(

@@ -53,6 +53,8 @@ enum Mode {
     Stream {
         stream: Box<Events>,
         last_cluster_time: Timestamp,
+        /// `Inner::stream_interruptions` before the stream was opened.
+        generation: u64,
     },
     Scan {
         lower: Timestamp,
@@ -258,12 +260,14 @@ impl Follower {
             let mut inserts = filter_query(&self.filter, "fullDocument.");
             inserts.insert("operationType", "insert");
             let pipeline = vec![doc! { "$match": { "$or": [inserts, hub::ending_events()] } }];
+            let generation = self.inner.stream_interruptions();
             match hub::open(&self.inner, pipeline, Some(rt)).await {
                 Ok(stream) => {
                     tracing::debug!("resuming from a saved resume token");
                     return Ok(Mode::Stream {
                         stream: Box::new(stream),
                         last_cluster_time: ct,
+                        generation,
                     });
                 }
                 Err(e) if is_history_lost(&e) => {
@@ -414,21 +418,37 @@ impl Follower {
         }
     }
 
-    /// One scan pass: every matching message stamped after `lower`, in `ts` order.
-    /// Returns the next mode.
+    /// One scan pass: every matching message stamped after `lower`, in `(ts, _id)`
+    /// order. Returns the next mode.
+    ///
+    /// Pages are keyed on `(ts, _id)`, not on `ts` alone: a `ts` is unique per node,
+    /// not across the shards of a cluster (each primary ticks its own clock), so a
+    /// page boundary inside a run of equal stamps must not drop the rest of the run.
     async fn scan(&mut self, lower: Timestamp, tip_before: Option<u64>) -> Result<Mode> {
         let tip_before = tip_before.or_else(|| self.hub.as_ref().map(|h| h.ring().tip()));
-        let mut query = filter_query(&self.filter, "");
-        let mut page_lower = lower;
+        let filter = filter_query(&self.filter, "");
+        // The last (ts, _id) of the previous page.
+        let mut after: Option<(Timestamp, Bson)> = None;
         // New to this follower: the look-back window re-reads what was delivered.
         let mut fresh = 0usize;
         loop {
-            query.insert("ts", doc! { "$gt": page_lower });
+            let page = match &after {
+                None => doc! { "ts": { "$gt": lower } },
+                Some((ts, id)) => doc! { "$or": [
+                    { "ts": { "$gt": *ts } },
+                    { "ts": *ts, "_id": { "$gt": id.clone() } },
+                ] },
+            };
+            let query = if filter.is_empty() {
+                page
+            } else {
+                doc! { "$and": [filter.clone(), page] }
+            };
             let batch: Vec<Document> = self
                 .inner
                 .messages
-                .find(query.clone())
-                .sort(doc! { "ts": 1 })
+                .find(query)
+                .sort(doc! { "ts": 1, "_id": 1 })
                 .limit(SCAN_BATCH)
                 .await
                 .map_err(to_error)?
@@ -437,8 +457,8 @@ impl Follower {
                 .map_err(to_error)?;
             let full = batch.len() as i64 == SCAN_BATCH;
             for document in batch {
-                if let Ok(ts) = document.get_timestamp("ts") {
-                    page_lower = page_lower.max(ts);
+                if let (Ok(ts), Some(id)) = (document.get_timestamp("ts"), document.get("_id")) {
+                    after = Some((ts, id.clone()));
                 }
                 match decode_message(&document) {
                     Ok(message) => {
@@ -538,11 +558,21 @@ impl Follower {
             Mode::Stream {
                 mut stream,
                 last_cluster_time,
+                generation,
             } => {
                 let next = tokio::select! {
                     _ = self.inner.closed.cancelled() => return Ok(()),
                     next = stream.next_if_any() => next,
                 };
+                if self.inner.stream_interruptions() != generation {
+                    // The driver may have resumed this stream by itself after a lost
+                    // connection; it is not trusted to be gapless (see
+                    // `Inner::stream_interruptions`). The scan re-reads what it held.
+                    tracing::warn!("connection lost under a resumed stream: catching up from the collection by ts");
+                    self.inner.count_fallback();
+                    self.mode = self.scan_from_last();
+                    return Ok(());
+                }
                 match next {
                     Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
                         // Everything up to the drop came through this stream; what the
@@ -569,6 +599,7 @@ impl Follower {
                         Mode::Stream {
                             stream,
                             last_cluster_time: ct,
+                            generation,
                         }
                     }
                     Ok(None) if !stream.is_alive() => {
@@ -588,6 +619,7 @@ impl Follower {
                         None => Mode::Stream {
                             stream,
                             last_cluster_time,
+                            generation,
                         },
                     },
                     Err(e) if is_history_lost(&e) => {

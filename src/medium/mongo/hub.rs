@@ -11,8 +11,10 @@
 //! the last token it saw, read with `resume_token()` after every `next_if_any()`
 //! (including empty batches, so a quiet collection keeps a fresh
 //! `postBatchResumeToken`). If the history is gone (286 ChangeStreamHistoryLost, 280,
-//! 260), it opens a fresh stream and puts a [`RingItem::Gap`] in the ring: followers
-//! that reach it rebuild their position from the collection by `ts`.
+//! 260), the collection was dropped, the server closed the cursor, or the connection
+//! to the server was lost under the stream (see `Inner::stream_interruptions`), it
+//! opens a fresh stream and then puts a [`RingItem::Gap`] in the ring: followers that
+//! reach it rebuild their position from the collection by `ts`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
@@ -157,6 +159,7 @@ pub(crate) enum Started {
 
 /// Opens the stream (anchoring the hub before returning) and starts its task.
 pub(crate) async fn start(inner: Arc<Inner>) -> crate::Result<Started> {
+    let generation = inner.stream_interruptions();
     let stream = match open(&inner, hub_pipeline(), None).await {
         Ok(stream) => stream,
         Err(e) if super::errors::code(&e) == Some(CHANGE_STREAM_NOT_ON_STANDALONE) => {
@@ -176,11 +179,22 @@ pub(crate) async fn start(inner: Arc<Inner>) -> crate::Result<Started> {
         tip,
     });
     tracing::info!(collection = %inner.db_config.messages, "change stream opened for this process");
-    tokio::spawn(run(inner, Arc::clone(&hub), stream));
+    tokio::spawn(run(inner, Arc::clone(&hub), stream, generation));
     Ok(Started::Hub(hub))
 }
 
-async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
+/// How the hub's stream is opened again.
+enum Reopen {
+    /// From the last token: nothing is missed (mongod resumes exactly, or fails the
+    /// resume when it no longer has the token).
+    Resume(Option<ResumeToken>),
+    /// From now, with a [`RingItem::Gap`] after the new anchor: followers catch up from
+    /// the collection by `ts`.
+    Fresh,
+}
+
+/// `generation` is [`Inner::stream_interruptions`] read before `stream` was opened.
+async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events, mut generation: u64) {
     let closed = inner.closed.clone();
     let mut token = stream.resume_token();
     loop {
@@ -188,9 +202,17 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
             _ = closed.cancelled() => return,
             next = stream.next_if_any() => next,
         };
-        let failure = match next {
+        let interrupted = inner.stream_interruptions() != generation;
+        let how = match next {
             Ok(Some(event)) if is_ending(&event.operation_type) => {
-                Ended::Collection(event.operation_type)
+                // Nothing after this event can come from this stream. The set-up makes
+                // the collection again (a publish would too, without its indexes).
+                tracing::warn!(operation = ?event.operation_type, collection = %inner.db_config.messages, "the messages collection was dropped or renamed: restarting the change stream; subscribers catch up from the collection");
+                inner.count_fallback();
+                if let Err(error) = super::setup::ensure(&inner).await {
+                    tracing::warn!(%error, "the messages collection was not set up again");
+                }
+                Reopen::Fresh
             }
             Ok(Some(event)) => {
                 token = stream.resume_token().or(Some(event.id.clone()));
@@ -201,116 +223,105 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events) {
                 } else {
                     hub.push(to_item(&inner, event));
                 }
-                continue;
+                if !interrupted {
+                    continue;
+                }
+                interruption(&inner)
             }
             // The server closed the cursor without an error: the end, not silence.
-            Ok(None) if !stream.is_alive() => Ended::Closed,
-            // An empty batch: keep the post-batch resume token (quiet collection).
-            Ok(None) => {
-                token = stream.resume_token().or(token);
-                continue;
+            // mongod closes a stream only after `invalidate`; resuming from the token
+            // could be closed again at once.
+            Ok(None) if !stream.is_alive() => {
+                tracing::warn!("the server closed the change stream: restarting it; subscribers catch up from the collection");
+                inner.count_fallback();
+                Reopen::Fresh
             }
-            Err(error) => Ended::Error(error),
+            Ok(None) => {
+                // An empty batch: keep the post-batch resume token (quiet collection).
+                token = stream.resume_token().or(token);
+                if !interrupted {
+                    continue;
+                }
+                interruption(&inner)
+            }
+            Err(error) if interrupted => {
+                tracing::debug!(%error, "change stream failed after an interruption");
+                interruption(&inner)
+            }
+            Err(error) if is_history_lost(&error) => {
+                tracing::warn!(%error, "change stream history lost: restarting the stream; subscribers catch up from the collection");
+                inner.count_history_lost();
+                Reopen::Fresh
+            }
+            Err(error) => {
+                tracing::warn!(%error, "change stream failed: resuming from the last token");
+                Reopen::Resume(token.clone())
+            }
         };
-        match reopen(&inner, &hub, token.clone(), failure).await {
-            Some((fresh, fresh_token)) => {
+        match reopen(&inner, &hub, how).await {
+            Some((fresh, fresh_token, fresh_generation)) => {
                 stream = fresh;
                 token = fresh_token;
+                generation = fresh_generation;
             }
             None => return,
         }
     }
 }
 
-/// Why the hub's stream stopped.
-enum Ended {
-    /// The driver gave up (it already tried to resume once).
-    Error(mongodb::error::Error),
-    /// The collection was dropped or renamed, or its database dropped.
-    Collection(OperationType),
-    /// The server closed the cursor without an error or an ending event.
-    Closed,
+/// The stream lived through a lost connection (see [`Inner::stream_interruptions`]).
+fn interruption(inner: &Inner) -> Reopen {
+    tracing::warn!("the connection to the server was lost under the change stream: restarting it; subscribers catch up from the collection");
+    inner.count_fallback();
+    Reopen::Fresh
 }
 
-/// Reopens after a failure the driver did not absorb, with backoff; `None` when closed.
+/// Opens the hub's stream again, with back-off, until it opens or the medium closes
+/// (`None`). Returns the stream, its token, and the interruption count read before it
+/// was opened.
 async fn reopen(
     inner: &Inner,
     hub: &Hub,
-    mut token: Option<ResumeToken>,
-    ended: Ended,
-) -> Option<(Events, Option<ResumeToken>)> {
+    mut how: Reopen,
+) -> Option<(Events, Option<ResumeToken>, u64)> {
     let mut backoff = Duration::from_millis(100);
-    let mut error = match ended {
-        Ended::Error(error) => error,
-        Ended::Collection(operation) => {
-            // Nothing after this event can come from this stream: start a fresh one, and
-            // have the followers catch up from the collection (which a publish or this
-            // set-up re-creates).
-            tracing::warn!(?operation, collection = %inner.db_config.messages, "the messages collection was dropped or renamed: restarting the change stream; subscribers catch up from the collection");
-            inner.count_fallback();
-            if let Err(error) = super::setup::ensure(inner).await {
-                tracing::warn!(%error, "the messages collection was not set up again");
-            }
-            return fresh(inner, hub).await;
-        }
-        Ended::Closed => {
-            // mongod closes a stream only after `invalidate`; a server that closes it
-            // without one has ended it all the same. Resuming from the token could be
-            // closed again at once: start fresh, the followers fill the gap by `ts`.
-            tracing::warn!("the server closed the change stream: restarting it; subscribers catch up from the collection");
-            inner.count_fallback();
-            return fresh(inner, hub).await;
-        }
-    };
+    let first = inner.stream_interruptions();
     loop {
-        if is_history_lost(&error) {
-            tracing::warn!(%error, "change stream history lost: restarting the stream; subscribers catch up from the collection");
-            inner.count_history_lost();
-            token = None;
-        } else {
-            tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream failed: resuming from the last token");
+        if matches!(how, Reopen::Resume(_)) && inner.stream_interruptions() != first {
+            // The server went away while we tried: it may not be the one that gave us
+            // the token any more (see `Inner::stream_interruptions`).
+            how = interruption(inner);
+        }
+        let generation = inner.stream_interruptions();
+        let token = match &how {
+            Reopen::Resume(token) => token.clone(),
+            Reopen::Fresh => None,
+        };
+        match open(inner, hub_pipeline(), token.clone()).await {
+            Ok(stream) => {
+                if matches!(how, Reopen::Fresh) {
+                    // After the new anchor, so that a follower's catch-up scan starts
+                    // once every later event is bound to reach the ring.
+                    hub.push(RingItem::Gap);
+                }
+                tracing::info!(resumed = token.is_some(), "change stream reopened");
+                let token = stream.resume_token().or(token);
+                return Some((stream, token, generation));
+            }
+            Err(error) if is_history_lost(&error) => {
+                tracing::warn!(%error, "change stream history lost: restarting the stream; subscribers catch up from the collection");
+                inner.count_history_lost();
+                how = Reopen::Fresh;
+            }
+            Err(error) => {
+                tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream not reopened: retrying");
+            }
         }
         tokio::select! {
             _ = inner.closed.cancelled() => return None,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
-        if token.is_none() {
-            // Whatever happened between the last event and the fresh stream's anchor is
-            // unknown to the ring: tell the followers.
-            hub.push(RingItem::Gap);
-        }
-        match open(inner, hub_pipeline(), token.clone()).await {
-            Ok(stream) => {
-                tracing::info!(resumed = token.is_some(), "change stream reopened");
-                let fresh = stream.resume_token().or(token);
-                return Some((stream, fresh));
-            }
-            Err(e) => error = e,
-        }
-    }
-}
-
-/// Opens a stream from now, after a gap the followers must fill from the collection.
-async fn fresh(inner: &Inner, hub: &Hub) -> Option<(Events, Option<ResumeToken>)> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        hub.push(RingItem::Gap);
-        match open(inner, hub_pipeline(), None).await {
-            Ok(stream) => {
-                tracing::info!("change stream restarted from now");
-                let token = stream.resume_token();
-                return Some((stream, token));
-            }
-            Err(error) => {
-                tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream not restarted: retrying");
-                tokio::select! {
-                    _ = inner.closed.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }
 

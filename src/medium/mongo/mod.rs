@@ -25,6 +25,8 @@ mod admin;
 pub(crate) mod errors;
 mod follower;
 mod hub;
+mod processed;
+mod queues;
 mod setup;
 mod work;
 
@@ -41,7 +43,8 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, Reservation, Settlement,
+    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, ProcessedRecord,
+    QueueStats, Reservation, Settlement,
 };
 use crate::config::{Config, DbConfig, Retention};
 use crate::error::{Error, Result};
@@ -81,6 +84,7 @@ pub(crate) struct Inner {
     pub(crate) messages: Collection<Document>,
     /// The messages collection on the change-stream client (see [`MongoMedium::connect`]).
     pub(crate) stream_messages: Collection<Document>,
+    stream_client: Client,
     catalog: Collection<Document>,
     checkpoints: Collection<Document>,
     pub(crate) dead: Collection<Document>,
@@ -90,10 +94,28 @@ pub(crate) struct Inner {
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
     pub(crate) stats: Counters,
+    /// How many times the change-stream client lost its connections (pool cleared:
+    /// a network error, or the server going away). See [`Inner::stream_interruptions`].
+    interruptions: Arc<AtomicU64>,
     max_bson: usize,
 }
 
 impl Inner {
+    /// A counter that moves each time the change-stream client's connection pool is
+    /// cleared: the server went away or a connection broke.
+    ///
+    /// Why it matters: the driver resumes a change stream once by itself after such an
+    /// error, from its cached token, and says nothing. mongod either resumes exactly
+    /// there or fails the resume (a token it does not have); a server that lost writes
+    /// it had acknowledged (a crash without a journal) may instead resume *later* and
+    /// skip events silently. A stream that lived through an interruption is therefore
+    /// not trusted to be gapless: the hub starts afresh and every follower catches up
+    /// from the collection by `ts`, which is right on mongod too (one indexed query per
+    /// subscriber after an outage).
+    pub(crate) fn stream_interruptions(&self) -> u64 {
+        self.interruptions.load(Ordering::SeqCst)
+    }
+
     /// The retention in seconds, when messages expire by age (TTL).
     pub(crate) fn retention_secs(&self) -> Option<u64> {
         (self.db_config.retention == Retention::Ttl).then(|| self.timeout_ms.div_ceil(1000))
@@ -188,6 +210,14 @@ impl MongoMedium {
         //   to the hub, which reopens from its own copy of the token.
         let mut stream_options = options.clone();
         stream_options.retry_reads = Some(false);
+        let interruptions = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&interruptions);
+        stream_options.cmap_event_handler =
+            Some(mongodb::event::EventHandler::callback(move |event| {
+                if let mongodb::event::cmap::CmapEvent::PoolCleared(_) = event {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
         let bad_uri =
             |e: mongodb::error::Error| Error::config("common.intracom.db.uri", &db_config.uri, e);
         let client = Client::with_options(options).map_err(bad_uri)?;
@@ -221,6 +251,7 @@ impl MongoMedium {
             stream_messages: stream_client
                 .database(&db_config.database)
                 .collection(&db_config.messages),
+            stream_client,
             catalog: db.collection(&db_config.config),
             checkpoints: db.collection(&db_config.checkpoints),
             dead: db.collection(&db_config.dead),
@@ -231,6 +262,7 @@ impl MongoMedium {
             timeout_ms: config.timeout_ms,
             closed: CancellationToken::new(),
             stats: Counters::default(),
+            interruptions,
             max_bson,
         });
         setup::ensure(&inner).await?;
@@ -553,8 +585,33 @@ impl Medium for MongoMedium {
         work::processed_release(&self.inner, consumer, id, owner).await
     }
 
+    async fn stats(&self) -> Result<Stats> {
+        self.admin_stats().await
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        queues::queues(&self.inner).await
+    }
+
+    async fn queue_purge(&self, service: &str, action: &str) -> Result<u64> {
+        queues::purge(&self.inner, service, action).await
+    }
+
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<ProcessedRecord>> {
+        processed::get(&self.inner, consumer, id).await
+    }
+
+    async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
+        processed::remove(&self.inner, consumer, id).await
+    }
+
     async fn close(&self) {
         self.inner.closed.cancel();
+        // Stop the drivers' pool workers and monitors now, rather than when the runtime
+        // drops them under requests still waiting for a connection.
+        for client in [self.inner.db.client(), &self.inner.stream_client] {
+            client.clone().shutdown().immediate(true).await;
+        }
     }
 }
 

@@ -107,7 +107,8 @@ pub(crate) async fn ensure(inner: &Inner) -> Result<()> {
     }
 
     let mut indexes = vec![
-        doc! { "key": { "ts": 1 }, "name": "ts_1" },
+        // Scans read by `(ts, _id)`: `ts` is unique per node, not across shards.
+        doc! { "key": { "ts": 1, "_id": 1 }, "name": "ts_1__id_1" },
         // The claim: a service's pending work, highest priority first, then oldest.
         doc! {
             "key": { "serviceNameDest": 1, "state": 1, "priority": -1, "ts": 1 },

@@ -36,7 +36,7 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// When a lease ends, as a server-side expression: `at` plus `ms` milliseconds.
-fn lease_end() -> Document {
+pub(crate) fn lease_end() -> Document {
     doc! { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } }
 }
 

@@ -1,0 +1,357 @@
+//! Who is calling: bearer tokens bound to a service identity, kept hashed.
+//!
+//! Why it exists: seed 002 asks for "authentication of producers and consumers". Over
+//! HTTP anyone can claim to be any service, so the identity comes from the token, not
+//! from the request: a token bound to `service:billing` publishes, subscribes and asks
+//! only as `billing` (and the catalog still decides what `billing` may send); an
+//! `admin` token manages queues, dead letters and the stores. A token may carry both.
+//!
+//! The gateway never stores a token, only its SHA-256, in a tokens file:
+//!
+//! ```text
+//! # <sha-256 of the token, hex>  <roles: service:<name> and/or admin, comma separated>
+//! 3f1c…9a0e  service:billing
+//! 77d2…41bb  admin
+//! 0b8e…c3d1  admin,service:ops
+//! ```
+//!
+//! `intracom token new --service billing` prints a fresh token and its line. A request
+//! without a token, or with one the file does not hold, gets 401; a known token asking
+//! for another service's identity, or for an admin route without `admin`, gets 403.
+//! Lookups hash the presented token and compare it with every entry in constant time.
+
+use std::fmt;
+use std::path::Path;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::error::{Error, Result};
+
+/// What a token may do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Identity {
+    /// The service the token acts as (publish, subscribe, request, ack).
+    pub service: Option<String>,
+    /// Whether the token manages queues, dead letters, the stores and the stats.
+    pub admin: bool,
+}
+
+impl Identity {
+    /// A token that acts as `service`.
+    pub fn service(service: impl Into<String>) -> Self {
+        Identity {
+            service: Some(service.into()),
+            admin: false,
+        }
+    }
+
+    /// An admin token.
+    pub fn admin() -> Self {
+        Identity {
+            service: None,
+            admin: true,
+        }
+    }
+
+    /// The same identity with the admin role added.
+    pub fn and_admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
+    fn parse(roles: &str) -> std::result::Result<Self, String> {
+        let mut identity = Identity::default();
+        for role in roles.split(',').map(str::trim) {
+            match role.split_once(':') {
+                None if role == "admin" => identity.admin = true,
+                Some(("service", name)) if identity.service.is_none() => {
+                    crate::message::check_name("service", name).map_err(|e| e.to_string())?;
+                    identity.service = Some(name.to_string());
+                }
+                Some(("service", _)) => return Err("a token acts as one service at most".into()),
+                _ => return Err(format!("unknown role `{role}` (service:<name> or admin)")),
+            }
+        }
+        Ok(identity)
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut roles = Vec::new();
+        if self.admin {
+            roles.push("admin".to_string());
+        }
+        if let Some(service) = &self.service {
+            roles.push(format!("service:{service}"));
+        }
+        f.write_str(&roles.join(","))
+    }
+}
+
+struct Entry {
+    hash: [u8; 32],
+    identity: Identity,
+}
+
+/// The tokens the gateway accepts, as SHA-256 hashes with their identity.
+#[derive(Default)]
+pub struct Tokens {
+    entries: Vec<Entry>,
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokens")
+            .field("count", &self.entries.len())
+            .finish()
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Equal, in a time that depends on the length only.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Tokens {
+    /// No tokens: every request that needs one is refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads a tokens file (format in the module docs).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::Config { key, value, reason } => Error::Config {
+                key: format!("{} {key}", path.display()),
+                value,
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Reads the lines of a tokens file. A bad line is an error naming it.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut tokens = Tokens::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |reason: String| Error::config(format!("line {}", number + 1), line, reason);
+            let (hash, roles) = line
+                .split_once(char::is_whitespace)
+                .ok_or_else(|| bad("expected `<sha-256 hex> <roles>`".into()))?;
+            let hash = unhex(hash.trim_start_matches("sha256:"))
+                .ok_or_else(|| bad("the hash is not 64 hexadecimal digits".into()))?;
+            let identity = Identity::parse(roles.trim()).map_err(bad)?;
+            tokens.entries.push(Entry { hash, identity });
+        }
+        Ok(tokens)
+    }
+
+    /// Adds a token (kept as its hash only).
+    pub fn with_token(mut self, token: &str, identity: Identity) -> Self {
+        self.entries.push(Entry {
+            hash: digest(token),
+            identity,
+        });
+        self
+    }
+
+    /// The SHA-256 of a token, in hex: what a tokens file holds.
+    pub fn hash(token: &str) -> String {
+        hex(&digest(token))
+    }
+
+    /// The tokens-file line for `token` with `identity`.
+    pub fn line(token: &str, identity: &Identity) -> String {
+        format!("{}  {identity}", Self::hash(token))
+    }
+
+    /// A fresh random token: 32 bytes from the operating system, base64url.
+    pub fn generate() -> Result<String> {
+        use base64::Engine;
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| Error::Unsupported {
+            medium: "gateway".into(),
+            what: format!("drawing a random token: {e}"),
+        })?;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// The identity of a token, if the gateway knows it. Every entry is compared, in
+    /// constant time, so the time taken does not tell which entry matched.
+    pub fn identify(&self, token: &str) -> Option<Identity> {
+        let presented = digest(token);
+        let mut found = None;
+        for entry in &self.entries {
+            if constant_time_eq(&entry.hash, &presented) && found.is_none() {
+                found = Some(entry.identity.clone());
+            }
+        }
+        found
+    }
+
+    /// How many tokens are known.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no token is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The identity of the caller of a route, from its `Authorization: Bearer` header.
+#[derive(Clone, Debug)]
+pub(crate) struct Caller(pub(crate) Identity);
+
+impl Caller {
+    /// The service this caller acts as; 403 for a token without one.
+    pub(crate) fn service(&self) -> ApiResult<&str> {
+        self.0.service.as_deref().ok_or_else(|| {
+            ApiError::Forbidden(
+                "this token has no service identity (its roles: admin); use a service token".into(),
+            )
+        })
+    }
+
+    /// The caller's service, checked against the one a request names.
+    pub(crate) fn as_service(&self, claimed: Option<&str>) -> ApiResult<&str> {
+        let own = self.service()?;
+        match claimed {
+            Some(other) if other != own => Err(ApiError::Forbidden(format!(
+                "this token acts as `{own}`, not `{other}`"
+            ))),
+            _ => Ok(own),
+        }
+    }
+
+    /// 403 unless the token has the admin role.
+    pub(crate) fn admin(&self) -> ApiResult<()> {
+        if self.0.admin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this route needs an admin token (this one is {})",
+                self.0
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+            ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into())
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::Unauthorized("the Authorization header is not `Bearer <token>`".into())
+            })?;
+        match state.tokens().identify(token) {
+            Some(identity) => Ok(Caller(identity)),
+            None => {
+                tracing::info!("gateway: unknown bearer token refused");
+                Err(ApiError::Unauthorized("unknown token".into()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_file_binds_hashes_to_identities() {
+        let text = format!(
+            "# comment\n\n{}\n{}  admin , service:ops\n",
+            Tokens::line("s3cret", &Identity::service("billing")),
+            Tokens::hash("root"),
+        );
+        let tokens = Tokens::parse(&text).unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(
+            tokens.identify("s3cret"),
+            Some(Identity::service("billing"))
+        );
+        assert_eq!(
+            tokens.identify("root"),
+            Some(Identity::service("ops").and_admin())
+        );
+        assert_eq!(tokens.identify("s3cret "), None);
+        assert!(!text.contains("s3cret"), "only hashes are written");
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let err = Tokens::parse("abc service:x").unwrap_err().to_string();
+        assert!(
+            err.contains("line 1") && err.contains("64 hexadecimal"),
+            "{err}"
+        );
+        let line = format!("{} root", Tokens::hash("t"));
+        let err = Tokens::parse(&format!("\n{line}")).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("unknown role"),
+            "{err}"
+        );
+        let line = format!("{} service:a,service:b", Tokens::hash("t"));
+        assert!(Tokens::parse(&line).is_err());
+    }
+
+    #[test]
+    fn generated_tokens_differ_and_identities_print_as_roles() {
+        let (a, b) = (Tokens::generate().unwrap(), Tokens::generate().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert_eq!(
+            Identity::service("x").and_admin().to_string(),
+            "admin,service:x"
+        );
+    }
+}

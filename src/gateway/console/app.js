@@ -1,0 +1,303 @@
+// The intracom web console: plain JavaScript over the gateway's own API, no library.
+// Every call carries the admin token the operator typed (kept in sessionStorage).
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = { token: sessionStorage.getItem("intracom-token") || "", tail: null, paused: false, refresh: null };
+const MAX_ROWS = 500;
+
+function setStatus(text, kind) {
+  const status = $("#status");
+  status.textContent = text;
+  status.className = kind || "";
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: { Authorization: "Bearer " + state.token } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!response.ok) {
+    throw new Error((data && data.message) || response.status + " " + response.statusText);
+  }
+  return data;
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null ? "" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function button(label, className, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.className = className;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// ---- Server-Sent Events over fetch (EventSource cannot send the Authorization header).
+// `onOpen` runs once the gateway answered: the subscription is anchored then.
+async function* events(url, signal, onOpen) {
+  const response = await fetch(url, {
+    headers: { Authorization: "Bearer " + state.token, Accept: "text/event-stream" },
+    signal,
+  });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.message || response.status + " " + response.statusText);
+  }
+  if (onOpen) onOpen();
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = { event: "message", data: [], id: null };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n")) >= 0) {
+      let line = buffer.slice(0, end);
+      buffer = buffer.slice(end + 1);
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      if (line === "") {
+        if (event.data.length) yield { event: event.event, id: event.id, data: event.data.join("\n") };
+        event = { event: "message", data: [], id: null };
+        continue;
+      }
+      if (line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let text = colon < 0 ? "" : line.slice(colon + 1);
+      if (text.startsWith(" ")) text = text.slice(1);
+      if (field === "data") event.data.push(text);
+      else if (field === "event") event.event = text;
+      else if (field === "id") event.id = text;
+    }
+  }
+}
+
+// ---- Live tail
+function tailUrl(lastId) {
+  const params = new URLSearchParams({ monitor: "true" });
+  const service = $("#f-service").value.trim();
+  const type = $("#f-type").value;
+  if (service) params.set("service", service);
+  if (type) params.set("type", type);
+  if (lastId) params.set("after", lastId);
+  const action = $("#f-action").value.trim() || "*";
+  return "/subscribe/" + encodeURIComponent(action) + "?" + params;
+}
+
+function addRow(row) {
+  const body = $("#tail tbody");
+  body.prepend(row);
+  while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
+}
+
+function showMessage(m) {
+  const row = document.createElement("tr");
+  row.dataset.id = m.id;
+  row.dataset.action = m.action;
+  const to = m.serviceNameDest ? m.serviceNameDest + (m.instanceDest ? "/" + m.instanceDest : "") : "*";
+  row.append(
+    cell(m.at ? new Date(m.at).toLocaleTimeString() : ""),
+    cell(m.serviceNameSource + "/" + m.instanceSource),
+    cell(to),
+    cell(m.state ? m.type + " · " + m.state : m.type),
+    cell(m.action),
+    cell(JSON.stringify(m.query), "query"),
+    cell(m.id, "id"),
+  );
+  addRow(row);
+}
+
+function showNotice(text) {
+  const row = document.createElement("tr");
+  row.className = "notice";
+  const td = cell(text);
+  td.colSpan = 7;
+  row.append(td);
+  addRow(row);
+}
+
+async function followTail() {
+  if (state.tail) state.tail.abort();
+  const controller = new AbortController();
+  state.tail = controller;
+  let lastId = null;
+  while (!controller.signal.aborted) {
+    try {
+      const opened = () => {
+        $("#tail-state").textContent = "following";
+        $("#tail").dataset.live = "true";
+      };
+      for await (const e of events(tailUrl(lastId), controller.signal, opened)) {
+        if (e.event === "message") {
+          lastId = e.id;
+          if (!state.paused) showMessage(JSON.parse(e.data));
+        } else if (e.event === "lost" || e.event === "lagged" || e.event === "error") {
+          showNotice(e.event + ": " + JSON.parse(e.data).message);
+        }
+      }
+    } catch (error) {
+      if (controller.signal.aborted) return;
+      $("#tail-state").textContent = "reconnecting: " + error.message;
+    }
+    $("#tail").dataset.live = "false";
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+// ---- Stats
+function countList(title, rows) {
+  const div = document.createElement("div");
+  const h = document.createElement("strong");
+  h.textContent = title;
+  const ul = document.createElement("ul");
+  for (const r of rows.slice(0, 8)) {
+    const li = document.createElement("li");
+    li.textContent = r.key + ": " + r.count;
+    ul.append(li);
+  }
+  div.append(h, ul);
+  return div;
+}
+
+function fillTable(selector, rows) {
+  const body = $(selector + " tbody");
+  body.replaceChildren(...rows.map((cells) => {
+    const tr = document.createElement("tr");
+    tr.append(...cells.map((c) => (c instanceof Node ? c : cell(c))));
+    return tr;
+  }));
+}
+
+async function refreshStats() {
+  const s = await api("GET", "/stats");
+  $("#medium").textContent = s.medium;
+  const l = s.latency;
+  const ms = (v) => (v === null || v === undefined ? "–" : v + " ms");
+  const summary = [
+    ["messages retained", s.counts ? s.counts.total : "–"],
+    ["pending work", s.counts ? s.counts.queueDepth : "–"],
+    ["dead letters", s.counts ? s.counts.dead : "–"],
+    ["outbox", s.outbox],
+    ["medium", s.mediumError || "answering"],
+    ["SSE clients", s.sseClients],
+    ["delivered here", l.delivered],
+    ["latency p50 / p90 / p99", ms(l.p50Ms) + " / " + ms(l.p90Ms) + " / " + ms(l.p99Ms)],
+    ["latency max", ms(l.maxMs)],
+  ];
+  $("#summary").replaceChildren(...summary.flatMap(([k, v]) => {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    return [dt, dd];
+  }));
+  fillTable("#queues", (s.queues || []).map((q) => [q.id, q.depth, q.inFlight, q.dead]));
+  fillTable("#lag", s.lag.map((x) => [x.subscription, x.messages, x.seconds]));
+  const counts = $("#counts");
+  counts.replaceChildren();
+  if (s.counts) {
+    counts.append(
+      countList("by service", s.counts.byService),
+      countList("by action", s.counts.byAction),
+      countList("by type", s.counts.byType),
+      countList("by state", s.counts.byState),
+    );
+  }
+}
+
+// ---- Dead letters
+async function refreshDead() {
+  const letters = await api("GET", "/dead?limit=200");
+  fillTable("#dead", letters.map((d) => {
+    const actions = document.createElement("td");
+    actions.append(
+      button("Show", "secondary show", () => showDead(d.id)),
+      button("Retry", "retry", () => act("POST", "/retry/" + encodeURIComponent(d.id), "sent again")),
+      button("Purge", "danger purge", () => {
+        if (confirm("Purge dead letter " + d.id + "?")) act("DELETE", "/dead/" + encodeURIComponent(d.id), "purged");
+      }),
+    );
+    const row = [cell(d.id, "id"), cell(d.at ? new Date(d.at).toLocaleString() : ""), cell(d.action), cell(d.reason), actions];
+    return row;
+  }));
+  for (const [i, d] of letters.entries()) $("#dead tbody").rows[i].dataset.id = d.id;
+}
+
+async function showDead(id) {
+  const d = await api("GET", "/dead/" + encodeURIComponent(id));
+  const pre = $("#dead-detail");
+  pre.textContent = JSON.stringify(d, null, 2);
+  pre.hidden = false;
+}
+
+async function act(method, path, done) {
+  try {
+    const result = await api(method, path);
+    setStatus(path + ": " + done + (result && result.id ? " as " + result.id : ""), "ok");
+  } catch (error) {
+    setStatus(path + ": " + error.message, "error");
+  }
+  await refreshAll();
+}
+
+// ---- Catalog
+async function refreshCatalog() {
+  const catalog = await api("GET", "/catalog");
+  $("#catalog").replaceChildren(...catalog.map((entry) => {
+    const li = document.createElement("li");
+    li.textContent = entry.service + ": " + (entry.actions.join(", ") || "(no actions)");
+    return li;
+  }));
+}
+
+async function refreshAll() {
+  try {
+    await Promise.all([refreshStats(), refreshDead(), refreshCatalog()]);
+    if ($("#status").className !== "ok") setStatus("connected", "ok");
+  } catch (error) {
+    setStatus(error.message, "error");
+  }
+}
+
+function connect() {
+  if (!state.token) return;
+  sessionStorage.setItem("intracom-token", state.token);
+  refreshAll();
+  followTail();
+  clearInterval(state.refresh);
+  state.refresh = setInterval(refreshAll, 3000);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#token").value = state.token;
+  $("#login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.token = $("#token").value.trim();
+    connect();
+  });
+  $("#tail-filters").addEventListener("submit", (e) => {
+    e.preventDefault();
+    followTail();
+  });
+  $("#tail-pause").addEventListener("click", () => {
+    state.paused = !state.paused;
+    $("#tail-pause").textContent = state.paused ? "Resume" : "Pause";
+  });
+  $("#tail-clear").addEventListener("click", () => $("#tail tbody").replaceChildren());
+  $("#dead-purge-all").addEventListener("click", () => {
+    if (confirm("Purge every dead letter?")) act("DELETE", "/dead", "all purged");
+  });
+  connect();
+});

@@ -1,0 +1,148 @@
+//! The gateway's one error type, and the JSON body of every error response.
+//!
+//! Why it exists: a client in any language must be able to tell, from the response
+//! alone, what went wrong and what to do. Every failure of every route becomes
+//! `{"code": "...", "message": "..."}` with the HTTP status that says who must act
+//! (4xx: the caller; 5xx: the bus or an upstream service). The bus's own errors keep
+//! their message, which names the service, action or key at fault.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable, machine-readable code (`unauthorized`, `forbidden`, `unknown_action`,
+    /// `too_large`, `timeout`, …).
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+/// Everything a route can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// An error of the bus (catalog refusal, invalid message, unavailable medium…).
+    #[error(transparent)]
+    Bus(#[from] crate::Error),
+    /// No bearer token, or one the gateway does not know: 401.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A known token asking for what its identity may not do: 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The named thing does not exist: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request the gateway cannot read (bad JSON, bad parameter, bad `Last-Event-ID`): 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A request body over the limit, refused before it was read: 413.
+    #[error(
+        "the request body is over the limit of {limit} bytes (common.intracom.max_message_bytes)"
+    )]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The request conflicts with the state of the bus (a record being written): 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// A fault of the gateway itself: 500.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        use crate::Error as E;
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Bus(error) => match error {
+                E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
+                E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
+                E::TooLarge { .. } | E::PacketTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                E::Unavailable { .. } | E::OutboxFull { .. } | E::Shutdown | E::NoWorker { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                E::Medium { .. } | E::Remote { .. } => StatusCode::BAD_GATEWAY,
+                E::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                E::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+                E::Config { .. } | E::ConfigFile { .. } | E::Lost { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+        }
+    }
+
+    /// The machine-readable code of this error.
+    pub fn code(&self) -> &'static str {
+        use crate::Error as E;
+        match self {
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Internal(_) => "internal",
+            ApiError::Bus(error) => match error {
+                E::UnknownSender { .. } => "unknown_sender",
+                E::UnknownAction { .. } => "unknown_action",
+                E::InvalidMessage { .. } => "invalid_message",
+                E::Payload(_) => "bad_payload",
+                E::TooLarge { .. } | E::PacketTooLarge { .. } => "too_large",
+                E::Unavailable { .. } => "unavailable",
+                E::NoWorker { .. } => "no_worker",
+                E::OutboxFull { .. } => "outbox_full",
+                E::Shutdown => "shutting_down",
+                E::Medium { .. } => "medium_refused",
+                E::Remote { .. } => "remote_error",
+                E::Timeout { .. } => "timeout",
+                E::Unsupported { .. } => "unsupported",
+                E::Config { .. } | E::ConfigFile { .. } => "config",
+                E::Lost { .. } => "lost",
+            },
+        }
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code().to_string(),
+            message: self.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(code = self.code(), error = %self, "gateway request failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "gateway request refused");
+        }
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"intracom\""),
+            );
+        }
+        response
+    }
+}
+
+/// Short for the result of a route.
+pub type ApiResult<T> = std::result::Result<T, ApiError>;

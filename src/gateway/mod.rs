@@ -1,0 +1,328 @@
+//! The HTTP gateway (`intracom serve`, feature `gateway`): the bus for every language
+//! and every operator.
+//!
+//! Why it exists: without it only Rust code that links this crate can use the bus, and
+//! an operator has only the CLI. The gateway serves seeds 002 and 003 over HTTP on top of
+//! any medium: publish, subscribe as Server-Sent Events (resumable with
+//! `Last-Event-ID`), ack, request/reply, retry of dead letters, queues, the
+//! MessageStore and IdempotencyStore, Prometheus metrics and health probes, an OpenAPI
+//! document generated from the handlers' types (`/openapi.json`), and a web console
+//! (`/`) embedded in the binary.
+//!
+//! It is [axum](https://docs.rs/axum) (tokio's own HTTP framework, the one the tokio
+//! stack we already run on maintains) served by `axum-server` for TLS with rustls.
+//! Every route takes a bearer token bound to a service identity ([`Tokens`]); every
+//! error is a JSON [`ErrorBody`]; request bodies over `common.intracom.max_message_bytes`
+//! are refused with 413 before they are read.
+//!
+//! ```no_run
+//! # async fn run() -> intracom::Result<()> {
+//! use intracom::gateway::{Gateway, Identity, Tokens};
+//! use intracom::{Config, Intracom};
+//!
+//! let bus = Intracom::connect(Config::from_env()?).await?;
+//! let tokens = Tokens::from_file("/etc/intracom/tokens")?
+//!     .with_token("dev-only", Identity::service("billing"));
+//! let listener = std::net::TcpListener::bind("127.0.0.1:8080").map_err(|e| intracom::Error::Unsupported {
+//!     medium: "gateway".into(), what: format!("listening: {e}") })?;
+//! Gateway::new(bus, tokens)
+//!     .serve(listener, None, async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await
+//! # }
+//! ```
+//!
+//! One file per concept: [`auth`](Tokens) (tokens and identities), `extract` (JSON
+//! bodies, parameters, limits), `error`, `model` (the JSON shapes), `publish`
+//! (publish, request), `sse` (subscribe, ack), `queues`, `dead`, `stores` (seed 003),
+//! `stats`, `ops` (probes, metrics, catalog), `openapi`, `console` (the web console's
+//! assets), `server` (listening, TLS, shutdown).
+
+mod auth;
+mod console;
+mod dead;
+mod error;
+mod extract;
+mod model;
+mod openapi;
+mod ops;
+mod publish;
+mod queues;
+mod server;
+mod sse;
+mod stats;
+mod stores;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Intracom;
+
+pub use auth::{Identity, Tokens};
+pub use error::{ApiError, ErrorBody};
+pub use model::{Kind, MessageJson, Receipt, ReceiptStatus, Stamp};
+pub use publish::{PublishRequest, IDEMPOTENCY_KEY};
+pub use server::Tls;
+pub use sse::{decode_position, encode_position, StreamNotice};
+
+/// Options of the gateway. Every default is written on its field.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct GatewayOptions {
+    /// Largest request body, in bytes; larger ones get 413 before they are read
+    /// (default: the bus's `common.intracom.max_message_bytes`).
+    pub max_body_bytes: Option<usize>,
+    /// Events read ahead for one SSE client (default 256): the most a slow client
+    /// costs, beside its socket buffers.
+    pub sse_buffer: usize,
+    /// How long a client may leave that buffer full before it is told it fell behind
+    /// (`event: lagged`) and its stream ends (default 30 s). It resumes with
+    /// `Last-Event-ID`.
+    pub sse_stall: Duration,
+    /// How often an idle SSE stream sends a comment to keep proxies from closing it
+    /// (default 15 s).
+    pub keep_alive: Duration,
+    /// Deliveries of one named subscription waiting for their ack before its stream
+    /// pauses (default 1000).
+    pub max_in_flight: usize,
+    /// The longest time-out a `POST /request` may ask for (default 5 min).
+    pub max_request_timeout: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            max_body_bytes: None,
+            sse_buffer: 256,
+            sse_stall: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(15),
+            max_in_flight: 1000,
+            max_request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl GatewayOptions {
+    /// Sets the request body limit.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets the read-ahead of one SSE client.
+    pub fn sse_buffer(mut self, events: usize) -> Self {
+        self.sse_buffer = events.max(1);
+        self
+    }
+
+    /// Sets how long a full SSE buffer is tolerated.
+    pub fn sse_stall(mut self, stall: Duration) -> Self {
+        self.sse_stall = stall;
+        self
+    }
+
+    /// Sets the SSE keep-alive period.
+    pub fn keep_alive(mut self, every: Duration) -> Self {
+        self.keep_alive = every;
+        self
+    }
+
+    /// Sets the unacked deliveries of a named subscription before its stream pauses.
+    pub fn max_in_flight(mut self, deliveries: usize) -> Self {
+        self.max_in_flight = deliveries.max(1);
+        self
+    }
+
+    /// Sets the longest request time-out a client may ask for.
+    pub fn max_request_timeout(mut self, timeout: Duration) -> Self {
+        self.max_request_timeout = timeout;
+        self
+    }
+}
+
+/// The gateway: a bus, the tokens it accepts, and its options.
+pub struct Gateway {
+    bus: Intracom,
+    tokens: Tokens,
+    options: GatewayOptions,
+    prometheus: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("bus", &self.bus)
+            .field("tokens", &self.tokens)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// This process's Prometheus recorder: installed by the first gateway that asks, shared
+/// by the others; `None` when another recorder was installed first.
+fn global_prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(error) => {
+                tracing::warn!(%error, "gateway: /metrics unavailable: a metrics recorder is installed already");
+                None
+            }
+        })
+        .clone()
+}
+
+impl Gateway {
+    /// A gateway over `bus` that accepts `tokens`, with default options. Its own sends
+    /// (dead letters sent again) go out as `bus`'s service.
+    pub fn new(bus: Intracom, tokens: Tokens) -> Self {
+        Gateway {
+            bus,
+            tokens,
+            options: GatewayOptions::default(),
+            prometheus: None,
+        }
+    }
+
+    /// Replaces the options.
+    pub fn options(mut self, options: GatewayOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Serves `/metrics` from this recorder instead of the process-wide one the gateway
+    /// installs by default.
+    pub fn prometheus(mut self, handle: PrometheusHandle) -> Self {
+        self.prometheus = Some(handle);
+        self
+    }
+
+    fn state(self) -> AppState {
+        let prometheus = self.prometheus.or_else(global_prometheus);
+        AppState(Arc::new(Inner {
+            bus: self.bus,
+            tokens: self.tokens,
+            options: self.options,
+            inflight: sse::Inflight::default(),
+            latency: stats::Latency::default(),
+            prometheus,
+            sse_clients: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        }))
+    }
+
+    /// The gateway as an axum router, to serve with anything that serves axum (or to
+    /// nest in an application's own router).
+    pub fn router(self) -> Router {
+        app(self.state())
+    }
+
+    /// Serves on `listener` (plain HTTP, or HTTPS with `tls`) until `shutdown` completes;
+    /// then every SSE stream ends and open connections get up to 10 s to finish.
+    pub async fn serve(
+        self,
+        listener: std::net::TcpListener,
+        tls: Option<Tls>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> crate::Result<()> {
+        let state = self.state();
+        let stop = state.0.stop.clone();
+        server::serve(app(state), stop, listener, tls, shutdown).await
+    }
+}
+
+/// Everything the routes share.
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Inner>);
+
+struct Inner {
+    bus: Intracom,
+    tokens: Tokens,
+    options: GatewayOptions,
+    inflight: sse::Inflight,
+    latency: stats::Latency,
+    prometheus: Option<PrometheusHandle>,
+    sse_clients: AtomicUsize,
+    /// Cancelled when the gateway stops: every SSE stream ends.
+    stop: CancellationToken,
+}
+
+impl AppState {
+    pub(crate) fn bus(&self) -> &Intracom {
+        &self.0.bus
+    }
+
+    /// A handle on the bus acting as `service` (the token's), instance
+    /// `<service>-<gateway instance>`.
+    pub(crate) fn bus_as(&self, service: &str) -> error::ApiResult<Intracom> {
+        Ok(self.0.bus.as_service(service, None)?)
+    }
+
+    pub(crate) fn tokens(&self) -> &Tokens {
+        &self.0.tokens
+    }
+
+    pub(crate) fn options(&self) -> &GatewayOptions {
+        &self.0.options
+    }
+
+    pub(crate) fn inflight(&self) -> &sse::Inflight {
+        &self.0.inflight
+    }
+
+    pub(crate) fn latency(&self) -> &stats::Latency {
+        &self.0.latency
+    }
+
+    pub(crate) fn prometheus(&self) -> Option<&PrometheusHandle> {
+        self.0.prometheus.as_ref()
+    }
+
+    pub(crate) fn sse_clients(&self) -> &AtomicUsize {
+        &self.0.sse_clients
+    }
+
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        &self.0.stop
+    }
+}
+
+/// The whole application: the API (with its OpenAPI document), the console, the layers.
+fn app(state: AppState) -> Router {
+    let limit = state
+        .options()
+        .max_body_bytes
+        .unwrap_or(state.bus().config().max_message_bytes);
+    let (api, document) = openapi::api();
+    let document: Arc<str> = serde_json::to_string(&document)
+        .unwrap_or_else(|e| format!("{{\"error\": \"the OpenAPI document does not encode: {e}\"}}"))
+        .into();
+    api.route(
+        "/openapi.json",
+        get(move || {
+            let document = Arc::clone(&document);
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    document.to_string(),
+                )
+            }
+        }),
+    )
+    .merge(console::routes())
+    .fallback(ops::not_found)
+    .layer(DefaultBodyLimit::max(limit))
+    .layer(axum::middleware::from_fn(move |req, next| {
+        extract::limit_body(limit, req, next)
+    }))
+    .layer(axum::middleware::from_fn(extract::json_errors))
+    .layer(axum::middleware::from_fn(ops::observe))
+    .with_state(state)
+}

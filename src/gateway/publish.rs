@@ -1,0 +1,208 @@
+//! Sending over HTTP: `POST /publish` and `POST /request/{service}/{action}`.
+//!
+//! Why it exists: a service written in any language sends on the bus with one HTTP
+//! call, under the identity of its token. Everything the library checks still holds
+//! (catalog, names, size); the gateway adds only what HTTP needs: the sender comes from
+//! the token, and an `Idempotency-Key` header becomes the message id, so a POST retried
+//! after a lost response stores the message once.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{Json, Path, Query};
+use super::model::{document_of, json_of, Kind, Receipt};
+use super::AppState;
+use crate::message::{check_name, Message};
+
+/// The header whose value becomes the message id.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// A message to publish.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The action: declared by the target service, or by the sender for a broadcast.
+    pub action: String,
+    /// The target service; absent or null: every service (a broadcast).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// One instance of `to` (needs `to`).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// The payload: a JSON object (extended JSON accepted). Default `{}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub query: Option<serde_json::Value>,
+    /// The exchange (default `broadcast` without `to`, else `fire_and_forget`).
+    #[serde(default, rename = "type")]
+    pub kind: Option<Kind>,
+    /// Work for exactly one instance of `to` (`delivery: one`), claimed by a worker.
+    #[serde(default)]
+    pub work: bool,
+    /// Work priority, higher first (default 0).
+    #[serde(default)]
+    pub priority: i32,
+    /// The sending service. On `POST /publish` it must be the token's own service (the
+    /// default); on `POST /messages` (admin) it is required.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+impl PublishRequest {
+    /// The message this request describes, from `sender`, with `id` if given.
+    pub(crate) fn into_message(self, sender: &str, id: Option<String>) -> ApiResult<Message> {
+        let mut message = match (&self.to, &self.instance) {
+            (None, None) => Message::broadcast(&self.action),
+            (Some(to), None) => Message::to_service(to, &self.action),
+            (Some(to), Some(instance)) => Message::to_instance(to, instance, &self.action),
+            (None, Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "`instance` needs `to`: name the service of the instance".into(),
+                ))
+            }
+        };
+        if let Some(query) = self.query {
+            message = message.body(document_of(query, "query")?);
+        }
+        if let Some(kind) = self.kind {
+            message = message.kind(kind.into());
+        }
+        if self.work {
+            if self.to.is_none() {
+                return Err(ApiError::BadRequest(
+                    "`work` needs `to`: work is done by one instance of one service".into(),
+                ));
+            }
+            message = message.work();
+        }
+        message = message.priority(self.priority).from_service(sender);
+        if let Some(id) = id {
+            message = message.with_id(id);
+        }
+        Ok(message)
+    }
+}
+
+/// The `Idempotency-Key` header, checked as a message id.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("the Idempotency-Key header is not ASCII".into()))?;
+    check_name("Idempotency-Key", key)?;
+    Ok(Some(key.to_string()))
+}
+
+/// Publishes a message as the token's service: to every service, to one service, or
+/// to one instance. With an `Idempotency-Key` header, the key is the message id: the
+/// same POST sent again stores nothing new and answers 200 with `duplicate`.
+#[utoipa::path(
+    post,
+    path = "/publish",
+    tag = "messages",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Becomes the message id: a retried POST stores the message once"),
+    ),
+    responses(
+        (status = 201, description = "Stored", body = Receipt),
+        (status = 200, description = "Already stored under this Idempotency-Key", body = Receipt),
+        (status = 202, description = "The medium is unavailable: kept in the outbox", body = Receipt),
+        (status = 400, description = "Bad JSON or an invalid message", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another service's identity, or not in the catalog", body = ErrorBody),
+        (status = 413, description = "Body or message over common.intracom.max_message_bytes", body = ErrorBody),
+        (status = 503, description = "Unavailable and the outbox is full", body = ErrorBody),
+    )
+)]
+pub(crate) async fn publish(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(request): Json<PublishRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
+    let service = caller.as_service(request.from.as_deref())?.to_string();
+    let id = idempotency_key(&headers)?;
+    let message = request.into_message(&service, id)?;
+    let bus = state.bus_as(&service)?;
+    let receipt = Receipt::from(bus.publish(message).await?);
+    tracing::debug!(message_id = %receipt.id, service, status = ?receipt.status, "gateway: published");
+    Ok((receipt.status_code(), axum::Json(receipt)))
+}
+
+/// Parameters of a request.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RequestParams {
+    /// How long to wait for the answer, in ms (default
+    /// `common.intracom.request_timeout_ms`; at most the gateway's limit).
+    #[param(minimum = 1)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The answer to a request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Answer {
+    /// The handler's result (null when it returned none).
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+}
+
+/// Calls `action` of `service` as the token's service and waits for the answer (one
+/// instance of `service` answers). 504 when the time-out passes first (the request is
+/// then marked `state: error`), 502 when the handler failed.
+#[utoipa::path(
+    post,
+    path = "/request/{service}/{action}",
+    tag = "messages",
+    security(("bearer" = [])),
+    params(
+        ("service" = String, Path, description = "The service that answers"),
+        ("action" = String, Path, description = "The action"),
+        RequestParams,
+    ),
+    request_body(content = Object, description = "The query: a JSON object (extended JSON accepted)"),
+    responses(
+        (status = 200, description = "The answer", body = Answer),
+        (status = 400, description = "Bad JSON or names", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "A token without a service, or an action the catalog does not declare", body = ErrorBody),
+        (status = 413, description = "Body over common.intracom.max_message_bytes", body = ErrorBody),
+        (status = 502, description = "The handler failed: its message", body = ErrorBody),
+        (status = 504, description = "No answer within the time-out", body = ErrorBody),
+    )
+)]
+pub(crate) async fn request(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((service, action)): Path<(String, String)>,
+    Query(params): Query<RequestParams>,
+    Json(query): Json<serde_json::Value>,
+) -> ApiResult<axum::Json<Answer>> {
+    let own = caller.service()?.to_string();
+    let query = document_of(query, "the request body")?;
+    let timeout = match params.timeout_ms {
+        Some(0) => return Err(ApiError::BadRequest("timeout_ms must be at least 1".into())),
+        Some(ms) => Duration::from_millis(ms),
+        None => Duration::from_millis(state.bus().config().request_timeout_ms),
+    }
+    .min(state.options().max_request_timeout);
+    check_name("service", &service)?;
+    check_name("action", &action)?;
+    let bus = state.bus_as(&own)?;
+    let result: Option<bson::Document> = bus
+        .request(&service, &action, &query)
+        .timeout(timeout)
+        .await?;
+    Ok(axum::Json(Answer {
+        result: result.as_ref().map(json_of),
+    }))
+}

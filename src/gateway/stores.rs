@@ -1,0 +1,302 @@
+//! Seed 003's two stores as REST resources: the MessageStore (`/messages`: messages not
+//! routed yet) over the outbox, and the IdempotencyStore (`/idempotency`) over the
+//! idempotency records. Admin tokens only.
+//!
+//! Why it exists: seed 003 asks for both stores as services with a REST API, so that
+//! every EventBus instance sees one source of truth. In intracom they already exist
+//! inside the bus: the outbox keeps, in order, what the medium could not take yet and
+//! sends it when the medium is back; the `processed` records say which consumer
+//! handled which message, with its result. These routes show and edit them:
+//!
+//! - `POST /messages` keeps a message (checked like a publish) in the outbox of this
+//!   gateway, which sends it as soon as the medium takes it; `GET /messages` lists what
+//!   waits; `DELETE /messages/{messageId}` takes one out before it is sent.
+//! - `POST /idempotency` marks a message processed by a consumer (with an optional
+//!   result); `GET /idempotency/{messageId}?consumer=` tells whether it was;
+//!   `DELETE /idempotency/{messageId}?consumer=` forgets it, so the message would be
+//!   handled again. Records expire after `common.intracom.timeout_ms`.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{Json, Path, Query};
+use super::model::{document_of, json_of, rfc3339, MessageJson, Receipt, Removed};
+use super::publish::{idempotency_key, PublishRequest};
+use super::AppState;
+use crate::medium::{ProcessedRecord, Reservation};
+use crate::message::check_name;
+
+/// Keeps a message in this gateway's outbox (the MessageStore): it is checked as a
+/// publish is (catalog, size), then sent after what already waits there as soon as the
+/// medium takes it. `from` names the sending service.
+#[utoipa::path(
+    post,
+    path = "/messages",
+    tag = "stores",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Becomes the message id"),
+    ),
+    responses(
+        (status = 202, description = "Kept; sent when the medium takes it", body = Receipt),
+        (status = 400, description = "Bad JSON, an invalid message, or no `from`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token, or not in the catalog", body = ErrorBody),
+        (status = 413, description = "Over common.intracom.max_message_bytes", body = ErrorBody),
+        (status = 503, description = "The outbox is full", body = ErrorBody),
+    )
+)]
+pub(crate) async fn keep(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(request): Json<PublishRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
+    caller.admin()?;
+    let from = request
+        .from
+        .clone()
+        .ok_or_else(|| ApiError::BadRequest("`from` is required: the sending service".into()))?;
+    let id = idempotency_key(&headers)?;
+    let message = request.into_message(&from, id)?;
+    let receipt = Receipt::from(state.bus_as(&from)?.publish_later(message).await?);
+    Ok((StatusCode::ACCEPTED, axum::Json(receipt)))
+}
+
+/// The messages waiting in this gateway's outbox, oldest first.
+#[utoipa::path(
+    get,
+    path = "/messages",
+    tag = "stores",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The messages not routed yet", body = [MessageJson]),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+    )
+)]
+pub(crate) async fn waiting(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<axum::Json<Vec<MessageJson>>> {
+    caller.admin()?;
+    let messages = state.bus().outbox_messages();
+    Ok(axum::Json(messages.iter().map(MessageJson::from).collect()))
+}
+
+/// Takes a message out of the outbox before it is sent.
+#[utoipa::path(
+    delete,
+    path = "/messages/{messageId}",
+    tag = "stores",
+    security(("bearer" = [])),
+    params(("messageId" = String, Path, description = "The message id")),
+    responses(
+        (status = 200, description = "Removed: it will not be sent", body = Removed),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "Not waiting (sent already, or never kept)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn drop_waiting(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Removed>> {
+    caller.admin()?;
+    if state.bus().outbox_remove(&id)? {
+        Ok(axum::Json(Removed { removed: 1 }))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "message `{id}` is not waiting in the outbox (sent already, or never kept)"
+        )))
+    }
+}
+
+/// An idempotency record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Record {
+    /// The consumer that handled the message.
+    pub consumer: String,
+    /// The message id.
+    #[serde(rename = "messageId")]
+    pub message_id: String,
+    /// `done`, or `running` while a holder runs the handler.
+    pub state: String,
+    /// The handler's result, if it recorded one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// When it was reserved or done, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+}
+
+impl From<ProcessedRecord> for Record {
+    fn from(r: ProcessedRecord) -> Self {
+        Record {
+            consumer: r.consumer,
+            message_id: r.id,
+            state: if r.done { "done" } else { "running" }.into(),
+            result: r.result.as_ref().map(json_of),
+            timestamp: r.at.map(rfc3339),
+        }
+    }
+}
+
+/// A message to mark processed.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkProcessed {
+    /// The consumer (a name that stays the same across restarts and instances).
+    pub consumer: String,
+    /// The message id.
+    #[serde(rename = "messageId")]
+    pub message_id: String,
+    /// The result to give to later checks: a JSON object.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+}
+
+/// Marks a message processed by a consumer, with an optional result. A message already
+/// marked keeps its first record (200); one whose handler is running elsewhere now is a
+/// conflict (409).
+#[utoipa::path(
+    post,
+    path = "/idempotency",
+    tag = "stores",
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Marked", body = Record),
+        (status = 200, description = "Marked before: the first record", body = Record),
+        (status = 400, description = "Bad JSON or names", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 409, description = "A handler is running for it now", body = ErrorBody),
+    )
+)]
+pub(crate) async fn mark(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<MarkProcessed>,
+) -> ApiResult<(StatusCode, axum::Json<Record>)> {
+    caller.admin()?;
+    check_name("consumer", &request.consumer)?;
+    check_name("messageId", &request.message_id)?;
+    let result = request
+        .result
+        .map(|r| document_of(r, "result"))
+        .transpose()?;
+    let medium = state.bus().medium();
+    let (consumer, id) = (&request.consumer, &request.message_id);
+    let owner = format!("{}/gateway", state.bus().instance());
+    let status = match medium
+        .processed_reserve(consumer, id, &owner, Duration::from_secs(60))
+        .await?
+    {
+        Reservation::Reserved => {
+            medium
+                .processed_complete(consumer, id, &owner, result)
+                .await?;
+            StatusCode::CREATED
+        }
+        Reservation::Done(_) => StatusCode::OK,
+        _ => {
+            return Err(ApiError::Conflict(format!(
+                "consumer `{consumer}` is handling message `{id}` now"
+            )))
+        }
+    };
+    let record = medium
+        .processed_get(consumer, id)
+        .await?
+        .ok_or_else(|| ApiError::Internal("the record just written cannot be read".into()))?;
+    Ok((status, axum::Json(Record::from(record))))
+}
+
+/// Which consumer's record.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsumerParams {
+    /// The consumer.
+    pub consumer: String,
+}
+
+/// Whether a consumer processed a message, with the result it recorded.
+#[utoipa::path(
+    get,
+    path = "/idempotency/{messageId}",
+    tag = "stores",
+    security(("bearer" = [])),
+    params(("messageId" = String, Path, description = "The message id"), ConsumerParams),
+    responses(
+        (status = 200, description = "The record", body = Record),
+        (status = 400, description = "Bad parameters", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "Not processed (or the record expired)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<ConsumerParams>,
+) -> ApiResult<axum::Json<Record>> {
+    caller.admin()?;
+    state
+        .bus()
+        .medium()
+        .processed_get(&params.consumer, &id)
+        .await?
+        .map(|record| axum::Json(Record::from(record)))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "consumer `{}` has no record of message `{id}`",
+                params.consumer
+            ))
+        })
+}
+
+/// Forgets that a consumer processed a message: a later delivery runs its handler again.
+#[utoipa::path(
+    delete,
+    path = "/idempotency/{messageId}",
+    tag = "stores",
+    security(("bearer" = [])),
+    params(("messageId" = String, Path, description = "The message id"), ConsumerParams),
+    responses(
+        (status = 200, description = "Removed", body = Removed),
+        (status = 400, description = "Bad parameters", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such record", body = ErrorBody),
+    )
+)]
+pub(crate) async fn forget(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<ConsumerParams>,
+) -> ApiResult<axum::Json<Removed>> {
+    caller.admin()?;
+    match state
+        .bus()
+        .medium()
+        .processed_remove(&params.consumer, &id)
+        .await?
+    {
+        0 => Err(ApiError::NotFound(format!(
+            "consumer `{}` has no record of message `{id}`",
+            params.consumer
+        ))),
+        removed => Ok(axum::Json(Removed { removed })),
+    }
+}

@@ -1,0 +1,730 @@
+//! The checks that run on every place: memory and each MongoDB server.
+
+use std::time::Duration;
+
+use intracom::bson::{doc, Document};
+use intracom::gateway::{decode_position, GatewayOptions};
+use intracom::idempotency::Once;
+use intracom::WorkOptions;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::{check, eventually, Check, Gw, Place, ADMIN, BILLING, GUARD, MAX_BYTES, USERS};
+
+pub fn checks() -> Vec<Check> {
+    vec![
+        check!(publish_reaches_an_sse_subscriber),
+        check!(last_event_id_resumes_50_messages_in_order),
+        check!(request_reply_answers_fails_and_times_out),
+        check!(unauthorized_forbidden_and_too_large),
+        check!(a_slow_client_falls_behind_alone),
+        check!(named_subscriptions_resume_after_their_acks),
+        check!(queues_and_dead_letters),
+        check!(idempotency_store),
+    ]
+}
+
+async fn post_keyed(gw: &Gw, key: &str, body: Value) -> (StatusCode, Value) {
+    let response = gw
+        .http
+        .post(gw.url("/publish"))
+        .bearer_auth(BILLING)
+        .header("Idempotency-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("publish");
+    let status = response.status();
+    (status, response.json().await.expect("a JSON receipt"))
+}
+
+/// Asserts a JSON error with this status and code.
+fn refused(answer: (StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    assert_eq!(answer.1["code"], code, "{}", answer.1);
+    assert!(
+        answer.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "a readable message: {}",
+        answer.1
+    );
+}
+
+async fn publish_reaches_an_sse_subscriber(place: &Place) {
+    let gw = Gw::start(place).await;
+    let mut users = gw.subscribe("/subscribe/*", USERS, None).await;
+    let mut reloads = gw.subscribe("/subscribe/reload", BILLING, None).await;
+
+    let id = gw
+        .publish(
+            BILLING,
+            json!({ "to": "users", "action": "user.deleted", "query": { "user": 12 } }),
+        )
+        .await;
+    let (event_id, m) = users.message("the targeted message").await;
+    assert_eq!(m["id"], id);
+    assert_eq!(m["serviceNameSource"], "billing");
+    assert_eq!(m["serviceNameDest"], "users");
+    assert_eq!(m["type"], "fire_and_forget");
+    assert_eq!(m["action"], "user.deleted");
+    assert_eq!(m["query"]["user"], 12);
+    assert!(
+        m["ts"]["t"].as_u64().is_some(),
+        "stamped by the medium: {m}"
+    );
+    decode_position(&event_id).expect("the event id is a position");
+
+    // The same Idempotency-Key twice stores one message.
+    let body = json!({ "action": "reload", "query": { "tenant": 7 } });
+    let (status, first) = post_keyed(&gw, "reload-tenant-7", body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["id"], "reload-tenant-7");
+    assert_eq!(first["status"], "stored");
+    let (status, again) = post_keyed(&gw, "reload-tenant-7", body).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["status"], "duplicate");
+    let marker = gw.publish(BILLING, json!({ "action": "reload" })).await;
+    for (who, stream) in [("users", &mut users), ("billing", &mut reloads)] {
+        let (_, m) = stream.message(who).await;
+        assert_eq!(m["id"], "reload-tenant-7", "{who}");
+        assert_eq!(m["serviceNameDest"], Value::Null, "a broadcast");
+        let (_, m) = stream.message(who).await;
+        assert_eq!(m["id"], marker, "{who}: the retried POST was stored once");
+    }
+    // A message to one instance reaches a subscriber that names that instance only.
+    let mut instance = gw
+        .subscribe("/subscribe/user.deleted?instance=users-7", USERS, None)
+        .await;
+    let to_other = gw
+        .publish(
+            BILLING,
+            json!({ "to": "users", "instance": "users-8", "action": "user.deleted" }),
+        )
+        .await;
+    let to_it = gw
+        .publish(
+            BILLING,
+            json!({ "to": "users", "instance": "users-7", "action": "user.deleted" }),
+        )
+        .await;
+    let (_, m) = instance.message("to users-7").await;
+    assert_eq!(m["id"], to_it, "not {to_other}");
+    assert_eq!(m["instanceDest"], "users-7");
+    gw.stop().await;
+}
+
+async fn last_event_id_resumes_50_messages_in_order(place: &Place) {
+    let gw = Gw::start(place).await;
+    let mut sub = gw.subscribe("/subscribe/reload", USERS, None).await;
+    let first = gw
+        .publish(BILLING, json!({ "action": "reload", "query": { "n": 0 } }))
+        .await;
+    let (last_event_id, m) = sub.message("the first message").await;
+    assert_eq!(m["id"], first);
+    drop(sub);
+
+    let mut published = Vec::new();
+    for n in 1..=50 {
+        published.push(
+            gw.publish(BILLING, json!({ "action": "reload", "query": { "n": n } }))
+                .await,
+        );
+    }
+    let mut resumed = gw
+        .subscribe("/subscribe/reload", USERS, Some(&last_event_id))
+        .await;
+    let mut received = Vec::new();
+    for n in 1..=50 {
+        let (_, m) = resumed
+            .message(&format!("message {n} after the reconnect"))
+            .await;
+        received.push(m["id"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        received, published,
+        "all 50, in order, and nothing before them"
+    );
+    let live = gw.publish(BILLING, json!({ "action": "reload" })).await;
+    assert_eq!(
+        resumed.message("live after the catch-up").await.1["id"],
+        live
+    );
+
+    // `?after=` does the same for clients that cannot set the header.
+    let mut after = gw
+        .subscribe(
+            &format!("/subscribe/reload?after={last_event_id}"),
+            USERS,
+            None,
+        )
+        .await;
+    assert_eq!(after.message("after=").await.1["id"], published[0]);
+
+    let bad = gw
+        .http
+        .get(gw.url("/subscribe/reload"))
+        .bearer_auth(USERS)
+        .header("Last-Event-ID", "not-a-position")
+        .send()
+        .await
+        .expect("subscribe");
+    let status = bad.status();
+    refused(
+        (status, bad.json().await.expect("JSON")),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    gw.stop().await;
+}
+
+async fn request_reply_answers_fails_and_times_out(place: &Place) {
+    let gw = Gw::start(place).await;
+    let billing = gw.peer("billing").await;
+    let worker = billing
+        .serve("billing", "invoice.get", |q: Document| async move {
+            if q.get("invoice").and_then(|v| v.as_i32()) == Some(13) {
+                return Err("no invoice 13".to_string());
+            }
+            let mut answer = doc! { "total": 42.5 };
+            if let Some(invoice) = q.get("invoice") {
+                answer.insert("invoice", invoice.clone());
+            }
+            Ok(answer)
+        })
+        .expect("worker");
+    let (status, answer) = gw
+        .post(
+            "/request/billing/invoice.get",
+            USERS,
+            json!({ "invoice": 42 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["result"], json!({ "total": 42.5, "invoice": 42 }));
+
+    let failed = gw
+        .post(
+            "/request/billing/invoice.get",
+            USERS,
+            json!({ "invoice": 13 }),
+        )
+        .await;
+    assert!(
+        failed.1["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no invoice 13"),
+        "{}",
+        failed.1
+    );
+    refused(failed, StatusCode::BAD_GATEWAY, "remote_error");
+
+    // Nobody serves `marker`: the time-out passes.
+    refused(
+        gw.post("/request/billing/marker?timeout_ms=300", USERS, json!({}))
+            .await,
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+    );
+    refused(
+        gw.post("/request/billing/nope", USERS, json!({})).await,
+        StatusCode::FORBIDDEN,
+        "unknown_action",
+    );
+    refused(
+        gw.post("/request/billing/invoice.get", USERS, json!([1, 2]))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    worker.stop().await;
+    billing.shutdown().await;
+    gw.stop().await;
+}
+
+async fn unauthorized_forbidden_and_too_large(place: &Place) {
+    let gw = Gw::start(place).await;
+    let reload = json!({ "action": "reload" });
+
+    let anonymous = gw
+        .http
+        .post(gw.url("/publish"))
+        .json(&reload)
+        .send()
+        .await
+        .expect("publish");
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    let status = anonymous.status();
+    refused(
+        (status, anonymous.json().await.expect("JSON")),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    refused(
+        gw.post("/publish", "not-a-token", reload.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    refused(
+        gw.call(Method::GET, "/stats", None, None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let basic = gw
+        .http
+        .get(gw.url("/catalog"))
+        .header("Authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .expect("catalog");
+    assert_eq!(basic.status(), StatusCode::UNAUTHORIZED);
+
+    // Another service's identity, or what the catalog does not let it send.
+    refused(
+        gw.post(
+            "/publish",
+            BILLING,
+            json!({ "action": "reload", "from": "users" }),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    refused(
+        gw.post("/publish", USERS, reload.clone()).await,
+        StatusCode::FORBIDDEN,
+        "unknown_action",
+    );
+    refused(
+        gw.post("/publish", ADMIN, reload.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    for path in [
+        "/queues",
+        "/dead",
+        "/stats",
+        "/messages",
+        "/subscribe/*?monitor=true",
+    ] {
+        refused(
+            gw.get(path, BILLING).await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
+    }
+    assert_eq!(gw.get("/queues", ADMIN).await.0, StatusCode::OK);
+    assert_eq!(gw.get("/catalog", USERS).await.0, StatusCode::OK);
+    // Nothing was published by the refused calls.
+    assert_eq!(gw.get("/stats", ADMIN).await.1["counts"]["total"], 0);
+
+    // Over the limit: refused before the body is read, with or without a length.
+    let pad = "x".repeat(MAX_BYTES);
+    let big = json!({ "action": "reload", "query": { "pad": pad } });
+    refused(
+        gw.post("/publish", BILLING, big.clone()).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+    let bytes = serde_json::to_vec(&big).expect("JSON");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(4096).map(|c| Ok(c.to_vec())).collect();
+    let chunked = gw
+        .http
+        .post(gw.url("/publish"))
+        .bearer_auth(BILLING)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("chunked publish");
+    let status = chunked.status();
+    refused(
+        (status, chunked.json().await.expect("JSON")),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+    // Under the body limit but over the message limit once encoded: refused too.
+    let near = json!({ "action": "reload", "query": { "pad": "y".repeat(MAX_BYTES - 100) } });
+    refused(
+        gw.post("/publish", BILLING, near).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+    refused(
+        gw.call(Method::POST, "/publish", Some(BILLING), None).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    refused(
+        gw.post(
+            "/publish",
+            BILLING,
+            json!({ "action": "reload", "surprise": 1 }),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    refused(
+        gw.call(Method::PUT, "/publish", Some(BILLING), None).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    refused(
+        gw.get("/nowhere", BILLING).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    gw.stop().await;
+}
+
+async fn a_slow_client_falls_behind_alone(place: &Place) {
+    let options = GatewayOptions::default()
+        .sse_buffer(8)
+        .sse_stall(Duration::from_millis(300));
+    let gw = Gw::with(place, options).await;
+    // The slow client: its stream is opened and never read until the end.
+    let mut slow = gw.subscribe("/subscribe/reload", USERS, None).await;
+    let mut fast = gw.subscribe("/subscribe/reload", BILLING, None).await;
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        loop {
+            let (_, m) = fast.message("the fast client").await;
+            if m["query"]["last"] == true {
+                return ids;
+            }
+            ids.push(m["id"].as_str().unwrap_or_default().to_string());
+        }
+    });
+    let pad = "p".repeat(30 * 1024);
+    let mut published = Vec::new();
+    loop {
+        for _ in 0..20 {
+            let n = published.len();
+            published.push(
+                gw.publish(
+                    BILLING,
+                    json!({ "action": "reload", "query": { "n": n, "pad": pad } }),
+                )
+                .await,
+            );
+        }
+        let clients = gw.get("/stats", ADMIN).await.1["sseClients"].as_u64();
+        if clients == Some(1) {
+            break; // the slow client's stream ended; the fast one goes on
+        }
+        assert!(
+            published.len() < 4000,
+            "the slow client was never told it fell behind ({} messages, {clients:?} clients)",
+            published.len()
+        );
+    }
+    gw.publish(
+        BILLING,
+        json!({ "action": "reload", "query": { "last": true } }),
+    )
+    .await;
+    let fast_ids = tokio::time::timeout(GUARD, reader)
+        .await
+        .expect("the fast client: hang guard")
+        .expect("the fast client's task");
+    assert_eq!(
+        fast_ids, published,
+        "the fast client got everything, in order"
+    );
+
+    let mut seen = Vec::new();
+    let mut last_id = None;
+    loop {
+        let event = slow.expect("the slow client's stream").await;
+        match event.event.as_str() {
+            "message" => {
+                seen.push(event.json()["id"].as_str().unwrap_or_default().to_string());
+                last_id = event.id.clone();
+            }
+            "lagged" => {
+                assert_eq!(event.json()["code"], "fell_behind");
+                break;
+            }
+            other => panic!("unexpected `{other}` event: {event:?}"),
+        }
+    }
+    let after = tokio::time::timeout(GUARD, slow.next())
+        .await
+        .expect("the end of the slow stream");
+    assert!(after.is_none(), "the stream ends after `lagged`: {after:?}");
+    eprintln!(
+        "slow client: told it fell behind after {} of {} messages",
+        seen.len(),
+        published.len()
+    );
+    assert!(
+        seen.len() < published.len(),
+        "the gateway kept only a bounded amount for the slow client ({} of {})",
+        seen.len(),
+        published.len()
+    );
+    assert_eq!(
+        seen,
+        published[..seen.len()],
+        "what it got, it got in order"
+    );
+
+    // It resumes where it stopped, with no gap.
+    let mut resumed = gw
+        .subscribe("/subscribe/reload", USERS, last_id.as_deref())
+        .await;
+    for expected in &published[seen.len()..] {
+        assert_eq!(
+            &resumed.message("the resumed slow client").await.1["id"],
+            expected
+        );
+    }
+    assert_eq!(resumed.message("the marker").await.1["query"]["last"], true);
+    gw.stop().await;
+}
+
+async fn named_subscriptions_resume_after_their_acks(place: &Place) {
+    let gw = Gw::start(place).await;
+    let path = "/subscribe/reload?name=users-inbox";
+    let mut sub = gw.subscribe(path, USERS, None).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            gw.publish(BILLING, json!({ "action": "reload", "query": { "n": n } }))
+                .await,
+        );
+    }
+    for id in &ids {
+        assert_eq!(&sub.message("a named delivery").await.1["id"], id);
+    }
+    let ack = |id: &str| format!("/ack/{id}?subscription=users-inbox");
+    let (status, acked) = gw.post(&ack(&ids[0]), USERS, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{acked}");
+    assert_eq!(acked["id"], ids[0].as_str());
+    assert_eq!(
+        gw.post(&ack(&ids[1]), USERS, json!({})).await.0,
+        StatusCode::OK
+    );
+    refused(
+        gw.post(&ack(&ids[1]), USERS, json!({})).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    refused(
+        gw.post(&ack(&ids[2]), BILLING, json!({})).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    refused(
+        gw.post(
+            &format!("/ack/{}?subscription=elsewhere", ids[2]),
+            USERS,
+            json!({}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    refused(
+        gw.post(&format!("/ack/{}", ids[2]), USERS, json!({})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    drop(sub);
+
+    // The checkpoint is after the second: the unacked third comes again, first.
+    let mut again = gw.subscribe(path, USERS, None).await;
+    assert_eq!(
+        again.message("the unacked message").await.1["id"],
+        ids[2].as_str()
+    );
+    assert_eq!(
+        gw.post(&ack(&ids[2]), USERS, json!({})).await.0,
+        StatusCode::OK
+    );
+    let stats = gw.get("/stats", ADMIN).await.1;
+    assert!(
+        stats["lag"]
+            .as_array()
+            .is_some_and(|lag| lag.iter().any(|l| l["subscription"] == "users-inbox")),
+        "the console sees the subscription's lag: {stats}"
+    );
+    gw.stop().await;
+}
+
+fn queue<'a>(queues: &'a Value, id: &str) -> &'a Value {
+    queues
+        .as_array()
+        .and_then(|q| q.iter().find(|q| q["id"] == id))
+        .unwrap_or_else(|| panic!("no queue {id} in {queues}"))
+}
+
+async fn queues_and_dead_letters(place: &Place) {
+    let gw = Gw::start(place).await;
+    let (status, created) = gw
+        .post(
+            "/queues/create",
+            ADMIN,
+            json!({ "service": "users", "action": "user.export" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["id"], "users/user.export");
+    let catalog = gw.get("/catalog", USERS).await.1;
+    assert!(catalog.to_string().contains("user.export"), "{catalog}");
+
+    let job = json!({ "to": "users", "action": "user.export", "work": true });
+    for _ in 0..3 {
+        gw.publish(BILLING, job.clone()).await;
+    }
+    let queues = gw.get("/queues", ADMIN).await.1;
+    let q = queue(&queues, "users/user.export");
+    assert_eq!(
+        (q["depth"].as_u64(), q["inFlight"].as_u64()),
+        (Some(3), Some(0)),
+        "{q}"
+    );
+    let (status, purged) = gw.delete("/queues/users/user.export", ADMIN).await;
+    assert_eq!(status, StatusCode::OK, "{purged}");
+    assert_eq!(purged["purged"], 3);
+    let queues = gw.get("/queues", ADMIN).await.1;
+    assert_eq!(queue(&queues, "users/user.export")["depth"], 0);
+
+    // A job that fails for good lands in the dead letters.
+    let users = gw.peer("users").await;
+    let failing = || {
+        users
+            .work(
+                "users",
+                &["user.export"],
+                WorkOptions::default()
+                    .max_attempts(1)
+                    .poll(Duration::from_millis(50)),
+                |_job| async { Err::<(), _>("export failed") },
+            )
+            .expect("worker")
+    };
+    let worker = failing();
+    let dead_id = gw.publish(BILLING, job.clone()).await;
+    eventually("the failed job in the dead letters", || async {
+        gw.get(&format!("/dead/{dead_id}"), ADMIN).await.0 == StatusCode::OK
+    })
+    .await;
+    worker.stop().await;
+    let letter = gw.get(&format!("/dead/{dead_id}"), ADMIN).await.1;
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("export failed"),
+        "{letter}"
+    );
+    assert_eq!(letter["action"], "user.export");
+    let listed = gw.get("/dead?limit=10", ADMIN).await.1;
+    assert!(listed
+        .as_array()
+        .is_some_and(|l| l.iter().any(|d| d["id"] == dead_id.as_str())));
+    assert_eq!(
+        queue(&gw.get("/queues", ADMIN).await.1, "users/user.export")["dead"],
+        1
+    );
+
+    let (status, retried) = gw
+        .post(&format!("/retry/{dead_id}"), ADMIN, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{retried}");
+    assert_eq!(retried["retryOf"], dead_id.as_str());
+    assert_ne!(retried["id"], dead_id.as_str());
+    refused(
+        gw.get(&format!("/dead/{dead_id}"), ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    refused(
+        gw.post(&format!("/retry/{dead_id}"), ADMIN, json!({}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let q = gw.get("/queues", ADMIN).await.1;
+    assert_eq!(
+        queue(&q, "users/user.export")["depth"],
+        1,
+        "the retried job waits: {q}"
+    );
+
+    // It fails again: purge that dead letter, then everything.
+    let worker = failing();
+    let retried_id = retried["id"].as_str().unwrap_or_default().to_string();
+    eventually("the retried job in the dead letters", || async {
+        gw.get(&format!("/dead/{retried_id}"), ADMIN).await.0 == StatusCode::OK
+    })
+    .await;
+    worker.stop().await;
+    refused(
+        gw.delete("/dead/nope", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(
+        gw.delete(&format!("/dead/{retried_id}"), ADMIN).await.1["removed"],
+        1
+    );
+    assert_eq!(gw.delete("/dead", ADMIN).await.1["removed"], 0);
+    users.shutdown().await;
+    gw.stop().await;
+}
+
+async fn idempotency_store(place: &Place) {
+    let gw = Gw::start(place).await;
+    let mark = |result: i32| json!({ "consumer": "ledger", "messageId": "m-1", "result": { "n": result } });
+    let (status, record) = gw.post("/idempotency", ADMIN, mark(1)).await;
+    assert_eq!(status, StatusCode::CREATED, "{record}");
+    assert_eq!(record["state"], "done");
+    assert_eq!(record["result"], json!({ "n": 1 }));
+    assert!(record["timestamp"].is_string(), "{record}");
+    let (status, again) = gw.post("/idempotency", ADMIN, mark(2)).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["result"], json!({ "n": 1 }), "the first record stays");
+    let (status, found) = gw.get("/idempotency/m-1?consumer=ledger", ADMIN).await;
+    assert_eq!(
+        (status, &found["messageId"]),
+        (StatusCode::OK, &json!("m-1"))
+    );
+    refused(
+        gw.get("/idempotency/m-1?consumer=other", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    refused(
+        gw.get("/idempotency/m-1", ADMIN).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
+    // The library's run-once agrees with the store.
+    let ledger = gw.bus.idempotent("ledger");
+    let once = ledger
+        .run_once("m-1", || async { Ok::<_, intracom::Error>(5) })
+        .await
+        .expect("run_once");
+    assert_eq!(once, Once::AlreadyDone(Some(doc! { "n": 1 })));
+    let (status, removed) = gw.delete("/idempotency/m-1?consumer=ledger", ADMIN).await;
+    assert_eq!((status, &removed["removed"]), (StatusCode::OK, &json!(1)));
+    refused(
+        gw.get("/idempotency/m-1?consumer=ledger", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    refused(
+        gw.delete("/idempotency/m-1?consumer=ledger", ADMIN).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let once = ledger
+        .run_once("m-1", || async { Ok::<_, intracom::Error>(5) })
+        .await
+        .expect("run_once");
+    assert_eq!(once, Once::Ran(5), "forgotten: it runs again");
+    gw.stop().await;
+}

@@ -1,0 +1,651 @@
+//! The checks on the memory medium only, several with an outside tool: the MessageStore
+//! over the outbox of a medium that goes down, TLS, the `intracom serve` command,
+//! schemathesis over the OpenAPI document, the web console in a headless chromium, the
+//! Node.js example.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use intracom::bson::{self, doc, Document};
+use intracom::gateway::{Gateway, GatewayOptions, Tls};
+use intracom::{Intracom, Message};
+use libtest_mimic::Trial;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use super::flaky::Flaky;
+use super::servers::{cache_dir, spawn_kept};
+use super::{block_on, config, eventually, tokens, Gw, Place, ADMIN, BILLING, GUARD, OPS};
+
+/// The trials of this file; a missing tool makes its trial ignored with the reason.
+pub fn trials() -> Vec<Trial> {
+    let mut trials = vec![
+        Trial::test("memory::message_store_over_the_outbox", || {
+            block_on(message_store_over_the_outbox())
+        }),
+        Trial::test("memory::a_late_reconnect_is_told_what_was_lost", || {
+            block_on(a_late_reconnect_is_told_what_was_lost())
+        }),
+        Trial::test(
+            "memory::https_with_rustls",
+            || block_on(https_with_rustls()),
+        ),
+        Trial::test("memory::intracom_serve_and_token_commands", || {
+            block_on(intracom_serve_and_token_commands())
+        }),
+    ];
+    trials.push(with_tool(
+        "memory::openapi_survives_schemathesis",
+        schemathesis(),
+        |st| block_on(openapi_survives_schemathesis(st)),
+    ));
+    trials.push(with_tool(
+        "memory::console_in_headless_chromium",
+        node().and_then(|node| Ok((node, chromium()?, playwright()?))),
+        |tools| block_on(console_in_headless_chromium(tools)),
+    ));
+    trials.push(with_tool("memory::node_example", node(), |node| {
+        block_on(node_example(node))
+    }));
+    trials
+}
+
+fn with_tool<T: Send + 'static>(
+    name: &str,
+    tool: Result<T, String>,
+    run: impl FnOnce(T) -> Result<(), libtest_mimic::Failed> + Send + 'static,
+) -> Trial {
+    match tool {
+        Ok(tool) => Trial::test(name, move || run(tool)),
+        Err(reason) => Trial::test(name, || Ok(()))
+            .with_ignored_flag(true)
+            .with_kind(reason),
+    }
+}
+
+/// A tool named by an environment variable, or found at its place in the cache.
+fn tool(env: &str, cached: &str, what: &str) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return if path.exists() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{env} names {}, which does not exist",
+                path.display()
+            ))
+        };
+    }
+    let path = cache_dir()
+        .map(|c| c.join(cached))
+        .ok_or_else(|| "HOME is not set".to_string())?;
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{what} not installed at {}: scripts/test installs it",
+            path.display()
+        ))
+    }
+}
+
+/// A program on the PATH.
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
+}
+
+fn schemathesis() -> Result<PathBuf, String> {
+    tool(
+        "INTRACOM_SCHEMATHESIS",
+        "schemathesis/bin/st",
+        "schemathesis",
+    )
+}
+
+fn playwright() -> Result<PathBuf, String> {
+    tool(
+        "INTRACOM_PLAYWRIGHT",
+        "node/node_modules/playwright-core",
+        "playwright-core",
+    )
+}
+
+fn chromium() -> Result<PathBuf, String> {
+    match std::env::var_os("INTRACOM_CHROMIUM").filter(|p| !p.is_empty()) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => on_path("chromium")
+            .ok_or_else(|| "no chromium on the PATH (scripts/test installs Debian's)".into()),
+    }
+}
+
+fn node() -> Result<PathBuf, String> {
+    on_path("node")
+        .ok_or_else(|| "no node on the PATH (scripts/test installs Debian's nodejs)".into())
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Runs a program to its end within the hang guard; its status, stdout and stderr.
+async fn run(mut command: Command) -> (std::process::ExitStatus, String, String) {
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let child = spawn_kept(command).expect("start the program");
+    let output = tokio::time::timeout(
+        GUARD * 3,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the program did not finish within the hang guard")
+    .expect("its waiting task")
+    .expect("its output");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn message_store_over_the_outbox() {
+    let flaky = Arc::new(Flaky::new());
+    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
+        .await
+        .expect("bus");
+    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
+    assert_eq!(gw.get("/messages", ADMIN).await.1, json!([]));
+
+    let probe = |path: &'static str| {
+        let gw = &gw;
+        async move { gw.call(reqwest::Method::GET, path, None, None).await }
+    };
+    assert_eq!(probe("/readyz").await.0, StatusCode::OK);
+
+    // The medium is down: not ready (but alive); publishes wait in the outbox, in order.
+    flaky.set_down(true);
+    let (status, not_ready) = probe("/readyz").await;
+    assert_eq!(
+        (status, &not_ready["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("unavailable"))
+    );
+    assert_eq!(probe("/healthz").await.0, StatusCode::OK);
+    let (status, kept) = gw
+        .post(
+            "/publish",
+            BILLING,
+            json!({ "action": "reload", "query": { "n": 1 } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{kept}");
+    assert_eq!(kept["status"], "buffered");
+    let (status, stored) = gw
+        .post(
+            "/messages",
+            ADMIN,
+            json!({ "action": "reload", "from": "billing", "query": { "n": 2 } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{stored}");
+    let (status, waiting) = gw.get("/messages", ADMIN).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = waiting
+        .as_array()
+        .map(|w| w.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        ids,
+        [
+            kept["id"].as_str().unwrap_or("?"),
+            stored["id"].as_str().unwrap_or("?")
+        ]
+    );
+    assert_eq!(waiting[0]["query"]["n"], 1);
+    let stats = gw.get("/stats", ADMIN).await.1;
+    assert_eq!(
+        stats["outbox"], 2,
+        "the stats still show while the medium is down: {stats}"
+    );
+    assert!(
+        stats["mediumError"]
+            .as_str()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{stats}"
+    );
+
+    // One is taken back before it is sent.
+    let (status, removed) = gw
+        .delete(
+            &format!("/messages/{}", kept["id"].as_str().unwrap_or("?")),
+            ADMIN,
+        )
+        .await;
+    assert_eq!((status, &removed["removed"]), (StatusCode::OK, &json!(1)));
+    let again = gw
+        .delete(
+            &format!("/messages/{}", kept["id"].as_str().unwrap_or("?")),
+            ADMIN,
+        )
+        .await;
+    assert_eq!(again.0, StatusCode::NOT_FOUND, "{}", again.1);
+    assert_eq!(
+        gw.post("/messages", ADMIN, json!({ "action": "reload" }))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST,
+        "`from` is required"
+    );
+    assert_eq!(
+        gw.post(
+            "/messages",
+            BILLING,
+            json!({ "action": "reload", "from": "billing" })
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN,
+        "the stores are for admin tokens"
+    );
+
+    // The medium is back: ready; the outbox is sent; only the message left in it arrives.
+    flaky.set_down(false);
+    assert_eq!(probe("/readyz").await.0, StatusCode::OK);
+    let (_, m) = sub.message("the message kept in the store").await;
+    assert_eq!(m["id"], stored["id"]);
+    assert_eq!(m["query"]["n"], 2);
+    eventually("the outbox empties", || async {
+        gw.get("/messages", ADMIN).await.1 == json!([])
+    })
+    .await;
+    let marker = gw
+        .publish(BILLING, json!({ "action": "reload", "query": { "n": 3 } }))
+        .await;
+    assert_eq!(
+        sub.message("the next message").await.1["id"],
+        marker,
+        "nothing else came"
+    );
+    gw.stop().await;
+}
+
+async fn a_late_reconnect_is_told_what_was_lost() {
+    use intracom::medium::memory::{MemoryMedium, MemoryOptions};
+    let mut config = config("gateway");
+    config.memory_max_messages = 10;
+    let medium = Arc::new(MemoryMedium::new(MemoryOptions::from(&config)));
+    let bus = Intracom::with_medium(config, medium.clone())
+        .await
+        .expect("bus");
+    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, Some(medium));
+    let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
+    gw.publish(BILLING, json!({ "action": "reload" })).await;
+    let (last_event_id, _) = sub.message("the first message").await;
+    drop(sub);
+    let mut published = Vec::new();
+    for n in 0..30 {
+        published.push(
+            gw.publish(BILLING, json!({ "action": "reload", "query": { "n": n } }))
+                .await,
+        );
+    }
+    // Only the last 10 are retained: the other 20 are reported, then the rest comes.
+    let mut resumed = gw
+        .subscribe("/subscribe/reload", BILLING, Some(&last_event_id))
+        .await;
+    let lost = resumed.expect("the loss report").await;
+    assert_eq!(lost.event, "lost", "{lost:?}");
+    assert_eq!(lost.json()["count"], 20);
+    for expected in &published[20..] {
+        assert_eq!(
+            &resumed.message("a retained message").await.1["id"],
+            expected
+        );
+    }
+    gw.stop().await;
+}
+
+async fn https_with_rustls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("a self-signed certificate");
+    let dir = tempfile::tempdir().expect("a directory");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("cert.pem");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key.pem");
+
+    let bus = Intracom::connect(config("gateway")).await.expect("bus");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let address = listener.local_addr().expect("its address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(Gateway::new(bus.clone(), tokens()).serve(
+        listener,
+        Some(Tls::new(&cert, &key)),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).expect("the root");
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let request = |path: &str, token: Option<&str>| {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+    };
+    let mut answers = Vec::new();
+    for (path, token) in [("/healthz", None), ("/catalog", Some(BILLING))] {
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        let mut tls = tokio::time::timeout(GUARD, connector.connect(name, tcp))
+            .await
+            .expect("handshake: hang guard")
+            .expect("the TLS handshake with the gateway's certificate");
+        tls.write_all(request(path, token).as_bytes())
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(GUARD, tls.read_to_string(&mut answer))
+            .await
+            .expect("read: hang guard")
+            .expect("read");
+        answers.push(answer);
+    }
+    assert!(answers[0].starts_with("HTTP/1.1 200"), "{}", answers[0]);
+    assert!(answers[0].contains("\"status\":\"ok\""), "{}", answers[0]);
+    assert!(answers[1].starts_with("HTTP/1.1 200"), "{}", answers[1]);
+    assert!(answers[1].contains("invoice.get"), "{}", answers[1]);
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    tcp.write_all(request("/healthz", None).as_bytes())
+        .await
+        .expect("write");
+    let mut plain = Vec::new();
+    let _ = tokio::time::timeout(GUARD, tcp.read_to_end(&mut plain)).await;
+    assert!(!plain.starts_with(b"HTTP/1.1 200"), "served in clear");
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server");
+    bus.shutdown().await;
+}
+
+async fn intracom_serve_and_token_commands() {
+    let binary = env!("CARGO_BIN_EXE_intracom");
+    let mut token = Command::new(binary);
+    token.args(["token", "new", "--service", "billing"]);
+    let (status, out, err) = run(token).await;
+    assert!(status.success(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let (secret, line) = (lines[0], lines[2]);
+    assert!(
+        !line.contains(secret),
+        "the tokens file keeps the hash only"
+    );
+    let dir = tempfile::tempdir().expect("a directory");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("# billing\n{line}\n")).expect("tokens file");
+
+    let mut serve = Command::new(binary);
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--tokens"])
+        .arg(&tokens)
+        .env("COMMON_INTRACOM_SENDERS_LIST", "billing")
+        .env("COMMON_INTRACOM_ACTIONS_BILLING", "reload")
+        .env_remove("INTRACOM_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = spawn_kept(serve).expect("intracom serve");
+    let stderr = child.stderr.take().expect("its stderr");
+    let first_line = tokio::time::timeout(
+        GUARD,
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut reader = std::io::BufReader::new(stderr);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.contains("intracom gateway on ") {
+                    return line;
+                }
+                line.clear();
+            }
+            line
+        }),
+    )
+    .await
+    .expect("intracom serve did not start within the hang guard")
+    .expect("its reader");
+    let base = first_line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first_line:?}"))
+        .to_string();
+    let http = reqwest::Client::new();
+    let health: Value = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(health["medium"], "memory");
+    let published = http
+        .post(format!("{base}/publish"))
+        .bearer_auth(secret)
+        .json(&json!({ "action": "reload" }))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(published.status(), StatusCode::CREATED);
+    let console = http.get(format!("{base}/")).send().await.expect("console");
+    let policy = console
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(policy.contains("default-src 'none'"), "{policy}");
+    let page = console.text().await.expect("the page");
+    assert!(
+        page.contains("/console/app.js") && !page.contains("https://"),
+        "nothing from elsewhere"
+    );
+
+    // SIGTERM stops it cleanly.
+    // SAFETY: kill(2) on the child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(GUARD, tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("intracom serve did not stop within the hang guard")
+        .expect("its waiting task")
+        .expect("its status");
+    assert!(status.success(), "exit status {status}");
+}
+
+async fn openapi_survives_schemathesis(st: PathBuf) {
+    let options = GatewayOptions::default().max_request_timeout(Duration::from_millis(500));
+    let gw = Gw::with(&Place::Memory, options).await;
+    let (status, document) = gw
+        .call(reqwest::Method::GET, "/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(document["openapi"], "3.1.0");
+    for path in [
+        "/publish",
+        "/subscribe/{topic}",
+        "/ack/{messageId}",
+        "/request/{service}/{action}",
+        "/retry/{messageId}",
+        "/queues",
+        "/queues/create",
+        "/queues/{service}/{action}",
+        "/messages",
+        "/messages/{messageId}",
+        "/idempotency",
+        "/idempotency/{messageId}",
+        "/dead",
+        "/dead/{messageId}",
+        "/stats",
+        "/catalog",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(document["paths"][path].is_object(), "{path} is documented");
+    }
+    assert!(
+        document["components"]["schemas"]["PublishRequest"]["properties"]["action"].is_object(),
+        "schemas come from the handlers' types"
+    );
+    let text = document.to_string();
+    for reference in text.split("\"#/components/schemas/").skip(1) {
+        let name = reference.split('"').next().unwrap_or_default();
+        assert!(
+            document["components"]["schemas"][name].is_object(),
+            "#/components/schemas/{name} is referenced but not defined"
+        );
+    }
+
+    // A request's documented answers from upstream (502: the handler failed; 504: no
+    // answer in time) are outcomes, not faults of the gateway; every other 5xx is.
+    let dir = tempfile::tempdir().expect("a directory");
+    let config = dir.path().join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[operations]]
+include-path = "/request/{service}/{action}"
+checks.not_a_server_error.expected-statuses = ["1xx", "2xx", "3xx", "4xx", "502", "504"]
+"#,
+    )
+    .expect("schemathesis.toml");
+    let mut command = Command::new(st);
+    command
+        .arg("--config-file")
+        .arg(&config)
+        .arg("run")
+        .arg(gw.url("/openapi.json"))
+        .args(["--header", &format!("Authorization: Bearer {OPS}")])
+        .args(["--checks", "not_a_server_error"])
+        .args(["--max-examples", "30", "--seed", "20261124"])
+        .args(["--exclude-path", "/subscribe/{topic}"])
+        .args(["--request-timeout", "20", "--workers", "2"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .env("SCHEMATHESIS_HOOKS", "");
+    let (status, out, err) = run(command).await;
+    assert!(
+        status.success(),
+        "schemathesis found failures:\n{out}\n{err}"
+    );
+    let summary: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("generated") || l.contains("Tested"))
+        .collect();
+    eprintln!("schemathesis: {}", summary.join("; "));
+    gw.stop().await;
+}
+
+async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, PathBuf, PathBuf)) {
+    let gw = Gw::start(&Place::Memory).await;
+    // A dead letter for the console to send again: work for billing that died.
+    let mut job = Message::to_service("billing", "invoice.render")
+        .work()
+        .from_service("billing")
+        .body(doc! { "invoice": 7 });
+    job.id = "dead-job-1".into();
+    job.source_instance = "billing-1".into();
+    let document: Document = bson::to_document(&job).expect("a document");
+    gw.bus
+        .medium()
+        .dead_letter(document, "failed 5 times, last: printer on fire".into())
+        .await
+        .expect("dead letter");
+    let mut monitor = gw
+        .subscribe("/subscribe/invoice.render?monitor=true", ADMIN, None)
+        .await;
+
+    let mut command = Command::new(node);
+    command
+        .arg(repo("tests/gateway/console.mjs"))
+        .env("INTRACOM_URL", &gw.base)
+        .env("INTRACOM_ADMIN_TOKEN", ADMIN)
+        .env("INTRACOM_BILLING_TOKEN", BILLING)
+        .env("INTRACOM_DEAD_ID", "dead-job-1")
+        .env("INTRACOM_CHROMIUM", chromium)
+        .env("INTRACOM_PLAYWRIGHT", playwright);
+    let (status, out, err) = run(command).await;
+    assert!(status.success(), "the console test failed:\n{out}\n{err}");
+    let report: Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{out}\n{err}"));
+    assert_eq!(report["medium"], "memory", "{report}");
+    assert_eq!(report["pageErrors"], json!([]), "{report}");
+    assert_eq!(
+        report["elsewhere"],
+        json!([]),
+        "nothing loaded from another origin: {report}"
+    );
+
+    // What the button did, seen through the API.
+    let (_, m) = monitor.message("the dead letter sent again").await;
+    assert_eq!(m["retryOf"], "dead-job-1");
+    assert_eq!(
+        gw.get("/dead/dead-job-1", ADMIN).await.0,
+        StatusCode::NOT_FOUND
+    );
+    gw.stop().await;
+}
+
+async fn node_example(node: PathBuf) {
+    let gw = Gw::start(&Place::Memory).await;
+    let billing = gw.peer("billing").await;
+    let worker = billing
+        .serve("billing", "invoice.get", |q: Document| async move {
+            let invoice = q.get("invoice").cloned().unwrap_or(bson::Bson::Null);
+            Ok::<_, String>(doc! { "invoice": invoice, "total": 99.5 })
+        })
+        .expect("worker");
+    let mut command = Command::new(node);
+    command
+        .arg(repo("examples/node/example.mjs"))
+        .env("INTRACOM_URL", &gw.base)
+        .env("INTRACOM_TOKEN", BILLING);
+    let (status, out, err) = run(command).await;
+    assert!(
+        status.success(),
+        "the Node.js example failed:\n{out}\n{err}"
+    );
+    assert!(out.contains("published "), "{out}");
+    assert!(out.contains("received reload from billing"), "{out}");
+    assert!(out.contains("invoice 42: total 99.5"), "{out}");
+    worker.stop().await;
+    billing.shutdown().await;
+    gw.stop().await;
+}
