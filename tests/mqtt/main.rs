@@ -71,9 +71,23 @@ impl Harness for Mqtt {
     }
 
     fn capabilities(&self) -> &'static [Capability] {
-        // What `MqttMedium::capabilities()` declares: a broker stamps nothing, keeps no
-        // history or queue, and shares no state but the persistent sessions.
-        &[Capability::SharedCheckpoints]
+        // What the medium declares (a broker stamps nothing, keeps no history or queue,
+        // and shares no state but the persistent sessions), in the suite's terms.
+        static DECLARED: std::sync::OnceLock<Vec<Capability>> = std::sync::OnceLock::new();
+        DECLARED.get_or_init(|| {
+            let c = intracom::medium::mqtt::CAPABILITIES;
+            [
+                (c.server_stamps, Capability::ServerStamps),
+                (c.history, Capability::History),
+                (c.loss_reports, Capability::LossReports),
+                (c.shared_checkpoints, Capability::SharedCheckpoints),
+                (c.stored_queue, Capability::StoredQueue),
+                (c.shared_state, Capability::SharedState),
+            ]
+            .into_iter()
+            .filter_map(|(has, capability)| has.then_some(capability))
+            .collect()
+        })
     }
 }
 

@@ -117,15 +117,27 @@ struct Follower {
 impl Drop for Follower {
     fn drop(&mut self) {
         let conn = Arc::clone(&self.conn);
-        if let (Some((name, named)), Some(inner)) = (self.named.take(), self.inner.upgrade()) {
-            let mut map = lock(&inner.named);
-            if map.get(&name).is_some_and(|n| Arc::ptr_eq(n, &named)) {
-                map.remove(&name);
+        let name = self.named.take().map(|(name, named)| {
+            if let Some(inner) = self.inner.upgrade() {
+                let mut map = lock(&inner.named);
+                if map.get(&name).is_some_and(|n| Arc::ptr_eq(n, &named)) {
+                    map.remove(&name);
+                }
+                lock(&inner.closing).insert(name.clone(), Arc::clone(&conn));
             }
-            lock(&inner.closing).insert(name, Arc::clone(&conn));
-        }
+            name
+        });
+        let inner = self.inner.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { conn.close().await });
+            runtime.spawn(async move {
+                conn.close().await;
+                if let (Some(name), Some(inner)) = (name, inner.upgrade()) {
+                    let mut closing = lock(&inner.closing);
+                    if closing.get(&name).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                        closing.remove(&name);
+                    }
+                }
+            });
         }
     }
 }

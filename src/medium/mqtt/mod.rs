@@ -87,7 +87,7 @@ const PACKET_OVERHEAD: usize = 64 * 1024;
 const REMEMBERED: usize = 100_000;
 
 /// What this medium promises; see the module docs for what it lacks and why.
-const CAPABILITIES: Capabilities = Capabilities {
+pub const CAPABILITIES: Capabilities = Capabilities {
     server_stamps: false,
     history: false,
     loss_reports: false,

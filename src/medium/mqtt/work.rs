@@ -381,8 +381,8 @@ pub(crate) async fn receive(inner: &Arc<Inner>, request: &ClaimRequest) -> Resul
 }
 
 /// Sends a request's outcome to its Response Topic, if it has one.
-async fn reply(job: &Job, outcome: &Message) -> Result<()> {
-    let Some(properties) = job.properties() else {
+async fn reply(conn: &Conn, inbound: &Inbound, outcome: &Message) -> Result<()> {
+    let Some(properties) = inbound.publish.properties.as_ref() else {
         return Ok(());
     };
     let Some(topic) = properties.response_topic.clone() else {
@@ -395,76 +395,80 @@ async fn reply(job: &Job, outcome: &Message) -> Result<()> {
         content_type: Some("application/bson".into()),
         ..PublishProperties::default()
     };
-    job.conn.publish(&topic, payload, false, reply).await
+    conn.publish(&topic, payload, false, reply).await
+}
+
+/// The held job `id`, as its outcome would be stored, with its connection and packet.
+fn held(inner: &Inner, id: &str) -> Option<(Message, Arc<Conn>, Arc<Inbound>)> {
+    let jobs = lock(&inner.jobs);
+    let job = jobs.get(id)?;
+    Some((
+        job.message.clone(),
+        Arc::clone(&job.conn),
+        Arc::clone(&job.inbound),
+    ))
+}
+
+/// Answers (if it is a request), forgets and acknowledges a held job. Answered first,
+/// acknowledged after: a crash in between answers twice, never none.
+async fn finish(
+    inner: &Inner,
+    id: &str,
+    conn: &Conn,
+    inbound: &Inbound,
+    outcome: &Message,
+) -> Result<()> {
+    reply(conn, inbound, outcome).await?;
+    lock(&inner.jobs).remove(id);
+    conn.ack(inbound).await;
+    Ok(())
 }
 
 /// Ends a job held by a worker of this process.
 pub(crate) async fn settle(inner: &Inner, id: &str, settlement: Settlement) -> Result<bool> {
-    let (outcome, conn, inbound) = {
+    if let Settlement::Retry { error, after } = settlement {
         let mut jobs = lock(&inner.jobs);
         let Some(job) = jobs.get_mut(id) else {
             return Ok(false);
         };
-        let mut outcome = job.message.clone();
-        match settlement {
-            Settlement::Retry { error, after } => {
-                job.message.last_error = Some(error);
-                let again = job.message.clone();
-                let tx = job.again.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    let _ = tx.send(again);
-                });
-                return Ok(true);
-            }
-            Settlement::Done(result) => {
-                outcome.state = Some(State::Done);
-                outcome.result = result;
-            }
-            Settlement::Failed(error) => {
-                outcome.state = Some(State::Error);
-                outcome.response = Some(error);
-            }
+        // The job stays unacknowledged; its worker runs it again after the back-off.
+        job.message.last_error = Some(error);
+        let (again, tx) = (job.message.clone(), job.again.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(again);
+        });
+        return Ok(true);
+    }
+    let Some((mut outcome, conn, inbound)) = held(inner, id) else {
+        return Ok(false);
+    };
+    match settlement {
+        Settlement::Done(result) => {
+            outcome.state = Some(State::Done);
+            outcome.result = result;
         }
-        outcome.response_ts = Some(now_nanos());
-        (outcome, Arc::clone(&job.conn), Arc::clone(&job.inbound))
-    };
-    let job = Job {
-        conn: Arc::clone(&conn),
-        inbound: Arc::clone(&inbound),
-        message: outcome.clone(),
-        again: mpsc::unbounded_channel().0,
-    };
-    // Answered first, acknowledged after: a crash in between answers twice, never none.
-    reply(&job, &outcome).await?;
-    lock(&inner.jobs).remove(id);
-    conn.ack(&inbound).await;
+        Settlement::Failed(error) => {
+            outcome.state = Some(State::Error);
+            outcome.response = Some(error);
+        }
+        Settlement::Retry { .. } => return Ok(false),
+    }
+    outcome.response_ts = Some(now_nanos());
+    finish(inner, id, &conn, &inbound, &outcome).await?;
     Ok(true)
 }
 
 /// Moves a job that used up its attempts to the dead letters.
 pub(crate) async fn bury(inner: &Inner, id: &str, reason: &str) -> Result<bool> {
-    let (outcome, conn, inbound) = {
-        let jobs = lock(&inner.jobs);
-        let Some(job) = jobs.get(id) else {
-            return Ok(false);
-        };
-        let mut outcome = job.message.clone();
-        outcome.state = Some(State::Error);
-        outcome.response = Some(doc! { "error": reason, "dead": true });
-        outcome.response_ts = Some(now_nanos());
-        (outcome, Arc::clone(&job.conn), Arc::clone(&job.inbound))
+    let Some((mut outcome, conn, inbound)) = held(inner, id) else {
+        return Ok(false);
     };
+    outcome.state = Some(State::Error);
+    outcome.response = Some(doc! { "error": reason, "dead": true });
+    outcome.response_ts = Some(now_nanos());
     let document = bson::to_document(&outcome).map_err(PayloadError::from)?;
     inner.write_dead(document, reason.to_string()).await?;
-    let job = Job {
-        conn: Arc::clone(&conn),
-        inbound: Arc::clone(&inbound),
-        message: outcome.clone(),
-        again: mpsc::unbounded_channel().0,
-    };
-    reply(&job, &outcome).await?;
-    lock(&inner.jobs).remove(id);
-    conn.ack(&inbound).await;
+    finish(inner, id, &conn, &inbound, &outcome).await?;
     Ok(true)
 }
