@@ -52,11 +52,27 @@ pub struct Broker {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// The listener's TLS lines, for a broker reached with `mqtts://`.
+    tls: Option<String>,
 }
 
 impl Broker {
     /// Starts a broker on a free port with persistence in a fresh directory.
     pub fn start() -> Result<Broker, String> {
+        Self::start_with(None)
+    }
+
+    /// Starts a broker whose listener speaks TLS with this server certificate and key
+    /// (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Broker, String> {
+        Self::start_with(Some(format!(
+            "certfile {}\nkeyfile {}\n",
+            cert.display(),
+            key.display()
+        )))
+    }
+
+    fn start_with(tls: Option<String>) -> Result<Broker, String> {
         let dir = tempfile::Builder::new()
             .prefix("intracom-mosquitto-")
             .tempdir()
@@ -65,6 +81,7 @@ impl Broker {
             dir,
             port: 0,
             child: None,
+            tls,
         };
         for _ in 0..5 {
             broker.port = free_port()?;
@@ -95,6 +112,9 @@ impl Broker {
             dir = self.dir.path().display(),
             log = log.display(),
         );
+        if let Some(tls) = &self.tls {
+            text.push_str(tls);
+        }
         // As root Mosquitto would switch to the `mosquitto` user, which cannot write here.
         // SAFETY: getuid has no preconditions.
         if unsafe { libc::getuid() } == 0 {
@@ -134,7 +154,8 @@ impl Broker {
 
     /// The broker's URL.
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Stops it (SIGTERM: Mosquitto saves its persistence file) and waits.
@@ -209,4 +230,134 @@ pub fn stop_shared() {
             .unwrap_or_else(|p| p.into_inner())
             .stop();
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with `openssl`.
+pub struct Certificates {
+    pub dir: tempfile::TempDir,
+}
+
+impl Certificates {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+    /// Another CA, which did not sign the server's certificate.
+    pub fn stranger_ca(&self) -> PathBuf {
+        self.dir.path().join("stranger.pem")
+    }
+}
+
+/// Why TLS cannot be tested here, if it cannot: `openssl` makes the certificates.
+pub fn tls_unavailable() -> Option<String> {
+    let found = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!found).then(|| "no openssl to make test certificates (Debian: openssl)".to_string())
+}
+
+/// Makes the certificates (RSA 2048, valid two days).
+pub fn certificates() -> Result<Certificates, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("intracom-tls-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a directory: {e}"))?;
+    let path = dir.path();
+    std::fs::write(
+        path.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let steps: [&[&str]; 4] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=intracom test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "stranger.key",
+            "-out",
+            "stranger.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=another CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(path)
+            .output()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(Certificates { dir })
 }

@@ -150,6 +150,12 @@ static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
     std::sync::OnceLock::new();
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let _ = SNAPSHOTTER.set(recorder.snapshotter());
     recorder
@@ -165,5 +171,18 @@ fn main() {
             None => trial,
         });
     }
+    let tls_unavailable = unavailable.clone().or_else(broker::tls_unavailable);
+    let trial = Trial::test(
+        "mqtts_with_a_ca_file_works_and_a_stranger_ca_is_refused",
+        || {
+            conformance::block_on(
+                specific::mqtts_with_a_ca_file_works_and_a_stranger_ca_is_refused(),
+            )
+        },
+    );
+    trials.push(match tls_unavailable {
+        Some(reason) => trial.with_ignored_flag(true).with_kind(reason),
+        None => trial,
+    });
     conformance::run_main(trials, 4, broker::stop_shared);
 }

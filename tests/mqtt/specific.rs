@@ -474,3 +474,29 @@ async fn a_worker_that_stops_hands_back_what_the_broker_queued_for_it() {
     first.shutdown().await;
     second.shutdown().await;
 }
+
+pub async fn mqtts_with_a_ca_file_works_and_a_stranger_ca_is_refused() {
+    let certs = broker::certificates().expect("test certificates");
+    let broker = Broker::start_tls(&certs.cert(), &certs.key()).expect("a TLS broker");
+    let (url, space) = (broker.url(), space());
+    assert!(url.starts_with("mqtts://"), "{url}");
+    let mut config = isolated(catalog("billing", "billing-1"), &url, &space);
+    config.mqtt.ca_file = Some(certs.ca());
+    let bus = Intracom::connect(config)
+        .await
+        .expect("TLS with the CA that signed the broker");
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    let sent = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(next(&mut sub).await.id, sent.id);
+    bus.shutdown().await;
+
+    let mut config = isolated(catalog("billing", "billing-2"), &url, &space);
+    config.mqtt.ca_file = Some(certs.stranger_ca());
+    let e = Intracom::connect(config).await.unwrap_err();
+    assert!(matches!(e, Error::Medium { .. }), "{e}");
+    assert!(
+        !e.is_retryable(),
+        "a certificate the CA did not sign: fix the config"
+    );
+    assert!(e.to_string().contains("TLS"), "{e}");
+}

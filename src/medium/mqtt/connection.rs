@@ -75,6 +75,9 @@ pub(crate) struct Link {
     pub(crate) ended: bool,
     /// The last error, for messages.
     pub(crate) last_error: Option<String>,
+    /// The broker refused the first connection (credentials, TLS): trying again will
+    /// not help.
+    pub(crate) refused: bool,
 }
 
 /// A message received on this connection.
@@ -216,12 +219,20 @@ impl Conn {
             .last_error
             .unwrap_or_else(|| format!("no CONNACK within {wait:?}"));
         conn.close().await;
-        Err(unavailable(format!(
+        let reason = format!(
             "cannot connect to the broker at {}:{} as `{}`: {reason}",
             settings.host,
             settings.port,
             conn.client_id()
-        )))
+        );
+        Err(if link.refused {
+            Error::Medium {
+                medium: "mqtt",
+                reason,
+            }
+        } else {
+            unavailable(reason)
+        })
     }
 
     pub(crate) fn client_id(&self) -> &str {
@@ -406,6 +417,7 @@ impl Conn {
         })
         .await;
         if ended.is_err() {
+            tracing::warn!(client_id = %self.shared.client_id, "mqtt connection did not close within 5 s: stopped");
             let driver = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(driver) = driver {
                 driver.abort();
@@ -469,6 +481,7 @@ async fn drive(
     inbound: mpsc::UnboundedSender<Inbound>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut ever_up = false;
     loop {
         // Never dropped half-way: rumqttc's poll may be writing a packet (an ack).
         // Closing sends a DISCONNECT through the same queue, after what came before it.
@@ -476,6 +489,7 @@ async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 backoff = Duration::from_millis(50);
+                ever_up = true;
                 let subscriptions = {
                     let mut state = shared.state();
                     state.up = true;
@@ -578,7 +592,10 @@ async fn drive(
                     state.inflight.entry(pkid).or_default().push_back(waiter);
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            // The broker closes the socket once it has read the DISCONNECT, so what was
+            // sent before it (acks) is processed before a new connection with this id can
+            // take the session: keep polling until then (the error below ends the loop).
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {}
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
                 let mut state = shared.state();
                 if let Some(waiter) = state.unassigned.pop_front() {
@@ -631,11 +648,18 @@ async fn drive(
                     state.automatic = 0;
                     state.automatic_ids.clear();
                 }
-                let closing = shared.closed.is_cancelled();
+                // A first connection the broker refuses (credentials, TLS) will not
+                // succeed by trying again: the caller hears it now.
+                let refused = matches!(
+                    &error,
+                    ConnectionError::Tls(_) | ConnectionError::ConnectionRefused(_)
+                ) && !ever_up;
+                let closing = shared.closed.is_cancelled() || refused;
                 shared.link.send_modify(|l| {
                     l.up = false;
                     l.last_error = Some(text.clone());
                     l.ended = closing || taken_over;
+                    l.refused = refused;
                 });
                 if closing || taken_over {
                     if taken_over {
