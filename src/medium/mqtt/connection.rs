@@ -35,6 +35,7 @@ use rumqttc::Outgoing;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::unavailable;
 use crate::error::{Error, Result};
 
 /// How many requests wait in rumqttc's channel at most.
@@ -155,13 +156,6 @@ pub(crate) struct Conn {
     client: AsyncClient,
     shared: Arc<Shared>,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-fn unavailable(reason: impl Into<String>) -> Error {
-    Error::Unavailable {
-        medium: "mqtt",
-        reason: reason.into(),
-    }
 }
 
 impl Conn {

@@ -173,21 +173,10 @@ impl Follower {
             let message = match decoded {
                 Ok(message) => Some(message),
                 Err(error) => {
-                    let topic = String::from_utf8_lossy(&inbound.publish.topic).into_owned();
-                    tracing::warn!(%topic, %error, "a payload on an intracom topic is not a message: dead-lettered");
-                    metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "unreadable")
-                        .increment(1);
                     if let Some(inner) = self.inner.upgrade() {
-                        let document = doc! {
-                            "topic": &topic,
-                            "payload": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: inbound.publish.payload.to_vec() },
-                        };
-                        if let Err(error) = inner
-                            .write_dead(document, format!("not a readable message: {error}"))
-                            .await
-                        {
-                            tracing::warn!(%topic, %error, "unreadable payload not dead-lettered");
-                        }
+                        // Acknowledged below either way: a payload that is not a message
+                        // would come again forever.
+                        let _ = inner.dead_letter_unreadable(&inbound.publish, &error).await;
                     }
                     None
                 }

@@ -184,7 +184,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn unavailable(reason: impl Into<String>) -> Error {
+pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
     Error::Unavailable {
         medium: "mqtt",
         reason: reason.into(),
@@ -324,11 +324,6 @@ impl MqttMedium {
         }
         tracing::info!(url = %config.mqtt.url, client_id = %main.client_id(), prefix = %config.mqtt.topic_prefix, "mqtt medium connected");
         Ok(MqttMedium { inner })
-    }
-
-    /// Whether the broker is reachable now.
-    pub fn is_connected(&self) -> bool {
-        self.inner.main.link().up
     }
 
     /// The broker's maximum packet size, from its CONNACK (`None`: it set none).
@@ -520,6 +515,32 @@ impl Inner {
         }
     }
 
+    /// A payload on an intracom topic that is not a message: logged, counted, and kept
+    /// in the dead letters (raw, with its topic). Errors when it could not be kept.
+    async fn dead_letter_unreadable(
+        &self,
+        publish: &Publish,
+        error: &bson::de::Error,
+    ) -> Result<()> {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        tracing::warn!(%topic, %error, "a payload on an intracom topic is not a message: dead-lettered");
+        metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "unreadable").increment(1);
+        let document = doc! {
+            "topic": &topic,
+            "payload": bson::Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: publish.payload.to_vec(),
+            },
+        };
+        let written = self
+            .write_dead(document, format!("not a readable message: {error}"))
+            .await;
+        if let Err(error) = &written {
+            tracing::warn!(%topic, %error, "unreadable payload not dead-lettered");
+        }
+        written
+    }
+
     async fn write_dead(&self, document: Document, reason: String) -> Result<()> {
         let mut id = super::id_of(&document);
         if topics::check_level("id", &id).is_err() {
@@ -562,12 +583,7 @@ async fn dispatch(inner: Weak<Inner>, mut inbound: tokio::sync::mpsc::UnboundedR
                     inner.note_outcome(outcome);
                 }
                 Err(error) => {
-                    tracing::warn!(%topic, %error, "unreadable request outcome: dead-lettered");
-                    metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "unreadable")
-                        .increment(1);
-                    let _ = inner
-                        .write_dead(doc! { "topic": &topic, "payload": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: payload.to_vec() } }, format!("not a readable message: {error}"))
-                        .await;
+                    let _ = inner.dead_letter_unreadable(&message.publish, &error).await;
                 }
             },
             Some("catalog") if !payload.is_empty() => {

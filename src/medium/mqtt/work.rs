@@ -279,23 +279,15 @@ impl Worker {
             let mut message = match bson::from_slice::<Message>(&inbound.publish.payload) {
                 Ok(message) => message,
                 Err(error) => {
-                    let topic = String::from_utf8_lossy(&inbound.publish.topic).into_owned();
-                    tracing::warn!(%topic, %error, "a payload on a work topic is not a message: dead-lettered");
-                    metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "unreadable")
-                        .increment(1);
-                    let document = doc! {
-                        "topic": &topic,
-                        "payload": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: inbound.publish.payload.to_vec() },
-                    };
-                    match self
+                    // Kept unacknowledged (the broker sends it again) if it could not be
+                    // dead-lettered.
+                    if self
                         .inner
-                        .write_dead(document, format!("not a readable message: {error}"))
+                        .dead_letter_unreadable(&inbound.publish, &error)
                         .await
+                        .is_ok()
                     {
-                        Ok(()) => self.conn.ack(&inbound).await,
-                        Err(error) => {
-                            tracing::warn!(%topic, %error, "unreadable job not dead-lettered: not acknowledged")
-                        }
+                        self.conn.ack(&inbound).await;
                     }
                     continue;
                 }
