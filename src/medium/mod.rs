@@ -57,11 +57,6 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
             medium: "mqtt".into(),
             what: "connecting: this build does not include the MQTT medium (build with the `mqtt` feature)".into(),
         }),
-        #[allow(unreachable_patterns)]
-        other => Err(Error::Unsupported {
-            medium: other.to_string(),
-            what: "connecting: this build does not include that medium yet".into(),
-        }),
     }
 }
 
