@@ -30,4 +30,4 @@ if [ -z "${INTRACOM_TEST_MONGODB_URI:-}" ]; then
 fi
 
 echo "== running the MongoDB suite against ${INTRACOM_TEST_MONGODB_URI}"
-cargo test --test mongodb -- --test-threads 4 "$@"
+scripts/test --test mongodb "$@"

@@ -15,6 +15,8 @@ pub fn checks() -> Vec<Check> {
     vec![
         check!(ttl_index_deletes_expired_messages),
         check!(a_token_from_a_dropped_collection_falls_back_to_the_collection),
+        check!(dropping_the_collection_under_live_subscribers_loses_nothing_after),
+        check!(a_position_with_a_token_the_server_refuses_reads_the_collection),
         check!(twenty_subscribers_do_not_need_twenty_connections),
         check!(hand_written_documents_are_validated_or_dead_lettered),
     ]
@@ -192,5 +194,101 @@ async fn hand_written_documents_are_validated_or_dead_lettered(t: &Target) {
     );
     bus.shutdown().await;
     let _ = sub.next().await;
+    drop_database(&uri, &database).await;
+}
+
+/// An operator drops the messages collection while subscribers follow it: the shared
+/// stream sees `drop` and `invalidate` (its end, not silence), restarts, sets the
+/// collection up again, and what is published after reaches every subscriber.
+async fn dropping_the_collection_under_live_subscribers_loses_nothing_after(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let bus = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .unwrap();
+    let mut live = bus.subscribe(Subscription::new()).await.unwrap();
+    let mut named = bus.subscribe(Subscription::named("ledger")).await.unwrap();
+    let before = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(next(&mut live).await.id, before.id);
+    next(&mut named).await.ack().await.unwrap();
+
+    let db = raw_client(&uri).await.database(&database);
+    db.collection::<Document>("messages").drop().await.unwrap();
+    // The set-up runs again once the hub has seen the drop: the validator and the
+    // indexes are back, so later documents are checked as before.
+    eventually(
+        "the messages collection is set up again",
+        Duration::from_secs(60),
+        || async {
+            let Ok(reply) = db.run_command(doc! { "listIndexes": "messages" }).await else {
+                return false;
+            };
+            reply
+                .get_document("cursor")
+                .and_then(|c| c.get_array("firstBatch"))
+                .is_ok_and(|b| {
+                    b.iter().any(|i| {
+                        i.as_document()
+                            .is_some_and(|i| i.get_str("name") == Ok("ts_1__id_1"))
+                    })
+                })
+        },
+    )
+    .await;
+    let after = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(
+        next(&mut live).await.id,
+        after.id,
+        "the live subscriber goes on"
+    );
+    assert_eq!(next(&mut named).await.id, after.id, "so does the named one");
+    bus.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+/// A position can come from outside (an HTTP client's `Last-Event-ID`, a checkpoint
+/// copied from another deployment): a resume token the server refuses, for whatever
+/// reason, still leaves the position's `ts` to read the collection from.
+async fn a_position_with_a_token_the_server_refuses_reads_the_collection(t: &Target) {
+    use intracom::bson::{Bson, Timestamp};
+    use intracom::{Position, StartFrom};
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let bus = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .unwrap();
+    // The shared stream exists before the forged resume.
+    let mut live = bus.subscribe(Subscription::new()).await.unwrap();
+    let first = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(next(&mut live).await.id, first.id);
+    // A little before the first message, well within the retention.
+    let before = Timestamp {
+        time: u32::try_from(chrono::Utc::now().timestamp() - 60).expect("a 32-bit time"),
+        increment: 0,
+    };
+    let forged = Position::new(
+        before,
+        Some(doc! {
+            "rt": { "_data": Bson::String("not a resume token".into()) },
+            "ct": before,
+            "id": "nothing",
+        }),
+    );
+    let mut resumed = bus
+        .subscribe(Subscription::new().start(StartFrom::After(forged)))
+        .await
+        .expect("a refused token is not an error for the subscriber");
+    assert_eq!(
+        next(&mut resumed).await.id,
+        first.id,
+        "read from the collection"
+    );
+    let second = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(
+        next(&mut resumed).await.id,
+        second.id,
+        "then the live stream"
+    );
+    bus.shutdown().await;
     drop_database(&uri, &database).await;
 }
