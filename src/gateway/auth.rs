@@ -275,6 +275,13 @@ impl Caller {
     }
 }
 
+/// The token of an `Authorization` value whose scheme is `Bearer`, compared without
+/// regard to case (RFC 9110 §11.1: an authentication scheme is case-insensitive).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -285,11 +292,7 @@ impl FromRequestParts<AppState> for Caller {
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(bearer_token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header is not `Bearer <token>`".into())
@@ -327,6 +330,15 @@ mod tests {
         );
         assert_eq!(tokens.identify("s3cret "), None);
         assert!(!text.contains("s3cret"), "only hashes are written");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bEaReR  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 
     #[test]

@@ -139,7 +139,8 @@ pub(crate) async fn create(
         .register(&queue.service, [queue.action.clone()])
         .await?;
     tracing::info!(service = %queue.service, action = %queue.action, "gateway: queue declared");
-    let stats = state.bus().medium().queues().await.unwrap_or_default();
+    // Declared; the counts come from the medium (an error there is the caller's 503).
+    let stats = state.bus().medium().queues().await?;
     let found = stats
         .iter()
         .find(|s| s.service == queue.service && s.action == queue.action);

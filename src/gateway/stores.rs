@@ -219,10 +219,12 @@ pub(crate) async fn mark(
             )))
         }
     };
-    let record = medium
-        .processed_get(consumer, id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("the record just written cannot be read".into()))?;
+    let record = medium.processed_get(consumer, id).await?.ok_or_else(|| {
+        // A DELETE of the same record ran between the write and this read.
+        ApiError::Conflict(format!(
+            "the record of consumer `{consumer}` for message `{id}` was removed meanwhile"
+        ))
+    })?;
     Ok((status, axum::Json(Record::from(record))))
 }
 

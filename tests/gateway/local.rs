@@ -698,30 +698,34 @@ checks.not_a_server_error.expected-statuses = ["1xx", "2xx", "3xx", "4xx", "502"
 "#,
     )
     .expect("schemathesis.toml");
-    let mut command = Command::new(st);
-    command
-        .arg("--config-file")
-        .arg(&config)
-        .arg("run")
-        .arg(gw.url("/openapi.json"))
-        .args(["--header", &format!("Authorization: Bearer {OPS}")])
-        .args(["--checks", "not_a_server_error"])
-        .args(["--max-examples", "30", "--seed", "20261124"])
-        .args(["--exclude-path", "/subscribe/{topic}"])
-        .args(["--request-timeout", "20", "--workers", "2"])
-        .current_dir(dir.path())
-        .env("NO_COLOR", "1")
-        .env("SCHEMATHESIS_HOOKS", "");
-    let (status, out, err) = run(command).await;
-    assert!(
-        status.success(),
-        "schemathesis found failures:\n{out}\n{err}"
-    );
-    let summary: Vec<&str> = out
-        .lines()
-        .filter(|l| l.contains("generated") || l.contains("Tested"))
-        .collect();
-    eprintln!("schemathesis: {}", summary.join("; "));
+    // Once as an operator (admin routes), once as a service (its own publishes,
+    // requests and subscriptions; 403 on the admin routes).
+    for (who, token, examples) in [("ops", OPS, "30"), ("billing", BILLING, "15")] {
+        let mut command = Command::new(&st);
+        command
+            .arg("--config-file")
+            .arg(&config)
+            .arg("run")
+            .arg(gw.url("/openapi.json"))
+            .args(["--header", &format!("Authorization: Bearer {token}")])
+            .args(["--checks", "not_a_server_error"])
+            .args(["--max-examples", examples, "--seed", "20261124"])
+            .args(["--exclude-path", "/subscribe/{topic}"])
+            .args(["--request-timeout", "20", "--workers", "2"])
+            .current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .env("SCHEMATHESIS_HOOKS", "");
+        let (status, out, err) = run(command).await;
+        assert!(
+            status.success(),
+            "schemathesis ({who}) found failures:\n{out}\n{err}"
+        );
+        let summary: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("generated") || l.contains("Tested"))
+            .collect();
+        eprintln!("schemathesis ({who}): {}", summary.join("; "));
+    }
     gw.stop().await;
 }
 
