@@ -217,3 +217,24 @@ pub struct Removed {
     /// How many.
     pub removed: u64,
 }
+
+/// A name (service, action, instance, consumer, message id) in the OpenAPI document:
+/// what [`check_name`](crate::message::check_name) accepts, 1 to
+/// [`MAX_NAME_LEN`](crate::message::MAX_NAME_LEN) bytes with no whitespace and no
+/// control character. Only a schema: the fields stay `String`s.
+pub(crate) struct Name;
+
+impl utoipa::PartialSchema for Name {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(crate::message::MAX_NAME_LEN))
+            .pattern(Some(r"^[^\s\x00-\x1f\x7f-\x9f]+$"))
+            .description(Some("A name: no whitespace, no control character"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Name {}

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
-use super::model::{document_of, json_of, Receipt};
+use super::model::{document_of, json_of, Name, Receipt};
 use super::AppState;
 use crate::message::{check_name, Message, MessageType};
 
@@ -49,12 +49,15 @@ pub fn idempotent_id(sender: &str, key: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
     /// The action: declared by the target service, or by the sender for a broadcast.
+    #[schema(value_type = Name)]
     pub action: String,
     /// The target service; absent or null: every service (a broadcast).
     #[serde(default)]
+    #[schema(value_type = Option<Name>)]
     pub to: Option<String>,
     /// One instance of `to` (needs `to`).
     #[serde(default)]
+    #[schema(value_type = Option<Name>)]
     pub instance: Option<String>,
     /// The payload: a JSON object (extended JSON accepted). Default `{}`.
     #[serde(default)]
@@ -72,6 +75,7 @@ pub struct PublishRequest {
     /// The sending service. On `POST /publish` it must be the token's own service (the
     /// default); on `POST /messages` (admin) it is required.
     #[serde(default)]
+    #[schema(value_type = Option<Name>)]
     pub from: Option<String>,
 }
 

@@ -8,6 +8,7 @@
 //! the work that waits (each item is settled `state: error` "purged", so a record
 //! stays) and says how many. Admin tokens only.
 
+use super::model::Name;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -108,8 +109,10 @@ pub(crate) async fn list(
 #[serde(deny_unknown_fields)]
 pub struct NewQueue {
     /// The service that will do the work.
+    #[schema(value_type = Name)]
     pub service: String,
     /// The action.
+    #[schema(value_type = Name)]
     pub action: String,
 }
 

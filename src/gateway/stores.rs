@@ -27,7 +27,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
-use super::model::{document_of, json_of, rfc3339, MessageJson, Receipt, Removed};
+use super::model::{document_of, json_of, rfc3339, MessageJson, Name, Receipt, Removed};
 use super::publish::{idempotency_id, PublishRequest};
 use super::AppState;
 use crate::medium::{ProcessedRecord, Reservation};
@@ -160,9 +160,11 @@ impl From<ProcessedRecord> for Record {
 #[serde(deny_unknown_fields)]
 pub struct MarkProcessed {
     /// The consumer (a name that stays the same across restarts and instances).
+    #[schema(value_type = Name)]
     pub consumer: String,
     /// The message id.
     #[serde(rename = "messageId")]
+    #[schema(value_type = Name)]
     pub message_id: String,
     /// The result to give to later checks: a JSON object.
     #[serde(default)]
