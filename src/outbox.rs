@@ -55,6 +55,9 @@ pub enum OutboxRemoval {
 struct Waiting {
     queue: VecDeque<Message>,
     sending: HashSet<String>,
+    /// How many of the next batches hold one message: after a batch was refused for
+    /// good, its messages go one by one, so that only the refused one is dead-lettered.
+    singles: usize,
 }
 
 pub(crate) struct Outbox {
@@ -78,6 +81,7 @@ impl Outbox {
             queue: Mutex::new(Waiting {
                 queue,
                 sending: HashSet::new(),
+                singles: 0,
             }),
             capacity,
             file,
@@ -123,7 +127,13 @@ impl Outbox {
     /// [`Outbox::sent`] or [`Outbox::release`], they cannot be removed.
     fn take_batch(&self) -> Vec<Message> {
         let mut waiting = self.waiting();
-        let batch: Vec<Message> = waiting.queue.iter().take(FLUSH_BATCH).cloned().collect();
+        let size = if waiting.singles > 0 {
+            waiting.singles -= 1;
+            1
+        } else {
+            FLUSH_BATCH
+        };
+        let batch: Vec<Message> = waiting.queue.iter().take(size).cloned().collect();
         waiting.sending = batch.iter().map(|m| m.id.clone()).collect();
         batch
     }
@@ -169,6 +179,14 @@ impl Outbox {
                     self.release();
                     tracing::debug!(%error, waiting = self.len(), "outbox: medium still unavailable");
                     return false;
+                }
+                Err(error) if batch.len() > 1 => {
+                    // Refused for good, but which one? A medium refuses a batch as a
+                    // whole: send its messages one by one (those already stored are
+                    // stored once) and dead-letter only the one refused again.
+                    tracing::warn!(%error, batch = batch.len(), "outbox: a batch was refused: sending its messages one by one");
+                    self.waiting().singles = batch.len();
+                    self.release();
                 }
                 Err(error) => {
                     // Refused for good (not a connectivity problem): keep it as a dead

@@ -21,6 +21,8 @@ struct Flaky {
     down: AtomicBool,
     /// While set, the idempotency store is unreachable.
     store_down: AtomicBool,
+    /// A batch holding a message with this action is refused for good, as a whole.
+    refused_action: std::sync::Mutex<Option<String>>,
 }
 
 impl Flaky {
@@ -48,6 +50,16 @@ impl Medium for Flaky {
             return Err(Error::Unavailable {
                 medium: "flaky",
                 reason: "connection refused".into(),
+            });
+        }
+        let refused = self.refused_action.lock().unwrap().clone();
+        if let Some(bad) = messages
+            .iter()
+            .find(|m| Some(&m.action) == refused.as_ref())
+        {
+            return Err(Error::Medium {
+                medium: "flaky",
+                reason: format!("message {} refused", bad.id),
             });
         }
         self.inner.append(messages).await
@@ -141,6 +153,7 @@ fn flaky() -> Arc<Flaky> {
         inner: MemoryMedium::new(Default::default()),
         down: AtomicBool::new(false),
         store_down: AtomicBool::new(false),
+        refused_action: std::sync::Mutex::new(None),
     })
 }
 
@@ -197,6 +210,49 @@ async fn publishes_wait_in_order_while_the_medium_is_down() {
         got.push(next_id(&mut sub).await);
     }
     assert_eq!(got, expected, "every message once, in publish order");
+    assert_eq!(bus.outbox_len(), 0);
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_in_the_outbox_is_dead_lettered_alone() {
+    let medium = flaky();
+    let config = Config::builder()
+        .service("billing")
+        .instance("billing-1")
+        .sender("billing", ["reload", "poison"])
+        .build()
+        .unwrap();
+    let bus = Intracom::with_medium(config, medium.clone()).await.unwrap();
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    medium.down.store(true, Ordering::SeqCst);
+    let mut good = Vec::new();
+    let mut poison = None;
+    for i in 0..5 {
+        let action = if i == 2 { "poison" } else { "reload" };
+        let p = bus.publish(Message::broadcast(action)).await.unwrap();
+        assert_eq!(p.status, PublishStatus::Buffered);
+        if i == 2 {
+            poison = Some(p.id);
+        } else {
+            good.push(p.id);
+        }
+    }
+    // Back up, but the medium refuses any batch that holds the poison message.
+    *medium.refused_action.lock().unwrap() = Some("poison".into());
+    medium.down.store(false, Ordering::SeqCst);
+    let mut got = Vec::new();
+    for _ in 0..good.len() {
+        got.push(next_id(&mut sub).await);
+    }
+    assert_eq!(got, good, "every other message once, in order");
+    let dead = medium.dead_list(10).await.unwrap();
+    let dead: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(
+        dead,
+        [poison.unwrap().as_str()],
+        "only the refused one is dead"
+    );
     assert_eq!(bus.outbox_len(), 0);
     bus.shutdown().await;
 }
