@@ -731,27 +731,56 @@ impl WorkerLoop {
     /// errors) and neither the worker nor the bus is stopping.
     async fn settle(&self, id: &str, settlement: Settlement) {
         let medium = self.bus.medium();
+        let settled = self
+            .while_held(id, "not settled yet", || {
+                medium.settle(id, Some(&self.claim.owner), settlement.clone())
+            })
+            .await;
+        match settled {
+            Ok(true) => tracing::debug!(message_id = %id, "settled"),
+            Ok(false) => {
+                tracing::warn!(message_id = %id, "lease lost before settling: another worker has it")
+            }
+            Err(error) => {
+                tracing::warn!(message_id = %id, %error, "not settled: the lease will expire and the work come again")
+            }
+        }
+    }
+
+    async fn bury(&self, id: &str, reason: &str) {
+        tracing::warn!(message_id = %id, %reason, "work moved to the dead letters");
+        metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "attempts").increment(1);
+        let medium = self.bus.medium();
+        let buried = self
+            .while_held(id, "not moved to the dead letters yet", || {
+                medium.bury(id, &self.claim.owner, reason)
+            })
+            .await;
+        if let Err(error) = buried {
+            tracing::warn!(message_id = %id, %error, "not moved to the dead letters");
+        }
+    }
+
+    /// Runs `op` (a settle or a bury) until it is done, trying again while its error is
+    /// retryable and the worker and the bus run: the job stays held meanwhile (a lease
+    /// on MongoDB, an unacknowledged delivery on MQTT), so nobody else takes it.
+    async fn while_held<'a, F, Fut>(&self, id: &str, what: &str, mut op: F) -> Result<bool>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>> + 'a,
+    {
         let shutdown = self.bus.shutdown_token();
         let mut pause = Duration::from_millis(100);
         loop {
-            match medium
-                .settle(id, Some(&self.claim.owner), settlement.clone())
-                .await
-            {
-                Ok(true) => return tracing::debug!(message_id = %id, "settled"),
-                Ok(false) => {
-                    return tracing::warn!(message_id = %id, "lease lost before settling: another worker has it")
-                }
+            match op().await {
                 Err(error)
                     if error.is_retryable()
                         && !shutdown.is_cancelled()
                         && !self.stop.is_cancelled() =>
                 {
-                    tracing::warn!(message_id = %id, %error, retry_in_ms = pause.as_millis() as u64, "not settled yet: trying again while the lease is held");
+                    tracing::warn!(message_id = %id, %error, retry_in_ms = pause.as_millis() as u64, "{what}: trying again while the job is held");
                 }
-                Err(error) => {
-                    return tracing::warn!(message_id = %id, %error, "not settled: the lease will expire and the work come again")
-                }
+                done => return done,
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -759,14 +788,6 @@ impl WorkerLoop {
                 _ = tokio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    async fn bury(&self, id: &str, reason: &str) {
-        tracing::warn!(message_id = %id, %reason, "work moved to the dead letters");
-        metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "attempts").increment(1);
-        if let Err(error) = self.bus.medium().bury(id, &self.claim.owner, reason).await {
-            tracing::warn!(message_id = %id, %error, "not moved to the dead letters");
         }
     }
 }

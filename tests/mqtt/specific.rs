@@ -20,6 +20,7 @@ pub fn checks() -> Vec<Check> {
         check!(names_mqtt_forbids_are_refused_with_the_rule),
         check!(an_unreadable_payload_is_dead_lettered_and_consumption_goes_on),
         check!(work_without_a_worker_is_refused_not_lost),
+        check!(work_for_a_stale_presence_is_refused_not_lost),
         check!(history_is_refused_not_faked),
         check!(a_worker_that_stops_hands_back_what_the_broker_queued_for_it),
     ]
@@ -348,6 +349,57 @@ async fn work_without_a_worker_is_refused_not_lost() {
     );
     assert_eq!(bus.outbox_len(), 0);
     bus.shutdown().await;
+}
+
+async fn work_for_a_stale_presence_is_refused_not_lost() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let (url, space) = (shared_url(), space());
+    // A presence nobody deletes (a worker whose Will did not reach this bus): the
+    // broker has no subscription behind it.
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let (client, mut eventloop) = AsyncClient::new(
+        MqttOptions::new(format!("{space}-ghost"), "127.0.0.1", port),
+        10,
+    );
+    let presence = format!("test/{space}/workers/billing/ghost");
+    client
+        .publish(&presence, QoS::AtLeastOnce, true, "invoice.render")
+        .await
+        .unwrap();
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("ghost client: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the broker kept the ghost's presence");
+    let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+
+    let mut config = isolated(catalog("web", "web-1"), &url, &space);
+    config.request_timeout_ms = 2_000;
+    let bus = Intracom::connect(config).await.unwrap();
+    // The broker answers "no matching subscribers": the work was not taken by anyone.
+    let e = bus
+        .publish(Message::to_service("billing", "invoice.render").work())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::NoWorker { service, .. } if service == "billing"),
+        "{e}"
+    );
+    bus.shutdown().await;
+    client
+        .publish(&presence, QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    driver.abort();
 }
 
 async fn history_is_refused_not_faked() {

@@ -94,7 +94,10 @@ impl Inbound {
     }
 }
 
-type Confirm = oneshot::Sender<std::result::Result<(), String>>;
+/// The outcome of a request, told to its caller: for a publish, `Ok(matched)` where
+/// `matched` is false when the broker said no subscription matched it (PUBACK reason
+/// 0x10: MQTT keeps nothing for nobody, so the message is gone).
+type Confirm = oneshot::Sender<std::result::Result<bool, String>>;
 
 #[derive(Default)]
 struct State {
@@ -143,6 +146,8 @@ struct Shared {
     link: watch::Sender<Link>,
     closed: CancellationToken,
     client_id: String,
+    /// The session is kept across connections (a named subscription).
+    persistent: bool,
 }
 
 impl Shared {
@@ -193,6 +198,7 @@ impl Conn {
             link: watch::channel(Link::default()).0,
             closed: CancellationToken::new(),
             client_id: session.client_id,
+            persistent: session.persistent,
         });
         let mut link = shared.link.subscribe();
         let driver = tokio::spawn(drive(eventloop, client.clone(), Arc::clone(&shared), tx));
@@ -233,6 +239,11 @@ impl Conn {
         &self.shared.client_id
     }
 
+    /// The current connection attempt (bumped at each connection loss).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.shared.state().epoch
+    }
+
     pub(crate) fn link(&self) -> Link {
         self.shared.link.borrow().clone()
     }
@@ -245,7 +256,20 @@ impl Conn {
         payload: Bytes,
         retain: bool,
         properties: PublishProperties,
-    ) -> Result<oneshot::Receiver<std::result::Result<(), String>>> {
+    ) -> Result<oneshot::Receiver<std::result::Result<bool, String>>> {
+        // Every publish is checked here, not only the bus's: a reply, a job handed back
+        // or a dead letter over the broker's limit would make rumqttc drop the whole
+        // connection (and every publish in flight on it) instead.
+        if let Some(limit) = self.link().max_packet {
+            let size = packet_size(topic, &payload, &properties);
+            if size > limit as usize {
+                return Err(Error::PacketTooLarge {
+                    id: format!("on `{topic}`"),
+                    size,
+                    limit: limit as usize,
+                });
+            }
+        }
         let mut tries = 0u32;
         loop {
             let (tx, rx) = oneshot::channel();
@@ -301,10 +325,29 @@ impl Conn {
         retain: bool,
         properties: PublishProperties,
     ) -> Result<()> {
+        self.publish_matched(topic, payload, retain, properties)
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes with QoS 1, waits for the PUBACK, and tells whether a subscription
+    /// matched it (`false`: the broker dropped it, nobody was there to take it).
+    pub(crate) async fn publish_matched(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+        properties: PublishProperties,
+    ) -> Result<bool> {
         let confirm = self
             .start_publish(topic, payload, retain, properties)
             .await?;
         settle(confirm.await, topic)
+    }
+
+    /// The link's changes (up, down, ended), to act on a reconnection.
+    pub(crate) fn link_changes(&self) -> watch::Receiver<Link> {
+        self.shared.link.subscribe()
     }
 
     /// Subscribes (QoS 1), waits for the SUBACK, and keeps the filters to subscribe
@@ -335,7 +378,7 @@ impl Conn {
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
         match rx.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::Medium {
                 medium: "mqtt",
                 reason: format!("subscription refused by the broker: {reason}"),
@@ -368,7 +411,7 @@ impl Conn {
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
         match rx.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(reason)) => Err(unavailable(reason)),
             Err(_) => Err(unavailable("the connection was closed")),
         }
@@ -445,11 +488,11 @@ impl Drop for Conn {
 }
 
 fn settle(
-    outcome: std::result::Result<std::result::Result<(), String>, oneshot::error::RecvError>,
+    outcome: std::result::Result<std::result::Result<bool, String>, oneshot::error::RecvError>,
     topic: &str,
-) -> Result<()> {
+) -> Result<bool> {
     match outcome {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(matched)) => Ok(matched),
         Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::Medium {
             medium: "mqtt",
             reason: format!("the broker refused the publish on `{topic}`: {reason}"),
@@ -459,12 +502,25 @@ fn settle(
     }
 }
 
-/// Waits for the PUBACK of a publish started with [`Conn::start_publish`].
+/// Waits for the PUBACK of a publish started with [`Conn::start_publish`]; `false`
+/// when no subscription matched it.
 pub(crate) async fn confirmed(
-    confirm: oneshot::Receiver<std::result::Result<(), String>>,
+    confirm: oneshot::Receiver<std::result::Result<bool, String>>,
     topic: &str,
-) -> Result<()> {
+) -> Result<bool> {
     settle(confirm.await, topic)
+}
+
+/// The size of a PUBLISH packet, as the broker's maximum packet size counts it.
+pub(crate) fn packet_size(topic: &str, payload: &Bytes, properties: &PublishProperties) -> usize {
+    let packet = Publish::new(
+        topic,
+        QoS::AtLeastOnce,
+        payload.clone(),
+        Some(properties.clone()),
+    );
+    // The packet id's two bytes are not counted by `size` before it is assigned.
+    packet.size() + 2
 }
 
 /// Drives the event loop until the connection is closed.
@@ -483,6 +539,12 @@ async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 backoff = Duration::from_millis(50);
+                if ever_up && shared.persistent && !connack.session_present {
+                    // The broker lost the session (restarted without persistence, or it
+                    // expired): what it had queued for us and not acknowledged is gone.
+                    tracing::warn!(client_id = %shared.client_id, "mqtt persistent session lost by the broker: messages it held for this subscription are lost, uncounted");
+                    metrics::counter!(crate::metrics::LOST, "subscription" => "(mqtt session lost)").increment(1);
+                }
                 ever_up = true;
                 let subscriptions = {
                     let mut state = shared.state();
@@ -529,7 +591,8 @@ async fn drive(
                 };
                 if let Some(waiter) = waiter {
                     let outcome = match puback.reason {
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                        PubAckReason::Success => Ok(true),
+                        PubAckReason::NoMatchingSubscribers => Ok(false),
                         other => Err(format!(
                             "refused: {other:?}{}",
                             puback
@@ -567,7 +630,7 @@ async fn drive(
                         .map(|c| format!("{c:?}"))
                         .collect();
                     let _ = waiter.send(if refused.is_empty() {
-                        Ok(())
+                        Ok(true)
                     } else {
                         Err(format!("refused: {}", refused.join(", ")))
                     });
@@ -575,7 +638,7 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::UnsubAck(unsuback))) => {
                 if let Some(waiter) = shared.state().unsub_inflight.remove(&unsuback.pkid) {
-                    let _ = waiter.send(Ok(()));
+                    let _ = waiter.send(Ok(true));
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {

@@ -109,8 +109,11 @@ pub(crate) struct Inner {
     reply_topic: String,
     fence_topic: String,
     catalog: Mutex<CatalogMap>,
-    /// Worker presence: service → worker → actions.
-    workers: Mutex<HashMap<String, HashMap<String, BTreeSet<String>>>>,
+    /// Worker presence: service → worker → (connection epoch of the main connection
+    /// it was read on, actions). Only what was read on the current connection counts:
+    /// a presence deleted while this connection was down is not sent again, but the
+    /// live ones are (retained messages come with the re-subscription).
+    workers: Mutex<HashMap<String, HashMap<String, Presence>>>,
     presence: watch::Sender<u64>,
     fences: Mutex<HashMap<String, oneshot::Sender<()>>>,
     /// The retained messages collected by the read in progress: (filter, topic → payload).
@@ -348,11 +351,13 @@ impl MqttMedium {
 
     /// The workers present on the broker: service → number of worker connections.
     pub fn workers(&self) -> Vec<(String, usize)> {
+        let epoch = self.inner.main.epoch();
         let workers = lock(&self.inner.workers);
         let mut out: Vec<(String, usize)> = workers
             .iter()
-            .filter(|(_, w)| !w.is_empty())
-            .map(|(s, w)| (s.clone(), w.len()))
+            .map(|(s, w)| (s, w.values().filter(|(e, _)| *e == epoch).count()))
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (s.clone(), n))
             .collect();
         out.sort();
         out
@@ -360,6 +365,17 @@ impl MqttMedium {
 }
 
 impl Inner {
+    /// Whether a worker of `service` for `action` is present (other than `except`, a
+    /// worker's sanitized client id), as read on the current main connection.
+    pub(super) fn worker_present(&self, service: &str, action: &str, except: Option<&str>) -> bool {
+        let epoch = self.main.epoch();
+        lock(&self.workers).get(service).is_some_and(|workers| {
+            workers.iter().any(|(worker, (seen, actions))| {
+                *seen == epoch && Some(worker.as_str()) != except && actions.contains(action)
+            })
+        })
+    }
+
     /// Opens another connection of this medium (a follower's, a worker's).
     async fn open(
         &self,
@@ -436,11 +452,7 @@ impl Inner {
 
     /// Waits until a worker of `service` for `action` is present, up to `limit`.
     async fn wait_for_worker(&self, service: &str, action: &str, limit: Duration) -> Result<()> {
-        let present = || {
-            lock(&self.workers)
-                .get(service)
-                .is_some_and(|w| w.values().any(|actions| actions.contains(action)))
-        };
+        let present = || self.worker_present(service, action, None);
         let mut tick = self.presence.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -566,6 +578,17 @@ impl Inner {
 
 /// Sorts what arrives on the main connection: request outcomes, the catalog, worker
 /// presence, fences and dead letters being read.
+/// A worker's presence: the epoch of the main connection it was read on, its actions.
+type Presence = (u64, BTreeSet<String>);
+
+/// Whether a message is work for one worker that is not a request (a request's caller
+/// waits for its time-out instead).
+fn is_job(message: &Message) -> bool {
+    message.delivery == DeliveryMode::One
+        && message.state.unwrap_or(State::Pending) == State::Pending
+        && message.query_id.is_none()
+}
+
 async fn dispatch(inner: Weak<Inner>, mut inbound: tokio::sync::mpsc::UnboundedReceiver<Inbound>) {
     while let Some(message) = inbound.recv().await {
         let Some(inner) = inner.upgrade() else { return };
@@ -606,7 +629,7 @@ async fn dispatch(inner: Weak<Inner>, mut inbound: tokio::sync::mpsc::UnboundedR
                             .lines()
                             .map(str::to_string)
                             .collect();
-                        service.insert(worker.to_string(), actions);
+                        service.insert(worker.to_string(), (message.epoch(), actions));
                     }
                     drop(workers);
                     inner.presence.send_modify(|n| *n += 1);
@@ -664,14 +687,7 @@ impl Medium for MqttMedium {
                 correlation_data: request.then(|| Bytes::from(message.id.clone().into_bytes())),
                 ..PublishProperties::default()
             };
-            let packet = Publish::new(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                payload.clone(),
-                Some(properties.clone()),
-            );
-            // The packet id's two bytes are not counted by `size` before it is assigned.
-            let size = packet.size() + 2;
+            let size = connection::packet_size(&topic, &payload, &properties);
             if let Some(limit) = link.max_packet {
                 if size > limit as usize {
                     return Err(Error::PacketTooLarge {
@@ -727,10 +743,22 @@ impl Medium for MqttMedium {
             started.push((message, topic, Some(confirm)));
         }
         let mut out = Vec::with_capacity(started.len());
+        let mut nobody = None;
         for (message, topic, confirm) in started {
             let duplicate = confirm.is_none();
             if let Some(confirm) = confirm {
-                connection::confirmed(confirm, &topic).await?;
+                let matched = connection::confirmed(confirm, &topic).await?;
+                if !matched && is_job(message) {
+                    // The presence read was stale: the broker had no worker's shared
+                    // subscription for it and dropped it. Not published: a later append
+                    // sends it again.
+                    tracing::warn!(message_id = %message.id, %topic, "no worker subscribed: the broker dropped the work");
+                    nobody.get_or_insert(message);
+                    continue;
+                }
+                if !matched && message.delivery == DeliveryMode::One {
+                    tracing::warn!(message_id = %message.id, %topic, "no worker subscribed: the request is lost, the caller will time out");
+                }
                 lock(&inner.published).insert(&message.id, ());
             }
             out.push(Appended {
@@ -739,7 +767,14 @@ impl Medium for MqttMedium {
                 duplicate,
             });
         }
-        Ok(out)
+        match nobody {
+            Some(message) => Err(Error::NoWorker {
+                service: message.dest_service.clone().unwrap_or_default(),
+                action: message.action.clone(),
+                waited: Duration::ZERO,
+            }),
+            None => Ok(out),
+        }
     }
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {

@@ -57,6 +57,8 @@ struct Worker {
     again_tx: mpsc::UnboundedSender<Message>,
     again: mpsc::UnboundedReceiver<Message>,
     presence: String,
+    /// Set when the worker stops (see [`Stopping`]).
+    leaving: Arc<std::sync::atomic::AtomicBool>,
     /// The shared subscriptions, left first when the worker stops.
     filters: Vec<String>,
     service: String,
@@ -67,6 +69,7 @@ impl Drop for Worker {
         let stopping = Stopping {
             inner: Arc::clone(&self.inner),
             conn: Arc::clone(&self.conn),
+            leaving: Arc::clone(&self.leaving),
             rx: self.rx.take(),
             presence: self.presence.clone(),
             filters: std::mem::take(&mut self.filters),
@@ -95,6 +98,8 @@ const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 struct Stopping {
     inner: Arc<Inner>,
     conn: Arc<Conn>,
+    /// Set when the stop begins: the presence is not announced again after it.
+    leaving: Arc<std::sync::atomic::AtomicBool>,
     rx: Option<mpsc::UnboundedReceiver<Inbound>>,
     presence: String,
     filters: Vec<String>,
@@ -103,11 +108,16 @@ struct Stopping {
 
 impl Stopping {
     async fn run(mut self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // What it holds first: a held job takes the connection's only delivery slot
+        // (Receive Maximum 1), so nothing queued behind it, the fence included, can
+        // arrive before it is acknowledged.
+        hand_back(&self.inner, Some(&self.conn)).await;
         let drained = tokio::time::timeout(STOP_WAIT, self.drain()).await;
         if drained.is_err() {
             tracing::warn!(client_id = %self.conn.client_id(), "worker stop: jobs not all handed back in time");
         }
-        hand_back(&self.inner, Some(&self.conn)).await;
         self.conn.close().await;
     }
 
@@ -191,23 +201,31 @@ async fn hand_back(inner: &Inner, conn: Option<&Arc<Conn>>) {
 async fn give_back(inner: &Inner, job: Job, service: &str) {
     let id = job.message.id.clone();
     let me = super::topics::sanitize(job.conn.client_id());
-    let others = lock(&inner.workers).get(service).is_some_and(|workers| {
-        workers
-            .iter()
-            .any(|(worker, actions)| *worker != me && actions.contains(&job.message.action))
-    });
-    let outcome = if others {
+    let others = inner.worker_present(service, &job.message.action, Some(&me));
+    let mut handed = false;
+    if others {
         let mut properties = job.properties().cloned().unwrap_or_default();
         properties.subscription_identifiers.clear();
         properties.topic_alias = None;
-        match bson::to_vec(&job.message) {
-            Ok(payload) => job
-                .conn
-                .publish(&job.topic(), Bytes::from(payload), false, properties)
-                .await
-                .map(|()| "handed back to another worker"),
+        let sent = match bson::to_vec(&job.message) {
+            Ok(payload) => {
+                job.conn
+                    .publish_matched(&job.topic(), Bytes::from(payload), false, properties)
+                    .await
+            }
             Err(error) => Err(PayloadError::from(error).into()),
+        };
+        match sent {
+            Ok(true) => handed = true,
+            // The other worker left meanwhile: the broker dropped it; dead-letter it.
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(message_id = %id, %error, "stopping worker: job not handed back to another worker")
+            }
         }
+    }
+    let outcome = if handed {
+        Ok("handed back to another worker")
     } else {
         match bson::to_document(&job.message) {
             Ok(document) => inner
@@ -279,16 +297,17 @@ impl Worker {
             let mut message = match bson::from_slice::<Message>(&inbound.publish.payload) {
                 Ok(message) => message,
                 Err(error) => {
-                    // Kept unacknowledged (the broker sends it again) if it could not be
-                    // dead-lettered.
-                    if self
+                    // Acknowledged even if it could not be dead-lettered: an
+                    // unacknowledged message holds the worker's only delivery slot
+                    // (the broker sends it again only on a new connection).
+                    if let Err(dead) = self
                         .inner
                         .dead_letter_unreadable(&inbound.publish, &error)
                         .await
-                        .is_ok()
                     {
-                        self.conn.ack(&inbound).await;
+                        tracing::error!(error = %dead, "unreadable job dropped: its dead letter was not written");
                     }
+                    self.conn.ack(&inbound).await;
                     continue;
                 }
             };
@@ -357,6 +376,13 @@ pub(crate) async fn receive(inner: &Arc<Inner>, request: &ClaimRequest) -> Resul
         return Err(error);
     }
     tracing::debug!(client_id = %conn.client_id(), service = %request.service, actions = ?request.actions, "mqtt worker subscribed");
+    let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(announce_again(
+        Arc::downgrade(&conn),
+        presence.clone(),
+        Bytes::from(request.actions.join("\n").into_bytes()),
+        Arc::clone(&leaving),
+    ));
     let (again_tx, again) = mpsc::unbounded_channel();
     inner.live_workers.send_modify(|n| *n += 1);
     let worker = Worker {
@@ -366,10 +392,49 @@ pub(crate) async fn receive(inner: &Arc<Inner>, request: &ClaimRequest) -> Resul
         again_tx,
         again,
         presence,
+        leaving,
         filters: filter_paths,
         service: request.service.clone(),
     };
     Ok(futures::stream::unfold(worker, Worker::next).boxed())
+}
+
+/// Announces a worker again after each reconnection of its connection: a lost
+/// connection fires its Will, which deletes the presence, and the worker is back.
+async fn announce_again(
+    conn: std::sync::Weak<Conn>,
+    topic: String,
+    actions: Bytes,
+    leaving: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let Some(mut link) = conn.upgrade().map(|c| c.link_changes()) else {
+        return;
+    };
+    let mut was_up = link.borrow_and_update().up;
+    while link.changed().await.is_ok() {
+        let (up, ended) = {
+            let link = link.borrow_and_update();
+            (link.up, link.ended)
+        };
+        if ended || leaving.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if up && !was_up {
+            let Some(conn) = conn.upgrade() else { return };
+            match conn
+                .publish(&topic, actions.clone(), true, PublishProperties::default())
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(client_id = %conn.client_id(), "mqtt worker reconnected: presence announced again")
+                }
+                Err(error) => {
+                    tracing::warn!(client_id = %conn.client_id(), %error, "mqtt worker reconnected, presence not announced (the next reconnection tries again)")
+                }
+            }
+        }
+        was_up = up;
+    }
 }
 
 /// Sends a request's outcome to its Response Topic, if it has one.
@@ -410,7 +475,15 @@ async fn finish(
     inbound: &Inbound,
     outcome: &Message,
 ) -> Result<()> {
-    reply(conn, inbound, outcome).await?;
+    if let Err(error) = reply(conn, inbound, outcome).await {
+        if error.is_retryable() {
+            // The worker's loop tries again while it holds the job.
+            return Err(error);
+        }
+        // Refused for good (an ACL, a reply over the broker's limit): the job is still
+        // acknowledged, or it would hold the worker's only delivery slot forever.
+        tracing::error!(message_id = %id, %error, "the request's outcome cannot be sent: its caller will time out");
+    }
     lock(&inner.jobs).remove(id);
     conn.ack(inbound).await;
     Ok(())
@@ -459,8 +532,18 @@ pub(crate) async fn bury(inner: &Inner, id: &str, reason: &str) -> Result<bool> 
     outcome.state = Some(State::Error);
     outcome.response = Some(doc! { "error": reason, "dead": true });
     outcome.response_ts = Some(now_nanos());
-    let document = bson::to_document(&outcome).map_err(PayloadError::from)?;
-    inner.write_dead(document, reason.to_string()).await?;
+    let written = match bson::to_document(&outcome) {
+        Ok(document) => inner.write_dead(document, reason.to_string()).await,
+        Err(error) => Err(PayloadError::from(error).into()),
+    };
+    match written {
+        Ok(()) => {}
+        Err(error) if error.is_retryable() => return Err(error),
+        // Acknowledged all the same, or it would hold the worker's only delivery slot.
+        Err(error) => {
+            tracing::error!(message_id = %id, %error, "job dropped: its dead letter cannot be written")
+        }
+    }
     finish(inner, id, &conn, &inbound, &outcome).await?;
     Ok(true)
 }
