@@ -21,6 +21,7 @@ pub fn checks() -> Vec<Check> {
         check!(an_unreadable_payload_is_dead_lettered_and_consumption_goes_on),
         check!(work_without_a_worker_is_refused_not_lost),
         check!(work_for_a_stale_presence_is_refused_not_lost),
+        check!(a_late_ack_of_an_earlier_subscription_releases_nothing_of_the_next),
         check!(history_is_refused_not_faked),
         check!(a_worker_that_stops_hands_back_what_the_broker_queued_for_it),
     ]
@@ -400,6 +401,31 @@ async fn work_for_a_stale_presence_is_refused_not_lost() {
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     driver.abort();
+}
+
+async fn a_late_ack_of_an_earlier_subscription_releases_nothing_of_the_next() {
+    let (url, space) = (shared_url(), space());
+    let bus = bus_on(&url, &space, "billing", "billing-1").await;
+    let mut first = bus.subscribe(Subscription::named("books")).await.unwrap();
+    let sent = bus.publish(Message::broadcast("reload")).await.unwrap();
+    let early = next(&mut first).await;
+    assert_eq!(early.id, sent.id);
+    // The subscription goes away unacked; the next one with the name gets it again.
+    drop(first);
+    let mut second = bus.subscribe(Subscription::named("books")).await.unwrap();
+    let again = next(&mut second).await;
+    assert_eq!(again.id, sent.id, "unacked: sent again");
+    // The first subscription's delivery is acked late: it is not the second's to ack.
+    early.ack().await.unwrap();
+    drop(again);
+    drop(second);
+    let mut third = bus.subscribe(Subscription::named("books")).await.unwrap();
+    assert_eq!(
+        next(&mut third).await.id,
+        sent.id,
+        "still unacked: a late ack of an earlier subscription released nothing"
+    );
+    bus.shutdown().await;
 }
 
 async fn history_is_refused_not_faked() {

@@ -34,7 +34,14 @@ struct Entry {
 pub(crate) struct Named {
     conn: Arc<Conn>,
     window: Mutex<VecDeque<Entry>>,
+    /// Which subscription of the name this is: its positions carry it, so that a late
+    /// ack of an earlier subscription with the same name (ranks restart at 0) does not
+    /// release this one's deliveries.
+    session: i64,
 }
+
+/// The next [`Named::session`].
+static SESSIONS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
 
 impl Named {
     /// Acknowledges, in order, the finished messages at the front of the window.
@@ -54,8 +61,19 @@ impl Named {
         }
     }
 
-    /// The consumer's checkpoint passed `rank`: everything up to it is finished.
-    pub(crate) async fn acked_through(&self, rank: u64) {
+    /// The consumer's checkpoint passed `position`: everything up to it is finished
+    /// (nothing, if the position is another subscription's).
+    pub(crate) async fn acked_through(&self, position: &Position) {
+        let token = position.token.as_ref();
+        if token.and_then(|t| t.get_i64("session").ok()) != Some(self.session) {
+            return;
+        }
+        let Some(rank) = token
+            .and_then(|t| t.get_i64("mqtt").ok())
+            .and_then(|r| u64::try_from(r).ok())
+        else {
+            return;
+        };
         for entry in lock(&self.window).iter_mut() {
             if entry.rank <= rank {
                 entry.done = true;
@@ -84,23 +102,19 @@ impl Named {
     }
 }
 
-/// The rank a position of this medium carries.
-pub(crate) fn rank(position: &Position) -> Option<u64> {
-    position
-        .token
-        .as_ref()
-        .and_then(|t| t.get_i64("mqtt").ok())
-        .and_then(|r| u64::try_from(r).ok())
-}
-
-fn position(rank: u64) -> Position {
+fn position(rank: u64, session: Option<i64>) -> Position {
     // A broker stamps nothing: the position is the delivery's rank in its session.
     Position::new(
         Timestamp {
             time: 0,
             increment: 0,
         },
-        Some(doc! { "mqtt": i64::try_from(rank).unwrap_or(i64::MAX) }),
+        Some(match session {
+            Some(session) => {
+                doc! { "mqtt": i64::try_from(rank).unwrap_or(i64::MAX), "session": session }
+            }
+            None => doc! { "mqtt": i64::try_from(rank).unwrap_or(i64::MAX) },
+        }),
     )
 }
 
@@ -196,7 +210,9 @@ impl Follower {
                 None => self.conn.ack(&inbound).await,
             }
             if let Some(message) = wanted {
-                return Some((Ok(Event::Message(Arc::new(message), position(rank))), self));
+                let session = self.named.as_ref().map(|(_, named)| named.session);
+                let at = position(rank, session);
+                return Some((Ok(Event::Message(Arc::new(message), at)), self));
             }
         }
     }
@@ -260,6 +276,7 @@ pub(crate) async fn open(
         let named = Arc::new(Named {
             conn: Arc::clone(&conn),
             window: Mutex::new(VecDeque::new()),
+            session: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         });
         lock(&inner.named).insert(name.to_string(), Arc::clone(&named));
         (name.to_string(), named)

@@ -818,8 +818,8 @@ impl Medium for MqttMedium {
 
     async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
         let named = lock(&self.inner.named).get(name).cloned();
-        if let (Some(named), Some(rank)) = (named, follow::rank(position)) {
-            named.acked_through(rank).await;
+        if let Some(named) = named {
+            named.acked_through(position).await;
         }
         Ok(())
     }

@@ -322,7 +322,22 @@ impl Worker {
                 message: message.clone(),
                 again: self.again_tx.clone(),
             };
-            lock(&self.inner.jobs).insert(message.id.clone(), job);
+            let duplicate = {
+                let mut jobs = lock(&self.inner.jobs);
+                if jobs.contains_key(&message.id) {
+                    Some(job)
+                } else {
+                    jobs.insert(message.id.clone(), job);
+                    None
+                }
+            };
+            if let Some(copy) = duplicate {
+                // A second copy (an outbox that sent it again after a lost PUBACK) while
+                // a worker of this process holds the first: that one settles it.
+                tracing::debug!(message_id = %message.id, "a copy of a job held here: acknowledged, not run twice");
+                self.conn.ack(&copy.inbound).await;
+                continue;
+            }
             return Some((Ok(message), self));
         }
     }
