@@ -5,6 +5,10 @@
 //! a MongoDB deployment. Errors are one line and a hint, with exit code 1 (2 for a
 //! command line clap cannot parse).
 
+// One file per command that outgrows this one (cargo's layout): src/bin/intracom/.
+#[path = "intracom/bench/mod.rs"]
+mod bench;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +69,9 @@ enum Command {
     Dead(DeadCommand),
     /// Check a MongoDB deployment and say what to fix.
     Doctor,
+    /// Measure intracom beside the raw driver (or tokio::sync::broadcast) doing the same
+    /// job on the same server, in rounds; prints a table, or JSON with --json.
+    Bench(bench::BenchArgs),
     /// Serve the HTTP gateway (REST, Server-Sent Events, OpenAPI, web console) on the
     /// configured medium.
     #[cfg(feature = "gateway")]
@@ -361,6 +368,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Stats(flag) => stats(&config, flag.json).await,
         Command::Dead(command) => dead(&config, command).await,
         Command::Doctor => doctor(&config).await,
+        Command::Bench(args) => bench::bench(&config, cli.config.as_deref(), args).await,
         #[cfg(feature = "gateway")]
         Command::Serve(args) => serve(config, args).await,
         #[cfg(feature = "gateway")]
