@@ -11,17 +11,15 @@ use bson::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::config::{Config, MediumKind};
+use crate::config::Config;
+use crate::delivery::processed::Fallback;
+use crate::delivery::routes::LocalRoutes;
 use crate::delivery::{AckTracker, Screen, Subscriber, Subscription};
 use crate::error::{Error, Result};
 use crate::filter::StartFrom;
-use crate::idempotency::Fallback;
-use crate::medium::memory::MemoryMedium;
-use crate::medium::mongo::MongoMedium;
 use crate::medium::Medium;
 use crate::message::{check_name, Message};
 use crate::outbox::Outbox;
-use crate::work::LocalRoutes;
 
 /// A handle on the bus. Cheap to clone (an `Arc` inside), `Send + Sync`.
 ///
@@ -93,20 +91,12 @@ pub struct Published {
 impl Intracom {
     /// Connects to the medium named by the configuration and seeds the catalog from it.
     pub async fn connect(config: Config) -> Result<Self> {
-        let medium: Arc<dyn Medium> = match config.medium {
-            MediumKind::Memory => Arc::new(MemoryMedium::new((&config).into())),
-            MediumKind::Db => Arc::new(MongoMedium::connect(&config).await?),
-            other => {
-                return Err(Error::Unsupported {
-                    medium: other.to_string(),
-                    what: "connecting: this build does not include that medium yet".into(),
-                })
-            }
-        };
+        let medium = crate::medium::connect(&config).await?;
         Self::start(config, medium, true).await
     }
 
-    /// A bus on a medium the caller made, e.g. one [`MemoryMedium`] shared by several
+    /// A bus on a medium the caller made, e.g. one
+    /// [`MemoryMedium`](crate::medium::memory::MemoryMedium) shared by several
     /// services of one process. Shutting this bus down does not close the medium.
     pub async fn with_medium(config: Config, medium: Arc<dyn Medium>) -> Result<Self> {
         Self::start(config, medium, false).await
@@ -296,7 +286,10 @@ impl Intracom {
         };
         let filter = subscription.filter(&self.service, &self.instance);
         tracing::debug!(subscription = ?subscription.name, resumed, start = ?start, "subscribing");
-        let events = medium.follow(start, filter).await?;
+        let events = match &subscription.name {
+            Some(name) => medium.follow_durable(name, start, filter).await?,
+            None => medium.follow(start, filter).await?,
+        };
         let tracker = subscription
             .name
             .clone()

@@ -29,6 +29,13 @@
 //! | `common.intracom.db.poll_interval_ms` | `250` | poll period when change streams are unavailable (standalone) |
 //! | `common.intracom.db.safety_window_ms` | `5000` | how far back a `ts` scan looks for writes that committed out of stamp order |
 //! | `common.intracom.db.stream_buffer` | `10000` | change events kept in memory for this process's subscribers |
+//! | `common.intracom.mqtt.url` | `mqtt://localhost:1883` | MQTT broker: `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS |
+//! | `common.intracom.mqtt.client_id_prefix` | `intracom-` | prefix of every MQTT client id this process uses |
+//! | `common.intracom.mqtt.username` / `.password` | none | broker credentials |
+//! | `common.intracom.mqtt.keep_alive_ms` | `30000` | MQTT keep-alive (at least 5000, whole seconds on the wire) |
+//! | `common.intracom.mqtt.topic_prefix` | `intracom` | first level(s) of every intracom topic |
+//! | `common.intracom.mqtt.session_expiry_ms` | `86400000` | how long the broker keeps a named subscription's session while it is away |
+//! | `common.intracom.mqtt.ca_file` | none | PEM file of CA certificates for `mqtts://` (default: the system's roots) |
 //!
 //! Environment: `INTRACOM_CONFIG` names a properties file; each key can be set by its
 //! upper-case name with `.` turned into `_` (`COMMON_INTRACOM_TIMEOUT_MS=1000`,
@@ -115,6 +122,8 @@ pub struct Config {
     pub memory_max_messages: usize,
     /// MongoDB medium settings (`common.intracom.db.*`).
     pub db: DbConfig,
+    /// MQTT medium settings (`common.intracom.mqtt.*`).
+    pub mqtt: MqttConfig,
     /// Default time-out of a request, in ms (default 30 000).
     pub request_timeout_ms: u64,
     /// Outbox capacity in messages (default 10 000; `common.intracom.outbox.max_messages`).
@@ -136,22 +145,6 @@ pub struct WorkOverrides {
     pub backoff: Option<std::time::Duration>,
     /// `common.intracom.work.<action>.max_attempts`.
     pub max_attempts: Option<i32>,
-}
-
-impl WorkOverrides {
-    /// `options` with these overrides applied.
-    pub fn apply(&self, mut options: crate::work::WorkOptions) -> crate::work::WorkOptions {
-        if let Some(lease) = self.lease {
-            options.lease = lease;
-        }
-        if let Some(backoff) = self.backoff {
-            options.backoff = backoff;
-        }
-        if let Some(attempts) = self.max_attempts {
-            options.max_attempts = attempts;
-        }
-        options
-    }
 }
 
 /// How the MongoDB medium retains messages (`common.intracom.db.retention`).
@@ -216,6 +209,173 @@ impl Default for DbConfig {
     }
 }
 
+/// MQTT medium settings (`common.intracom.mqtt.*`).
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct MqttConfig {
+    /// Broker URL (default `mqtt://localhost:1883`): `mqtt://host[:port]` (port 1883 by
+    /// default) or `mqtts://host[:port]` for TLS (port 8883 by default).
+    pub url: String,
+    /// Prefix of every client id this process uses (default `intracom-`). A named
+    /// subscription's session is `<prefix>sub-<name>`, so processes that resume each
+    /// other's subscriptions must share the prefix.
+    pub client_id_prefix: String,
+    /// Broker user name (default none).
+    pub username: Option<String>,
+    /// Broker password (default none; never printed).
+    pub password: Option<String>,
+    /// Keep-alive in ms (default 30 000; at least 5 000; sent in whole seconds).
+    pub keep_alive_ms: u64,
+    /// First level(s) of every topic (default `intracom`); buses with different prefixes
+    /// do not see each other.
+    pub topic_prefix: String,
+    /// How long the broker keeps a named subscription's session and queued messages
+    /// while its consumer is away, in ms (default 86 400 000, one day; whole seconds on
+    /// the wire).
+    pub session_expiry_ms: u64,
+    /// PEM file with the CA certificates that sign the broker's certificate, for
+    /// `mqtts://` (default: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://localhost:1883".into(),
+            client_id_prefix: "intracom-".into(),
+            username: None,
+            password: None,
+            keep_alive_ms: 30_000,
+            topic_prefix: "intracom".into(),
+            session_expiry_ms: 86_400_000,
+            ca_file: None,
+        }
+    }
+}
+
+impl fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("url", &self.url)
+            .field("client_id_prefix", &self.client_id_prefix)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("keep_alive_ms", &self.keep_alive_ms)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("session_expiry_ms", &self.session_expiry_ms)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// The parts of an MQTT URL: TLS or not, host, port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MqttUrl {
+    /// `mqtts://`.
+    pub tls: bool,
+    /// The broker's host name or address.
+    pub host: String,
+    /// The port (1883, or 8883 with TLS, unless given).
+    pub port: u16,
+}
+
+impl MqttConfig {
+    /// The broker URL, parsed (it was checked when it was set).
+    pub fn parsed_url(&self) -> Result<MqttUrl> {
+        parse_mqtt_url("common.intracom.mqtt.url", &self.url)
+    }
+}
+
+/// Reads `mqtt://host[:port]` or `mqtts://host[:port]` (an IPv6 host in brackets).
+fn parse_mqtt_url(key: &str, value: &str) -> Result<MqttUrl> {
+    let (tls, rest) = if let Some(rest) = value.strip_prefix("mqtt://") {
+        (false, rest)
+    } else if let Some(rest) = value.strip_prefix("mqtts://") {
+        (true, rest)
+    } else {
+        return Err(Error::config(
+            key,
+            value,
+            "must start with mqtt:// or mqtts://",
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err(Error::config(
+            key,
+            value,
+            "expected only a host and a port (no path or query)",
+        ));
+    }
+    if authority.contains('@') {
+        return Err(Error::config(
+            key,
+            value,
+            "put credentials in common.intracom.mqtt.username and .password, not in the URL",
+        ));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let Some((host, after)) = bracketed.split_once(']') else {
+            return Err(Error::config(key, value, "unclosed `[` in the host"));
+        };
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(Error::config(key, value, "unexpected text after the host")),
+        };
+        (host.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (authority.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(Error::config(key, value, "no host"));
+    }
+    let port = match port {
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                return Err(Error::config(key, value, format!("bad port `{p}`")));
+            }
+            Ok(n) => n,
+        },
+        None => default_port,
+    };
+    Ok(MqttUrl { tls, host, port })
+}
+
+/// Checks a topic prefix: levels without wildcards, NUL or an empty level, not `$…`.
+fn topic_prefix(key: &str, value: &str) -> Result<String> {
+    if value.is_empty() {
+        return Err(Error::config(key, value, "empty"));
+    }
+    if value.starts_with('$') {
+        return Err(Error::config(
+            key,
+            value,
+            "topics starting with `$` are the broker's own (MQTT 5 §4.7.2)",
+        ));
+    }
+    if value.contains(['+', '#', '\0']) {
+        return Err(Error::config(
+            key,
+            value,
+            "`+`, `#` and NUL are not allowed in an MQTT topic name (MQTT 5 §4.7.1, §1.5.4)",
+        ));
+    }
+    if value.split('/').any(str::is_empty) {
+        return Err(Error::config(
+            key,
+            value,
+            "empty topic level (leading, trailing or double `/`)",
+        ));
+    }
+    Ok(value.to_string())
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -227,6 +387,7 @@ impl Default for Config {
             max_message_bytes: 16 * 1024 * 1024,
             memory_max_messages: 100_000,
             db: DbConfig::default(),
+            mqtt: MqttConfig::default(),
             request_timeout_ms: 30_000,
             outbox_max_messages: 10_000,
             outbox_file: None,
@@ -424,6 +585,51 @@ impl Config {
                 self.db.stream_buffer = usize::try_from(parse_positive(key, value)?)
                     .map_err(|e| Error::config(key, value, e))?;
             }
+            "mqtt.url" => {
+                parse_mqtt_url(key, value)?;
+                self.mqtt.url = value.to_string();
+            }
+            "mqtt.client_id_prefix" => {
+                if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "contains whitespace or a control character",
+                    ));
+                }
+                self.mqtt.client_id_prefix = value.to_string();
+            }
+            "mqtt.username" => self.mqtt.username = Some(value.to_string()),
+            "mqtt.password" => self.mqtt.password = Some(value.to_string()),
+            "mqtt.keep_alive_ms" => {
+                let ms = parse_positive(key, value)?;
+                if !(5_000..=65_535_000).contains(&ms) {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "must be between 5000 and 65535000 (MQTT keep-alive is 5 s to 65535 s here)",
+                    ));
+                }
+                self.mqtt.keep_alive_ms = ms;
+            }
+            "mqtt.topic_prefix" => self.mqtt.topic_prefix = topic_prefix(key, value)?,
+            "mqtt.session_expiry_ms" => {
+                let ms = parse_positive(key, value)?;
+                if ms.div_ceil(1000) > u64::from(u32::MAX) {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "longer than the MQTT session expiry interval allows (u32 seconds)",
+                    ));
+                }
+                self.mqtt.session_expiry_ms = ms;
+            }
+            "mqtt.ca_file" => {
+                if value.is_empty() {
+                    return Err(Error::config(key, value, "empty path"));
+                }
+                self.mqtt.ca_file = Some(value.into());
+            }
             _ => return Err(Error::config(key, value, "unknown key")),
         }
         Ok(())
@@ -524,6 +730,16 @@ impl ConfigBuilder {
         self
     }
 
+    /// MQTT broker URL (`common.intracom.mqtt.url`), and the MQTT medium.
+    pub fn mqtt(mut self, url: impl Into<String>) -> Self {
+        self.config.medium = MediumKind::Mqtt;
+        let url = url.into();
+        if let Err(e) = self.config.set("common.intracom.mqtt.url", &url) {
+            self.error.get_or_insert(e);
+        }
+        self
+    }
+
     /// Keeps the outbox in this file across restarts (`common.intracom.outbox.file`).
     pub fn outbox_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.config.outbox_file = Some(path.into());
@@ -616,7 +832,7 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         }
         return Some(format!("{WORK_PREFIX}{}", rest.to_ascii_lowercase()));
     }
-    const KEYS: [&str; 22] = [
+    const KEYS: [&str; 30] = [
         "medium",
         "timeout_ms",
         "senders.list",
@@ -639,6 +855,14 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         "request_timeout_ms",
         "outbox.max_messages",
         "outbox.file",
+        "mqtt.url",
+        "mqtt.client_id_prefix",
+        "mqtt.username",
+        "mqtt.password",
+        "mqtt.keep_alive_ms",
+        "mqtt.topic_prefix",
+        "mqtt.session_expiry_ms",
+        "mqtt.ca_file",
     ];
     match KEYS.iter().find(|k| env_form(k) == suffix) {
         Some(k) => Some(format!("{PREFIX}{k}")),
@@ -849,30 +1073,72 @@ mod tests {
     }
 
     #[test]
-    fn work_options_per_action() {
+    fn mqtt_keys_parse_check_and_come_from_the_environment() {
         let c = Config::from_sources(
-            Some("common.intracom.work.invoice.render.lease_ms=5000\ncommon.intracom.work.invoice.render.max_attempts=3"),
-            env(&[("COMMON_INTRACOM_WORK_MAIL_SEND_BACKOFF_MS", "250")]),
+            Some("common.intracom.medium=mqtt\ncommon.intracom.mqtt.url=mqtts://broker.example:8884\ncommon.intracom.mqtt.topic_prefix=site/a"),
+            env(&[
+                ("COMMON_INTRACOM_MQTT_USERNAME", "svc"),
+                ("COMMON_INTRACOM_MQTT_PASSWORD", "secret"),
+                ("COMMON_INTRACOM_MQTT_KEEP_ALIVE_MS", "10000"),
+                ("COMMON_INTRACOM_MQTT_CLIENT_ID_PREFIX", "billing-"),
+                ("COMMON_INTRACOM_MQTT_SESSION_EXPIRY_MS", "60000"),
+            ]),
         )
         .unwrap();
-        let render = c.work["invoice.render"].apply(
-            crate::work::WorkOptions::default().backoff(std::time::Duration::from_millis(7)),
+        assert_eq!(c.medium, MediumKind::Mqtt);
+        let url = c.mqtt.parsed_url().unwrap();
+        assert!(url.tls);
+        assert_eq!((url.host.as_str(), url.port), ("broker.example", 8884));
+        assert_eq!(c.mqtt.topic_prefix, "site/a");
+        assert_eq!(c.mqtt.username.as_deref(), Some("svc"));
+        assert_eq!(c.mqtt.keep_alive_ms, 10_000);
+        assert_eq!(c.mqtt.client_id_prefix, "billing-");
+        assert_eq!(c.mqtt.session_expiry_ms, 60_000);
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "the password is not printed"
         );
-        assert_eq!(render.lease, std::time::Duration::from_millis(5000));
-        assert_eq!(render.max_attempts, 3);
+        let plain = parse_mqtt_url("k", "mqtt://[::1]").unwrap();
         assert_eq!(
-            render.backoff,
-            std::time::Duration::from_millis(7),
-            "what config does not set stays"
+            (plain.tls, plain.host.as_str(), plain.port),
+            (false, "::1", 1883)
         );
-        assert_eq!(
-            c.work["mail.send"].backoff,
-            Some(std::time::Duration::from_millis(250))
-        );
-        let e = Config::from_properties("common.intracom.work.x.speed=1")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("common.intracom.work.x.speed"), "{e}");
+
+        for (key, value, says) in [
+            ("common.intracom.mqtt.url", "tcp://localhost", "mqtt://"),
+            (
+                "common.intracom.mqtt.url",
+                "mqtt://localhost:99999",
+                "bad port",
+            ),
+            (
+                "common.intracom.mqtt.url",
+                "mqtt://u:p@localhost",
+                "username",
+            ),
+            ("common.intracom.mqtt.url", "mqtt://localhost/x", "no path"),
+            ("common.intracom.mqtt.keep_alive_ms", "1000", "5000"),
+            ("common.intracom.mqtt.topic_prefix", "a/+/b", "not allowed"),
+            ("common.intracom.mqtt.topic_prefix", "$SYS", "broker's own"),
+            (
+                "common.intracom.mqtt.topic_prefix",
+                "a//b",
+                "empty topic level",
+            ),
+            (
+                "common.intracom.mqtt.session_expiry_ms",
+                "soon",
+                "whole number",
+            ),
+        ] {
+            let e = Config::from_properties(&format!("{key}={value}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains(value) && e.contains(says),
+                "{e}"
+            );
+        }
     }
 
     #[test]

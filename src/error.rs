@@ -74,6 +74,32 @@ pub enum Error {
         limit: usize,
     },
 
+    /// The message would make an MQTT packet larger than the broker accepts (its
+    /// CONNACK's Maximum Packet Size). Nothing was sent; make the payload smaller or
+    /// raise the broker's `max_packet_size`.
+    #[error("message {id} would be an MQTT packet of {size} bytes, over the broker's maximum packet size of {limit} bytes")]
+    PacketTooLarge {
+        /// The message id.
+        id: String,
+        /// The packet's size in bytes.
+        size: usize,
+        /// The broker's maximum packet size.
+        limit: usize,
+    },
+
+    /// No worker of the target service was connected to take this work or request, and
+    /// the medium keeps no queue (MQTT: the broker drops what nobody subscribed to).
+    /// Nothing was sent. Start a worker of the service, then publish again.
+    #[error("no worker of `{service}` for `{action}` is connected (waited {waited:?}); the MQTT medium keeps no queue: start a worker, then publish again")]
+    NoWorker {
+        /// The target service.
+        service: String,
+        /// The action.
+        action: String,
+        /// How long the publish waited for a worker.
+        waited: std::time::Duration,
+    },
+
     /// A payload could not be converted to or from BSON.
     #[error("payload conversion failed: {0}")]
     Payload(#[from] PayloadError),

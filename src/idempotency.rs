@@ -20,20 +20,18 @@
 //! fall-back, de-duplication covers this process only.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::bus::Intracom;
+use crate::delivery::processed::Fallback;
 use crate::error::{Error, Result};
-use crate::medium::records::LocalRecords;
 use crate::medium::Reservation;
 use crate::message::new_id;
 
-/// How many records the in-memory fall-back keeps (the oldest go first).
-pub const FALLBACK_CAPACITY: usize = 10_000;
+pub use crate::delivery::processed::FALLBACK_CAPACITY;
 
 /// What [`Idempotent::run_once`] did.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,51 +41,6 @@ pub enum Once<R> {
     /// The handler had already run for this message (here or in another instance); the
     /// result recorded then.
     AlreadyDone(Option<bson::Document>),
-}
-
-/// The in-memory fall-back and its state, shared by the handles of one bus.
-pub(crate) struct Fallback {
-    records: LocalRecords,
-    active: AtomicBool,
-    /// When the store last failed; while on the fall-back it is tried again after
-    /// [`PROBE_EVERY`], not on every call (each failing call can take the driver's
-    /// server-selection time-out).
-    failed_at: Mutex<Option<Instant>>,
-    /// Times the bus fell back to memory.
-    pub(crate) fallbacks: AtomicU64,
-}
-
-/// How often the store is tried again while on the fall-back.
-const PROBE_EVERY: Duration = Duration::from_secs(2);
-
-impl Fallback {
-    pub(crate) fn new(retention: Duration) -> Self {
-        Fallback {
-            records: LocalRecords::new(FALLBACK_CAPACITY, retention),
-            active: AtomicBool::new(false),
-            failed_at: Mutex::new(None),
-            fallbacks: AtomicU64::new(0),
-        }
-    }
-
-    fn active(&self) -> bool {
-        self.active.load(Ordering::SeqCst)
-    }
-
-    /// On the fall-back and too early to try the store again.
-    fn skip_store(&self) -> bool {
-        let failed_at = *self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        self.active() && failed_at.is_some_and(|at| at.elapsed() < PROBE_EVERY)
-    }
-
-    fn fall_back(&self, error: &Error) {
-        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        if !self.active.swap(true, Ordering::SeqCst) {
-            self.fallbacks.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::FALLBACK, "kind" => "idempotency").increment(1);
-            tracing::warn!(%error, "idempotency store unreachable: falling back to memory (this process only)");
-        }
-    }
 }
 
 /// Where a reservation is held.

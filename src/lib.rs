@@ -4,7 +4,8 @@
 //! message is a document in one collection, stamped with the server's clock, and every
 //! consumer follows the collection from the last position it handled. The same API
 //! runs in one process on the [memory medium](medium::memory) (the default, no server
-//! needed), and is built so that the MongoDB and MQTT media plug in under it.
+//! needed), on MongoDB ([`medium::mongo`]), and on an MQTT 5 broker (`medium::mqtt`,
+//! feature `mqtt`); [`medium::connect`] picks one from the configuration.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -56,12 +57,14 @@ pub use bson;
 
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
-pub use config::{Config, ConfigBuilder, DbConfig, MediumKind, Retention, WorkOverrides};
+pub use config::{
+    Config, ConfigBuilder, DbConfig, MediumKind, MqttConfig, Retention, WorkOverrides,
+};
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};
 pub use error::{Error, PayloadError, Result};
 pub use filter::{Filter, Position, StartFrom};
 pub use idempotency::{Idempotent, Once};
-pub use medium::{DeadLetter, Medium};
+pub use medium::{Capabilities, DeadLetter, Medium};
 pub use message::{DeliveryMode, Lease, Message, MessageType, State};
 pub use work::{Request, WorkOptions, Worker};

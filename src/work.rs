@@ -22,12 +22,12 @@
 //! 001's local route), and the settled request is still written to the medium as a
 //! record.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Bson, Document};
@@ -39,42 +39,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::bus::Intracom;
+use crate::config::WorkOverrides;
+use crate::delivery::routes::Handler;
 use crate::error::{Error, PayloadError, Result};
 use crate::filter::{Filter, StartFrom};
 use crate::medium::{ClaimRequest, Settlement};
 use crate::message::{now_nanos, to_document, DeliveryMode, Message, MessageType, State};
-
-/// A type-erased handler: the message in, an optional result document or an error out.
-pub(crate) type Handler = Arc<
-    dyn Fn(Message) -> BoxFuture<'static, std::result::Result<Option<Document>, String>>
-        + Send
-        + Sync,
->;
-
-/// The handlers served in this process, by (service, action): the local route.
-#[derive(Default)]
-pub(crate) struct LocalRoutes {
-    routes: RwLock<HashMap<(String, String), Handler>>,
-}
-
-impl LocalRoutes {
-    fn get(&self, service: &str, action: &str) -> Option<Handler> {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        routes
-            .get(&(service.to_string(), action.to_string()))
-            .cloned()
-    }
-
-    fn insert(&self, service: &str, action: &str, handler: Handler) {
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        routes.insert((service.to_string(), action.to_string()), handler);
-    }
-
-    fn remove(&self, service: &str, action: &str) {
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        routes.remove(&(service.to_string(), action.to_string()));
-    }
-}
 
 /// How a worker treats its work. Defaults in the field docs; config can override them
 /// per action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`, `.max_attempts`).
@@ -138,6 +108,22 @@ impl WorkOptions {
         self.backoff
             .saturating_mul(2u32.saturating_pow(exponent))
             .min(self.max_backoff)
+    }
+}
+
+impl WorkOverrides {
+    /// `options` with these overrides applied.
+    pub fn apply(&self, mut options: WorkOptions) -> WorkOptions {
+        if let Some(lease) = self.lease {
+            options.lease = lease;
+        }
+        if let Some(backoff) = self.backoff {
+            options.backoff = backoff;
+        }
+        if let Some(attempts) = self.max_attempts {
+            options.max_attempts = attempts;
+        }
+        options
     }
 }
 
@@ -286,9 +272,13 @@ impl<R: DeserializeOwned> Request<R> {
             };
         }
 
+        // The time-out covers the whole request, including a medium that waits for a
+        // worker to be present before it sends (MQTT).
+        let deadline = tokio::time::Instant::now() + self.timeout;
         bus.append_prepared(vec![message]).await?;
         let medium = bus.medium();
-        match medium.await_outcome(&id, self.timeout).await? {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match medium.await_outcome(&id, left).await? {
             Some(settled) if settled.state == Some(State::Done) => decode_result(settled.result),
             Some(settled) => Err(Error::Remote {
                 service: self.service,
@@ -536,6 +526,9 @@ impl WorkerLoop {
     async fn run(self) {
         let medium = Arc::clone(self.bus.medium());
         let shutdown = self.bus.shutdown_token();
+        if !medium.capabilities().stored_queue {
+            return self.run_pushed().await;
+        }
         // New work wakes the worker; the poll catches expired leases and due retries.
         let filter = Filter {
             service: Some(self.claim.service.clone()),
@@ -583,6 +576,59 @@ impl WorkerLoop {
                         None => std::future::pending().await,
                     }
                 } => if event.is_none() { wake = None },
+            }
+        }
+    }
+
+    /// On a medium that pushes work to one worker (MQTT): take what it hands out, in
+    /// order; subscribe again (with a pause) if the subscription fails or ends.
+    async fn run_pushed(self) {
+        let medium = Arc::clone(self.bus.medium());
+        let shutdown = self.bus.shutdown_token();
+        let mut failures = 0u32;
+        loop {
+            let jobs = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                jobs = medium.receive_work(&self.claim) => jobs,
+            };
+            match jobs {
+                Ok(Some(mut jobs)) => {
+                    failures = 0;
+                    loop {
+                        let job = tokio::select! {
+                            _ = self.stop.cancelled() => return,
+                            _ = shutdown.cancelled() => return,
+                            job = jobs.next() => job,
+                        };
+                        match job {
+                            Some(Ok(message)) => self.process(message).await,
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, service = %self.claim.service, "work subscription failed");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tracing::error!(
+                        medium = medium.name(),
+                        "the medium neither stores nor pushes work"
+                    );
+                    return;
+                }
+                Err(Error::Shutdown) => return,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, service = %self.claim.service, "cannot subscribe to work");
+                }
+            }
+            let pause = self.options.poll.saturating_mul(failures.clamp(1, 10));
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -736,6 +782,32 @@ mod tests {
         assert_eq!(o.pause_after(2), Duration::from_millis(200));
         assert_eq!(o.pause_after(4), Duration::from_millis(800));
         assert_eq!(o.pause_after(40), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn work_options_per_action() {
+        let c = crate::Config::from_sources(
+            Some("common.intracom.work.invoice.render.lease_ms=5000\ncommon.intracom.work.invoice.render.max_attempts=3"),
+            vec![("COMMON_INTRACOM_WORK_MAIL_SEND_BACKOFF_MS".to_string(), "250".to_string())],
+        )
+        .unwrap();
+        let render = c.work["invoice.render"]
+            .apply(WorkOptions::default().backoff(std::time::Duration::from_millis(7)));
+        assert_eq!(render.lease, std::time::Duration::from_millis(5000));
+        assert_eq!(render.max_attempts, 3);
+        assert_eq!(
+            render.backoff,
+            std::time::Duration::from_millis(7),
+            "what config does not set stays"
+        );
+        assert_eq!(
+            c.work["mail.send"].backoff,
+            Some(std::time::Duration::from_millis(250))
+        );
+        let e = crate::Config::from_properties("common.intracom.work.x.speed=1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("common.intracom.work.x.speed"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Reads the same configuration as the library (`INTRACOM_CONFIG` or `--config`, the
 //! environment) so that an operator sees what a service would see; `--uri` points it at
-//! a MongoDB deployment. Errors are one line and a hint, with exit code 1 (2 for a
+//! a MongoDB deployment, `--medium mqtt --url mqtt://…` at an MQTT broker. Errors are one line and a hint, with exit code 1 (2 for a
 //! command line clap cannot parse).
 
 // One file per command that outgrows this one (cargo's layout): src/bin/intracom/.
@@ -20,6 +20,8 @@ use futures::StreamExt;
 use intracom::bson::{doc, Bson, Document, Timestamp};
 use intracom::medium::memory::MemoryMedium;
 use intracom::medium::mongo::MongoMedium;
+#[cfg(feature = "mqtt")]
+use intracom::medium::mqtt::MqttMedium;
 use intracom::{
     Config, Error, Intracom, MediumKind, Message, MessageType, Position, PublishStatus, StartFrom,
     Subscription, WorkOptions,
@@ -42,6 +44,13 @@ struct Cli {
     /// Database name (common.intracom.db.database).
     #[arg(long, global = true, value_name = "NAME")]
     database: Option<String>,
+    /// The medium: memory, db (MongoDB) or mqtt (common.intracom.medium).
+    #[arg(long, global = true, value_name = "MEDIUM")]
+    medium: Option<String>,
+    /// MQTT broker URL, mqtt://host[:port] or mqtts://…; implies --medium mqtt
+    /// (common.intracom.mqtt.url).
+    #[arg(long, global = true, value_name = "URL")]
+    url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,7 +76,7 @@ enum Command {
     /// The dead letters.
     #[command(subcommand)]
     Dead(DeadCommand),
-    /// Check a MongoDB deployment and say what to fix.
+    /// Check a MongoDB deployment and say what to fix (MongoDB only).
     Doctor,
     /// Measure intracom beside the raw driver (or tokio::sync::broadcast) doing the same
     /// job on the same server, in rounds; prints a table, or JSON with --json.
@@ -269,8 +278,19 @@ impl From<Error> for Failure {
                 "keys and defaults: `intracom config`, or the README's Configuration section"
                     .to_string(),
             ),
+            Error::Unavailable { medium: "mqtt", .. } => Some(
+                "check that the broker is reachable at the URL (--url, common.intracom.mqtt.url)"
+                    .to_string(),
+            ),
             Error::Unavailable { .. } => Some(
                 "check that MongoDB is reachable at the URI (try `intracom doctor`)".to_string(),
+            ),
+            Error::Unsupported { medium, .. } if medium == "mqtt" => Some(
+                "a broker keeps no history: `tail` follows from now on MQTT (drop --since)"
+                    .to_string(),
+            ),
+            Error::NoWorker { .. } => Some(
+                "start a worker of the service (`serve`/`work`), then publish again".to_string(),
             ),
             Error::UnknownSender { .. } | Error::UnknownAction { .. } => {
                 Some("see `intracom catalog list`; add with `intracom catalog add`".to_string())
@@ -336,6 +356,15 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
     if let Some(database) = &cli.database {
         config.set("common.intracom.db.database", database)?;
     }
+    if let Some(medium) = &cli.medium {
+        config.set("common.intracom.medium", medium)?;
+    }
+    if let Some(url) = &cli.url {
+        if cli.medium.is_none() {
+            config.set("common.intracom.medium", "mqtt")?;
+        }
+        config.set("common.intracom.mqtt.url", url)?;
+    }
     config.set(
         "common.intracom.instance",
         &format!("intracom-cli-{}", std::process::id()),
@@ -343,17 +372,45 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
     Ok(config)
 }
 
-/// The bus, and the MongoDB medium when the bus is on one.
-async fn open(config: &Config, what: &str) -> Result<(Intracom, Arc<MongoMedium>), Failure> {
-    if config.medium != MediumKind::Db {
-        return Err(fail(
+/// The medium under the bus, for what only it can tell (stats, doctor).
+enum Admin {
+    Mongo(Arc<MongoMedium>),
+    #[cfg(feature = "mqtt")]
+    Mqtt(Arc<MqttMedium>),
+}
+
+/// The bus on a shared medium, and that medium.
+async fn open(config: &Config, what: &str) -> Result<(Intracom, Admin), Failure> {
+    match config.medium {
+        MediumKind::Db => {
+            let medium = Arc::new(MongoMedium::connect(config).await?);
+            let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
+            Ok((bus, Admin::Mongo(medium)))
+        }
+        #[cfg(feature = "mqtt")]
+        MediumKind::Mqtt => {
+            let medium = Arc::new(MqttMedium::connect(config).await?);
+            let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
+            Ok((bus, Admin::Mqtt(medium)))
+        }
+        #[cfg(not(feature = "mqtt"))]
+        MediumKind::Mqtt => Err(fail(
+            "this intracom was built without the MQTT medium",
+            "cargo install intracom --features mqtt (or cargo run --features mqtt -- …)",
+        )),
+        _ => Err(fail(
             format!("`{what}` needs a shared medium; common.intracom.medium is `{}`", config.medium),
-            "the memory medium lives inside one process: pass --uri mongodb://… (or set common.intracom.medium=db), or try `intracom demo`",
-        ));
+            "the memory medium lives inside one process: pass --uri mongodb://… or --medium mqtt --url mqtt://…, or try `intracom demo`",
+        )),
     }
-    let medium = Arc::new(MongoMedium::connect(config).await?);
-    let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
-    Ok((bus, medium))
+}
+
+/// Where `tail` reads, for its first line.
+fn source(config: &Config) -> String {
+    match config.medium {
+        MediumKind::Mqtt => format!("{}/# on {}", config.mqtt.topic_prefix, config.mqtt.url),
+        _ => format!("{} on {}", config.db.messages, redact(&config.db.uri)),
+    }
 }
 
 async fn run(cli: Cli) -> Outcome {
@@ -521,6 +578,27 @@ fn print_config(config: &Config) -> Outcome {
         db.safety_window_ms
     );
     println!("common.intracom.db.stream_buffer={}", db.stream_buffer);
+    let mqtt = &config.mqtt;
+    println!("common.intracom.mqtt.url={}", mqtt.url);
+    println!(
+        "common.intracom.mqtt.client_id_prefix={}",
+        mqtt.client_id_prefix
+    );
+    if let Some(user) = &mqtt.username {
+        println!("common.intracom.mqtt.username={user}");
+    }
+    if mqtt.password.is_some() {
+        println!("common.intracom.mqtt.password=***");
+    }
+    println!("common.intracom.mqtt.keep_alive_ms={}", mqtt.keep_alive_ms);
+    println!("common.intracom.mqtt.topic_prefix={}", mqtt.topic_prefix);
+    println!(
+        "common.intracom.mqtt.session_expiry_ms={}",
+        mqtt.session_expiry_ms
+    );
+    if let Some(ca) = &mqtt.ca_file {
+        println!("common.intracom.mqtt.ca_file={}", ca.display());
+    }
     let senders: Vec<&str> = config.senders.keys().map(String::as_str).collect();
     println!("common.intracom.senders.list={}", senders.join(","));
     for (service, actions) in &config.senders {
@@ -663,11 +741,7 @@ async fn tail(config: &Config, args: TailArgs) -> Outcome {
     let (bus, _) = open(config, "tail").await?;
     let mut sub = bus.subscribe(Subscription::monitor().start(start)).await?;
     if !args.json {
-        eprintln!(
-            "following {} on {} (Ctrl-C to stop)",
-            config.db.messages,
-            redact(&config.db.uri)
-        );
+        eprintln!("following {} (Ctrl-C to stop)", source(config));
     }
     let mut shown = 0;
     loop {
@@ -735,7 +809,7 @@ async fn publish(config: &Config, args: PublishArgs) -> Outcome {
     let status = match published.status {
         PublishStatus::Stored => "stored",
         PublishStatus::Duplicate => "already stored (same id)",
-        _ => "buffered: the database is unreachable, it will be sent when it is back",
+        _ => "buffered: the medium is unreachable, it will be sent when it is back",
     };
     println!("{}  {status}", published.id);
     if published.status == PublishStatus::Buffered {
@@ -749,7 +823,7 @@ async fn publish(config: &Config, args: PublishArgs) -> Outcome {
         if bus.outbox_len() > 0 {
             return Err(fail(
                 "the message could not be sent",
-                "check the database, then publish again with --id to keep it single",
+                "check the database or broker, then publish again with --id to keep it single",
             ));
         }
     }
@@ -799,7 +873,14 @@ async fn catalog(config: &Config, command: CatalogCommand) -> Outcome {
 }
 
 async fn stats(config: &Config, as_json: bool) -> Outcome {
-    let (bus, medium) = open(config, "stats").await?;
+    let (bus, admin) = open(config, "stats").await?;
+    // Without the mqtt feature MongoDB is the only shared medium.
+    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
+    let medium = match admin {
+        Admin::Mongo(medium) => medium,
+        #[cfg(feature = "mqtt")]
+        Admin::Mqtt(medium) => return mqtt_stats(config, bus, &medium, as_json).await,
+    };
     let stats = medium.admin_stats().await?;
     bus.shutdown().await;
     if as_json {
@@ -841,6 +922,60 @@ async fn stats(config: &Config, as_json: bool) -> Outcome {
     for (name, messages, seconds) in &stats.lag {
         println!("  {name:<32} {messages:>10} messages  {seconds:>6} s behind");
     }
+    Ok(())
+}
+
+/// What an MQTT broker can tell: it keeps no history, so no counts by field or lag.
+#[cfg(feature = "mqtt")]
+async fn mqtt_stats(config: &Config, bus: Intracom, medium: &MqttMedium, as_json: bool) -> Outcome {
+    let dead = bus.dead_letters().list(usize::MAX).await?.len();
+    bus.catalog().refresh().await?;
+    let services = bus.catalog().snapshot().len();
+    let workers = medium.workers();
+    let broker = medium.broker_stats().await?;
+    let max_packet = medium.broker_max_packet_size();
+    bus.shutdown().await;
+    let missing = "counts by service/action/type/state, queue depth and lag need a stored history, which a broker does not keep";
+    if as_json {
+        let workers: Vec<_> = workers
+            .iter()
+            .map(|(s, n)| serde_json::json!({ "service": s, "workers": n }))
+            .collect();
+        let broker: serde_json::Map<String, serde_json::Value> = broker
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "medium": "mqtt", "url": config.mqtt.url, "topic_prefix": config.mqtt.topic_prefix,
+                "max_packet_size": max_packet, "services": services, "workers": workers,
+                "dead": dead, "broker": broker, "not_available": missing,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "medium: mqtt, {} (topics under {}/)",
+        config.mqtt.url, config.mqtt.topic_prefix
+    );
+    match max_packet {
+        Some(n) => println!("broker maximum packet size: {n} bytes"),
+        None => println!("broker maximum packet size: not set (MQTT's 256 MB)"),
+    }
+    println!("services in the catalog: {services}");
+    println!("workers present:");
+    for (service, n) in &workers {
+        println!("  {service:<32} {n:>10}");
+    }
+    println!("dead letters: {dead}");
+    if !broker.is_empty() {
+        println!("broker ($SYS):");
+        for (key, value) in &broker {
+            println!("  {key:<40} {value}");
+        }
+    }
+    println!("not available on MQTT: {missing}");
     Ok(())
 }
 
@@ -905,7 +1040,19 @@ async fn dead(config: &Config, command: DeadCommand) -> Outcome {
 }
 
 async fn doctor(config: &Config) -> Outcome {
-    let (bus, medium) = open(config, "doctor").await?;
+    let (bus, admin) = open(config, "doctor").await?;
+    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
+    let medium = match admin {
+        Admin::Mongo(medium) => medium,
+        #[cfg(feature = "mqtt")]
+        Admin::Mqtt(_) => {
+            bus.shutdown().await;
+            return Err(fail(
+                "doctor checks a MongoDB deployment",
+                "for an MQTT broker, `intracom stats` shows what the broker tells",
+            ));
+        }
+    };
     println!(
         "checking {} / {}",
         redact(&config.db.uri),

@@ -7,6 +7,8 @@
 //! (the checkpoint: the last message of the contiguous run of acked ones).
 
 mod checkpoint;
+pub(crate) mod processed;
+pub(crate) mod routes;
 mod subscriber;
 mod subscription;
 

@@ -71,8 +71,8 @@ impl ApiError {
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
                 E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
-                E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                E::Unavailable { .. } | E::OutboxFull { .. } | E::Shutdown => {
+                E::TooLarge { .. } | E::PacketTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                E::Unavailable { .. } | E::OutboxFull { .. } | E::Shutdown | E::NoWorker { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
                 E::Medium { .. } | E::Remote { .. } => StatusCode::BAD_GATEWAY,
@@ -101,8 +101,9 @@ impl ApiError {
                 E::UnknownAction { .. } => "unknown_action",
                 E::InvalidMessage { .. } => "invalid_message",
                 E::Payload(_) => "bad_payload",
-                E::TooLarge { .. } => "too_large",
+                E::TooLarge { .. } | E::PacketTooLarge { .. } => "too_large",
                 E::Unavailable { .. } => "unavailable",
+                E::NoWorker { .. } => "no_worker",
                 E::OutboxFull { .. } => "outbox_full",
                 E::Shutdown => "shutting_down",
                 E::Medium { .. } => "medium_refused",

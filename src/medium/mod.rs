@@ -13,14 +13,22 @@
 //!   retained. It never skips silently.
 //! - Small keyed stores: the catalog, subscription checkpoints, idempotency records.
 //! - Work (`delivery: one`): an atomic claim with a lease, renewal, settlement in place,
-//!   burial in the dead letters; and waiting for a request's outcome.
+//!   burial in the dead letters; and waiting for a request's outcome. A medium that
+//!   pushes work to one consumer instead (MQTT's shared subscriptions) hands it out
+//!   through [`Medium::receive_work`]; settlement and burial are the same calls.
 //! - Views for operators (counts, queues, idempotency records), which a medium may
 //!   leave [unsupported](crate::Error::Unsupported): their default implementations say so.
 //!
-//! One module per medium: [`memory`] now; `mongo` and `mqtt` plug in here.
+//! Not every medium can keep every promise: [`Medium::capabilities`] says which it
+//! keeps (Watermill's `Features`), and a medium never fakes one it lacks.
+//!
+//! One module per medium: [`memory`], [`mongo`], and `mqtt` (feature `mqtt`); [`connect`]
+//! is the one place that picks among them.
 
 pub mod memory;
 pub mod mongo;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub(crate) mod records;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,9 +39,68 @@ use async_trait::async_trait;
 use bson::{Document, Timestamp};
 use futures::stream::BoxStream;
 
+use crate::config::{Config, MediumKind};
 use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
 use crate::message::Message;
+
+/// Opens the medium the configuration names (`common.intracom.medium`): the one place
+/// that knows every medium, so the bus above it names none.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
+    match config.medium {
+        MediumKind::Memory => Ok(Arc::new(memory::MemoryMedium::new(config.into()))),
+        MediumKind::Db => Ok(Arc::new(mongo::MongoMedium::connect(config).await?)),
+        #[cfg(feature = "mqtt")]
+        MediumKind::Mqtt => Ok(Arc::new(mqtt::MqttMedium::connect(config).await?)),
+        #[cfg(not(feature = "mqtt"))]
+        MediumKind::Mqtt => Err(Error::Unsupported {
+            medium: "mqtt".into(),
+            what: "connecting: this build does not include the MQTT medium (build with the `mqtt` feature)".into(),
+        }),
+    }
+}
+
+/// What a medium promises beyond what every medium does (publish, follow from now,
+/// targeting, filters, acks, catalog, dead letters, requests, work with retries).
+/// Each flag is a promise the conformance suite holds the medium to; a medium that
+/// cannot keep one says `false` and does not fake it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Every message is stamped from the medium's own clock (`ts`, `at`) and the order
+    /// of stamps is the delivery order. Without it, `ts` and `at` stay `None`.
+    pub server_stamps: bool,
+    /// Messages are kept after delivery: a subscription can start from the oldest one
+    /// still retained, or after a position ([`StartFrom::Beginning`], [`StartFrom::After`]).
+    pub history: bool,
+    /// A subscriber that comes back after some of its messages expired is told how many
+    /// it lost ([`Event::Lost`]).
+    pub loss_reports: bool,
+    /// A named subscription's position lives in the medium: another process resumes it.
+    pub shared_checkpoints: bool,
+    /// Work waits in the medium until a worker claims it, highest priority first, and a
+    /// lease that runs out hands it to another worker.
+    pub stored_queue: bool,
+    /// Request outcomes, leases and idempotency records are kept by the medium and seen
+    /// alike by every process.
+    pub shared_state: bool,
+}
+
+impl Capabilities {
+    /// Every promise: the memory and MongoDB media.
+    pub const ALL: Capabilities = Capabilities {
+        server_stamps: true,
+        history: true,
+        loss_reports: true,
+        shared_checkpoints: true,
+        stored_queue: true,
+        shared_state: true,
+    };
+}
+
+/// Work pushed to one worker ([`Medium::receive_work`]): each item is a message as
+/// claimed (its `attempts` counts this delivery). The stream ends when the medium closes.
+pub type WorkStream = BoxStream<'static, Result<Message>>;
 
 /// Counts over the retained messages, the dead letters and each named subscription's
 /// lag ([`Medium::stats`]). The MongoDB medium's `intracom stats` figures, shared by
@@ -219,6 +286,11 @@ pub trait Medium: Send + Sync + 'static {
     /// The largest encoded message the medium accepts, in bytes.
     fn max_message_bytes(&self) -> usize;
 
+    /// What this medium promises (default: everything, as memory and MongoDB do).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
     /// Stamps and stores messages, in order. Ids already stored are reported as
     /// duplicates and not written again.
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>>;
@@ -228,6 +300,20 @@ pub trait Medium: Send + Sync + 'static {
     /// For [`StartFrom::Now`] the start is anchored before this returns: a message
     /// appended after the call returns is delivered.
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream>;
+
+    /// Follows for a named (durable) subscription: like [`Medium::follow`], for a
+    /// consumer that acknowledges through [`Medium::checkpoint_save`] under `name`. A
+    /// medium whose broker keeps the consumer's place itself (MQTT's persistent
+    /// sessions) needs the name here; the default is [`Medium::follow`].
+    async fn follow_durable(
+        &self,
+        name: &str,
+        from: StartFrom,
+        filter: Filter,
+    ) -> Result<EventStream> {
+        let _ = name;
+        self.follow(from, filter).await
+    }
 
     /// The whole catalog.
     async fn catalog_load(&self) -> Result<CatalogMap>;
@@ -252,6 +338,16 @@ pub trait Medium: Send + Sync + 'static {
     /// then oldest `ts`. The claim sets the lease and counts the attempt; the message is
     /// returned as claimed.
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>>;
+
+    /// For a medium that pushes work instead of storing it for claims: subscribes one
+    /// worker to the work of `request.service` for `request.actions`, each item going to
+    /// exactly one worker of the service. Items are settled, renewed and buried with the
+    /// same calls as claimed work. `None` (the default) means: claim with
+    /// [`Medium::claim`].
+    async fn receive_work(&self, request: &ClaimRequest) -> Result<Option<WorkStream>> {
+        let _ = request;
+        Ok(None)
+    }
 
     /// Extends a lease the owner still holds. False when it lost the lease.
     async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool>;

@@ -1218,7 +1218,7 @@ pub fn cases() -> Vec<Case> {
             work_held_by_a_crashed_worker_is_done_by_another,
             StoredQueue
         ),
-        case!(idempotent_handlers_run_once_per_consumer),
+        case!(idempotent_handlers_run_once_per_consumer, SharedState),
         case!(concurrent_instances_run_an_effect_once, SharedState),
         case!(a_dead_holders_reservation_is_taken_over, SharedState),
     ]

@@ -16,6 +16,7 @@ pub fn checks() -> Vec<Check> {
         check!(ttl_index_deletes_expired_messages),
         check!(a_token_from_a_dropped_collection_falls_back_to_the_collection),
         check!(dropping_the_collection_under_live_subscribers_loses_nothing_after),
+        check!(a_position_with_a_token_the_server_refuses_reads_the_collection),
         check!(twenty_subscribers_do_not_need_twenty_connections),
         check!(hand_written_documents_are_validated_or_dead_lettered),
     ]
@@ -241,6 +242,53 @@ async fn dropping_the_collection_under_live_subscribers_loses_nothing_after(t: &
         "the live subscriber goes on"
     );
     assert_eq!(next(&mut named).await.id, after.id, "so does the named one");
+    bus.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+/// A position can come from outside (an HTTP client's `Last-Event-ID`, a checkpoint
+/// copied from another deployment): a resume token the server refuses, for whatever
+/// reason, still leaves the position's `ts` to read the collection from.
+async fn a_position_with_a_token_the_server_refuses_reads_the_collection(t: &Target) {
+    use intracom::bson::{Bson, Timestamp};
+    use intracom::{Position, StartFrom};
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let bus = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .unwrap();
+    // The shared stream exists before the forged resume.
+    let mut live = bus.subscribe(Subscription::new()).await.unwrap();
+    let first = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(next(&mut live).await.id, first.id);
+    // A little before the first message, well within the retention.
+    let before = Timestamp {
+        time: u32::try_from(chrono::Utc::now().timestamp() - 60).expect("a 32-bit time"),
+        increment: 0,
+    };
+    let forged = Position::new(
+        before,
+        Some(doc! {
+            "rt": { "_data": Bson::String("not a resume token".into()) },
+            "ct": before,
+            "id": "nothing",
+        }),
+    );
+    let mut resumed = bus
+        .subscribe(Subscription::new().start(StartFrom::After(forged)))
+        .await
+        .expect("a refused token is not an error for the subscriber");
+    assert_eq!(
+        next(&mut resumed).await.id,
+        first.id,
+        "read from the collection"
+    );
+    let second = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(
+        next(&mut resumed).await.id,
+        second.id,
+        "then the live stream"
+    );
     bus.shutdown().await;
     drop_database(&uri, &database).await;
 }

@@ -29,7 +29,7 @@ use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::watch;
 
-use super::errors::{is_history_lost, to_error};
+use super::errors::{is_history_lost, is_transient, to_error};
 use super::hub::{self, Events, Hub, RingItem};
 use super::{decode_message, Inner};
 use crate::error::Result;
@@ -275,7 +275,15 @@ impl Follower {
                     self.inner.count_history_lost();
                     self.report_if_expired(position.ts);
                 }
-                Err(e) => return Err(to_error(e)),
+                Err(e) if is_transient(&e) => return Err(to_error(e)),
+                Err(e) => {
+                    // The server refuses the token for another reason (a position
+                    // from elsewhere: another deployment, a hand-made or damaged one):
+                    // its `ts` is still a place in the collection to read from.
+                    tracing::warn!(error = %e, "saved resume token refused by the server: catching up from the collection by ts");
+                    self.inner.count_fallback();
+                    self.report_if_expired(position.ts);
+                }
             }
         }
         Ok(Mode::Scan {
@@ -409,6 +417,13 @@ impl Follower {
             }
         }
         Mode::Ring { cursor }
+    }
+
+    /// Leaves a resumed stream that cannot go on (`why`) for a scan of the collection.
+    fn catch_up(&mut self, why: &'static str) -> Mode {
+        tracing::warn!(why, "catching up from the collection by ts");
+        self.inner.count_fallback();
+        self.scan_from_last()
     }
 
     fn scan_from_last(&mut self) -> Mode {
@@ -568,18 +583,15 @@ impl Follower {
                     // The driver may have resumed this stream by itself after a lost
                     // connection; it is not trusted to be gapless (see
                     // `Inner::stream_interruptions`). The scan re-reads what it held.
-                    tracing::warn!("connection lost under a resumed stream: catching up from the collection by ts");
-                    self.inner.count_fallback();
-                    self.mode = self.scan_from_last();
+                    self.mode = self.catch_up("connection lost under a resumed stream");
                     return Ok(());
                 }
                 match next {
                     Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
                         // Everything up to the drop came through this stream; what the
                         // re-created collection holds is read from it by `ts`.
-                        tracing::warn!(operation = ?event.operation_type, "the messages collection was dropped or renamed after the saved position: catching up from the collection by ts");
-                        self.inner.count_fallback();
-                        self.scan_from_last()
+                        tracing::debug!(operation = ?event.operation_type, "ending event");
+                        self.catch_up("the messages collection was dropped or renamed after the saved position")
                     }
                     Ok(Some(event)) => {
                         let ct = event.cluster_time.unwrap_or(last_cluster_time);
@@ -605,9 +617,7 @@ impl Follower {
                     Ok(None) if !stream.is_alive() => {
                         // The server closed the cursor: the end of this stream, not
                         // silence. Whatever follows is read from the collection.
-                        tracing::warn!("resumed stream closed by the server: catching up from the collection by ts");
-                        self.inner.count_fallback();
-                        self.scan_from_last()
+                        self.catch_up("resumed stream closed by the server")
                     }
                     Ok(None) => match self.handover_from_stream(last_cluster_time) {
                         Some(ring) => {
