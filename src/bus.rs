@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use bson::Timestamp;
+use bson::{RawDocumentBuf, Timestamp};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::delivery::processed::Fallback;
 use crate::delivery::routes::LocalRoutes;
 use crate::delivery::{AckTracker, Screen, Subscriber, Subscription};
-use crate::error::{Error, Result};
+use crate::error::{Error, PayloadError, Result};
 use crate::filter::StartFrom;
 use crate::medium::Medium;
 use crate::message::{check_name, Message};
@@ -61,6 +61,22 @@ pub(crate) struct Shared {
     outbox: Arc<Outbox>,
     /// The idempotency records kept in memory while the store is unreachable.
     pub(crate) fallback: Fallback,
+}
+
+/// A message checked for publishing, with its BSON encoding: made once, for the size
+/// check, and handed to the medium, which sends those bytes rather than encoding the
+/// message again.
+pub(crate) struct Prepared {
+    pub(crate) message: Message,
+    encoded: RawDocumentBuf,
+}
+
+impl Prepared {
+    /// Encodes a message (as a medium would store it).
+    pub(crate) fn encode(message: Message) -> Result<Self> {
+        let encoded = bson::to_raw_document_buf(&message).map_err(PayloadError::from)?;
+        Ok(Prepared { message, encoded })
+    }
 }
 
 /// What became of a published message.
@@ -199,7 +215,7 @@ impl Intracom {
     }
 
     /// Fills in the sender and checks a message for publishing: shape, catalog, size.
-    pub(crate) async fn prepare(&self, mut message: Message) -> Result<Message> {
+    pub(crate) async fn prepare(&self, mut message: Message) -> Result<Prepared> {
         if self.shared.shutdown.is_cancelled() {
             return Err(Error::Shutdown);
         }
@@ -219,25 +235,28 @@ impl Intracom {
             .medium
             .max_message_bytes()
             .min(self.shared.config.max_message_bytes);
-        let size = message.encoded_len()?;
+        let prepared = Prepared::encode(message)?;
+        let size = prepared.encoded.as_bytes().len();
         if size > limit {
             return Err(Error::TooLarge {
-                id: message.id,
+                id: prepared.message.id,
                 size,
                 limit,
             });
         }
-        Ok(message)
+        Ok(prepared)
     }
 
     /// Hands checked messages to the medium, or to the outbox when the medium is
     /// unavailable (or while earlier messages still wait there, to keep the order).
-    pub(crate) async fn append_prepared(&self, messages: Vec<Message>) -> Result<Vec<Published>> {
+    pub(crate) async fn append_prepared(&self, prepared: Vec<Prepared>) -> Result<Vec<Published>> {
+        let (messages, encoded): (Vec<Message>, Vec<RawDocumentBuf>) =
+            prepared.into_iter().map(|p| (p.message, p.encoded)).unzip();
         let outbox = &self.shared.outbox;
         if outbox.len() > 0 {
             return self.buffer(&messages);
         }
-        let appended = match self.shared.medium.append(&messages).await {
+        let appended = match self.shared.medium.append_encoded(&messages, &encoded).await {
             Ok(appended) => appended,
             Err(error) if error.is_retryable() => {
                 tracing::warn!(%error, count = messages.len(), "medium unavailable: publish kept in the outbox");
@@ -361,7 +380,7 @@ impl Intracom {
     /// medium takes it. Returns [`PublishStatus::Buffered`]; a full outbox is
     /// [`Error::OutboxFull`].
     pub async fn publish_later(&self, message: Message) -> Result<Published> {
-        let message = self.prepare(message).await?;
+        let message = self.prepare(message).await?.message;
         let mut out = self.buffer(std::slice::from_ref(&message))?;
         out.pop().ok_or_else(|| Error::Medium {
             medium: self.shared.medium.name(),

@@ -38,7 +38,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bus::Intracom;
+use crate::bus::{Intracom, Prepared};
 use crate::config::WorkOverrides;
 use crate::delivery::routes::Handler;
 use crate::error::{Error, PayloadError, Result};
@@ -241,15 +241,15 @@ impl<R: DeserializeOwned> Request<R> {
         message.state = Some(State::Pending);
         message.query_id = Some(message.id.clone());
         message.query_ms = Some(i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX));
-        let message = bus.prepare(message).await?;
-        let id = message.id.clone();
+        let prepared = bus.prepare(message).await?;
+        let id = prepared.message.id.clone();
         tracing::Span::current().record("message_id", id.as_str());
 
         if let Some(handler) = bus.shared().routes.get(&self.service, &self.action) {
             // Seed 001's local route: call the handler here, and keep the record.
             tracing::debug!(message_id = %id, "local route");
-            let outcome = run_handler(&handler, message.clone()).await;
-            let mut record = message;
+            let outcome = run_handler(&handler, prepared.message.clone()).await;
+            let mut record = prepared.message;
             record.response_ts = Some(now_nanos());
             match &outcome {
                 Ok(result) => {
@@ -261,7 +261,7 @@ impl<R: DeserializeOwned> Request<R> {
                     record.response = Some(doc! { "error": error });
                 }
             }
-            bus.append_prepared(vec![record]).await?;
+            bus.append_prepared(vec![Prepared::encode(record)?]).await?;
             return match outcome {
                 Ok(result) => decode_result(result),
                 Err(message) => Err(Error::Remote {
@@ -275,7 +275,7 @@ impl<R: DeserializeOwned> Request<R> {
         // The time-out covers the whole request, including a medium that waits for a
         // worker to be present before it sends (MQTT).
         let deadline = tokio::time::Instant::now() + self.timeout;
-        bus.append_prepared(vec![message]).await?;
+        bus.append_prepared(vec![prepared]).await?;
         let medium = bus.medium();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match medium.await_outcome(&id, left).await? {

@@ -5,6 +5,10 @@
 //! a MongoDB deployment, `--medium mqtt --url mqtt://…` at an MQTT broker. Errors are one line and a hint, with exit code 1 (2 for a
 //! command line clap cannot parse).
 
+// One file per command that outgrows this one (cargo's layout): src/bin/intracom/.
+#[path = "intracom/bench/mod.rs"]
+mod bench;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +78,9 @@ enum Command {
     Dead(DeadCommand),
     /// Check a MongoDB deployment and say what to fix (MongoDB only).
     Doctor,
+    /// Measure intracom beside the raw driver (or tokio::sync::broadcast) doing the same
+    /// job on the same server, in rounds; prints a table, or JSON with --json.
+    Bench(bench::BenchArgs),
     /// Serve the HTTP gateway (REST, Server-Sent Events, OpenAPI, web console) on the
     /// configured medium.
     #[cfg(feature = "gateway")]
@@ -422,6 +429,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Stats(flag) => stats(&config, flag.json).await,
         Command::Dead(command) => dead(&config, command).await,
         Command::Doctor => doctor(&config).await,
+        Command::Bench(args) => bench::bench(&config, cli.config.as_deref(), args).await,
         #[cfg(feature = "gateway")]
         Command::Serve(args) => serve(config, args).await,
         #[cfg(feature = "gateway")]

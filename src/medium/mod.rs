@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bson::{Document, Timestamp};
+use bson::{Document, RawDocumentBuf, Timestamp};
 use futures::stream::BoxStream;
 
 use crate::config::{Config, MediumKind};
@@ -294,6 +294,19 @@ pub trait Medium: Send + Sync + 'static {
     /// Stamps and stores messages, in order. Ids already stored are reported as
     /// duplicates and not written again.
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>>;
+
+    /// [`Medium::append`] for messages the bus has already encoded (to check their
+    /// size): `encoded[i]` is `messages[i]` as `bson::to_raw_document_buf` writes it. A
+    /// medium that sends BSON sends these bytes rather than encoding the message again.
+    /// The default ignores them.
+    async fn append_encoded(
+        &self,
+        messages: &[Message],
+        encoded: &[RawDocumentBuf],
+    ) -> Result<Vec<Appended>> {
+        let _ = encoded;
+        self.append(messages).await
+    }
 
     /// Follows the messages matching `filter` from `from`.
     ///

@@ -1,13 +1,16 @@
 //! MongoDB-specific behaviours on real servers: TTL, validator, dead letters, a token
 //! from a dropped collection, one change stream for many subscribers.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use intracom::bson::{doc, Document};
+use intracom::medium::mongo::MongoMedium;
 use intracom::{Config, Intracom, Message, Subscription};
 
-use crate::conformance::next;
+use crate::conformance::{expect_marker_next, next};
 use crate::servers::Target;
 use crate::{catalog, check, database_name, eventually, on_server, raw_client, Check};
 
@@ -18,6 +21,7 @@ pub fn checks() -> Vec<Check> {
         check!(dropping_the_collection_under_live_subscribers_loses_nothing_after),
         check!(a_position_with_a_token_the_server_refuses_reads_the_collection),
         check!(twenty_subscribers_do_not_need_twenty_connections),
+        check!(a_subscriber_overrun_by_the_event_buffer_catches_up_without_gap_or_duplicate),
         check!(hand_written_documents_are_validated_or_dead_lettered),
     ]
 }
@@ -148,6 +152,54 @@ async fn twenty_subscribers_do_not_need_twenty_connections(t: &Target) {
     for sub in &mut subs {
         assert_eq!(next(sub).await.id, sent.id);
     }
+    bus.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+/// A subscriber that falls behind the process's buffer of change events (8 here) while
+/// it does not read: it catches up from the collection by `ts`, in order, and what it
+/// had delivered before (stamped within the safety window that the catch-up reads
+/// again) does not come twice.
+async fn a_subscriber_overrun_by_the_event_buffer_catches_up_without_gap_or_duplicate(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let mut config = on_server(catalog("billing", "billing-1"), &uri, &database);
+    config.db.stream_buffer = 8;
+    let medium = Arc::new(MongoMedium::connect(&config).await.unwrap());
+    let bus = Intracom::with_medium(config, medium.clone()).await.unwrap();
+    let mut slow = bus.subscribe(Subscription::new()).await.unwrap();
+    let mut witness = bus.subscribe(Subscription::new()).await.unwrap();
+    let first: Vec<String> = bus
+        .publish_all((0..5).map(|_| Message::broadcast("reload")).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    for id in &first {
+        assert_eq!(&next(&mut slow).await.id, id);
+        assert_eq!(&next(&mut witness).await.id, id);
+    }
+    let behind: Vec<String> = bus
+        .publish_all((0..100).map(|_| Message::broadcast("reload")).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    // The witness has them all: the process's buffer went past the slow subscriber.
+    for id in &behind {
+        assert_eq!(&next(&mut witness).await.id, id);
+    }
+    let fallbacks = medium.counters().fallbacks.load(Ordering::Relaxed);
+    for id in &behind {
+        assert_eq!(&next(&mut slow).await.id, id, "in order, nothing missing");
+    }
+    assert!(
+        medium.counters().fallbacks.load(Ordering::Relaxed) > fallbacks,
+        "the slow subscriber was overrun and caught up from the collection"
+    );
+    expect_marker_next(&bus, &mut [&mut slow]).await;
     bus.shutdown().await;
     drop_database(&uri, &database).await;
 }

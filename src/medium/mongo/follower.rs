@@ -16,6 +16,15 @@
 //!   its final pass: every event after that tip committed after the pass began or is
 //!   skipped as already delivered.
 //!
+//! De-duplication without a copy per subscriber: the ids a scan must skip are those
+//! delivered within the safety window. What came from the ring is not copied: the
+//! follower keeps the ring's segments it read from (shared, `Arc`), for as long as they
+//! hold messages stamped within the window of the newest one it saw, and turns them
+//! into ids only when it leaves the ring (a gap, or an overrun: the segments outlive
+//! their eviction from the ring while a follower holds them). Only what a scan or a
+//! resumed stream delivered is remembered id by id, for the window. So a subscriber
+//! keeping up costs a few pointers, whatever the rate.
+//!
 //! Messages older than the retention (`at` + `timeout_ms`) are not delivered even
 //! when the oplog still has their insert event or the TTL monitor has not yet
 //! deleted them (it runs about every 60 s): they are counted and reported as lost.
@@ -24,14 +33,14 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, Bson, Document, Timestamp};
+use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::watch;
 
 use super::errors::{is_history_lost, is_transient, to_error};
-use super::hub::{self, Events, Hub, RingItem};
-use super::{decode_message, Inner};
+use super::hub::{self, Events, Hub, RingItem, Segment};
+use super::{decode_raw, Inner};
 use crate::error::Result;
 use crate::filter::{Filter, Position, StartFrom};
 use crate::medium::Event;
@@ -39,11 +48,13 @@ use crate::message::Message;
 
 const SCAN_BATCH: i64 = 500;
 
-/// A ring entry copied out from under the ring's lock.
-enum Copied {
-    Message(Arc<Message>, Bson, Option<Timestamp>),
-    Bad,
-    Gap,
+/// A ring segment a follower read from: entries `from..=to`, whose newest stamp is
+/// `newest`.
+struct Held {
+    segment: Arc<Segment>,
+    from: u64,
+    to: u64,
+    newest: Option<Timestamp>,
 }
 
 enum Mode {
@@ -75,7 +86,11 @@ pub(crate) struct Follower {
     floor: Option<Timestamp>,
     /// The newest `ts` examined.
     last_ts: Timestamp,
+    /// Ids delivered by scans and resumed streams within the safety window.
     recent: Recent,
+    /// The ring segments read since the follower last joined the ring, from the oldest
+    /// that may hold a message stamped within the safety window of `last_ts`.
+    held: VecDeque<Held>,
     backoff: Duration,
 }
 
@@ -90,13 +105,19 @@ struct Recent {
 
 impl Recent {
     fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
+        !self.ids.is_empty() && self.ids.contains(id)
     }
 
     fn insert(&mut self, ts: Timestamp, id: &str, window_secs: u32) {
         if self.ids.insert(id.to_string()) {
             self.order.push_back((ts, id.to_string()));
         }
+        self.advance(ts, window_secs);
+    }
+
+    /// Moves the window on to `ts` (forgetting what falls out of it) without
+    /// remembering an id.
+    fn advance(&mut self, ts: Timestamp, window_secs: u32) {
         let newest = self.newest.map_or(ts, |n| n.max(ts));
         self.newest = Some(newest);
         let floor = newest.time.saturating_sub(window_secs);
@@ -210,6 +231,7 @@ impl Follower {
                 increment: 0,
             },
             recent: Recent::default(),
+            held: VecDeque::new(),
             backoff: Duration::from_millis(100),
         };
         follower.mode = match from {
@@ -339,19 +361,26 @@ impl Follower {
     }
 
     /// Accepts a decoded message: de-duplication, expiry, filter. Returns whether it was
-    /// new to this follower (delivered, or skipped as expired or filtered out).
+    /// new to this follower (delivered, or skipped as expired or filtered out). A
+    /// message from the ring is not remembered by id: the held segment remembers it
+    /// (see the module docs).
     fn offer(
         &mut self,
         message: Arc<Message>,
         token: Option<&Bson>,
         cluster_time: Option<Timestamp>,
+        from_ring: bool,
     ) -> bool {
         let Some(ts) = message.ts else { return false };
         self.last_ts = self.last_ts.max(ts);
         if self.recent.contains(&message.id) || self.floor.is_some_and(|f| ts <= f) {
             return false;
         }
-        self.recent.insert(ts, &message.id, self.window_secs());
+        if from_ring {
+            self.recent.advance(ts, self.window_secs());
+        } else {
+            self.recent.insert(ts, &message.id, self.window_secs());
+        }
         if self.inner.is_expired(&message) {
             self.lost += 1;
             return true;
@@ -373,50 +402,92 @@ impl Follower {
         let Some(hub) = self.hub.clone() else {
             return Mode::Ring { cursor };
         };
-        let ring = hub.ring();
-        if cursor + 1 < ring.first_seq {
-            drop(ring);
-            tracing::warn!(
-                behind = ring_behind(&hub, cursor),
-                "subscriber fell behind the change-event buffer: catching up from the collection"
-            );
-            self.inner.count_fallback();
-            return self.scan_from_last();
-        }
-        let start = (cursor + 1 - ring.first_seq) as usize;
-        // Copy what is needed out of the ring, so the lock is not held while offering.
-        let entries: Vec<(u64, Copied)> = ring
-            .entries
-            .range(start..)
-            .take(SCAN_BATCH as usize)
-            .map(|(seq, item)| {
-                let copied = match item {
+        let batch = SCAN_BATCH as u64;
+        // The segments of the next batch, taken out from under the ring's lock: their
+        // entries are read without it.
+        let segments: Vec<Arc<Segment>> = {
+            let ring = hub.ring();
+            if cursor + 1 < ring.first_seq() {
+                let behind = ring.tip().saturating_sub(cursor);
+                drop(ring);
+                tracing::warn!(
+                    behind,
+                    "subscriber fell behind the change-event buffer: catching up from the collection"
+                );
+                self.inner.count_fallback();
+                return self.leave_ring();
+            }
+            ring.segments_from(cursor + 1)
+                .take_while(|s| s.first_seq() <= cursor + batch)
+                .cloned()
+                .collect()
+        };
+        let mut seq = cursor + 1;
+        for segment in segments {
+            while seq <= cursor + batch {
+                let Some(item) = segment.get(seq) else { break };
+                match item {
+                    RingItem::Gap => {
+                        self.inner.count_fallback();
+                        return self.leave_ring();
+                    }
                     RingItem::Message {
                         message,
                         token,
                         cluster_time,
-                    } => Copied::Message(Arc::clone(message), token.clone(), *cluster_time),
-                    RingItem::Bad { .. } => Copied::Bad,
-                    RingItem::Gap => Copied::Gap,
-                };
-                (*seq, copied)
-            })
-            .collect();
-        drop(ring);
-        for (seq, entry) in entries {
-            cursor = seq;
-            match entry {
-                Copied::Gap => {
-                    self.inner.count_fallback();
-                    return self.scan_from_last();
+                    } => {
+                        self.offer(Arc::clone(message), Some(token), *cluster_time, true);
+                        self.hold(&segment, seq, message.ts);
+                    }
+                    RingItem::Bad { .. } => {}
                 }
-                Copied::Message(message, token, cluster_time) => {
-                    self.offer(message, Some(&token), cluster_time);
-                }
-                Copied::Bad => {}
+                seq += 1;
             }
         }
+        cursor = seq - 1;
         Mode::Ring { cursor }
+    }
+
+    /// Keeps the segment of a ring entry just read, and lets go of the oldest segments
+    /// once no message in them is stamped within the safety window of `last_ts`.
+    fn hold(&mut self, segment: &Arc<Segment>, seq: u64, ts: Option<Timestamp>) {
+        match self.held.back_mut() {
+            Some(held) if Arc::ptr_eq(&held.segment, segment) => {
+                held.to = seq;
+                held.newest = held.newest.max(ts);
+            }
+            _ => self.held.push_back(Held {
+                segment: Arc::clone(segment),
+                from: seq,
+                to: seq,
+                newest: ts,
+            }),
+        }
+        let floor = self.last_ts.time.saturating_sub(self.window_secs());
+        while self.held.len() > 1
+            && self
+                .held
+                .front()
+                .is_some_and(|h| h.newest.is_none_or(|t| t.time < floor))
+        {
+            self.held.pop_front();
+        }
+    }
+
+    /// Leaves the ring for a scan from the safety window before `last_ts`: the messages
+    /// read from the held segments become ids to skip.
+    fn leave_ring(&mut self) -> Mode {
+        let window = self.window_secs();
+        for held in std::mem::take(&mut self.held) {
+            for seq in held.from..=held.to {
+                if let Some(RingItem::Message { message, .. }) = held.segment.get(seq) {
+                    if let Some(ts) = message.ts {
+                        self.recent.insert(ts, &message.id, window);
+                    }
+                }
+            }
+        }
+        self.scan_from_last()
     }
 
     /// Leaves a resumed stream that cannot go on (`why`) for a scan of the collection.
@@ -459,9 +530,10 @@ impl Follower {
             } else {
                 doc! { "$and": [filter.clone(), page] }
             };
-            let batch: Vec<Document> = self
+            let batch: Vec<RawDocumentBuf> = self
                 .inner
                 .messages
+                .clone_with_type::<RawDocumentBuf>()
                 .find(query)
                 .sort(doc! { "ts": 1, "_id": 1 })
                 .limit(SCAN_BATCH)
@@ -472,18 +544,21 @@ impl Follower {
                 .map_err(to_error)?;
             let full = batch.len() as i64 == SCAN_BATCH;
             for document in batch {
-                if let (Ok(ts), Some(id)) = (document.get_timestamp("ts"), document.get("_id")) {
-                    after = Some((ts, id.clone()));
+                if let (Ok(ts), Ok(Some(id))) = (document.get_timestamp("ts"), document.get("_id"))
+                {
+                    if let Ok(id) = Bson::try_from(id) {
+                        after = Some((ts, id));
+                    }
                 }
-                match decode_message(&document) {
+                match decode_raw(&document) {
                     Ok(message) => {
-                        if self.offer(Arc::new(message), None, None) {
+                        if self.offer(Arc::new(message), None, None, false) {
                             fresh += 1;
                         }
                     }
                     Err(reason) => {
                         self.inner.count_unreadable();
-                        self.inner.dead_letter(document, reason).await;
+                        self.inner.dead_letter_raw(&document, reason).await;
                     }
                 }
             }
@@ -494,7 +569,7 @@ impl Follower {
         let newest = self.last_ts;
         match (&self.hub, tip_before) {
             (Some(hub), Some(tip)) => {
-                if tip + 1 < hub.ring().first_seq {
+                if tip + 1 < hub.ring().first_seq() {
                     // The ring moved past the hand-over point during the pass: scan again.
                     return Ok(Mode::Scan {
                         lower: minus_window(newest, self.window_secs()),
@@ -534,13 +609,12 @@ impl Follower {
             return None;
         }
         let first_after = ring
-            .entries
-            .iter()
+            .entries()
             .find(|(_, item)| {
                 item.cluster_time()
                     .is_some_and(|ct| ct >= last_cluster_time)
             })
-            .map(|(seq, _)| *seq);
+            .map(|(seq, _)| seq);
         let cursor = match first_after {
             Some(seq) => seq - 1,
             None => ring.tip(),
@@ -596,17 +670,16 @@ impl Follower {
                     Ok(Some(event)) => {
                         let ct = event.cluster_time.unwrap_or(last_cluster_time);
                         let token = bson::to_bson(&event.id).ok();
-                        match event.full_document.as_ref().map(decode_message) {
-                            Some(Ok(message)) => {
-                                self.offer(Arc::new(message), token.as_ref(), Some(ct));
-                            }
-                            Some(Err(reason)) => {
-                                self.inner.count_unreadable();
-                                if let Some(document) = event.full_document {
-                                    self.inner.dead_letter(document, reason).await;
+                        if let Some(raw) = &event.full_document {
+                            match decode_raw(raw) {
+                                Ok(message) => {
+                                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                                }
+                                Err(reason) => {
+                                    self.inner.count_unreadable();
+                                    self.inner.dead_letter_raw(raw, reason).await;
                                 }
                             }
-                            None => {}
                         }
                         Mode::Stream {
                             stream,
@@ -676,10 +749,6 @@ impl Follower {
             }
         }
     }
-}
-
-fn ring_behind(hub: &Hub, cursor: u64) -> u64 {
-    hub.ring().tip().saturating_sub(cursor)
 }
 
 pub(crate) fn now_secs() -> u64 {

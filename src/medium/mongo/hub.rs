@@ -17,19 +17,22 @@
 //! reach it rebuild their position from the collection by `ts`.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use bson::{doc, Document, Timestamp};
+use bson::{doc, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::change_stream::ChangeStream;
 use tokio::sync::watch;
 
 use super::errors::{is_history_lost, CHANGE_STREAM_NOT_ON_STANDALONE};
-use super::{decode_message, Inner};
+use super::{decode_raw, Inner};
 use crate::message::Message;
 
-pub(crate) type Events = ChangeStream<ChangeStreamEvent<Document>>;
+/// A change stream whose documents stay as the server sent them: a message is decoded
+/// from those bytes once (see [`decode_raw`]), not into a `Document` first.
+pub(crate) type Events = ChangeStream<ChangeStreamEvent<RawDocumentBuf>>;
 
 /// One entry of the ring.
 pub(crate) enum RingItem {
@@ -56,32 +59,142 @@ impl RingItem {
     }
 }
 
+/// The most entries one [`Segment`] holds.
+const SEGMENT_MAX: usize = 256;
+
+/// A run of consecutive ring entries. Each slot is filled once, by the hub, and read
+/// without the ring's lock. The ring and the followers that read from a segment share
+/// it: a follower keeps the segments whose messages a catch-up scan could read again
+/// (see `follower.rs`), so the ids of the safety window are kept once per process, not
+/// once per subscriber, and a follower that falls behind the ring still has them.
+pub(crate) struct Segment {
+    /// The sequence number of `slots[0]`.
+    first_seq: u64,
+    slots: Box<[OnceLock<RingItem>]>,
+    /// How many slots are filled (stored after the slot is).
+    filled: AtomicUsize,
+}
+
+impl Segment {
+    fn new(first_seq: u64, len: usize) -> Self {
+        Segment {
+            first_seq,
+            slots: (0..len).map(|_| OnceLock::new()).collect(),
+            filled: AtomicUsize::new(0),
+        }
+    }
+
+    /// The sequence number of its first entry.
+    pub(crate) fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    /// The entry with sequence number `seq`, once it is in the ring.
+    pub(crate) fn get(&self, seq: u64) -> Option<&RingItem> {
+        let index = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        if index >= self.filled.load(Ordering::Acquire) {
+            return None;
+        }
+        self.slots.get(index)?.get()
+    }
+
+    fn is_full(&self) -> bool {
+        self.filled.load(Ordering::Relaxed) == self.slots.len()
+    }
+
+    /// Fills the next slot (the hub is the only writer, under the ring's write lock).
+    fn fill(&self, item: RingItem) {
+        let index = self.filled.load(Ordering::Relaxed);
+        if let Some(slot) = self.slots.get(index) {
+            if slot.set(item).is_ok() {
+                self.filled.store(index + 1, Ordering::Release);
+            }
+        }
+    }
+
+    /// The newest cluster time among its entries (they are in cluster-time order).
+    fn newest_cluster_time(&self) -> Option<Timestamp> {
+        let filled = self.filled.load(Ordering::Acquire);
+        self.slots[..filled]
+            .iter()
+            .rev()
+            .find_map(|slot| slot.get().and_then(RingItem::cluster_time))
+    }
+}
+
+/// The recent change events of the process, in stream order, as segments.
 pub(crate) struct Ring {
-    pub(crate) entries: VecDeque<(u64, RingItem)>,
-    /// Sequence number of `entries[0]`, or of the next entry when empty.
-    pub(crate) first_seq: u64,
-    pub(crate) next_seq: u64,
+    segments: VecDeque<Arc<Segment>>,
+    next_seq: u64,
+    /// How many entries are kept at least (`common.intracom.db.stream_buffer`): a
+    /// segment is dropped once the others hold that many.
     capacity: usize,
+    segment_len: usize,
     /// The largest cluster time among entries that fell off the front.
     pub(crate) dropped_cluster_time: Option<Timestamp>,
 }
 
 impl Ring {
+    fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Ring {
+            segments: VecDeque::new(),
+            next_seq: 1,
+            capacity,
+            segment_len: (capacity / 4).clamp(1, SEGMENT_MAX),
+            dropped_cluster_time: None,
+        }
+    }
+
     fn push(&mut self, item: RingItem) {
-        let seq = self.next_seq;
+        if self.segments.back().is_none_or(|s| s.is_full()) {
+            self.segments
+                .push_back(Arc::new(Segment::new(self.next_seq, self.segment_len)));
+        }
+        if let Some(back) = self.segments.back() {
+            back.fill(item);
+        }
         self.next_seq += 1;
-        self.entries.push_back((seq, item));
-        while self.entries.len() > self.capacity {
-            if let Some((seq, old)) = self.entries.pop_front() {
-                self.first_seq = seq + 1;
-                self.dropped_cluster_time = self.dropped_cluster_time.max(old.cluster_time());
+        while self.segments.len() > 1
+            && self
+                .segments
+                .get(1)
+                .is_some_and(|s| (self.next_seq - s.first_seq) as usize >= self.capacity)
+        {
+            if let Some(old) = self.segments.pop_front() {
+                self.dropped_cluster_time =
+                    self.dropped_cluster_time.max(old.newest_cluster_time());
             }
         }
+    }
+
+    /// The sequence number of the oldest entry kept (of the next one when empty).
+    pub(crate) fn first_seq(&self) -> u64 {
+        self.segments.front().map_or(self.next_seq, |s| s.first_seq)
     }
 
     /// The sequence number of the last entry.
     pub(crate) fn tip(&self) -> u64 {
         self.next_seq - 1
+    }
+
+    /// The segments from the one holding `seq` on (every segment but the last is full,
+    /// so the one holding `seq` is found by arithmetic).
+    pub(crate) fn segments_from(&self, seq: u64) -> impl Iterator<Item = &Arc<Segment>> {
+        let skip = seq.saturating_sub(self.first_seq()) / self.segment_len as u64;
+        self.segments
+            .iter()
+            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+    }
+
+    /// Every entry kept, oldest first.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (u64, &RingItem)> {
+        self.segments.iter().flat_map(|segment| {
+            (0..segment.slots.len()).map_while(move |i| {
+                let seq = segment.first_seq + i as u64;
+                segment.get(seq).map(|item| (seq, item))
+            })
+        })
     }
 }
 
@@ -142,12 +255,13 @@ pub(crate) async fn open(
     pipeline: Vec<Document>,
     resume: Option<ResumeToken>,
 ) -> mongodb::error::Result<Events> {
-    inner
+    let stream = inner
         .stream_messages
         .watch()
         .pipeline(pipeline)
         .resume_after(resume)
-        .await
+        .await?;
+    Ok(stream.with_type())
 }
 
 /// What starting the hub found.
@@ -169,13 +283,7 @@ pub(crate) async fn start(inner: Arc<Inner>) -> crate::Result<Started> {
     };
     let (tip, _) = watch::channel(0);
     let hub = Arc::new(Hub {
-        ring: RwLock::new(Ring {
-            entries: VecDeque::new(),
-            first_seq: 1,
-            next_seq: 1,
-            capacity: inner.db_config.stream_buffer.max(1),
-            dropped_cluster_time: None,
-        }),
+        ring: RwLock::new(Ring::new(inner.db_config.stream_buffer)),
         tip,
     });
     tracing::info!(collection = %inner.db_config.messages, "change stream opened for this process");
@@ -325,12 +433,12 @@ async fn reopen(
     }
 }
 
-fn to_item(inner: &Arc<Inner>, event: ChangeStreamEvent<Document>) -> RingItem {
+fn to_item(inner: &Arc<Inner>, event: ChangeStreamEvent<RawDocumentBuf>) -> RingItem {
     let cluster_time = event.cluster_time;
-    let Some(document) = event.full_document else {
+    let Some(raw) = event.full_document else {
         return RingItem::Bad { cluster_time };
     };
-    match decode_message(&document) {
+    match decode_raw(&raw) {
         Ok(message) => RingItem::Message {
             message: Arc::new(message),
             token: bson::to_bson(&event.id).unwrap_or(bson::Bson::Null),
@@ -340,7 +448,7 @@ fn to_item(inner: &Arc<Inner>, event: ChangeStreamEvent<Document>) -> RingItem {
             inner.count_unreadable();
             // Keep the stream loop free of round trips: dead-letter in the background.
             let inner = Arc::clone(inner);
-            tokio::spawn(async move { inner.dead_letter(document, reason).await });
+            tokio::spawn(async move { inner.dead_letter_raw(&raw, reason).await });
             RingItem::Bad { cluster_time }
         }
     }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bson::{doc, Bson, Document};
+use bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawDocument, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Database};
@@ -149,6 +149,16 @@ impl Inner {
         metrics::counter!(crate::metrics::FALLBACK, "kind" => "history_lost").increment(1);
     }
 
+    /// [`Inner::dead_letter`] for a document as the server sent it.
+    pub(crate) async fn dead_letter_raw(&self, raw: &RawDocument, reason: String) {
+        match Document::try_from(raw) {
+            Ok(document) => self.dead_letter(document, reason).await,
+            Err(error) => {
+                tracing::warn!(%error, %reason, "unreadable document not dead-lettered: not valid BSON")
+            }
+        }
+    }
+
     /// Copies an unreadable document to `dead` with the reason, and counts it. Never
     /// fails: a consumer keeps consuming whatever happens here.
     pub(crate) async fn dead_letter(&self, document: Document, reason: String) {
@@ -172,8 +182,17 @@ impl Inner {
 
 /// Decodes a stored document into a message, or says why it is not one.
 pub(crate) fn decode_message(document: &Document) -> std::result::Result<Message, String> {
-    let message: Message =
-        bson::from_document(document.clone()).map_err(|e| format!("not a message: {e}"))?;
+    readable(bson::from_document(document.clone()))
+}
+
+/// Decodes a stored document as the server sent it (one pass over its bytes, no
+/// intermediate `Document`), or says why it is not a message.
+pub(crate) fn decode_raw(raw: &RawDocument) -> std::result::Result<Message, String> {
+    readable(bson::from_slice(raw.as_bytes()))
+}
+
+fn readable(decoded: bson::de::Result<Message>) -> std::result::Result<Message, String> {
+    let message = decoded.map_err(|e| format!("not a message: {e}"))?;
     message.validate().map_err(|e| e.to_string())?;
     if message.ts.is_none() || message.at.is_none() {
         return Err("missing the server stamps ts/at".into());
@@ -308,14 +327,25 @@ impl MongoMedium {
         Ok(hub.clone())
     }
 
-    /// The `update` statement that publishes one message.
-    fn upsert_statement(message: &Message) -> Result<Document> {
-        let mut body = bson::to_document(message).map_err(crate::error::PayloadError::from)?;
-        for stamped in ["_id", "ts", "at"] {
-            body.remove(stamped);
+    /// The `update` statement that publishes one message, built from the message's BSON
+    /// as the bus encoded it: its elements are copied, not encoded again. An upsert that
+    /// can only insert (filter `{_id, ts: {$exists: false}}`, see the module docs), the
+    /// body in `$setOnInsert`, the stamps from the server's clock by `$currentDate`.
+    fn upsert_statement(message: &Message, encoded: &RawDocument) -> Result<RawDocumentBuf> {
+        let unreadable = |e: bson::raw::Error| Error::Medium {
+            medium: "db",
+            reason: format!("message {} encoded wrongly: {e}", message.id),
+        };
+        let mut body = RawDocumentBuf::new();
+        for element in encoded {
+            let (key, value) = element.map_err(unreadable)?;
+            // `_id` is the filter's; the stamps are the server's.
+            if !matches!(key, "_id" | "ts" | "at") {
+                body.append_ref(key, value);
+            }
         }
-        Ok(doc! {
-            "q": { "_id": &message.id, "ts": { "$exists": false } },
+        Ok(rawdoc! {
+            "q": { "_id": message.id.as_str(), "ts": { "$exists": false } },
             "u": {
                 "$setOnInsert": body,
                 "$currentDate": { "ts": { "$type": "timestamp" }, "at": { "$type": "date" } },
@@ -323,53 +353,42 @@ impl MongoMedium {
             "upsert": true,
         })
     }
-}
 
-/// How many statements one `update` command carries at most (the server's
-/// `maxWriteBatchSize` is 100 000; the command must also stay under 48 MB).
-const PUBLISH_BATCH: usize = 1000;
-const PUBLISH_BATCH_BYTES: usize = 8 * 1024 * 1024;
-
-#[async_trait]
-impl Medium for MongoMedium {
-    fn name(&self) -> &'static str {
-        "db"
-    }
-
-    fn max_message_bytes(&self) -> usize {
-        // Room for the stamps the server adds (`ts`, `at`: about 30 bytes).
-        self.inner.max_bson.saturating_sub(64)
-    }
-
-    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
-        if self.inner.closed.is_cancelled() {
-            return Err(Error::Shutdown);
-        }
+    /// Sends `update` commands of the statements (`statements[i]` publishes
+    /// `messages[i]`), in order, each within the server's batch limits, and reads which
+    /// messages were stored and which were already.
+    async fn upsert(
+        &self,
+        messages: &[Message],
+        statements: &[RawDocumentBuf],
+    ) -> Result<Vec<Appended>> {
         let mut out = Vec::with_capacity(messages.len());
-        let mut pending: Vec<(String, Document)> = Vec::with_capacity(messages.len());
-        for message in messages {
-            pending.push((message.id.clone(), Self::upsert_statement(message)?));
-        }
-        let mut rest = pending.as_slice();
-        while !rest.is_empty() {
-            let mut take = 0;
+        let mut next = 0;
+        while next < statements.len() {
+            let mut end = next;
             let mut bytes = 0;
-            while take < rest.len() && take < PUBLISH_BATCH {
-                let size = rest[take].1.to_string().len();
-                if take > 0 && bytes + size > PUBLISH_BATCH_BYTES {
+            while end < statements.len() && end - next < PUBLISH_BATCH {
+                let size = statements[end].as_bytes().len();
+                if end > next && bytes + size > PUBLISH_BATCH_BYTES {
                     break;
                 }
                 bytes += size;
-                take += 1;
+                end += 1;
             }
-            let batch = &rest[..take];
-            let updates: Vec<Document> = batch.iter().map(|(_, s)| s.clone()).collect();
+            let batch = &messages[next..end];
+            // The statements' bytes are copied into the command, not encoded again.
+            let updates: RawArrayBuf = statements[next..end].iter().cloned().collect();
             // ordered: statements run in publish order, so stamps follow it; the first
             // failure stops the batch and the rest is sent again.
+            let command = rawdoc! {
+                "update": self.inner.db_config.messages.as_str(),
+                "updates": updates,
+                "ordered": true,
+            };
             let reply = self
                 .inner
                 .db
-                .run_command(doc! { "update": &self.inner.db_config.messages, "updates": updates, "ordered": true })
+                .run_raw_command(command)
                 .await
                 .map_err(to_error)?;
             if let Ok(wce) = reply.get_document("writeConcernError") {
@@ -398,7 +417,7 @@ impl Medium for MongoMedium {
                             medium: "db",
                             reason: format!(
                                 "message {} refused: {}",
-                                batch.get(index).map(|(id, _)| id.as_str()).unwrap_or("?"),
+                                batch.get(index).map(|m| m.id.as_str()).unwrap_or("?"),
                                 error.get_str("errmsg").unwrap_or("write error")
                             ),
                         });
@@ -406,9 +425,9 @@ impl Medium for MongoMedium {
                     index
                 }
             };
-            for (id, _) in &batch[..stopped_at] {
+            for message in &batch[..stopped_at] {
                 out.push(Appended {
-                    id: id.clone(),
+                    id: message.id.clone(),
                     ts: None,
                     duplicate: false,
                 });
@@ -416,16 +435,58 @@ impl Medium for MongoMedium {
             if stopped_at < batch.len() {
                 // 11000: the message exists already (a retry of a publish that succeeded).
                 out.push(Appended {
-                    id: batch[stopped_at].0.clone(),
+                    id: batch[stopped_at].id.clone(),
                     ts: None,
                     duplicate: true,
                 });
-                rest = &rest[stopped_at + 1..];
+                next += stopped_at + 1;
             } else {
-                rest = &rest[batch.len()..];
+                next = end;
             }
         }
         Ok(out)
+    }
+}
+
+/// How many statements one `update` command carries at most (the server's
+/// `maxWriteBatchSize` is 100 000; the command must also stay under 48 MB).
+const PUBLISH_BATCH: usize = 1000;
+const PUBLISH_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+#[async_trait]
+impl Medium for MongoMedium {
+    fn name(&self) -> &'static str {
+        "db"
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        // Room for the stamps the server adds (`ts`, `at`: about 30 bytes).
+        self.inner.max_bson.saturating_sub(64)
+    }
+
+    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
+        let encoded = messages
+            .iter()
+            .map(bson::to_raw_document_buf)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(crate::error::PayloadError::from)?;
+        self.append_encoded(messages, &encoded).await
+    }
+
+    async fn append_encoded(
+        &self,
+        messages: &[Message],
+        encoded: &[RawDocumentBuf],
+    ) -> Result<Vec<Appended>> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let statements = messages
+            .iter()
+            .zip(encoded)
+            .map(|(message, encoded)| Self::upsert_statement(message, encoded))
+            .collect::<Result<Vec<_>>>()?;
+        self.upsert(messages, &statements).await
     }
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
