@@ -193,3 +193,26 @@ fn an_unreachable_database_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `intracom bench --tiny` on the memory medium: runs its figures and prints the table;
+/// `--json` parses. No figure is judged (timing belongs to the bench).
+#[test]
+fn bench_runs_once_with_tiny_sizes_on_memory() {
+    let output = intracom().args(["bench", "--tiny"]).output().unwrap();
+    let out = stdout(&output);
+    assert!(output.status.success(), "{out}\n{}", stderr(&output));
+    assert!(out.contains("medium memory"), "{out}");
+    assert!(out.contains("tokio::sync::broadcast"), "{out}");
+    let output = intracom()
+        .args(["bench", "--tiny", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("--json prints one JSON document");
+    assert_eq!(report["medium"], "memory");
+    assert!(
+        !report["figures"].as_array().expect("figures").is_empty(),
+        "{report}"
+    );
+}

@@ -11,6 +11,7 @@ pub fn checks() -> Vec<Check> {
     vec![
         check!(catalog_publish_tail_stats_dead_and_doctor),
         check!(doctor_passes_on_a_young_deployment),
+        check!(bench_runs_once_with_tiny_sizes),
     ]
 }
 
@@ -145,4 +146,48 @@ async fn doctor_passes_on_a_young_deployment(t: &Target) {
         stderr(&doctor)
     );
     assert!(out.contains("oplog"), "doctor reports the oplog: {out}");
+}
+
+/// `intracom bench --tiny` runs every figure of the medium and prints its table, and
+/// `--json` a document with every figure. A smoke test: no figure is judged here
+/// (timing belongs to the bench itself, not to assertions).
+async fn bench_runs_once_with_tiny_sizes(t: &Target) {
+    let db = On::new(t);
+    let table = db.run(&["bench", "--tiny"]).await;
+    let out = stdout(&table);
+    assert!(table.status.success(), "{out}\n{}", stderr(&table));
+    for figure in [
+        "publish, one at a time",
+        "publish_all of",
+        "publish → delivery p50",
+        "process memory growth",
+        "request/reply",
+        "work queue",
+    ] {
+        assert!(out.contains(figure), "the table has `{figure}`:\n{out}");
+    }
+    let json = db
+        .run(&["bench", "--tiny", "--json", "--only", "publish,work"])
+        .await;
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: serde_json::Value =
+        serde_json::from_slice(&json.stdout).expect("--json prints one JSON document");
+    assert_eq!(report["medium"], "db");
+    let keys: Vec<&str> = report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .filter_map(|f| f["key"].as_str())
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.starts_with("publish")) && keys.iter().any(|k| k.starts_with("work")),
+        "the figures asked for: {keys:?}"
+    );
+    for figure in report["figures"].as_array().expect("figures") {
+        assert_eq!(
+            figure["intracom"]["rounds"].as_array().map(Vec::len),
+            Some(2),
+            "two rounds of each side with --tiny: {figure}"
+        );
+    }
 }

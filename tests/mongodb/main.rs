@@ -213,7 +213,10 @@ fn main() {
                     "needs a server the harness starts, kills and restarts (SecantusDB targets)"
                         .to_string(),
                 ),
-                _ => None,
+                (None, target) => target
+                    .kind()
+                    .and_then(|kind| divergences::excluded(kind, check.name))
+                    .map(str::to_string),
             };
             let run = check.run;
             let target = target.clone();

@@ -59,9 +59,9 @@ impl Sizes {
         memory_messages: 15_000,
         callers: 16,
         servers: 3,
-        requests: 2_000,
+        requests: 1_000,
         workers: 4,
-        jobs: 2_000,
+        jobs: 500,
     };
 
     /// A smoke test: every figure in a few seconds.
@@ -105,10 +105,6 @@ pub(crate) enum Which {
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The medium to measure, `db` or `memory` (default: the configured one; --uri
-    /// implies db).
-    #[arg(long, value_name = "MEDIUM")]
-    medium: Option<MediumKind>,
     /// Only these figures (comma separated; default: every figure of the medium).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Which>,
@@ -149,13 +145,13 @@ pub(crate) struct BenchArgs {
     /// Serving instances of the request figure (each a bus of its own) [default: 3].
     #[arg(long)]
     servers: Option<usize>,
-    /// Requests per round [default: 2000].
+    /// Requests per round [default: 1000].
     #[arg(long)]
     requests: Option<usize>,
     /// Workers of the work figure [default: 4].
     #[arg(long)]
     workers: Option<usize>,
-    /// Jobs per round of the work figure [default: 2000].
+    /// Jobs per round of the work figure [default: 500].
     #[arg(long)]
     jobs: Option<usize>,
     /// Internal: measure one side of the memory figure in this process (the bench
@@ -269,13 +265,9 @@ static CONFIG_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: BenchArgs) -> Outcome {
     CONFIG_FILE.get_or_init(|| config_file.map(Path::to_path_buf));
-    let mut config = config.clone();
-    if let Some(medium) = args.medium {
-        config.medium = medium;
-    }
     let sizes = args.sizes();
     if let Some(subscribers) = args.memory_probe {
-        return memory::probe(&config, subscribers, sizes.memory_messages).await;
+        return memory::probe(config, subscribers, sizes.memory_messages).await;
     }
     let available: &[Which] = match config.medium {
         MediumKind::Db => &[
@@ -316,12 +308,12 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
         }
         args.only.clone()
     };
-    let mut report = Report::new(&config, &sizes);
+    let mut report = Report::new(config, &sizes);
     let mut progress = Progress::new(steps(&wanted, &sizes), !args.json);
     let started = Instant::now();
     match config.medium {
         MediumKind::Db => {
-            let bench = db::DbBench::connect(&config, &sizes).await?;
+            let bench = db::DbBench::connect(config, &sizes).await?;
             report.server = bench.server_description().await;
             for which in &wanted {
                 let figures = bench.run(*which, &mut progress).await?;
@@ -330,7 +322,7 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
         }
         _ => {
             for which in &wanted {
-                let figures = memory::run(&config, &sizes, *which, &mut progress).await?;
+                let figures = memory::run(config, &sizes, *which, &mut progress).await?;
                 report.figures.extend(figures);
             }
         }
@@ -350,7 +342,7 @@ fn steps(wanted: &[Which], sizes: &Sizes) -> usize {
     wanted
         .iter()
         .map(|w| match w {
-            Which::Publish | Which::Batch => 3,
+            Which::Publish | Which::Batch | Which::Request => 3,
             Which::Fanout => 6,
             _ => 2,
         })
