@@ -267,44 +267,57 @@ async fn names_mqtt_forbids_are_refused_with_the_rule() {
     bus.shutdown().await;
 }
 
-async fn an_unreadable_payload_is_dead_lettered_and_consumption_goes_on() {
+/// Publishes one QoS 1 message with a client of its own (not intracom), waits for the
+/// broker's PUBACK, then keeps the client's connection driven; abort the task to end it.
+async fn publish_raw(
+    url: &str,
+    client_id: String,
+    topic: &str,
+    retain: bool,
+    payload: &'static str,
+) -> (rumqttc::v5::AsyncClient, tokio::task::JoinHandle<()>) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let (client, mut eventloop) =
+        AsyncClient::new(MqttOptions::new(client_id, "127.0.0.1", port), 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .await
+        .unwrap();
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("raw client: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the broker acknowledged the raw publish");
+    let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    (client, driver)
+}
+
+async fn an_unreadable_payload_is_dead_lettered_and_consumption_goes_on() {
     let (url, space) = (shared_url(), space());
     let bus = bus_on(&url, &space, "billing", "billing-1").await;
     let mut named = bus.subscribe(Subscription::named("strict")).await.unwrap();
     let mut plain = bus.subscribe(Subscription::new()).await.unwrap();
     let before = crate::counter("intracom_dead_lettered_total", ("reason", "unreadable"));
 
-    // Someone else's client writes bytes that are not a message on an intracom topic.
-    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-    let (client, mut eventloop) = AsyncClient::new(
-        MqttOptions::new(format!("{space}-rogue"), "127.0.0.1", port),
-        10,
-    );
-    client
-        .publish(
-            format!("test/{space}/all/reload"),
-            QoS::AtLeastOnce,
-            false,
-            "not bson at all",
-        )
-        .await
-        .unwrap();
-    // Until the broker took it: what intracom publishes next comes after it.
-    tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!("rogue client: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("the broker acknowledged the rogue payload");
-    let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // Someone else's client writes bytes that are not a message on an intracom topic;
+    // once the broker took it, what intracom publishes next comes after it.
+    let (_rogue, driver) = publish_raw(
+        &url,
+        format!("{space}-rogue"),
+        &format!("test/{space}/all/reload"),
+        false,
+        "not bson at all",
+    )
+    .await;
     let good = bus.publish(Message::broadcast("reload")).await.unwrap();
     assert_eq!(next(&mut plain).await.id, good.id, "consumption goes on");
     let d = next(&mut named).await;
@@ -353,34 +366,18 @@ async fn work_without_a_worker_is_refused_not_lost() {
 }
 
 async fn work_for_a_stale_presence_is_refused_not_lost() {
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let (url, space) = (shared_url(), space());
     // A presence nobody deletes (a worker whose Will did not reach this bus): the
     // broker has no subscription behind it.
-    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-    let (client, mut eventloop) = AsyncClient::new(
-        MqttOptions::new(format!("{space}-ghost"), "127.0.0.1", port),
-        10,
-    );
     let presence = format!("test/{space}/workers/billing/ghost");
-    client
-        .publish(&presence, QoS::AtLeastOnce, true, "invoice.render")
-        .await
-        .unwrap();
-    tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!("ghost client: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("the broker kept the ghost's presence");
-    let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let (client, driver) = publish_raw(
+        &url,
+        format!("{space}-ghost"),
+        &presence,
+        true,
+        "invoice.render",
+    )
+    .await;
 
     let mut config = isolated(catalog("web", "web-1"), &url, &space);
     config.request_timeout_ms = 2_000;
@@ -396,7 +393,12 @@ async fn work_for_a_stale_presence_is_refused_not_lost() {
     );
     bus.shutdown().await;
     client
-        .publish(&presence, QoS::AtLeastOnce, true, "")
+        .publish(
+            &presence,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            "",
+        )
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
