@@ -47,17 +47,24 @@ fn decode_claimed(document: Document) -> Result<Message> {
     })
 }
 
-pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Option<Message>> {
-    let filter = doc! {
-        "serviceNameDest": &request.service,
-        "delivery": "one",
-        "state": "pending",
-        "action": { "$in": &request.actions },
-        "$or": [
+/// What a worker of `service` may claim: its pending work for `actions`, not held by a
+/// live lease. The equality on the claim index's fields is a clause of its own in an
+/// `$and`: the same query for mongod, which flattens `$and` into one conjunction, and
+/// one that the Rust test server answers from the claim index instead of examining
+/// every document of the service.
+pub(crate) fn claim_filter(service: &str, actions: &[String]) -> Document {
+    doc! { "$and": [
+        { "serviceNameDest": service, "delivery": "one", "state": "pending" },
+        { "action": { "$in": actions } },
+        { "$or": [
             { "lease": Bson::Null },
             { "$expr": { "$lte": [lease_end(), "$$NOW"] } },
-        ],
-    };
+        ] },
+    ] }
+}
+
+pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Option<Message>> {
+    let filter = claim_filter(&request.service, &request.actions);
     let update = doc! {
         "$set": { "lease.owner": &request.owner, "lease.ms": millis(request.lease) },
         "$currentDate": { "lease.at": true },

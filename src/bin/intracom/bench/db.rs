@@ -705,16 +705,14 @@ impl DbBench {
                         let lease_end = doc! { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } };
                         let claimed = messages
                             .find_one_and_update(
-                                doc! {
-                                    "serviceNameDest": SERVICE,
-                                    "delivery": "one",
-                                    "state": "pending",
-                                    "action": { "$in": ["job"] },
-                                    "$or": [
+                                doc! { "$and": [
+                                    { "serviceNameDest": SERVICE, "delivery": "one", "state": "pending" },
+                                    { "action": { "$in": ["job"] } },
+                                    { "$or": [
                                         { "lease": Bson::Null },
                                         { "$expr": { "$lte": [lease_end, "$$NOW"] } },
-                                    ],
-                                },
+                                    ] },
+                                ] },
                                 doc! {
                                     "$set": { "lease.owner": &owner, "lease.ms": 30_000i64 },
                                     "$currentDate": { "lease.at": true },
