@@ -548,6 +548,11 @@ impl WorkerLoop {
             if self.stop.is_cancelled() || shutdown.is_cancelled() {
                 return;
             }
+            // The claim below answers every wake-up already waiting: new work that
+            // arrived while a job was handled must not cost one futile claim each.
+            if let Some(events) = wake.as_mut() {
+                while let Some(Some(_)) = events.next().now_or_never() {}
+            }
             match medium.claim(&self.claim).await {
                 Ok(Some(message)) => {
                     failures = 0;
