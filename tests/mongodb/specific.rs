@@ -23,6 +23,7 @@ pub fn checks() -> Vec<Check> {
         check!(twenty_subscribers_do_not_need_twenty_connections),
         check!(a_subscriber_overrun_by_the_event_buffer_catches_up_without_gap_or_duplicate),
         check!(hand_written_documents_are_validated_or_dead_lettered),
+        check!(a_request_settled_by_hand_is_answered_with_what_is_stored),
     ]
 }
 
@@ -341,6 +342,81 @@ async fn a_position_with_a_token_the_server_refuses_reads_the_collection(t: &Tar
         second.id,
         "then the live stream"
     );
+    bus.shutdown().await;
+    drop_database(&uri, &database).await;
+}
+
+/// A caller takes its request's outcome from the settling update's change event when
+/// the event says all of it, and reads the request when it does not (a nested path):
+/// either way the answer is what is stored. The first request goes out before the
+/// process's change stream runs (its caller reads the request), the others after.
+async fn a_request_settled_by_hand_is_answered_with_what_is_stored(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let bus = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .unwrap();
+    let messages = raw_client(&uri)
+        .await
+        .database(&database)
+        .collection::<Document>("messages");
+    let settles = [
+        (
+            doc! { "$set": { "state": "done", "result": { "total": 1 } } },
+            Ok(1),
+        ),
+        (
+            doc! { "$set": { "state": "done", "result": { "total": 2 } } },
+            Ok(2),
+        ),
+        // A nested path: the event does not say what `result` is; the caller reads it.
+        (
+            doc! { "$set": { "state": "done", "result.total": 3 } },
+            Ok(3),
+        ),
+        (
+            doc! { "$set": { "state": "done", "result": { "total": 4 } }, "$unset": { "lease": "" } },
+            Ok(4),
+        ),
+        (
+            doc! { "$set": { "state": "error", "response": { "error": "no such invoice" } } },
+            Err("no such invoice"),
+        ),
+    ];
+    for (n, (settle, expected)) in settles.into_iter().enumerate() {
+        let caller = bus.clone();
+        let asked = tokio::spawn(async move {
+            caller
+                .request::<_, Document>("billing", "invoice.render", &doc! { "n": n as i64 })
+                .timeout(Duration::from_secs(30))
+                .await
+        });
+        let pending = doc! { "action": "invoice.render", "query.n": n as i64, "state": "pending" };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let id = loop {
+            if let Some(request) = messages.find_one(pending.clone()).await.unwrap() {
+                break request.get_str("_id").unwrap().to_string();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "request {n} not stored"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let updated = messages
+            .update_one(doc! { "_id": &id }, settle)
+            .await
+            .unwrap();
+        assert_eq!(updated.modified_count, 1);
+        let answer = asked.await.unwrap();
+        match (answer, expected) {
+            (Ok(answer), Ok(total)) => assert_eq!(answer, doc! { "total": total }, "request {n}"),
+            (Err(intracom::Error::Remote { message, .. }), Err(error)) => {
+                assert_eq!(message, error, "request {n}")
+            }
+            (answer, expected) => panic!("request {n}: {answer:?}, expected {expected:?}"),
+        }
+    }
     bus.shutdown().await;
     drop_database(&uri, &database).await;
 }

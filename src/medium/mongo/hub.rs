@@ -27,6 +27,7 @@ use mongodb::change_stream::ChangeStream;
 use tokio::sync::watch;
 
 use super::errors::{is_history_lost, CHANGE_STREAM_NOT_ON_STANDALONE};
+use super::work::Settled;
 use super::{decode_raw, Inner};
 use crate::message::Message;
 
@@ -325,8 +326,17 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events, mut generatio
             Ok(Some(event)) => {
                 token = stream.resume_token().or(Some(event.id.clone()));
                 if event.operation_type == OperationType::Update {
-                    if let Some(Ok(id)) = event.document_key.as_ref().map(|k| k.get_str("_id")) {
-                        inner.waiters.wake(id);
+                    if let (Some(Ok(id)), Some(update)) = (
+                        event.document_key.as_ref().map(|k| k.get_str("_id")),
+                        event.update_description,
+                    ) {
+                        let settled = if update.truncated_arrays.as_ref().is_none_or(Vec::is_empty)
+                        {
+                            Settled::Fields(update.updated_fields, update.removed_fields)
+                        } else {
+                            Settled::Read
+                        };
+                        inner.waiters.settled(id, settled);
                     }
                 } else {
                     hub.push(to_item(&inner, event));
@@ -439,11 +449,14 @@ fn to_item(inner: &Arc<Inner>, event: ChangeStreamEvent<RawDocumentBuf>) -> Ring
         return RingItem::Bad { cluster_time };
     };
     match decode_raw(&raw) {
-        Ok(message) => RingItem::Message {
-            message: Arc::new(message),
-            token: bson::to_bson(&event.id).unwrap_or(bson::Bson::Null),
-            cluster_time,
-        },
+        Ok(message) => {
+            inner.waiters.stored(&message);
+            RingItem::Message {
+                message: Arc::new(message),
+                token: bson::to_bson(&event.id).unwrap_or(bson::Bson::Null),
+                cluster_time,
+            }
+        }
         Err(reason) => {
             inner.count_unreadable();
             // Keep the stream loop free of round trips: dead-letter in the background.

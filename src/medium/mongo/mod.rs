@@ -486,7 +486,27 @@ impl Medium for MongoMedium {
             .zip(encoded)
             .map(|(message, encoded)| Self::upsert_statement(message, encoded))
             .collect::<Result<Vec<_>>>()?;
-        self.upsert(messages, &statements).await
+        // A request's caller waits for its outcome: with the shared stream running, its
+        // waiter is set now, so that no read is needed (see `work::wait`).
+        let requests: Vec<&str> = match self.hub.get() {
+            Some(Some(_)) => messages
+                .iter()
+                .filter(|m| work::is_request(m))
+                .map(|m| {
+                    self.inner.waiters.expect(m);
+                    m.id.as_str()
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let appended = self.upsert(messages, &statements).await;
+        if appended.as_ref().is_err_and(|e| !e.is_retryable()) {
+            // Not published: nobody will wait for these.
+            for id in requests {
+                self.inner.waiters.forget(id);
+            }
+        }
+        appended
     }
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {

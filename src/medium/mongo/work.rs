@@ -29,7 +29,7 @@ use super::errors::{code, to_error, DUPLICATE_KEY};
 use super::{decode_message, Inner};
 use crate::error::Result;
 use crate::medium::{ClaimRequest, DeadLetter, Reservation, Settlement};
-use crate::message::{now_nanos, Message};
+use crate::message::{now_nanos, DeliveryMode, Message, State};
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -153,28 +153,117 @@ pub(crate) async fn bury(inner: &Inner, id: &str, owner: &str, reason: &str) -> 
     }
 }
 
+/// Whether a message is a request whose caller waits for its outcome (what
+/// `Intracom::request` publishes).
+pub(crate) fn is_request(message: &Message) -> bool {
+    message.delivery == DeliveryMode::One
+        && message.state.unwrap_or(State::Pending) == State::Pending
+        && message.query_id.is_some()
+}
+
 /// Outcome waiters of this process, woken by `update` events of the shared stream.
 #[derive(Default)]
 pub(crate) struct Waiters {
-    by_id: std::sync::Mutex<std::collections::HashMap<String, Arc<Notify>>>,
+    book: std::sync::Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    by_id: std::collections::HashMap<String, Arc<Waiter>>,
+    /// The size at which expired expected waiters are next swept (amortised: twice the
+    /// size left by the last sweep, at least [`EXPECTED_SWEEP`]).
+    sweep_at: usize,
+}
+
+/// One caller waiting for a request's outcome.
+#[derive(Default)]
+pub(crate) struct Waiter {
+    notify: Notify,
+    /// Set before the request was published, while the shared change stream ran (see
+    /// [`Waiters::expect`]): its insert event then comes after the waiter exists, and
+    /// the caller does not read the request first. An event missed all the same (the
+    /// stream's history lost and caught up by a scan) costs a read: see [`wait`].
+    expected: bool,
+    /// Until when an expected waiter is kept if nobody waits on it.
+    expires: Option<std::time::Instant>,
+    /// The request as stored: from its insert event, or read.
+    request: std::sync::Mutex<Option<Document>>,
+    /// The last settling update seen for it (the hub's stream passes only updates that
+    /// write `state`).
+    settled: std::sync::Mutex<Option<Settled>>,
+}
+
+/// What a settling update's change event says.
+pub(crate) enum Settled {
+    /// The fields it set (`updateDescription.updatedFields`) and the ones it removed.
+    Fields(Document, Vec<String>),
+    /// Something the event does not describe exactly (truncated arrays): read.
+    Read,
+}
+
+/// How many waiters are kept before the expired expected ones are swept.
+const EXPECTED_SWEEP: usize = 1024;
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Waiters {
-    fn register(&self, id: &str) -> Arc<Notify> {
-        let mut map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(id.to_string()).or_default())
+    /// Sets the waiter of a request about to be published while the shared change
+    /// stream runs: its insert and settling update then cannot come before the waiter
+    /// exists, and the caller reads nothing unless an event is missed (see [`wait`]).
+    pub(crate) fn expect(&self, request: &Message) {
+        let ttl = Duration::from_millis(u64::try_from(request.query_ms.unwrap_or(0)).unwrap_or(0))
+            + Duration::from_secs(60);
+        let waiter = Waiter {
+            expected: true,
+            expires: Some(std::time::Instant::now() + ttl),
+            ..Waiter::default()
+        };
+        let mut book = lock(&self.book);
+        if book.by_id.len() >= book.sweep_at.max(EXPECTED_SWEEP) {
+            let now = std::time::Instant::now();
+            book.by_id.retain(|_, w| w.expires.is_none_or(|e| e > now));
+            book.sweep_at = book.by_id.len() * 2;
+        }
+        // A caller may wait already (a request sent again from the outbox): keep its waiter.
+        book.by_id
+            .entry(request.id.clone())
+            .or_insert_with(|| Arc::new(waiter));
     }
 
-    fn unregister(&self, id: &str) {
-        self.by_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+    /// Forgets a request's waiter (the outcome came, or the request was not published).
+    pub(crate) fn forget(&self, id: &str) {
+        lock(&self.book).by_id.remove(id);
     }
 
-    pub(crate) fn wake(&self, id: &str) {
-        if let Some(notify) = self.by_id.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            notify.notify_waiters();
+    fn register(&self, id: &str) -> Arc<Waiter> {
+        Arc::clone(lock(&self.book).by_id.entry(id.to_string()).or_default())
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Waiter>> {
+        let book = lock(&self.book);
+        if book.by_id.is_empty() {
+            return None;
+        }
+        book.by_id.get(id).cloned()
+    }
+
+    /// A message was stored: if it is a request of this process, its waiter keeps it.
+    pub(crate) fn stored(&self, message: &Message) {
+        if let Some(waiter) = self.get(&message.id) {
+            if let Ok(document) = bson::to_document(message) {
+                *lock(&waiter.request) = Some(document);
+            }
+        }
+    }
+
+    /// An update wrote the `state` of request `id`: hands what it wrote to its waiter,
+    /// if this process has one.
+    pub(crate) fn settled(&self, id: &str, settled: Settled) {
+        if let Some(waiter) = self.get(id) {
+            *lock(&waiter.settled) = Some(settled);
+            waiter.notify.notify_waiters();
         }
     }
 }
@@ -188,44 +277,86 @@ pub(crate) async fn await_outcome(
     id: &str,
     timeout: Duration,
 ) -> Result<Option<Message>> {
-    let notify = inner.waiters.register(id);
-    let outcome = wait(inner, id, timeout, &notify).await;
-    inner.waiters.unregister(id);
+    let waiter = inner.waiters.register(id);
+    let outcome = wait(inner, id, timeout, &waiter).await;
+    inner.waiters.forget(id);
     outcome
 }
 
+fn unreadable(id: &str, reason: String) -> crate::Error {
+    crate::Error::Medium {
+        medium: "db",
+        reason: format!("request {id} is unreadable: {reason}"),
+    }
+}
+
+/// Waits for the outcome. The outcome comes from the settling update's change event
+/// applied to the request as stored: a change event's `updateDescription.updatedFields`
+/// holds the new value of every field the update set, and `removedFields` the fields it
+/// unset (change events spec); only that update's fields are applied (`attempts` stays
+/// as stored or read). The request as stored comes from its insert event when the
+/// waiter was set before the publish ([`Waiters::expect`]); otherwise it is read once,
+/// after the waiter is set, so a settle before the read is seen in it and one after it
+/// sends an event. Without an event (poll mode, a stream being reopened) the request is
+/// read again every [`OUTCOME_RECHECK`].
 async fn wait(
     inner: &Inner,
     id: &str,
     timeout: Duration,
-    notify: &Notify,
+    waiter: &Waiter,
 ) -> Result<Option<Message>> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut reread = !waiter.expected;
     loop {
         // Listen before reading, so an update between the read and the wait wakes us.
-        let notified = notify.notified();
+        let notified = waiter.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(document) = inner
-            .messages
-            .find_one(doc! { "_id": id })
-            .await
-            .map_err(to_error)?
-        {
-            if document.get_str("state").is_ok_and(|s| s != "pending") {
-                return decode_message(&document).map(Some).map_err(|reason| {
-                    crate::Error::Medium {
-                        medium: "db",
-                        reason: format!("request {id} is unreadable: {reason}"),
-                    }
-                });
+        let event = lock(&waiter.settled).take();
+        let request = lock(&waiter.request).clone();
+        match (event, request) {
+            // Top-level fields only (what a settle writes); anything else is read.
+            (Some(Settled::Fields(set, removed)), Some(mut document))
+                if set.keys().all(|k| !k.contains('.'))
+                    && removed.iter().all(|k| !k.contains('.')) =>
+            {
+                for field in &removed {
+                    document.remove(field);
+                }
+                document.extend(set);
+                if document.get_str("state").is_ok_and(|s| s != "pending") {
+                    return decode_message(&document)
+                        .map(Some)
+                        .map_err(|reason| unreadable(id, reason));
+                }
+                *lock(&waiter.request) = Some(document);
+            }
+            // An event that cannot be applied (the request's insert was missed, a
+            // nested path, truncated arrays): the request is read now.
+            (Some(_), _) => reread = true,
+            (None, _) => {}
+        }
+        if reread {
+            reread = false;
+            if let Some(document) = inner
+                .messages
+                .find_one(doc! { "_id": id })
+                .await
+                .map_err(to_error)?
+            {
+                if document.get_str("state").is_ok_and(|s| s != "pending") {
+                    return decode_message(&document)
+                        .map(Some)
+                        .map_err(|reason| unreadable(id, reason));
+                }
+                *lock(&waiter.request) = Some(document);
             }
         }
         let recheck = tokio::time::Instant::now() + OUTCOME_RECHECK;
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Ok(None),
             _ = inner.closed.cancelled() => return Err(crate::Error::Shutdown),
-            _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
+            _ = tokio::time::sleep_until(recheck.min(deadline)) => reread = true,
             _ = &mut notified => {}
         }
     }
