@@ -129,6 +129,53 @@ pub struct Subscriber {
     tracker: Option<Arc<AckTracker>>,
 }
 
+/// What a subscription needs to turn the medium's events into deliveries.
+struct Deliverer {
+    label: Arc<str>,
+    lost: metrics::Counter,
+    delivered: metrics::Counter,
+    latency: metrics::Histogram,
+    acks: Option<Arc<AckTracker>>,
+    screen: Option<Screen>,
+}
+
+impl Deliverer {
+    async fn deliver(&self, event: Result<Event>) -> Option<Result<Delivery>> {
+        match event {
+            Err(error) => Some(Err(error)),
+            Ok(Event::Lost { count }) => {
+                tracing::warn!(subscription = %self.label, count, "messages expired before delivery");
+                self.lost.increment(count.max(1));
+                Some(Err(Error::Lost {
+                    subscription: self.label.to_string(),
+                    count,
+                }))
+            }
+            Ok(Event::Message(message, position)) => {
+                if let Some(screen) = &self.screen {
+                    if !screen.admit(&self.label, &message).await {
+                        return None;
+                    }
+                }
+                let ack = self
+                    .acks
+                    .as_ref()
+                    .map(|t| (Arc::clone(t), t.delivered(position.clone())));
+                self.delivered.increment(1);
+                if let Some(at) = message.at {
+                    let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
+                    self.latency.record(age_ms.max(0) as f64 / 1000.0);
+                }
+                Some(Ok(Delivery {
+                    message,
+                    position,
+                    ack,
+                }))
+            }
+        }
+    }
+}
+
 impl Subscriber {
     /// `metric` is the `subscription` label of the counters (see
     /// `Subscription::metrics_label`); logs name the subscription.
@@ -140,39 +187,21 @@ impl Subscriber {
         screen: Option<Screen>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
-        let label: Arc<str> = name.as_deref().unwrap_or("(anonymous)").into();
-        let acks = tracker.clone();
-        let screen = screen.map(Arc::new);
+        // One context per subscription, shared by every event: the metric handles are
+        // taken once here (a counter looked up per delivery costs its key's allocation
+        // and hashing), so a recorder must be installed before subscribing.
+        let context = Arc::new(Deliverer {
+            label: name.as_deref().unwrap_or("(anonymous)").into(),
+            lost: metrics::counter!(crate::metrics::LOST, "subscription" => metric.to_string()),
+            delivered: metrics::counter!(crate::metrics::DELIVERED, "subscription" => metric.to_string()),
+            latency: metrics::histogram!(crate::metrics::DELIVERY_LATENCY),
+            acks: tracker.clone(),
+            screen,
+        });
         let inner = events
             .filter_map(move |event| {
-                let (acks, screen, label, metric) = (acks.clone(), screen.clone(), Arc::clone(&label), Arc::clone(&metric));
-                async move {
-                    match event {
-                        Err(error) => Some(Err(error)),
-                        Ok(Event::Lost { count }) => {
-                            tracing::warn!(subscription = %label, count, "messages expired before delivery");
-                            metrics::counter!(crate::metrics::LOST, "subscription" => metric.to_string()).increment(count.max(1));
-                            Some(Err(Error::Lost {
-                                subscription: label.to_string(),
-                                count,
-                            }))
-                        }
-                        Ok(Event::Message(message, position)) => {
-                            if let Some(screen) = &screen {
-                                if !screen.admit(&label, &message).await {
-                                    return None;
-                                }
-                            }
-                            let ack = acks.as_ref().map(|t| (Arc::clone(t), t.delivered(position.clone())));
-                            metrics::counter!(crate::metrics::DELIVERED, "subscription" => metric.to_string()).increment(1);
-                            if let Some(at) = message.at {
-                                let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
-                                metrics::histogram!(crate::metrics::DELIVERY_LATENCY).record(age_ms.max(0) as f64 / 1000.0);
-                            }
-                            Some(Ok(Delivery { message, position, ack }))
-                        }
-                    }
-                }
+                let context = Arc::clone(&context);
+                async move { context.deliver(event).await }
             })
             .take_until(shutdown.cancelled_owned())
             .boxed();

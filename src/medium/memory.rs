@@ -251,12 +251,12 @@ impl Log {
     }
 }
 
-fn position_of(entry: &Entry) -> Position {
-    let ts = entry.message.ts.unwrap_or(Timestamp {
+fn position_of(message: &Message, seq: u64) -> Position {
+    let ts = message.ts.unwrap_or(Timestamp {
         time: 0,
         increment: 0,
     });
-    Position::new(ts, Some(doc! { "seq": entry.seq as i64 }))
+    Position::new(ts, Some(doc! { "seq": seq as i64 }))
 }
 
 impl MemoryMedium {
@@ -312,43 +312,53 @@ struct Follower {
     filter: Filter,
     ready: VecDeque<Event>,
     tip: watch::Receiver<u64>,
+    /// The medium's close signal, cloned once: a clone per read takes the token's lock.
+    closed: CancellationToken,
+    /// Entries picked by [`Follower::fill`] (kept to reuse its allocation).
+    picked: Vec<(Arc<Message>, u64)>,
 }
 
 impl Follower {
     /// Moves the cursor over up to [`READ_BATCH`] entries; true if anything happened.
+    /// The log's lock is held only to pick the entries: their positions are built
+    /// after it is released, so publishers wait less.
     fn fill(&mut self) -> bool {
-        let log = read(&self.shared.log);
-        let now = Instant::now();
-        let live_first = log.live_first_seq(now);
+        let mut picked = std::mem::take(&mut self.picked);
         let mut progressed = false;
-        if self.cursor + 1 < live_first {
-            self.ready.push_back(Event::Lost {
-                count: live_first - self.cursor - 1,
-            });
-            self.cursor = live_first - 1;
-            progressed = true;
-        }
-        let start = (self.cursor + 1 - log.first_seq) as usize;
-        for entry in log.entries.range(start..).take(READ_BATCH) {
-            self.cursor = entry.seq;
-            progressed = true;
-            if self.filter.matches(&entry.message) {
-                self.ready.push_back(Event::Message(
-                    Arc::clone(&entry.message),
-                    position_of(entry),
-                ));
+        {
+            let log = read(&self.shared.log);
+            let live_first = log.live_first_seq(Instant::now());
+            if self.cursor + 1 < live_first {
+                self.ready.push_back(Event::Lost {
+                    count: live_first - self.cursor - 1,
+                });
+                self.cursor = live_first - 1;
+                progressed = true;
+            }
+            let start = (self.cursor + 1 - log.first_seq) as usize;
+            for entry in log.entries.range(start..).take(READ_BATCH) {
+                self.cursor = entry.seq;
+                progressed = true;
+                if self.filter.matches(&entry.message) {
+                    picked.push((Arc::clone(&entry.message), entry.seq));
+                }
             }
         }
+        self.ready.extend(picked.drain(..).map(|(message, seq)| {
+            let position = position_of(&message, seq);
+            Event::Message(message, position)
+        }));
+        self.picked = picked;
         progressed
     }
 
-    async fn next(mut self) -> Option<(Result<Event>, Self)> {
-        let closed = self.shared.closed.clone();
+    /// Takes the follower boxed: `unfold` moves its state in and out for every event.
+    async fn next(mut self: Box<Self>) -> Option<(Result<Event>, Box<Self>)> {
         loop {
             if let Some(event) = self.ready.pop_front() {
                 return Some((Ok(event), self));
             }
-            if closed.is_cancelled() {
+            if self.closed.is_cancelled() {
                 return None;
             }
             // Mark the tip seen before reading, so an append after the read wakes us.
@@ -357,7 +367,7 @@ impl Follower {
                 continue;
             }
             tokio::select! {
-                _ = closed.cancelled() => return None,
+                _ = self.closed.cancelled() => return None,
                 changed = self.tip.changed() => if changed.is_err() { return None },
             }
         }
@@ -468,13 +478,15 @@ impl Medium for MemoryMedium {
                 }
             }
         };
-        let follower = Follower {
+        let follower = Box::new(Follower {
             shared: Arc::clone(&self.shared),
             cursor,
             filter,
             ready: VecDeque::new(),
             tip,
-        };
+            closed: self.shared.closed.clone(),
+            picked: Vec::new(),
+        });
         Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
     }
 
