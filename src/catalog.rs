@@ -8,6 +8,7 @@
 //! `config` collection on MongoDB), so every process sees what any process registered.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,9 @@ pub struct Catalog {
     cache: Arc<RwLock<CatalogMap>>,
     /// When the cache was last reloaded for a delivery check (see [`Catalog::screen`]).
     last_screen_refresh: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Bumped after every change of the cache: a check that passed at a generation
+    /// passes again while the generation is the same (see [`Catalog::generation`]).
+    generation: Arc<AtomicU64>,
 }
 
 /// How often a delivered message with an undeclared action may reload the catalog.
@@ -36,6 +40,7 @@ impl Catalog {
             medium,
             cache: Arc::new(RwLock::new(CatalogMap::new())),
             last_screen_refresh: Arc::new(std::sync::Mutex::new(None)),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -65,6 +70,7 @@ impl Catalog {
             .entry(service.to_string())
             .or_default()
             .extend(actions);
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -72,7 +78,14 @@ impl Catalog {
     pub async fn refresh(&self) -> Result<()> {
         let fresh = self.medium.catalog_load().await?;
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Changes whenever the cache changes (a registration, a reload): a message the
+    /// cache admitted stays admitted while this is the same.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The cached catalog (call [`Catalog::refresh`] first for the medium's latest).

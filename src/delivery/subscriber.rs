@@ -22,12 +22,61 @@ use crate::message::Message;
 pub(crate) struct Screen {
     pub(crate) catalog: Catalog,
     pub(crate) medium: Arc<dyn Medium>,
+    /// The last kind of message admitted, and the catalog's generation then: the same
+    /// sender, owner and action pass again without a catalog lookup while the catalog
+    /// has not changed (a subscription mostly sees a few kinds over and over).
+    pub(crate) admitted: std::sync::Mutex<Option<Admitted>>,
+}
+
+/// A kind of message a [`Screen`] admitted.
+pub(crate) struct Admitted {
+    generation: u64,
+    sender: String,
+    owner: String,
+    action: String,
+}
+
+impl Admitted {
+    fn of(generation: u64, message: &Message) -> Self {
+        Admitted {
+            generation,
+            sender: message.source_service.clone(),
+            owner: owner(message).to_string(),
+            action: message.action.clone(),
+        }
+    }
+
+    fn covers(&self, generation: u64, message: &Message) -> bool {
+        self.generation == generation
+            && self.action == message.action
+            && self.sender == message.source_service
+            && self.owner == owner(message)
+    }
+}
+
+/// The service whose catalog entry declares a message's action.
+fn owner(message: &Message) -> &str {
+    message
+        .dest_service
+        .as_deref()
+        .unwrap_or(&message.source_service)
 }
 
 impl Screen {
     async fn admit(&self, subscription: &str, message: &Message) -> bool {
+        let generation = self.catalog.generation();
+        let lock = || self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        if lock()
+            .as_ref()
+            .is_some_and(|a| a.covers(generation, message))
+        {
+            return true;
+        }
         match self.catalog.screen(message).await {
-            Ok(()) => true,
+            Ok(()) => {
+                *lock() = Some(Admitted::of(generation, message));
+                true
+            }
             Err(error @ (Error::UnknownAction { .. } | Error::UnknownSender { .. })) => {
                 tracing::warn!(subscription, message_id = %message.id, %error, "undeclared message dead-lettered");
                 metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "undeclared")
