@@ -498,11 +498,27 @@ impl DbBench {
             Compare::Ratio,
             Some((Op::AtMost, 3.0)),
         );
+        // The same requests from one caller: the round trip without queueing behind the
+        // other callers' claims.
+        let alone = self.sizes.samples.min(r);
+        let mut round_trip_alone = Figure::new(
+            "request.round_trip.one_caller",
+            format!("request/reply p50 round trip, 1 caller (×{alone})"),
+            "request",
+            "one insert_one + watch() round trip".into(),
+            "ms",
+            Compare::Ratio,
+            Some((Op::AtMost, 3.0)),
+        );
         for round in 0..self.sizes.rounds {
             let sides: Vec<(&str, Side<'_, (f64, f64)>)> = vec![
                 (
                     "intracom request/serve",
                     Box::pin(self.request_ours(c, s, r)),
+                ),
+                (
+                    "intracom request/serve, 1 caller",
+                    Box::pin(self.request_ours(1, s, alone)),
                 ),
                 (
                     "raw insert → watch()",
@@ -514,9 +530,10 @@ impl DbBench {
             ];
             let found = take_turns(round, progress, "request/reply", sides).await?;
             throughput.push(found[0].0, MORPHIUM_REQUESTS_PER_SECOND);
-            round_trip.push(found[0].1, found[1].1);
+            round_trip.push(found[0].1, found[2].1);
+            round_trip_alone.push(found[1].1, found[2].1);
         }
-        Ok(vec![throughput, round_trip])
+        Ok(vec![throughput, round_trip, round_trip_alone])
     }
 
     /// Requests per second and the p50 round trip in ms.
