@@ -337,3 +337,28 @@ impl fmt::Debug for Subscriber {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_admitted_kind_covers_only_the_same_kind_at_the_same_generation() {
+        let mut message = Message::broadcast("reload");
+        message.source_service = "billing".into();
+        let admitted = Admitted::of(7, &message);
+        assert!(admitted.covers(7, &message));
+        // The catalog changed (a reload may have dropped the action): look it up again.
+        assert!(!admitted.covers(8, &message));
+        let mut other = message.clone();
+        other.action = "invoice.created".into();
+        assert!(!admitted.covers(7, &other));
+        let mut other = message.clone();
+        other.source_service = "users".into();
+        assert!(!admitted.covers(7, &other));
+        // The same action sent to another service is declared by that service.
+        let mut other = message.clone();
+        other.dest_service = Some("users".into());
+        assert!(!admitted.covers(7, &other));
+    }
+}
