@@ -283,11 +283,17 @@ pub(crate) async fn await_outcome(
     outcome
 }
 
-fn unreadable(id: &str, reason: String) -> crate::Error {
-    crate::Error::Medium {
-        medium: "db",
-        reason: format!("request {id} is unreadable: {reason}"),
-    }
+/// The outcome a request as stored holds, once it is no longer pending.
+fn outcome_in(id: &str, document: &Document) -> Option<Result<Message>> {
+    document
+        .get_str("state")
+        .is_ok_and(|s| s != "pending")
+        .then(|| {
+            decode_message(document).map_err(|reason| crate::Error::Medium {
+                medium: "db",
+                reason: format!("request {id} is unreadable: {reason}"),
+            })
+        })
 }
 
 /// Waits for the outcome. The outcome comes from the settling update's change event
@@ -324,10 +330,8 @@ async fn wait(
                     document.remove(field);
                 }
                 document.extend(set);
-                if document.get_str("state").is_ok_and(|s| s != "pending") {
-                    return decode_message(&document)
-                        .map(Some)
-                        .map_err(|reason| unreadable(id, reason));
+                if let Some(outcome) = outcome_in(id, &document) {
+                    return outcome.map(Some);
                 }
                 *lock(&waiter.request) = Some(document);
             }
@@ -344,10 +348,8 @@ async fn wait(
                 .await
                 .map_err(to_error)?
             {
-                if document.get_str("state").is_ok_and(|s| s != "pending") {
-                    return decode_message(&document)
-                        .map(Some)
-                        .map_err(|reason| unreadable(id, reason));
+                if let Some(outcome) = outcome_in(id, &document) {
+                    return outcome.map(Some);
                 }
                 *lock(&waiter.request) = Some(document);
             }
