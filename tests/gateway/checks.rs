@@ -381,14 +381,22 @@ async fn unauthorized_forbidden_and_too_large(place: &Place) {
     let bytes = serde_json::to_vec(&big).expect("JSON");
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         bytes.chunks(4096).map(|c| Ok(c.to_vec())).collect();
-    let chunked = gw
-        .http
-        .post(gw.url("/publish"))
-        .bearer_auth(BILLING)
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await
-        .expect("chunked publish");
+    // Every byte of the body goes out, then the body stays open: the gateway answers
+    // while it waits for the end of a body it will not read. (Had the client gone on
+    // sending, the gateway closing the connection with bytes unread could reset it and
+    // take the answer with it: TCP, not the gateway.)
+    let body = futures::StreamExt::chain(futures::stream::iter(chunks), futures::stream::pending());
+    let chunked = tokio::time::timeout(
+        GUARD,
+        gw.http
+            .post(gw.url("/publish"))
+            .bearer_auth(BILLING)
+            .body(reqwest::Body::wrap_stream(body))
+            .send(),
+    )
+    .await
+    .expect("an answer before the end of the body")
+    .expect("chunked publish");
     let status = chunked.status();
     refused(
         (status, chunked.json().await.expect("JSON")),
