@@ -373,8 +373,26 @@ async fn unauthorized_forbidden_and_too_large(place: &Place) {
     // Over the limit: refused before the body is read, with or without a length.
     let pad = "x".repeat(MAX_BYTES);
     let big = json!({ "action": "reload", "query": { "pad": pad } });
+    // A declared length over the limit is refused on the headers: no byte of the body is
+    // sent (the body stays open), so the answer cannot be lost to a reset (see below).
+    let declared = serde_json::to_vec(&big).expect("JSON").len();
+    let unsent = futures::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+    let early = tokio::time::timeout(
+        GUARD,
+        gw.http
+            .post(gw.url("/publish"))
+            .bearer_auth(BILLING)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_LENGTH, declared)
+            .body(reqwest::Body::wrap_stream(unsent))
+            .send(),
+    )
+    .await
+    .expect("an answer before any byte of the body")
+    .expect("publish with a declared length");
+    let status = early.status();
     refused(
-        gw.post("/publish", BILLING, big.clone()).await,
+        (status, early.json().await.expect("JSON")),
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
     );
