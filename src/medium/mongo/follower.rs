@@ -327,6 +327,7 @@ impl Follower {
     }
 
     async fn newest_ts(inner: &Inner) -> Result<Timestamp> {
+        let _op = inner.op()?;
         let newest = inner
             .messages
             .find_one(doc! {})
@@ -344,8 +345,9 @@ impl Follower {
 
     async fn prime(&mut self, newest: Timestamp) -> Result<()> {
         let window = self.window_secs();
-        let mut cursor = self
-            .inner
+        let inner = Arc::clone(&self.inner);
+        let _op = inner.op()?;
+        let mut cursor = inner
             .messages
             .find(doc! { "ts": { "$gt": minus_window(newest, window) } })
             .projection(doc! { "ts": 1 })
@@ -530,8 +532,9 @@ impl Follower {
             } else {
                 doc! { "$and": [filter.clone(), page] }
             };
-            let batch: Vec<RawDocumentBuf> = self
-                .inner
+            let inner = Arc::clone(&self.inner);
+            let op = inner.op()?;
+            let batch: Vec<RawDocumentBuf> = inner
                 .messages
                 .clone_with_type::<RawDocumentBuf>()
                 .find(query)
@@ -542,6 +545,7 @@ impl Follower {
                 .try_collect()
                 .await
                 .map_err(to_error)?;
+            drop(op);
             let full = batch.len() as i64 == SCAN_BATCH;
             for document in batch {
                 if let (Ok(ts), Ok(Some(id))) = (document.get_timestamp("ts"), document.get("_id"))

@@ -288,7 +288,14 @@ pub(crate) async fn start(inner: Arc<Inner>) -> crate::Result<Started> {
         tip,
     });
     tracing::info!(collection = %inner.db_config.messages, "change stream opened for this process");
-    tokio::spawn(run(inner, Arc::clone(&hub), stream, generation));
+    // Counted as an operation until the task has dropped its stream (the driver kills
+    // the cursor when it is dropped), so that closing shuts the driver down after that.
+    let op = inner.op()?;
+    let task = run(inner, Arc::clone(&hub), stream, generation);
+    tokio::spawn(async move {
+        task.await;
+        drop(op);
+    });
     Ok(Started::Hub(hub))
 }
 
@@ -307,7 +314,9 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events, mut generatio
     let closed = inner.closed.clone();
     let mut token = stream.resume_token();
     loop {
+        // Closed first: once closing, the stream asks the driver for nothing more.
         let next = tokio::select! {
+            biased;
             _ = closed.cancelled() => return,
             next = stream.next_if_any() => next,
         };
@@ -318,6 +327,7 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events, mut generatio
                 // the collection again (a publish would too, without its indexes).
                 tracing::warn!(operation = ?event.operation_type, collection = %inner.db_config.messages, "the messages collection was dropped or renamed: restarting the change stream; subscribers catch up from the collection");
                 inner.count_fallback();
+                let Ok(_op) = inner.op() else { return };
                 if let Err(error) = super::setup::ensure(&inner).await {
                     tracing::warn!(%error, "the messages collection was not set up again");
                 }
@@ -415,7 +425,10 @@ async fn reopen(
             Reopen::Resume(token) => token.clone(),
             Reopen::Fresh => None,
         };
-        match open(inner, hub_pipeline(), token.clone()).await {
+        let Ok(op) = inner.op() else { return None };
+        let opened = open(inner, hub_pipeline(), token.clone()).await;
+        drop(op);
+        match opened {
             Ok(stream) => {
                 if matches!(how, Reopen::Fresh) {
                     // After the new anchor, so that a follower's catch-up scan starts

@@ -93,11 +93,74 @@ pub(crate) struct Inner {
     pub(crate) db_config: DbConfig,
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
+    /// The driver operations under way (see [`Inner::op`]).
+    ops: Arc<Operations>,
     pub(crate) stats: Counters,
     /// How many times the change-stream client lost its connections (pool cleared:
     /// a network error, or the server going away). See [`Inner::stream_interruptions`].
     interruptions: Arc<AtomicU64>,
     max_bson: usize,
+}
+
+/// The driver operations under way, so that closing waits for them before it shuts the
+/// driver down: the driver panics (an `unwrap` in its connection pool) when an
+/// operation asks for a connection after its client was shut down.
+#[derive(Default)]
+struct Operations {
+    /// Set before `closed` is cancelled; read after an operation is counted.
+    closing: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One driver operation (or change stream) under way; see [`Inner::op`].
+pub(crate) struct Op(Arc<Operations>);
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// How long closing waits for the operations under way before shutting the driver down.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+impl Inner {
+    /// Counts a driver operation (or a change stream, which the driver kills when it is
+    /// dropped) for as long as the guard lives; refused with [`Error::Shutdown`] once
+    /// the medium is closing.
+    pub(crate) fn op(&self) -> Result<Op> {
+        self.ops.running.fetch_add(1, Ordering::SeqCst);
+        let op = Op(Arc::clone(&self.ops));
+        if self.ops.closing.load(Ordering::SeqCst) {
+            return Err(Error::Shutdown);
+        }
+        Ok(op)
+    }
+
+    /// Refuses new driver operations, then waits (until `deadline`) for the ones under
+    /// way: each ends soon, on `closed` or at the end of its round trip.
+    async fn quiesce(&self, deadline: tokio::time::Instant) {
+        self.ops.closing.store(true, Ordering::SeqCst);
+        self.closed.cancel();
+        loop {
+            let idle = self.ops.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.ops.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::select! {
+                _ = &mut idle => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(running = self.ops.running.load(Ordering::SeqCst), "closing: driver operations still under way after the grace; shutting the driver down");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -163,6 +226,10 @@ impl Inner {
     /// fails: a consumer keeps consuming whatever happens here.
     pub(crate) async fn dead_letter(&self, document: Document, reason: String) {
         let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+        let Ok(_op) = self.op() else {
+            tracing::warn!(message_id = %id, %reason, "unreadable document not dead-lettered: the medium is closed");
+            return;
+        };
         tracing::warn!(message_id = %id, %reason, "unreadable document in the messages collection: dead-lettered");
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         let update = doc! {
@@ -280,6 +347,7 @@ impl MongoMedium {
             db_config,
             timeout_ms: config.timeout_ms,
             closed: CancellationToken::new(),
+            ops: Arc::default(),
             stats: Counters::default(),
             interruptions,
             max_bson,
@@ -478,6 +546,7 @@ impl Medium for MongoMedium {
         messages: &[Message],
         encoded: &[RawDocumentBuf],
     ) -> Result<Vec<Appended>> {
+        let _op = self.inner.op()?;
         if self.inner.closed.is_cancelled() {
             return Err(Error::Shutdown);
         }
@@ -510,6 +579,7 @@ impl Medium for MongoMedium {
     }
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
+        let _op = self.inner.op()?;
         if self.inner.closed.is_cancelled() {
             return Err(Error::Shutdown);
         }
@@ -527,6 +597,7 @@ impl Medium for MongoMedium {
     }
 
     async fn catalog_load(&self) -> Result<CatalogMap> {
+        let _op = self.inner.op()?;
         let mut cursor = self
             .inner
             .catalog
@@ -552,6 +623,7 @@ impl Medium for MongoMedium {
     }
 
     async fn catalog_add(&self, service: &str, actions: &[String]) -> Result<()> {
+        let _op = self.inner.op()?;
         // Idempotent: $addToSet with $each adds only what is missing; the upsert creates
         // the array, so it is never null ($addToSet on null fails).
         self.inner
@@ -571,6 +643,7 @@ impl Medium for MongoMedium {
     }
 
     async fn checkpoint_load(&self, name: &str) -> Result<Option<Position>> {
+        let _op = self.inner.op()?;
         let found = self
             .inner
             .checkpoints
@@ -589,6 +662,7 @@ impl Medium for MongoMedium {
     }
 
     async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
+        let _op = self.inner.op()?;
         // The resume token is stored as-is: tokens are opaque (mongo-rust-driver #1288).
         let position = bson::to_document(position).map_err(crate::error::PayloadError::from)?;
         self.inner
@@ -604,41 +678,50 @@ impl Medium for MongoMedium {
     }
 
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
+        let _op = self.inner.op()?;
         self.inner.dead_letter(document, reason).await;
         Ok(())
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {
+        let _op = self.inner.op()?;
         work::claim(&self.inner, request).await
     }
 
     async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+        let _op = self.inner.op()?;
         work::renew(&self.inner, id, owner, lease).await
     }
 
     async fn settle(&self, id: &str, owner: Option<&str>, settlement: Settlement) -> Result<bool> {
+        let _op = self.inner.op()?;
         work::settle(&self.inner, id, owner, settlement).await
     }
 
     async fn bury(&self, id: &str, owner: &str, reason: &str) -> Result<bool> {
+        let _op = self.inner.op()?;
         work::bury(&self.inner, id, owner, reason).await
     }
 
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
+        let _op = self.inner.op()?;
         // The shared stream carries the update events that wake the waiter.
         self.hub().await?;
         work::await_outcome(&self.inner, id, timeout).await
     }
 
     async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let _op = self.inner.op()?;
         work::dead_list(&self.inner, limit).await
     }
 
     async fn dead_get(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let _op = self.inner.op()?;
         work::dead_get(&self.inner, id).await
     }
 
     async fn dead_remove(&self, id: Option<&str>) -> Result<u64> {
+        let _op = self.inner.op()?;
         work::dead_remove(&self.inner, id).await
     }
 
@@ -649,6 +732,7 @@ impl Medium for MongoMedium {
         owner: &str,
         lease: Duration,
     ) -> Result<Reservation> {
+        let _op = self.inner.op()?;
         work::processed_reserve(&self.inner, consumer, id, owner, lease).await
     }
 
@@ -659,39 +743,57 @@ impl Medium for MongoMedium {
         owner: &str,
         result: Option<Document>,
     ) -> Result<()> {
+        let _op = self.inner.op()?;
         work::processed_complete(&self.inner, consumer, id, owner, result).await
     }
 
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
+        let _op = self.inner.op()?;
         work::processed_release(&self.inner, consumer, id, owner).await
     }
 
     async fn stats(&self) -> Result<Stats> {
+        let _op = self.inner.op()?;
         self.admin_stats().await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {
+        let _op = self.inner.op()?;
         queues::queues(&self.inner).await
     }
 
     async fn queue_purge(&self, service: &str, action: &str) -> Result<u64> {
+        let _op = self.inner.op()?;
         queues::purge(&self.inner, service, action).await
     }
 
     async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<ProcessedRecord>> {
+        let _op = self.inner.op()?;
         processed::get(&self.inner, consumer, id).await
     }
 
     async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
+        let _op = self.inner.op()?;
         processed::remove(&self.inner, consumer, id).await
     }
 
     async fn close(&self) {
-        self.inner.closed.cancel();
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        self.inner.quiesce(deadline).await;
         // Stop the drivers' pool workers and monitors now, rather than when the runtime
-        // drops them under requests still waiting for a connection.
+        // drops them under requests still waiting for a connection. The driver first
+        // runs the clean-up of the cursors dropped (their `killCursors`): one that began
+        // while its pool was shutting down would find no pool. A cursor still held (a
+        // subscription stream the application keeps) would hold this up for ever, hence
+        // the deadline, after which the driver is shut down at once.
         for client in [self.inner.db.client(), &self.inner.stream_client] {
-            client.clone().shutdown().immediate(true).await;
+            let orderly = tokio::time::timeout_at(deadline, client.clone().shutdown()).await;
+            if orderly.is_err() {
+                tracing::warn!(
+                    "closing: cursors still open after the grace; shutting the driver down at once"
+                );
+                client.clone().shutdown().immediate(true).await;
+            }
         }
     }
 }
