@@ -52,7 +52,7 @@ pub(crate) struct Shared {
     config: Config,
     medium: Arc<dyn Medium>,
     catalog: Catalog,
-    shutdown: CancellationToken,
+    shutdown: crate::stop::Stop,
     /// Whether shutting the bus down closes the medium (it does when `connect` made it).
     owns_medium: bool,
     /// Handlers served in this process (seed 001's local route).
@@ -130,8 +130,8 @@ impl Intracom {
             config.outbox_file.clone(),
         )?);
         let fallback = Fallback::new(std::time::Duration::from_millis(config.timeout_ms));
-        let shutdown = CancellationToken::new();
-        tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.clone()));
+        let shutdown = crate::stop::Stop::new();
+        tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.token().clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
         Ok(Intracom {
             service: config.service.as_str().into(),
@@ -216,7 +216,7 @@ impl Intracom {
 
     /// Fills in the sender and checks a message for publishing: shape, catalog, size.
     pub(crate) async fn prepare(&self, mut message: Message) -> Result<Prepared> {
-        if self.shared.shutdown.is_cancelled() {
+        if self.shared.shutdown.is_stopped() {
             return Err(Error::Shutdown);
         }
         if message.source_service.is_empty() {
@@ -256,13 +256,13 @@ impl Intracom {
         if outbox.len() > 0 {
             return self.buffer(&messages);
         }
-        let appended = match self.shared.medium.append_encoded(&messages, &encoded).await {
+        let appended = match self.shared.medium.append_owned(messages, &encoded).await {
             Ok(appended) => appended,
-            Err(error) if error.is_retryable() => {
+            Err((error, messages)) if error.is_retryable() => {
                 tracing::warn!(%error, count = messages.len(), "medium unavailable: publish kept in the outbox");
                 return self.buffer(&messages);
             }
-            Err(error) => return Err(error),
+            Err((error, _)) => return Err(error),
         };
         Ok(appended
             .into_iter()
@@ -287,7 +287,7 @@ impl Intracom {
     /// otherwise it starts where the subscription says (default: now). The start is
     /// anchored before this returns: a message published after it returns is delivered.
     pub async fn subscribe(&self, subscription: Subscription) -> Result<Subscriber> {
-        if self.shared.shutdown.is_cancelled() {
+        if self.shared.shutdown.is_stopped() {
             return Err(Error::Shutdown);
         }
         let medium = &self.shared.medium;
@@ -336,7 +336,7 @@ impl Intracom {
     /// later calls fail with [`Error::Shutdown`], and a medium made by
     /// [`Intracom::connect`] is closed.
     pub async fn shutdown(&self) {
-        self.shared.shutdown.cancel();
+        self.shared.shutdown.stop();
         if self.shared.owns_medium {
             self.shared.medium.close().await;
         }
@@ -394,12 +394,12 @@ impl Intracom {
     }
 
     pub(crate) fn shutdown_token(&self) -> CancellationToken {
-        self.shared.shutdown.clone()
+        self.shared.shutdown.token().clone()
     }
 
     /// Whether [`Intracom::shutdown`] was called.
     pub fn is_shut_down(&self) -> bool {
-        self.shared.shutdown.is_cancelled()
+        self.shared.shutdown.is_stopped()
     }
 }
 

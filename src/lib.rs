@@ -51,6 +51,7 @@ pub mod medium;
 pub mod message;
 pub mod metrics;
 mod outbox;
+mod stop;
 pub mod work;
 
 pub use bson;

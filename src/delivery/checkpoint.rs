@@ -28,9 +28,9 @@ pub(crate) struct AckTracker {
 struct State {
     next: u64,
     /// Delivered and not yet under the checkpoint: number → (position, acked).
-    pending: BTreeMap<u64, (Position, bool)>,
+    pending: BTreeMap<u64, (Arc<Position>, bool)>,
     /// The end of the acked run: (delivery number, position).
-    watermark: Option<(u64, Position)>,
+    watermark: Option<(u64, Arc<Position>)>,
 }
 
 impl AckTracker {
@@ -58,7 +58,7 @@ impl AckTracker {
     }
 
     /// Records a delivery; returns its number for [`AckTracker::ack`].
-    pub(crate) fn delivered(&self, position: Position) -> u64 {
+    pub(crate) fn delivered(&self, position: Arc<Position>) -> u64 {
         let mut state = self.state();
         let number = state.next;
         state.next += 1;
@@ -114,14 +114,14 @@ mod tests {
     use crate::medium::memory::MemoryMedium;
     use bson::Timestamp;
 
-    fn pos(i: u32) -> Position {
-        Position::new(
+    fn pos(i: u32) -> Arc<Position> {
+        Arc::new(Position::new(
             Timestamp {
                 time: 1,
                 increment: i,
             },
             None,
-        )
+        ))
     }
 
     #[tokio::test]
@@ -137,10 +137,16 @@ mod tests {
             "1 is not acked: no checkpoint may pass it"
         );
         t.ack(n[0]).await.unwrap();
-        assert_eq!(medium.checkpoint_load("sub").await.unwrap(), Some(pos(2)));
+        assert_eq!(
+            medium.checkpoint_load("sub").await.unwrap(),
+            Some((*pos(2)).clone())
+        );
         assert_eq!(t.in_flight(), 2);
         t.ack(n[2]).await.unwrap();
-        assert_eq!(medium.checkpoint_load("sub").await.unwrap(), Some(pos(4)));
+        assert_eq!(
+            medium.checkpoint_load("sub").await.unwrap(),
+            Some((*pos(4)).clone())
+        );
         t.ack(n[2]).await.unwrap();
         assert_eq!(t.in_flight(), 0);
     }

@@ -111,7 +111,7 @@ impl Screen {
 /// it) come again when the subscription is next created: delivery is at least once.
 pub struct Delivery {
     message: Arc<Message>,
-    position: Position,
+    position: Arc<Position>,
     ack: Option<(Arc<AckTracker>, u64)>,
 }
 
@@ -234,7 +234,7 @@ impl Subscriber {
         events: EventStream,
         tracker: Option<Arc<AckTracker>>,
         screen: Option<Screen>,
-        shutdown: tokio_util::sync::CancellationToken,
+        shutdown: crate::stop::Stop,
     ) -> Self {
         // One context per subscription, shared by every event: the metric handles are
         // taken once here (a counter looked up per delivery costs its key's allocation
@@ -247,13 +247,17 @@ impl Subscriber {
             acks: tracker.clone(),
             screen,
         });
-        let inner = events
-            .filter_map(move |event| {
-                let context = Arc::clone(&context);
-                async move { context.deliver(event).await }
-            })
-            .take_until(shutdown.cancelled_owned())
-            .boxed();
+        let deliveries = events.filter_map(move |event| {
+            let context = Arc::clone(&context);
+            async move { context.deliver(event).await }
+        });
+        let inner = UntilStopped {
+            wait: Box::pin(shutdown.token().clone().cancelled_owned()),
+            stop: shutdown,
+            inner: deliveries.boxed(),
+            done: false,
+        }
+        .boxed();
         Subscriber {
             name,
             inner,
@@ -327,6 +331,39 @@ impl Stream for Subscriber {
     type Item = Result<Delivery>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.inner.poll_next_unpin(cx)
+    }
+}
+
+/// A stream that ends when the bus stops. The stop flag is checked on every item (an
+/// atomic load); the token is polled only when the stream has nothing ready, which
+/// registers the wake-up that ends an idle stream.
+struct UntilStopped {
+    inner: BoxStream<'static, Result<Delivery>>,
+    stop: crate::stop::Stop,
+    wait: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl Stream for UntilStopped {
+    type Item = Result<Delivery>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done || self.stop.is_stopped() {
+            self.done = true;
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(item) => {
+                self.done = item.is_none();
+                Poll::Ready(item)
+            }
+            Poll::Pending => match self.wait.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.done = true;
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bson::{doc, Document, Timestamp};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::records::LocalRecords;
 use super::{
@@ -92,7 +91,7 @@ struct Shared {
     log: RwLock<Log>,
     /// The sequence number of the last appended message; followers wait on it.
     tip: watch::Sender<u64>,
-    closed: CancellationToken,
+    closed: crate::stop::Stop,
     catalog: Mutex<CatalogMap>,
     checkpoints: Mutex<HashMap<String, Position>>,
     /// Dead letters, oldest first; at most `max_messages` are kept.
@@ -107,6 +106,8 @@ struct Entry {
     seq: u64,
     expires: Instant,
     message: Arc<Message>,
+    /// Built once, shared by every follower's event.
+    position: Arc<Position>,
 }
 
 struct Log {
@@ -269,7 +270,7 @@ impl MemoryMedium {
                 options,
                 log: RwLock::new(Log::new()),
                 tip,
-                closed: CancellationToken::new(),
+                closed: crate::stop::Stop::new(),
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
                 dead: Mutex::new(VecDeque::new()),
@@ -312,43 +313,36 @@ struct Follower {
     filter: Filter,
     ready: VecDeque<Event>,
     tip: watch::Receiver<u64>,
-    /// The medium's close signal, cloned once: a clone per read takes the token's lock.
-    closed: CancellationToken,
-    /// Entries picked by [`Follower::fill`] (kept to reuse its allocation).
-    picked: Vec<(Arc<Message>, u64)>,
+    /// The medium's close signal, checked per read without a lock.
+    closed: crate::stop::Stop,
 }
 
 impl Follower {
     /// Moves the cursor over up to [`READ_BATCH`] entries; true if anything happened.
-    /// The log's lock is held only to pick the entries: their positions are built
-    /// after it is released, so publishers wait less.
+    /// Under the log's lock only reference counts move: messages and positions are
+    /// shared with the log.
     fn fill(&mut self) -> bool {
-        let mut picked = std::mem::take(&mut self.picked);
         let mut progressed = false;
-        {
-            let log = read(&self.shared.log);
-            let live_first = log.live_first_seq(Instant::now());
-            if self.cursor + 1 < live_first {
-                self.ready.push_back(Event::Lost {
-                    count: live_first - self.cursor - 1,
-                });
-                self.cursor = live_first - 1;
-                progressed = true;
-            }
-            let start = (self.cursor + 1 - log.first_seq) as usize;
-            for entry in log.entries.range(start..).take(READ_BATCH) {
-                self.cursor = entry.seq;
-                progressed = true;
-                if self.filter.matches(&entry.message) {
-                    picked.push((Arc::clone(&entry.message), entry.seq));
-                }
+        let log = read(&self.shared.log);
+        let live_first = log.live_first_seq(Instant::now());
+        if self.cursor + 1 < live_first {
+            self.ready.push_back(Event::Lost {
+                count: live_first - self.cursor - 1,
+            });
+            self.cursor = live_first - 1;
+            progressed = true;
+        }
+        let start = (self.cursor + 1 - log.first_seq) as usize;
+        for entry in log.entries.range(start..).take(READ_BATCH) {
+            self.cursor = entry.seq;
+            progressed = true;
+            if self.filter.matches(&entry.message) {
+                self.ready.push_back(Event::Message(
+                    Arc::clone(&entry.message),
+                    Arc::clone(&entry.position),
+                ));
             }
         }
-        self.ready.extend(picked.drain(..).map(|(message, seq)| {
-            let position = position_of(&message, seq);
-            Event::Message(message, position)
-        }));
-        self.picked = picked;
         progressed
     }
 
@@ -358,7 +352,7 @@ impl Follower {
             if let Some(event) = self.ready.pop_front() {
                 return Some((Ok(event), self));
             }
-            if self.closed.is_cancelled() {
+            if self.closed.is_stopped() {
                 return None;
             }
             // Mark the tip seen before reading, so an append after the read wakes us.
@@ -367,27 +361,16 @@ impl Follower {
                 continue;
             }
             tokio::select! {
-                _ = self.closed.cancelled() => return None,
+                _ = self.closed.token().cancelled() => return None,
                 changed = self.tip.changed() => if changed.is_err() { return None },
             }
         }
     }
 }
 
-#[async_trait]
-impl Medium for MemoryMedium {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-
-    fn max_message_bytes(&self) -> usize {
-        self.shared.options.max_message_bytes
-    }
-
-    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
-        if self.shared.closed.is_cancelled() {
-            return Err(crate::Error::Shutdown);
-        }
+impl MemoryMedium {
+    /// Stamps and stores `messages`, taken over (the log keeps them).
+    fn store(&self, messages: Vec<Message>) -> Vec<Appended> {
         let options = &self.shared.options;
         let mut out = Vec::with_capacity(messages.len());
         let tip = {
@@ -404,7 +387,7 @@ impl Medium for MemoryMedium {
                     continue;
                 }
                 let ts = log.next_ts();
-                let mut message = message.clone();
+                let mut message = message;
                 message.ts = Some(ts);
                 message.at = Some(bson::DateTime::now());
                 let seq = log.next_seq;
@@ -437,21 +420,52 @@ impl Medium for MemoryMedium {
                     }
                     log.work.insert(message.id.clone(), work);
                 }
+                let position = Arc::new(position_of(&message, seq));
                 log.entries.push_back(Entry {
                     seq,
                     expires: now + options.retention,
                     message,
+                    position,
                 });
             }
             log.prune(now, options.max_messages);
             log.next_seq - 1
         };
         self.shared.tip.send_replace(tip);
-        Ok(out)
+        out
+    }
+}
+
+#[async_trait]
+impl Medium for MemoryMedium {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.shared.options.max_message_bytes
+    }
+
+    async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
+        if self.shared.closed.is_stopped() {
+            return Err(crate::Error::Shutdown);
+        }
+        Ok(self.store(messages.to_vec()))
+    }
+
+    async fn append_owned(
+        &self,
+        messages: Vec<Message>,
+        _encoded: &[bson::RawDocumentBuf],
+    ) -> std::result::Result<Vec<Appended>, (crate::Error, Vec<Message>)> {
+        if self.shared.closed.is_stopped() {
+            return Err((crate::Error::Shutdown, messages));
+        }
+        Ok(self.store(messages))
     }
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
-        if self.shared.closed.is_cancelled() {
+        if self.shared.closed.is_stopped() {
             return Err(crate::Error::Shutdown);
         }
         let tip = self.shared.tip.subscribe();
@@ -485,7 +499,6 @@ impl Medium for MemoryMedium {
             ready: VecDeque::new(),
             tip,
             closed: self.shared.closed.clone(),
-            picked: Vec::new(),
         });
         Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
     }
@@ -529,7 +542,7 @@ impl Medium for MemoryMedium {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {
-        if self.shared.closed.is_cancelled() {
+        if self.shared.closed.is_stopped() {
             return Err(crate::Error::Shutdown);
         }
         let now = bson::DateTime::now();
@@ -640,7 +653,7 @@ impl Medium for MemoryMedium {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Ok(None),
-                _ = self.shared.closed.cancelled() => return Err(crate::Error::Shutdown),
+                _ = self.shared.closed.token().cancelled() => return Err(crate::Error::Shutdown),
                 changed = outcomes.changed() => if changed.is_err() { return Ok(None) },
             }
         }
@@ -832,7 +845,7 @@ impl Medium for MemoryMedium {
     }
 
     async fn close(&self) {
-        self.shared.closed.cancel();
+        self.shared.closed.stop();
     }
 }
 

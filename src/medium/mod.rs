@@ -124,8 +124,9 @@ pub struct Appended {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Event {
-    /// A message, with the position just after which a follower resumes to get the next.
-    Message(Arc<Message>, Position),
+    /// A message, with the position just after which a follower resumes to get the next
+    /// (shared: a medium that fans one message out to many followers builds it once).
+    Message(Arc<Message>, Arc<Position>),
     /// Messages after the start point were removed before they were read.
     Lost {
         /// How many, as far as the medium can tell (0 when it cannot count them).
@@ -306,6 +307,21 @@ pub trait Medium: Send + Sync + 'static {
     ) -> Result<Vec<Appended>> {
         let _ = encoded;
         self.append(messages).await
+    }
+
+    /// [`Medium::append_encoded`] taking the messages over, so that a medium that keeps
+    /// them (memory) does not copy them. On an error the messages come back with it
+    /// (the bus keeps them in its outbox when the error is retryable). The default lends
+    /// them to [`Medium::append_encoded`].
+    async fn append_owned(
+        &self,
+        messages: Vec<Message>,
+        encoded: &[RawDocumentBuf],
+    ) -> std::result::Result<Vec<Appended>, (Error, Vec<Message>)> {
+        match self.append_encoded(&messages, encoded).await {
+            Ok(appended) => Ok(appended),
+            Err(error) => Err((error, messages)),
+        }
     }
 
     /// Follows the messages matching `filter` from `from`.

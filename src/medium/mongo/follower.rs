@@ -395,7 +395,8 @@ impl Follower {
             self.lost = 0;
         }
         let position = position(&message, token, cluster_time);
-        self.ready.push_back(Event::Message(message, position));
+        self.ready
+            .push_back(Event::Message(message, Arc::new(position)));
         true
     }
 

@@ -212,7 +212,7 @@ impl Follower {
             if let Some(message) = wanted {
                 let session = self.named.as_ref().map(|(_, named)| named.session);
                 let at = position(rank, session);
-                return Some((Ok(Event::Message(Arc::new(message), at)), self));
+                return Some((Ok(Event::Message(Arc::new(message), Arc::new(at))), self));
             }
         }
     }
