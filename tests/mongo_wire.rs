@@ -1075,6 +1075,11 @@ fn script_remote_answer(peer: &Peer, answer: Option<Document>) {
     );
     let (wanted, flag) = (request.clone(), settled.clone());
     let answered = answer.is_some();
+    // As mongod reports the settling update: every field it set, the result included.
+    let mut updated = doc! { "state": "done" };
+    if let Some(result) = &answer {
+        updated.insert("result", result.clone());
+    }
     peer.on("getMore", move |_| {
         let id = wanted.lock().unwrap().clone();
         match id {
@@ -1087,7 +1092,7 @@ fn script_remote_answer(peer: &Peer, answer: Option<Document>) {
                     "clusterTime": ts(9),
                     "ns": { "db": "intracom", "coll": "messages" },
                     "documentKey": { "_id": id },
-                    "updateDescription": { "updatedFields": { "state": "done" }, "removedFields": [] },
+                    "updateDescription": { "updatedFields": updated.clone(), "removedFields": [] },
                 }],
                 "u1",
             ))),
