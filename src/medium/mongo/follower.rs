@@ -345,9 +345,9 @@ impl Follower {
 
     async fn prime(&mut self, newest: Timestamp) -> Result<()> {
         let window = self.window_secs();
-        let inner = Arc::clone(&self.inner);
-        let _op = inner.op()?;
-        let mut cursor = inner
+        let _op = self.inner.op()?;
+        let mut cursor = self
+            .inner
             .messages
             .find(doc! { "ts": { "$gt": minus_window(newest, window) } })
             .projection(doc! { "ts": 1 })
@@ -533,9 +533,9 @@ impl Follower {
             } else {
                 doc! { "$and": [filter.clone(), page] }
             };
-            let inner = Arc::clone(&self.inner);
-            let op = inner.op()?;
-            let batch: Vec<RawDocumentBuf> = inner
+            let op = self.inner.op()?;
+            let batch: Vec<RawDocumentBuf> = self
+                .inner
                 .messages
                 .clone_with_type::<RawDocumentBuf>()
                 .find(query)

@@ -547,9 +547,6 @@ impl Medium for MongoMedium {
         encoded: &[RawDocumentBuf],
     ) -> Result<Vec<Appended>> {
         let _op = self.inner.op()?;
-        if self.inner.closed.is_cancelled() {
-            return Err(Error::Shutdown);
-        }
         let statements = messages
             .iter()
             .zip(encoded)
@@ -580,9 +577,6 @@ impl Medium for MongoMedium {
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
         let _op = self.inner.op()?;
-        if self.inner.closed.is_cancelled() {
-            return Err(Error::Shutdown);
-        }
         // "Now" is the moment of this call: the ring's tip before anything is awaited, or
         // its very beginning when this call opens the shared stream (its anchor is then
         // part of this call).
