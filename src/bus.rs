@@ -63,19 +63,44 @@ pub(crate) struct Shared {
     pub(crate) fallback: Fallback,
 }
 
-/// A message checked for publishing, with its BSON encoding: made once, for the size
-/// check, and handed to the medium, which sends those bytes rather than encoding the
-/// message again.
+/// A message checked for publishing, with its BSON encoding when the medium sends one
+/// ([`Medium::sends_encoded`]): made once, for the size check, and handed to the
+/// medium, which sends those bytes rather than encoding the message again. A medium
+/// that keeps messages as they are (memory) gets none: the size is counted instead.
 pub(crate) struct Prepared {
     pub(crate) message: Message,
-    encoded: RawDocumentBuf,
+    encoded: Option<RawDocumentBuf>,
 }
 
 impl Prepared {
     /// Encodes a message (as a medium would store it).
     pub(crate) fn encode(message: Message) -> Result<Self> {
         let encoded = bson::to_raw_document_buf(&message).map_err(PayloadError::from)?;
-        Ok(Prepared { message, encoded })
+        Ok(Prepared {
+            message,
+            encoded: Some(encoded),
+        })
+    }
+
+    /// Makes a message ready for `medium` and returns it with its encoded size: encoded
+    /// when the medium sends the bytes, counted otherwise (encoded after all when the
+    /// count leaves a value to the encoder).
+    pub(crate) fn for_medium(message: Message, medium: &dyn Medium) -> Result<(Self, usize)> {
+        if !medium.sends_encoded() {
+            if let Some(size) = message.counted_len() {
+                let prepared = Prepared {
+                    message,
+                    encoded: None,
+                };
+                return Ok((prepared, size));
+            }
+        }
+        let mut prepared = Prepared::encode(message)?;
+        let size = prepared.encoded.as_ref().map_or(0, |e| e.as_bytes().len());
+        if !medium.sends_encoded() {
+            prepared.encoded = None;
+        }
+        Ok((prepared, size))
     }
 }
 
@@ -235,8 +260,7 @@ impl Intracom {
             .medium
             .max_message_bytes()
             .min(self.shared.config.max_message_bytes);
-        let prepared = Prepared::encode(message)?;
-        let size = prepared.encoded.as_bytes().len();
+        let (prepared, size) = Prepared::for_medium(message, &*self.shared.medium)?;
         if size > limit {
             return Err(Error::TooLarge {
                 id: prepared.message.id,
@@ -250,8 +274,16 @@ impl Intracom {
     /// Hands checked messages to the medium, or to the outbox when the medium is
     /// unavailable (or while earlier messages still wait there, to keep the order).
     pub(crate) async fn append_prepared(&self, prepared: Vec<Prepared>) -> Result<Vec<Published>> {
-        let (messages, encoded): (Vec<Message>, Vec<RawDocumentBuf>) =
-            prepared.into_iter().map(|p| (p.message, p.encoded)).unzip();
+        let mut messages = Vec::with_capacity(prepared.len());
+        let mut encoded = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            messages.push(p.message);
+            encoded.extend(p.encoded);
+        }
+        // One encoding per message, or none at all (`Medium::append_encoded`).
+        if encoded.len() != messages.len() {
+            encoded.clear();
+        }
         let outbox = &self.shared.outbox;
         if outbox.len() > 0 {
             return self.buffer(&messages);

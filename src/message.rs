@@ -75,6 +75,16 @@ pub enum DeliveryMode {
     One,
 }
 
+impl DeliveryMode {
+    /// The name stored in the `delivery` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::All => "all",
+            DeliveryMode::One => "one",
+        }
+    }
+}
+
 /// The state of a request (seed 001's `QueryState`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "gateway", derive(utoipa::ToSchema))]
@@ -372,9 +382,128 @@ impl Message {
     }
 
     /// The encoded size of the message in bytes, as a medium would store it.
+    ///
+    /// Counted from the fields without encoding the message, except for the rare BSON
+    /// values that are counted by encoding them (old binary, code with scope, regular
+    /// expressions, DB pointers) and for a payload the encoder would refuse (a key with
+    /// a NUL byte): then the error is the encoder's.
     pub fn encoded_len(&self) -> Result<usize> {
-        Ok(bson::to_vec(self).map_err(PayloadError::from)?.len())
+        match self.counted_len() {
+            Some(len) => Ok(len),
+            None => Ok(bson::to_vec(self).map_err(PayloadError::from)?.len()),
+        }
     }
+
+    /// The size `bson::to_vec(self)` would have, counted field by field in the order
+    /// and with the omissions of the `Serialize` derive above; `None` when a value is
+    /// left to the encoder (see [`Message::encoded_len`]).
+    pub(crate) fn counted_len(&self) -> Option<usize> {
+        fn string(value: &str) -> usize {
+            4 + value.len() + 1
+        }
+        // An element: type byte, key as a C string, value.
+        fn element(key: &str, value: usize) -> usize {
+            1 + key.len() + 1 + value
+        }
+        let optional_string = |key: &str, value: &Option<String>| {
+            value.as_deref().map_or(0, |v| element(key, string(v)))
+        };
+        let optional_document = |key: &str, value: &Option<Document>| -> Option<usize> {
+            Some(match value {
+                Some(doc) => element(key, document_len(doc)?),
+                None => 0,
+            })
+        };
+        let mut len = 4 + 1; // length prefix and terminating NUL
+        len += element("_id", string(&self.id));
+        len += self.ts.map_or(0, |_| element("ts", 8));
+        len += self.at.map_or(0, |_| element("at", 8));
+        len += element("serviceNameSource", string(&self.source_service));
+        len += element("instanceSource", string(&self.source_instance));
+        // Never omitted: `None` is stored as null (no value bytes).
+        len += element(
+            "serviceNameDest",
+            self.dest_service.as_deref().map_or(0, string),
+        );
+        len += optional_string("instanceDest", &self.dest_instance);
+        len += element("type", string(self.kind.as_str()));
+        len += element("delivery", string(self.delivery.as_str()));
+        len += element("action", string(&self.action));
+        len += element("query", document_len(&self.query)?);
+        len += optional_string("queryId", &self.query_id);
+        len += self
+            .state
+            .map_or(0, |state| element("state", string(state.as_str())));
+        len += optional_document("response", &self.response)?;
+        len += optional_document("result", &self.result)?;
+        len += element("query_ts", 8);
+        len += self.response_ts.map_or(0, |_| element("response_ts", 8));
+        len += self.query_ms.map_or(0, |_| element("query_ms", 8));
+        len += element("priority", 4);
+        if self.attempts != 0 {
+            len += element("attempts", 4);
+        }
+        if let Some(lease) = &self.lease {
+            let lease_len = 4
+                + element("owner", string(&lease.owner))
+                + element("at", 8)
+                + element("ms", 8)
+                + 1;
+            len += element("lease", lease_len);
+        }
+        len += optional_string("lastError", &self.last_error);
+        len += optional_string("retryOf", &self.retry_of);
+        Some(len)
+    }
+}
+
+/// The encoded size of a BSON document, or `None` when it holds a value this does not
+/// count (or that the encoder would refuse: a key with a NUL byte).
+fn document_len(doc: &Document) -> Option<usize> {
+    let mut len = 4 + 1;
+    for (key, value) in doc {
+        if key.as_bytes().contains(&0) {
+            return None;
+        }
+        len += element_len(key.len(), value)?;
+    }
+    Some(len)
+}
+
+/// An element's size: type byte, key as a C string (`key_len` bytes and a NUL), value.
+fn element_len(key_len: usize, value: &bson::Bson) -> Option<usize> {
+    use bson::Bson;
+    let value = match value {
+        Bson::Double(_) | Bson::DateTime(_) | Bson::Timestamp(_) | Bson::Int64(_) => 8,
+        Bson::Int32(_) => 4,
+        Bson::Boolean(_) => 1,
+        Bson::Null | Bson::Undefined | Bson::MaxKey | Bson::MinKey => 0,
+        Bson::ObjectId(_) => 12,
+        Bson::Decimal128(_) => 16,
+        Bson::String(s) | Bson::Symbol(s) | Bson::JavaScriptCode(s) => 4 + s.len() + 1,
+        Bson::Document(doc) => document_len(doc)?,
+        Bson::Array(items) => {
+            let mut len = 4 + 1;
+            for (index, item) in items.iter().enumerate() {
+                len += element_len(decimal_digits(index), item)?;
+            }
+            len
+        }
+        Bson::Binary(binary) if binary.subtype != bson::spec::BinarySubtype::BinaryOld => {
+            4 + 1 + binary.bytes.len()
+        }
+        // Left to the encoder: rare, with rules of their own.
+        Bson::Binary(_)
+        | Bson::RegularExpression(_)
+        | Bson::JavaScriptCodeWithScope(_)
+        | Bson::DbPointer(_) => return None,
+    };
+    Some(1 + key_len + 1 + value)
+}
+
+/// How many decimal digits `n` has (array keys are the indexes in decimal).
+fn decimal_digits(n: usize) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
 /// Checks a service, instance, action or id name: non-empty, bounded, no whitespace.
@@ -428,6 +557,98 @@ pub(crate) fn now_nanos() -> i64 {
 mod tests {
     use super::*;
     use bson::doc;
+
+    fn every_counted_kind_of_value() -> Document {
+        let many: Vec<bson::Bson> = (0..120).map(bson::Bson::Int32).collect();
+        doc! {
+            "double": 1.5,
+            "string": "prix modifié ✓",
+            "empty": "",
+            "nested": { "a": { "b": [1_i64, "two", { "three": 3 }] } },
+            "array": many,
+            "bool": true,
+            "null": bson::Bson::Null,
+            "int32": 7,
+            "int64": 7_i64,
+            "date": bson::DateTime::from_millis(1_700_000_000_000),
+            "timestamp": Timestamp { time: 5, increment: 6 },
+            "oid": bson::oid::ObjectId::new(),
+            "decimal": bson::Bson::Decimal128(bson::Decimal128::from_bytes([1; 16])),
+            "binary": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2, 3] },
+            "uuid": bson::Binary { subtype: bson::spec::BinarySubtype::Uuid, bytes: vec![9; 16] },
+            "symbol": bson::Bson::Symbol("s".into()),
+            "code": bson::Bson::JavaScriptCode("x => x".into()),
+            "undefined": bson::Bson::Undefined,
+            "max": bson::Bson::MaxKey,
+            "min": bson::Bson::MinKey,
+            "": "empty key",
+        }
+    }
+
+    #[test]
+    fn the_counted_size_is_the_encoded_size() {
+        let plain = Message::broadcast("reload").body(doc! {"tenant": 7});
+        let mut full = Message::to_instance("billing", "billing-1", "charge")
+            .body(every_counted_kind_of_value())
+            .priority(-3);
+        full.ts = Some(Timestamp {
+            time: 1,
+            increment: 2,
+        });
+        full.at = Some(bson::DateTime::now());
+        full.delivery = DeliveryMode::One;
+        full.query_id = Some("q".into());
+        full.state = Some(State::Error);
+        full.response = Some(doc! {"error": "boom"});
+        full.result = Some(every_counted_kind_of_value());
+        full.response_ts = Some(1);
+        full.query_ms = Some(2);
+        full.attempts = 3;
+        full.lease = Some(Lease {
+            owner: "billing-2".into(),
+            at: bson::DateTime::now(),
+            ms: 30_000,
+        });
+        full.last_error = Some("the last one".into());
+        full.retry_of = Some(new_id());
+        let mut empty_payload = Message::to_service("billing", "ping");
+        empty_payload.state = Some(State::Pending);
+        for message in [plain, full, empty_payload] {
+            let encoded = bson::to_vec(&message).unwrap().len();
+            assert_eq!(message.counted_len(), Some(encoded), "{message:?}");
+            assert_eq!(message.encoded_len().unwrap(), encoded);
+        }
+    }
+
+    #[test]
+    fn values_left_to_the_encoder_are_still_sized_or_refused() {
+        let odd = [
+            doc! {"regex": bson::Regex { pattern: "^a".into(), options: "i".into() }},
+            doc! {"old": bson::Binary { subtype: bson::spec::BinarySubtype::BinaryOld, bytes: vec![1, 2] }},
+            doc! {"scope": bson::JavaScriptCodeWithScope { code: "x".into(), scope: doc! {"x": 1} }},
+        ];
+        for payload in odd {
+            let message = Message::broadcast("reload").body(payload);
+            assert_eq!(message.counted_len(), None);
+            assert_eq!(
+                message.encoded_len().unwrap(),
+                bson::to_vec(&message).unwrap().len()
+            );
+        }
+        // The encoder refuses a key with a NUL byte: so does the size check.
+        let mut nul = Document::new();
+        nul.insert("a\0b", 1);
+        let message = Message::broadcast("reload").body(doc! {"inner": nul});
+        assert_eq!(message.counted_len(), None);
+        assert!(message.encoded_len().is_err());
+    }
+
+    #[test]
+    fn decimal_digits_of_array_indexes() {
+        for (n, digits) in [(0, 1), (9, 1), (10, 2), (99, 2), (100, 3), (123_456, 6)] {
+            assert_eq!(decimal_digits(n), digits, "{n}");
+        }
+    }
 
     #[test]
     fn ids_sort_in_creation_order_and_are_unique() {

@@ -261,7 +261,8 @@ impl<R: DeserializeOwned> Request<R> {
                     record.response = Some(doc! { "error": error });
                 }
             }
-            bus.append_prepared(vec![Prepared::encode(record)?]).await?;
+            let (record, _) = Prepared::for_medium(record, &**bus.medium())?;
+            bus.append_prepared(vec![record]).await?;
             return match outcome {
                 Ok(result) => decode_result(result),
                 Err(message) => Err(Error::Remote {

@@ -58,6 +58,10 @@ fn main() {
         "undeclared_messages_land_in_the_dead_letters",
         || conformance::block_on(undeclared_messages_land_in_the_dead_letters()),
     ));
+    trials.push(libtest_mimic::Trial::test(
+        "the_size_limit_is_exact_without_encoding",
+        || conformance::block_on(the_size_limit_is_exact_without_encoding()),
+    ));
     conformance::run_main(trials, 4, || {});
 }
 
@@ -91,4 +95,44 @@ async fn undeclared_messages_land_in_the_dead_letters() {
         "the reason names the action: {}",
         dead[0].1
     );
+}
+
+/// The memory medium keeps messages unencoded, so the bus counts their size instead of
+/// encoding them: the count must draw the line exactly where the encoding would.
+async fn the_size_limit_is_exact_without_encoding() {
+    use intracom::bson::doc;
+    let payload = doc! {
+        "text": "prix modifié",
+        "items": (0..30).collect::<Vec<i32>>(),
+        "nested": { "at": intracom::bson::DateTime::now(), "big": 1_i64 << 40 },
+    };
+    let mut message = intracom::Message::broadcast("reload").body(payload);
+    // As the bus will send it: its sender filled in.
+    message.source_service = "billing".into();
+    message.source_instance = "billing-1".into();
+    let size = intracom::bson::to_vec(&message).unwrap().len();
+    let medium = Arc::new(MemoryMedium::new(MemoryOptions::default()));
+    for (limit, fits) in [(size, true), (size - 1, false)] {
+        let config = Config::builder()
+            .service("billing")
+            .instance("billing-1")
+            .sender("billing", ["reload"])
+            .max_message_bytes(limit)
+            .build()
+            .unwrap();
+        let bus = Intracom::with_medium(config, medium.clone()).await.unwrap();
+        let outcome = bus.publish(message.clone()).await;
+        match (fits, outcome) {
+            (true, Ok(published)) => assert_eq!(published.id, message.id),
+            (
+                false,
+                Err(intracom::Error::TooLarge {
+                    size: s, limit: l, ..
+                }),
+            ) => {
+                assert_eq!((s, l), (size, limit));
+            }
+            (fits, outcome) => panic!("limit {limit} for {size} bytes (fits: {fits}): {outcome:?}"),
+        }
+    }
 }

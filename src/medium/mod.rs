@@ -296,10 +296,19 @@ pub trait Medium: Send + Sync + 'static {
     /// duplicates and not written again.
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>>;
 
+    /// Whether the medium sends messages as BSON, and so takes the encoding the bus
+    /// makes for the size check (see [`Medium::append_encoded`]). When it does not (the
+    /// default; memory keeps messages as they are), the bus counts a message's size
+    /// without encoding it and hands over no encodings.
+    fn sends_encoded(&self) -> bool {
+        false
+    }
+
     /// [`Medium::append`] for messages the bus has already encoded (to check their
-    /// size): `encoded[i]` is `messages[i]` as `bson::to_raw_document_buf` writes it. A
-    /// medium that sends BSON sends these bytes rather than encoding the message again.
-    /// The default ignores them.
+    /// size): `encoded[i]` is `messages[i]` as `bson::to_raw_document_buf` writes it, or
+    /// `encoded` is empty when the bus did not encode them ([`Medium::sends_encoded`]).
+    /// A medium that sends BSON sends these bytes rather than encoding the message
+    /// again. The default ignores them.
     async fn append_encoded(
         &self,
         messages: &[Message],

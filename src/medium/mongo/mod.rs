@@ -541,11 +541,18 @@ impl Medium for MongoMedium {
         self.append_encoded(messages, &encoded).await
     }
 
+    fn sends_encoded(&self) -> bool {
+        true
+    }
+
     async fn append_encoded(
         &self,
         messages: &[Message],
         encoded: &[RawDocumentBuf],
     ) -> Result<Vec<Appended>> {
+        if encoded.len() != messages.len() {
+            return self.append(messages).await;
+        }
         let _op = self.inner.op()?;
         let statements = messages
             .iter()
