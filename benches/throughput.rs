@@ -78,7 +78,6 @@ fn benches(c: &mut Criterion) {
     let config = Config::builder()
         .service("bench")
         .sender("bench", ["reload"])
-        .memory_max_messages(1_000_000)
         .build()
         .expect("config");
     let bus = rt.block_on(Intracom::connect(config)).expect("bus");

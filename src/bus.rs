@@ -73,35 +73,26 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// Encodes a message (as a medium would store it).
-    pub(crate) fn encode(message: Message) -> Result<Self> {
-        let encoded = bson::to_raw_document_buf(&message).map_err(PayloadError::from)?;
-        Ok(Prepared {
-            message,
-            encoded: Some(encoded),
-        })
+    /// Makes a message ready for `medium` (see [`encode_for`]).
+    pub(crate) fn for_medium(message: Message, medium: &dyn Medium) -> Result<Self> {
+        let (encoded, _) = encode_for(&message, medium)?;
+        Ok(Prepared { message, encoded })
     }
+}
 
-    /// Makes a message ready for `medium` and returns it with its encoded size: encoded
-    /// when the medium sends the bytes, counted otherwise (encoded after all when the
-    /// count leaves a value to the encoder).
-    pub(crate) fn for_medium(message: Message, medium: &dyn Medium) -> Result<(Self, usize)> {
-        if !medium.sends_encoded() {
-            if let Some(size) = message.counted_len() {
-                let prepared = Prepared {
-                    message,
-                    encoded: None,
-                };
-                return Ok((prepared, size));
-            }
+/// A message's encoding for `medium` and its encoded size: encoded when the medium
+/// sends the bytes, counted otherwise (encoded after all when the count leaves a value
+/// to the encoder).
+fn encode_for(message: &Message, medium: &dyn Medium) -> Result<(Option<RawDocumentBuf>, usize)> {
+    let sends = medium.sends_encoded();
+    if !sends {
+        if let Some(size) = message.counted_len() {
+            return Ok((None, size));
         }
-        let mut prepared = Prepared::encode(message)?;
-        let size = prepared.encoded.as_ref().map_or(0, |e| e.as_bytes().len());
-        if !medium.sends_encoded() {
-            prepared.encoded = None;
-        }
-        Ok((prepared, size))
     }
+    let encoded = bson::to_raw_document_buf(message).map_err(PayloadError::from)?;
+    let size = encoded.as_bytes().len();
+    Ok((sends.then_some(encoded), size))
 }
 
 /// What became of a published message.
@@ -231,16 +222,24 @@ impl Intracom {
 
     /// Publishes several messages in one call to the medium, in order. Every message is
     /// checked first: if one fails, none is written.
-    pub async fn publish_all(&self, messages: Vec<Message>) -> Result<Vec<Published>> {
-        let mut ready = Vec::with_capacity(messages.len());
-        for message in messages {
-            ready.push(self.prepare(message).await?);
+    pub async fn publish_all(&self, mut messages: Vec<Message>) -> Result<Vec<Published>> {
+        // Checked where they are (a message is a few hundred bytes: not moved around).
+        let mut encoded = Vec::new();
+        for message in &mut messages {
+            encoded.extend(self.check(message).await?);
         }
-        self.append_prepared(ready).await
+        self.append_checked(messages, encoded).await
     }
 
     /// Fills in the sender and checks a message for publishing: shape, catalog, size.
     pub(crate) async fn prepare(&self, mut message: Message) -> Result<Prepared> {
+        let encoded = self.check(&mut message).await?;
+        Ok(Prepared { message, encoded })
+    }
+
+    /// [`Intracom::prepare`] in place: returns the message's encoding when the medium
+    /// takes one ([`Medium::sends_encoded`]).
+    async fn check(&self, message: &mut Message) -> Result<Option<RawDocumentBuf>> {
         if self.shared.shutdown.is_stopped() {
             return Err(Error::Shutdown);
         }
@@ -254,21 +253,21 @@ impl Intracom {
         message.lease = None;
         message.attempts = 0;
         message.validate()?;
-        self.shared.catalog.check(&message).await?;
+        self.shared.catalog.check(message).await?;
         let limit = self
             .shared
             .medium
             .max_message_bytes()
             .min(self.shared.config.max_message_bytes);
-        let (prepared, size) = Prepared::for_medium(message, &*self.shared.medium)?;
+        let (encoded, size) = encode_for(message, &*self.shared.medium)?;
         if size > limit {
             return Err(Error::TooLarge {
-                id: prepared.message.id,
+                id: message.id.clone(),
                 size,
                 limit,
             });
         }
-        Ok(prepared)
+        Ok(encoded)
     }
 
     /// Hands checked messages to the medium, or to the outbox when the medium is
@@ -280,6 +279,16 @@ impl Intracom {
             messages.push(p.message);
             encoded.extend(p.encoded);
         }
+        self.append_checked(messages, encoded).await
+    }
+
+    /// [`Intracom::append_prepared`] for messages checked in place, with their
+    /// encodings (one per message, or none).
+    async fn append_checked(
+        &self,
+        messages: Vec<Message>,
+        mut encoded: Vec<RawDocumentBuf>,
+    ) -> Result<Vec<Published>> {
         // One encoding per message, or none at all (`Medium::append_encoded`).
         if encoded.len() != messages.len() {
             encoded.clear();

@@ -516,7 +516,10 @@ pub(crate) fn check_name(field: &str, value: &str) -> Result<()> {
             "`{field}` is longer than {MAX_NAME_LEN} bytes"
         )));
     }
-    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    // Names are mostly printable ASCII: checked byte by byte, the rest char by char.
+    if !value.bytes().all(|b| b.is_ascii_graphic())
+        && value.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(Error::invalid(format!(
             "`{field}` contains whitespace or control characters: {value:?}"
         )));

@@ -261,7 +261,7 @@ impl<R: DeserializeOwned> Request<R> {
                     record.response = Some(doc! { "error": error });
                 }
             }
-            let (record, _) = Prepared::for_medium(record, &**bus.medium())?;
+            let record = Prepared::for_medium(record, &**bus.medium())?;
             bus.append_prepared(vec![record]).await?;
             return match outcome {
                 Ok(result) => decode_result(result),

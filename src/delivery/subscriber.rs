@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::stream::BoxStream;
 use futures::{Future, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
@@ -63,15 +62,23 @@ fn owner(message: &Message) -> &str {
 }
 
 impl Screen {
-    async fn admit(&self, subscription: &str, message: &Message) -> bool {
+    /// Whether the message is of the kind last admitted, the catalog unchanged since:
+    /// it passes without a lookup.
+    fn admits_at_once(&self, message: &Message) -> bool {
         let generation = self.catalog.generation();
-        let lock = || self.admitted.lock().unwrap_or_else(|p| p.into_inner());
-        if lock()
+        self.admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .is_some_and(|a| a.covers(generation, message))
-        {
+    }
+
+    async fn admit(&self, subscription: &str, message: &Message) -> bool {
+        if self.admits_at_once(message) {
             return true;
         }
+        let generation = self.catalog.generation();
+        let lock = || self.admitted.lock().unwrap_or_else(|p| p.into_inner());
         match self.catalog.screen(message).await {
             Ok(()) => {
                 *lock() = Some(Admitted::of(generation, message));
@@ -174,7 +181,7 @@ impl fmt::Debug for Delivery {
 /// the count, then continues with the oldest message still retained.
 pub struct Subscriber {
     name: Option<String>,
-    inner: BoxStream<'static, Result<Delivery>>,
+    inner: UntilStopped,
     tracker: Option<Arc<AckTracker>>,
 }
 
@@ -188,38 +195,105 @@ struct Deliverer {
     screen: Option<Screen>,
 }
 
+/// What became of an event handed to [`Deliverer::deliver_now`].
+enum Outcome {
+    /// The item to hand out.
+    Ready(Result<Delivery>),
+    /// The catalog must be read before the message can be admitted.
+    Screen(Arc<Message>, Arc<Position>),
+}
+
 impl Deliverer {
-    async fn deliver(&self, event: Result<Event>) -> Option<Result<Delivery>> {
+    /// Turns an event into an item without waiting, unless the message's kind must be
+    /// looked up in the catalog first (see [`Deliverer::screen_then_deliver`]).
+    fn deliver_now(&self, event: Result<Event>) -> Outcome {
         match event {
-            Err(error) => Some(Err(error)),
+            Err(error) => Outcome::Ready(Err(error)),
             Ok(Event::Lost { count }) => {
                 tracing::warn!(subscription = %self.label, count, "messages expired before delivery");
                 self.lost.increment(count.max(1));
-                Some(Err(Error::Lost {
+                Outcome::Ready(Err(Error::Lost {
                     subscription: self.label.to_string(),
                     count,
                 }))
             }
-            Ok(Event::Message(message, position)) => {
-                if let Some(screen) = &self.screen {
-                    if !screen.admit(&self.label, &message).await {
-                        return None;
-                    }
+            Ok(Event::Message(message, position)) => match &self.screen {
+                Some(screen) if !screen.admits_at_once(&message) => {
+                    Outcome::Screen(message, position)
                 }
-                let ack = self
-                    .acks
-                    .as_ref()
-                    .map(|t| (Arc::clone(t), t.delivered(position.clone())));
-                self.delivered.increment(1);
-                if let Some(at) = message.at {
-                    let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
-                    self.latency.record(age_ms.max(0) as f64 / 1000.0);
+                _ => Outcome::Ready(Ok(self.delivery(message, position))),
+            },
+        }
+    }
+
+    /// The slow path: screens the message against the catalog (which may read it), then
+    /// delivers it, or dead-letters it (`None`).
+    async fn screen_then_deliver(
+        self: Arc<Self>,
+        message: Arc<Message>,
+        position: Arc<Position>,
+    ) -> Option<Result<Delivery>> {
+        if let Some(screen) = &self.screen {
+            if !screen.admit(&self.label, &message).await {
+                return None;
+            }
+        }
+        Some(Ok(self.delivery(message, position)))
+    }
+
+    fn delivery(&self, message: Arc<Message>, position: Arc<Position>) -> Delivery {
+        let ack = self
+            .acks
+            .as_ref()
+            .map(|t| (Arc::clone(t), t.delivered(position.clone())));
+        self.delivered.increment(1);
+        if let Some(at) = message.at {
+            let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
+            self.latency.record(age_ms.max(0) as f64 / 1000.0);
+        }
+        Delivery {
+            message,
+            position,
+            ack,
+        }
+    }
+}
+
+/// The medium's events made deliveries: on the spot, except a message whose kind the
+/// catalog must confirm, which waits in `screening` (later events wait behind it, so
+/// the order holds).
+struct Deliveries {
+    events: EventStream,
+    context: Arc<Deliverer>,
+    screening: Option<futures::future::BoxFuture<'static, Option<Result<Delivery>>>>,
+}
+
+impl Stream for Deliveries {
+    type Item = Result<Delivery>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(screening) = this.screening.as_mut() {
+                let Poll::Ready(outcome) = screening.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                this.screening = None;
+                match outcome {
+                    Some(item) => return Poll::Ready(Some(item)),
+                    None => continue,
                 }
-                Some(Ok(Delivery {
-                    message,
-                    position,
-                    ack,
-                }))
+            }
+            let event = match this.events.poll_next_unpin(cx) {
+                Poll::Ready(Some(event)) => event,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            match this.context.deliver_now(event) {
+                Outcome::Ready(item) => return Poll::Ready(Some(item)),
+                Outcome::Screen(message, position) => {
+                    let context = Arc::clone(&this.context);
+                    this.screening = Some(Box::pin(context.screen_then_deliver(message, position)));
+                }
             }
         }
     }
@@ -247,17 +321,16 @@ impl Subscriber {
             acks: tracker.clone(),
             screen,
         });
-        let deliveries = events.filter_map(move |event| {
-            let context = Arc::clone(&context);
-            async move { context.deliver(event).await }
-        });
         let inner = UntilStopped {
             wait: Box::pin(shutdown.token().clone().cancelled_owned()),
             stop: shutdown,
-            inner: deliveries.boxed(),
+            inner: Deliveries {
+                events,
+                context,
+                screening: None,
+            },
             done: false,
-        }
-        .boxed();
+        };
         Subscriber {
             name,
             inner,
@@ -338,7 +411,7 @@ impl Stream for Subscriber {
 /// atomic load); the token is polled only when the stream has nothing ready, which
 /// registers the wake-up that ends an idle stream.
 struct UntilStopped {
-    inner: BoxStream<'static, Result<Delivery>>,
+    inner: Deliveries,
     stop: crate::stop::Stop,
     wait: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     done: bool,

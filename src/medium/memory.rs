@@ -116,15 +116,19 @@ struct Log {
     /// Sequence number of `entries[0]`, or of the next message when empty.
     first_seq: u64,
     next_seq: u64,
-    ids: HashMap<String, (u64, Timestamp)>,
+    ids: HashMap<String, (u64, Timestamp), FastHash>,
     last_ts: Timestamp,
     /// State of work (`delivery: one`) by message id.
-    work: HashMap<String, Work>,
+    work: HashMap<String, Work, FastHash>,
     /// Pending work by service, in claim order: priority (highest first), then sequence.
     queues: HashMap<String, BTreeSet<WorkKey>>,
 }
 
 type WorkKey = (Reverse<i32>, u64, String);
+
+/// The hasher of the maps keyed by message id, touched on every publish and expiry
+/// (randomly seeded per process, like std's, and several times faster on short keys).
+type FastHash = foldhash::fast::RandomState;
 
 /// The mutable part of a work message (the stored message itself never changes).
 struct Work {
@@ -173,12 +177,12 @@ impl Log {
             entries: VecDeque::new(),
             first_seq: 1,
             next_seq: 1,
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             last_ts: Timestamp {
                 time: 0,
                 increment: 0,
             },
-            work: HashMap::new(),
+            work: HashMap::default(),
             queues: HashMap::new(),
         }
     }
@@ -203,8 +207,10 @@ impl Log {
             }
             if let Some(entry) = self.entries.pop_front() {
                 self.ids.remove(&entry.message.id);
-                self.dequeue(&entry.message.id);
-                self.work.remove(&entry.message.id);
+                if entry.message.delivery == DeliveryMode::One {
+                    self.dequeue(&entry.message.id);
+                    self.work.remove(&entry.message.id);
+                }
                 self.first_seq = entry.seq + 1;
             }
         }
