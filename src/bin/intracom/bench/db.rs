@@ -157,15 +157,26 @@ impl DbBench {
             Compare::Ratio,
             Some((Op::AtLeast, 0.95)),
         );
+        let mut vs_update = Figure::new(
+            "publish.concurrent.same_update",
+            format!("publish, {p} publishers (×{m})"),
+            "publish",
+            format!("{p} × the same update command, raw"),
+            "msg/s",
+            Compare::Ratio,
+            None,
+        );
         for round in 0..self.sizes.rounds {
             let sides: Vec<(&str, Side<'_, f64>)> = vec![
                 ("intracom publish", Box::pin(self.publish_ours(m, p))),
                 ("raw insert_one", Box::pin(self.insert_raw(m, p))),
+                ("raw update", Box::pin(self.update_raw_concurrent(m, p))),
             ];
             let rates = take_turns(round, progress, "concurrent publishers", sides).await?;
             figure.push(rates[0], rates[1]);
+            vs_update.push(rates[0], rates[2]);
         }
-        Ok(vec![figure])
+        Ok(vec![figure, vs_update])
     }
 
     /// `total` publishes by `tasks` concurrent publishers; messages per second.
@@ -278,6 +289,50 @@ impl DbBench {
             send(n).await?;
             done += n;
         }
+        let rate = rate(done, started.elapsed());
+        self.drop(&database).await;
+        Ok(rate)
+    }
+
+    /// The update command intracom sends, sent raw by `tasks` concurrent publishers,
+    /// one statement per command.
+    async fn update_raw_concurrent(&self, total: usize, tasks: usize) -> Result<f64, Failure> {
+        let (database, messages) = self.raw_ground().await?;
+        let db = self.raw.database(&database);
+        let collection = messages.name().to_string();
+        let run = |count: usize| {
+            let per_task = count.div_ceil(tasks);
+            let handles: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let db = db.clone();
+                    let collection = collection.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..per_task {
+                            let statement = upsert_statement(&sample())?;
+                            let reply = db
+                                .run_command(doc! {
+                                    "update": &collection, "updates": [statement], "ordered": true,
+                                })
+                                .await
+                                .map_err(|e| failed("raw update", e))?;
+                            if reply.contains_key("writeErrors") {
+                                return Err(failed("raw update", reply));
+                            }
+                        }
+                        Ok::<(), Failure>(())
+                    })
+                })
+                .collect();
+            async move {
+                for handle in handles {
+                    handle.await.map_err(|e| failed("raw task", e))??;
+                }
+                Ok::<usize, Failure>(per_task * tasks)
+            }
+        };
+        run(tasks).await?;
+        let started = Instant::now();
+        let done = run(total).await?;
         let rate = rate(done, started.elapsed());
         self.drop(&database).await;
         Ok(rate)
