@@ -19,12 +19,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bson::{doc, Document, Timestamp};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::records::LocalRecords;
 use super::{
@@ -89,8 +89,9 @@ pub struct MemoryMedium {
 struct Shared {
     options: MemoryOptions,
     log: RwLock<Log>,
-    /// The sequence number of the last appended message; followers wait on it.
-    tip: watch::Sender<u64>,
+    /// Woken on every append; followers caught up with the log wait on it (one lock
+    /// per append, where a `watch` channel's notify takes eight).
+    appended: Notify,
     closed: crate::stop::Stop,
     catalog: Mutex<CatalogMap>,
     checkpoints: Mutex<HashMap<String, Position>>,
@@ -106,8 +107,9 @@ struct Entry {
     seq: u64,
     expires: Instant,
     message: Arc<Message>,
-    /// Built once, shared by every follower's event.
-    position: Arc<Position>,
+    /// Built once, by the first follower that reads the entry (not by the publisher),
+    /// and shared by every follower's event.
+    position: OnceLock<Arc<Position>>,
 }
 
 struct Log {
@@ -270,12 +272,11 @@ impl MemoryMedium {
     /// A new, empty medium.
     pub fn new(options: MemoryOptions) -> Self {
         let processed = LocalRecords::new(options.max_messages, options.retention);
-        let (tip, _) = watch::channel(0);
         MemoryMedium {
             shared: Arc::new(Shared {
                 options,
                 log: RwLock::new(Log::new()),
-                tip,
+                appended: Notify::new(),
                 closed: crate::stop::Stop::new(),
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
@@ -318,7 +319,6 @@ struct Follower {
     cursor: u64,
     filter: Filter,
     ready: VecDeque<Event>,
-    tip: watch::Receiver<u64>,
     /// The medium's close signal, checked per read without a lock.
     closed: crate::stop::Stop,
 }
@@ -326,7 +326,8 @@ struct Follower {
 impl Follower {
     /// Moves the cursor over up to [`READ_BATCH`] entries; true if anything happened.
     /// Under the log's lock only reference counts move: messages and positions are
-    /// shared with the log.
+    /// shared with the log (the first follower to read an entry builds its position,
+    /// once: a message nobody follows never needs one).
     fn fill(&mut self) -> bool {
         let mut progressed = false;
         let log = read(&self.shared.log);
@@ -345,7 +346,11 @@ impl Follower {
             if self.filter.matches(&entry.message) {
                 self.ready.push_back(Event::Message(
                     Arc::clone(&entry.message),
-                    Arc::clone(&entry.position),
+                    Arc::clone(
+                        entry
+                            .position
+                            .get_or_init(|| Arc::new(position_of(&entry.message, entry.seq))),
+                    ),
                 ));
             }
         }
@@ -361,14 +366,17 @@ impl Follower {
             if self.closed.is_stopped() {
                 return None;
             }
-            // Mark the tip seen before reading, so an append after the read wakes us.
-            self.tip.borrow_and_update();
+            // Registered before reading, so that an append after the read wakes us.
+            let shared = Arc::clone(&self.shared);
+            let appended = shared.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
             if self.fill() {
                 continue;
             }
             tokio::select! {
                 _ = self.closed.token().cancelled() => return None,
-                changed = self.tip.changed() => if changed.is_err() { return None },
+                _ = appended => {}
             }
         }
     }
@@ -379,8 +387,9 @@ impl MemoryMedium {
     fn store(&self, messages: Vec<Message>) -> Vec<Appended> {
         let options = &self.shared.options;
         let mut out = Vec::with_capacity(messages.len());
-        let tip = {
+        let appended = {
             let mut log = write(&self.shared.log);
+            let before = log.next_seq;
             let now = Instant::now();
             log.prune(now, options.max_messages);
             for message in messages {
@@ -426,18 +435,19 @@ impl MemoryMedium {
                     }
                     log.work.insert(message.id.clone(), work);
                 }
-                let position = Arc::new(position_of(&message, seq));
                 log.entries.push_back(Entry {
                     seq,
                     expires: now + options.retention,
                     message,
-                    position,
+                    position: OnceLock::new(),
                 });
             }
             log.prune(now, options.max_messages);
-            log.next_seq - 1
+            log.next_seq != before
         };
-        self.shared.tip.send_replace(tip);
+        if appended {
+            self.shared.appended.notify_waiters();
+        }
         out
     }
 }
@@ -474,7 +484,6 @@ impl Medium for MemoryMedium {
         if self.shared.closed.is_stopped() {
             return Err(crate::Error::Shutdown);
         }
-        let tip = self.shared.tip.subscribe();
         let cursor = {
             let log = read(&self.shared.log);
             let last = log.next_seq - 1;
@@ -503,7 +512,6 @@ impl Medium for MemoryMedium {
             cursor,
             filter,
             ready: VecDeque::new(),
-            tip,
             closed: self.shared.closed.clone(),
         });
         Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
