@@ -565,6 +565,20 @@ impl DbBench {
             Compare::Ratio,
             Some((Op::AtMost, 3.0)),
         );
+        // The same exchange done with the raw driver: how much of the round trip is the
+        // exchange itself (three writes, two change events) rather than intracom.
+        let mut round_trip_same = Figure::new(
+            "request.round_trip.same_exchange",
+            format!("request/reply p50 round trip, 1 caller (×{alone})"),
+            "request",
+            format!(
+                "the same exchange, raw ({s} serving tasks: insert, findAndModify, update, \
+                 change streams)"
+            ),
+            "ms",
+            Compare::Ratio,
+            None,
+        );
         for round in 0..self.sizes.rounds {
             let sides: Vec<(&str, Side<'_, (f64, f64)>)> = vec![
                 (
@@ -582,13 +596,134 @@ impl DbBench {
                         Ok((f64::NAN, quantile_ms(&mut trips, 0.5)))
                     }),
                 ),
+                (
+                    "raw request exchange, 1 caller",
+                    Box::pin(async {
+                        let mut trips = self.request_raw(s, alone).await?;
+                        Ok((f64::NAN, quantile_ms(&mut trips, 0.5)))
+                    }),
+                ),
             ];
             let found = take_turns(round, progress, "request/reply", sides).await?;
             throughput.push(found[0].0, MORPHIUM_REQUESTS_PER_SECOND);
             round_trip.push(found[0].1, found[2].1);
             round_trip_alone.push(found[1].1, found[2].1);
+            round_trip_same.push(found[1].1, found[3].1);
         }
-        Ok(vec![throughput, round_trip, round_trip_alone])
+        Ok(vec![
+            throughput,
+            round_trip,
+            round_trip_alone,
+            round_trip_same,
+        ])
+    }
+
+    /// What a request is, done with the raw driver: one caller and `servers` serving
+    /// tasks, each with a change stream of its own as separate processes have. The
+    /// caller inserts the request; every server sees the insert and tries to claim it
+    /// (`findAndModify` of the pending, unleased request, with a lease stamped by the
+    /// server), the winner answers with an update, and the caller sees that update on
+    /// its stream. `samples` sequential round trips.
+    async fn request_raw(&self, servers: usize, samples: usize) -> Result<Vec<Duration>, Failure> {
+        let (database, messages) = self.raw_ground().await?;
+        let mut serving = Vec::with_capacity(servers);
+        for i in 0..servers {
+            let messages = messages.clone();
+            let mut stream = messages
+                .watch()
+                .pipeline([doc! { "$match": { "operationType": "insert" } }])
+                .await
+                .map_err(|e| failed("raw watch", e))?;
+            let owner = format!("bench-raw-server-{i}");
+            serving.push(tokio::spawn(async move {
+                while let Some(event) = stream.next().await {
+                    let event: ChangeStreamEvent<Document> = event?;
+                    let Some(id) = event.document_key.and_then(|mut k| k.remove("_id")) else {
+                        continue;
+                    };
+                    let claimed = messages
+                        .find_one_and_update(
+                            doc! { "_id": &id, "state": "pending", "lease": Bson::Null },
+                            doc! {
+                                "$set": { "lease.owner": &owner, "lease.ms": 30_000_i64 },
+                                "$currentDate": { "lease.at": true },
+                                "$inc": { "attempts": 1 },
+                            },
+                        )
+                        .return_document(ReturnDocument::After)
+                        .await?;
+                    let Some(claimed) = claimed else { continue };
+                    let answer = claimed.get_document("query").cloned().unwrap_or_default();
+                    messages
+                        .update_one(
+                            doc! { "_id": &id, "state": "pending", "lease.owner": &owner },
+                            doc! {
+                                "$set": { "state": "done", "result": answer, "response_ts": now_nanos() },
+                                "$unset": { "lease": "" },
+                            },
+                        )
+                        .await?;
+                }
+                Ok::<(), mongodb::error::Error>(())
+            }));
+        }
+        let mut stream = messages
+            .watch()
+            .pipeline([doc! { "$match": {
+                "operationType": "update",
+                "updateDescription.updatedFields.state": { "$exists": true },
+            } }])
+            .await
+            .map_err(|e| failed("raw watch", e))?;
+        let (seen, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                let event: ChangeStreamEvent<Document> = event?;
+                let id = event.document_key.and_then(|mut k| k.remove("_id"));
+                if seen.send(id).is_err() {
+                    break;
+                }
+            }
+            Ok::<(), mongodb::error::Error>(())
+        });
+        let mut out = Vec::with_capacity(samples);
+        let mut outcome = Ok(());
+        for i in 0..samples + 5 {
+            let document = match raw_request(i) {
+                Ok(document) => document,
+                Err(error) => {
+                    outcome = Err(failed("raw request", error));
+                    break;
+                }
+            };
+            let id = document.get("_id").cloned();
+            let started = Instant::now();
+            if let Err(error) = messages.insert_one(document).await {
+                outcome = Err(failed("raw insert_one", error));
+                break;
+            }
+            let answered = loop {
+                match tokio::time::timeout(PATIENCE, arrivals.recv()).await {
+                    Ok(Some(arrived)) if arrived == id => break Ok(()),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Err(failed("raw watch", "the caller's stream ended")),
+                    Err(_) => break Err(failed("raw request", "no answer within 30 s")),
+                }
+            };
+            if let Err(failure) = answered {
+                outcome = Err(failure);
+                break;
+            }
+            if i >= 5 {
+                out.push(started.elapsed());
+            }
+        }
+        reader.abort();
+        for task in serving {
+            task.abort();
+        }
+        self.drop(&database).await;
+        outcome.map(|()| out)
     }
 
     /// Requests per second and the p50 round trip in ms.
@@ -899,6 +1034,29 @@ fn raw_document() -> Result<Document, bson::ser::Error> {
         Timestamp {
             time: u32::try_from(now.timestamp_millis() / 1000).unwrap_or(u32::MAX),
             increment: INCREMENT.fetch_add(1, Ordering::Relaxed),
+        },
+    );
+    document.insert("at", now);
+    Ok(document)
+}
+
+/// A request as a caller without intracom would insert it: pending work for the bench
+/// service's `echo`, with client-side `ts` and `at` as in [`raw_document`].
+fn raw_request(i: usize) -> Result<Document, bson::ser::Error> {
+    let mut message = Message::to_service(SERVICE, "echo").body(doc! { "i": i as i64 });
+    message.source_service = SERVICE.to_string();
+    message.source_instance = "bench-raw".to_string();
+    message.delivery = intracom::DeliveryMode::One;
+    message.state = Some(intracom::State::Pending);
+    message.query_id = Some(message.id.clone());
+    message.query_ms = Some(30_000);
+    let mut document = bson::to_document(&message)?;
+    let now = bson::DateTime::now();
+    document.insert(
+        "ts",
+        Timestamp {
+            time: u32::try_from(now.timestamp_millis() / 1000).unwrap_or(u32::MAX),
+            increment: 1 + u32::try_from(i).unwrap_or(u32::MAX - 1),
         },
     );
     document.insert("at", now);
