@@ -218,10 +218,11 @@ impl Log {
         }
     }
 
-    /// The next stamp: wall-clock seconds, and an increment that makes it strictly
-    /// greater than the previous one even when the clock stalls or steps back.
-    fn next_ts(&mut self) -> Timestamp {
-        let secs = SystemTime::now()
+    /// The next stamp at wall-clock time `wall`: its seconds, and an increment that
+    /// makes it strictly greater than the previous one even when the clock stalls or
+    /// steps back.
+    fn next_ts_at(&mut self, wall: SystemTime) -> Timestamp {
+        let secs = wall
             .duration_since(UNIX_EPOCH)
             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
             .unwrap_or(0);
@@ -391,6 +392,9 @@ impl MemoryMedium {
             let mut log = write(&self.shared.log);
             let before = log.next_seq;
             let now = Instant::now();
+            // One read of the wall clock for the stamps of the whole call.
+            let wall = SystemTime::now();
+            let at = bson::DateTime::from_system_time(wall);
             log.prune(now, options.max_messages);
             for message in messages {
                 if let Some(&(_, ts)) = log.ids.get(&message.id) {
@@ -401,10 +405,10 @@ impl MemoryMedium {
                     });
                     continue;
                 }
-                let ts = log.next_ts();
+                let ts = log.next_ts_at(wall);
                 let mut message = message;
                 message.ts = Some(ts);
-                message.at = Some(bson::DateTime::now());
+                message.at = Some(at);
                 let seq = log.next_seq;
                 log.next_seq += 1;
                 log.ids.insert(message.id.clone(), (seq, ts));
@@ -914,9 +918,17 @@ mod tests {
     #[test]
     fn stamps_strictly_increase_even_when_the_clock_does_not_move() {
         let mut log = Log::new();
-        let mut last = log.next_ts();
-        for _ in 0..10_000 {
-            let ts = log.next_ts();
+        // One wall-clock reading for many stamps (as for a batch), then a clock that
+        // steps back a minute.
+        let wall = SystemTime::now();
+        let mut last = log.next_ts_at(wall);
+        for i in 0..10_000 {
+            let at = if i < 5_000 {
+                wall
+            } else {
+                wall - Duration::from_secs(60)
+            };
+            let ts = log.next_ts_at(at);
             assert!(ts > last, "{ts:?} after {last:?}");
             last = ts;
         }
@@ -925,7 +937,7 @@ mod tests {
             increment: u32::MAX,
         };
         assert!(
-            log.next_ts()
+            log.next_ts_at(SystemTime::now())
                 > Timestamp {
                     time: u32::MAX - 1,
                     increment: u32::MAX
