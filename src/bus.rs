@@ -61,6 +61,26 @@ pub(crate) struct Shared {
     outbox: Arc<Outbox>,
     /// The idempotency records kept in memory while the store is unreachable.
     pub(crate) fallback: Fallback,
+    /// `intracom_published_total` by status, taken once (a counter looked up per
+    /// publish builds and hashes its key): see the recorder note in [`crate::metrics`].
+    published: PublishedCounters,
+}
+
+struct PublishedCounters {
+    stored: metrics::Counter,
+    duplicate: metrics::Counter,
+    buffered: metrics::Counter,
+}
+
+impl PublishedCounters {
+    fn new(medium: &'static str) -> Self {
+        let counter = |status: &'static str| metrics::counter!(crate::metrics::PUBLISHED, "medium" => medium, "status" => status);
+        PublishedCounters {
+            stored: counter("stored"),
+            duplicate: counter("duplicate"),
+            buffered: counter("buffered"),
+        }
+    }
 }
 
 /// A message checked for publishing, with its BSON encoding when the medium sends one
@@ -149,6 +169,7 @@ impl Intracom {
         let shutdown = crate::stop::Stop::new();
         tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.token().clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
+        let published = PublishedCounters::new(medium.name());
         Ok(Intracom {
             service: config.service.as_str().into(),
             instance: instance.into(),
@@ -161,6 +182,7 @@ impl Intracom {
                 routes: LocalRoutes::default(),
                 outbox,
                 fallback,
+                published,
             }),
         })
     }
@@ -244,9 +266,13 @@ impl Intracom {
             return Err(Error::Shutdown);
         }
         if message.source_service.is_empty() {
-            message.source_service = self.service.to_string();
+            // Copied, not formatted (`to_string` on an `Arc<str>` goes through `Display`).
+            message.source_service.push_str(&self.service);
         }
-        message.source_instance = self.instance.to_string();
+        if *message.source_instance != *self.instance {
+            message.source_instance.clear();
+            message.source_instance.push_str(&self.instance);
+        }
         // Written by the medium only.
         message.ts = None;
         message.at = None;
@@ -309,8 +335,8 @@ impl Intracom {
             .into_iter()
             .map(|a| {
                 tracing::debug!(message_id = %a.id, ts = ?a.ts, duplicate = a.duplicate, "published");
-                let status = if a.duplicate { "duplicate" } else { "stored" };
-                metrics::counter!(crate::metrics::PUBLISHED, "medium" => self.shared.medium.name(), "status" => status).increment(1);
+                let counters = &self.shared.published;
+                if a.duplicate { &counters.duplicate } else { &counters.stored }.increment(1);
                 Published {
                     id: a.id,
                     ts: a.ts,
@@ -386,7 +412,9 @@ impl Intracom {
 
     fn buffer(&self, messages: &[Message]) -> Result<Vec<Published>> {
         self.shared.outbox.push(messages)?;
-        metrics::counter!(crate::metrics::PUBLISHED, "medium" => self.shared.medium.name(), "status" => "buffered")
+        self.shared
+            .published
+            .buffered
             .increment(messages.len() as u64);
         Ok(messages
             .iter()

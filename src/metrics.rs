@@ -1,8 +1,8 @@
 //! The metrics an operator scrapes, through the [`metrics`](https://docs.rs/metrics)
 //! facade: install any recorder (or enable the `prometheus` feature and call
 //! `install_prometheus`) and they appear. Install it before connecting and subscribing:
-//! a subscription takes its metric handles when it is created, so one created before
-//! the recorder reports to no recorder.
+//! a bus takes its publish counters when it connects, and a subscription its metric
+//! handles when it is created, so one made before the recorder reports to no recorder.
 //!
 //! | name | kind | labels | meaning |
 //! | --- | --- | --- | --- |
