@@ -18,7 +18,7 @@
 //! resumed follower knows exactly what it missed.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -118,7 +118,8 @@ struct Log {
     /// Sequence number of `entries[0]`, or of the next message when empty.
     first_seq: u64,
     next_seq: u64,
-    ids: HashMap<String, (u64, Timestamp), FastHash>,
+    /// The stored messages by id (the index shares the messages: no copy of the ids).
+    ids: HashSet<ById, FastHash>,
     last_ts: Timestamp,
     /// State of work (`delivery: one`) by message id.
     work: HashMap<String, Work, FastHash>,
@@ -127,6 +128,30 @@ struct Log {
 }
 
 type WorkKey = (Reverse<i32>, u64, String);
+
+/// A stored message as a key of the id index: hashed and compared by its id, and
+/// looked up by a `&str` (the same hash as the id's own, as `Borrow` requires).
+struct ById(Arc<Message>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
 
 /// The hasher of the maps keyed by message id, touched on every publish and expiry
 /// (randomly seeded per process, like std's, and several times faster on short keys).
@@ -179,7 +204,7 @@ impl Log {
             entries: VecDeque::new(),
             first_seq: 1,
             next_seq: 1,
-            ids: HashMap::default(),
+            ids: HashSet::default(),
             last_ts: Timestamp {
                 time: 0,
                 increment: 0,
@@ -208,7 +233,7 @@ impl Log {
                 break;
             }
             if let Some(entry) = self.entries.pop_front() {
-                self.ids.remove(&entry.message.id);
+                self.ids.remove(entry.message.id.as_str());
                 if entry.message.delivery == DeliveryMode::One {
                     self.dequeue(&entry.message.id);
                     self.work.remove(&entry.message.id);
@@ -397,10 +422,11 @@ impl MemoryMedium {
             let at = bson::DateTime::from_system_time(wall);
             log.prune(now, options.max_messages);
             for message in messages {
-                if let Some(&(_, ts)) = log.ids.get(&message.id) {
+                if let Some(stored) = log.ids.get(message.id.as_str()) {
+                    let ts = stored.0.ts;
                     out.push(Appended {
-                        id: message.id.clone(),
-                        ts: Some(ts),
+                        id: message.id,
+                        ts,
                         duplicate: true,
                     });
                     continue;
@@ -411,13 +437,13 @@ impl MemoryMedium {
                 message.at = Some(at);
                 let seq = log.next_seq;
                 log.next_seq += 1;
-                log.ids.insert(message.id.clone(), (seq, ts));
                 out.push(Appended {
                     id: message.id.clone(),
                     ts: Some(ts),
                     duplicate: false,
                 });
                 let message = Arc::new(message);
+                log.ids.insert(ById(Arc::clone(&message)));
                 if message.delivery == DeliveryMode::One {
                     let state = message.state.unwrap_or(State::Pending);
                     let work = Work {
@@ -979,6 +1005,22 @@ mod tests {
         assert!(again[0].duplicate);
         assert_eq!(first[0].ts, again[0].ts);
         assert_eq!(m.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_id_twice_in_one_append_is_stored_once_and_again_after_it_expired() {
+        let m = medium(60_000, 2);
+        let one = msg("a");
+        let appended = m.append(&[one.clone(), one.clone()]).await.unwrap();
+        assert!(!appended[0].duplicate);
+        assert!(appended[1].duplicate);
+        assert_eq!(appended[0].ts, appended[1].ts);
+        assert_eq!(appended[1].id, one.id);
+        // Pushed out by the count limit: gone from the id index too.
+        m.append(&[msg("b"), msg("c")]).await.unwrap();
+        let again = m.append(std::slice::from_ref(&one)).await.unwrap();
+        assert!(!again[0].duplicate);
+        assert!(again[0].ts > appended[0].ts);
     }
 
     #[tokio::test]
