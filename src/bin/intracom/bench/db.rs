@@ -667,63 +667,17 @@ impl DbBench {
                 Ok::<(), mongodb::error::Error>(())
             }));
         }
-        let mut stream = messages
-            .watch()
-            .pipeline([doc! { "$match": {
-                "operationType": "update",
-                "updateDescription.updatedFields.state": { "$exists": true },
-            } }])
-            .await
-            .map_err(|e| failed("raw watch", e))?;
-        let (seen, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-        let reader = tokio::spawn(async move {
-            while let Some(event) = stream.next().await {
-                let event: ChangeStreamEvent<Document> = event?;
-                let id = event.document_key.and_then(|mut k| k.remove("_id"));
-                if seen.send(id).is_err() {
-                    break;
-                }
-            }
-            Ok::<(), mongodb::error::Error>(())
-        });
-        let mut out = Vec::with_capacity(samples);
-        let mut outcome = Ok(());
-        for i in 0..samples + 5 {
-            let document = match raw_request(i) {
-                Ok(document) => document,
-                Err(error) => {
-                    outcome = Err(failed("raw request", error));
-                    break;
-                }
-            };
-            let id = document.get("_id").cloned();
-            let started = Instant::now();
-            if let Err(error) = messages.insert_one(document).await {
-                outcome = Err(failed("raw insert_one", error));
-                break;
-            }
-            let answered = loop {
-                match tokio::time::timeout(PATIENCE, arrivals.recv()).await {
-                    Ok(Some(arrived)) if arrived == id => break Ok(()),
-                    Ok(Some(_)) => {}
-                    Ok(None) => break Err(failed("raw watch", "the caller's stream ended")),
-                    Err(_) => break Err(failed("raw request", "no answer within 30 s")),
-                }
-            };
-            if let Err(failure) = answered {
-                outcome = Err(failure);
-                break;
-            }
-            if i >= 5 {
-                out.push(started.elapsed());
-            }
-        }
-        reader.abort();
+        // The caller: its own stream, on which the answering update shows.
+        let answered = doc! { "$match": {
+            "operationType": "update",
+            "updateDescription.updatedFields.state": { "$exists": true },
+        } };
+        let out = round_trips(&messages, answered, samples, raw_request).await;
         for task in serving {
             task.abort();
         }
         self.drop(&database).await;
-        outcome.map(|()| out)
+        out
     }
 
     /// Requests per second and the p50 round trip in ms.
@@ -971,13 +925,27 @@ async fn write_watch_round_trips(
     messages: &Collection<Document>,
     samples: usize,
 ) -> Result<Vec<Duration>, Failure> {
+    let inserted = doc! { "$match": { "operationType": "insert" } };
+    round_trips(messages, inserted, samples, |_| raw_document()).await
+}
+
+/// `samples` sequential round trips, after five to warm up: insert the document that
+/// `make(i)` makes, then wait until a raw change stream with `pipeline` shows an event
+/// for it. The stream is read by a task of its own, as a service would (and as
+/// intracom's shared stream is), so its `getMore` waits while the insert is on its way.
+async fn round_trips(
+    messages: &Collection<Document>,
+    pipeline: Document,
+    samples: usize,
+    make: impl Fn(usize) -> Result<Document, bson::ser::Error>,
+) -> Result<Vec<Duration>, Failure> {
     let mut stream = messages
         .watch()
-        .pipeline([doc! { "$match": { "operationType": "insert" } }])
+        .pipeline([pipeline])
         .await
         .map_err(|e| failed("raw watch", e))?;
     let (seen, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    let reader = tokio::spawn(async move {
+    let mut reader = tokio::spawn(async move {
         while let Some(event) = stream.next().await {
             let event: ChangeStreamEvent<Document> = event?;
             let id = event.document_key.and_then(|mut k| k.remove("_id"));
@@ -987,37 +955,41 @@ async fn write_watch_round_trips(
         }
         Ok::<(), mongodb::error::Error>(())
     });
-    let mut out = Vec::with_capacity(samples);
-    for i in 0..samples + 5 {
-        let document = raw_document().map_err(|e| failed("raw document", e))?;
-        let id = document.get("_id").cloned();
-        let started = Instant::now();
-        messages
-            .insert_one(document)
-            .await
-            .map_err(|e| failed("raw insert_one", e))?;
-        loop {
-            let arrived = tokio::time::timeout(PATIENCE, arrivals.recv())
+    let trips = async {
+        let mut out = Vec::with_capacity(samples);
+        for i in 0..samples + 5 {
+            let document = make(i).map_err(|e| failed("raw document", e))?;
+            let id = document.get("_id").cloned();
+            let started = Instant::now();
+            messages
+                .insert_one(document)
                 .await
-                .map_err(|_| failed("raw watch", "no event within 30 s"))?;
-            match arrived {
-                Some(arrived) if arrived == id => break,
-                Some(_) => {}
-                None => {
-                    let error = match reader.await {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "the stream ended".to_string(),
-                    };
-                    return Err(failed("raw watch", error));
+                .map_err(|e| failed("raw insert_one", e))?;
+            loop {
+                let arrived = tokio::time::timeout(PATIENCE, arrivals.recv())
+                    .await
+                    .map_err(|_| failed("raw watch", "no event within 30 s"))?;
+                match arrived {
+                    Some(arrived) if arrived == id => break,
+                    Some(_) => {}
+                    None => {
+                        let error = match (&mut reader).await {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "the stream ended".to_string(),
+                        };
+                        return Err(failed("raw watch", error));
+                    }
                 }
             }
+            if i >= 5 {
+                out.push(started.elapsed());
+            }
         }
-        if i >= 5 {
-            out.push(started.elapsed());
-        }
+        Ok(out)
     }
+    .await;
     reader.abort();
-    Ok(out)
+    trips
 }
 
 /// A message as a service without intracom would insert it: the same fields, with
