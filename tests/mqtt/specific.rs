@@ -525,7 +525,10 @@ async fn a_worker_that_stops_hands_back_what_the_broker_queued_for_it() {
         .unwrap();
     let stopping = tokio::spawn(busy.stop());
     gate.notify_one();
-    stopping.await.unwrap();
+    tokio::time::timeout(HANG_GUARD, stopping)
+        .await
+        .expect("the stopping worker finishes the job in hand and stops")
+        .unwrap();
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
     loop {
         let mut handled: Vec<i32> = done.lock().unwrap().iter().map(|(_, n)| *n).collect();
@@ -551,8 +554,11 @@ async fn a_worker_that_stops_hands_back_what_the_broker_queued_for_it() {
         by_first, 1,
         "the stopping worker finished the job in hand only"
     );
-    first.shutdown().await;
-    second.shutdown().await;
+    for bus in [first, second] {
+        tokio::time::timeout(HANG_GUARD, bus.shutdown())
+            .await
+            .expect("shutdown ends");
+    }
 }
 
 pub async fn mqtts_with_a_ca_file_works_and_a_stranger_ca_is_refused() {
