@@ -183,42 +183,24 @@ impl DbBench {
     async fn publish_ours(&self, total: usize, tasks: usize) -> Result<f64, Failure> {
         let database = Self::fresh();
         let bus = self.bus(&database, "bench-1").await?;
-        let run = |count: usize| {
-            let per_task = count.div_ceil(tasks);
-            let handles: Vec<_> = (0..tasks)
-                .map(|_| {
-                    let bus = bus.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..per_task {
-                            let published = bus.publish(sample()).await?;
-                            if published.status != PublishStatus::Stored {
-                                return Err(intracom::Error::Unavailable {
-                                    medium: "db",
-                                    reason: format!("publish {:?}", published.status),
-                                });
-                            }
-                        }
-                        Ok::<(), intracom::Error>(())
-                    })
-                })
-                .collect();
+        let publisher = bus.clone();
+        let rate = concurrent_rate(total, tasks, move || {
+            let bus = publisher.clone();
             async move {
-                for handle in handles {
-                    handle
-                        .await
-                        .map_err(|e| failed("publisher task", e))?
-                        .map_err(|e| failed("publish", e))?;
+                let published = bus
+                    .publish(sample())
+                    .await
+                    .map_err(|e| failed("publish", e))?;
+                if published.status != PublishStatus::Stored {
+                    return Err(failed("publish", format!("{:?}", published.status)));
                 }
-                Ok::<usize, Failure>(per_task * tasks)
+                Ok(())
             }
-        };
-        run(tasks).await?; // warm-up: one publish per publisher (pool connections)
-        let started = Instant::now();
-        let done = run(total).await?;
-        let rate = rate(done, started.elapsed());
+        })
+        .await;
         bus.shutdown().await;
         self.drop(&database).await;
-        Ok(rate)
+        rate
     }
 
     /// The raw side of publish: what a service does without intracom, building the
@@ -226,35 +208,21 @@ impl DbBench {
     /// stamps) and inserting it.
     async fn insert_raw(&self, total: usize, tasks: usize) -> Result<f64, Failure> {
         let (database, messages) = self.raw_ground().await?;
-        let run = |count: usize| {
-            let per_task = count.div_ceil(tasks);
-            let handles: Vec<_> = (0..tasks)
-                .map(|_| {
-                    let messages = messages.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..per_task {
-                            messages.insert_one(raw_document()?).await?;
-                        }
-                        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-                    })
-                })
-                .collect();
+        let collection = messages.clone();
+        let rate = concurrent_rate(total, tasks, move || {
+            let messages = collection.clone();
             async move {
-                for handle in handles {
-                    handle
-                        .await
-                        .map_err(|e| failed("raw task", e))?
-                        .map_err(|e| failed("raw insert_one", e))?;
-                }
-                Ok::<usize, Failure>(per_task * tasks)
+                let document = raw_document().map_err(|e| failed("raw document", e))?;
+                messages
+                    .insert_one(document)
+                    .await
+                    .map_err(|e| failed("raw insert_one", e))?;
+                Ok(())
             }
-        };
-        run(tasks).await?;
-        let started = Instant::now();
-        let done = run(total).await?;
-        let rate = rate(done, started.elapsed());
+        })
+        .await;
         self.drop(&database).await;
-        Ok(rate)
+        rate
     }
 
     /// The update command intracom sends, sent raw: one statement per command.
@@ -299,43 +267,26 @@ impl DbBench {
     async fn update_raw_concurrent(&self, total: usize, tasks: usize) -> Result<f64, Failure> {
         let (database, messages) = self.raw_ground().await?;
         let db = self.raw.database(&database);
-        let collection = messages.name().to_string();
-        let run = |count: usize| {
-            let per_task = count.div_ceil(tasks);
-            let handles: Vec<_> = (0..tasks)
-                .map(|_| {
-                    let db = db.clone();
-                    let collection = collection.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..per_task {
-                            let statement = upsert_statement(&sample())?;
-                            let reply = db
-                                .run_command(doc! {
-                                    "update": &collection, "updates": [statement], "ordered": true,
-                                })
-                                .await
-                                .map_err(|e| failed("raw update", e))?;
-                            if reply.contains_key("writeErrors") {
-                                return Err(failed("raw update", reply));
-                            }
-                        }
-                        Ok::<(), Failure>(())
-                    })
-                })
-                .collect();
+        let collection: Arc<str> = messages.name().into();
+        let rate = concurrent_rate(total, tasks, move || {
+            let (db, collection) = (db.clone(), Arc::clone(&collection));
             async move {
-                for handle in handles {
-                    handle.await.map_err(|e| failed("raw task", e))??;
+                let statement = upsert_statement(&sample())?;
+                let reply = db
+                    .run_command(doc! {
+                        "update": &*collection, "updates": [statement], "ordered": true,
+                    })
+                    .await
+                    .map_err(|e| failed("raw update", e))?;
+                if reply.contains_key("writeErrors") {
+                    return Err(failed("raw update", reply));
                 }
-                Ok::<usize, Failure>(per_task * tasks)
+                Ok(())
             }
-        };
-        run(tasks).await?;
-        let started = Instant::now();
-        let done = run(total).await?;
-        let rate = rate(done, started.elapsed());
+        })
+        .await;
         self.drop(&database).await;
-        Ok(rate)
+        rate
     }
 
     // ---- batch ----
@@ -916,6 +867,40 @@ fn now_nanos() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Operations per second of `total` operations shared by `tasks` concurrent tasks,
+/// after a warm-up of one operation per task (the pool's connections); `op` makes one
+/// operation.
+async fn concurrent_rate<F, Fut>(total: usize, tasks: usize, op: F) -> Result<f64, Failure>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
+{
+    let run = |count: usize| {
+        let per_task = count.div_ceil(tasks);
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        op().await?;
+                    }
+                    Ok::<(), Failure>(())
+                })
+            })
+            .collect();
+        async move {
+            for handle in handles {
+                handle.await.map_err(|e| failed("bench task", e))??;
+            }
+            Ok::<usize, Failure>(per_task * tasks)
+        }
+    };
+    run(tasks).await?;
+    let started = Instant::now();
+    let done = run(total).await?;
+    Ok(rate(done, started.elapsed()))
 }
 
 /// `samples` sequential round trips of one raw insert seen by a raw change stream. The
