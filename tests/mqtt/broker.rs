@@ -165,6 +165,13 @@ impl Broker {
         }
     }
 
+    /// Stops it and removes its directory now: a broker kept in a static is never
+    /// dropped, so its `TempDir` would stay behind in /tmp after every run.
+    pub fn discard(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path());
+    }
+
     /// Starts it again on the same port with the same persistence directory.
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop();
@@ -221,14 +228,14 @@ pub fn shared() -> Result<&'static Shared, String> {
         .map_err(Clone::clone)
 }
 
-/// Stops the shared broker (once, after the tests ran).
+/// Stops the shared broker and removes its directory (once, after the tests ran).
 pub fn stop_shared() {
     if let Some(Ok(shared)) = SHARED.get() {
         shared
             .broker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .stop();
+            .discard();
     }
 }
 

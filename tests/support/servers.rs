@@ -289,6 +289,13 @@ impl Server {
         }
     }
 
+    /// Stops it and removes its data directory now: a server kept in a static is never
+    /// dropped, so its `TempDir` would stay behind in /tmp after every run.
+    pub fn discard(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path());
+    }
+
     /// What the server logged since its last start (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
@@ -439,7 +446,8 @@ pub fn shared(kind: Kind) -> Result<&'static SharedServer, String> {
         .map_err(Clone::clone)
 }
 
-/// Stops the shared servers this binary started (call once, after the tests ran).
+/// Stops the shared servers this binary started and removes their data directories
+/// (call once, after the tests ran).
 pub fn stop_shared() {
     for kind in Kind::ALL {
         if let Some(Ok(shared)) = slot(kind).get() {
@@ -447,7 +455,7 @@ pub fn stop_shared() {
                 .server
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .stop();
+                .discard();
         }
     }
 }
