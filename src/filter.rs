@@ -6,6 +6,8 @@
 //! layers then agree on one definition of "this message is for me": [`Filter::matches`].
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use bson::{Document, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -31,6 +33,84 @@ impl Position {
     /// A position with a medium token.
     pub fn new(ts: Timestamp, token: Option<Document>) -> Self {
         Position { ts, token }
+    }
+}
+
+/// A message's [`Position`] as followers receive it ([`crate::medium::Event::Message`]):
+/// one per message, shared by every follower and every delivery of it, cheap to clone.
+///
+/// A medium that has the whole position at hand wraps it ([`SharedPosition::new`]). One
+/// that numbers its messages can defer it ([`SharedPosition::deferred`]): the token is
+/// then built the first time anyone reads the position (a named subscription saving its
+/// checkpoint, a caller of [`crate::Delivery::position`]) and never for a message whose
+/// position nobody reads; building a token document costs more than handing a message
+/// to a subscriber.
+///
+/// ```
+/// use intracom::bson::{doc, Timestamp};
+/// use intracom::{Position, SharedPosition};
+///
+/// let ts = Timestamp { time: 1, increment: 2 };
+/// let made = SharedPosition::new(Position::new(ts, Some(doc! { "seq": 7_i64 })));
+/// let deferred = SharedPosition::deferred(ts, 7, |ts, n| {
+///     Position::new(ts, Some(doc! { "seq": n as i64 }))
+/// });
+/// assert_eq!(deferred.ts(), ts);
+/// assert_eq!(made.get(), deferred.get());
+/// ```
+#[derive(Clone)]
+pub struct SharedPosition(Arc<Deferred>);
+
+struct Deferred {
+    ts: Timestamp,
+    number: u64,
+    make: fn(Timestamp, u64) -> Position,
+    made: OnceLock<Position>,
+}
+
+impl SharedPosition {
+    /// A position already made.
+    pub fn new(position: Position) -> Self {
+        let ts = position.ts;
+        SharedPosition(Arc::new(Deferred {
+            ts,
+            number: 0,
+            make: |ts, _| Position::new(ts, None),
+            made: OnceLock::from(position),
+        }))
+    }
+
+    /// A position made by `make(ts, number)` when it is first read.
+    pub fn deferred(ts: Timestamp, number: u64, make: fn(Timestamp, u64) -> Position) -> Self {
+        SharedPosition(Arc::new(Deferred {
+            ts,
+            number,
+            make,
+            made: OnceLock::new(),
+        }))
+    }
+
+    /// The order stamp (without making the position).
+    pub fn ts(&self) -> Timestamp {
+        self.0.ts
+    }
+
+    /// The position, made now if it was deferred and nobody read it yet.
+    pub fn get(&self) -> &Position {
+        let d = &*self.0;
+        d.made.get_or_init(|| (d.make)(d.ts, d.number))
+    }
+}
+
+impl From<Position> for SharedPosition {
+    fn from(position: Position) -> Self {
+        SharedPosition::new(position)
+    }
+}
+
+impl fmt::Debug for SharedPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
     }
 }
 
@@ -183,5 +263,29 @@ mod tests {
         m.delivery = DeliveryMode::One;
         assert!(!for_service("billing", "billing-1").matches(&m));
         assert!(Filter::monitor().matches(&m));
+    }
+
+    #[test]
+    fn a_deferred_position_is_made_once_when_first_read_and_shared_by_its_clones() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        fn make(ts: Timestamp, n: u64) -> Position {
+            MADE.fetch_add(1, Ordering::SeqCst);
+            Position::new(ts, Some(bson::doc! { "seq": n as i64 }))
+        }
+        let ts = Timestamp {
+            time: 3,
+            increment: 4,
+        };
+        let shared = SharedPosition::deferred(ts, 9, make);
+        let copies = [shared.clone(), shared.clone()];
+        assert_eq!(shared.ts(), ts);
+        assert_eq!(MADE.load(Ordering::SeqCst), 0, "not made before it is read");
+        let first = copies[0].get();
+        assert_eq!(first.ts, ts);
+        assert_eq!(first.token, Some(bson::doc! { "seq": 9_i64 }));
+        assert!(std::ptr::eq(first, copies[1].get()));
+        assert!(std::ptr::eq(first, shared.get()));
+        assert_eq!(MADE.load(Ordering::SeqCst), 1, "made once for every copy");
     }
 }

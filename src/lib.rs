@@ -64,7 +64,7 @@ pub use config::{
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};
 pub use error::{Error, PayloadError, Result};
-pub use filter::{Filter, Position, StartFrom};
+pub use filter::{Filter, Position, SharedPosition, StartFrom};
 pub use idempotency::{Idempotent, Once};
 pub use medium::{Capabilities, DeadLetter, Medium};
 pub use message::{DeliveryMode, Lease, Message, MessageType, State};

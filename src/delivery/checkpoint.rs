@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::filter::Position;
+use crate::filter::SharedPosition;
 use crate::medium::Medium;
 
 pub(crate) struct AckTracker {
@@ -28,9 +28,9 @@ pub(crate) struct AckTracker {
 struct State {
     next: u64,
     /// Delivered and not yet under the checkpoint: number → (position, acked).
-    pending: BTreeMap<u64, (Arc<Position>, bool)>,
+    pending: BTreeMap<u64, (SharedPosition, bool)>,
     /// The end of the acked run: (delivery number, position).
-    watermark: Option<(u64, Arc<Position>)>,
+    watermark: Option<(u64, SharedPosition)>,
 }
 
 impl AckTracker {
@@ -58,7 +58,7 @@ impl AckTracker {
     }
 
     /// Records a delivery; returns its number for [`AckTracker::ack`].
-    pub(crate) fn delivered(&self, position: Arc<Position>) -> u64 {
+    pub(crate) fn delivered(&self, position: SharedPosition) -> u64 {
         let mut state = self.state();
         let number = state.next;
         state.next += 1;
@@ -94,7 +94,8 @@ impl AckTracker {
         let target = self.state().watermark.clone();
         if let Some((number, position)) = target {
             if number > *saved {
-                self.medium.checkpoint_save(&self.name, &position).await?;
+                let position = position.get();
+                self.medium.checkpoint_save(&self.name, position).await?;
                 tracing::trace!(subscription = %self.name, ts = %position.ts, "checkpoint saved");
                 *saved = number;
             }
@@ -111,11 +112,12 @@ impl AckTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::Position;
     use crate::medium::memory::MemoryMedium;
     use bson::Timestamp;
 
-    fn pos(i: u32) -> Arc<Position> {
-        Arc::new(Position::new(
+    fn pos(i: u32) -> SharedPosition {
+        SharedPosition::new(Position::new(
             Timestamp {
                 time: 1,
                 increment: i,
@@ -139,13 +141,13 @@ mod tests {
         t.ack(n[0]).await.unwrap();
         assert_eq!(
             medium.checkpoint_load("sub").await.unwrap(),
-            Some((*pos(2)).clone())
+            Some(pos(2).get().clone())
         );
         assert_eq!(t.in_flight(), 2);
         t.ack(n[2]).await.unwrap();
         assert_eq!(
             medium.checkpoint_load("sub").await.unwrap(),
-            Some((*pos(4)).clone())
+            Some(pos(4).get().clone())
         );
         t.ack(n[2]).await.unwrap();
         assert_eq!(t.in_flight(), 0);

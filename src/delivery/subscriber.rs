@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use super::checkpoint::AckTracker;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::filter::Position;
+use crate::filter::{Position, SharedPosition};
 use crate::medium::{Event, EventStream, Medium};
 use crate::message::Message;
 
@@ -118,7 +118,7 @@ impl Screen {
 /// it) come again when the subscription is next created: delivery is at least once.
 pub struct Delivery {
     message: Arc<Message>,
-    position: Arc<Position>,
+    position: SharedPosition,
     ack: Option<(Arc<AckTracker>, u64)>,
 }
 
@@ -130,7 +130,7 @@ impl Delivery {
 
     /// The message's position in the medium's order.
     pub fn position(&self) -> &Position {
-        &self.position
+        self.position.get()
     }
 
     /// Decodes the payload into a typed value.
@@ -200,7 +200,7 @@ enum Outcome {
     /// The item to hand out.
     Ready(Result<Delivery>),
     /// The catalog must be read before the message can be admitted.
-    Screen(Arc<Message>, Arc<Position>),
+    Screen(Arc<Message>, SharedPosition),
 }
 
 impl Deliverer {
@@ -231,7 +231,7 @@ impl Deliverer {
     async fn screen_then_deliver(
         self: Arc<Self>,
         message: Arc<Message>,
-        position: Arc<Position>,
+        position: SharedPosition,
     ) -> Option<Result<Delivery>> {
         if let Some(screen) = &self.screen {
             if !screen.admit(&self.label, &message).await {
@@ -241,7 +241,7 @@ impl Deliverer {
         Some(Ok(self.delivery(message, position)))
     }
 
-    fn delivery(&self, message: Arc<Message>, position: Arc<Position>) -> Delivery {
+    fn delivery(&self, message: Arc<Message>, position: SharedPosition) -> Delivery {
         let ack = self
             .acks
             .as_ref()

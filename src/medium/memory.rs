@@ -33,7 +33,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::error::Result;
-use crate::filter::{Filter, Position, StartFrom};
+use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::message::{now_nanos, DeliveryMode, Lease, Message, State};
 
 /// How many log entries a follower examines per lock.
@@ -107,9 +107,9 @@ struct Entry {
     seq: u64,
     expires: Instant,
     message: Arc<Message>,
-    /// Built once, by the first follower that reads the entry (not by the publisher),
-    /// and shared by every follower's event.
-    position: OnceLock<Arc<Position>>,
+    /// Made by the first follower that reads the entry (not by the publisher) and
+    /// shared by every follower's event; its token is built only if someone reads it.
+    position: OnceLock<SharedPosition>,
 }
 
 struct Log {
@@ -286,12 +286,18 @@ impl Log {
     }
 }
 
-fn position_of(message: &Message, seq: u64) -> Position {
+/// The position after entry `seq` stamped `ts`: the token carries the sequence number.
+fn position_at(ts: Timestamp, seq: u64) -> Position {
+    Position::new(ts, Some(doc! { "seq": seq as i64 }))
+}
+
+/// The shared position of an entry, its token deferred ([`SharedPosition::deferred`]).
+fn shared_position_of(message: &Message, seq: u64) -> SharedPosition {
     let ts = message.ts.unwrap_or(Timestamp {
         time: 0,
         increment: 0,
     });
-    Position::new(ts, Some(doc! { "seq": seq as i64 }))
+    SharedPosition::deferred(ts, seq, position_at)
 }
 
 impl MemoryMedium {
@@ -372,11 +378,10 @@ impl Follower {
             if self.filter.matches(&entry.message) {
                 self.ready.push_back(Event::Message(
                     Arc::clone(&entry.message),
-                    Arc::clone(
-                        entry
-                            .position
-                            .get_or_init(|| Arc::new(position_of(&entry.message, entry.seq))),
-                    ),
+                    entry
+                        .position
+                        .get_or_init(|| shared_position_of(&entry.message, entry.seq))
+                        .clone(),
                 ));
             }
         }

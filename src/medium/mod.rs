@@ -41,7 +41,7 @@ use futures::stream::BoxStream;
 
 use crate::config::{Config, MediumKind};
 use crate::error::{Error, Result};
-use crate::filter::{Filter, Position, StartFrom};
+use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::message::Message;
 
 /// Opens the medium the configuration names (`common.intracom.medium`): the one place
@@ -125,8 +125,9 @@ pub struct Appended {
 #[non_exhaustive]
 pub enum Event {
     /// A message, with the position just after which a follower resumes to get the next
-    /// (shared: a medium that fans one message out to many followers builds it once).
-    Message(Arc<Message>, Arc<Position>),
+    /// (shared: a medium that fans one message out to many followers builds it once, and
+    /// may defer building it until someone reads it).
+    Message(Arc<Message>, SharedPosition),
     /// Messages after the start point were removed before they were read.
     Lost {
         /// How many, as far as the medium can tell (0 when it cannot count them).

@@ -42,7 +42,7 @@ use super::errors::{is_history_lost, is_transient, to_error};
 use super::hub::{self, Events, Hub, RingItem, Segment};
 use super::{decode_raw, Inner};
 use crate::error::Result;
-use crate::filter::{Filter, Position, StartFrom};
+use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::medium::Event;
 use crate::message::Message;
 
@@ -396,7 +396,7 @@ impl Follower {
         }
         let position = position(&message, token, cluster_time);
         self.ready
-            .push_back(Event::Message(message, Arc::new(position)));
+            .push_back(Event::Message(message, SharedPosition::new(position)));
         true
     }
 

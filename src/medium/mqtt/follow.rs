@@ -18,7 +18,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::connection::{Conn, Inbound, Session};
 use super::{lock, Inner, FOLLOW_WINDOW};
 use crate::error::{Error, Result};
-use crate::filter::{Filter, Position, StartFrom};
+use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::medium::{Event, EventStream};
 use crate::message::Message;
 
@@ -212,7 +212,10 @@ impl Follower {
             if let Some(message) = wanted {
                 let session = self.named.as_ref().map(|(_, named)| named.session);
                 let at = position(rank, session);
-                return Some((Ok(Event::Message(Arc::new(message), Arc::new(at))), self));
+                return Some((
+                    Ok(Event::Message(Arc::new(message), SharedPosition::new(at))),
+                    self,
+                ));
             }
         }
     }
