@@ -595,11 +595,7 @@ impl DbBench {
                     let claimed = messages
                         .find_one_and_update(
                             doc! { "_id": &id, "state": "pending", "lease": Bson::Null },
-                            doc! {
-                                "$set": { "lease.owner": &owner, "lease.ms": 30_000_i64 },
-                                "$currentDate": { "lease.at": true },
-                                "$inc": { "attempts": 1 },
-                            },
+                            raw_claim(&owner),
                         )
                         .return_document(ReturnDocument::After)
                         .await?;
@@ -608,10 +604,7 @@ impl DbBench {
                     messages
                         .update_one(
                             doc! { "_id": &id, "state": "pending", "lease.owner": &owner },
-                            doc! {
-                                "$set": { "state": "done", "result": answer, "response_ts": now_nanos() },
-                                "$unset": { "lease": "" },
-                            },
+                            raw_done(Some(answer)),
                         )
                         .await?;
                 }
@@ -825,11 +818,7 @@ impl DbBench {
                                         { "$expr": { "$lte": [lease_end, "$$NOW"] } },
                                     ] },
                                 ] },
-                                doc! {
-                                    "$set": { "lease.owner": &owner, "lease.ms": 30_000i64 },
-                                    "$currentDate": { "lease.at": true },
-                                    "$inc": { "attempts": 1 },
-                                },
+                                raw_claim(&owner),
                             )
                             .sort(doc! { "priority": -1, "ts": 1 })
                             .return_document(ReturnDocument::After)
@@ -839,10 +828,7 @@ impl DbBench {
                         messages
                             .update_one(
                                 doc! { "_id": id, "state": "pending", "lease.owner": &owner },
-                                doc! {
-                                    "$set": { "state": "done", "response_ts": now_nanos() },
-                                    "$unset": { "lease": "" },
-                                },
+                                raw_done(None),
                             )
                             .await?;
                     }
@@ -979,6 +965,26 @@ async fn round_trips(
 
 /// A message as a service without intracom would insert it: the same fields, with
 /// `ts` and `at` from the client (an insert cannot take server stamps).
+/// The update of a raw claim, as intracom's claim writes it: the lease (owner, server
+/// time, 30 s) and one more attempt.
+fn raw_claim(owner: &str) -> Document {
+    doc! {
+        "$set": { "lease.owner": owner, "lease.ms": 30_000_i64 },
+        "$currentDate": { "lease.at": true },
+        "$inc": { "attempts": 1 },
+    }
+}
+
+/// The update that settles raw claimed work as done (with its result, if any) and
+/// releases the lease.
+fn raw_done(result: Option<Document>) -> Document {
+    let mut set = doc! { "state": "done", "response_ts": now_nanos() };
+    if let Some(result) = result {
+        set.insert("result", result);
+    }
+    doc! { "$set": set, "$unset": { "lease": "" } }
+}
+
 fn raw_document() -> Result<Document, bson::ser::Error> {
     static INCREMENT: AtomicU32 = AtomicU32::new(1);
     let mut message = sample();
