@@ -963,8 +963,6 @@ async fn round_trips(
     trips
 }
 
-/// A message as a service without intracom would insert it: the same fields, with
-/// `ts` and `at` from the client (an insert cannot take server stamps).
 /// The update of a raw claim, as intracom's claim writes it: the lease (owner, server
 /// time, 30 s) and one more attempt.
 fn raw_claim(owner: &str) -> Document {
@@ -985,6 +983,8 @@ fn raw_done(result: Option<Document>) -> Document {
     doc! { "$set": set, "$unset": { "lease": "" } }
 }
 
+/// A message as a service without intracom would insert it: the same fields, with
+/// `ts` and `at` from the client (an insert cannot take server stamps).
 fn raw_document() -> Result<Document, bson::ser::Error> {
     static INCREMENT: AtomicU32 = AtomicU32::new(1);
     let mut message = sample();
