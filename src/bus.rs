@@ -387,7 +387,6 @@ impl Intracom {
         let screen = (!subscription.monitor).then(|| Screen {
             catalog: self.shared.catalog.clone(),
             medium: Arc::clone(medium),
-            admitted: Default::default(),
         });
         Ok(Subscriber::new(
             subscription.name,

@@ -21,13 +21,12 @@ use crate::message::Message;
 pub(crate) struct Screen {
     pub(crate) catalog: Catalog,
     pub(crate) medium: Arc<dyn Medium>,
-    /// The last kind of message admitted, and the catalog's generation then: the same
-    /// sender, owner and action pass again without a catalog lookup while the catalog
-    /// has not changed (a subscription mostly sees a few kinds over and over).
-    pub(crate) admitted: std::sync::Mutex<Option<Admitted>>,
 }
 
-/// A kind of message a [`Screen`] admitted.
+/// A kind of message a [`Screen`] admitted, and the catalog's generation then: a
+/// subscription keeps the last one (see [`Deliveries::admitted`]), and the same sender,
+/// owner and action pass again without a catalog lookup while the catalog has not
+/// changed (a subscription mostly sees a few kinds over and over).
 pub(crate) struct Admitted {
     generation: u64,
     sender: String,
@@ -61,29 +60,28 @@ fn owner(message: &Message) -> &str {
         .unwrap_or(&message.source_service)
 }
 
+/// What the catalog said of a message.
+enum Verdict {
+    /// Declared: deliver it; the kind passes at once from now on, while the catalog's
+    /// generation is the one recorded.
+    Declared(Admitted),
+    /// The catalog could not be read: deliver it unchecked (the next one is looked up).
+    Unchecked,
+    /// Not declared: dead-lettered, not delivered.
+    Refused,
+}
+
 impl Screen {
-    /// Whether the message is of the kind last admitted, the catalog unchanged since:
-    /// it passes without a lookup.
-    fn admits_at_once(&self, message: &Message) -> bool {
-        let generation = self.catalog.generation();
-        self.admitted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|a| a.covers(generation, message))
+    /// Whether the message is of the kind `admitted`, the catalog unchanged since: it
+    /// passes without a lookup.
+    fn admits_at_once(&self, admitted: Option<&Admitted>, message: &Message) -> bool {
+        admitted.is_some_and(|a| a.covers(self.catalog.generation(), message))
     }
 
-    async fn admit(&self, subscription: &str, message: &Message) -> bool {
-        if self.admits_at_once(message) {
-            return true;
-        }
+    async fn admit(&self, subscription: &str, message: &Message) -> Verdict {
         let generation = self.catalog.generation();
-        let lock = || self.admitted.lock().unwrap_or_else(|p| p.into_inner());
         match self.catalog.screen(message).await {
-            Ok(()) => {
-                *lock() = Some(Admitted::of(generation, message));
-                true
-            }
+            Ok(()) => Verdict::Declared(Admitted::of(generation, message)),
             Err(error @ (Error::UnknownAction { .. } | Error::UnknownSender { .. })) => {
                 tracing::warn!(subscription, message_id = %message.id, %error, "undeclared message dead-lettered");
                 metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "undeclared")
@@ -100,12 +98,12 @@ impl Screen {
                         tracing::warn!(message_id = %message.id, %error, "dead letter not encodable")
                     }
                 }
-                false
+                Verdict::Refused
             }
             Err(error) => {
                 // The catalog cannot be read now: deliver rather than hold the stream.
                 tracing::warn!(subscription, message_id = %message.id, %error, "catalog unavailable: delivered unchecked");
-                true
+                Verdict::Unchecked
             }
         }
     }
@@ -205,8 +203,9 @@ enum Outcome {
 
 impl Deliverer {
     /// Turns an event into an item without waiting, unless the message's kind must be
-    /// looked up in the catalog first (see [`Deliverer::screen_then_deliver`]).
-    fn deliver_now(&self, event: Result<Event>) -> Outcome {
+    /// looked up in the catalog first (see [`Deliverer::screen_then_deliver`]):
+    /// `admitted` is the kind the subscription's screen admitted last.
+    fn deliver_now(&self, event: Result<Event>, admitted: Option<&Admitted>) -> Outcome {
         match event {
             Err(error) => Outcome::Ready(Err(error)),
             Ok(Event::Lost { count }) => {
@@ -218,7 +217,7 @@ impl Deliverer {
                 }))
             }
             Ok(Event::Message(message, position)) => match &self.screen {
-                Some(screen) if !screen.admits_at_once(&message) => {
+                Some(screen) if !screen.admits_at_once(admitted, &message) => {
                     Outcome::Screen(message, position)
                 }
                 _ => Outcome::Ready(Ok(self.delivery(message, position))),
@@ -227,18 +226,22 @@ impl Deliverer {
     }
 
     /// The slow path: screens the message against the catalog (which may read it), then
-    /// delivers it, or dead-letters it (`None`).
+    /// delivers it, or dead-letters it (`None`); and the kind admitted, if the catalog
+    /// declared it.
     async fn screen_then_deliver(
         self: Arc<Self>,
         message: Arc<Message>,
         position: SharedPosition,
-    ) -> Option<Result<Delivery>> {
-        if let Some(screen) = &self.screen {
-            if !screen.admit(&self.label, &message).await {
-                return None;
-            }
-        }
-        Some(Ok(self.delivery(message, position)))
+    ) -> Screened {
+        let admitted = match &self.screen {
+            Some(screen) => match screen.admit(&self.label, &message).await {
+                Verdict::Declared(admitted) => Some(admitted),
+                Verdict::Unchecked => None,
+                Verdict::Refused => return (None, None),
+            },
+            None => None,
+        };
+        (Some(Ok(self.delivery(message, position))), admitted)
     }
 
     fn delivery(&self, message: Arc<Message>, position: SharedPosition) -> Delivery {
@@ -265,8 +268,14 @@ impl Deliverer {
 struct Deliveries {
     events: EventStream,
     context: Arc<Deliverer>,
-    screening: Option<futures::future::BoxFuture<'static, Option<Result<Delivery>>>>,
+    screening: Option<futures::future::BoxFuture<'static, Screened>>,
+    /// The kind of message the screen admitted last: kept here, where only this stream
+    /// reads and writes it (no lock per delivery).
+    admitted: Option<Admitted>,
 }
+
+/// The item of a screened message (`None`: dead-lettered), and the kind admitted.
+type Screened = (Option<Result<Delivery>>, Option<Admitted>);
 
 impl Stream for Deliveries {
     type Item = Result<Delivery>;
@@ -274,10 +283,13 @@ impl Stream for Deliveries {
         let this = &mut *self;
         loop {
             if let Some(screening) = this.screening.as_mut() {
-                let Poll::Ready(outcome) = screening.as_mut().poll(cx) else {
+                let Poll::Ready((outcome, admitted)) = screening.as_mut().poll(cx) else {
                     return Poll::Pending;
                 };
                 this.screening = None;
+                if admitted.is_some() {
+                    this.admitted = admitted;
+                }
                 match outcome {
                     Some(item) => return Poll::Ready(Some(item)),
                     None => continue,
@@ -288,7 +300,7 @@ impl Stream for Deliveries {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             };
-            match this.context.deliver_now(event) {
+            match this.context.deliver_now(event, this.admitted.as_ref()) {
                 Outcome::Ready(item) => return Poll::Ready(Some(item)),
                 Outcome::Screen(message, position) => {
                     let context = Arc::clone(&this.context);
@@ -328,6 +340,7 @@ impl Subscriber {
                 events,
                 context,
                 screening: None,
+                admitted: None,
             },
             done: false,
         };

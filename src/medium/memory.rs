@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bson::{doc, Document, Timestamp};
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::ReusableBoxFuture;
 
 use super::records::LocalRecords;
 use super::{
@@ -388,27 +389,85 @@ impl Follower {
         progressed
     }
 
-    /// Takes the follower boxed: `unfold` moves its state in and out for every event.
-    async fn next(mut self: Box<Self>) -> Option<(Result<Event>, Box<Self>)> {
+    /// Waits until the log has something for this follower (registered for the next
+    /// append before reading, so that an append after the read wakes it), or the
+    /// medium closes (`None`). The follower travels boxed: only a pointer moves.
+    async fn wait(mut self: Box<Self>) -> Option<Box<Self>> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
-                return Some((Ok(event), self));
-            }
             if self.closed.is_stopped() {
                 return None;
             }
-            // Registered before reading, so that an append after the read wakes us.
             let shared = Arc::clone(&self.shared);
             let appended = shared.appended.notified();
             tokio::pin!(appended);
             appended.as_mut().enable();
             if self.fill() {
-                continue;
+                return Some(self);
             }
             tokio::select! {
                 _ = self.closed.token().cancelled() => return None,
                 _ = appended => {}
             }
+        }
+    }
+}
+
+/// A follower as a stream: an event already read is handed out straight from the
+/// follower's buffer, and a read runs in place; only a follower that has caught up
+/// waits in a future, whose allocation is reused from one wait to the next (an
+/// `unfold` would build a future per event: a hundred instructions per delivery).
+struct Following {
+    /// The follower, while it is not waiting.
+    follower: Option<Box<Follower>>,
+    /// The wait of a follower that has caught up (`follower` is then `None`).
+    waiting: ReusableBoxFuture<'static, Option<Box<Follower>>>,
+    /// Whether `waiting` holds a wait not yet finished.
+    is_waiting: bool,
+}
+
+impl Following {
+    fn new(follower: Box<Follower>) -> Self {
+        Following {
+            follower: Some(follower),
+            waiting: ReusableBoxFuture::new(std::future::ready(None)),
+            is_waiting: false,
+        }
+    }
+}
+
+impl futures::Stream for Following {
+    type Item = Result<Event>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if this.is_waiting {
+                let Poll::Ready(woken) = this.waiting.poll(cx) else {
+                    return Poll::Pending;
+                };
+                this.is_waiting = false;
+                this.follower = woken;
+            }
+            let Some(mut follower) = this.follower.take() else {
+                return Poll::Ready(None);
+            };
+            if let Some(event) = follower.ready.pop_front() {
+                this.follower = Some(follower);
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if follower.closed.is_stopped() {
+                return Poll::Ready(None);
+            }
+            if follower.fill() {
+                this.follower = Some(follower);
+                continue;
+            }
+            this.waiting.set(follower.wait());
+            this.is_waiting = true;
         }
     }
 }
@@ -549,7 +608,7 @@ impl Medium for MemoryMedium {
             ready: VecDeque::new(),
             closed: self.shared.closed.clone(),
         });
-        Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
+        Ok(Box::pin(Following::new(follower)))
     }
 
     async fn catalog_load(&self) -> Result<CatalogMap> {
@@ -1026,6 +1085,43 @@ mod tests {
         let again = m.append(std::slice::from_ref(&one)).await.unwrap();
         assert!(!again[0].duplicate);
         assert!(again[0].ts > appended[0].ts);
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_caught_up_wakes_on_each_append_and_ends_when_closed() {
+        use futures::FutureExt;
+        let m = Arc::new(medium(60_000, 100));
+        let mut s = m.follow(StartFrom::Now, Filter::monitor()).await.unwrap();
+        for round in 0..3 {
+            // Caught up: nothing to hand out, so the follower waits.
+            assert!(s.next().now_or_never().is_none(), "round {round}");
+            let batch: Vec<_> = (0..2).map(|i| msg(&format!("r{round}-{i}"))).collect();
+            m.append(&batch).await.unwrap();
+            for i in 0..2 {
+                match s.next().await.unwrap().unwrap() {
+                    Event::Message(message, _) => {
+                        assert_eq!(message.action, format!("r{round}-{i}"))
+                    }
+                    other => panic!("expected a message, got {other:?}"),
+                }
+            }
+        }
+        // An append from another task wakes the follower waiting for it.
+        let writer = Arc::clone(&m);
+        let append = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            writer.append(&[msg("late")]).await.unwrap();
+        });
+        match s.next().await.unwrap().unwrap() {
+            Event::Message(message, _) => assert_eq!(message.action, "late"),
+            other => panic!("expected a message, got {other:?}"),
+        }
+        append.await.unwrap();
+        // Closed while the follower waits: the stream ends, and stays ended.
+        assert!(s.next().now_or_never().is_none());
+        m.close().await;
+        assert!(s.next().await.is_none());
+        assert!(s.next().await.is_none());
     }
 
     #[tokio::test]
