@@ -364,8 +364,19 @@ impl Follower {
     fn fill(&mut self) -> bool {
         let mut progressed = false;
         let log = read(&self.shared.log);
-        let live_first = log.live_first_seq(Instant::now());
-        if self.cursor + 1 < live_first {
+        let now = Instant::now();
+        let next = self.cursor + 1;
+        let live_first = match next
+            .checked_sub(log.first_seq)
+            .map(|i| log.entries.get(i as usize))
+        {
+            // The next entry to read is live, or not written yet: nothing before it
+            // expired unread (entries expire in sequence order), no search needed.
+            Some(Some(entry)) if entry.expires > now => next,
+            Some(None) => next,
+            _ => log.live_first_seq(now),
+        };
+        if next < live_first {
             self.ready.push_back(Event::Lost {
                 count: live_first - self.cursor - 1,
             });
@@ -1122,6 +1133,24 @@ mod tests {
         m.close().await;
         assert!(s.next().await.is_none());
         assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn messages_that_expired_unread_are_reported_lost_before_any_new_append() {
+        let m = medium(30, 100);
+        let mut s = m.follow(StartFrom::Now, Filter::monitor()).await.unwrap();
+        m.append(&[msg("a"), msg("b"), msg("c")]).await.unwrap();
+        // Expired while nobody read them, and no append since to prune them.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        match s.next().await.unwrap().unwrap() {
+            Event::Lost { count } => assert_eq!(count, 3),
+            other => panic!("expected Lost, got {other:?}"),
+        }
+        m.append(&[msg("d")]).await.unwrap();
+        match s.next().await.unwrap().unwrap() {
+            Event::Message(message, _) => assert_eq!(message.action, "d"),
+            other => panic!("expected a message, got {other:?}"),
+        }
     }
 
     #[tokio::test]
