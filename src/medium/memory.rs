@@ -228,7 +228,11 @@ impl Log {
     }
 
     /// Drops what retention removes: expired entries and those over the count limit.
-    fn prune(&mut self, now: Instant, max_messages: usize) {
+    ///
+    /// The entries taken out go to `evicted`: the caller drops them (and with them,
+    /// messages nobody else holds) after releasing the log's lock, which followers wait
+    /// for meanwhile.
+    fn prune(&mut self, now: Instant, max_messages: usize, evicted: &mut Vec<Entry>) {
         while let Some(front) = self.entries.front() {
             if front.expires > now && self.entries.len() <= max_messages {
                 break;
@@ -240,6 +244,7 @@ impl Log {
                     self.work.remove(&entry.message.id);
                 }
                 self.first_seq = entry.seq + 1;
+                evicted.push(entry);
             }
         }
     }
@@ -488,6 +493,7 @@ impl MemoryMedium {
     fn store(&self, messages: Vec<Message>) -> Vec<Appended> {
         let options = &self.shared.options;
         let mut out = Vec::with_capacity(messages.len());
+        let mut evicted = Vec::new();
         let appended = {
             let mut log = write(&self.shared.log);
             let before = log.next_seq;
@@ -495,7 +501,7 @@ impl MemoryMedium {
             // One read of the wall clock for the stamps of the whole call.
             let wall = SystemTime::now();
             let at = bson::DateTime::from_system_time(wall);
-            log.prune(now, options.max_messages);
+            log.prune(now, options.max_messages, &mut evicted);
             for message in messages {
                 if let Some(stored) = log.ids.get(message.id.as_str()) {
                     let ts = stored.0.ts;
@@ -547,12 +553,14 @@ impl MemoryMedium {
                     position: OnceLock::new(),
                 });
             }
-            log.prune(now, options.max_messages);
+            log.prune(now, options.max_messages, &mut evicted);
             log.next_seq != before
         };
         if appended {
             self.shared.appended.notify_waiters();
         }
+        // Outside the lock: a message dropped here frees its fields and body.
+        drop(evicted);
         out
     }
 }
