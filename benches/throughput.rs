@@ -1,6 +1,8 @@
 //! Memory medium: publish → deliver throughput with 1, 4 and 16 subscribers, beside
 //! `tokio::sync::broadcast` carrying the same message in the same run (the physical
-//! limit of in-process fan-out). Prints the ratio after criterion's own report.
+//! limit of in-process fan-out). After criterion's own report, prints the ratio of its
+//! estimates, then the ratios of pairs of rounds in which the sides take turns going
+//! first (one right after the other: a slow phase of a shared machine weighs on both).
 //!
 //! Run: `cargo bench --bench throughput`
 
@@ -70,17 +72,7 @@ async fn broadcast_round(subscribers: usize) -> Duration {
     start.elapsed()
 }
 
-fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let config = Config::builder()
-        .service("bench")
-        .sender("bench", ["reload"])
-        .build()
-        .expect("config");
-    let bus = rt.block_on(Intracom::connect(config)).expect("bus");
+fn benches(c: &mut Criterion, rt: &tokio::runtime::Runtime, bus: &Intracom) {
     let mut group = c.benchmark_group(GROUP);
     group.throughput(Throughput::Elements(MESSAGES));
     for subscribers in FAN_OUT {
@@ -88,7 +80,7 @@ fn benches(c: &mut Criterion) {
             BenchmarkId::new("intracom_memory", subscribers),
             &subscribers,
             |b, &n| {
-                b.to_async(&rt).iter_custom(|iters| {
+                b.to_async(rt).iter_custom(|iters| {
                     let bus = bus.clone();
                     async move {
                         let mut total = Duration::ZERO;
@@ -104,7 +96,7 @@ fn benches(c: &mut Criterion) {
             BenchmarkId::new("tokio_broadcast", subscribers),
             &subscribers,
             |b, &n| {
-                b.to_async(&rt).iter_custom(|iters| async move {
+                b.to_async(rt).iter_custom(|iters| async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         total += broadcast_round(n).await;
@@ -143,8 +135,19 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
-    benches(&mut criterion);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = Config::builder()
+        .service("bench")
+        .sender("bench", ["reload"])
+        .build()
+        .expect("config");
+    let bus = rt.block_on(Intracom::connect(config)).expect("bus");
+    benches(&mut criterion, &rt, &bus);
     criterion.final_summary();
+    let mut measured = true;
     println!("\nintracom memory medium vs tokio::sync::broadcast, {MESSAGES} messages per round:");
     println!(
         "{:>12} {:>16} {:>16} {:>8}",
@@ -164,7 +167,51 @@ fn main() {
                     limit / ours
                 );
             }
-            _ => println!("{subscribers:>12} (no estimate: run without a filter to measure both)"),
+            _ => {
+                measured = false;
+                println!("{subscribers:>12} (no estimate: run without a filter to measure both)")
+            }
         }
+    }
+    if measured {
+        alternating(&rt, &bus);
+    }
+}
+
+/// Rounds in which the two sides take turns going first, one right after the other:
+/// a ratio per pair of rounds, so that a slow phase of a shared machine (criterion
+/// measures one side for seconds, then the other) weighs on both sides of a ratio.
+const PAIRS: usize = 51;
+
+fn alternating(rt: &tokio::runtime::Runtime, bus: &Intracom) {
+    println!(
+        "\nthe same, {PAIRS} pairs of rounds, the sides taking turns going first (ratio per pair):"
+    );
+    println!(
+        "{:>12} {:>8} {:>8} {:>8}",
+        "subscribers", "median", "min", "max"
+    );
+    for subscribers in FAN_OUT {
+        let mut ratios: Vec<f64> = (0..PAIRS)
+            .map(|pair| {
+                rt.block_on(async {
+                    let (ours, limit) = if pair % 2 == 0 {
+                        let ours = intracom_round(bus, subscribers).await;
+                        (ours, broadcast_round(subscribers).await)
+                    } else {
+                        let limit = broadcast_round(subscribers).await;
+                        (intracom_round(bus, subscribers).await, limit)
+                    };
+                    limit.as_secs_f64() / ours.as_secs_f64()
+                })
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{subscribers:>12} {:>8.3} {:>8.3} {:>8.3}",
+            ratios[PAIRS / 2],
+            ratios[0],
+            ratios[PAIRS - 1]
+        );
     }
 }
