@@ -492,38 +492,35 @@ impl MemoryMedium {
     /// Stamps and stores `messages`, taken over (the log keeps them).
     fn store(&self, messages: Vec<Message>) -> Vec<Appended> {
         let options = &self.shared.options;
-        let mut out = Vec::with_capacity(messages.len());
+        // Outside the log's lock, which followers wait for while a publish holds it: the
+        // messages' allocations and moves, the wall clock's reading (one for the stamps
+        // of the whole call: `next_ts_at` keeps stamps increasing whatever it reads), and
+        // the receipts (below).
+        let mut messages: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
+        let mut stamps: Vec<(Option<Timestamp>, bool)> = Vec::with_capacity(messages.len());
+        let wall = SystemTime::now();
+        let at = bson::DateTime::from_system_time(wall);
         let mut evicted = Vec::new();
         let appended = {
             let mut log = write(&self.shared.log);
             let before = log.next_seq;
+            // Read under the lock: entries expire in sequence order.
             let now = Instant::now();
-            // One read of the wall clock for the stamps of the whole call.
-            let wall = SystemTime::now();
-            let at = bson::DateTime::from_system_time(wall);
             log.prune(now, options.max_messages, &mut evicted);
-            for message in messages {
+            for message in &mut messages {
                 if let Some(stored) = log.ids.get(message.id.as_str()) {
-                    let ts = stored.0.ts;
-                    out.push(Appended {
-                        id: message.id,
-                        ts,
-                        duplicate: true,
-                    });
+                    stamps.push((stored.0.ts, true));
                     continue;
                 }
                 let ts = log.next_ts_at(wall);
-                let mut message = message;
-                message.ts = Some(ts);
-                message.at = Some(at);
+                // Not shared yet: stamped in place (`make_mut` copies a shared one only).
+                let stamped = Arc::make_mut(message);
+                stamped.ts = Some(ts);
+                stamped.at = Some(at);
+                let message = Arc::clone(message);
                 let seq = log.next_seq;
                 log.next_seq += 1;
-                out.push(Appended {
-                    id: message.id.clone(),
-                    ts: Some(ts),
-                    duplicate: false,
-                });
-                let message = Arc::new(message);
+                stamps.push((Some(ts), false));
                 log.ids.insert(ById(Arc::clone(&message)));
                 if message.delivery == DeliveryMode::One {
                     let state = message.state.unwrap_or(State::Pending);
@@ -561,7 +558,15 @@ impl MemoryMedium {
         }
         // Outside the lock: a message dropped here frees its fields and body.
         drop(evicted);
-        out
+        messages
+            .iter()
+            .zip(stamps)
+            .map(|(message, (ts, duplicate))| Appended {
+                id: message.id.clone(),
+                ts,
+                duplicate,
+            })
+            .collect()
     }
 }
 
