@@ -493,11 +493,19 @@ impl MemoryMedium {
     fn store(&self, messages: Vec<Message>) -> Vec<Appended> {
         let options = &self.shared.options;
         // Outside the log's lock, which followers wait for while a publish holds it: the
-        // messages' allocations and moves, the wall clock's reading (one for the stamps
-        // of the whole call: `next_ts_at` keeps stamps increasing whatever it reads), and
-        // the receipts (below).
-        let mut messages: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
-        let mut stamps: Vec<(Option<Timestamp>, bool)> = Vec::with_capacity(messages.len());
+        // messages' allocations and moves, the receipts' copies of the ids, and the wall
+        // clock's reading (one for the stamps of the whole call: `next_ts_at` keeps
+        // stamps increasing whatever it reads). The messages go into the log as they
+        // are: the publisher keeps no reference to them to drop later.
+        let mut out: Vec<Appended> = messages
+            .iter()
+            .map(|message| Appended {
+                id: message.id.clone(),
+                ts: None,
+                duplicate: false,
+            })
+            .collect();
+        let messages: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
         let wall = SystemTime::now();
         let at = bson::DateTime::from_system_time(wall);
         let mut evicted = Vec::new();
@@ -507,20 +515,20 @@ impl MemoryMedium {
             // Read under the lock: entries expire in sequence order.
             let now = Instant::now();
             log.prune(now, options.max_messages, &mut evicted);
-            for message in &mut messages {
+            for (mut message, receipt) in messages.into_iter().zip(&mut out) {
                 if let Some(stored) = log.ids.get(message.id.as_str()) {
-                    stamps.push((stored.0.ts, true));
+                    receipt.ts = stored.0.ts;
+                    receipt.duplicate = true;
                     continue;
                 }
                 let ts = log.next_ts_at(wall);
                 // Not shared yet: stamped in place (`make_mut` copies a shared one only).
-                let stamped = Arc::make_mut(message);
+                let stamped = Arc::make_mut(&mut message);
                 stamped.ts = Some(ts);
                 stamped.at = Some(at);
-                let message = Arc::clone(message);
+                receipt.ts = Some(ts);
                 let seq = log.next_seq;
                 log.next_seq += 1;
-                stamps.push((Some(ts), false));
                 log.ids.insert(ById(Arc::clone(&message)));
                 if message.delivery == DeliveryMode::One {
                     let state = message.state.unwrap_or(State::Pending);
@@ -558,15 +566,7 @@ impl MemoryMedium {
         }
         // Outside the lock: a message dropped here frees its fields and body.
         drop(evicted);
-        messages
-            .iter()
-            .zip(stamps)
-            .map(|(message, (ts, duplicate))| Appended {
-                id: message.id.clone(),
-                ts,
-                duplicate,
-            })
-            .collect()
+        out
     }
 }
 
