@@ -468,22 +468,26 @@ impl futures::Stream for Following {
                 this.is_waiting = false;
                 this.follower = woken;
             }
-            let Some(mut follower) = this.follower.take() else {
+            let Some(follower) = this.follower.as_mut() else {
                 return Poll::Ready(None);
             };
             if let Some(event) = follower.ready.pop_front() {
-                this.follower = Some(follower);
                 return Poll::Ready(Some(Ok(event)));
             }
             if follower.closed.is_stopped() {
+                this.follower = None;
                 return Poll::Ready(None);
             }
+            // A read without registering for wake-ups first: what a follower that lags
+            // behind does at every refill. One that finds nothing waits, and its wait
+            // registers, then reads once more (an append in between would be missed).
             if follower.fill() {
-                this.follower = Some(follower);
                 continue;
             }
-            this.waiting.set(follower.wait());
-            this.is_waiting = true;
+            if let Some(follower) = this.follower.take() {
+                this.waiting.set(follower.wait());
+                this.is_waiting = true;
+            }
         }
     }
 }
