@@ -593,7 +593,10 @@ impl WorkerLoop {
         let shutdown = self.bus.shutdown_token();
         let mut failures = 0u32;
         loop {
+            // Biased: a stop or a shutdown wins over work that is ready at the same
+            // moment (an unbiased select picks at random and could start another job).
             let jobs = tokio::select! {
+                biased;
                 _ = self.stop.cancelled() => return,
                 _ = shutdown.cancelled() => return,
                 jobs = medium.receive_work(&self.claim) => jobs,
@@ -603,6 +606,7 @@ impl WorkerLoop {
                     failures = 0;
                     loop {
                         let job = tokio::select! {
+                            biased;
                             _ = self.stop.cancelled() => return,
                             _ = shutdown.cancelled() => return,
                             job = jobs.next() => job,

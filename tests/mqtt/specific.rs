@@ -523,12 +523,15 @@ async fn a_worker_that_stops_hands_back_what_the_broker_queued_for_it() {
     tokio::time::timeout(HANG_GUARD, started.recv())
         .await
         .unwrap();
-    let stopping = tokio::spawn(busy.stop());
+    // The stop takes effect at its first poll (it cancels, then waits for the job in
+    // hand); only then is the held job let go, or the worker could take the next job
+    // before it is told to stop.
+    let mut stopping = Box::pin(busy.stop());
+    assert!(futures::poll!(stopping.as_mut()).is_pending());
     gate.notify_one();
     tokio::time::timeout(HANG_GUARD, stopping)
         .await
-        .expect("the stopping worker finishes the job in hand and stops")
-        .unwrap();
+        .expect("the stopping worker finishes the job in hand and stops");
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
     loop {
         let mut handled: Vec<i32> = done.lock().unwrap().iter().map(|(_, n)| *n).collect();
