@@ -175,6 +175,12 @@ impl Outbox {
             let appended = medium.append(&batch).await;
             match appended {
                 Ok(_) => self.sent(&batch),
+                Err(Error::Shutdown) => {
+                    // The bus is stopping and its medium closed under this flush: not a
+                    // refusal of these messages; they stay (and stay in the file).
+                    self.release();
+                    return false;
+                }
                 Err(error) if error.is_retryable() => {
                     self.release();
                     tracing::debug!(%error, waiting = self.len(), "outbox: medium still unavailable");
@@ -232,12 +238,15 @@ impl Outbox {
         loop {
             if self.flush_once(&*medium).await {
                 backoff = Duration::from_millis(200);
+                // Biased: once the bus stops, no new flush starts against its medium.
                 tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => break,
                     _ = self.wake.notified() => {}
                 }
             } else {
                 tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }

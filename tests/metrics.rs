@@ -84,10 +84,12 @@ async fn operators_can_scrape_what_the_bus_does() {
         .publish(Message::to_service("billing", "invoice.render").work())
         .await
         .unwrap();
-    for _ in 0..400 {
-        if bus.dead_letters().get(&job.id).await.unwrap().is_some() {
-            break;
-        }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while bus.dead_letters().get(&job.id).await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failing job was not dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

@@ -1,7 +1,7 @@
 //! The outbox and the idempotency fall-back through the public API: a medium that goes
 //! down and comes back, on top of the memory medium.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ struct Flaky {
     store_down: AtomicBool,
     /// A batch holding a message with this action is refused for good, as a whole.
     refused_action: std::sync::Mutex<Option<String>>,
+    /// Calls of `append`, whatever their outcome.
+    appends: AtomicUsize,
 }
 
 impl Flaky {
@@ -46,6 +48,7 @@ impl Medium for Flaky {
         self.inner.max_message_bytes()
     }
     async fn append(&self, messages: &[Message]) -> intracom::Result<Vec<Appended>> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
                 medium: "flaky",
@@ -154,6 +157,7 @@ fn flaky() -> Arc<Flaky> {
         down: AtomicBool::new(false),
         store_down: AtomicBool::new(false),
         refused_action: std::sync::Mutex::new(None),
+        appends: AtomicUsize::new(0),
     })
 }
 
@@ -162,6 +166,20 @@ fn config() -> intracom::ConfigBuilder {
         .service("billing")
         .instance("billing-1")
         .sender("billing", ["reload"])
+}
+
+/// Waits for the outbox to let go of what it sent: the flusher takes a batch out after
+/// the medium took it, so a delivery can be seen a moment before.
+async fn outbox_empties(bus: &Intracom) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while bus.outbox_len() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox still holds {} messages that were delivered",
+            bus.outbox_len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn next_id(sub: &mut intracom::Subscriber) -> String {
@@ -210,7 +228,7 @@ async fn publishes_wait_in_order_while_the_medium_is_down() {
         got.push(next_id(&mut sub).await);
     }
     assert_eq!(got, expected, "every message once, in publish order");
-    assert_eq!(bus.outbox_len(), 0);
+    outbox_empties(&bus).await;
     bus.shutdown().await;
 }
 
@@ -253,7 +271,7 @@ async fn a_refused_message_in_the_outbox_is_dead_lettered_alone() {
         [poison.unwrap().as_str()],
         "only the refused one is dead"
     );
-    assert_eq!(bus.outbox_len(), 0);
+    outbox_empties(&bus).await;
     bus.shutdown().await;
 }
 
@@ -271,6 +289,37 @@ async fn a_full_outbox_is_an_error_the_caller_sees() {
     let err = bus.publish(Message::broadcast("reload")).await.unwrap_err();
     assert!(matches!(err, Error::OutboxFull { capacity: 2 }), "{err}");
     assert!(err.is_retryable());
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_medium_closed_under_the_outbox_refuses_nothing_for_good() {
+    let medium = flaky();
+    let bus = Intracom::with_medium(config().build().unwrap(), medium.clone())
+        .await
+        .unwrap();
+    medium.down.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let p = bus.publish(Message::broadcast("reload")).await.unwrap();
+        assert_eq!(p.status, PublishStatus::Buffered);
+    }
+    // The medium closes (a shut-down under way) while the flusher still retries.
+    medium.inner.close().await;
+    let tried = medium.appends.load(Ordering::SeqCst);
+    medium.down.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while medium.appends.load(Ordering::SeqCst) < tried + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flusher did not retry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        medium.dead_list(10).await.unwrap().is_empty(),
+        "a closed medium is no reason to dead-letter a message"
+    );
+    assert_eq!(bus.outbox_len(), 3, "the messages are kept");
     bus.shutdown().await;
 }
 
