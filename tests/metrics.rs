@@ -55,6 +55,21 @@ async fn operators_can_scrape_what_the_bus_does() {
     let mut sub = bus.subscribe(Subscription::named("cache")).await.unwrap();
     bus.publish(Message::broadcast("reload")).await.unwrap();
     sub.next().await.unwrap().unwrap().ack().await.unwrap();
+    // A run of deliveries ready back to back: the latency is sampled, every delivery
+    // counted once the stream waits again.
+    let mut burst = bus.subscribe(Subscription::named("burst")).await.unwrap();
+    for _ in 0..40 {
+        bus.publish(Message::broadcast("reload")).await.unwrap();
+    }
+    for _ in 0..40 {
+        burst.next().await.unwrap().unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), burst.next())
+            .await
+            .is_err(),
+        "nothing more was published"
+    );
 
     let _server = bus
         .serve(
@@ -105,8 +120,8 @@ async fn operators_can_scrape_what_the_bus_does() {
             intracom::metrics::PUBLISHED,
             Some(("status", "stored"))
         ),
-        3,
-        "broadcast, request record, job"
+        43,
+        "41 broadcasts, the request's record, the job"
     );
     assert_eq!(
         counter(
@@ -124,7 +139,19 @@ async fn operators_can_scrape_what_the_bus_does() {
         ),
         1
     );
-    assert!(histogram_count(&snapshot, intracom::metrics::DELIVERY_LATENCY) >= 1);
+    assert_eq!(
+        counter(
+            &snapshot,
+            intracom::metrics::DELIVERED,
+            Some(("subscription", "burst"))
+        ),
+        40
+    );
+    assert_eq!(
+        histogram_count(&snapshot, intracom::metrics::DELIVERY_LATENCY),
+        41,
+        "one per delivery, the run's included"
+    );
     assert_eq!(
         histogram_count(&snapshot, intracom::metrics::REQUEST_SECONDS),
         1
