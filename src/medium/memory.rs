@@ -19,6 +19,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,6 +94,10 @@ struct Shared {
     /// Woken on every append; followers caught up with the log wait on it (one lock
     /// per append, where a `watch` channel's notify takes eight).
     appended: Notify,
+    /// The sequence number of the newest entry written (0: none yet), set after the
+    /// log's lock and before `appended` wakes anyone: a follower that has read up to it
+    /// knows, without the lock, that there is nothing to read.
+    written: AtomicU64,
     closed: crate::stop::Stop,
     catalog: Mutex<CatalogMap>,
     checkpoints: Mutex<HashMap<String, Position>>,
@@ -315,6 +320,7 @@ impl MemoryMedium {
                 options,
                 log: RwLock::new(Log::new()),
                 appended: Notify::new(),
+                written: AtomicU64::new(0),
                 closed: crate::stop::Stop::new(),
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
@@ -367,19 +373,31 @@ impl Follower {
     /// shared with the log (the first follower to read an entry builds its position,
     /// once: a message nobody follows never needs one).
     fn fill(&mut self) -> bool {
+        // Nothing written after the cursor: nothing to read, and nothing it has not
+        // read can have expired. (Entries up to `written` are in the log, or expired.)
+        if self.cursor >= self.shared.written.load(Ordering::Acquire) {
+            return false;
+        }
         let mut progressed = false;
         let log = read(&self.shared.log);
-        let now = Instant::now();
         let next = self.cursor + 1;
         let live_first = match next
             .checked_sub(log.first_seq)
             .map(|i| log.entries.get(i as usize))
         {
             // The next entry to read is live, or not written yet: nothing before it
-            // expired unread (entries expire in sequence order), no search needed.
-            Some(Some(entry)) if entry.expires > now => next,
+            // expired unread (entries expire in sequence order), no search needed. The
+            // clock is read only when there is an entry to judge.
+            Some(Some(entry)) => {
+                let now = Instant::now();
+                if entry.expires > now {
+                    next
+                } else {
+                    log.live_first_seq(now)
+                }
+            }
             Some(None) => next,
-            _ => log.live_first_seq(now),
+            None => log.live_first_seq(Instant::now()),
         };
         if next < live_first {
             self.ready.push_back(Event::Lost {
@@ -563,9 +581,10 @@ impl MemoryMedium {
                 });
             }
             log.prune(now, options.max_messages, &mut evicted);
-            log.next_seq != before
+            (log.next_seq != before).then_some(log.next_seq - 1)
         };
-        if appended {
+        if let Some(newest) = appended {
+            self.shared.written.store(newest, Ordering::Release);
             self.shared.appended.notify_waiters();
         }
         // Outside the lock: a message dropped here frees its fields and body.
