@@ -37,14 +37,15 @@ impl Position {
 }
 
 /// A message's [`Position`] as followers receive it ([`crate::medium::Event::Message`]):
-/// one per message, shared by every follower and every delivery of it, cheap to clone.
+/// cheap to clone, and made only if someone reads it.
 ///
-/// A medium that has the whole position at hand wraps it ([`SharedPosition::new`]). One
-/// that numbers its messages can defer it ([`SharedPosition::deferred`]): the token is
-/// then built the first time anyone reads the position (a named subscription saving its
-/// checkpoint, a caller of [`crate::Delivery::position`]) and never for a message whose
-/// position nobody reads; building a token document costs more than handing a message
-/// to a subscriber.
+/// A medium that has the whole position at hand wraps it ([`SharedPosition::new`]): its
+/// clones share it. One that numbers its messages can defer it
+/// ([`SharedPosition::deferred`]): a deferred position is a few numbers, copied by its
+/// clones without any reference count or allocation (every delivery of a message to
+/// every subscriber holds one), and each holder builds the token the first time it
+/// reads it (a named subscription saving its checkpoint, a caller of
+/// [`crate::Delivery::position`]): never for a message whose position nobody reads.
 ///
 /// ```
 /// use intracom::bson::{doc, Timestamp};
@@ -59,30 +60,45 @@ impl Position {
 /// assert_eq!(made.get(), deferred.get());
 /// ```
 #[derive(Clone)]
-pub struct SharedPosition(Arc<Deferred>);
+pub struct SharedPosition(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// Made by the medium; clones share it.
+    Made(Arc<Position>),
+    /// Made by `make(ts, number)` when first read through this value.
+    Deferred(Deferred),
+}
 
 struct Deferred {
     ts: Timestamp,
     number: u64,
     make: fn(Timestamp, u64) -> Position,
-    made: OnceLock<Position>,
+    made: OnceLock<Box<Position>>,
+}
+
+impl Clone for Deferred {
+    /// The parts, not what was made of them: a clone makes its own when read (copying
+    /// a made position would allocate as much as making it).
+    fn clone(&self) -> Self {
+        Deferred {
+            ts: self.ts,
+            number: self.number,
+            make: self.make,
+            made: OnceLock::new(),
+        }
+    }
 }
 
 impl SharedPosition {
     /// A position already made.
     pub fn new(position: Position) -> Self {
-        let ts = position.ts;
-        SharedPosition(Arc::new(Deferred {
-            ts,
-            number: 0,
-            make: |ts, _| Position::new(ts, None),
-            made: OnceLock::from(position),
-        }))
+        SharedPosition(Repr::Made(Arc::new(position)))
     }
 
     /// A position made by `make(ts, number)` when it is first read.
     pub fn deferred(ts: Timestamp, number: u64, make: fn(Timestamp, u64) -> Position) -> Self {
-        SharedPosition(Arc::new(Deferred {
+        SharedPosition(Repr::Deferred(Deferred {
             ts,
             number,
             make,
@@ -92,13 +108,18 @@ impl SharedPosition {
 
     /// The order stamp (without making the position).
     pub fn ts(&self) -> Timestamp {
-        self.0.ts
+        match &self.0 {
+            Repr::Made(position) => position.ts,
+            Repr::Deferred(d) => d.ts,
+        }
     }
 
-    /// The position, made now if it was deferred and nobody read it yet.
+    /// The position, made now if it was deferred and not read through this value yet.
     pub fn get(&self) -> &Position {
-        let d = &*self.0;
-        d.made.get_or_init(|| (d.make)(d.ts, d.number))
+        match &self.0 {
+            Repr::Made(position) => position,
+            Repr::Deferred(d) => d.made.get_or_init(|| Box::new((d.make)(d.ts, d.number))),
+        }
     }
 }
 
@@ -266,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn a_deferred_position_is_made_once_when_first_read_and_shared_by_its_clones() {
+    fn a_deferred_position_is_made_when_first_read_once_per_holder() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static MADE: AtomicUsize = AtomicUsize::new(0);
         fn make(ts: Timestamp, n: u64) -> Position {
@@ -284,8 +305,12 @@ mod tests {
         let first = copies[0].get();
         assert_eq!(first.ts, ts);
         assert_eq!(first.token, Some(bson::doc! { "seq": 9_i64 }));
-        assert!(std::ptr::eq(first, copies[1].get()));
-        assert!(std::ptr::eq(first, shared.get()));
-        assert_eq!(MADE.load(Ordering::SeqCst), 1, "made once for every copy");
+        assert!(std::ptr::eq(first, copies[0].get()), "made once per holder");
+        assert_eq!(MADE.load(Ordering::SeqCst), 1);
+        assert_eq!(copies[1].get(), first, "every copy makes the same position");
+        assert_eq!(MADE.load(Ordering::SeqCst), 2);
+        // A made position is shared by its clones.
+        let made = SharedPosition::new(Position::new(ts, None));
+        assert!(std::ptr::eq(made.get(), made.clone().get()));
     }
 }

@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -91,6 +91,11 @@ pub struct MemoryMedium {
 struct Shared {
     options: MemoryOptions,
     log: RwLock<Log>,
+    /// The stored messages by id (the index shares the messages: no copy of the ids).
+    /// Only publishes use it, and hold it through the whole publish: it sits outside
+    /// the log's lock, so that its upkeep after an eviction (the oldest message's id,
+    /// in memory no cache holds any more) does not keep followers waiting.
+    ids: Mutex<HashSet<ById, FastHash>>,
     /// Woken on every append; followers caught up with the log wait on it (one lock
     /// per append, where a `watch` channel's notify takes eight).
     appended: Notify,
@@ -113,9 +118,6 @@ struct Entry {
     seq: u64,
     expires: Instant,
     message: Arc<Message>,
-    /// Made by the first follower that reads the entry (not by the publisher) and
-    /// shared by every follower's event; its token is built only if someone reads it.
-    position: OnceLock<SharedPosition>,
 }
 
 struct Log {
@@ -124,8 +126,6 @@ struct Log {
     /// Sequence number of `entries[0]`, or of the next message when empty.
     first_seq: u64,
     next_seq: u64,
-    /// The stored messages by id (the index shares the messages: no copy of the ids).
-    ids: HashSet<ById, FastHash>,
     last_ts: Timestamp,
     /// State of work (`delivery: one`) by message id.
     work: HashMap<String, Work, FastHash>,
@@ -210,7 +210,6 @@ impl Log {
             entries: VecDeque::new(),
             first_seq: 1,
             next_seq: 1,
-            ids: HashSet::default(),
             last_ts: Timestamp {
                 time: 0,
                 increment: 0,
@@ -234,16 +233,15 @@ impl Log {
 
     /// Drops what retention removes: expired entries and those over the count limit.
     ///
-    /// The entries taken out go to `evicted`: the caller drops them (and with them,
-    /// messages nobody else holds) after releasing the log's lock, which followers wait
-    /// for meanwhile.
+    /// The entries taken out go to `evicted`: the caller takes their ids out of the
+    /// index and drops them (and with them, messages nobody else holds) after releasing
+    /// the log's lock, which followers wait for meanwhile.
     fn prune(&mut self, now: Instant, max_messages: usize, evicted: &mut Vec<Entry>) {
         while let Some(front) = self.entries.front() {
             if front.expires > now && self.entries.len() <= max_messages {
                 break;
             }
             if let Some(entry) = self.entries.pop_front() {
-                self.ids.remove(entry.message.id.as_str());
                 if entry.message.delivery == DeliveryMode::One {
                     self.dequeue(&entry.message.id);
                     self.work.remove(&entry.message.id);
@@ -321,6 +319,7 @@ impl MemoryMedium {
                 log: RwLock::new(Log::new()),
                 appended: Notify::new(),
                 written: AtomicU64::new(0),
+                ids: Mutex::new(HashSet::default()),
                 closed: crate::stop::Stop::new(),
                 catalog: Mutex::new(CatalogMap::new()),
                 checkpoints: Mutex::new(HashMap::new()),
@@ -369,9 +368,9 @@ struct Follower {
 
 impl Follower {
     /// Moves the cursor over up to [`READ_BATCH`] entries; true if anything happened.
-    /// Under the log's lock only reference counts move: messages and positions are
-    /// shared with the log (the first follower to read an entry builds its position,
-    /// once: a message nobody follows never needs one).
+    /// Under the log's lock only a reference count moves: messages are shared with the
+    /// log, and an event's position is a deferred one (a few numbers: no count that
+    /// every follower of a message changes, no allocation).
     fn fill(&mut self) -> bool {
         // Nothing written after the cursor: nothing to read, and nothing it has not
         // read can have expired. (Entries up to `written` are in the log, or expired.)
@@ -413,10 +412,7 @@ impl Follower {
             if self.filter.matches(&entry.message) {
                 self.ready.push_back(Event::Message(
                     Arc::clone(&entry.message),
-                    entry
-                        .position
-                        .get_or_init(|| shared_position_of(&entry.message, entry.seq))
-                        .clone(),
+                    shared_position_of(&entry.message, entry.seq),
                 ));
             }
         }
@@ -427,20 +423,27 @@ impl Follower {
     /// append before reading, so that an append after the read wakes it), or the
     /// medium closes (`None`). The follower travels boxed: only a pointer moves.
     async fn wait(mut self: Box<Self>) -> Option<Box<Self>> {
+        let shared = Arc::clone(&self.shared);
         loop {
+            let appended = shared.appended.notified();
+            tokio::pin!(appended);
+            // Registered before the checks: an append or a close after them wakes it
+            // (`close` stops the medium, then notifies).
+            appended.as_mut().enable();
             if self.closed.is_stopped() {
                 return None;
             }
-            let shared = Arc::clone(&self.shared);
-            let appended = shared.appended.notified();
-            tokio::pin!(appended);
-            appended.as_mut().enable();
             if self.fill() {
                 return Some(self);
             }
-            tokio::select! {
-                _ = self.closed.token().cancelled() => return None,
-                _ = appended => {}
+            appended.await;
+            // Woken: read at once, without registering again (a registration, then
+            // its removal, take the lock that every follower and the publisher share).
+            if self.closed.is_stopped() {
+                return None;
+            }
+            if self.fill() {
+                return Some(self);
             }
         }
     }
@@ -531,6 +534,9 @@ impl MemoryMedium {
         let wall = SystemTime::now();
         let at = bson::DateTime::from_system_time(wall);
         let mut evicted = Vec::new();
+        // Publishes take the index first, then the log: a duplicate check and the
+        // insertion that follows are one step for concurrent publishers.
+        let mut ids = lock(&self.shared.ids);
         let appended = {
             let mut log = write(&self.shared.log);
             let before = log.next_seq;
@@ -538,10 +544,13 @@ impl MemoryMedium {
             let now = Instant::now();
             log.prune(now, options.max_messages, &mut evicted);
             for (mut message, receipt) in messages.into_iter().zip(&mut out) {
-                if let Some(stored) = log.ids.get(message.id.as_str()) {
-                    receipt.ts = stored.0.ts;
-                    receipt.duplicate = true;
-                    continue;
+                if let Some(stored) = ids.get(message.id.as_str()) {
+                    // (An id whose message this publish just evicted is free again.)
+                    if !evicted.iter().any(|e| Arc::ptr_eq(&e.message, &stored.0)) {
+                        receipt.ts = stored.0.ts;
+                        receipt.duplicate = true;
+                        continue;
+                    }
                 }
                 let ts = log.next_ts_at(wall);
                 // Not shared yet: stamped in place (`make_mut` copies a shared one only).
@@ -551,7 +560,7 @@ impl MemoryMedium {
                 receipt.ts = Some(ts);
                 let seq = log.next_seq;
                 log.next_seq += 1;
-                log.ids.insert(ById(Arc::clone(&message)));
+                ids.replace(ById(Arc::clone(&message)));
                 if message.delivery == DeliveryMode::One {
                     let state = message.state.unwrap_or(State::Pending);
                     let work = Work {
@@ -577,7 +586,6 @@ impl MemoryMedium {
                     seq,
                     expires: now + options.retention,
                     message,
-                    position: OnceLock::new(),
                 });
             }
             log.prune(now, options.max_messages, &mut evicted);
@@ -587,7 +595,17 @@ impl MemoryMedium {
             self.shared.written.store(newest, Ordering::Release);
             self.shared.appended.notify_waiters();
         }
-        // Outside the lock: a message dropped here frees its fields and body.
+        // Outside the log's lock: the evicted messages' ids leave the index (unless the
+        // id names a message stored since), then the messages are dropped, which frees
+        // their fields and bodies.
+        for entry in &evicted {
+            if let Some(stored) = ids.take(entry.message.id.as_str()) {
+                if !Arc::ptr_eq(&stored.0, &entry.message) {
+                    ids.insert(stored);
+                }
+            }
+        }
+        drop(ids);
         drop(evicted);
         out
     }
@@ -1001,6 +1019,8 @@ impl Medium for MemoryMedium {
 
     async fn close(&self) {
         self.shared.closed.stop();
+        // Followers that caught up wait for an append: this one wakes them to end.
+        self.shared.appended.notify_waiters();
     }
 }
 
@@ -1116,6 +1136,23 @@ mod tests {
         assert!(again[0].duplicate);
         assert_eq!(first[0].ts, again[0].ts);
         assert_eq!(m.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_id_whose_message_the_same_append_evicts_is_stored_again_and_stays_indexed() {
+        let m = medium(50, 10);
+        let one = msg("a");
+        let first = m.append(std::slice::from_ref(&one)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // This append's prune evicts the expired first copy, then stores this one.
+        let again = m.append(std::slice::from_ref(&one)).await.unwrap();
+        assert!(!again[0].duplicate);
+        assert!(again[0].ts > first[0].ts);
+        assert_eq!(m.len(), 1);
+        // The index names the new copy (the eviction did not take its id out).
+        let third = m.append(std::slice::from_ref(&one)).await.unwrap();
+        assert!(third[0].duplicate);
+        assert_eq!(third[0].ts, again[0].ts);
     }
 
     #[tokio::test]

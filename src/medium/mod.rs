@@ -125,8 +125,8 @@ pub struct Appended {
 #[non_exhaustive]
 pub enum Event {
     /// A message, with the position just after which a follower resumes to get the next
-    /// (shared: a medium that fans one message out to many followers builds it once, and
-    /// may defer building it until someone reads it).
+    /// (a medium that has it at hand shares it; one that numbers its messages defers
+    /// building it until someone reads it: see [`SharedPosition`]).
     Message(Arc<Message>, SharedPosition),
     /// Messages after the start point were removed before they were read.
     Lost {
