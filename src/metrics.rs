@@ -9,7 +9,7 @@
 //! | `intracom_published_total` | counter | `medium`, `status` (`stored`, `duplicate`, `buffered`) | publishes |
 //! | `intracom_delivered_total` | counter | `subscription` | messages handed to subscribers |
 //! | `intracom_acked_total` | counter | `subscription` | acknowledgements |
-//! | `intracom_delivery_latency_seconds` | histogram | | from the medium's stamp (`at`) to delivery; one observation per delivery, measured on each delivery a subscription waited for and on one in 16 of a run ready back to back (the others take that measure) |
+//! | `intracom_delivery_latency_seconds` | histogram | | from the medium's stamp (`at`) to delivery; one observation per delivery: measured on each delivery a subscription waited for (one stamped in the same millisecond as the last measured takes that measure) and on one in 16 of a run ready back to back (the others take that measure) |
 //! | `intracom_lost_total` | counter | `subscription` | messages reported lost (expired before delivery) |
 //! | `intracom_claimed_total` | counter | `service` | work and requests claimed |
 //! | `intracom_retried_total` | counter | `service` | failed work scheduled again |

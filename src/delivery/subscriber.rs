@@ -197,23 +197,34 @@ struct Deliverer {
 enum Outcome {
     /// The item to hand out.
     Ready(Result<Delivery>),
-    /// The catalog must be read before the message can be admitted (with the weight
-    /// of its latency sample).
-    Screen(Arc<Message>, SharedPosition, usize),
+    /// The catalog must be read before the message can be admitted (with how its
+    /// latency is to be recorded once delivered).
+    Screen(Arc<Message>, SharedPosition, Sample),
+}
+
+/// How a delivery's stamp-to-delivery latency is recorded ([`Deliveries::sample`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sample {
+    /// Not by this delivery: a later measure counts it (or the message has no stamp).
+    Later,
+    /// Measured at the delivery, and counted for this many deliveries.
+    Measure(usize),
+    /// The subscription's last measure, in seconds: the message was stamped in the
+    /// same millisecond as the one measured last (stamps have that resolution).
+    Last(f64),
 }
 
 impl Deliverer {
     /// Turns an event into an item without waiting, unless the message's kind must be
     /// looked up in the catalog first (see [`Deliverer::screen_then_deliver`]):
     /// `admitted` is the kind the subscription's screen admitted last.
-    ///
-    /// `weight` is the number of deliveries whose latency this one stands for (0: not
-    /// measured; see [`Deliveries::latency_weight`]).
+    /// The latency of an item handed out at once is recorded by the caller; `sample`
+    /// goes with a message that waits for the catalog.
     fn deliver_now(
         &self,
         event: Result<Event>,
         admitted: Option<&Admitted>,
-        weight: usize,
+        sample: Sample,
     ) -> Outcome {
         match event {
             Err(error) => Outcome::Ready(Err(error)),
@@ -227,9 +238,9 @@ impl Deliverer {
             }
             Ok(Event::Message(message, position)) => match &self.screen {
                 Some(screen) if !screen.admits_at_once(admitted, &message) => {
-                    Outcome::Screen(message, position, weight)
+                    Outcome::Screen(message, position, sample)
                 }
-                _ => Outcome::Ready(Ok(self.delivery(message, position, weight))),
+                _ => Outcome::Ready(Ok(self.delivery(message, position))),
             },
         }
     }
@@ -241,7 +252,7 @@ impl Deliverer {
         self: Arc<Self>,
         message: Arc<Message>,
         position: SharedPosition,
-        weight: usize,
+        sample: Sample,
     ) -> Screened {
         let admitted = match &self.screen {
             Some(screen) => match screen.admit(&self.label, &message).await {
@@ -251,22 +262,36 @@ impl Deliverer {
             },
             None => None,
         };
-        (Some(Ok(self.delivery(message, position, weight))), admitted)
+        if let Some(at) = message.at {
+            self.record_latency(at, sample);
+        }
+        (Some(Ok(self.delivery(message, position))), admitted)
     }
 
-    /// The delivery of `message`; its stamp-to-delivery latency is measured if `weight`
-    /// is not 0, and counted for `weight` deliveries.
-    fn delivery(&self, message: Arc<Message>, position: SharedPosition, weight: usize) -> Delivery {
+    /// Records the latency of a delivery of a message stamped `at`, as `sample` says;
+    /// returns the age measured, if it measured one.
+    fn record_latency(&self, at: bson::DateTime, sample: Sample) -> Option<f64> {
+        match sample {
+            Sample::Later => None,
+            Sample::Last(age) => {
+                self.latency.record(age);
+                None
+            }
+            Sample::Measure(weight) => {
+                let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
+                let age = age_ms.max(0) as f64 / 1000.0;
+                self.latency.record_many(age, weight);
+                Some(age)
+            }
+        }
+    }
+
+    fn delivery(&self, message: Arc<Message>, position: SharedPosition) -> Delivery {
         let ack = self
             .acks
             .as_ref()
             .map(|t| (Arc::clone(t), t.delivered(position.clone())));
         self.delivered.increment(1);
-        if let (Some(at), 1..) = (message.at, weight) {
-            let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
-            self.latency
-                .record_many(age_ms.max(0) as f64 / 1000.0, weight);
-        }
         Delivery {
             message,
             position,
@@ -290,32 +315,45 @@ struct Deliveries {
     /// Stamped deliveries since the last latency sample, and the newest one's stamp.
     unsampled: usize,
     unsampled_at: Option<bson::DateTime>,
+    /// The last latency measured: the stamp (in milliseconds) and the age, in seconds.
+    last: Option<(i64, f64)>,
 }
+
+/// The item of a screened message (`None`: dead-lettered), and the kind admitted.
+type Screened = (Option<Result<Delivery>>, Option<Admitted>);
 
 /// In a run of deliveries that are ready one after the other, the latency is measured
 /// on every this many (a clock read per delivery was a sixth of a fan-out's cost).
 const LATENCY_SAMPLE_EVERY: usize = 16;
 
 impl Deliveries {
-    /// The weight of the latency sample that the delivery of `message` takes (0: none).
+    /// How the latency of the delivery of `message` is recorded.
     ///
-    /// A delivery that the stream waited for is always measured (so a quiet
-    /// subscription measures each one). In a run of messages ready back to back every
-    /// [`LATENCY_SAMPLE_EVERY`]th is measured, and stands for itself and the ones
-    /// since the previous sample, delivered within the same run; the rest of a run is
-    /// measured when the stream next waits ([`Deliveries::flush_latency`]). The
-    /// histogram's count is the number of stamped deliveries.
-    fn latency_weight(&mut self, message: &Message) -> usize {
+    /// A delivery that the stream waited for is measured, unless its message was
+    /// stamped in the same millisecond as the one measured last: it takes that measure
+    /// (a subscription that keeps up with a fast publisher reads the clock about once
+    /// a millisecond, a quiet one at every delivery). In a run of messages ready back
+    /// to back every [`LATENCY_SAMPLE_EVERY`]th is measured, and counted for itself
+    /// and the ones since the previous measure; the rest of a run is measured when the
+    /// stream next waits ([`Deliveries::flush_latency`]). The histogram's count is the
+    /// number of stamped deliveries.
+    fn sample(&mut self, message: &Message) -> Sample {
         let Some(at) = message.at else {
-            return 0;
+            return Sample::Later;
         };
+        if std::mem::take(&mut self.awaited) {
+            return match self.last {
+                Some((ms, age)) if ms == at.timestamp_millis() => Sample::Last(age),
+                _ => Sample::Measure(1),
+            };
+        }
         self.unsampled += 1;
-        if std::mem::take(&mut self.awaited) || self.unsampled >= LATENCY_SAMPLE_EVERY {
+        if self.unsampled >= LATENCY_SAMPLE_EVERY {
             self.unsampled_at = None;
-            std::mem::take(&mut self.unsampled)
+            Sample::Measure(std::mem::take(&mut self.unsampled))
         } else {
             self.unsampled_at = Some(at);
-            0
+            Sample::Later
         }
     }
 
@@ -325,16 +363,12 @@ impl Deliveries {
     fn flush_latency(&mut self) {
         if let (Some(at), weight @ 1..) = (self.unsampled_at.take(), self.unsampled) {
             self.unsampled = 0;
-            let age_ms = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
-            self.context
-                .latency
-                .record_many(age_ms.max(0) as f64 / 1000.0, weight);
+            if let Some(age) = self.context.record_latency(at, Sample::Measure(weight)) {
+                self.last = Some((at.timestamp_millis(), age));
+            }
         }
     }
 }
-
-/// The item of a screened message (`None`: dead-lettered), and the kind admitted.
-type Screened = (Option<Result<Delivery>>, Option<Admitted>);
 
 impl Stream for Deliveries {
     type Item = Result<Delivery>;
@@ -366,19 +400,26 @@ impl Stream for Deliveries {
                     return Poll::Pending;
                 }
             };
-            let weight = match &event {
-                Ok(Event::Message(message, _)) => this.latency_weight(message),
-                _ => 0,
+            let (sample, at) = match &event {
+                Ok(Event::Message(message, _)) => (this.sample(message), message.at),
+                _ => (Sample::Later, None),
             };
             match this
                 .context
-                .deliver_now(event, this.admitted.as_ref(), weight)
+                .deliver_now(event, this.admitted.as_ref(), sample)
             {
-                Outcome::Ready(item) => return Poll::Ready(Some(item)),
-                Outcome::Screen(message, position, weight) => {
+                Outcome::Ready(item) => {
+                    if let (Ok(_), Some(at)) = (&item, at) {
+                        if let Some(age) = this.context.record_latency(at, sample) {
+                            this.last = Some((at.timestamp_millis(), age));
+                        }
+                    }
+                    return Poll::Ready(Some(item));
+                }
+                Outcome::Screen(message, position, sample) => {
                     let context = Arc::clone(&this.context);
                     this.screening = Some(Box::pin(
-                        context.screen_then_deliver(message, position, weight),
+                        context.screen_then_deliver(message, position, sample),
                     ));
                 }
             }
@@ -419,6 +460,7 @@ impl Subscriber {
                 awaited: true,
                 unsampled: 0,
                 unsampled_at: None,
+                last: None,
             },
             done: false,
         };
@@ -602,10 +644,12 @@ mod tests {
     }
 
     fn stamped(n: i64) -> Result<Event> {
+        stamped_at(bson::DateTime::now().timestamp_millis() - n)
+    }
+
+    fn stamped_at(ms: i64) -> Result<Event> {
         let mut message = Message::broadcast("reload");
-        message.at = Some(bson::DateTime::from_millis(
-            bson::DateTime::now().timestamp_millis() - n,
-        ));
+        message.at = Some(bson::DateTime::from_millis(ms));
         let ts = bson::Timestamp {
             time: 1,
             increment: 1,
@@ -662,11 +706,32 @@ mod tests {
             "every delivery counted once"
         );
         // A delivery the stream waited for is measured on its own.
-        tx.unbounded_send(stamped(0)).unwrap();
+        let ms = bson::DateTime::now().timestamp_millis() - 3_000;
+        tx.unbounded_send(stamped_at(ms)).unwrap();
         assert!(poll(&mut sub));
         assert_eq!(counts(&samples), [1, 16, 16, 7, 1]);
-        let ages: Vec<f64> = samples.lock().unwrap().iter().map(|(v, _)| *v).collect();
-        assert!(ages.iter().all(|a| (0.0..5.0).contains(a)), "{ages:?}");
+        // The next, stamped in the same millisecond, takes that measure: no clock read
+        // (read, the clock would have moved on by the pause).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!poll(&mut sub));
+        tx.unbounded_send(stamped_at(ms)).unwrap();
+        assert!(poll(&mut sub));
+        let all = samples.lock().unwrap().clone();
+        assert_eq!(all.len(), 6);
+        assert_eq!(all[5], all[4], "the last measure, counted once more");
+        assert!(all[4].0 >= 3.0, "{all:?}");
+        // Stamped in another millisecond: measured.
+        assert!(!poll(&mut sub));
+        tx.unbounded_send(stamped_at(ms + 1)).unwrap();
+        assert!(poll(&mut sub));
+        let all = samples.lock().unwrap().clone();
+        assert_eq!(all.len(), 7);
+        assert!(
+            all[6].0 >= all[5].0 + 0.019 - 0.001,
+            "measured after the pause: {all:?}"
+        );
+        let ages: Vec<f64> = all.iter().map(|(v, _)| *v).collect();
+        assert!(ages.iter().all(|a| (0.0..10.0).contains(a)), "{ages:?}");
     }
 
     #[test]
