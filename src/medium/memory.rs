@@ -367,86 +367,114 @@ struct Follower {
 }
 
 impl Follower {
-    /// Moves the cursor over up to [`READ_BATCH`] entries; true if anything happened.
-    /// Under the log's lock only a reference count moves: messages are shared with the
-    /// log, and an event's position is a deferred one (a few numbers: no count that
-    /// every follower of a message changes, no allocation).
+    /// Reads the log from the cursor ([`read_log`]); true if anything happened.
     fn fill(&mut self) -> bool {
-        // Nothing written after the cursor: nothing to read, and nothing it has not
-        // read can have expired. (Entries up to `written` are in the log, or expired.)
-        if self.cursor >= self.shared.written.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut progressed = false;
-        let log = read(&self.shared.log);
-        let next = self.cursor + 1;
-        let live_first = match next
-            .checked_sub(log.first_seq)
-            .map(|i| log.entries.get(i as usize))
-        {
-            // The next entry to read is live, or not written yet: nothing before it
-            // expired unread (entries expire in sequence order), no search needed. The
-            // clock is read only when there is an entry to judge.
-            Some(Some(entry)) => {
-                let now = Instant::now();
-                if entry.expires > now {
-                    next
-                } else {
-                    log.live_first_seq(now)
-                }
-            }
-            Some(None) => next,
-            None => log.live_first_seq(Instant::now()),
-        };
-        if next < live_first {
-            self.ready.push_back(Event::Lost {
-                count: live_first - self.cursor - 1,
-            });
-            self.cursor = live_first - 1;
-            progressed = true;
-        }
-        let start = (self.cursor + 1 - log.first_seq) as usize;
-        for entry in log.entries.range(start..).take(READ_BATCH) {
-            self.cursor = entry.seq;
-            progressed = true;
-            if self.filter.matches(&entry.message) {
-                self.ready.push_back(Event::Message(
-                    Arc::clone(&entry.message),
-                    shared_position_of(&entry.message, entry.seq),
-                ));
-            }
-        }
-        progressed
+        read_log(
+            &self.shared,
+            &mut self.cursor,
+            &self.filter,
+            &mut self.ready,
+        )
     }
 
     /// Waits until the log has something for this follower (registered for the next
     /// append before reading, so that an append after the read wakes it), or the
-    /// medium closes (`None`). The follower travels boxed: only a pointer moves.
+    /// medium closes (`None`). The follower travels boxed: only a pointer moves, and
+    /// the wait borrows the medium from it (no reference count that every follower's
+    /// wait would change).
     async fn wait(mut self: Box<Self>) -> Option<Box<Self>> {
-        let shared = Arc::clone(&self.shared);
         loop {
-            let appended = shared.appended.notified();
-            tokio::pin!(appended);
+            let this = &mut *self;
+            let mut appended = std::pin::pin!(this.shared.appended.notified());
             // Registered before the checks: an append or a close after them wakes it
             // (`close` stops the medium, then notifies).
             appended.as_mut().enable();
-            if self.closed.is_stopped() {
+            if this.closed.is_stopped() {
                 return None;
             }
-            if self.fill() {
-                return Some(self);
+            if read_log(
+                &this.shared,
+                &mut this.cursor,
+                &this.filter,
+                &mut this.ready,
+            ) {
+                break;
             }
             appended.await;
             // Woken: read at once, without registering again (a registration, then
             // its removal, take the lock that every follower and the publisher share).
-            if self.closed.is_stopped() {
+            if this.closed.is_stopped() {
                 return None;
             }
-            if self.fill() {
-                return Some(self);
+            if read_log(
+                &this.shared,
+                &mut this.cursor,
+                &this.filter,
+                &mut this.ready,
+            ) {
+                break;
             }
         }
+        Some(self)
     }
+}
+
+/// Moves a follower's cursor over up to [`READ_BATCH`] entries of the log, its events
+/// into `ready`; true if anything happened.
+/// Under the log's lock only a reference count moves: messages are shared with the
+/// log, and an event's position is a deferred one (a few numbers: no count that
+/// every follower of a message changes, no allocation).
+fn read_log(
+    shared: &Shared,
+    cursor: &mut u64,
+    filter: &Filter,
+    ready: &mut VecDeque<Event>,
+) -> bool {
+    // Nothing written after the cursor: nothing to read, and nothing it has not
+    // read can have expired. (Entries up to `written` are in the log, or expired.)
+    if *cursor >= shared.written.load(Ordering::Acquire) {
+        return false;
+    }
+    let mut progressed = false;
+    let log = read(&shared.log);
+    let next = *cursor + 1;
+    let live_first = match next
+        .checked_sub(log.first_seq)
+        .map(|i| log.entries.get(i as usize))
+    {
+        // The next entry to read is live, or not written yet: nothing before it
+        // expired unread (entries expire in sequence order), no search needed. The
+        // clock is read only when there is an entry to judge.
+        Some(Some(entry)) => {
+            let now = Instant::now();
+            if entry.expires > now {
+                next
+            } else {
+                log.live_first_seq(now)
+            }
+        }
+        Some(None) => next,
+        None => log.live_first_seq(Instant::now()),
+    };
+    if next < live_first {
+        ready.push_back(Event::Lost {
+            count: live_first - *cursor - 1,
+        });
+        *cursor = live_first - 1;
+        progressed = true;
+    }
+    let start = (*cursor + 1 - log.first_seq) as usize;
+    for entry in log.entries.range(start..).take(READ_BATCH) {
+        *cursor = entry.seq;
+        progressed = true;
+        if filter.matches(&entry.message) {
+            ready.push_back(Event::Message(
+                Arc::clone(&entry.message),
+                shared_position_of(&entry.message, entry.seq),
+            ));
+        }
+    }
+    progressed
 }
 
 /// A follower as a stream: an event already read is handed out straight from the
