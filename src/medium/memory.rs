@@ -383,36 +383,29 @@ impl Follower {
     /// the wait borrows the medium from it (no reference count that every follower's
     /// wait would change).
     async fn wait(mut self: Box<Self>) -> Option<Box<Self>> {
-        loop {
+        'wait: loop {
             let this = &mut *self;
             let mut appended = std::pin::pin!(this.shared.appended.notified());
             // Registered before the checks: an append or a close after them wakes it
-            // (`close` stops the medium, then notifies).
+            // (`close` stops the medium, then notifies). Once woken, it reads at once,
+            // without registering again (a registration, then its removal, take the
+            // lock that every follower and the publisher share).
             appended.as_mut().enable();
-            if this.closed.is_stopped() {
-                return None;
-            }
-            if read_log(
-                &this.shared,
-                &mut this.cursor,
-                &this.filter,
-                &mut this.ready,
-            ) {
-                break;
-            }
-            appended.await;
-            // Woken: read at once, without registering again (a registration, then
-            // its removal, take the lock that every follower and the publisher share).
-            if this.closed.is_stopped() {
-                return None;
-            }
-            if read_log(
-                &this.shared,
-                &mut this.cursor,
-                &this.filter,
-                &mut this.ready,
-            ) {
-                break;
+            for woken in [false, true] {
+                if woken {
+                    appended.as_mut().await;
+                }
+                if this.closed.is_stopped() {
+                    return None;
+                }
+                if read_log(
+                    &this.shared,
+                    &mut this.cursor,
+                    &this.filter,
+                    &mut this.ready,
+                ) {
+                    break 'wait;
+                }
             }
         }
         Some(self)
