@@ -51,7 +51,11 @@ fn decode_claimed(document: Document) -> Result<Message> {
 /// live lease. The equality on the claim index's fields is a clause of its own in an
 /// `$and`: the same query for mongod, which flattens `$and` into one conjunction, and
 /// one that the Rust test server answers from the claim index instead of examining
-/// every document of the service.
+/// every document of the service. (Measured, not read from that server's `explain`,
+/// which shows this form as a collection scan and the same conjunction written at the
+/// top level on the claim index: 500 claims and settles took 0.55 s and 0.57 s with 0
+/// and 2000 settled requests beside them in this form, 0.56 s and 1.16 s in the other;
+/// `scripts/request-probe.py claims`.)
 pub(crate) fn claim_filter(service: &str, actions: &[String]) -> Document {
     doc! { "$and": [
         { "serviceNameDest": service, "delivery": "one", "state": "pending" },
