@@ -41,6 +41,7 @@ mod bus;
 pub mod catalog;
 pub mod config;
 pub mod dead;
+mod deadline;
 pub mod delivery;
 pub mod error;
 pub mod filter;

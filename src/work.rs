@@ -275,7 +275,7 @@ impl<R: DeserializeOwned> Request<R> {
 
         // The time-out covers the whole request, including a medium that waits for a
         // worker to be present before it sends (MQTT).
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let deadline = crate::deadline::after(self.timeout);
         bus.append_prepared(vec![prepared]).await?;
         let medium = bus.medium();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -1272,6 +1272,63 @@ async fn publishes_made_while_the_server_is_unreachable_arrive_once_in_order() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(sent, ids, "every message once, in publish order");
+    // The outbox lets a message go once its write is answered, after the peer logged it.
+    for _ in 0..600 {
+        if bus.outbox_len() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bus.outbox_len(), 0);
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_by_a_stepping_down_primary_waits_in_the_outbox() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    // The first write of the messages meets an election (NotWritablePrimary, 10107, as
+    // a command error: a raw `update` is not retried by the driver), the second a
+    // shutdown (InterruptedAtShutdown, 11600, as a write error); then writes succeed.
+    let refusals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&refusals);
+    peer.on("update", move |c| {
+        (c.get_str("update") == Ok("messages")).then(|| {
+            let n = c.get_array("updates").map(|u| u.len()).unwrap_or(0) as i32;
+            match seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Reply::Doc(doc! { "ok": 0, "code": 10107, "codeName": "NotWritablePrimary", "errmsg": "not primary" }),
+                1 => Reply::Doc(doc! { "n": 0, "writeErrors": [{ "index": 0, "code": 11600, "errmsg": "interrupted at shutdown" }], "ok": 1 }),
+                _ => Reply::Doc(doc! { "n": n, "nModified": 0, "ok": 1 }),
+            }
+        })
+    });
+    let bus = connect(&peer).await;
+    let published = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(
+        published.status,
+        PublishStatus::Buffered,
+        "not refused for good: kept to be written when a primary takes it"
+    );
+    let mut sent = Vec::new();
+    for _ in 0..600 {
+        sent = peer
+            .commands_named("update")
+            .into_iter()
+            .filter(|c| c.get_str("update") == Ok("messages"))
+            .flat_map(|c| statements(&c))
+            .map(|s| get(&s, "q._id").as_str().unwrap().to_string())
+            .collect();
+        if sent.len() >= 3 && bus.outbox_len() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sent,
+        vec![published.id.clone(); 3],
+        "written again after each refusal, until it is stored"
+    );
     assert_eq!(bus.outbox_len(), 0);
     bus.shutdown().await;
 }

@@ -22,6 +22,8 @@ pub(crate) struct AckTracker {
     state: Mutex<State>,
     /// The delivery number of the last saved checkpoint.
     saved: tokio::sync::Mutex<u64>,
+    /// Woken when deliveries leave `pending` (the acked run at its front grew).
+    passed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -44,6 +46,7 @@ impl AckTracker {
                 ..State::default()
             }),
             saved: tokio::sync::Mutex::new(0),
+            passed: tokio::sync::Notify::new(),
         }
     }
 
@@ -69,21 +72,40 @@ impl AckTracker {
     /// Marks a delivery acked and saves the checkpoint if the acked run grew.
     pub(crate) async fn ack(&self, number: u64) -> Result<()> {
         metrics::counter!(crate::metrics::ACKED, "subscription" => self.label.clone()).increment(1);
-        {
-            let mut state = self.state();
-            match state.pending.get_mut(&number) {
-                Some(entry) => entry.1 = true,
-                None => return Ok(()),
-            }
-            while let Some(entry) = state.pending.first_entry() {
-                if !entry.get().1 {
-                    break;
-                }
-                let (n, (position, _)) = entry.remove_entry();
-                state.watermark = Some((n, position));
-            }
+        if !self.mark(number) {
+            return Ok(());
         }
         self.flush().await
+    }
+
+    /// Marks a delivery done without saving the checkpoint: the next save (an ack's)
+    /// covers it. For deliveries the consumer filters out unseen.
+    pub(crate) fn pass(&self, number: u64) {
+        self.mark(number);
+    }
+
+    /// Marks a delivery acked and moves the watermark over the acked run at the front;
+    /// false if the delivery was not pending.
+    fn mark(&self, number: u64) -> bool {
+        let mut state = self.state();
+        match state.pending.get_mut(&number) {
+            Some(entry) => entry.1 = true,
+            None => return false,
+        }
+        let mut moved = false;
+        while let Some(entry) = state.pending.first_entry() {
+            if !entry.get().1 {
+                break;
+            }
+            let (n, (position, _)) = entry.remove_entry();
+            state.watermark = Some((n, position));
+            moved = true;
+        }
+        drop(state);
+        if moved {
+            self.passed.notify_waiters();
+        }
+        true
     }
 
     /// Saves the current watermark if it is newer than the last save.
@@ -106,6 +128,19 @@ impl AckTracker {
     /// How many deliveries are waiting for an ack (or for an earlier one).
     pub(crate) fn in_flight(&self) -> usize {
         self.state().pending.len()
+    }
+
+    /// Returns once at most `limit` deliveries wait for an ack (or for an earlier one).
+    pub(crate) async fn in_flight_at_most(&self, limit: usize) {
+        loop {
+            let passed = self.passed.notified();
+            tokio::pin!(passed);
+            passed.as_mut().enable();
+            if self.in_flight() <= limit {
+                return;
+            }
+            passed.await;
+        }
     }
 }
 
@@ -151,5 +186,51 @@ mod tests {
         );
         t.ack(n[2]).await.unwrap();
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_passed_delivery_lets_the_next_ack_save_past_it() {
+        let medium: Arc<dyn Medium> = Arc::new(MemoryMedium::new(Default::default()));
+        let t = AckTracker::new("sub".into(), Arc::clone(&medium));
+        let n: Vec<u64> = (1..=3).map(|i| t.delivered(pos(i))).collect();
+        t.pass(n[0]);
+        assert_eq!(
+            medium.checkpoint_load("sub").await.unwrap(),
+            None,
+            "a pass saves nothing by itself"
+        );
+        t.pass(n[1]);
+        t.ack(n[2]).await.unwrap();
+        assert_eq!(
+            medium.checkpoint_load("sub").await.unwrap(),
+            Some(pos(3).get().clone())
+        );
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn in_flight_at_most_waits_for_the_acked_run_to_pass() {
+        use futures::FutureExt;
+        let medium: Arc<dyn Medium> = Arc::new(MemoryMedium::new(Default::default()));
+        let t = Arc::new(AckTracker::new("sub".into(), medium));
+        let n: Vec<u64> = (1..=3).map(|i| t.delivered(pos(i))).collect();
+        let waiting = {
+            let t = Arc::clone(&t);
+            tokio::spawn(async move { t.in_flight_at_most(2).await })
+        };
+        // Acking the second does not let the third through: the first holds both.
+        t.ack(n[1]).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(
+            t.in_flight_at_most(2).now_or_never().is_none(),
+            "three wait behind the unacked first"
+        );
+        t.ack(n[0]).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+            .await
+            .expect("woken when the acked run passed")
+            .expect("task");
+        assert_eq!(t.in_flight(), 1);
+        assert!(t.in_flight_at_most(1).now_or_never().is_some());
     }
 }

@@ -148,6 +148,15 @@ impl Delivery {
             None => Ok(()),
         }
     }
+
+    /// Lets the checkpoint pass a delivery that its consumer filters out unseen,
+    /// without saving it now (the next ack's save covers it): an unacked delivery
+    /// would hold the checkpoint back for good.
+    pub(crate) fn pass(self) {
+        if let Some((tracker, number)) = &self.ack {
+            tracker.pass(*number);
+        }
+    }
 }
 
 impl Deref for Delivery {
@@ -475,6 +484,17 @@ impl Subscriber {
     /// earlier one's) before the checkpoint can pass them. Always 0 when unnamed.
     pub fn in_flight(&self) -> usize {
         self.tracker.as_ref().map_or(0, |t| t.in_flight())
+    }
+
+    /// Returns once at most `limit` deliveries are [in flight](Subscriber::in_flight)
+    /// (at once when unnamed).
+    pub(crate) fn in_flight_at_most(&self, limit: usize) -> impl Future<Output = ()> + Send {
+        let tracker = self.tracker.clone();
+        async move {
+            if let Some(tracker) = tracker {
+                tracker.in_flight_at_most(limit).await;
+            }
+        }
     }
 
     /// The durable name, if the subscription has one.

@@ -116,7 +116,7 @@ impl Outgoing {
 
     /// Queues an event, waiting for room at most `stall`.
     pub(crate) async fn push(&self, queued: Queued, stall: Duration) -> Result<(), Refused> {
-        let deadline = tokio::time::Instant::now() + stall;
+        let deadline = crate::deadline::after(stall);
         loop {
             let room = self.writable.notified();
             tokio::pin!(room);

@@ -47,7 +47,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use base64::Engine;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
@@ -151,7 +150,7 @@ pub(crate) struct Inflight {
 struct Slot {
     generation: u64,
     stop: CancellationToken,
-    deliveries: HashMap<String, (Delivery, OwnedSemaphorePermit)>,
+    deliveries: HashMap<String, Delivery>,
 }
 
 impl Inflight {
@@ -179,11 +178,10 @@ impl Inflight {
         (generation, stop)
     }
 
-    fn keep(&self, name: &str, generation: u64, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    fn keep(&self, name: &str, generation: u64, delivery: Delivery) {
         if let Some(slot) = self.slots().get_mut(name) {
             if slot.generation == generation {
-                slot.deliveries
-                    .insert(delivery.id.clone(), (delivery, permit));
+                slot.deliveries.insert(delivery.id.clone(), delivery);
             }
         }
     }
@@ -204,10 +202,7 @@ impl Inflight {
                 "subscription `{name}` of this token's service is not streaming: its unacked messages come again when it reconnects"
             ))
         })?;
-        slot.deliveries
-            .remove(id)
-            .map(|(delivery, _permit)| delivery)
-            .ok_or_else(|| {
+        slot.deliveries.remove(id).ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "message `{id}` is not waiting for an ack on `{name}` (acked already, or not delivered on this connection)"
                 ))
@@ -323,7 +318,7 @@ pub(crate) async fn subscribe(
         outgoing: Arc::clone(&outgoing),
         stall: options.sse_stall,
         named: named.zip(slot),
-        permits: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+        max_in_flight: options.max_in_flight.max(1),
         service_filter: params.service.clone().filter(|_| monitor),
         opened,
     };
@@ -426,7 +421,9 @@ struct Pump {
     stall: Duration,
     /// The subscription name, its slot generation and the slot's stop token.
     named: Option<(String, (u64, CancellationToken))>,
-    permits: Arc<Semaphore>,
+    /// How many deliveries of a named subscription may wait for an ack, or behind an
+    /// unacked one, before the stream pauses.
+    max_in_flight: usize,
     service_filter: Option<String>,
     /// When the client connected (this process's clock): deliveries stamped before
     /// are backlog (a replay), not live, and their age is not a latency.
@@ -484,7 +481,7 @@ impl Pump {
             };
             let queued = match item {
                 None => return End::Shutdown,
-                Some(Ok(delivery)) => match self.message(delivery, &stop).await {
+                Some(Ok(delivery)) => match self.message(delivery, &stop, &gateway_stop).await {
                     Ok(Some(queued)) => queued,
                     Ok(None) => continue,
                     Err(end) => return end,
@@ -501,17 +498,22 @@ impl Pump {
         }
     }
 
-    /// The event of a delivery, or `None` when the monitor filter drops it. A named
-    /// subscription's delivery is kept for its ack, within the in-flight limit.
+    /// The event of a delivery, or `None` when the monitor filter drops it (a named
+    /// subscription's checkpoint passes it). A named subscription's delivery is kept
+    /// for its ack, once at most `max_in_flight` deliveries (this one included) wait
+    /// for an ack or behind an unacked one: the checkpoint only passes a run of acked
+    /// deliveries, and a client that leaves one unacked holds the ones after it.
     async fn message(
         &mut self,
         delivery: Delivery,
         stop: &CancellationToken,
+        gateway_stop: &CancellationToken,
     ) -> Result<Option<Queued>, End> {
         if let Some(service) = &self.service_filter {
             if delivery.source_service != *service
                 && delivery.dest_service.as_ref() != Some(service)
             {
+                delivery.pass();
                 return Ok(None);
             }
         }
@@ -525,14 +527,13 @@ impl Pump {
         queued.stamp = delivery.at.filter(|at| *at >= self.opened);
         if let Some((name, (generation, _))) = &self.named {
             let gone = self.outgoing.gone();
-            let permit = tokio::select! {
-                permit = Arc::clone(&self.permits).acquire_owned() => permit.map_err(|_| End::Shutdown)?,
+            tokio::select! {
+                () = self.subscriber.in_flight_at_most(self.max_in_flight) => {}
                 _ = gone.cancelled() => return Err(End::Gone),
                 _ = stop.cancelled() => return Err(End::Superseded),
-            };
-            self.state
-                .inflight()
-                .keep(name, *generation, delivery, permit);
+                _ = gateway_stop.cancelled() => return Err(End::Shutdown),
+            }
+            self.state.inflight().keep(name, *generation, delivery);
         }
         Ok(Some(queued))
     }

@@ -605,7 +605,7 @@ impl MemoryMedium {
                 }
                 log.entries.push_back(Entry {
                     seq,
-                    expires: now + options.retention,
+                    expires: crate::deadline::later(now, options.retention),
                     message,
                 });
             }
@@ -833,7 +833,7 @@ impl Medium for MemoryMedium {
     }
 
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::deadline::after(timeout);
         let mut outcomes = self.shared.outcomes.subscribe();
         loop {
             outcomes.borrow_and_update();

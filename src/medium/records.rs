@@ -88,7 +88,7 @@ impl LocalRecords {
                     owner: owner.to_string(),
                     until: now + lease,
                 },
-                expires: now + self.retention,
+                expires: crate::deadline::later(now, self.retention),
                 at: bson::DateTime::now(),
             },
         );
@@ -142,7 +142,7 @@ impl LocalRecords {
         let mut records = self.lock();
         let record = Record {
             state: State::Done(result),
-            expires: Instant::now() + self.retention,
+            expires: crate::deadline::std_after(self.retention),
             at: bson::DateTime::now(),
         };
         if records.map.insert(key.clone(), record).is_none() {

@@ -9,7 +9,7 @@ use intracom::WorkOptions;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::{check, eventually, Check, Gw, Place, ADMIN, BILLING, GUARD, MAX_BYTES, USERS};
+use super::{check, eventually, Check, Gw, Place, ADMIN, BILLING, GUARD, MAX_BYTES, OPS, USERS};
 
 pub fn checks() -> Vec<Check> {
     vec![
@@ -22,6 +22,7 @@ pub fn checks() -> Vec<Check> {
         check!(a_takeover_tells_the_old_stream),
         check!(latency_counts_live_deliveries),
         check!(named_subscriptions_resume_after_their_acks),
+        check!(a_named_monitor_checkpoint_passes_what_its_filter_drops),
         check!(a_subscription_name_belongs_to_its_service),
         check!(queues_and_dead_letters),
         check!(idempotency_store),
@@ -709,6 +710,36 @@ async fn named_subscriptions_resume_after_their_acks(place: &Place) {
             .as_array()
             .is_some_and(|lag| lag.iter().any(|l| l["subscription"] == "users/users-inbox")),
         "the console sees the subscription's lag: {stats}"
+    );
+    gw.stop().await;
+}
+
+/// A named monitor stream with a `service` filter: the messages the filter drops do
+/// not hold its checkpoint back (they were recorded for an ack that never comes).
+async fn a_named_monitor_checkpoint_passes_what_its_filter_drops(place: &Place) {
+    let gw = Gw::start(place).await;
+    let path = "/subscribe/*?monitor=true&service=billing&name=audit";
+    let ack = |id: &str| format!("/ack/{id}?subscription=audit");
+    let reload = |n: i32| json!({ "action": "reload", "query": { "n": n } });
+    let mut sub = gw.subscribe(path, OPS, None).await;
+    let m0 = gw.publish(BILLING, reload(0)).await;
+    assert_eq!(sub.message("billing's first").await.1["id"], m0.as_str());
+    assert_eq!(gw.post(&ack(&m0), OPS, json!({})).await.0, StatusCode::OK);
+    // Not billing's: the filter drops it.
+    gw.publish(USERS, json!({ "action": "user.deleted", "query": {} }))
+        .await;
+    let m1 = gw.publish(BILLING, reload(1)).await;
+    assert_eq!(sub.message("billing's second").await.1["id"], m1.as_str());
+    assert_eq!(gw.post(&ack(&m1), OPS, json!({})).await.0, StatusCode::OK);
+    drop(sub);
+
+    // The checkpoint is after m1 (not after m0, where the dropped message held it):
+    // the next message is a new one, not m1 again.
+    let mut again = gw.subscribe(path, OPS, None).await;
+    let m2 = gw.publish(BILLING, reload(2)).await;
+    assert_eq!(
+        again.message("after the checkpoint").await.1["id"],
+        m2.as_str()
     );
     gw.stop().await;
 }

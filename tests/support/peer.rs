@@ -311,12 +311,19 @@ async fn serve(shared: Arc<Shared>, mut socket: TcpStream) {
     generation.borrow_and_update();
     loop {
         let request = tokio::select! {
+            biased;
             _ = generation.changed() => return,
             request = read_message(&mut socket) => request,
         };
         let Some((request_id, command)) = request else {
             return;
         };
+        // Connections were dropped while this request was read (`refuse_connections`,
+        // `drop_connections`): it was sent after the drop, so nothing answers it and it
+        // is not logged as received.
+        if generation.has_changed().unwrap_or(true) {
+            return;
+        }
         let name = command_name(&command).to_string();
         let from_application = command.get_str("$db").is_ok_and(|db| db != "admin");
         let reply = if name == "hello" && from_application && shared.no_hello.load(Ordering::SeqCst)

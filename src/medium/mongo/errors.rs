@@ -27,6 +27,20 @@ pub(crate) const INDEX_OPTIONS_CONFLICT: i32 = 85;
 /// current servers answer when a TTL index is requested with a new `expireAfterSeconds`.
 pub(crate) const INDEX_KEY_SPECS_CONFLICT: i32 = 86;
 
+/// Server error codes that say "not now": no writable primary (an election, a step-down,
+/// a shutdown), a host or network failure, a time limit. The driver's list of
+/// retryable codes (the retryable reads and writes specifications). A command the
+/// driver does not retry by itself (a raw `update`, a `findAndModify` without a
+/// transaction number) reports them without the `RetryableWriteError` label.
+pub(crate) const TRANSIENT_CODES: [i32; 13] = [
+    11600, 11602, 10107, 13435, 13436, 189, 91, 7, 6, 89, 9001, 134, 262,
+];
+
+/// Whether a server error code says "not now" ([`TRANSIENT_CODES`]).
+pub(crate) fn is_transient_code(code: i32) -> bool {
+    TRANSIENT_CODES.contains(&code)
+}
+
 /// The server error code, if the error carries one.
 pub(crate) fn code(err: &mongodb::error::Error) -> Option<i32> {
     match &*err.kind {
@@ -38,15 +52,16 @@ pub(crate) fn code(err: &mongodb::error::Error) -> Option<i32> {
 }
 
 /// Whether the same operation may succeed later: network trouble, no reachable
-/// primary, a pool cleared after a failure, or a server error the driver labels as
-/// retryable.
+/// primary, a pool cleared after a failure, a server error the driver labels as
+/// retryable, or one whose code says "not now" ([`TRANSIENT_CODES`]).
 pub(crate) fn is_transient(err: &mongodb::error::Error) -> bool {
     matches!(
         &*err.kind,
         ErrorKind::Io(_)
             | ErrorKind::ConnectionPoolCleared { .. }
             | ErrorKind::ServerSelection { .. }
-    ) || err.contains_label("RetryableWriteError")
+    ) || code(err).is_some_and(is_transient_code)
+        || err.contains_label("RetryableWriteError")
         || err.contains_label("ResumableChangeStreamError")
         || err.contains_label("TransientTransactionError")
 }

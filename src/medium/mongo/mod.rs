@@ -50,7 +50,7 @@ use crate::config::{Config, DbConfig, Retention};
 use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
 use crate::message::Message;
-use errors::{to_error, DUPLICATE_KEY};
+use errors::{is_transient_code, to_error, DUPLICATE_KEY};
 use follower::Follower;
 use hub::{Hub, Started};
 
@@ -479,6 +479,17 @@ impl MongoMedium {
                         .and_then(|i| usize::try_from(i).ok())
                         .unwrap_or(0);
                     let code = error.get_i32("code").unwrap_or(0);
+                    if is_transient_code(code) {
+                        // Earlier statements were stored; publishing the batch again is safe.
+                        return Err(Error::Unavailable {
+                            medium: "db",
+                            reason: format!(
+                                "message {} not written now: {}",
+                                batch.get(index).map(|m| m.id.as_str()).unwrap_or("?"),
+                                error.get_str("errmsg").unwrap_or("write error")
+                            ),
+                        });
+                    }
                     if code != DUPLICATE_KEY || index >= batch.len() {
                         // Earlier statements were stored; publishing the batch again is safe.
                         return Err(Error::Medium {

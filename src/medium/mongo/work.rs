@@ -221,7 +221,7 @@ impl Waiters {
             + Duration::from_secs(60);
         let waiter = Waiter {
             expected: true,
-            expires: Some(std::time::Instant::now() + ttl),
+            expires: Some(crate::deadline::std_after(ttl)),
             ..Waiter::default()
         };
         let mut book = lock(&self.book);
@@ -315,7 +315,7 @@ async fn wait(
     timeout: Duration,
     waiter: &Waiter,
 ) -> Result<Option<Message>> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::deadline::after(timeout);
     let mut reread = !waiter.expected;
     loop {
         // Listen before reading, so an update between the read and the wait wakes us.

@@ -454,7 +454,7 @@ impl Inner {
     async fn wait_for_worker(&self, service: &str, action: &str, limit: Duration) -> Result<()> {
         let present = || self.worker_present(service, action, None);
         let mut tick = self.presence.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = crate::deadline::after(limit);
         loop {
             tick.borrow_and_update();
             if present() {
@@ -887,7 +887,7 @@ impl Medium for MqttMedium {
     }
 
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::deadline::after(timeout);
         let mut tick = self.inner.outcome_tick.subscribe();
         loop {
             tick.borrow_and_update();
