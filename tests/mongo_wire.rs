@@ -420,18 +420,38 @@ async fn subscribers_of_a_process_share_one_change_stream() {
         "aggregate",
         vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
     );
-    let m1 = stored_message("m1", "reload", ts(1));
-    script_get_more(
-        &peer,
-        101,
-        vec![vec![], vec![insert_event("t1", m1, ts(1))]],
+    // m1 comes once all twelve have subscribed (each starts at the stream's tip of
+    // that moment: one that subscribed after m1 arrived would not see it).
+    let m1_ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = std::sync::Arc::clone(&m1_ready);
+    let mut m1 = Some(insert_event(
         "t1",
-    );
+        stored_message("m1", "reload", ts(1)),
+        ts(1),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        let event = if ready.load(std::sync::atomic::Ordering::SeqCst) {
+            m1.take()
+        } else {
+            None
+        };
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(101, "nextBatch", vec![event], "t1")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(101, "nextBatch", vec![], "t1"),
+            ),
+        })
+    });
     let bus = connect(&peer).await;
     let mut subs = Vec::new();
     for _ in 0..12 {
         subs.push(bus.subscribe(Subscription::new()).await.unwrap());
     }
+    m1_ready.store(true, std::sync::atomic::Ordering::SeqCst);
     for sub in &mut subs {
         assert_eq!(next_id(sub).await, "m1");
     }

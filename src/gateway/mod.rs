@@ -92,7 +92,8 @@ pub struct GatewayOptions {
     /// How often an idle SSE stream sends a comment to keep proxies from closing it
     /// (default 15 s).
     pub keep_alive: Duration,
-    /// Deliveries of one named subscription waiting for their ack before its stream
+    /// Deliveries of one named subscription waiting for their ack, or behind an unacked
+    /// one (its checkpoint passes only a run of acked deliveries), before its stream
     /// pauses (default 1000).
     pub max_in_flight: usize,
     /// The longest time-out a `POST /request` may ask for (default 5 min).
@@ -144,7 +145,8 @@ impl GatewayOptions {
         self
     }
 
-    /// Sets the unacked deliveries of a named subscription before its stream pauses.
+    /// Sets how many deliveries of a named subscription may wait for an ack, or behind
+    /// an unacked one, before its stream pauses.
     pub fn max_in_flight(mut self, deliveries: usize) -> Self {
         self.max_in_flight = deliveries.max(1);
         self

@@ -27,7 +27,8 @@
 //! [`GatewayOptions::sse_buffer_bytes`] bytes ahead of what the connection has taken
 //! (an event larger than that goes alone), beside what its socket buffers hold. A named subscription (`?name=`) keeps a checkpoint
 //! in the medium, moved by `POST /ack/{messageId}?subscription=<name>`; at most
-//! `max_in_flight` deliveries wait for an ack before the stream pauses. The saved
+//! `max_in_flight` deliveries wait for an ack, or behind an unacked one (the checkpoint
+//! passes only a run of acked deliveries), before the stream pauses. The saved
 //! checkpoint wins over `Last-Event-ID` for a named subscription (the unacked ones come
 //! again). A second connection with the same name takes over from the first.
 //!

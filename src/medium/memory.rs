@@ -1161,10 +1161,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_id_whose_message_the_same_append_evicts_is_stored_again_and_stays_indexed() {
-        let m = medium(50, 10);
+        // A retention of a second: the third append below must come within it of the
+        // second, even on a loaded machine.
+        let m = medium(1000, 10);
         let one = msg("a");
         let first = m.append(std::slice::from_ref(&one)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         // This append's prune evicts the expired first copy, then stores this one.
         let again = m.append(std::slice::from_ref(&one)).await.unwrap();
         assert!(!again[0].duplicate);
@@ -1231,11 +1233,13 @@ mod tests {
 
     #[tokio::test]
     async fn messages_that_expired_unread_are_reported_lost_before_any_new_append() {
-        let m = medium(30, 100);
+        // A retention of a second: `d` below must be read within it, even on a loaded
+        // machine.
+        let m = medium(1000, 100);
         let mut s = m.follow(StartFrom::Now, Filter::monitor()).await.unwrap();
         m.append(&[msg("a"), msg("b"), msg("c")]).await.unwrap();
         // Expired while nobody read them, and no append since to prune them.
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         match s.next().await.unwrap().unwrap() {
             Event::Lost { count } => assert_eq!(count, 3),
             other => panic!("expected Lost, got {other:?}"),

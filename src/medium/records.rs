@@ -213,17 +213,18 @@ mod tests {
     #[test]
     fn one_holder_at_a_time_and_a_lapsed_lease_is_taken_over() {
         let r = LocalRecords::new(10, Duration::from_secs(60));
+        // a's lease: a second, for `b` to find it busy even on a loaded machine.
         assert_eq!(
-            r.reserve("c", "m", "a", Duration::from_millis(30)),
+            r.reserve("c", "m", "a", Duration::from_secs(1)),
             Reservation::Reserved
         );
         assert_eq!(
-            r.reserve("c", "m", "b", Duration::from_secs(1)),
+            r.reserve("c", "m", "b", Duration::from_secs(60)),
             Reservation::Busy
         );
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(
-            r.reserve("c", "m", "b", Duration::from_secs(1)),
+            r.reserve("c", "m", "b", Duration::from_secs(60)),
             Reservation::Reserved,
             "a's lease lapsed"
         );

@@ -465,7 +465,7 @@ async fn a_slow_client_falls_behind_alone(place: &Place) {
     // machine; the slow one never reads until it is cut off.
     let options = GatewayOptions::default()
         .sse_buffer_bytes(BUDGET)
-        .sse_stall(Duration::from_secs(5));
+        .sse_stall(Duration::from_secs(10));
     let gw = Gw::with(place, options).await;
     let mut slow = gw.subscribe("/subscribe/reload", USERS, None).await;
     let mut fast = gw.subscribe("/subscribe/reload", BILLING, None).await;
