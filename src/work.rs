@@ -498,7 +498,15 @@ impl Intracom {
         };
         let worker = WorkerLoop {
             bus: self.clone(),
-            claim: ClaimRequest::new(service, actions, self.instance(), options.lease),
+            // The lease names the worker, not just the instance: two workers of one
+            // process that take the same work (one's lease lapsed while its handler ran)
+            // must not renew and settle each other's claim.
+            claim: ClaimRequest::new(
+                service,
+                actions,
+                format!("{}/{}", self.instance(), crate::message::new_id()),
+                options.lease,
+            ),
             options,
             policy,
             handler,

@@ -1027,10 +1027,20 @@ async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
     let update = claim
         .get_document("update")
         .expect("a classic update document");
+    // The lease names the worker: its instance, then an id of its own.
+    let owner = update
+        .get_document("$set")
+        .and_then(|set| set.get_str("lease.owner"))
+        .expect("a lease owner")
+        .to_string();
+    assert!(
+        owner.starts_with("billing-1/") && owner.len() > "billing-1/".len(),
+        "{owner}"
+    );
     assert_eq!(
         update,
         &doc! {
-            "$set": { "lease.owner": "billing-1", "lease.ms": 600i64 },
+            "$set": { "lease.owner": &owner, "lease.ms": 600i64 },
             "$currentDate": { "lease.at": true },
             "$inc": { "attempts": 1 },
         }
@@ -1053,7 +1063,7 @@ async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
     let settle = settle.expect("the worker settled the job");
     assert_eq!(
         settle.get_document("q").unwrap(),
-        &doc! { "_id": "job-1", "state": "pending", "lease.owner": "billing-1" }
+        &doc! { "_id": "job-1", "state": "pending", "lease.owner": &owner }
     );
     assert_eq!(get(&settle, "u.$set.state"), &Bson::String("done".into()));
     assert!(get(&settle, "u.$set.response_ts").as_i64().is_some());

@@ -149,7 +149,8 @@ pub struct ClaimRequest {
     pub service: String,
     /// Only these actions.
     pub actions: Vec<String>,
-    /// The claiming instance, written into the lease.
+    /// The claiming worker, written into the lease (intracom's workers use their
+    /// instance, a `/`, and an id of the worker's own).
     pub owner: String,
     /// How long the lease lasts unless renewed.
     pub lease: Duration,

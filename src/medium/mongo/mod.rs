@@ -215,20 +215,25 @@ impl Inner {
     /// [`Inner::dead_letter`] for a document as the server sent it.
     pub(crate) async fn dead_letter_raw(&self, raw: &RawDocument, reason: String) {
         match Document::try_from(raw) {
-            Ok(document) => self.dead_letter(document, reason).await,
+            // Logged there: a consumer keeps consuming whatever happens.
+            Ok(document) => drop(self.dead_letter(document, reason).await),
             Err(error) => {
                 tracing::warn!(%error, %reason, "unreadable document not dead-lettered: not valid BSON")
             }
         }
     }
 
-    /// Copies an unreadable document to `dead` with the reason, and counts it. Never
-    /// fails: a consumer keeps consuming whatever happens here.
-    pub(crate) async fn dead_letter(&self, document: Document, reason: String) {
+    /// Copies a document to `dead` with the reason, and counts it. A failure is logged
+    /// and returned: a consumer that found the document keeps consuming whatever
+    /// happens, the outbox keeps a message it could not dead-letter.
+    pub(crate) async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
         let id = document.get("_id").cloned().unwrap_or(Bson::Null);
-        let Ok(_op) = self.op() else {
-            tracing::warn!(message_id = %id, %reason, "unreadable document not dead-lettered: the medium is closed");
-            return;
+        let _op = match self.op() {
+            Ok(op) => op,
+            Err(error) => {
+                tracing::warn!(message_id = %id, %reason, "document not dead-lettered: the medium is closed");
+                return Err(error);
+            }
         };
         tracing::warn!(message_id = %id, %reason, "unreadable document in the messages collection: dead-lettered");
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +248,9 @@ impl Inner {
             .await
         {
             tracing::warn!(%error, "dead letter not written");
+            return Err(to_error(error));
         }
+        Ok(())
     }
 }
 
@@ -532,6 +539,9 @@ impl MongoMedium {
 const PUBLISH_BATCH: usize = 1000;
 const PUBLISH_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
+/// What a message leaves of the server's document limit ([`Medium::max_message_bytes`]).
+const MESSAGE_MARGIN: usize = 16 * 1024;
+
 #[async_trait]
 impl Medium for MongoMedium {
     fn name(&self) -> &'static str {
@@ -539,8 +549,11 @@ impl Medium for MongoMedium {
     }
 
     fn max_message_bytes(&self) -> usize {
-        // Room for the stamps the server adds (`ts`, `at`: about 30 bytes).
-        self.inner.max_bson.saturating_sub(64)
+        // Room for the stamps the server adds (`ts`, `at`: about 30 bytes) and for the
+        // change event that carries the message to followers (its resume token,
+        // namespace, key and times: a few hundred bytes). An event over the server's
+        // limit fails the stream (BSONObjectTooLarge, 10334) for every follower.
+        self.inner.max_bson.saturating_sub(MESSAGE_MARGIN)
     }
 
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
@@ -691,8 +704,7 @@ impl Medium for MongoMedium {
 
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
         let _op = self.inner.op()?;
-        self.inner.dead_letter(document, reason).await;
-        Ok(())
+        self.inner.dead_letter(document, reason).await
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {

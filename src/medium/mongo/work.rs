@@ -150,7 +150,8 @@ pub(crate) async fn bury(inner: &Inner, id: &str, owner: &str, reason: &str) -> 
         .map_err(to_error)?;
     match buried {
         Some(document) => {
-            inner.dead_letter(document, reason.to_string()).await;
+            // The work is settled as dead either way; the copy's failure is logged.
+            drop(inner.dead_letter(document, reason.to_string()).await);
             Ok(true)
         }
         None => Ok(false),
