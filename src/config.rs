@@ -899,15 +899,22 @@ fn parse_properties(text: &str) -> Vec<(String, String)> {
             continue;
         }
         pending.push_str(line);
-        let entry = std::mem::take(&mut pending);
-        let split = entry.find(['=', ':']);
-        let (key, value) = match split {
-            Some(i) => (&entry[..i], &entry[i + 1..]),
-            None => (entry.as_str(), ""),
-        };
-        out.push((key.trim().to_string(), value.trim().to_string()));
+        push_property(&mut out, std::mem::take(&mut pending));
+    }
+    // A last line that ends in a backslash continues into the end of the file.
+    if !pending.trim().is_empty() {
+        push_property(&mut out, pending);
     }
     out
+}
+
+fn push_property(out: &mut Vec<(String, String)>, entry: String) {
+    let split = entry.find(['=', ':']);
+    let (key, value) = match split {
+        Some(i) => (&entry[..i], &entry[i + 1..]),
+        None => (entry.as_str(), ""),
+    };
+    out.push((key.trim().to_string(), value.trim().to_string()));
 }
 
 fn split_list(key: &str, value: &str) -> Result<Vec<String>> {
@@ -1069,6 +1076,11 @@ mod tests {
                 ("b".into(), "two".into()),
                 ("c".into(), "x,y".into())
             ]
+        );
+        // A continuation on the last line ends with the file.
+        assert_eq!(
+            parse_properties("a=1\nb=x,\\\n  y,\\"),
+            [("a".into(), "1".into()), ("b".into(), "x,y,".into())]
         );
     }
 

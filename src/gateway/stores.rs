@@ -209,9 +209,16 @@ pub(crate) async fn mark(
         .await?
     {
         Reservation::Reserved => {
-            medium
+            if let Err(error) = medium
                 .processed_complete(consumer, id, &owner, result)
-                .await?;
+                .await
+            {
+                // Not left reserved for a minute: a retry of this call may record it.
+                if let Err(release) = medium.processed_release(consumer, id, &owner).await {
+                    tracing::warn!(%release, consumer, message_id = %id, "gateway: idempotency reservation not released");
+                }
+                return Err(error.into());
+            }
             StatusCode::CREATED
         }
         Reservation::Done(_) => StatusCode::OK,
