@@ -955,6 +955,77 @@ fn statements(command: &Document) -> Vec<Document> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_claimed_document_is_set_aside_and_the_next_job_runs() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    script_get_more(&peer, 101, vec![], "t0");
+    // It passed the collection's validator, not the message rules: a space in its id.
+    let bad = work_document("bad job", "billing-1");
+    peer.queue(
+        "findAndModify",
+        vec![
+            Reply::Doc(doc! { "lastErrorObject": { "n": 1, "updatedExisting": true }, "value": bad, "ok": 1 }),
+            Reply::Doc(doc! { "lastErrorObject": { "n": 1, "updatedExisting": true }, "value": work_document("job-2", "billing-1"), "ok": 1 }),
+        ],
+    );
+    peer.always("findAndModify", doc! { "lastErrorObject": { "n": 0, "updatedExisting": false }, "value": Bson::Null, "ok": 1 });
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("messages") || c.get_str("update") == Ok("dead"))
+            .then(|| Reply::Doc(doc! { "n": 1, "nModified": 1, "ok": 1 }))
+    });
+    let bus = connect(&peer).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = intracom::WorkOptions::default().poll(Duration::from_millis(50));
+    let _worker = bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            options,
+            move |m: Message| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.id.clone()).ok();
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(GUARD, rx.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        "job-2",
+        "the next job runs; the unreadable one never reaches the handler"
+    );
+    let updates = peer.commands_named("update");
+    let settled = updates
+        .iter()
+        .filter(|c| c.get_str("update") == Ok("messages"))
+        .flat_map(statements)
+        .find(|s| get(s, "q._id") == &Bson::String("bad job".into()))
+        .expect("the unreadable document is settled where it lies");
+    assert_eq!(get(&settled, "u.$set.state"), &Bson::String("error".into()));
+    assert_eq!(get(&settled, "u.$set.response.dead"), &Bson::Boolean(true));
+    let copied = updates
+        .iter()
+        .filter(|c| c.get_str("update") == Ok("dead"))
+        .flat_map(statements)
+        .find(|s| get(s, "q._id") == &Bson::String("bad job".into()))
+        .expect("and copied to the dead letters");
+    assert_eq!(
+        get(&copied, "u.$setOnInsert.document._id"),
+        &Bson::String("bad job".into())
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
     let peer = Peer::replica_set().await;
     peer.accept_setup();

@@ -40,12 +40,8 @@ pub(crate) fn lease_end() -> Document {
     doc! { "$dateAdd": { "startDate": "$lease.at", "unit": "millisecond", "amount": "$lease.ms" } }
 }
 
-fn decode_claimed(document: Document) -> Result<Message> {
-    decode_message(&document).map_err(|reason| crate::Error::Medium {
-        medium: "db",
-        reason: format!("claimed work is not a readable message: {reason}"),
-    })
-}
+/// How many unreadable documents one claim sets aside before it gives up for now.
+const UNREADABLE_PER_CLAIM: usize = 16;
 
 /// What a worker of `service` may claim: its pending work for `actions`, not held by a
 /// live lease. The equality on the claim index's fields is a clause of its own in an
@@ -67,21 +63,62 @@ pub(crate) fn claim_filter(service: &str, actions: &[String]) -> Document {
     ] }
 }
 
+/// Claims the next work. A claimed document that is not a readable message (it passed
+/// the collection's validator but not the message rules, e.g. an action with a space)
+/// is settled as an error where it lies, copied to the dead letters and counted, and the
+/// claim goes on with the next: claimed again at every lease's end, it would block
+/// nothing but come back for ever.
 pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Option<Message>> {
-    let filter = claim_filter(&request.service, &request.actions);
-    let update = doc! {
-        "$set": { "lease.owner": &request.owner, "lease.ms": millis(request.lease) },
-        "$currentDate": { "lease.at": true },
-        "$inc": { "attempts": 1 },
-    };
-    let claimed = inner
+    for _ in 0..UNREADABLE_PER_CLAIM {
+        let filter = claim_filter(&request.service, &request.actions);
+        let update = doc! {
+            "$set": { "lease.owner": &request.owner, "lease.ms": millis(request.lease) },
+            "$currentDate": { "lease.at": true },
+            "$inc": { "attempts": 1 },
+        };
+        let Some(document) = inner
+            .messages
+            .find_one_and_update(filter, update)
+            .sort(doc! { "priority": -1, "ts": 1 })
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(to_error)?
+        else {
+            return Ok(None);
+        };
+        match decode_message(&document) {
+            Ok(message) => return Ok(Some(message)),
+            Err(reason) => {
+                let reason = format!("claimed work is not a readable message: {reason}");
+                set_aside(inner, &document, &request.owner, &reason).await?;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Settles an unreadable claimed document as an error (still held by `owner`) and
+/// copies it to the dead letters ([`Inner::dead_letter`] logs and counts it).
+async fn set_aside(inner: &Inner, document: &Document, owner: &str, reason: &str) -> Result<()> {
+    let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+    inner
         .messages
-        .find_one_and_update(filter, update)
-        .sort(doc! { "priority": -1, "ts": 1 })
-        .return_document(ReturnDocument::After)
+        .update_one(
+            doc! { "_id": &id, "state": "pending", "lease.owner": owner },
+            doc! {
+                "$set": { "state": "error", "response": { "error": reason, "dead": true }, "response_ts": now_nanos() },
+                "$unset": { "lease": "" },
+            },
+        )
         .await
         .map_err(to_error)?;
-    claimed.map(decode_claimed).transpose()
+    // Settled either way; a failed copy is logged there.
+    drop(
+        inner
+            .dead_letter(document.clone(), reason.to_string())
+            .await,
+    );
+    Ok(())
 }
 
 pub(crate) async fn renew(inner: &Inner, id: &str, owner: &str, lease: Duration) -> Result<bool> {
