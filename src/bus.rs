@@ -66,6 +66,15 @@ pub(crate) struct Shared {
     published: PublishedCounters,
 }
 
+impl Drop for Shared {
+    /// The last handle of a bus dropped without [`Intracom::shutdown`]: the outbox's
+    /// flusher sends what waits and ends, letting the medium (its change stream, its
+    /// connections) go with the last of its other users.
+    fn drop(&mut self) {
+        self.outbox.abandon();
+    }
+}
+
 struct PublishedCounters {
     stored: metrics::Counter,
     duplicate: metrics::Counter,

@@ -65,6 +65,9 @@ pub(crate) struct Outbox {
     capacity: usize,
     file: Option<PathBuf>,
     wake: Notify,
+    /// Every handle of the bus is gone (dropped without `shutdown`): the flusher sends
+    /// what waits, then ends, and lets the medium go.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl Outbox {
@@ -86,6 +89,7 @@ impl Outbox {
             capacity,
             file,
             wake: Notify::new(),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -232,12 +236,25 @@ impl Outbox {
         tracing::info!(sent = count, waiting = queue.len(), "outbox: flushed");
     }
 
-    /// The flusher: runs until the bus shuts down.
+    /// Says that every handle of the bus is gone: the flusher ends once the outbox is
+    /// empty (what waits is still sent).
+    pub(crate) fn abandon(&self) {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// The flusher: runs until the bus shuts down, or until the outbox is empty once
+    /// the bus was dropped ([`Outbox::abandon`]).
     pub(crate) async fn run(self: Arc<Self>, medium: Arc<dyn Medium>, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
         loop {
             if self.flush_once(&*medium).await {
                 backoff = Duration::from_millis(200);
+                if self.abandoned.load(std::sync::atomic::Ordering::Acquire) && self.len() == 0 {
+                    tracing::debug!("outbox: the bus was dropped and nothing waits: flusher ends");
+                    return;
+                }
                 // Biased: once the bus stops, no new flush starts against its medium.
                 tokio::select! {
                     biased;

@@ -190,6 +190,43 @@ async fn next_id(sub: &mut intracom::Subscriber) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_dropped_without_shutdown_sends_what_waits_then_lets_its_medium_go() {
+    let medium = flaky();
+    let bus = Intracom::with_medium(config().build().unwrap(), medium.clone())
+        .await
+        .unwrap();
+    // Watched on the medium itself: the bus is gone when the message arrives.
+    let mut stored = medium
+        .inner
+        .follow(StartFrom::Now, Filter::monitor())
+        .await
+        .unwrap();
+    medium.down.store(true, Ordering::SeqCst);
+    let kept = bus.publish(Message::broadcast("reload")).await.unwrap();
+    assert_eq!(kept.status, PublishStatus::Buffered);
+    drop(bus);
+    medium.down.store(false, Ordering::SeqCst);
+    // What waited is still sent...
+    match tokio::time::timeout(Duration::from_secs(30), stored.next())
+        .await
+        .expect("the buffered message is sent after the bus was dropped")
+    {
+        Some(Ok(intracom::medium::Event::Message(message, _))) => assert_eq!(message.id, kept.id),
+        other => panic!("expected the buffered message, got {other:?}"),
+    }
+    // ...then the flusher ends, and the medium is let go (no task keeps it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while Arc::strong_count(&medium) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} holders of the medium are left",
+            Arc::strong_count(&medium) - 1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_wait_in_order_while_the_medium_is_down() {
     let medium = flaky();
     let bus = Intracom::with_medium(config().build().unwrap(), medium.clone())
