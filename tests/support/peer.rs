@@ -203,6 +203,16 @@ impl Peer {
         self.always("create", ok());
         self.always("createIndexes", ok());
         self.always("collMod", ok());
+        // Where a subscription that starts now starts, when the process has seen no
+        // message yet: the newest stamp of an empty collection (none).
+        self.on("find", |c| {
+            (c.get_str("comment") == Ok("intracom: where a subscription starts")).then(|| {
+                Reply::Doc(doc! {
+                    "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [] },
+                    "ok": 1,
+                })
+            })
+        });
     }
 }
 

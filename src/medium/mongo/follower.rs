@@ -84,6 +84,10 @@ pub(crate) struct Follower {
     lost: u64,
     /// Ring entries stamped at or below this were covered by a scan.
     floor: Option<Timestamp>,
+    /// For a follower that started now: messages stamped below this came before it (a
+    /// scan after a gap met before its first event reads from there, not from the
+    /// beginning of what is retained).
+    start_floor: Option<Timestamp>,
     /// The newest `ts` examined.
     last_ts: Timestamp,
     /// Ids delivered by scans and resumed streams within the safety window.
@@ -194,6 +198,9 @@ pub(crate) fn filter_query(filter: &Filter, prefix: &str) -> Document {
     query
 }
 
+/// The comment of the query that anchors a follower starting now ([`Follower::anchor_ts`]).
+pub(crate) const ANCHOR_COMMENT: &str = "intracom: where a subscription starts";
+
 fn minus_window(ts: Timestamp, window_secs: u32) -> Timestamp {
     Timestamp {
         time: ts.time.saturating_sub(window_secs),
@@ -226,6 +233,7 @@ impl Follower {
             ready: VecDeque::new(),
             lost: 0,
             floor: None,
+            start_floor: None,
             last_ts: Timestamp {
                 time: 0,
                 increment: 0,
@@ -236,7 +244,22 @@ impl Follower {
         };
         follower.mode = match from {
             StartFrom::Now => match &follower.hub {
-                Some(_) => Mode::Ring { cursor: now },
+                Some(hub) => {
+                    // What came before: the newest message the ring holds up to `now`
+                    // or, with none there, the newest stamp in the collection. A scan
+                    // after a gap met before this follower's first event starts there,
+                    // not at the beginning of what is retained.
+                    let seen = hub.ring().newest_message_ts_upto(now);
+                    let anchor = match seen {
+                        Some(ts) => ts,
+                        None => Self::anchor_ts(&follower.inner).await?,
+                    };
+                    if anchor > follower.last_ts {
+                        follower.start_floor = Some(anchor);
+                        follower.last_ts = anchor;
+                    }
+                    Mode::Ring { cursor: now }
+                }
                 None => {
                     // Poll mode: start after the newest stamp, and remember the ids of the
                     // safety window so they are not delivered as new.
@@ -326,6 +349,26 @@ impl Follower {
         }
     }
 
+    /// The newest stamp in the collection, for a follower that starts now while the
+    /// ring holds no message (named by its comment in the server's logs and profiler).
+    async fn anchor_ts(inner: &Inner) -> Result<Timestamp> {
+        let _op = inner.op()?;
+        let newest = inner
+            .messages
+            .find_one(doc! {})
+            .sort(doc! { "ts": -1 })
+            .projection(doc! { "ts": 1 })
+            .comment(ANCHOR_COMMENT)
+            .await
+            .map_err(to_error)?;
+        Ok(newest
+            .and_then(|d| d.get_timestamp("ts").ok())
+            .unwrap_or(Timestamp {
+                time: 0,
+                increment: 0,
+            }))
+    }
+
     async fn newest_ts(inner: &Inner) -> Result<Timestamp> {
         let _op = inner.op()?;
         let newest = inner
@@ -375,7 +418,15 @@ impl Follower {
     ) -> bool {
         let Some(ts) = message.ts else { return false };
         self.last_ts = self.last_ts.max(ts);
-        if self.recent.contains(&message.id) || self.floor.is_some_and(|f| ts <= f) {
+        // A scan (after a gap met before this follower's first event) leaves out what
+        // is stamped before it started; the ring after its start is all after it. (A
+        // message stamped as the start was is delivered: on mongod that is the newest
+        // one before it, once, and on servers that stamp whole seconds, one of the same
+        // second, which may be after it.)
+        if self.recent.contains(&message.id)
+            || self.floor.is_some_and(|f| ts <= f)
+            || (!from_ring && self.start_floor.is_some_and(|f| ts < f))
+        {
             return false;
         }
         if from_ring {

@@ -188,6 +188,19 @@ impl Ring {
             .skip(usize::try_from(skip).unwrap_or(usize::MAX))
     }
 
+    /// The `ts` of the newest message kept at or before `seq`, if any.
+    pub(crate) fn newest_message_ts_upto(&self, seq: u64) -> Option<Timestamp> {
+        let first = self.first_seq();
+        (first..=seq.min(self.tip())).rev().find_map(|s| {
+            let index = s.saturating_sub(first) / self.segment_len as u64;
+            let segment = self.segments.get(usize::try_from(index).ok()?)?;
+            match segment.get(s)? {
+                RingItem::Message { message, .. } => message.ts,
+                _ => None,
+            }
+        })
+    }
+
     /// Every entry kept, oldest first.
     pub(crate) fn entries(&self) -> impl Iterator<Item = (u64, &RingItem)> {
         self.segments.iter().flat_map(|segment| {
