@@ -281,8 +281,8 @@ impl Outbox {
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
-    Error::ConfigFile {
-        path: path.display().to_string(),
+    Error::Io {
+        what: format!("outbox file {}", path.display()),
         source,
     }
 }
@@ -322,6 +322,8 @@ fn encode(messages: &[&Message]) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Appends messages to the file; a write that fails (a full disk) is cut off again, so
+/// that the file does not keep half a document that later appends would follow.
 fn append_file(path: &Path, messages: &[Message]) -> Result<()> {
     let bytes = encode(&messages.iter().collect::<Vec<_>>())?;
     let mut file = std::fs::OpenOptions::new()
@@ -329,8 +331,15 @@ fn append_file(path: &Path, messages: &[Message]) -> Result<()> {
         .append(true)
         .open(path)
         .map_err(|e| io_error(path, e))?;
-    file.write_all(&bytes).map_err(|e| io_error(path, e))?;
-    file.sync_data().map_err(|e| io_error(path, e))
+    let before = file.metadata().map_err(|e| io_error(path, e))?.len();
+    let written = file.write_all(&bytes).and_then(|()| file.sync_data());
+    if let Err(error) = written {
+        if let Err(cut) = file.set_len(before) {
+            tracing::error!(path = %path.display(), %cut, "outbox file not cut back after a failed write: a restart reads it up to the torn document");
+        }
+        return Err(io_error(path, error));
+    }
+    Ok(())
 }
 
 fn rewrite_file(path: &Path, queue: &VecDeque<Message>) -> Result<()> {
