@@ -392,13 +392,7 @@ async fn the_outbox_file_is_replayed_at_start_up() {
         got.push(next_id(&mut watch).await);
     }
     assert_eq!(got, ids, "replayed in order after the restart");
-    for _ in 0..100 {
-        if restarted.outbox_len() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(restarted.outbox_len(), 0);
+    outbox_empties(&restarted).await;
     restarted.shutdown().await;
 }
 
@@ -442,7 +436,7 @@ async fn idempotency_falls_back_to_memory_and_goes_back() {
     medium.store_down.store(false, Ordering::SeqCst);
     // The store is tried again after a short pause; until then memory answers.
     let mut back = false;
-    for _ in 0..100 {
+    for _ in 0..600 {
         ledger.run_once("probe-1", || run(0)).await.unwrap();
         if stored_done(&medium, "ledger", "probe-1").await {
             back = true;

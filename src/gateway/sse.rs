@@ -301,15 +301,17 @@ pub(crate) async fn subscribe(
     let bus = state.bus().as_service(&service, instance)?;
     let opened = bson::DateTime::now();
     let slot = named.as_ref().map(|name| state.inflight().open(name));
-    let subscriber = match bus.subscribe(subscription).await {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            if let (Some(name), Some((generation, _))) = (&named, &slot) {
-                state.inflight().close(name, *generation);
-            }
-            return Err(error.into());
-        }
+    // Closed if the subscription fails, or if the client goes away while it is made (the
+    // handler's future is dropped at the await): names are the clients' to choose.
+    let mut opened_slot = SlotGuard {
+        state: &state,
+        slot: named
+            .clone()
+            .zip(slot.as_ref().map(|(generation, _)| *generation)),
     };
+    let subscriber = bus.subscribe(subscription).await?;
+    // From here the pump owns the slot (it closes it when the stream ends).
+    opened_slot.slot = None;
     tracing::info!(service, topic, subscription = ?params.name, monitor, resumed = last_event_id.is_some(), "gateway: subscriber connected");
     let options = state.options();
     let outgoing = Outgoing::new(state.clone(), options.sse_buffer, options.sse_buffer_bytes);
@@ -329,6 +331,21 @@ pub(crate) async fn subscribe(
     tokio::spawn(pump.run());
     let events = Response::new(outgoing).into_stream();
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(options.keep_alive)))
+}
+
+/// Closes the slot of a named subscription whose stream did not start.
+struct SlotGuard<'a> {
+    state: &'a AppState,
+    /// The scoped name and the slot's generation, until the pump owns them.
+    slot: Option<(String, u64)>,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((name, generation)) = self.slot.take() {
+            self.state.inflight().close(&name, generation);
+        }
+    }
 }
 
 /// Why a stream ended.

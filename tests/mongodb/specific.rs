@@ -232,7 +232,7 @@ async fn hand_written_documents_are_validated_or_dead_lettered(t: &Target) {
     assert_eq!(next(&mut sub).await.id, good.id);
     let dead = db.collection::<Document>("dead");
     let mut found = None;
-    for _ in 0..100 {
+    for _ in 0..600 {
         found = dead.find_one(doc! { "_id": "forced" }).await.unwrap();
         if found.is_some() {
             break;
@@ -246,7 +246,10 @@ async fn hand_written_documents_are_validated_or_dead_lettered(t: &Target) {
         Ok("mongosh")
     );
     bus.shutdown().await;
-    let _ = sub.next().await;
+    assert!(
+        sub.next().await.is_none(),
+        "the subscription ends with its bus"
+    );
     drop_database(&uri, &database).await;
 }
 
