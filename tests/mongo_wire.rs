@@ -897,14 +897,20 @@ async fn a_standalone_server_is_followed_by_polling_ts() {
             vec![doc! { "_id": "m1", "ts": ts(1) }]
         } else {
             scans += 1;
-            // Every scan looks back a safety window, so m2 keeps coming back.
+            // Every scan looks back a safety window, so m2 (and a document that is no
+            // message) keep coming back.
+            let bad = doc! { "_id": "bad", "ts": ts(2) };
             match scans {
                 0..=2 => vec![],
-                3..=5 => vec![stored_message("m2", "reload", ts(2))],
-                _ => vec![stored_message("m2", "reload", ts(2)), stored_message("m3", "reload", ts(3))],
+                3..=5 => vec![stored_message("m2", "reload", ts(2)), bad],
+                _ => vec![stored_message("m2", "reload", ts(2)), bad, stored_message("m3", "reload", ts(3))],
             }
         };
         Some(Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 }))
+    });
+    peer.on("update", |c| {
+        (c.get_str("update") == Ok("dead"))
+            .then(|| Reply::Doc(doc! { "n": 1, "nModified": 0, "ok": 1 }))
     });
     let bus = connect(&peer).await;
     let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
@@ -913,6 +919,16 @@ async fn a_standalone_server_is_followed_by_polling_ts() {
         next_id(&mut sub).await,
         "m3",
         "m2, seen again by later scans, is not delivered twice"
+    );
+    let dead: Vec<Document> = peer
+        .commands_named("update")
+        .into_iter()
+        .filter(|c| c.get_str("update") == Ok("dead"))
+        .collect();
+    assert_eq!(
+        dead.len(),
+        1,
+        "the document that is no message, read by every scan, is dead-lettered once"
     );
     assert!(
         peer.commands_named("aggregate").is_empty(),

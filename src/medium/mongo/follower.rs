@@ -201,6 +201,15 @@ pub(crate) fn filter_query(filter: &Filter, prefix: &str) -> Document {
 /// The comment of the query that anchors a follower starting now ([`Follower::anchor_ts`]).
 pub(crate) const ANCHOR_COMMENT: &str = "intracom: where a subscription starts";
 
+/// How an unreadable document is remembered among the ids of the safety window: its
+/// `_id` if it is a string (a message's is), else a form no message id can take.
+fn unreadable_key(id: &Bson) -> String {
+    match id {
+        Bson::String(id) => id.clone(),
+        other => format!("\u{0}{other}"),
+    }
+}
+
 fn minus_window(ts: Timestamp, window_secs: u32) -> Timestamp {
     Timestamp {
         time: ts.time.saturating_sub(window_secs),
@@ -600,9 +609,11 @@ impl Follower {
             drop(op);
             let full = batch.len() as i64 == SCAN_BATCH;
             for document in batch {
+                let mut key = None;
                 if let (Ok(ts), Ok(Some(id))) = (document.get_timestamp("ts"), document.get("_id"))
                 {
                     if let Ok(id) = Bson::try_from(id) {
+                        key = Some((ts, unreadable_key(&id)));
                         after = Some((ts, id));
                     }
                 }
@@ -613,6 +624,14 @@ impl Follower {
                         }
                     }
                     Err(reason) => {
+                        // Scans read the safety window again (polling, catching up): an
+                        // unreadable document is dead-lettered and counted once.
+                        if key.as_ref().is_some_and(|(_, k)| self.recent.contains(k)) {
+                            continue;
+                        }
+                        if let Some((ts, k)) = &key {
+                            self.recent.insert(*ts, k, self.window_secs());
+                        }
                         self.inner.count_unreadable();
                         self.inner.dead_letter_raw(&document, reason).await;
                     }
