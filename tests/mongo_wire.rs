@@ -882,6 +882,47 @@ async fn a_dropped_connection_restarts_the_stream_and_catches_up_by_ts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_refused_for_good_is_told_to_the_subscriber_and_tried_again() {
+    let peer = Peer::standalone().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let mut scans = 0;
+    peer.on("find", move |c| {
+        if c.get_str("find") != Ok("messages") {
+            return None;
+        }
+        if c.get_document("sort").ok() == Some(&doc! { "ts": -1 }) {
+            return Some(Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [{ "_id": "m1", "ts": ts(1) }] }, "ok": 1 }));
+        }
+        if c.get_document("sort").ok() != Some(&doc! { "ts": 1, "_id": 1 }) {
+            // The safety window's ids, read when the subscription starts.
+            return Some(Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [] }, "ok": 1 }));
+        }
+        scans += 1;
+        Some(Reply::Doc(if scans == 1 {
+            error(13, "Unauthorized", "not authorized on intracom to execute command { find: \"messages\" }")
+        } else {
+            doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": [stored_message("m2", "reload", ts(2))] }, "ok": 1 }
+        }))
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    let told = tokio::time::timeout(GUARD, sub.next())
+        .await
+        .expect("an item within the guard")
+        .expect("stream open");
+    match told {
+        Err(error) => {
+            assert!(!error.is_retryable() && !error.is_report(), "{error}");
+            assert!(error.to_string().contains("not authorized"), "{error}");
+        }
+        Ok(delivery) => panic!("expected the refusal, got {}", delivery.id),
+    }
+    assert_eq!(next_id(&mut sub).await, "m2", "tried again, and read");
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_server_is_followed_by_polling_ts() {
     let peer = Peer::standalone().await;
     peer.accept_setup();

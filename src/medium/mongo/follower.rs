@@ -797,14 +797,32 @@ impl Follower {
                     self.backoff = Duration::from_millis(100);
                     next
                 }
+                Err(crate::Error::Shutdown) => {
+                    // The medium closes (refusing operations, then cancelling `closed`
+                    // right after): the follower ends at its next read.
+                    self.inner.closed.cancelled().await;
+                    self.mode = Mode::Scan { lower, tip_before };
+                    return Ok(());
+                }
                 Err(error) => {
-                    tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan failed: retrying");
+                    let retryable = error.is_retryable();
+                    if retryable {
+                        tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan failed: retrying");
+                    } else {
+                        tracing::error!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan refused: the subscriber is told, and it is tried again");
+                    }
                     tokio::select! {
                         _ = self.inner.closed.cancelled() => {}
                         _ = tokio::time::sleep(self.backoff) => {}
                     }
                     self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
-                    Mode::Scan { lower, tip_before }
+                    self.mode = Mode::Scan { lower, tip_before };
+                    // Refused for good (not authorized, say): the consumer hears of it
+                    // instead of a silence; a next read tries again.
+                    if !retryable {
+                        return Err(error);
+                    }
+                    return Ok(());
                 }
             },
         };
