@@ -230,44 +230,54 @@ impl Idempotent {
         }
     }
 
-    /// The store answers again: write what was done meanwhile, and go back to it.
+    /// The store answers again: write what was done meanwhile, and go back to it once
+    /// all of it is written. A record leaves memory only when the store has it: until
+    /// then a caller that the store lets reserve the message finds it done in memory
+    /// ([`Idempotent::reserve`]), so that its handler does not run a second time while
+    /// the write-back is under way.
     async fn recover(&self) {
         let fallback = self.fallback();
-        let done = fallback.records.take_done();
-        let count = done.len();
         let owner = format!("{}/write-back", self.bus.instance());
         let medium = self.bus.medium();
+        let (mut written, mut held) = (0usize, 0usize);
         let mut failed = None;
-        for (consumer, id, result) in done {
-            if failed.is_some() {
-                fallback.records.restore_done(&consumer, &id, result);
-                continue;
-            }
-            let written = match medium
+        for (consumer, id, result) in fallback.records.done_records() {
+            let stored = match medium
                 .processed_reserve(&consumer, &id, &owner, self.lease)
                 .await
             {
-                Ok(Reservation::Reserved) => {
-                    medium
-                        .processed_complete(&consumer, &id, &owner, result.clone())
-                        .await
-                }
-                Ok(_) => Ok(()),
+                Ok(Reservation::Reserved) => medium
+                    .processed_complete(&consumer, &id, &owner, result)
+                    .await
+                    .map(|()| true),
+                Ok(Reservation::Done(_)) => Ok(true),
+                // Someone holds it in the store now; it finds the record in memory.
+                Ok(Reservation::Busy) => Ok(false),
                 Err(error) => Err(error),
             };
-            if let Err(error) = written {
-                fallback.records.restore_done(&consumer, &id, result);
-                failed = Some(error);
+            match stored {
+                Ok(true) => {
+                    fallback.records.remove(&consumer, &id);
+                    written += 1;
+                }
+                Ok(false) => held += 1,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
             }
         }
         match failed {
             Some(error) => {
-                tracing::warn!(%error, "idempotency store failed again: staying on memory");
+                tracing::warn!(%error, written_back = written, "idempotency store failed again: staying on memory");
                 fallback.fall_back(&error);
+            }
+            None if held > 0 => {
+                tracing::debug!(written_back = written, held, "idempotency store reachable again; records held by running handlers are written back later");
             }
             None => {
                 fallback.active.store(false, Ordering::SeqCst);
-                tracing::info!(written_back = count, "idempotency store reachable again");
+                tracing::info!(written_back = written, "idempotency store reachable again");
             }
         }
     }

@@ -408,6 +408,70 @@ async fn stored_done(medium: &Flaky, consumer: &str, id: &str) -> bool {
     )
 }
 
+/// The write-back after an outage meets a message someone else holds in the store: its
+/// record stays in memory (and the bus on it) until the store has it, so that whoever
+/// reserves it next finds it done instead of running its handler again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_write_back_cannot_take_yet_stays_done_in_memory() {
+    use intracom::Once;
+    let medium = flaky();
+    let bus = Intracom::with_medium(config().build().unwrap(), medium.clone())
+        .await
+        .unwrap();
+    let ledger = bus.idempotent("ledger");
+    let ran = Arc::new(AtomicUsize::new(0));
+    let count = |n: i32| {
+        let ran = Arc::clone(&ran);
+        move || async move {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(n)
+        }
+    };
+    medium.store_down.store(true, Ordering::SeqCst);
+    assert_eq!(ledger.run_once("y", count(1)).await.unwrap(), Once::Ran(1));
+    medium.store_down.store(false, Ordering::SeqCst);
+    // Another holder has `y` in the store while the write-back runs.
+    assert_eq!(
+        medium
+            .inner
+            .processed_reserve("ledger", "y", "elsewhere", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        Reservation::Reserved
+    );
+    // The store answers again (after the fall-back's pause): other messages use it,
+    // and the write-back of `y` waits.
+    let mut probes = 0;
+    loop {
+        probes += 1;
+        ledger
+            .run_once(&format!("probe-{probes}"), count(0))
+            .await
+            .unwrap();
+        if stored_done(&medium, "ledger", &format!("probe-{probes}")).await {
+            break;
+        }
+        assert!(probes < 600, "the store is used again once it answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    medium
+        .inner
+        .processed_release("ledger", "y", "elsewhere")
+        .await
+        .unwrap();
+    let before = ran.load(Ordering::SeqCst);
+    assert!(
+        matches!(
+            ledger.run_once("y", count(2)).await.unwrap(),
+            Once::AlreadyDone(_)
+        ),
+        "done during the outage: not run again"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), before);
+    assert!(stored_done(&medium, "ledger", "y").await, "written back");
+    bus.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_falls_back_to_memory_and_goes_back() {
     use intracom::Once;

@@ -136,20 +136,6 @@ impl LocalRecords {
         }
     }
 
-    /// Puts back a done record that could not be written to the store.
-    pub(crate) fn restore_done(&self, consumer: &str, id: &str, result: Option<Document>) {
-        let key = (consumer.to_string(), id.to_string());
-        let mut records = self.lock();
-        let record = Record {
-            state: State::Done(result),
-            expires: crate::deadline::std_after(self.retention),
-            at: bson::DateTime::now(),
-        };
-        if records.map.insert(key.clone(), record).is_none() {
-            records.order.push_back(key);
-        }
-    }
-
     /// The record of (`consumer`, `id`), unless it expired.
     pub(crate) fn get(&self, consumer: &str, id: &str) -> Option<ProcessedRecord> {
         let records = self.lock();
@@ -181,28 +167,20 @@ impl LocalRecords {
         removed
     }
 
-    /// Removes and returns the done records (to write them to a store that is back).
-    pub(crate) fn take_done(&self) -> Vec<(String, String, Option<Document>)> {
-        let mut records = self.lock();
-        let done: Vec<Key> = records
+    /// The done records, unexpired (to write them to a store that is back; each is
+    /// removed once the store has it).
+    pub(crate) fn done_records(&self) -> Vec<(String, String, Option<Document>)> {
+        let now = Instant::now();
+        self.lock()
             .map
             .iter()
-            .filter(|(_, r)| matches!(r.state, State::Done(_)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut out = Vec::with_capacity(done.len());
-        for key in done {
-            if let Some(Record {
-                state: State::Done(result),
-                ..
-            }) = records.map.remove(&key)
-            {
-                out.push((key.0.clone(), key.1.clone(), result));
-            }
-        }
-        let Records { map, order } = &mut *records;
-        order.retain(|k| map.contains_key(k));
-        out
+            .filter_map(|((consumer, id), record)| match &record.state {
+                State::Done(result) if record.expires > now => {
+                    Some((consumer.clone(), id.clone(), result.clone()))
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -254,6 +232,6 @@ mod tests {
         assert!(r.get("other", "m").is_some_and(|record| !record.done));
         assert!(r.remove("other", "m"));
         assert!(r.get("other", "m").is_none());
-        assert_eq!(r.take_done().len(), 1);
+        assert_eq!(r.done_records().len(), 1);
     }
 }
