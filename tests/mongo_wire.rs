@@ -1763,35 +1763,46 @@ async fn doctor_and_stats_read_what_they_report() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_reserves_by_insert_and_reads_the_holder_on_duplicate_key() {
+async fn idempotency_reserves_with_a_server_stamped_upsert_and_reads_the_holder_on_duplicate_key() {
     use intracom::medium::mongo::MongoMedium;
     use intracom::medium::Reservation;
     use intracom::Medium;
     let peer = Peer::replica_set().await;
     peer.accept_setup();
-    let future = intracom::bson::DateTime::from_millis(
-        intracom::bson::DateTime::now().timestamp_millis() + 60_000,
+    let now = intracom::bson::DateTime::now().timestamp_millis();
+    let (recent, old) = (
+        intracom::bson::DateTime::from_millis(now - 1_000),
+        intracom::bson::DateTime::from_millis(now - 120_000),
     );
-    let past = intracom::bson::DateTime::from_millis(
-        intracom::bson::DateTime::now().timestamp_millis() - 1_000,
-    );
-    let duplicate = doc! { "n": 0, "writeErrors": [{ "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" }], "ok": 1 };
-    peer.queue(
-        "insert",
-        vec![
-            Reply::Doc(doc! { "n": 1, "ok": 1 }),
-            Reply::Doc(duplicate.clone()),
-            Reply::Doc(duplicate.clone()),
-            Reply::Doc(duplicate),
-        ],
-    );
-    let holder = |until: intracom::bson::DateTime, state: &str| {
-        doc! { "consumer": "ledger", "messageId": "m1", "state": state, "owner": "other/1", "until": until, "result": { "n": 3 } }
+    // The reserving upserts: the first inserts, the others meet the unique index. Other
+    // updates (the take-over) match.
+    let mut upserts = vec![
+        doc! { "n": 1, "nModified": 0, "upserted": [{ "index": 0, "_id": "r1" }], "ok": 1 },
+        doc! { "n": 0, "writeErrors": [{ "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" }], "ok": 1 },
+        doc! { "n": 0, "writeErrors": [{ "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" }], "ok": 1 },
+        doc! { "n": 0, "writeErrors": [{ "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" }], "ok": 1 },
+    ]
+    .into_iter();
+    peer.on("update", move |c| {
+        (c.get_str("update") == Ok("processed")).then(|| {
+            let upsert = statements(c)
+                .first()
+                .is_some_and(|s| s.get_bool("upsert") == Ok(true));
+            Reply::Doc(match upsert.then(|| upserts.next()).flatten() {
+                Some(reply) => reply,
+                None => doc! { "n": 1, "nModified": 1, "ok": 1 },
+            })
+        })
+    });
+    // A holder stamped a second ago for a minute (live by the server's clock), one
+    // stamped two minutes ago for a minute (lapsed), and a done record.
+    let holder = |at: intracom::bson::DateTime, state: &str| {
+        doc! { "consumer": "ledger", "messageId": "m1", "state": state, "owner": "other/1", "at": at, "ms": 60_000i64, "result": { "n": 3 } }
     };
     let (live, lapsed, done) = (
-        holder(future, "running"),
-        holder(past, "running"),
-        holder(future, "done"),
+        holder(recent, "running"),
+        holder(old, "running"),
+        holder(recent, "done"),
     );
     peer.queue(
         "find",
@@ -1801,7 +1812,6 @@ async fn idempotency_reserves_by_insert_and_reads_the_holder_on_duplicate_key() 
             Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.processed", "firstBatch": [done] }, "ok": 1 }),
         ],
     );
-    peer.always("update", doc! { "n": 1, "nModified": 1, "ok": 1 });
     let medium = MongoMedium::connect(&config(&peer)).await.unwrap();
     let lease = Duration::from_secs(30);
     assert_eq!(
@@ -1835,33 +1845,40 @@ async fn idempotency_reserves_by_insert_and_reads_the_holder_on_duplicate_key() 
         Reservation::Done(Some(doc! { "n": 3 }))
     );
 
-    let insert = peer.commands_named("insert").remove(0);
-    assert_eq!(insert.get_str("insert"), Ok("processed"));
-    let record = insert.get_array("documents").unwrap()[0]
-        .as_document()
-        .unwrap()
-        .clone();
-    assert_eq!(record.get_str("state"), Ok("running"));
-    assert_eq!(record.get_str("owner"), Ok("me/1"));
-    assert!(
-        record.get_datetime("until").is_ok() && record.get_datetime("at").is_ok(),
-        "lease end, and the TTL field"
+    let updates: Vec<Document> = peer
+        .commands_named("update")
+        .into_iter()
+        .filter(|c| c.get_str("update") == Ok("processed"))
+        .flat_map(|c| statements(&c))
+        .collect();
+    let reserve = &updates[0];
+    assert_eq!(reserve.get_bool("upsert"), Ok(true));
+    assert_eq!(
+        reserve.get_document("q").unwrap(),
+        &doc! { "consumer": "ledger", "messageId": "m1", "at": { "$exists": false } },
+        "an upsert that only inserts"
     );
-    let take_over = statements(
-        &peer
-            .commands_named("update")
-            .into_iter()
-            .find(|c| c.get_str("update") == Ok("processed"))
-            .unwrap(),
-    )
-    .remove(0);
+    assert_eq!(
+        reserve.get_document("u").unwrap(),
+        &doc! {
+            "$setOnInsert": { "state": "running", "owner": "me/1", "ms": 30_000i64 },
+            "$currentDate": { "at": true },
+        },
+        "stamped by the server's clock"
+    );
+    let take_over = updates
+        .iter()
+        .find(|s| s.get_bool("upsert") != Ok(true))
+        .expect("a take-over");
     assert_eq!(
         take_over.get_document("q").unwrap(),
-        &doc! { "consumer": "ledger", "messageId": "m1", "state": "running", "until": past },
+        &doc! { "consumer": "ledger", "messageId": "m1", "state": "running", "at": old, "owner": "other/1" },
         "only if the lapsed lease is still the one seen"
     );
-    assert_eq!(
-        get(&take_over, "u.$set.owner"),
-        &Bson::String("me/1".into())
+    assert_eq!(get(take_over, "u.$set.owner"), &Bson::String("me/1".into()));
+    assert_eq!(get(take_over, "u.$currentDate.at"), &Bson::Boolean(true));
+    assert!(
+        peer.commands_named("hello").len() + peer.commands_named("isMaster").len() > 0,
+        "the server's clock is read to judge a holder"
     );
 }

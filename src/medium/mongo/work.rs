@@ -453,11 +453,15 @@ pub(crate) async fn dead_remove(inner: &Inner, id: Option<&str>) -> Result<u64> 
     Ok(removed.map_err(to_error)?.deleted_count)
 }
 
-/// Reserves (consumer, message id): an insert, so two instances racing for the same
-/// message get one winner (the unique index on {consumer, messageId} answers 11000 to
-/// the other). The loser reads the record: done → its result; a live lease → busy; a
-/// lapsed lease (the holder died) → a conditional take-over. Lease times come from this
-/// client's clock (an insert cannot use `$$NOW`): keep leases well above clock skew.
+/// Reserves (consumer, message id): an upsert that only inserts, so two instances racing
+/// for the same message get one winner (the unique index on {consumer, messageId}
+/// answers 11000 to the other: a stamped record does not match `at: {$exists: false}`).
+/// The loser reads the record: done → its result; a live lease → busy; a lapsed lease
+/// (the holder died) → a conditional take-over. Lease times come from the server's
+/// clock, as a work lease's do: `at` is written by `$currentDate`, the lease lasts `ms`,
+/// and it has lapsed when `at + ms` is at or before the server's `localTime` (read with
+/// `hello` only when a holder is found). Records of earlier versions, with an `until`
+/// of the writer's clock, are judged by it.
 pub(crate) async fn processed_reserve(
     inner: &Inner,
     consumer: &str,
@@ -465,15 +469,26 @@ pub(crate) async fn processed_reserve(
     owner: &str,
     lease: Duration,
 ) -> Result<Reservation> {
-    let now = bson::DateTime::now();
-    let until = bson::DateTime::from_millis(now.timestamp_millis().saturating_add(millis(lease)));
-    let record = doc! { "consumer": consumer, "messageId": id, "state": "running", "owner": owner, "until": until, "at": now };
-    match inner.processed.insert_one(record).await {
-        Ok(_) => return Ok(Reservation::Reserved),
+    let key = doc! { "consumer": consumer, "messageId": id };
+    let mut unstamped = key.clone();
+    unstamped.insert("at", doc! { "$exists": false });
+    let inserted = inner
+        .processed
+        .update_one(
+            unstamped,
+            doc! {
+                "$setOnInsert": { "state": "running", "owner": owner, "ms": millis(lease) },
+                "$currentDate": { "at": true },
+            },
+        )
+        .upsert(true)
+        .await;
+    match inserted {
+        Ok(outcome) if outcome.upserted_id.is_some() => return Ok(Reservation::Reserved),
+        Ok(_) => {}
         Err(e) if code(&e) == Some(DUPLICATE_KEY) => {}
         Err(e) => return Err(to_error(e)),
     }
-    let key = doc! { "consumer": consumer, "messageId": id };
     let Some(existing) = inner
         .processed
         .find_one(key.clone())
@@ -488,23 +503,71 @@ pub(crate) async fn processed_reserve(
             existing.get_document("result").ok().cloned(),
         ));
     }
-    let held_until = existing.get_datetime("until").ok().copied();
-    if existing.get_str("owner") == Ok(owner) || held_until.is_none_or(|u| u <= now) {
-        let mut filter = key;
-        filter.insert("state", "running");
-        if let Some(u) = held_until {
-            filter.insert("until", u);
-        }
-        let taken = inner
-            .processed
-            .update_one(filter, doc! { "$set": { "owner": owner, "until": until } })
-            .await
-            .map_err(to_error)?;
-        if taken.matched_count == 1 {
-            return Ok(Reservation::Reserved);
-        }
+    let at = existing.get_datetime("at").ok().copied();
+    let ends = match (at, lease_ms(&existing)) {
+        (Some(at), Some(ms)) => Some(bson::DateTime::from_millis(
+            at.timestamp_millis().saturating_add(ms),
+        )),
+        _ => existing.get_datetime("until").ok().copied(),
+    };
+    let lapsed = existing.get_str("owner") == Ok(owner)
+        || match ends {
+            None => true,
+            Some(ends) => ends <= server_now(inner).await?,
+        };
+    if !lapsed {
+        return Ok(Reservation::Busy);
     }
-    Ok(Reservation::Busy)
+    // Taken over only if the record is still the one judged.
+    let mut filter = key;
+    filter.insert("state", "running");
+    if let Some(at) = at {
+        filter.insert("at", at);
+    }
+    if let Ok(holder) = existing.get_str("owner") {
+        filter.insert("owner", holder);
+    }
+    let taken = inner
+        .processed
+        .update_one(
+            filter,
+            doc! {
+                "$set": { "owner": owner, "ms": millis(lease) },
+                "$currentDate": { "at": true },
+                "$unset": { "until": "" },
+            },
+        )
+        .await
+        .map_err(to_error)?;
+    Ok(if taken.matched_count == 1 {
+        Reservation::Reserved
+    } else {
+        Reservation::Busy
+    })
+}
+
+/// A reservation's lease in milliseconds (`ms`, an int64 or an int32).
+fn lease_ms(record: &Document) -> Option<i64> {
+    match record.get("ms")? {
+        Bson::Int64(ms) => Some(*ms),
+        Bson::Int32(ms) => Some(i64::from(*ms)),
+        _ => None,
+    }
+}
+
+/// The server's clock now (`hello`'s `localTime`); this client's for a server that does
+/// not say.
+async fn server_now(inner: &Inner) -> Result<bson::DateTime> {
+    let hello = inner
+        .db
+        .run_command(doc! { "hello": 1 })
+        .await
+        .map_err(to_error)?;
+    Ok(hello
+        .get_datetime("localTime")
+        .ok()
+        .copied()
+        .unwrap_or_else(bson::DateTime::now))
 }
 
 pub(crate) async fn processed_complete(
@@ -522,7 +585,7 @@ pub(crate) async fn processed_complete(
         .processed
         .update_one(
             doc! { "consumer": consumer, "messageId": id, "owner": owner, "state": "running" },
-            doc! { "$set": set, "$unset": { "until": "" }, "$currentDate": { "at": true } },
+            doc! { "$set": set, "$unset": { "until": "", "ms": "" }, "$currentDate": { "at": true } },
         )
         .await
         .map_err(to_error)?;
