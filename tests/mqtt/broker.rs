@@ -130,11 +130,20 @@ impl Broker {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        // This start's log only (a restart would find the last one's "running").
+        if let Err(error) = std::fs::remove_file(&log) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!("cannot remove {}: {error}", log.display()));
+            }
+        }
         let mut child =
             spawn_kept(command).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            // Ours, not whatever took the port between `free_port` and the bind: the
+            // broker logs that it runs only once its listener is open.
+            let running = std::fs::read_to_string(&log).is_ok_and(|text| text.contains(" running"));
+            if running && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 self.child = Some(child);
                 return Ok(());
             }
