@@ -366,8 +366,10 @@ async fn a_subscriber_away_past_a_tiny_oplog_catches_up_without_gap(t: &Target) 
 
 /// Arms `failCommand` once for `command`: with a closed connection, or with a
 /// retryable error code (91 ShutdownInProgress, labelled as MongoDB labels it).
-async fn arm(client: &mongodb::Client, command: &str, close: bool) {
-    let mut data = doc! { "failCommands": [command] };
+/// Arms a fail point for the next `command` of the client named `app` (the `appName`
+/// of its URI): no other client of the test can use it up.
+async fn arm(client: &mongodb::Client, command: &str, close: bool, app: &str) {
+    let mut data = doc! { "failCommands": [command], "appName": app };
     if close {
         data.insert("closeConnection", true);
     } else {
@@ -388,15 +390,24 @@ async fn arm(client: &mongodb::Client, command: &str, close: bool) {
         .expect("configureFailPoint (--enable-test-commands)");
 }
 
-/// Fail points on `update` (publish), `insert` (idempotency reservation),
+/// The `appName`s of the fail-point test's buses.
+const PUBLISHER: &str = "intracom-test-publisher";
+const CONSUMER: &str = "intracom-test-consumer";
+
+/// Fail points on `update` (publish, and the idempotency reservation),
 /// `findAndModify` (claim) and `getMore` (the change stream), each with a closed
 /// connection and with a retryable error: writes are retried or buffered, streams
 /// resume, nothing is lost or doubled.
 async fn fail_points_lose_and_double_nothing(t: &Target) {
     let (server, uri) = own_server(t, Options::default());
     let database = database_name();
-    let publisher = bus(&uri, &database, "billing-1").await;
-    let consumer = bus(&uri, &database, "billing-2").await;
+    // Each bus names itself to the server, and each fail point names the one it is for.
+    let with_app = |app: &str| {
+        let separator = if uri.contains('?') { '&' } else { '?' };
+        format!("{uri}{separator}appName={app}")
+    };
+    let publisher = bus(&with_app(PUBLISHER), &database, "billing-1").await;
+    let consumer = bus(&with_app(CONSUMER), &database, "billing-2").await;
     let admin = raw_client(&server.uri()).await;
     let seen = collect(&consumer, "ledger").await;
     let first = publish_n(&publisher, 1).await;
@@ -426,20 +437,22 @@ async fn fail_points_lose_and_double_nothing(t: &Target) {
     let mut jobs = Vec::new();
     for close in [true, false] {
         // update: the publish command.
-        arm(&admin, "update", close).await;
+        arm(&admin, "update", close, PUBLISHER).await;
         published.extend(publish_n(&publisher, 3).await.into_iter().map(|(id, _)| id));
         // getMore: the shared change stream.
-        arm(&admin, "getMore", close).await;
+        arm(&admin, "getMore", close, CONSUMER).await;
         published.extend(publish_n(&publisher, 3).await.into_iter().map(|(id, _)| id));
         // findAndModify: a worker's claim.
-        arm(&admin, "findAndModify", close).await;
+        arm(&admin, "findAndModify", close, CONSUMER).await;
         let job = publisher
             .publish(Message::to_service("billing", "invoice.render").work())
             .await
             .unwrap();
         jobs.push(job.id);
-        // insert: an idempotency reservation.
-        arm(&admin, "insert", close).await;
+        // update: an idempotency reservation (an upsert), once the outbox has sent
+        // what the failed publish left there (its next update is the reservation).
+        outbox_drained(&publisher).await;
+        arm(&admin, "update", close, PUBLISHER).await;
         let key = format!("effect-{close}");
         let ran = publisher
             .idempotent("ledger")
