@@ -658,6 +658,116 @@ async fn a_subscription_that_starts_now_catches_up_after_a_gap_from_where_it_sta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_hands_over_without_delivering_twice_what_came_during_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // Stamps seconds apart (the safety window of this config is 2 s).
+    let at = |secs: u32| Timestamp {
+        time: 1_800_000_000 + secs,
+        increment: 0,
+    };
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let (m1, m2, m3, m9, m10) = (
+        stored_message("m1", "reload", at(1)),
+        stored_message("m2", "reload", at(2)),
+        stored_message("m3", "reload", at(100)),
+        stored_message("m9", "reload", at(103)),
+        stored_message("m10", "reload", at(104)),
+    );
+    peer.queue(
+        "aggregate",
+        vec![
+            Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
+            Reply::Doc(cursor_reply(102, "firstBatch", vec![], "t5")),
+        ],
+    );
+    peer.queue(
+        "getMore",
+        vec![
+            Reply::Doc(cursor_reply(
+                101,
+                "nextBatch",
+                vec![insert_event("t1", m1.clone(), at(1))],
+                "t1",
+            )),
+            Reply::Doc(error(
+                286,
+                "ChangeStreamHistoryLost",
+                "Resume of change stream was not possible",
+            )),
+        ],
+    );
+    // The first pass is slow (longer than half the window): m3 and m9 are written while
+    // it runs, so the fresh stream reports them and the pass reads them too.
+    let scanning = Arc::new(AtomicBool::new(false));
+    let marker_ready = Arc::new(AtomicBool::new(false));
+    let (flag, first_pass) = (
+        Arc::clone(&scanning),
+        vec![m1.clone(), m2, m3.clone(), m9.clone()],
+    );
+    let mut passes = 0;
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            passes += 1;
+            let batch = if passes == 1 { first_pass.clone() } else { vec![m9.clone()] };
+            let reply = doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 };
+            if passes == 1 {
+                Reply::After(Duration::from_millis(1500), reply)
+            } else {
+                Reply::Doc(reply)
+            }
+        })
+    });
+    let (seen_scan, marker_gate) = (Arc::clone(&scanning), Arc::clone(&marker_ready));
+    let mut during = Some(vec![
+        insert_event("t6", m3.clone(), at(100)),
+        insert_event("t7", stored_message("m9", "reload", at(103)), at(103)),
+    ]);
+    let mut marker = Some(insert_event("t8", m10, at(104)));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(102) {
+            return None;
+        }
+        let events = if seen_scan.load(Ordering::SeqCst) {
+            during.take()
+        } else {
+            None
+        }
+        .or_else(|| {
+            marker_gate
+                .load(Ordering::SeqCst)
+                .then(|| marker.take())
+                .flatten()
+                .map(|m| vec![m])
+        });
+        Some(match events {
+            Some(events) => Reply::Doc(cursor_reply(102, "nextBatch", events, "t8")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(102, "nextBatch", vec![], "t8"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::new()).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next_id(&mut sub).await);
+    }
+    assert_eq!(got, ["m1", "m2", "m3", "m9"]);
+    marker_ready.store(true, Ordering::SeqCst);
+    assert_eq!(
+        next_id(&mut sub).await,
+        "m10",
+        "what came during the long pass is not delivered again from the stream"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_duplicate() {
     let peer = Peer::replica_set().await;
     peer.accept_setup();

@@ -575,6 +575,7 @@ impl Follower {
     /// page boundary inside a run of equal stamps must not drop the rest of the run.
     async fn scan(&mut self, lower: Timestamp, tip_before: Option<u64>) -> Result<Mode> {
         let tip_before = tip_before.or_else(|| self.hub.as_ref().map(|h| h.ring().tip()));
+        let started = std::time::Instant::now();
         let filter = filter_query(&self.filter, "");
         // The last (ts, _id) of the previous page.
         let mut after: Option<(Timestamp, Bson)> = None;
@@ -646,6 +647,17 @@ impl Follower {
             (Some(hub), Some(tip)) => {
                 if tip + 1 < hub.ring().first_seq() {
                     // The ring moved past the hand-over point during the pass: scan again.
+                    return Ok(Mode::Scan {
+                        lower: minus_window(newest, self.window_secs()),
+                        tip_before: None,
+                    });
+                }
+                // A pass as long as half the safety window: what was written early in
+                // it is in the ring after `tip`, but its id may no longer be among the
+                // window's (kept relative to the newest): one more pass, from the
+                // window before the newest and with a fresh hand-over point, is short.
+                if started.elapsed() >= Duration::from_secs(u64::from(self.window_secs())) / 2 {
+                    tracing::debug!(fresh, "long catch-up pass: one more before the hand-over");
                     return Ok(Mode::Scan {
                         lower: minus_window(newest, self.window_secs()),
                         tip_before: None,
