@@ -80,6 +80,7 @@ impl AckTracker {
 
     /// Marks a delivery done without saving the checkpoint: the next save (an ack's)
     /// covers it. For deliveries the consumer filters out unseen.
+    #[cfg(any(feature = "gateway", test))]
     pub(crate) fn pass(&self, number: u64) {
         self.mark(number);
     }
@@ -131,6 +132,7 @@ impl AckTracker {
     }
 
     /// Returns once at most `limit` deliveries wait for an ack (or for an earlier one).
+    #[cfg(any(feature = "gateway", test))]
     pub(crate) async fn in_flight_at_most(&self, limit: usize) {
         loop {
             let passed = self.passed.notified();

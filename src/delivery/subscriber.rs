@@ -151,7 +151,8 @@ impl Delivery {
 
     /// Lets the checkpoint pass a delivery that its consumer filters out unseen,
     /// without saving it now (the next ack's save covers it): an unacked delivery
-    /// would hold the checkpoint back for good.
+    /// would hold the checkpoint back for good. (The gateway's monitor filter.)
+    #[cfg(feature = "gateway")]
     pub(crate) fn pass(self) {
         if let Some((tracker, number)) = &self.ack {
             tracker.pass(*number);
@@ -487,7 +488,8 @@ impl Subscriber {
     }
 
     /// Returns once at most `limit` deliveries are [in flight](Subscriber::in_flight)
-    /// (at once when unnamed).
+    /// (at once when unnamed). (The gateway's pause of a named stream.)
+    #[cfg(feature = "gateway")]
     pub(crate) fn in_flight_at_most(&self, limit: usize) -> impl Future<Output = ()> + Send {
         let tracker = self.tracker.clone();
         async move {
