@@ -1229,6 +1229,40 @@ fn work_document(id: &str, owner: &str) -> Document {
     d
 }
 
+/// A worker of billing's `invoice.render` that sends the id of each job it runs.
+fn recording_worker(
+    bus: &Intracom,
+    options: intracom::WorkOptions,
+) -> (
+    intracom::Worker,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = bus
+        .work(
+            "billing",
+            &["invoice.render"],
+            options,
+            move |m: Message| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.id.clone()).ok();
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .unwrap();
+    (worker, rx)
+}
+
+/// The id of the next job a [`recording_worker`] ran.
+async fn next_job(ran: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(GUARD, ran.recv())
+        .await
+        .expect("a job within the guard")
+        .expect("the worker runs")
+}
+
 fn statements(command: &Document) -> Vec<Document> {
     command
         .get_array("updates")
@@ -1263,27 +1297,12 @@ async fn an_unreadable_claimed_document_is_set_aside_and_the_next_job_runs() {
             .then(|| Reply::Doc(doc! { "n": 1, "nModified": 1, "ok": 1 }))
     });
     let bus = connect(&peer).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let options = intracom::WorkOptions::default().poll(Duration::from_millis(50));
-    let _worker = bus
-        .work(
-            "billing",
-            &["invoice.render"],
-            options,
-            move |m: Message| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(m.id.clone()).ok();
-                    Ok::<(), String>(())
-                }
-            },
-        )
-        .unwrap();
+    let (_worker, mut ran) = recording_worker(
+        &bus,
+        intracom::WorkOptions::default().poll(Duration::from_millis(50)),
+    );
     assert_eq!(
-        tokio::time::timeout(GUARD, rx.recv())
-            .await
-            .unwrap()
-            .unwrap(),
+        next_job(&mut ran).await,
         "job-2",
         "the next job runs; the unreadable one never reaches the handler"
     );
@@ -1329,31 +1348,11 @@ async fn a_worker_claims_with_find_and_modify_and_settles_in_place() {
             .then(|| Reply::Doc(doc! { "n": 1, "nModified": 1, "ok": 1 }))
     });
     let bus = connect(&peer).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let options = intracom::WorkOptions::default()
         .lease(Duration::from_millis(600))
         .poll(Duration::from_millis(50));
-    let _worker = bus
-        .work(
-            "billing",
-            &["invoice.render"],
-            options,
-            move |m: Message| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(m.id.clone()).ok();
-                    Ok::<(), String>(())
-                }
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        tokio::time::timeout(GUARD, rx.recv())
-            .await
-            .unwrap()
-            .unwrap(),
-        "job-1"
-    );
+    let (_worker, mut ran) = recording_worker(&bus, options);
+    assert_eq!(next_job(&mut ran).await, "job-1");
 
     let claim = peer.wait_for("findAndModify", 1).await.remove(0);
     assert_eq!(claim.get_str("findAndModify"), Ok("messages"));

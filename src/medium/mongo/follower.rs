@@ -198,7 +198,8 @@ pub(crate) fn filter_query(filter: &Filter, prefix: &str) -> Document {
     query
 }
 
-/// The comment of the query that anchors a follower starting now ([`Follower::anchor_ts`]).
+/// The comment of the query that anchors a follower of the shared stream starting now
+/// ([`Follower::newest_ts`]).
 pub(crate) const ANCHOR_COMMENT: &str = "intracom: where a subscription starts";
 
 /// How an unreadable document is remembered among the ids of the safety window: its
@@ -261,7 +262,7 @@ impl Follower {
                     let seen = hub.ring().newest_message_ts_upto(now);
                     let anchor = match seen {
                         Some(ts) => ts,
-                        None => Self::anchor_ts(&follower.inner).await?,
+                        None => Self::newest_ts(&follower.inner, Some(ANCHOR_COMMENT)).await?,
                     };
                     if anchor > follower.last_ts {
                         follower.start_floor = Some(anchor);
@@ -272,7 +273,7 @@ impl Follower {
                 None => {
                     // Poll mode: start after the newest stamp, and remember the ids of the
                     // safety window so they are not delivered as new.
-                    let newest = Self::newest_ts(&follower.inner).await?;
+                    let newest = Self::newest_ts(&follower.inner, None).await?;
                     follower.prime(newest).await?;
                     Mode::Scan {
                         lower: newest,
@@ -358,35 +359,20 @@ impl Follower {
         }
     }
 
-    /// The newest stamp in the collection, for a follower that starts now while the
-    /// ring holds no message (named by its comment in the server's logs and profiler).
-    async fn anchor_ts(inner: &Inner) -> Result<Timestamp> {
+    /// The newest stamp in the collection (0 when it is empty). `comment` names the
+    /// query in the server's logs and profiler: [`ANCHOR_COMMENT`] for a follower of the
+    /// shared stream that starts now while the process's ring holds no message.
+    async fn newest_ts(inner: &Inner, comment: Option<&str>) -> Result<Timestamp> {
         let _op = inner.op()?;
-        let newest = inner
+        let mut find = inner
             .messages
             .find_one(doc! {})
             .sort(doc! { "ts": -1 })
-            .projection(doc! { "ts": 1 })
-            .comment(ANCHOR_COMMENT)
-            .await
-            .map_err(to_error)?;
-        Ok(newest
-            .and_then(|d| d.get_timestamp("ts").ok())
-            .unwrap_or(Timestamp {
-                time: 0,
-                increment: 0,
-            }))
-    }
-
-    async fn newest_ts(inner: &Inner) -> Result<Timestamp> {
-        let _op = inner.op()?;
-        let newest = inner
-            .messages
-            .find_one(doc! {})
-            .sort(doc! { "ts": -1 })
-            .projection(doc! { "ts": 1 })
-            .await
-            .map_err(to_error)?;
+            .projection(doc! { "ts": 1 });
+        if let Some(comment) = comment {
+            find = find.comment(comment);
+        }
+        let newest = find.await.map_err(to_error)?;
         Ok(newest
             .and_then(|d| d.get_timestamp("ts").ok())
             .unwrap_or(Timestamp {
@@ -610,12 +596,13 @@ impl Follower {
             drop(op);
             let full = batch.len() as i64 == SCAN_BATCH;
             for document in batch {
-                let mut key = None;
+                // Whether `after` holds this document's (ts, _id).
+                let mut keyed = false;
                 if let (Ok(ts), Ok(Some(id))) = (document.get_timestamp("ts"), document.get("_id"))
                 {
                     if let Ok(id) = Bson::try_from(id) {
-                        key = Some((ts, unreadable_key(&id)));
                         after = Some((ts, id));
+                        keyed = true;
                     }
                 }
                 match decode_raw(&document) {
@@ -627,6 +614,10 @@ impl Follower {
                     Err(reason) => {
                         // Scans read the safety window again (polling, catching up): an
                         // unreadable document is dead-lettered and counted once.
+                        let key = after
+                            .as_ref()
+                            .filter(|_| keyed)
+                            .map(|(ts, id)| (*ts, unreadable_key(id)));
                         if key.as_ref().is_some_and(|(_, k)| self.recent.contains(k)) {
                             continue;
                         }

@@ -486,26 +486,22 @@ impl MongoMedium {
                         .and_then(|i| usize::try_from(i).ok())
                         .unwrap_or(0);
                     let code = error.get_i32("code").unwrap_or(0);
-                    if is_transient_code(code) {
-                        // Earlier statements were stored; publishing the batch again is safe.
-                        return Err(Error::Unavailable {
-                            medium: "db",
-                            reason: format!(
-                                "message {} not written now: {}",
-                                batch.get(index).map(|m| m.id.as_str()).unwrap_or("?"),
-                                error.get_str("errmsg").unwrap_or("write error")
-                            ),
-                        });
-                    }
-                    if code != DUPLICATE_KEY || index >= batch.len() {
-                        // Earlier statements were stored; publishing the batch again is safe.
-                        return Err(Error::Medium {
-                            medium: "db",
-                            reason: format!(
-                                "message {} refused: {}",
-                                batch.get(index).map(|m| m.id.as_str()).unwrap_or("?"),
-                                error.get_str("errmsg").unwrap_or("write error")
-                            ),
+                    let transient = is_transient_code(code);
+                    if transient || code != DUPLICATE_KEY || index >= batch.len() {
+                        // Earlier statements were stored; publishing the batch again is
+                        // safe: later (a primary stepping down, a shutdown), or never.
+                        let id = batch.get(index).map(|m| m.id.as_str()).unwrap_or("?");
+                        let why = error.get_str("errmsg").unwrap_or("write error");
+                        return Err(if transient {
+                            Error::Unavailable {
+                                medium: "db",
+                                reason: format!("message {id} not written now: {why}"),
+                            }
+                        } else {
+                            Error::Medium {
+                                medium: "db",
+                                reason: format!("message {id} refused: {why}"),
+                            }
                         });
                     }
                     index
