@@ -131,6 +131,9 @@ struct ServeArgs {
     /// behind and its stream ends (it resumes with Last-Event-ID).
     #[arg(long, default_value = "30s")]
     sse_stall: humantime::Duration,
+    /// SSE streams open at once, all tokens together; another one gets 503 `busy`.
+    #[arg(long, default_value_t = 1000)]
+    max_sse_clients: usize,
 }
 
 #[cfg(feature = "gateway")]
@@ -474,7 +477,8 @@ async fn serve(mut config: Config, args: ServeArgs) -> Outcome {
     let options = GatewayOptions::default()
         .sse_buffer(args.sse_buffer)
         .sse_buffer_bytes(args.sse_buffer_bytes)
-        .sse_stall(args.sse_stall.into());
+        .sse_stall(args.sse_stall.into())
+        .max_sse_clients(args.max_sse_clients);
     let served = Gateway::new(bus.clone(), tokens)
         .options(options)
         .serve(listener, tls, stop_signal())

@@ -54,6 +54,9 @@ pub enum ApiError {
     /// A fault of the gateway itself: 500.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The gateway is at a limit of its own (SSE streams open at once): 503, try later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ApiError {
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
                 E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
@@ -96,6 +100,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "too_large",
             ApiError::Conflict(_) => "conflict",
             ApiError::Internal(_) => "internal",
+            ApiError::Busy(_) => "busy",
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } => "unknown_sender",
                 E::UnknownAction { .. } => "unknown_action",

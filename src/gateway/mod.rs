@@ -98,6 +98,10 @@ pub struct GatewayOptions {
     pub max_in_flight: usize,
     /// The longest time-out a `POST /request` may ask for (default 5 min).
     pub max_request_timeout: Duration,
+    /// SSE streams open at once, all tokens together (default 1000); another one is
+    /// refused with 503 `busy`. With `sse_buffer_bytes`, it bounds what SSE clients can
+    /// make the gateway buffer.
+    pub max_sse_clients: usize,
 }
 
 impl Default for GatewayOptions {
@@ -110,6 +114,7 @@ impl Default for GatewayOptions {
             keep_alive: Duration::from_secs(15),
             max_in_flight: 1000,
             max_request_timeout: Duration::from_secs(300),
+            max_sse_clients: 1000,
         }
     }
 }
@@ -149,6 +154,12 @@ impl GatewayOptions {
     /// an unacked one, before its stream pauses.
     pub fn max_in_flight(mut self, deliveries: usize) -> Self {
         self.max_in_flight = deliveries.max(1);
+        self
+    }
+
+    /// Sets how many SSE streams may be open at once.
+    pub fn max_sse_clients(mut self, streams: usize) -> Self {
+        self.max_sse_clients = streams.max(1);
         self
     }
 

@@ -229,6 +229,7 @@ impl Inflight {
         (status = 400, description = "A bad parameter or Last-Event-ID", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A token without a service (a named `monitor` subscription needs one too); `monitor` without admin", body = ErrorBody),
+        (status = 503, description = "`busy`: as many SSE streams are open as the gateway allows (`max_sse_clients`); try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn subscribe(
@@ -299,6 +300,10 @@ pub(crate) async fn subscribe(
     };
     let instance = params.instance.as_deref();
     let bus = state.bus().as_service(&service, instance)?;
+    // Counted from here (before the response goes out, so that a client sees itself in
+    // /stats); uncounted if the stream does not start, and by the pump when it ends.
+    let options = state.options();
+    let counted = ClientCount::take(&state, options.max_sse_clients)?;
     let opened = bson::DateTime::now();
     let slot = named.as_ref().map(|name| state.inflight().open(name));
     // Closed if the subscription fails, or if the client goes away while it is made (the
@@ -313,7 +318,6 @@ pub(crate) async fn subscribe(
     // From here the pump owns the slot (it closes it when the stream ends).
     opened_slot.slot = None;
     tracing::info!(service, topic, subscription = ?params.name, monitor, resumed = last_event_id.is_some(), "gateway: subscriber connected");
-    let options = state.options();
     let outgoing = Outgoing::new(state.clone(), options.sse_buffer, options.sse_buffer_bytes);
     let pump = Pump {
         state: state.clone(),
@@ -325,12 +329,55 @@ pub(crate) async fn subscribe(
         service_filter: params.service.clone().filter(|_| monitor),
         opened,
     };
-    // Counted before the response goes out, so that a client sees itself in /stats.
-    state.sse_clients().fetch_add(1, Ordering::Relaxed);
-    metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).increment(1.0);
+    // From here the pump uncounts the stream when it ends.
+    counted.keep();
     tokio::spawn(pump.run());
     let events = Response::new(outgoing).into_stream();
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(options.keep_alive)))
+}
+
+/// One SSE stream counted in `sse_clients`, uncounted on drop unless the pump took it
+/// over ([`ClientCount::keep`]).
+struct ClientCount<'a> {
+    state: &'a AppState,
+    /// Counted in the gauge too (the limit was not reached).
+    gauged: bool,
+    kept: bool,
+}
+
+impl<'a> ClientCount<'a> {
+    /// Counts a stream, unless `max` are open: 503 `busy`.
+    fn take(state: &'a AppState, max: usize) -> ApiResult<Self> {
+        let open = state.sse_clients().fetch_add(1, Ordering::AcqRel);
+        let mut counted = ClientCount {
+            state,
+            gauged: false,
+            kept: false,
+        };
+        if open >= max {
+            return Err(ApiError::Busy(format!(
+                "{open} SSE streams are open, the gateway's limit (max_sse_clients = {max}): try again later"
+            )));
+        }
+        metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).increment(1.0);
+        counted.gauged = true;
+        Ok(counted)
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.state.sse_clients().fetch_sub(1, Ordering::AcqRel);
+            if self.gauged {
+                metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).decrement(1.0);
+            }
+        }
+    }
 }
 
 /// Closes the slot of a named subscription whose stream did not start.

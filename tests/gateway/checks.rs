@@ -20,6 +20,7 @@ pub fn checks() -> Vec<Check> {
         check!(unauthorized_forbidden_and_too_large),
         check!(a_slow_client_falls_behind_alone),
         check!(a_takeover_tells_the_old_stream),
+        check!(sse_streams_are_limited_and_freed),
         check!(latency_counts_live_deliveries),
         check!(named_subscriptions_resume_after_their_acks),
         check!(a_named_monitor_checkpoint_passes_what_its_filter_drops),
@@ -600,6 +601,38 @@ async fn a_slow_client_falls_behind_alone(place: &Place) {
         );
     }
     assert_eq!(resumed.message("the marker").await.1["query"]["last"], true);
+    gw.stop().await;
+}
+
+/// At most `max_sse_clients` streams at once: one more gets 503 `busy`, and a stream
+/// that ends frees its place.
+async fn sse_streams_are_limited_and_freed(place: &Place) {
+    let gw = Gw::with(place, GatewayOptions::default().max_sse_clients(1)).await;
+    let path = "/subscribe/reload";
+    let first = gw.subscribe(path, USERS, None).await;
+    // Only the status is read: a stream that opens never ends by itself.
+    let status = || async {
+        let response =
+            tokio::time::timeout(GUARD, gw.http.get(gw.url(path)).bearer_auth(BILLING).send())
+                .await
+                .expect("an answer within the hang guard")
+                .expect("an answer");
+        let status = response.status();
+        let body = if status == StatusCode::OK {
+            Value::Null
+        } else {
+            response.json::<Value>().await.unwrap_or(Value::Null)
+        };
+        (status, body)
+    };
+    let (code, body) = status().await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "busy", "{body}");
+    drop(first);
+    eventually("the ended stream's place is free again", || async {
+        status().await.0 == StatusCode::OK
+    })
+    .await;
     gw.stop().await;
 }
 
