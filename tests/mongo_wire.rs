@@ -576,24 +576,31 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
     bus.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscription_that_starts_now_catches_up_after_a_gap_from_where_it_started() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+/// A replica-set peer set up for a bus, whose shared change stream is cursor 101 and
+/// whose next stream (after the first is lost) is cursor 102.
+async fn two_stream_peer() -> Peer {
     let peer = Peer::replica_set().await;
     peer.accept_setup();
     accept_catalog(&peer);
-    let (old, m0, m1) = (
-        stored_message("old", "reload", ts(1)),
-        stored_message("m0", "reload", ts(2)),
-        stored_message("m1", "reload", ts(3)),
-    );
     peer.queue(
         "aggregate",
         vec![
             Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
             Reply::Doc(cursor_reply(102, "firstBatch", vec![], "t5")),
         ],
+    );
+    peer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_starts_now_catches_up_after_a_gap_from_where_it_started() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let peer = two_stream_peer().await;
+    let (old, m0, m1) = (
+        stored_message("old", "reload", ts(1)),
+        stored_message("m0", "reload", ts(2)),
+        stored_message("m1", "reload", ts(3)),
     );
     // The shared stream reports m0, then (once `late` has subscribed) loses its history.
     let late_ready = Arc::new(AtomicBool::new(false));
@@ -666,22 +673,13 @@ async fn a_long_catch_up_hands_over_without_delivering_twice_what_came_during_it
         time: 1_800_000_000 + secs,
         increment: 0,
     };
-    let peer = Peer::replica_set().await;
-    peer.accept_setup();
-    accept_catalog(&peer);
+    let peer = two_stream_peer().await;
     let (m1, m2, m3, m9, m10) = (
         stored_message("m1", "reload", at(1)),
         stored_message("m2", "reload", at(2)),
         stored_message("m3", "reload", at(100)),
         stored_message("m9", "reload", at(103)),
         stored_message("m10", "reload", at(104)),
-    );
-    peer.queue(
-        "aggregate",
-        vec![
-            Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
-            Reply::Doc(cursor_reply(102, "firstBatch", vec![], "t5")),
-        ],
     );
     peer.queue(
         "getMore",
@@ -769,20 +767,11 @@ async fn a_long_catch_up_hands_over_without_delivering_twice_what_came_during_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_duplicate() {
-    let peer = Peer::replica_set().await;
-    peer.accept_setup();
-    accept_catalog(&peer);
+    let peer = two_stream_peer().await;
     let (m1, m2, m3) = (
         stored_message("m1", "reload", ts(1)),
         stored_message("m2", "reload", ts(2)),
         stored_message("m3", "reload", ts(3)),
-    );
-    peer.queue(
-        "aggregate",
-        vec![
-            Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")),
-            Reply::Doc(cursor_reply(102, "firstBatch", vec![], "t5")),
-        ],
     );
     peer.queue(
         "getMore",
