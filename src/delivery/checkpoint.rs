@@ -69,11 +69,13 @@ impl AckTracker {
         number
     }
 
-    /// Marks a delivery acked and saves the checkpoint if the acked run grew.
+    /// Marks a delivery acked and saves the checkpoint if the acked run grew. A
+    /// delivery acked before (its save failed, and the ack is asked again) is counted
+    /// once, and the save is tried again.
     pub(crate) async fn ack(&self, number: u64) -> Result<()> {
-        metrics::counter!(crate::metrics::ACKED, "subscription" => self.label.clone()).increment(1);
-        if !self.mark(number) {
-            return Ok(());
+        if self.mark(number) {
+            metrics::counter!(crate::metrics::ACKED, "subscription" => self.label.clone())
+                .increment(1);
         }
         self.flush().await
     }
@@ -86,12 +88,12 @@ impl AckTracker {
     }
 
     /// Marks a delivery acked and moves the watermark over the acked run at the front;
-    /// false if the delivery was not pending.
+    /// false if the delivery was not pending, or was marked already.
     fn mark(&self, number: u64) -> bool {
         let mut state = self.state();
         match state.pending.get_mut(&number) {
-            Some(entry) => entry.1 = true,
-            None => return false,
+            Some(entry) if !entry.1 => entry.1 = true,
+            _ => return false,
         }
         let mut moved = false;
         while let Some(entry) = state.pending.first_entry() {

@@ -143,6 +143,13 @@ impl Delivery {
     /// An error (the medium is unreachable) is retryable: acking a later message saves
     /// a checkpoint that covers this one.
     pub async fn ack(self) -> Result<()> {
+        self.ack_kept().await
+    }
+
+    /// Acks without giving the delivery up: when the checkpoint's save fails, the
+    /// delivery stays recorded as acked, and acking it again tries the save again.
+    /// (The gateway keeps it for a client's retry.)
+    pub(crate) async fn ack_kept(&self) -> Result<()> {
         match &self.ack {
             Some((tracker, number)) => tracker.ack(*number).await,
             None => Ok(()),

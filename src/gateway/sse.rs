@@ -194,20 +194,22 @@ impl Inflight {
         }
     }
 
-    /// The delivery `id` waiting on the subscription `scoped`; `name` is how the client
-    /// calls it, for the message.
-    fn take(&self, scoped: &str, name: &str, id: &str) -> ApiResult<Delivery> {
+    /// The delivery `id` waiting on the subscription `scoped`, with the generation of
+    /// the connection it came on; `name` is how the client calls it, for the message.
+    fn take(&self, scoped: &str, name: &str, id: &str) -> ApiResult<(u64, Delivery)> {
         let mut slots = self.slots();
         let slot = slots.get_mut(scoped).ok_or_else(|| {
             ApiError::NotFound(format!(
                 "subscription `{name}` of this token's service is not streaming: its unacked messages come again when it reconnects"
             ))
         })?;
-        slot.deliveries.remove(id).ok_or_else(|| {
+        let generation = slot.generation;
+        let delivery = slot.deliveries.remove(id).ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "message `{id}` is not waiting for an ack on `{name}` (acked already, or not delivered on this connection)"
                 ))
-            })
+            })?;
+        Ok((generation, delivery))
     }
 }
 
@@ -639,6 +641,7 @@ pub struct Acked {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A token without a service", body = ErrorBody),
         (status = 404, description = "Not waiting for an ack on that subscription of the token's service", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the ack is recorded but the checkpoint could not be saved; ack again to save it", body = ErrorBody),
     )
 )]
 pub(crate) async fn ack(
@@ -648,8 +651,13 @@ pub(crate) async fn ack(
     Query(params): Query<AckParams>,
 ) -> ApiResult<axum::Json<Acked>> {
     let scoped = scoped_name(caller.service()?, &params.subscription)?;
-    let delivery = state.inflight().take(&scoped, &params.subscription, &id)?;
-    delivery.ack().await?;
+    let (generation, delivery) = state.inflight().take(&scoped, &params.subscription, &id)?;
+    if let Err(error) = delivery.ack_kept().await {
+        // The ack is recorded, its checkpoint not saved: the delivery waits again on its
+        // connection, so that the client's retry saves it (not "not waiting: 404").
+        state.inflight().keep(&scoped, generation, delivery);
+        return Err(error.into());
+    }
     Ok(axum::Json(Acked {
         id,
         subscription: params.subscription,

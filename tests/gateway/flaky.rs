@@ -23,6 +23,8 @@ pub struct Flaky {
     held: AtomicUsize,
     /// While set, removing dead letters fails as a lost network would.
     pub dead_remove_down: AtomicBool,
+    /// While set, saving a checkpoint fails as a lost network would.
+    pub checkpoint_down: AtomicBool,
 }
 
 impl Flaky {
@@ -33,6 +35,7 @@ impl Flaky {
             hold: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
             dead_remove_down: AtomicBool::new(false),
+            checkpoint_down: AtomicBool::new(false),
         }
     }
 
@@ -93,6 +96,12 @@ impl Medium for Flaky {
         self.inner.checkpoint_load(name).await
     }
     async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
+        if self.checkpoint_down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                medium: "flaky",
+                reason: "connection refused".into(),
+            });
+        }
         self.inner.checkpoint_save(name, position).await
     }
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {

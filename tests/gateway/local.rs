@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,10 @@ pub fn trials() -> Vec<Trial> {
         Trial::test("memory::metric_labels_stay_bounded", || {
             block_on(metric_labels_stay_bounded())
         }),
+        Trial::test(
+            "memory::an_ack_whose_save_failed_is_saved_when_sent_again",
+            || block_on(an_ack_whose_save_failed_is_saved_when_sent_again()),
+        ),
         Trial::test("memory::a_late_reconnect_is_told_what_was_lost", || {
             block_on(a_late_reconnect_is_told_what_was_lost())
         }),
@@ -435,6 +440,62 @@ async fn metric_labels_stay_bounded() {
     ] {
         assert!(text.contains(line), "no {line} in\n{text}");
     }
+    gw.stop().await;
+}
+
+/// An ack whose checkpoint save fails answers 503, and the client's retry saves it
+/// (it answered 404 "not waiting": the ack was recorded, the save never retried).
+async fn an_ack_whose_save_failed_is_saved_when_sent_again() {
+    let flaky = Arc::new(Flaky::new());
+    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
+        .await
+        .expect("bus");
+    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let path = "/subscribe/reload?name=inbox";
+    let ack = |id: &str| format!("/ack/{id}?subscription=inbox");
+    let mut sub = gw.subscribe(path, USERS, None).await;
+    let m0 = gw
+        .publish(BILLING, json!({ "action": "reload", "query": { "n": 0 } }))
+        .await;
+    let m1 = gw
+        .publish(BILLING, json!({ "action": "reload", "query": { "n": 1 } }))
+        .await;
+    assert_eq!(sub.message("m0").await.1["id"], m0.as_str());
+    assert_eq!(sub.message("m1").await.1["id"], m1.as_str());
+
+    flaky.checkpoint_down.store(true, Ordering::SeqCst);
+    let (status, failed) = gw.post(&ack(&m0), USERS, json!({})).await;
+    assert_eq!(
+        (status, &failed["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("unavailable")),
+        "{failed}"
+    );
+    let (status, again) = gw.post(&ack(&m0), USERS, json!({})).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "still waiting for its save: {again}"
+    );
+    flaky.checkpoint_down.store(false, Ordering::SeqCst);
+    let (status, acked) = gw.post(&ack(&m0), USERS, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "the retry saves: {acked}");
+    assert_eq!(
+        gw.post(&ack(&m0), USERS, json!({})).await.0,
+        StatusCode::NOT_FOUND,
+        "saved: no longer waiting"
+    );
+    drop(sub);
+    eventually("the stream closed", || async {
+        gw.get("/stats", ADMIN).await.1["sseClients"] == 0
+    })
+    .await;
+
+    // The checkpoint is after m0: the unacked m1 comes first on reconnect.
+    let mut again = gw.subscribe(path, USERS, None).await;
+    assert_eq!(
+        again.message("the unacked message").await.1["id"],
+        m1.as_str()
+    );
     gw.stop().await;
 }
 
