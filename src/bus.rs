@@ -198,6 +198,11 @@ impl Intracom {
 
     /// Another handle on the same bus for another service of this process (seed 001's
     /// monolith deployment). It shares the medium, catalog and shutdown.
+    ///
+    /// Without `instance`, the handle's instance is `<service>-<this bus's instance>`,
+    /// the service's part cut short (on a character boundary) when the whole would be
+    /// longer than a name may be ([`MAX_NAME_LEN`](crate::message::MAX_NAME_LEN)): an
+    /// instance is addressed within its service, so the cut never mixes two services.
     pub fn as_service(&self, service: &str, instance: Option<&str>) -> Result<Self> {
         check_name("service", service)?;
         let instance = match instance {
@@ -205,7 +210,14 @@ impl Intracom {
                 check_name("instance", i)?;
                 i.to_string()
             }
-            None => format!("{service}-{}", self.instance),
+            None => {
+                let room = crate::message::MAX_NAME_LEN.saturating_sub(self.instance.len() + 1);
+                let mut cut = service.len().min(room);
+                while !service.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                format!("{}-{}", &service[..cut], self.instance)
+            }
         };
         Ok(Intracom {
             shared: Arc::clone(&self.shared),
@@ -487,5 +499,39 @@ impl fmt::Debug for Intracom {
             .field("service", &self.service)
             .field("instance", &self.instance)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MAX_NAME_LEN;
+
+    #[tokio::test]
+    async fn a_long_service_name_gets_an_instance_that_fits() {
+        // 2-byte characters, so that the cut falls inside one unless it is moved.
+        let service = "é".repeat(MAX_NAME_LEN / 2);
+        let config = Config::builder()
+            .service("gateway")
+            .sender(&service, ["reload"])
+            .build()
+            .expect("config");
+        let bus = Intracom::connect(config).await.expect("bus");
+        let handle = bus
+            .as_service(&service, None)
+            .expect("the longest service name");
+        assert!(
+            handle.instance().len() <= MAX_NAME_LEN,
+            "{}",
+            handle.instance()
+        );
+        assert!(handle.instance().ends_with(&format!("-{}", bus.instance())));
+        handle
+            .publish(Message::broadcast("reload"))
+            .await
+            .expect("its messages pass the name checks");
+        let short = bus.as_service("users", None).expect("a short name");
+        assert_eq!(short.instance(), format!("users-{}", bus.instance()));
+        bus.shutdown().await;
     }
 }
