@@ -1041,6 +1041,91 @@ pub async fn work_held_by_a_crashed_worker_is_done_by_another(h: &dyn Harness) {
     doomed_bus.shutdown().await;
 }
 
+/// Two workers of one process (one bus, one instance): the first one's handler holds
+/// its task past the lease (its heartbeat cannot run), the second worker claims the
+/// work; the first one's late failure must not settle the second one's claim (the lease
+/// names the worker, not only the instance: with the instance alone the failure put the
+/// work back to pending, and it ran a third time).
+pub async fn a_lapsed_workers_late_outcome_leaves_its_neighbours_claim_alone(h: &dyn Harness) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let w = h.world(300_000).await;
+    let worker_bus = bus(&*w, "billing", "billing-1").await;
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    // The second run tells the first (blocked on a thread) that it started.
+    let (second_started_tx, second_started) = std::sync::mpsc::channel::<()>();
+    let second_started = std::sync::Arc::new(std::sync::Mutex::new(second_started));
+    let (first_done_tx, mut first_done) = tokio::sync::mpsc::unbounded_channel();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let handler = {
+        let runs = runs.clone();
+        move |_m: Message| {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            let second_started = second_started.clone();
+            let second_started_tx = second_started_tx.clone();
+            let first_done_tx = first_done_tx.clone();
+            let mut release = release.clone();
+            async move {
+                match n {
+                    1 => {
+                        // Blocks this worker's task, its heartbeat with it, until the
+                        // lease has lapsed and the other worker has the work.
+                        let started = tokio::task::block_in_place(|| {
+                            let started = second_started.lock().unwrap_or_else(|p| p.into_inner());
+                            started.recv_timeout(HANG_GUARD)
+                        });
+                        first_done_tx.send(started.is_ok()).ok();
+                        Err("the first run failed, after its lease".to_string())
+                    }
+                    2 => {
+                        second_started_tx.send(()).ok();
+                        let _ = release.wait_for(|go| *go).await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    };
+    let _first = worker_bus
+        .work("billing", &["invoice.render"], quick(), handler.clone())
+        .unwrap();
+    let job = worker_bus
+        .publish(Message::to_service("billing", "invoice.render").work())
+        .await
+        .unwrap();
+    tokio::time::timeout(HANG_GUARD, async {
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the first worker runs the job");
+    let _second = worker_bus
+        .work("billing", &["invoice.render"], quick(), handler)
+        .unwrap();
+    let second_ran = tokio::time::timeout(HANG_GUARD, first_done.recv())
+        .await
+        .expect("the first run ends")
+        .unwrap();
+    assert!(second_ran, "the second worker claimed the lapsed work");
+    // The first worker settles (or is refused) now; the second finishes after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release_tx.send_replace(true);
+    let settled = worker_bus
+        .medium()
+        .await_outcome(&job.id, HANG_GUARD)
+        .await
+        .unwrap()
+        .expect("the job settles");
+    assert_eq!(settled.state, Some(intracom::State::Done), "{settled:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the late failure did not put the second worker's claim back: {settled:?}"
+    );
+    worker_bus.shutdown().await;
+}
+
 pub async fn idempotent_handlers_run_once_per_consumer(h: &dyn Harness) {
     use intracom::Once;
     let w = h.world(300_000).await;
@@ -1216,6 +1301,10 @@ pub fn cases() -> Vec<Case> {
         case!(failing_work_is_retried_then_dead_lettered),
         case!(
             work_held_by_a_crashed_worker_is_done_by_another,
+            StoredQueue
+        ),
+        case!(
+            a_lapsed_workers_late_outcome_leaves_its_neighbours_claim_alone,
             StoredQueue
         ),
         case!(idempotent_handlers_run_once_per_consumer, SharedState),
