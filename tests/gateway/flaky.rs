@@ -23,7 +23,7 @@ pub struct Flaky {
     held: AtomicUsize,
     /// While set, removing dead letters fails as a lost network would.
     pub dead_remove_down: AtomicBool,
-    /// While set, saving a checkpoint fails as a lost network would.
+    /// While set, loading or saving a checkpoint fails as a lost network would.
     pub checkpoint_down: AtomicBool,
 }
 
@@ -51,6 +51,16 @@ impl Flaky {
     /// How many appends wait now.
     pub fn held_appends(&self) -> usize {
         self.held.load(Ordering::SeqCst)
+    }
+
+    fn checkpoints_reachable(&self) -> Result<()> {
+        if self.checkpoint_down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                medium: "flaky",
+                reason: "connection refused".into(),
+            });
+        }
+        Ok(())
     }
 
     fn reachable(&self) -> Result<()> {
@@ -93,15 +103,11 @@ impl Medium for Flaky {
         self.inner.catalog_add(service, actions).await
     }
     async fn checkpoint_load(&self, name: &str) -> Result<Option<Position>> {
+        self.checkpoints_reachable()?;
         self.inner.checkpoint_load(name).await
     }
     async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
-        if self.checkpoint_down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "connection refused".into(),
-            });
-        }
+        self.checkpoints_reachable()?;
         self.inner.checkpoint_save(name, position).await
     }
     async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {

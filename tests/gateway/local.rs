@@ -444,7 +444,8 @@ async fn metric_labels_stay_bounded() {
 }
 
 /// An ack whose checkpoint save fails answers 503, and the client's retry saves it
-/// (it answered 404 "not waiting": the ack was recorded, the save never retried).
+/// (it answered 404 "not waiting": the ack was recorded, the save never retried); a
+/// named stream that cannot start leaves no slot open.
 async fn an_ack_whose_save_failed_is_saved_when_sent_again() {
     let flaky = Arc::new(Flaky::new());
     let bus = Intracom::with_medium(config("gateway"), flaky.clone())
@@ -489,6 +490,22 @@ async fn an_ack_whose_save_failed_is_saved_when_sent_again() {
         gw.get("/stats", ADMIN).await.1["sseClients"] == 0
     })
     .await;
+
+    // A stream that cannot start (its checkpoint unreadable) answers 503, and leaves
+    // neither a slot taking acks nor a count behind.
+    flaky.checkpoint_down.store(true, Ordering::SeqCst);
+    let (status, failed) = gw.get(path, USERS).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{failed}");
+    let (status, refused) = gw.post(&ack(&m1), USERS, json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is not streaming")),
+        "no slot is left open for the stream that did not start: {refused}"
+    );
+    assert_eq!(gw.get("/stats", ADMIN).await.1["sseClients"], 0);
+    flaky.checkpoint_down.store(false, Ordering::SeqCst);
 
     // The checkpoint is after m0: the unacked m1 comes first on reconnect.
     let mut again = gw.subscribe(path, USERS, None).await;
