@@ -54,24 +54,23 @@ impl Flaky {
     }
 
     fn checkpoints_reachable(&self) -> Result<()> {
-        if self.checkpoint_down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "connection refused".into(),
-            });
-        }
-        Ok(())
+        refused_while(&self.checkpoint_down)
     }
 
     fn reachable(&self) -> Result<()> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "connection refused".into(),
-            });
-        }
-        Ok(())
+        refused_while(&self.down)
     }
+}
+
+/// An error as a lost network gives while `switch` is set.
+fn refused_while(switch: &AtomicBool) -> Result<()> {
+    if switch.load(Ordering::SeqCst) {
+        return Err(Error::Unavailable {
+            medium: "flaky",
+            reason: "connection refused".into(),
+        });
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -135,12 +134,7 @@ impl Medium for Flaky {
         self.inner.dead_get(id).await
     }
     async fn dead_remove(&self, id: Option<&str>) -> Result<u64> {
-        if self.dead_remove_down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "connection reset".into(),
-            });
-        }
+        refused_while(&self.dead_remove_down)?;
         self.inner.dead_remove(id).await
     }
     async fn processed_reserve(

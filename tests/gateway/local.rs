@@ -169,12 +169,20 @@ async fn run(mut command: Command) -> (std::process::ExitStatus, String, String)
     )
 }
 
-async fn message_store_over_the_outbox() {
+/// A gateway whose bus runs on the switchable medium.
+async fn over_flaky() -> (Arc<Flaky>, Gw) {
     let flaky = Arc::new(Flaky::new());
     let bus = Intracom::with_medium(config("gateway"), flaky.clone())
         .await
         .expect("bus");
-    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    (
+        flaky,
+        Gw::over(Gateway::new(bus.clone(), tokens()), bus, None),
+    )
+}
+
+async fn message_store_over_the_outbox() {
+    let (flaky, gw) = over_flaky().await;
     let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
     assert_eq!(gw.get("/messages", ADMIN).await.1, json!([]));
 
@@ -303,11 +311,7 @@ async fn message_store_over_the_outbox() {
 /// `DELETE /messages/{id}` while the outbox is handing that message to the medium
 /// answers 409, not "removed, it will not be sent" (it is sent).
 async fn a_message_being_sent_is_not_removed() {
-    let flaky = Arc::new(Flaky::new());
-    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
-        .await
-        .expect("bus");
-    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let (flaky, gw) = over_flaky().await;
     let mut sub = gw.subscribe("/subscribe/reload", BILLING, None).await;
     flaky.set_down(true);
     let (status, kept) = gw
@@ -346,11 +350,7 @@ async fn a_message_being_sent_is_not_removed() {
 /// (503) is retried: the message is stored once, so the work runs once.
 async fn a_dead_letter_retried_twice_is_sent_once() {
     use std::sync::atomic::Ordering;
-    let flaky = Arc::new(Flaky::new());
-    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
-        .await
-        .expect("bus");
-    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let (flaky, gw) = over_flaky().await;
     let mut job = Message::to_service("billing", "invoice.render")
         .work()
         .from_service("billing");
@@ -447,11 +447,7 @@ async fn metric_labels_stay_bounded() {
 /// (it answered 404 "not waiting": the ack was recorded, the save never retried); a
 /// named stream that cannot start leaves no slot open.
 async fn an_ack_whose_save_failed_is_saved_when_sent_again() {
-    let flaky = Arc::new(Flaky::new());
-    let bus = Intracom::with_medium(config("gateway"), flaky.clone())
-        .await
-        .expect("bus");
-    let gw = Gw::over(Gateway::new(bus.clone(), tokens()), bus, None);
+    let (flaky, gw) = over_flaky().await;
     let path = "/subscribe/reload?name=inbox";
     let ack = |id: &str| format!("/ack/{id}?subscription=inbox");
     let mut sub = gw.subscribe(path, USERS, None).await;
