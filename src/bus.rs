@@ -203,6 +203,8 @@ impl Intracom {
     /// the service's part cut short (on a character boundary) when the whole would be
     /// longer than a name may be ([`MAX_NAME_LEN`](crate::message::MAX_NAME_LEN)): an
     /// instance is addressed within its service, so the cut never mixes two services.
+    /// A bus whose own instance leaves no room for one character of the service
+    /// (255 bytes or more) gets an error asking for the instance.
     pub fn as_service(&self, service: &str, instance: Option<&str>) -> Result<Self> {
         check_name("service", service)?;
         let instance = match instance {
@@ -212,6 +214,16 @@ impl Intracom {
             }
             None => {
                 let room = crate::message::MAX_NAME_LEN.saturating_sub(self.instance.len() + 1);
+                if room == 0 {
+                    // Not one character of the service would fit: cutting the bus's
+                    // instance instead could make two processes' names the same.
+                    return Err(Error::invalid(format!(
+                        "the instance of a handle for `{service}` is derived as `<service>-<instance>`, \
+                         and this bus's instance ({} bytes) leaves no room under {} bytes: pass the instance",
+                        self.instance.len(),
+                        crate::message::MAX_NAME_LEN
+                    )));
+                }
                 let mut cut = service.len().min(room);
                 while !service.is_char_boundary(cut) {
                     cut -= 1;
@@ -533,5 +545,39 @@ mod tests {
         let short = bus.as_service("users", None).expect("a short name");
         assert_eq!(short.instance(), format!("users-{}", bus.instance()));
         bus.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_bus_instance_that_leaves_no_room_asks_for_the_instance() {
+        for (len, derived) in [(MAX_NAME_LEN - 2, Some("u-")), (MAX_NAME_LEN - 1, None)] {
+            let config = Config::builder()
+                .service("gateway")
+                .instance("i".repeat(len))
+                .sender("users", ["reload"])
+                .build()
+                .expect("config");
+            let bus = Intracom::connect(config).await.expect("bus");
+            match (bus.as_service("users", None), derived) {
+                (Ok(handle), Some(prefix)) => {
+                    assert_eq!(handle.instance().len(), MAX_NAME_LEN);
+                    assert!(
+                        handle.instance().starts_with(prefix),
+                        "{}",
+                        handle.instance()
+                    );
+                    handle
+                        .publish(Message::broadcast("reload"))
+                        .await
+                        .expect("its messages pass the name checks");
+                }
+                (Err(Error::InvalidMessage { reason }), None) => {
+                    assert!(reason.contains("pass the instance"), "{reason}")
+                }
+                (other, _) => panic!("instance of {len} bytes: {other:?}"),
+            }
+            let explicit = bus.as_service("users", Some("users-1")).expect("named");
+            assert_eq!(explicit.instance(), "users-1");
+            bus.shutdown().await;
+        }
     }
 }
