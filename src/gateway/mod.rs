@@ -251,12 +251,30 @@ impl Gateway {
 
     /// Serves on `listener` (plain HTTP, or HTTPS with `tls`) until `shutdown` completes;
     /// then every SSE stream ends and open connections get up to 10 s to finish.
+    /// Fails at once with [`Error::Config`](crate::Error::Config) when the bus's instance
+    /// leaves no room for the instances the gateway derives from it (255 bytes or more).
     pub async fn serve(
         self,
         listener: std::net::TcpListener,
         tls: Option<Tls>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> crate::Result<()> {
+        // The gateway acts for each token's service with an instance derived from its
+        // own (`<service>-<instance>`, see `Intracom::as_service`): one that leaves no
+        // room for it would fail every such request; refused here, at start.
+        let instance = self.bus.instance();
+        if instance.len() + 2 > crate::message::MAX_NAME_LEN {
+            return Err(crate::Error::Config {
+                key: "common.intracom.instance".into(),
+                value: instance.into(),
+                reason: format!(
+                    "the gateway derives its services' instances as `<service>-<instance>`: \
+                     an instance of {} bytes leaves no room under {} (254 at most)",
+                    instance.len(),
+                    crate::message::MAX_NAME_LEN
+                ),
+            });
+        }
         let state = self.state();
         let stop = state.0.stop.clone();
         server::serve(app(state), stop, listener, tls, shutdown).await

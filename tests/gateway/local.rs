@@ -49,6 +49,10 @@ pub fn trials() -> Vec<Trial> {
         Trial::test("memory::intracom_serve_and_token_commands", || {
             block_on(intracom_serve_and_token_commands())
         }),
+        Trial::test(
+            "memory::an_instance_too_long_to_derive_from_is_refused_at_start",
+            || block_on(an_instance_too_long_to_derive_from_is_refused_at_start()),
+        ),
     ];
     trials.push(with_tool(
         "memory::openapi_survives_schemathesis",
@@ -546,6 +550,32 @@ async fn a_late_reconnect_is_told_what_was_lost() {
         );
     }
     gw.stop().await;
+}
+
+/// The gateway acts for each service with an instance derived from its own: a 255-byte
+/// instance leaves no room for that, so the gateway refuses to start (254 bytes start).
+async fn an_instance_too_long_to_derive_from_is_refused_at_start() {
+    for (len, starts) in [(255, false), (254, true)] {
+        let mut config = config("gateway");
+        config.instance = Some("i".repeat(len));
+        let bus = Intracom::connect(config).await.expect("bus");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let served = tokio::time::timeout(
+            GUARD,
+            Gateway::new(bus.clone(), tokens()).serve(listener, None, async {}),
+        )
+        .await
+        .expect("serve: hang guard");
+        match (served, starts) {
+            (Ok(()), true) => {}
+            (Err(intracom::Error::Config { key, reason, .. }), false) => {
+                assert_eq!(key, "common.intracom.instance");
+                assert!(reason.contains("254 at most"), "{reason}");
+            }
+            (other, _) => panic!("instance of {len} bytes: {other:?}"),
+        }
+        bus.shutdown().await;
+    }
 }
 
 async fn https_with_rustls() {
