@@ -112,6 +112,12 @@ impl Prepared {
 /// A message's encoding for `medium` and its encoded size: encoded when the medium
 /// sends the bytes, counted otherwise (encoded after all when the count leaves a value
 /// to the encoder).
+/// The bytes left for the service's part of `<service>-<instance>` under
+/// [`MAX_NAME_LEN`](crate::message::MAX_NAME_LEN).
+fn derived_room(instance: &str) -> usize {
+    crate::message::MAX_NAME_LEN.saturating_sub(instance.len() + 1)
+}
+
 fn encode_for(message: &Message, medium: &dyn Medium) -> Result<(Option<RawDocumentBuf>, usize)> {
     let sends = medium.sends_encoded();
     if !sends {
@@ -213,7 +219,7 @@ impl Intracom {
                 i.to_string()
             }
             None => {
-                let room = crate::message::MAX_NAME_LEN.saturating_sub(self.instance.len() + 1);
+                let room = derived_room(&self.instance);
                 if room == 0 {
                     // Not one character of the service would fit: cutting the bus's
                     // instance instead could make two processes' names the same.
@@ -236,6 +242,13 @@ impl Intracom {
             service: service.into(),
             instance: instance.into(),
         })
+    }
+
+    /// The room left for a service's part in an instance that [`Intracom::as_service`]
+    /// derives from this handle's, in bytes (0: it cannot derive one).
+    #[cfg(feature = "gateway")]
+    pub(crate) fn derived_room(&self) -> usize {
+        derived_room(&self.instance)
     }
 
     /// This handle's service name (`serviceNameSource` of what it publishes).

@@ -262,16 +262,17 @@ impl Gateway {
         // The gateway acts for each token's service with an instance derived from its
         // own (`<service>-<instance>`, see `Intracom::as_service`): one that leaves no
         // room for it would fail every such request; refused here, at start.
-        let instance = self.bus.instance();
-        if instance.len() + 2 > crate::message::MAX_NAME_LEN {
+        if self.bus.derived_room() == 0 {
+            let instance = self.bus.instance();
             return Err(crate::Error::Config {
                 key: "common.intracom.instance".into(),
                 value: instance.into(),
                 reason: format!(
                     "the gateway derives its services' instances as `<service>-<instance>`: \
-                     an instance of {} bytes leaves no room under {} (254 at most)",
+                     an instance of {} bytes leaves no room under {} ({} at most)",
                     instance.len(),
-                    crate::message::MAX_NAME_LEN
+                    crate::message::MAX_NAME_LEN,
+                    crate::message::MAX_NAME_LEN - 2
                 ),
             });
         }
