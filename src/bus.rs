@@ -331,7 +331,11 @@ impl Intracom {
             .medium
             .max_message_bytes()
             .min(self.shared.config.max_message_bytes);
-        let (encoded, size) = encode_for(message, &*self.shared.medium)?;
+        let medium = &*self.shared.medium;
+        let (encoded, mut size) = encode_for(message, medium)?;
+        if medium.keeps_decoded() {
+            size = size.max(message.kept_len());
+        }
         if size > limit {
             return Err(Error::TooLarge {
                 id: message.id.clone(),

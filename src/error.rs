@@ -63,12 +63,13 @@ pub enum Error {
         reason: String,
     },
 
-    /// The encoded message is larger than the medium accepts. Nothing was written.
+    /// The message is larger than the medium accepts. Nothing was written.
     #[error("message {id} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
         /// The message id.
         id: String,
-        /// Its encoded size in bytes.
+        /// Its size in bytes: encoded, or as the medium keeps it when that is more (the
+        /// memory medium keeps messages decoded).
         size: usize,
         /// The limit in force.
         limit: usize,

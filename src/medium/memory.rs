@@ -652,6 +652,10 @@ impl Medium for MemoryMedium {
         self.shared.options.max_message_bytes
     }
 
+    fn keeps_decoded(&self) -> bool {
+        true
+    }
+
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
         if self.shared.closed.is_stopped() {
             return Err(crate::Error::Shutdown);

@@ -306,6 +306,15 @@ pub trait Medium: Send + Sync + 'static {
         false
     }
 
+    /// Whether the medium keeps messages decoded, as the bus hands them over (memory):
+    /// then the size held to the message size limit is what the message takes in memory
+    /// (several times its encoding for a payload of many small values), so what the
+    /// medium keeps for a message stays within the limit. Default: no (the medium
+    /// stores or sends the encoding).
+    fn keeps_decoded(&self) -> bool {
+        false
+    }
+
     /// [`Medium::append`] for messages the bus has already encoded (to check their
     /// size): `encoded[i]` is `messages[i]` as `bson::to_raw_document_buf` writes it, or
     /// `encoded` is empty when the bus did not encode them ([`Medium::sends_encoded`]).
