@@ -507,7 +507,10 @@ impl Message {
     /// messages as they are (memory) holds for it. Several times the encoded size for a
     /// payload of many small values (`[0, 0, …]`: 9 bytes encoded per value, about a
     /// hundred decoded).
-    pub(crate) fn kept_len(&self) -> usize {
+    ///
+    /// On the memory medium, the size held to `common.intracom.max_message_bytes` is
+    /// the larger of this and [`Message::encoded_len`].
+    pub fn kept_len(&self) -> usize {
         let strings = [
             Some(&self.id),
             Some(&self.source_service),

@@ -64,6 +64,10 @@ fn main() {
         "the_size_limit_is_exact_without_encoding",
         || conformance::block_on(the_size_limit_is_exact_without_encoding()),
     ));
+    trials.push(libtest_mimic::Trial::test(
+        "what_memory_keeps_of_a_message_is_held_to_the_limit",
+        || conformance::block_on(what_memory_keeps_of_a_message_is_held_to_the_limit()),
+    ));
     conformance::run_main(trials, 4, || {});
 }
 
@@ -100,7 +104,8 @@ async fn undeclared_messages_land_in_the_dead_letters() {
 }
 
 /// The memory medium keeps messages unencoded, so the bus counts their size instead of
-/// encoding them: the count must draw the line exactly where the encoding would.
+/// encoding them: the count must draw the line exactly where the encoding, or what the
+/// message takes in memory when that is more, would.
 async fn the_size_limit_is_exact_without_encoding() {
     use intracom::bson::doc;
     let payload = doc! {
@@ -112,7 +117,10 @@ async fn the_size_limit_is_exact_without_encoding() {
     // As the bus will send it: its sender filled in.
     message.source_service = "billing".into();
     message.source_instance = "billing-1".into();
-    let size = intracom::bson::to_vec(&message).unwrap().len();
+    let size = intracom::bson::to_vec(&message)
+        .unwrap()
+        .len()
+        .max(message.kept_len());
     let medium = Arc::new(MemoryMedium::new(MemoryOptions::default()));
     for (limit, fits) in [(size, true), (size - 1, false)] {
         let config = Config::builder()
@@ -136,5 +144,34 @@ async fn the_size_limit_is_exact_without_encoding() {
             }
             (fits, outcome) => panic!("limit {limit} for {size} bytes (fits: {fits}): {outcome:?}"),
         }
+    }
+}
+
+/// A payload of many small values is about ten times larger in memory than encoded: the
+/// memory medium, which keeps messages decoded, holds what it keeps to the limit (a
+/// MongoDB medium stores the encoding, and takes it).
+async fn what_memory_keeps_of_a_message_is_held_to_the_limit() {
+    use intracom::bson::doc;
+    let values: Vec<i32> = vec![0; 20_000];
+    let message = intracom::Message::broadcast("reload").body(doc! { "a": values });
+    let encoded = message.encoded_len().unwrap();
+    let kept = message.kept_len();
+    assert!(kept > 4 * encoded, "kept {kept}, encoded {encoded}");
+    let limit = 2 * encoded;
+    let config = Config::builder()
+        .service("billing")
+        .instance("billing-1")
+        .sender("billing", ["reload"])
+        .max_message_bytes(limit)
+        .build()
+        .unwrap();
+    let medium = Arc::new(MemoryMedium::new(MemoryOptions::from(&config)));
+    let bus = Intracom::with_medium(config, medium).await.unwrap();
+    match bus.publish(message).await {
+        Err(intracom::Error::TooLarge { size, limit: l, .. }) => {
+            assert_eq!(l, limit);
+            assert!(size > limit && size >= kept, "refused as {size} bytes");
+        }
+        other => panic!("{encoded} bytes encoded, {kept} kept, limit {limit}: {other:?}"),
     }
 }
