@@ -58,6 +58,16 @@ pub const GATEWAY_SSE_CLIENTS: &str = "intracom_gateway_sse_clients";
 pub const GATEWAY_FELL_BEHIND: &str = "intracom_gateway_fell_behind_total";
 /// Bytes queued for SSE clients.
 pub const GATEWAY_SSE_BUFFERED_BYTES: &str = "intracom_gateway_sse_buffered_bytes";
+/// Open connections of the gateway.
+pub const GATEWAY_CONNECTIONS: &str = "intracom_gateway_connections";
+/// Idle connections closed to make room for a new one (the connection cap).
+pub const GATEWAY_CONNECTIONS_EVICTED: &str = "intracom_gateway_connections_evicted_total";
+/// Connections refused at once: at the cap, with every connection busy.
+pub const GATEWAY_CONNECTIONS_REFUSED: &str = "intracom_gateway_connections_refused_total";
+/// Connections closed after the idle time-out.
+pub const GATEWAY_CONNECTIONS_IDLE_CLOSED: &str = "intracom_gateway_connections_idle_closed_total";
+/// Requests refused by the gateway's limits, by limit.
+pub const GATEWAY_LIMITED: &str = "intracom_gateway_limited_total";
 
 /// Serves every intracom metric for Prometheus at `http://<addr>/metrics`.
 /// Needs the `prometheus` feature and a running tokio runtime.

@@ -57,6 +57,21 @@ pub enum ApiError {
     /// The gateway is at a limit of its own (SSE streams open at once): 503, try later.
     #[error("{0}")]
     Busy(String),
+    /// The token already holds its share (429 `too_many_requests`): wait for one of its
+    /// requests or streams to end.
+    #[error("{0}")]
+    TooMany(String),
+    /// An SSE event id the gateway did not issue, or cannot read (400 `bad_event_id`):
+    /// resubscribe without it (`from=`, or a named subscription's checkpoint).
+    #[error("{0}")]
+    BadEventId(String),
+    /// A request body whose JSON holds more values, or nests deeper, than the gateway
+    /// parses (413 `too_complex`).
+    #[error("{0}")]
+    TooComplex(String),
+    /// The request body did not arrive in time (408 `request_timeout`).
+    #[error("{0}")]
+    SlowBody(String),
 }
 
 impl ApiError {
@@ -72,6 +87,10 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BadEventId(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooComplex(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
                 E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
@@ -101,6 +120,10 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Internal(_) => "internal",
             ApiError::Busy(_) => "busy",
+            ApiError::TooMany(_) => "too_many_requests",
+            ApiError::BadEventId(_) => "bad_event_id",
+            ApiError::TooComplex(_) => "too_complex",
+            ApiError::SlowBody(_) => "request_timeout",
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } => "unknown_sender",
                 E::UnknownAction { .. } => "unknown_action",

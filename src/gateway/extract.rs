@@ -27,13 +27,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            match (rejection.status(), limit) {
-                (StatusCode::PAYLOAD_TOO_LARGE, Some(limit)) => ApiError::TooLarge { limit },
-                _ => ApiError::BadRequest(format!("cannot read the request body: {rejection}")),
-            }
+        let limits = req.extensions().get::<BodyLimits>().copied();
+        let read = Bytes::from_request(req, state);
+        let read = match limits {
+            Some(limits) => tokio::time::timeout(limits.read_timeout, read)
+                .await
+                .map_err(|_| {
+                    ApiError::SlowBody(format!(
+                        "the request body did not arrive within {} ms (body_read_timeout)",
+                        limits.read_timeout.as_millis()
+                    ))
+                })?,
+            None => read.await,
+        };
+        let bytes = read.map_err(|rejection| match (rejection.status(), limits) {
+            (StatusCode::PAYLOAD_TOO_LARGE, Some(limits)) => ApiError::TooLarge {
+                limit: limits.bytes,
+            },
+            _ => ApiError::BadRequest(format!("cannot read the request body: {rejection}")),
         })?;
+        if let Some(limits) = limits {
+            check_json_shape(&bytes, limits.json_values, limits.json_depth)?;
+        }
         serde_json::from_slice(&bytes).map(Json).map_err(|e| {
             ApiError::BadRequest(format!("the request body is not the expected JSON: {e}"))
         })
@@ -70,24 +85,97 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
-/// The body limit in force, for the extractors' error message.
+/// What a request body may be: its bytes, the values and depth of its JSON, the time
+/// to read it.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct BodyLimit(pub(crate) usize);
+pub(crate) struct BodyLimits {
+    pub(crate) bytes: usize,
+    pub(crate) json_values: usize,
+    pub(crate) json_depth: usize,
+    pub(crate) read_timeout: std::time::Duration,
+}
 
 /// Refuses, with 413 and before reading anything, a request whose `Content-Length` is
 /// over the limit; a body without a length (chunked) is cut at the limit by axum's
 /// `DefaultBodyLimit` and refused with 413 by the extractors.
-pub(crate) async fn limit_body(limit: usize, mut req: Request, next: Next) -> Response {
+pub(crate) async fn limit_body(limits: BodyLimits, mut req: Request, next: Next) -> Response {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return ApiError::TooLarge { limit }.into_response();
+    if declared.is_some_and(|n| n > limits.bytes as u64) {
+        return ApiError::TooLarge {
+            limit: limits.bytes,
+        }
+        .into_response();
     }
-    req.extensions_mut().insert(BodyLimit(limit));
+    req.extensions_mut().insert(limits);
     next.run(req).await
+}
+
+/// Refuses a JSON text with more than `max_values` values (every scalar, array and
+/// object, at every level) or nested deeper than `max_depth`, reading its bytes once
+/// and building nothing. Parsing costs memory per value (a `serde_json::Value` and then
+/// a BSON value each, several times the 2 bytes of `0,`): this bounds it by the count,
+/// before anything is parsed. What is not JSON is left for the parser to refuse.
+pub(crate) fn check_json_shape(
+    bytes: &[u8],
+    max_values: usize,
+    max_depth: usize,
+) -> Result<(), ApiError> {
+    let mut values = 0usize;
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    // Whether the bytes since the last structural character started a scalar.
+    let mut in_scalar = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                values += 1;
+                in_scalar = false;
+            }
+            b'[' | b'{' => {
+                values += 1;
+                depth += 1;
+                in_scalar = false;
+                if depth > max_depth {
+                    return Err(ApiError::TooComplex(format!(
+                        "the request body's JSON nests deeper than {max_depth} levels (max_json_depth)"
+                    )));
+                }
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                in_scalar = false;
+            }
+            b',' | b':' | b' ' | b'\t' | b'\n' | b'\r' => in_scalar = false,
+            _ => {
+                if !in_scalar {
+                    in_scalar = true;
+                    values += 1;
+                }
+            }
+        }
+        if values > max_values {
+            return Err(ApiError::TooComplex(format!(
+                "the request body's JSON holds more than {max_values} values (max_json_values)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Gives every error response the JSON body, whichever layer made it (axum's 404 and
@@ -125,4 +213,35 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     );
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_json_shape;
+
+    fn values(text: &str) -> usize {
+        // The smallest limit that passes.
+        (0..10_000)
+            .find(|&n| check_json_shape(text.as_bytes(), n, 64).is_ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn every_value_is_counted_once() {
+        assert_eq!(values("{}"), 1);
+        assert_eq!(values(r#"{"a": 1}"#), 3); // the object, the key, 1
+        assert_eq!(values("[0,0,0]"), 4);
+        assert_eq!(values(r#"["a,b\"]", -1.5e3, true, null]"#), 5);
+        assert_eq!(values(r#"{"k": {"$numberLong": "7"}}"#), 5);
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert!(check_json_shape(deep.as_bytes(), 1000, 64).is_err());
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(check_json_shape(ok.as_bytes(), 1000, 64).is_ok());
+        // Brackets inside strings are not nesting.
+        assert!(check_json_shape(br#"["[[[[[[[[[["]"#, 10, 2).is_ok());
+    }
 }

@@ -38,10 +38,13 @@
 //! assets), `server` (listening, TLS, shutdown).
 
 mod auth;
+mod connections;
 mod console;
 mod dead;
 mod error;
+mod event_id;
 mod extract;
+mod limits;
 mod model;
 mod openapi;
 mod ops;
@@ -67,10 +70,11 @@ use crate::bus::Intracom;
 
 pub use auth::{Identity, Tokens};
 pub use error::{ApiError, ErrorBody};
+pub use event_id::{BadEventId, EventKeys, MAX_EVENT_ID_LEN, MIN_KEY_LEN};
 pub use model::{MessageJson, Receipt, ReceiptStatus, Stamp};
 pub use publish::{idempotent_id, PublishRequest, IDEMPOTENCY_KEY};
 pub use server::Tls;
-pub use sse::{decode_position, encode_position, scoped_name, StreamNotice};
+pub use sse::{scoped_name, StreamNotice};
 
 /// Options of the gateway. Every default is written on its field.
 #[derive(Clone, Debug)]
@@ -99,9 +103,46 @@ pub struct GatewayOptions {
     /// The longest time-out a `POST /request` may ask for (default 5 min).
     pub max_request_timeout: Duration,
     /// SSE streams open at once, all tokens together (default 1000); another one is
-    /// refused with 503 `busy`. With `sse_buffer_bytes`, it bounds what SSE clients can
-    /// make the gateway buffer.
+    /// refused with 503 `busy`.
     pub max_sse_clients: usize,
+    /// Of `max_sse_clients`, the streams kept for admin tokens (default 10): service
+    /// tokens get 503 `busy` once `max_sse_clients - sse_admin_reserve` are open, so an
+    /// operator can still watch.
+    pub sse_admin_reserve: usize,
+    /// SSE streams one token may hold open at once (default 100); one more gets 429.
+    pub max_sse_per_token: usize,
+    /// Bytes of events queued for all SSE clients together (default 256 MiB). When they
+    /// are reached, a stream that waits for room while holding more than its share
+    /// (this budget over the streams open) is told `lagged` and closed.
+    pub sse_budget_bytes: usize,
+    /// Requests one token may have in progress at once, SSE streams aside (default
+    /// 256); one more gets 429 `too_many_requests`. Bounds what one client holds with
+    /// long `POST /request` calls.
+    pub max_requests_per_token: usize,
+    /// The keys that sign SSE event ids (default: a random key made at start-up, so ids
+    /// do not survive a restart nor pass to another gateway; give every gateway of a bus
+    /// the same keys with `--event-key-file`).
+    pub event_keys: Option<EventKeys>,
+    /// Time to read a request's headers, and a new connection's first request (default
+    /// 10 s); the connection is closed after it.
+    pub header_read_timeout: Duration,
+    /// Time to read a request's body once its headers are in (default 30 s); 408 after.
+    pub body_read_timeout: Duration,
+    /// How long a connection may stay idle, with no request in progress, before it is
+    /// closed (default 60 s).
+    pub idle_timeout: Duration,
+    /// Connections open at once (default 1024). A new one over the cap closes the
+    /// connection idle the longest; when none is idle it is closed at once. Keep it
+    /// under the process's open-files limit.
+    pub max_connections: usize,
+    /// Streams one HTTP/2 connection may have open at once (default 64).
+    pub max_h2_streams: u32,
+    /// JSON values a request body may hold, all levels together (default 262144):
+    /// counted before the body is parsed, so parsing cannot amplify a small body into a
+    /// large amount of memory. Over it: 413 `too_complex`.
+    pub max_json_values: usize,
+    /// How deep a request body's JSON may nest (default 64); deeper: 413 `too_complex`.
+    pub max_json_depth: usize,
 }
 
 impl Default for GatewayOptions {
@@ -115,6 +156,18 @@ impl Default for GatewayOptions {
             max_in_flight: 1000,
             max_request_timeout: Duration::from_secs(300),
             max_sse_clients: 1000,
+            sse_admin_reserve: 10,
+            max_sse_per_token: 100,
+            sse_budget_bytes: 256 * 1024 * 1024,
+            max_requests_per_token: 256,
+            event_keys: None,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            max_h2_streams: 64,
+            max_json_values: 262_144,
+            max_json_depth: 64,
         }
     }
 }
@@ -160,6 +213,78 @@ impl GatewayOptions {
     /// Sets how many SSE streams may be open at once.
     pub fn max_sse_clients(mut self, streams: usize) -> Self {
         self.max_sse_clients = streams.max(1);
+        self
+    }
+
+    /// Sets how many SSE streams are kept for admin tokens.
+    pub fn sse_admin_reserve(mut self, streams: usize) -> Self {
+        self.sse_admin_reserve = streams;
+        self
+    }
+
+    /// Sets how many SSE streams one token may hold.
+    pub fn max_sse_per_token(mut self, streams: usize) -> Self {
+        self.max_sse_per_token = streams.max(1);
+        self
+    }
+
+    /// Sets the bytes queued for all SSE clients together.
+    pub fn sse_budget_bytes(mut self, bytes: usize) -> Self {
+        self.sse_budget_bytes = bytes.max(1);
+        self
+    }
+
+    /// Sets how many requests one token may have in progress.
+    pub fn max_requests_per_token(mut self, requests: usize) -> Self {
+        self.max_requests_per_token = requests.max(1);
+        self
+    }
+
+    /// Sets the keys that sign event ids.
+    pub fn event_keys(mut self, keys: EventKeys) -> Self {
+        self.event_keys = Some(keys);
+        self
+    }
+
+    /// Sets the time to read a request's headers.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Sets the time to read a request's body.
+    pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a connection may stay idle.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets how many connections may be open at once.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Sets how many streams one HTTP/2 connection may open.
+    pub fn max_h2_streams(mut self, streams: u32) -> Self {
+        self.max_h2_streams = streams.max(1);
+        self
+    }
+
+    /// Sets how many JSON values a request body may hold.
+    pub fn max_json_values(mut self, values: usize) -> Self {
+        self.max_json_values = values.max(1);
+        self
+    }
+
+    /// Sets how deep a request body's JSON may nest.
+    pub fn max_json_depth(mut self, depth: usize) -> Self {
+        self.max_json_depth = depth.max(1);
         self
     }
 
@@ -230,7 +355,20 @@ impl Gateway {
 
     fn state(self) -> AppState {
         let prometheus = self.prometheus.or_else(global_prometheus);
+        let event_keys = match self.options.event_keys.clone() {
+            Some(keys) => keys,
+            None => {
+                tracing::warn!("gateway: no event key given (--event-key-file): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
+                EventKeys::ephemeral()
+            }
+        };
         AppState(Arc::new(Inner {
+            event_keys,
+            tokens_in_use: limits::TokensInUse::default(),
+            connections: connections::Tracker::new(
+                self.options.max_connections,
+                self.options.idle_timeout,
+            ),
             bus: self.bus,
             tokens: self.tokens,
             options: self.options,
@@ -239,6 +377,7 @@ impl Gateway {
             prometheus,
             sse_clients: AtomicUsize::new(0),
             sse_buffered_bytes: AtomicU64::new(0),
+            sse_pressure: tokio::sync::Notify::new(),
             stop: CancellationToken::new(),
         }))
     }
@@ -276,9 +415,15 @@ impl Gateway {
                 ),
             });
         }
+        let options = &self.options;
+        let limits = server::Limits {
+            header_read_timeout: options.header_read_timeout,
+            max_h2_streams: options.max_h2_streams,
+        };
         let state = self.state();
         let stop = state.0.stop.clone();
-        server::serve(app(state), stop, listener, tls, shutdown).await
+        let tracker = Arc::clone(state.connections());
+        server::serve(app(state), stop, tracker, listener, tls, limits, shutdown).await
     }
 }
 
@@ -296,8 +441,17 @@ struct Inner {
     sse_clients: AtomicUsize,
     /// Bytes of events queued for SSE clients now, all streams together.
     sse_buffered_bytes: AtomicU64,
+    /// Woken when a stream finds the SSE budget spent: the streams waiting for room
+    /// check their share.
+    sse_pressure: tokio::sync::Notify,
     /// Cancelled when the gateway stops: every SSE stream ends.
     stop: CancellationToken,
+    /// The keys of SSE event ids.
+    event_keys: EventKeys,
+    /// What each token holds now: requests in progress, SSE streams.
+    tokens_in_use: limits::TokensInUse,
+    /// The connections open now.
+    connections: Arc<connections::Tracker>,
 }
 
 impl AppState {
@@ -340,8 +494,24 @@ impl AppState {
         &self.0.sse_buffered_bytes
     }
 
+    pub(crate) fn sse_pressure(&self) -> &tokio::sync::Notify {
+        &self.0.sse_pressure
+    }
+
     pub(crate) fn stop(&self) -> &CancellationToken {
         &self.0.stop
+    }
+
+    pub(crate) fn event_keys(&self) -> &EventKeys {
+        &self.0.event_keys
+    }
+
+    pub(crate) fn tokens_in_use(&self) -> &limits::TokensInUse {
+        &self.0.tokens_in_use
+    }
+
+    pub(crate) fn connections(&self) -> &Arc<connections::Tracker> {
+        &self.0.connections
     }
 }
 
@@ -351,6 +521,13 @@ fn app(state: AppState) -> Router {
         .options()
         .max_body_bytes
         .unwrap_or(state.bus().config().max_message_bytes);
+    let options = state.options();
+    let body_limits = extract::BodyLimits {
+        bytes: limit,
+        json_values: options.max_json_values,
+        json_depth: options.max_json_depth,
+        read_timeout: options.body_read_timeout,
+    };
     let (api, document) = openapi::api();
     let document: Arc<str> = serde_json::to_string(&document)
         .unwrap_or_else(|e| format!("{{\"error\": \"the OpenAPI document does not encode: {e}\"}}"))
@@ -371,9 +548,14 @@ fn app(state: AppState) -> Router {
     .fallback(ops::not_found)
     .layer(DefaultBodyLimit::max(limit))
     .layer(axum::middleware::from_fn(move |req, next| {
-        extract::limit_body(limit, req, next)
+        extract::limit_body(body_limits, req, next)
     }))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limits::per_token,
+    ))
     .layer(axum::middleware::from_fn(extract::json_errors))
     .layer(axum::middleware::from_fn(ops::observe))
+    .layer(axum::middleware::from_fn(connections::mark_busy))
     .with_state(state)
 }

@@ -4,7 +4,10 @@
 //! bounded amount of memory, whatever the size of the messages (up to
 //! `common.intracom.max_message_bytes` each). The subscription's pump queues events here
 //! and waits for room; the HTTP response takes them out as the connection can write.
-//! When the client leaves the queue full for the stall time, the pump ends the stream:
+//! When the client leaves the queue without room for the stall time (without draining it
+//! to half in between: taking one event now and then does not reset the clock), or when
+//! the gateway's budget for all queues is spent and this queue holds more than its
+//! share, the pump ends the stream:
 //! what is queued is dropped at once (not kept until the client reads), the notice
 //! (`lagged`) is queued alone, and the response ends after it. The bytes queued by
 //! every stream are counted ([`super::AppState::sse_buffered_bytes`]): `/stats` shows
@@ -54,6 +57,10 @@ struct Pending {
     bytes: usize,
     /// No event comes after the queued ones.
     ended: bool,
+    /// Since when the queue has had no room for the next event without having drained
+    /// to half since: the stall time runs from here, so a client that takes one event
+    /// now and then, but never catches up, still falls behind.
+    full_since: Option<tokio::time::Instant>,
 }
 
 /// The queue between a subscription's pump and the HTTP response of one client.
@@ -97,15 +104,44 @@ impl Outgoing {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts `bytes` more (or fewer) queued bytes in the gateway's total.
+    /// Counts `bytes` more (or fewer) queued bytes in the gateway's total; a release
+    /// wakes the streams waiting for room in the budget.
     fn account(&self, bytes: usize, added: bool) {
         let total = self.state.sse_buffered_bytes();
         if added {
             total.fetch_add(bytes as u64, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::GATEWAY_SSE_BUFFERED_BYTES).increment(bytes as f64);
         } else {
-            total.fetch_sub(bytes as u64, Ordering::Relaxed);
+            let before = total.fetch_sub(bytes as u64, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::GATEWAY_SSE_BUFFERED_BYTES).decrement(bytes as f64);
+            if before > self.state.options().sse_budget_bytes as u64 / 2 {
+                self.state.sse_pressure().notify_waiters();
+            }
+        }
+    }
+
+    /// Adds `bytes` to the gateway's total if `admit` takes the total before it, in one
+    /// step (concurrent streams cannot all pass the same check).
+    fn reserve(&self, bytes: usize, admit: impl Fn(u64) -> bool) -> bool {
+        let total = self.state.sse_buffered_bytes();
+        let mut current = total.load(Ordering::Relaxed);
+        loop {
+            if !admit(current) {
+                return false;
+            }
+            match total.compare_exchange_weak(
+                current,
+                current + bytes as u64,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    metrics::gauge!(crate::metrics::GATEWAY_SSE_BUFFERED_BYTES)
+                        .increment(bytes as f64);
+                    return true;
+                }
+                Err(now) => current = now,
+            }
         }
     }
 
@@ -114,31 +150,57 @@ impl Outgoing {
         &self.gone
     }
 
-    /// Queues an event, waiting for room at most `stall`.
+    /// Queues an event once there is room for it, in this queue and in the gateway's
+    /// budget for all SSE queues. Refused with [`Refused::Full`] when the queue has had
+    /// no room for `stall` without draining to half in between, or at once when the
+    /// budget is spent and this queue holds more than its share of it (the budget over
+    /// the streams open).
     pub(crate) async fn push(&self, queued: Queued, stall: Duration) -> Result<(), Refused> {
-        let deadline = crate::deadline::after(stall);
+        let budget = self.state.options().sse_budget_bytes as u64;
         loop {
             let room = self.writable.notified();
-            tokio::pin!(room);
+            let pressure = self.state.sse_pressure().notified();
+            tokio::pin!(room, pressure);
             room.as_mut().enable();
+            pressure.as_mut().enable();
             if self.gone.is_cancelled() {
                 return Err(Refused::Gone);
             }
-            {
+            let deadline = {
                 let mut pending = self.pending();
+                let bytes = queued.bytes as u64;
                 let fits = pending.events.len() < self.max_events
                     && pending.bytes + queued.bytes <= self.max_bytes;
-                if pending.events.is_empty() || fits {
+                // An event larger than the queue goes alone, while the budget has room.
+                let admitted = if pending.events.is_empty() {
+                    self.reserve(queued.bytes, |total| total < budget)
+                } else {
+                    fits && self.reserve(queued.bytes, |total| total + bytes <= budget)
+                };
+                if admitted {
                     pending.bytes += queued.bytes;
-                    self.account(queued.bytes, true);
                     pending.events.push_back(queued);
                     drop(pending);
                     self.readable.notify_one();
                     return Ok(());
                 }
-            }
+                let total = self.state.sse_buffered_bytes().load(Ordering::Relaxed);
+                if total + bytes > budget {
+                    let streams = self.state.sse_clients().load(Ordering::Relaxed).max(1) as u64;
+                    if pending.bytes as u64 > budget / streams {
+                        return Err(Refused::Full);
+                    }
+                    // The others waiting for room check their share.
+                    self.state.sse_pressure().notify_waiters();
+                }
+                *pending
+                    .full_since
+                    .get_or_insert_with(tokio::time::Instant::now)
+                    + stall
+            };
             tokio::select! {
                 _ = room => {}
+                _ = pressure => {}
                 _ = self.gone.cancelled() => return Err(Refused::Gone),
                 _ = tokio::time::sleep_until(deadline) => return Err(Refused::Full),
             }
@@ -175,6 +237,11 @@ impl Outgoing {
                 if let Some(queued) = pending.events.pop_front() {
                     pending.bytes -= queued.bytes;
                     self.account(queued.bytes, false);
+                    if pending.events.len() <= self.max_events / 2
+                        && pending.bytes <= self.max_bytes / 2
+                    {
+                        pending.full_since = None;
+                    }
                     drop(pending);
                     self.writable.notify_one();
                     return Some(queued);

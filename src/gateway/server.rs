@@ -16,6 +16,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
+use super::connections::{Tracker, TrackingAcceptor};
+
 use crate::error::{Error, Result};
 
 /// The certificate chain and private key of an HTTPS gateway, as PEM files.
@@ -75,11 +77,20 @@ impl Tls {
 /// How long open connections get to finish once the gateway stops.
 const GRACE: Duration = Duration::from_secs(10);
 
+/// How the gateway holds its connections (from [`super::GatewayOptions`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_h2_streams: u32,
+}
+
 pub(crate) async fn serve(
     app: Router,
     stop: CancellationToken,
+    tracker: Arc<Tracker>,
     listener: std::net::TcpListener,
     tls: Option<Tls>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = tls.as_ref().map(Tls::config).transpose()?;
@@ -91,30 +102,63 @@ pub(crate) async fn serve(
         .map_err(|e| Error::io("gateway: listening", e))?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
+    let reaper_stop = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("gateway stopping");
         stop.cancel();
         stopper.graceful_shutdown(Some(GRACE));
     });
+    tokio::spawn(Arc::clone(&tracker).reap(reaper_stop));
+    let acceptor = TrackingAcceptor { tracker };
     let service = app.into_make_service();
     let served = match config {
         Some(config) => {
             tracing::info!(%address, "gateway listening (https)");
-            axum_server::from_tcp_rustls(listener, config)
+            let mut server = axum_server::from_tcp_rustls(listener, config)
                 .map_err(|e| Error::io(format!("gateway: listening on {address}"), e))?
+                .map(|tls| tls.acceptor(acceptor));
+            configure(server.http_builder(), &limits);
+            server
+                .first_request_timeout(limits.header_read_timeout)
+                .accept_error_handler(refused)
                 .handle(handle)
                 .serve(service)
                 .await
         }
         None => {
             tracing::info!(%address, "gateway listening (http)");
-            axum_server::from_tcp(listener)
+            let mut server = axum_server::from_tcp(listener)
                 .map_err(|e| Error::io(format!("gateway: listening on {address}"), e))?
+                .acceptor(acceptor);
+            configure(server.http_builder(), &limits);
+            server
+                .first_request_timeout(limits.header_read_timeout)
+                .accept_error_handler(refused)
                 .handle(handle)
                 .serve(service)
                 .await
         }
     };
     served.map_err(|e| Error::io(format!("gateway: serving on {address}"), e))
+}
+
+/// hyper's limits: the time to read a request's headers (HTTP/1; hyper's default is
+/// 30 s) and the streams one HTTP/2 connection may open at once (its default, 200).
+fn configure(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: &Limits,
+) {
+    builder
+        .http1()
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .max_concurrent_streams(limits.max_h2_streams);
+}
+
+/// A connection that could not be taken (refused at the cap, or a failed TLS
+/// handshake): logged at debug, counted by the tracker.
+fn refused<A: std::fmt::Debug>(peer: Option<&A>, error: &std::io::Error) {
+    tracing::debug!(?peer, %error, "gateway: connection not taken");
 }

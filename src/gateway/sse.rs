@@ -2,10 +2,12 @@
 //! `POST /ack/{messageId}`.
 //!
 //! Why it exists: a consumer in any language follows the bus with a plain HTTP GET.
-//! Each SSE event's `id:` is the message's position in the medium (its BSON, base64url),
-//! so a client that reconnects with `Last-Event-ID` (every SSE client does) resumes
-//! right after the last event it received: no gap, whatever was published meanwhile,
-//! as long as the medium retains it.
+//! Each SSE event's `id:` is the message's position in the medium, signed by the
+//! gateway ([`EventKeys`](super::EventKeys)), so a client that reconnects with
+//! `Last-Event-ID` (every SSE client does) resumes right after the last event it
+//! received: no gap, whatever was published meanwhile, as long as the medium retains it.
+//! An id the gateway did not issue (forged, altered, oversized, signed with another
+//! key) or one ahead of the bus is refused with 400 `bad_event_id`.
 //!
 //! Events:
 //! - `message`: a message ([`MessageJson`]);
@@ -45,7 +47,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use base64::Engine;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -53,28 +54,15 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult, ErrorBody};
+use super::event_id::BadEventId;
 use super::extract::{Path, Query};
+use super::limits::{too_many, Kind, OwnedHeld, TokenKey};
 use super::model::MessageJson;
 use super::outgoing::{Outgoing, Queued, Refused, Response};
 use super::AppState;
 use crate::delivery::{Delivery, Subscriber, Subscription};
 use crate::filter::{Position, StartFrom};
 use crate::message::{check_name, MAX_NAME_LEN};
-
-/// The SSE `id:` of a position: its BSON, base64url without padding. Lossless, so the
-/// medium's own resume data (a change-stream token) comes back intact.
-pub fn encode_position(position: &Position) -> String {
-    let bytes = bson::to_vec(position).unwrap_or_default();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A position from an SSE `id:` ([`encode_position`]), or why it is not one.
-pub fn decode_position(id: &str) -> Result<Position, String> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(id.trim())
-        .map_err(|e| format!("not base64url: {e}"))?;
-    bson::from_slice(&bytes).map_err(|e| format!("not a position: {e}"))
-}
 
 /// Where a subscription starts when it has no position.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ToSchema)]
@@ -228,19 +216,22 @@ impl Inflight {
     ),
     responses(
         (status = 200, description = "An event stream: `message` events (data: MessageJson, id: the position), `lost`, `lagged`, `superseded` and `error` notices (data: StreamNotice)", content_type = "text/event-stream", body = String),
-        (status = 400, description = "A bad parameter or Last-Event-ID", body = ErrorBody),
+        (status = 400, description = "A bad parameter; `bad_event_id`: a Last-Event-ID (or `after`) this gateway did not issue, or ahead of the bus", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A token without a service (a named `monitor` subscription needs one too); `monitor` without admin", body = ErrorBody),
-        (status = 503, description = "`busy`: as many SSE streams are open as the gateway allows (`max_sse_clients`); try again later", body = ErrorBody),
+        (status = 429, description = "`too_many_requests`: this token holds its share of SSE streams (`max_sse_per_token`)", body = ErrorBody),
+        (status = 503, description = "`busy`: as many SSE streams are open as the gateway allows (`max_sse_clients`, less `sse_admin_reserve` for service tokens); try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
     caller: Caller,
+    token: Option<axum::Extension<TokenKey>>,
     headers: HeaderMap,
     Path(topic): Path<String>,
     Query(params): Query<SubscribeParams>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>> {
+    let token = token.map(|axum::Extension(key)| key);
     let monitor = params.monitor.unwrap_or(false);
     let service = if monitor {
         caller.admin()?;
@@ -278,11 +269,7 @@ pub(crate) async fn subscribe(
         .or(params.after.clone())
         .filter(|id| !id.trim().is_empty());
     subscription = subscription.start(match (&last_event_id, params.from.unwrap_or_default()) {
-        (Some(id), _) => StartFrom::After(decode_position(id).map_err(|e| {
-            ApiError::BadRequest(format!(
-                "Last-Event-ID is not an event id of this gateway: {e}"
-            ))
-        })?),
+        (Some(id), _) => StartFrom::After(resume_position(&state, id)?),
         (None, Start::Beginning) => StartFrom::Beginning,
         (None, Start::Now) => StartFrom::Now,
     });
@@ -305,7 +292,7 @@ pub(crate) async fn subscribe(
     // Counted from here (before the response goes out, so that a client sees itself in
     // /stats); uncounted if the stream does not start, and by the pump when it ends.
     let options = state.options();
-    let counted = ClientCount::take(&state, options.max_sse_clients)?;
+    let counted = ClientCount::take(&state, &caller, token)?;
     let opened = bson::DateTime::now();
     let slot = named.as_ref().map(|name| state.inflight().open(name));
     // Closed if the subscription fails, or if the client goes away while it is made (the
@@ -321,6 +308,8 @@ pub(crate) async fn subscribe(
     opened_slot.slot = None;
     tracing::info!(service, topic, subscription = ?params.name, monitor, resumed = last_event_id.is_some(), "gateway: subscriber connected");
     let outgoing = Outgoing::new(state.clone(), options.sse_buffer, options.sse_buffer_bytes);
+    // From here the pump uncounts the stream when it ends.
+    let held = counted.keep();
     let pump = Pump {
         state: state.clone(),
         subscriber,
@@ -330,44 +319,105 @@ pub(crate) async fn subscribe(
         max_in_flight: options.max_in_flight.max(1),
         service_filter: params.service.clone().filter(|_| monitor),
         opened,
+        _held: held,
     };
-    // From here the pump uncounts the stream when it ends.
-    counted.keep();
     tokio::spawn(pump.run());
     let events = Response::new(outgoing).into_stream();
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(options.keep_alive)))
 }
 
-/// One SSE stream counted in `sse_clients`, uncounted on drop unless the pump took it
-/// over ([`ClientCount::keep`]).
+/// The position a client resumes after: its event id, verified ([`EventKeys`]), and
+/// not ahead of the gateway's clock by more than [`AHEAD_TOLERANCE`] (a bus whose data
+/// was reset under a client that still holds ids of it: resuming after such an id would
+/// wait, silent, until the bus's stamps pass it).
+///
+/// [`EventKeys`]: super::EventKeys
+fn resume_position(state: &AppState, id: &str) -> ApiResult<Position> {
+    let position = state.event_keys().verify(id).map_err(|e| {
+        metrics::counter!(crate::metrics::GATEWAY_LIMITED, "limit" => "bad_event_id").increment(1);
+        let what = match e {
+            BadEventId::Forged => "forged",
+            BadEventId::TooLong(_) => "too long",
+            _ => "malformed",
+        };
+        tracing::debug!(what, "gateway: event id refused");
+        ApiError::BadEventId(format!(
+            "Last-Event-ID (or after=) refused: {e}; subscribe again without it (from=now or from=beginning, or by a named subscription's checkpoint)"
+        ))
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if u64::from(position.ts.time) > now + AHEAD_TOLERANCE.as_secs() {
+        return Err(ApiError::BadEventId(format!(
+            "Last-Event-ID is ahead of the bus: its stamp ({} s) is later than the gateway's clock ({now} s) by more than {} s; the bus was reset since the id was issued: subscribe again without it (from=beginning)",
+            position.ts.time,
+            AHEAD_TOLERANCE.as_secs()
+        )));
+    }
+    Ok(position)
+}
+
+/// How far ahead of the gateway's clock an event id's stamp may be (server clocks drift).
+pub(crate) const AHEAD_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// One SSE stream counted in `sse_clients` (and in its token's share), uncounted on drop
+/// unless the pump took it over ([`ClientCount::keep`]).
 struct ClientCount<'a> {
     state: &'a AppState,
     /// Counted in the gauge too (the limit was not reached).
     gauged: bool,
     kept: bool,
+    held: Option<super::limits::Held<'a>>,
 }
 
 impl<'a> ClientCount<'a> {
-    /// Counts a stream, unless `max` are open: 503 `busy`.
-    fn take(state: &'a AppState, max: usize) -> ApiResult<Self> {
+    /// Counts a stream: 503 `busy` when the gateway has `max_sse_clients` open (a service
+    /// token already at `max_sse_clients - sse_admin_reserve`), 429 when the token holds
+    /// its share.
+    fn take(state: &'a AppState, caller: &Caller, token: Option<TokenKey>) -> ApiResult<Self> {
+        let options = state.options();
+        let max = options.max_sse_clients;
         let open = state.sse_clients().fetch_add(1, Ordering::AcqRel);
         let mut counted = ClientCount {
             state,
             gauged: false,
             kept: false,
+            held: None,
         };
-        if open >= max {
+        let cap = if caller.0.admin {
+            max
+        } else {
+            max.saturating_sub(options.sse_admin_reserve).max(1)
+        };
+        if open >= cap {
+            metrics::counter!(crate::metrics::GATEWAY_LIMITED, "limit" => "max_sse_clients")
+                .increment(1);
             return Err(ApiError::Busy(format!(
-                "{open} SSE streams are open, the gateway's limit (max_sse_clients = {max}): try again later"
+                "{open} SSE streams are open, the gateway's limit for this token (max_sse_clients = {max}, of which sse_admin_reserve = {} for admin tokens): try again later",
+                options.sse_admin_reserve
             )));
+        }
+        if let Some(token) = token {
+            let per_token = options.max_sse_per_token;
+            counted.held = Some(
+                state
+                    .tokens_in_use()
+                    .take(token, Kind::Stream, per_token)
+                    .map_err(|held| {
+                        too_many("SSE streams", held, per_token, "max_sse_per_token")
+                    })?,
+            );
         }
         metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).increment(1.0);
         counted.gauged = true;
         Ok(counted)
     }
 
-    fn keep(mut self) {
+    /// Hands the count to the pump; what it returns holds the token's share.
+    fn keep(mut self) -> Option<OwnedHeld> {
         self.kept = true;
+        self.held.take().map(|held| held.into_owned(self.state))
     }
 }
 
@@ -495,6 +545,8 @@ struct Pump {
     /// When the client connected (this process's clock): deliveries stamped before
     /// are backlog (a replay), not live, and their age is not a latency.
     opened: bson::DateTime,
+    /// The token's share this stream holds, given back when the pump ends.
+    _held: Option<OwnedHeld>,
 }
 
 impl Pump {
@@ -587,7 +639,8 @@ impl Pump {
         let json = MessageJson::from(delivery.message());
         let data = serde_json::to_string(&json)
             .map_err(|e| End::Failed(ApiError::Internal(e.to_string()).body()))?;
-        let mut queued = Queued::new("message", Some(encode_position(delivery.position())), data);
+        let id = self.state.event_keys().sign(delivery.position());
+        let mut queued = Queued::new("message", Some(id), data);
         // Latency is measured on live deliveries only: a message stamped before the
         // client connected is backlog (a replay after Last-Event-ID, a checkpoint or
         // from=beginning), and its age says nothing of the bus's speed.
@@ -667,25 +720,6 @@ pub(crate) async fn ack(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, Timestamp};
-
-    #[test]
-    fn positions_survive_the_event_id() {
-        let position = Position::new(
-            Timestamp {
-                time: 1_795_500_000,
-                increment: 7,
-            },
-            Some(doc! { "rt": { "_data": "8263A1F2" }, "ct": Timestamp { time: 1, increment: 2 } }),
-        );
-        let id = encode_position(&position);
-        assert!(id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
-        assert_eq!(decode_position(&id).unwrap(), position);
-        assert!(decode_position("not an id").is_err());
-        assert!(decode_position("AAAA").is_err());
-    }
 
     #[test]
     fn a_loss_of_unknown_size_is_not_called_zero() {

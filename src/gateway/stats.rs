@@ -151,6 +151,12 @@ pub struct StatsJson {
     /// together (each stream at most `sse_buffer_bytes`, or one larger event).
     #[serde(rename = "sseBufferedBytes")]
     pub sse_buffered_bytes: u64,
+    /// Connections open to this gateway now (this one included).
+    #[serde(default)]
+    pub connections: u64,
+    /// Tokens holding a request in progress or an SSE stream now.
+    #[serde(rename = "tokensInUse", default)]
+    pub tokens_in_use: u64,
     /// Why counts or queues are missing: the medium's error while it is unavailable.
     #[serde(
         rename = "mediumError",
@@ -236,6 +242,8 @@ pub(crate) async fn stats(
         outbox: bus.outbox_len() as u64,
         sse_clients: state.sse_clients().load(Ordering::Relaxed) as u64,
         sse_buffered_bytes: state.sse_buffered_bytes().load(Ordering::Relaxed),
+        connections: state.connections().open() as u64,
+        tokens_in_use: state.tokens_in_use().len() as u64,
         medium_error,
     }))
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use intracom::bson::{doc, Document};
-use intracom::gateway::{decode_position, GatewayOptions};
+use intracom::gateway::GatewayOptions;
 use intracom::idempotency::Once;
 use intracom::WorkOptions;
 use reqwest::{Method, StatusCode};
@@ -81,7 +81,9 @@ async fn publish_reaches_an_sse_subscriber(place: &Place) {
         m["ts"]["t"].as_u64().is_some(),
         "stamped by the medium: {m}"
     );
-    decode_position(&event_id).expect("the event id is a position");
+    super::event_keys()
+        .verify(&event_id)
+        .expect("the event id is a signed position");
 
     // The same Idempotency-Key twice stores one message.
     let body = json!({ "action": "reload", "query": { "tenant": 7 } });
@@ -186,7 +188,7 @@ async fn last_event_id_resumes_50_messages_in_order(place: &Place) {
     refused(
         (status, bad.json().await.expect("JSON")),
         StatusCode::BAD_REQUEST,
-        "bad_request",
+        "bad_event_id",
     );
     gw.stop().await;
 }

@@ -14,6 +14,7 @@ mod servers;
 
 mod checks;
 mod flaky;
+mod hostile;
 mod local;
 mod sse;
 
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use intracom::gateway::{Gateway, GatewayOptions, Identity, Tokens};
+use intracom::gateway::{EventKeys, Gateway, GatewayOptions, Identity, Tokens};
 use intracom::medium::memory::{MemoryMedium, MemoryOptions};
 use intracom::{Config, Intracom, MediumKind};
 use libtest_mimic::{Failed, Trial};
@@ -107,6 +108,11 @@ pub struct Gw {
     task: Option<tokio::task::JoinHandle<intracom::Result<()>>>,
 }
 
+/// The keys that sign the test gateways' event ids.
+pub fn event_keys() -> EventKeys {
+    EventKeys::parse("test-gateways-event-key-0123456789abcdef").expect("a test key")
+}
+
 /// The tokens of the test gateways.
 pub fn tokens() -> Tokens {
     Tokens::new()
@@ -129,9 +135,17 @@ impl Gw {
         Self::with(place, GatewayOptions::default()).await
     }
 
-    /// A gateway with `options` on `place`.
+    /// A gateway with `options` on `place` (signing event ids with [`event_keys`]
+    /// unless `options` names keys).
     pub async fn with(place: &Place, options: GatewayOptions) -> Gw {
-        let config = config("gateway");
+        Self::with_config(place, config("gateway"), options).await
+    }
+
+    /// A gateway with `options` on `place`, its bus made from `config`.
+    pub async fn with_config(place: &Place, config: Config, mut options: GatewayOptions) -> Gw {
+        if options.event_keys.is_none() {
+            options = options.event_keys(event_keys());
+        }
         let (bus, medium) = match place {
             Place::Memory => {
                 let medium = Arc::new(MemoryMedium::new(MemoryOptions::from(&config)));
@@ -171,7 +185,12 @@ impl Gw {
         }));
         Gw {
             base: format!("http://{address}"),
-            http: reqwest::Client::new(),
+            // Idle connections are dropped well before the gateway's idle time-out (2 s
+            // in some tests), so that no request goes out on a connection being closed.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_millis(500))
+                .build()
+                .expect("an HTTP client"),
             bus,
             medium,
             stop: Some(stop),
@@ -339,7 +358,7 @@ fn main() {
     let mut trials = Vec::new();
     for place in &places {
         let unavailable = place.unavailable();
-        for check in checks::checks() {
+        for check in checks::checks().into_iter().chain(hostile::checks()) {
             let name = format!("{}::{}", place.short(), check.name);
             let run = check.run;
             let target = place.clone();
