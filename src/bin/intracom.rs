@@ -134,6 +134,46 @@ struct ServeArgs {
     /// SSE streams open at once, all tokens together; another one gets 503 `busy`.
     #[arg(long, default_value_t = 1000)]
     max_sse_clients: usize,
+    /// Of --max-sse-clients, the streams only admin tokens may take.
+    #[arg(long, default_value_t = 10)]
+    sse_admin_reserve: usize,
+    /// SSE streams one token may hold open; one more gets 429.
+    #[arg(long, default_value_t = 100)]
+    max_sse_per_token: usize,
+    /// Bytes queued for all SSE clients together; past it, a stream holding more than
+    /// its share is told `lagged` and closed.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    sse_budget_bytes: usize,
+    /// Requests one token may have in progress (SSE streams aside); one more gets 429.
+    #[arg(long, default_value_t = 256)]
+    max_requests_per_token: usize,
+    /// Keys that sign SSE event ids, one per line (at least 32 bytes each; the first
+    /// signs, all verify). Give every gateway of a bus the same file, so clients resume
+    /// on any of them and after a restart. Without it: a random key per start.
+    #[arg(long, value_name = "FILE", env = "INTRACOM_GATEWAY_EVENT_KEYS")]
+    event_key_file: Option<PathBuf>,
+    /// Time to read a request's headers (and a new connection's first request).
+    #[arg(long, default_value = "10s")]
+    header_read_timeout: humantime::Duration,
+    /// Time to read a request's body once its headers are in; 408 after.
+    #[arg(long, default_value = "30s")]
+    body_read_timeout: humantime::Duration,
+    /// How long a connection may stay idle (no request in progress) before it is closed.
+    #[arg(long, default_value = "60s")]
+    idle_timeout: humantime::Duration,
+    /// Connections open at once; over it, the connection idle the longest is closed
+    /// (none idle: the new one is). Keep it under the open-files limit (`ulimit -n`).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Streams one HTTP/2 connection may have open at once.
+    #[arg(long, default_value_t = 64)]
+    max_h2_streams: u32,
+    /// JSON values a request body may hold, counted before it is parsed.
+    #[arg(long, default_value_t = 262_144)]
+    max_json_values: usize,
+    /// How deep a request body's JSON may nest.
+    #[arg(long, default_value_t = 64)]
+    max_json_depth: usize,
 }
 
 #[cfg(feature = "gateway")]
@@ -331,6 +371,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // A failed write of a log line (its reader went away: `intracom serve 2>&1 | head`)
+        // is dropped; reporting it would print to that same stderr, which panics.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -474,11 +517,25 @@ async fn serve(mut config: Config, args: ServeArgs) -> Outcome {
         config.medium,
         tokens.len()
     );
-    let options = GatewayOptions::default()
+    let mut options = GatewayOptions::default()
         .sse_buffer(args.sse_buffer)
         .sse_buffer_bytes(args.sse_buffer_bytes)
         .sse_stall(args.sse_stall.into())
-        .max_sse_clients(args.max_sse_clients);
+        .max_sse_clients(args.max_sse_clients)
+        .sse_admin_reserve(args.sse_admin_reserve)
+        .max_sse_per_token(args.max_sse_per_token)
+        .sse_budget_bytes(args.sse_budget_bytes)
+        .max_requests_per_token(args.max_requests_per_token)
+        .header_read_timeout(args.header_read_timeout.into())
+        .body_read_timeout(args.body_read_timeout.into())
+        .idle_timeout(args.idle_timeout.into())
+        .max_connections(args.max_connections)
+        .max_h2_streams(args.max_h2_streams)
+        .max_json_values(args.max_json_values)
+        .max_json_depth(args.max_json_depth);
+    if let Some(file) = &args.event_key_file {
+        options = options.event_keys(intracom::gateway::EventKeys::from_file(file)?);
+    }
     let served = Gateway::new(bus.clone(), tokens)
         .options(options)
         .serve(listener, tls, stop_signal())
