@@ -34,6 +34,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
                 _ => ApiError::BadRequest(format!("cannot read the request body: {rejection}")),
             }
         })?;
+        super::model::check_integer_literals(&bytes)?;
         serde_json::from_slice(&bytes).map(Json).map_err(|e| {
             ApiError::BadRequest(format!("the request body is not the expected JSON: {e}"))
         })
