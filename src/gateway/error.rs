@@ -57,6 +57,10 @@ pub enum ApiError {
     /// The gateway is at a limit of its own (SSE streams open at once): 503, try later.
     #[error("{0}")]
     Busy(String),
+    /// An `Idempotency-Key` used before for another request (another body, target or
+    /// type): 422, nothing sent. Code `idempotency_key_reused`.
+    #[error("{0}")]
+    KeyReused(String),
 }
 
 impl ApiError {
@@ -72,6 +76,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
                 E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
@@ -101,6 +106,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Internal(_) => "internal",
             ApiError::Busy(_) => "busy",
+            ApiError::KeyReused(_) => "idempotency_key_reused",
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } => "unknown_sender",
                 E::UnknownAction { .. } => "unknown_action",
