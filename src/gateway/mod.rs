@@ -278,7 +278,11 @@ impl Gateway {
         }
         let state = self.state();
         let stop = state.0.stop.clone();
-        server::serve(app(state), stop, listener, tls, shutdown).await
+        let mut router = app(state);
+        if tls.is_some() {
+            router = router.layer(axum::middleware::from_fn(ops::strict_transport_security));
+        }
+        server::serve(router, stop, listener, tls, shutdown).await
     }
 }
 
@@ -375,5 +379,6 @@ fn app(state: AppState) -> Router {
     }))
     .layer(axum::middleware::from_fn(extract::json_errors))
     .layer(axum::middleware::from_fn(ops::observe))
+    .layer(axum::middleware::from_fn(ops::security_headers))
     .with_state(state)
 }
