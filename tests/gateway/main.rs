@@ -14,6 +14,7 @@ mod servers;
 
 mod checks;
 mod flaky;
+mod hostile_small;
 mod local;
 mod sse;
 
@@ -339,7 +340,7 @@ fn main() {
     let mut trials = Vec::new();
     for place in &places {
         let unavailable = place.unavailable();
-        for check in checks::checks() {
+        for check in checks::checks().into_iter().chain(hostile_small::checks()) {
             let name = format!("{}::{}", place.short(), check.name);
             let run = check.run;
             let target = place.clone();
@@ -351,6 +352,7 @@ fn main() {
         }
     }
     trials.extend(local::trials());
+    trials.extend(hostile_small::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);
