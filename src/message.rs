@@ -563,7 +563,8 @@ fn decimal_digits(n: usize) -> usize {
     n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
-/// Checks a service, instance, action or id name: non-empty, bounded, no whitespace.
+/// Checks a service, instance, action or id name: non-empty, bounded, no whitespace,
+/// no control character, no invisible or format character ([`is_invisible`]).
 pub(crate) fn check_name(field: &str, value: &str) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid(format!("`{field}` is empty")));
@@ -579,13 +580,65 @@ pub(crate) fn check_name(field: &str, value: &str) -> Result<()> {
     if !value
         .bytes()
         .fold(true, |graphic, b| graphic & b.is_ascii_graphic())
-        && value.chars().any(|c| c.is_control() || c.is_whitespace())
     {
-        return Err(Error::invalid(format!(
-            "`{field}` contains whitespace or control characters: {value:?}"
-        )));
+        if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(Error::invalid(format!(
+                "`{field}` contains whitespace or control characters: {value:?}"
+            )));
+        }
+        if let Some(c) = value.chars().find(|&c| is_invisible(c)) {
+            return Err(Error::invalid(format!(
+                "`{field}` contains an invisible or format character (U+{:04X}): {}",
+                u32::from(c),
+                value.escape_unicode()
+            )));
+        }
     }
     Ok(())
+}
+
+/// Characters that show nothing, or change how the text around them shows, without
+/// being whitespace: Unicode's format characters (general category Cf: zero-width
+/// space and joiners, bidirectional embeddings, overrides and isolates, the byte-order
+/// mark, tags…), and the fillers and variation selectors that render as nothing. Two
+/// names that differ only by these look the same to a person, so names refuse them.
+pub(crate) fn is_invisible(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        // General category Cf (Unicode 16).
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+            // Shown as nothing though not Cf: the combining grapheme joiner, the
+            // Hangul and Khmer fillers, the variation selectors.
+            | 0x034F
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180D
+            | 0x180F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFFA0
+            | 0xE0100..=0xE01EF
+    )
 }
 
 /// Encodes a serde value as a BSON document (the payload form).
@@ -768,6 +821,46 @@ mod tests {
         m.source_service = "a".into();
         m.source_instance = "a-1".into();
         assert!(m.validate().unwrap_err().to_string().contains("action"));
+    }
+
+    #[test]
+    fn names_refuse_invisible_and_format_characters() {
+        for c in [
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{2060}',
+            '\u{E0041}',
+            '\u{FE0F}',
+            '\u{3164}',
+        ] {
+            let name = format!("bill{c}ing");
+            let err = check_name("service", &name).unwrap_err().to_string();
+            assert!(
+                err.contains("invisible or format character")
+                    && err.contains(&format!("U+{:04X}", u32::from(c))),
+                "U+{:04X}: {err}",
+                u32::from(c)
+            );
+        }
+        // Look-alikes are names (the console shows their code points), and so are
+        // scripts other than Latin.
+        for name in [
+            "bill\u{0456}ng",
+            "caf\u{e9}",
+            "\u{8a08}\u{7b97}",
+            "a-b_c.d:e/f",
+        ] {
+            check_name("service", name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert!(check_name("service", "a\u{7f}").is_err());
+        assert!(check_name("service", "a\u{85}b").is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `scan`, `history_lost`) | fall-backs |
 //! | `intracom_outbox_messages` | gauge | | publishes waiting in the outbox |
 //! | `intracom_gateway_requests_total` | counter | `method` (`GET`, `POST`, `PUT`, `DELETE`, `PATCH`, `HEAD`, `OPTIONS`, `OTHER`), `route`, `status` | HTTP requests to the gateway |
+//! | `intracom_gateway_unknown_tokens_total` | counter | | requests refused for a bearer token the gateway does not know (their log lines are rate-limited; this counts each) |
 //! | `intracom_gateway_sse_clients` | gauge | | Server-Sent Events streams open |
 //! | `intracom_gateway_fell_behind_total` | counter | | SSE clients ended because they read too slowly |
 //! | `intracom_gateway_sse_buffered_bytes` | gauge | | bytes of events queued for SSE clients |
@@ -52,6 +53,8 @@ pub const OUTBOX: &str = "intracom_outbox_messages";
 
 /// Gateway requests, by method, route and status.
 pub const GATEWAY_REQUESTS: &str = "intracom_gateway_requests_total";
+/// Requests with a bearer token the gateway does not know.
+pub const GATEWAY_UNKNOWN_TOKENS: &str = "intracom_gateway_unknown_tokens_total";
 /// Open SSE streams of the gateway.
 pub const GATEWAY_SSE_CLIENTS: &str = "intracom_gateway_sse_clients";
 /// SSE clients that fell behind.

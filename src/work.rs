@@ -18,7 +18,9 @@
 //!
 //! A caller of [`Intracom::request`] waits for the outcome with a time-out; when it
 //! passes, the request is marked `state: error` ("timed out") and the caller gets
-//! [`Error::Timeout`]. A handler served in the same process is called directly (seed
+//! [`Error::Timeout`]. A caller that stops waiting first (drops the request's future)
+//! marks it `state: error` ("abandoned") the same way, so that no worker runs it for
+//! no one. A handler served in the same process is called directly (seed
 //! 001's local route), and the settled request is still written to the medium as a
 //! record.
 
@@ -278,8 +280,17 @@ impl<R: DeserializeOwned> Request<R> {
         let deadline = crate::deadline::after(self.timeout);
         bus.append_prepared(vec![prepared]).await?;
         let medium = bus.medium();
+        // From here until the outcome is known, a caller that stops waiting (drops this
+        // future: an HTTP client of the gateway that went away) leaves a request no one
+        // will read the answer of: it is marked abandoned, so no worker runs it.
+        let abandon = Abandon {
+            medium: Some(Arc::clone(medium)),
+            id: id.clone(),
+        };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match medium.await_outcome(&id, left).await? {
+        let outcome = medium.await_outcome(&id, left).await;
+        abandon.disarm();
+        match outcome? {
             Some(settled) if settled.state == Some(State::Done) => decode_result(settled.result),
             Some(settled) => Err(Error::Remote {
                 service: self.service,
@@ -309,6 +320,57 @@ impl<R: DeserializeOwned> Request<R> {
                 })
             }
         }
+    }
+}
+
+/// Marks a request `state: error` with `response: {error: "abandoned"}` when dropped
+/// armed: its caller stopped waiting before the outcome was known. Written like a
+/// time-out (a settle without an owner, which holds only while the request is still
+/// `pending`): a worker claims only pending requests, and one that claimed it already
+/// can no longer settle it. Best effort: the mark is written by a task of its own, and
+/// a worker that claims the request before it lands still runs it.
+struct Abandon {
+    medium: Option<Arc<dyn crate::medium::Medium>>,
+    id: String,
+}
+
+impl Abandon {
+    /// The outcome is known (or the error is the caller's to see): nothing to mark.
+    fn disarm(mut self) {
+        self.medium = None;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        let Some(medium) = self.medium.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(message_id = %self.id, "request abandoned by its caller outside a runtime: left pending");
+            return;
+        };
+        let id = std::mem::take(&mut self.id);
+        runtime.spawn(async move {
+            let marked = medium
+                .settle(
+                    &id,
+                    None,
+                    Settlement::Failed(doc! {
+                        "error": "abandoned",
+                        "reason": "the caller stopped waiting before the answer",
+                    }),
+                )
+                .await;
+            match marked {
+                Ok(marked) => {
+                    tracing::info!(message_id = %id, marked, "request abandoned by its caller")
+                }
+                Err(error) => {
+                    tracing::warn!(message_id = %id, %error, "request abandoned by its caller: not marked")
+                }
+            }
+        });
     }
 }
 

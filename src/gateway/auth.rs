@@ -22,6 +22,8 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -104,6 +106,50 @@ struct Entry {
 #[derive(Default)]
 pub struct Tokens {
     entries: Vec<Entry>,
+    /// The log lines about unknown tokens, rate-limited.
+    unknown: RateLimitedLog,
+}
+
+/// How often at most a refused unknown token is logged; the refusals in between are
+/// counted and told in the next line (and each is counted in
+/// `intracom_gateway_unknown_tokens_total`).
+const UNKNOWN_TOKEN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A log line at most every `UNKNOWN_TOKEN_LOG_EVERY`, with the count of the events
+/// not logged since the last line: a client sending bad tokens in a loop cannot fill
+/// the log.
+#[derive(Default)]
+struct RateLimitedLog {
+    state: Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    /// When the last line was written.
+    last: Option<Instant>,
+    /// Events since then, not logged.
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    /// One more event at `now`: `Some(suppressed)` when a line is due now (with the
+    /// events not logged since the last line), `None` when this one is only counted.
+    fn note(&self, now: Instant) -> Option<u64> {
+        let mut window = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let due = window
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= UNKNOWN_TOKEN_LOG_EVERY);
+        if due {
+            window.last = Some(now);
+            Some(std::mem::take(&mut window.suppressed))
+        } else {
+            window.suppressed += 1;
+            None
+        }
+    }
 }
 
 impl fmt::Debug for Tokens {
@@ -300,7 +346,15 @@ impl FromRequestParts<AppState> for Caller {
         match state.tokens().identify(token) {
             Some(identity) => Ok(Caller(identity)),
             None => {
-                tracing::info!("gateway: unknown bearer token refused");
+                metrics::counter!(crate::metrics::GATEWAY_UNKNOWN_TOKENS).increment(1);
+                if let Some(suppressed) = state.tokens().unknown.note(Instant::now()) {
+                    tracing::info!(
+                        not_logged_before = suppressed,
+                        "gateway: unknown bearer token refused (at most one line every {}s; \
+                         intracom_gateway_unknown_tokens_total counts each)",
+                        UNKNOWN_TOKEN_LOG_EVERY.as_secs()
+                    );
+                }
                 Err(ApiError::Unauthorized("unknown token".into()))
             }
         }
@@ -330,6 +384,26 @@ mod tests {
         );
         assert_eq!(tokens.identify("s3cret "), None);
         assert!(!text.contains("s3cret"), "only hashes are written");
+    }
+
+    #[test]
+    fn unknown_token_lines_are_rate_limited_and_count_what_they_skip() {
+        let log = RateLimitedLog::default();
+        let start = Instant::now();
+        assert_eq!(log.note(start), Some(0), "the first is logged");
+        for _ in 0..99 {
+            assert_eq!(log.note(start), None, "the next ones only counted");
+        }
+        let almost = start + UNKNOWN_TOKEN_LOG_EVERY - Duration::from_millis(1);
+        assert_eq!(log.note(almost), None);
+        let later = start + UNKNOWN_TOKEN_LOG_EVERY;
+        assert_eq!(
+            log.note(later),
+            Some(100),
+            "the next line tells the 100 skipped"
+        );
+        assert_eq!(log.note(later), None);
+        assert_eq!(log.note(later + UNKNOWN_TOKEN_LOG_EVERY), Some(1));
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub enum ApiError {
     /// The request body did not arrive in time (408 `request_timeout`).
     #[error("{0}")]
     SlowBody(String),
+    /// An `Idempotency-Key` used before for another request (another body, target or
+    /// type): 422, nothing sent. Code `idempotency_key_reused`.
+    #[error("{0}")]
+    KeyReused(String),
 }
 
 impl ApiError {
@@ -91,6 +95,7 @@ impl ApiError {
             ApiError::BadEventId(_) => StatusCode::BAD_REQUEST,
             ApiError::TooComplex(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
                 E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
@@ -124,6 +129,7 @@ impl ApiError {
             ApiError::BadEventId(_) => "bad_event_id",
             ApiError::TooComplex(_) => "too_complex",
             ApiError::SlowBody(_) => "request_timeout",
+            ApiError::KeyReused(_) => "idempotency_key_reused",
             ApiError::Bus(error) => match error {
                 E::UnknownSender { .. } => "unknown_sender",
                 E::UnknownAction { .. } => "unknown_action",

@@ -49,6 +49,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
         if let Some(limits) = limits {
             check_json_shape(&bytes, limits.json_values, limits.json_depth)?;
         }
+        super::model::check_integer_literals(&bytes)?;
         serde_json::from_slice(&bytes).map(Json).map_err(|e| {
             ApiError::BadRequest(format!("the request body is not the expected JSON: {e}"))
         })

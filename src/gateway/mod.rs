@@ -423,7 +423,11 @@ impl Gateway {
         let state = self.state();
         let stop = state.0.stop.clone();
         let tracker = Arc::clone(state.connections());
-        server::serve(app(state), stop, tracker, listener, tls, limits, shutdown).await
+        let mut router = app(state);
+        if tls.is_some() {
+            router = router.layer(axum::middleware::from_fn(ops::strict_transport_security));
+        }
+        server::serve(router, stop, tracker, listener, tls, limits, shutdown).await
     }
 }
 
@@ -557,5 +561,6 @@ fn app(state: AppState) -> Router {
     .layer(axum::middleware::from_fn(extract::json_errors))
     .layer(axum::middleware::from_fn(ops::observe))
     .layer(axum::middleware::from_fn(connections::mark_busy))
+    .layer(axum::middleware::from_fn(ops::security_headers))
     .with_state(state)
 }

@@ -143,6 +143,15 @@ impl From<&Message> for MessageJson {
 /// A JSON object (extended JSON accepted) as a BSON document; `what` names it in the
 /// error.
 pub(crate) fn document_of(value: serde_json::Value, what: &str) -> ApiResult<Document> {
+    // An integer above i64::MAX that serde_json kept as a u64 would become a float
+    // (see check_integer_literals, which refuses it in request bodies before this).
+    if let Some(n) = first_unsigned_beyond_i64(&value) {
+        return Err(ApiError::BadRequest(format!(
+            "`{what}` holds the integer {n}, above {} (the largest integer BSON stores): send \
+             it as a string, or as a float if a float is meant",
+            i64::MAX
+        )));
+    }
     match Bson::try_from(value) {
         Ok(Bson::Document(document)) => Ok(document),
         Ok(other) => Err(ApiError::BadRequest(format!(
@@ -153,6 +162,108 @@ pub(crate) fn document_of(value: serde_json::Value, what: &str) -> ApiResult<Doc
             "`{what}` is not valid extended JSON: {e}"
         ))),
     }
+}
+
+/// Refuses a JSON text holding an integer literal (digits without a fraction or an
+/// exponent) outside the signed 64-bit range, the widest integer BSON has. serde_json
+/// reads such a literal as a float (above `u64::MAX`) or as an unsigned integer that
+/// the BSON conversion turns into a float: either way the number stored would not be
+/// the number sent. A number written with a fraction or an exponent (`1.5`, `1e30`) is
+/// a float by its writer's choice and stays one. Reads the text once, without
+/// allocating; a text that is not JSON is left to the parser's own error.
+pub(crate) fn check_integer_literals(text: &[u8]) -> ApiResult<()> {
+    let mut i = 0;
+    let mut in_string = false;
+    while i < text.len() {
+        let b = text[i];
+        if in_string {
+            match b {
+                b'\\' => i += 2,
+                b'"' => {
+                    in_string = false;
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let negative = b == b'-';
+                if negative {
+                    i += 1;
+                }
+                let digits = i;
+                while i < text.len() && text[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let integer = &text[digits..i];
+                let is_float = i < text.len() && matches!(text[i], b'.' | b'e' | b'E');
+                // Skip the rest of the number (fraction, exponent) in any case.
+                while i < text.len()
+                    && matches!(text[i], b'.' | b'e' | b'E' | b'+' | b'-' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                if !is_float && !integer.is_empty() && !fits_i64(integer, negative) {
+                    let literal = String::from_utf8_lossy(&text[start..i]);
+                    let shown: String = literal.chars().take(40).collect();
+                    let more = if literal.len() > shown.len() {
+                        "…"
+                    } else {
+                        ""
+                    };
+                    return Err(ApiError::BadRequest(format!(
+                        "the integer {shown}{more} is outside the 64-bit range that BSON stores \
+                         ({} to {}): send it as a string, or as a float (`{shown}.0` or with an \
+                         exponent) if a float is meant",
+                        i64::MIN,
+                        i64::MAX
+                    )));
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Whether the decimal digits `digits` (with a minus sign before them if `negative`)
+/// are an `i64`.
+fn fits_i64(digits: &[u8], negative: bool) -> bool {
+    let significant = digits
+        .iter()
+        .position(|&d| d != b'0')
+        .map_or(&digits[digits.len()..], |first| &digits[first..]);
+    // i64::MAX is 9223372036854775807 (19 digits); -i64::MIN one more.
+    const MAX: &[u8] = b"9223372036854775807";
+    const MIN: &[u8] = b"9223372036854775808";
+    let limit = if negative { MIN } else { MAX };
+    match significant.len().cmp(&limit.len()) {
+        std::cmp::Ordering::Less => true,
+        std::cmp::Ordering::Greater => false,
+        std::cmp::Ordering::Equal => significant <= limit,
+    }
+}
+
+/// The first number of `value` that serde_json holds as a `u64` above `i64::MAX`.
+fn first_unsigned_beyond_i64(value: &serde_json::Value) -> Option<u64> {
+    use serde_json::Value;
+    let mut stack = vec![value];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::Number(n) if n.is_u64() && !n.is_i64() => return n.as_u64(),
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// What became of a published message.
@@ -220,8 +331,8 @@ pub struct Removed {
 
 /// A name (service, action, instance, consumer, message id) in the OpenAPI document:
 /// what [`check_name`](crate::message::check_name) accepts, 1 to
-/// [`MAX_NAME_LEN`](crate::message::MAX_NAME_LEN) bytes with no whitespace and no
-/// control character. Only a schema: the fields stay `String`s.
+/// [`MAX_NAME_LEN`](crate::message::MAX_NAME_LEN) bytes with no whitespace, no
+/// control character and no invisible or format character. Only a schema: the fields stay `String`s.
 pub(crate) struct Name;
 
 impl utoipa::PartialSchema for Name {
@@ -231,10 +342,61 @@ impl utoipa::PartialSchema for Name {
             .schema_type(Type::String)
             .min_length(Some(1))
             .max_length(Some(crate::message::MAX_NAME_LEN))
-            .pattern(Some(r"^[^\s\x00-\x1f\x7f-\x9f]+$"))
-            .description(Some("A name: no whitespace, no control character"))
+            .pattern(Some(concat!(
+                r"^[^\s\x00-\x1f\x7f-\x9f",
+                // Invisible and format characters (message::is_invisible; those of the
+                // basic plane: a pattern without the `u` flag cannot name the others).
+                r"\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u115f\u1160",
+                r"\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u2064",
+                r"\u2066-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb]+$"
+            )))
+            .description(Some(
+                "A name: no whitespace, no control character, no invisible or format character \
+                 (zero-width, bidirectional, byte-order mark, variation selectors…)",
+            ))
             .into()
     }
 }
 
 impl utoipa::ToSchema for Name {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_beyond_i64_are_refused_floats_stay_floats() {
+        for text in [
+            r#"{"a": 18446744073709551615}"#,
+            r#"{"a": 9223372036854775808}"#,
+            r#"{"a": -9223372036854775809}"#,
+            r#"{"a": [1, 1000000000000000000000000000000]}"#,
+            r#"{"a": {"b": 00000000000000000000099999999999999999999}}"#,
+        ] {
+            let err = check_integer_literals(text.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, ApiError::BadRequest(ref m) if m.contains("64-bit")),
+                "{text}: {err}"
+            );
+        }
+        for text in [
+            r#"{"a": 9223372036854775807, "b": -9223372036854775808, "c": 0, "d": -0}"#,
+            r#"{"a": 1e30, "b": 1.0e400, "c": 18446744073709551615.0, "d": 2E+5, "e": -1.5}"#,
+            r#"{"99999999999999999999": "99999999999999999999 \" 99999999999999999999"}"#,
+        ] {
+            check_integer_literals(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        // What serde_json does with them, which is why they are refused: a float.
+        let value: serde_json::Value =
+            serde_json::from_str(r#"{"a": 1000000000000000000000000000000}"#).unwrap();
+        assert!(value["a"].is_f64());
+        let value: serde_json::Value =
+            serde_json::from_str(r#"{"a": 18446744073709551615}"#).unwrap();
+        assert!(document_of(value, "query").is_err(), "u64 beyond i64");
+        let value: serde_json::Value = serde_json::from_str(r#"{"a": 1e30}"#).unwrap();
+        assert_eq!(
+            document_of(value, "query").unwrap().get_f64("a").unwrap(),
+            1e30
+        );
+    }
+}

@@ -187,3 +187,49 @@ pub(crate) async fn observe(req: axum::extract::Request, next: axum::middleware:
     .increment(1);
     response
 }
+
+/// Whether `path` is one of the console's assets (`/`, `/console/…`), which set their
+/// own caching.
+fn is_console_asset(path: &str) -> bool {
+    path == "/" || path.starts_with("/console/")
+}
+
+/// Headers every response carries: `X-Content-Type-Options: nosniff` (a browser takes
+/// a response for the type it says, never for what it looks like), and, except on the
+/// console's assets (which a browser may keep and revalidate), `Cache-Control:
+/// no-store`: answers carry messages, records and tokens' views of the bus, which no
+/// browser or proxy cache should keep.
+pub(crate) async fn security_headers(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let console = is_console_asset(req.uri().path());
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    if !console {
+        headers.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+    }
+    response
+}
+
+/// `Strict-Transport-Security` for a gateway served over HTTPS: browsers that saw it
+/// use HTTPS only for this host for a year (no `includeSubDomains`: the gateway does
+/// not speak for the other hosts of its domain).
+pub(crate) async fn strict_transport_security(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        header::HeaderValue::from_static("max-age=31536000"),
+    );
+    response
+}

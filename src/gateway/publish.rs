@@ -8,7 +8,16 @@
 //! service and the key ([`idempotent_id`]): keys of different services never meet, so
 //! one service cannot suppress another's messages by using its keys first, nor learn
 //! whether an id exists.
+//!
+//! A key stands for one request: sent again with the same request it answers
+//! `duplicate`; sent with another one (another payload, target, type, priority) it is
+//! refused with 422 `idempotency_key_reused` rather than dropping the new request
+//! silently, as the IETF `Idempotency-Key` header draft asks. The digest of the request
+//! that used a key is kept on the medium, beside the message and as long (an
+//! idempotency record of its own, see [`KEYED_REQUESTS`]): every gateway of the bus
+//! sees it, and so does a restarted one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -21,6 +30,8 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
 use super::model::{document_of, json_of, Name, Receipt};
 use super::AppState;
+use crate::bus::Intracom;
+use crate::medium::Reservation;
 use crate::message::{check_name, Message, MessageType};
 
 /// The header whose value, with the sending service, fixes the message id
@@ -42,6 +53,106 @@ pub fn idempotent_id(sender: &str, key: &str) -> String {
     let digest = hash.finalize();
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("ik-{hex}")
+}
+
+/// The consumer name of the idempotency records (the medium's `processed` store) that
+/// keep, for each message stored under an `Idempotency-Key`, the digest of the request
+/// ([`request_digest`]). It holds spaces: no subscription can be named so.
+pub(crate) const KEYED_REQUESTS: &str = "gateway Idempotency-Key";
+
+/// How long a gateway holds a key's record while it publishes: a request with the same
+/// key meanwhile gets 409 (a gateway that dies holding it lets the next take it over
+/// after this).
+const KEY_LEASE: Duration = Duration::from_secs(30);
+
+/// The digest of what a message says, as far as a retry must repeat it: target,
+/// instance, type, delivery, action, priority and payload (the payload's keys sorted, so
+/// that a client that writes its object's keys in another order repeats it). SHA-256,
+/// hex.
+pub(crate) fn request_digest(message: &Message) -> String {
+    use sha2::{Digest, Sha256};
+    fn sorted(document: &bson::Document) -> bson::Document {
+        let mut keys: Vec<&String> = document.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .filter_map(|key| Some((key.clone(), value(document.get(key)?))))
+            .collect()
+    }
+    fn value(bson: &bson::Bson) -> bson::Bson {
+        match bson {
+            bson::Bson::Document(d) => bson::Bson::Document(sorted(d)),
+            bson::Bson::Array(items) => bson::Bson::Array(items.iter().map(value).collect()),
+            other => other.clone(),
+        }
+    }
+    let described = bson::doc! {
+        "to": message.dest_service.as_deref(),
+        "instance": message.dest_instance.as_deref(),
+        "type": message.kind.as_str(),
+        "delivery": message.delivery.as_str(),
+        "action": &message.action,
+        "priority": message.priority,
+        "query": sorted(&message.query),
+    };
+    // A document that does not encode is refused by the publish after this anyway.
+    let bytes = bson::to_vec(&described).unwrap_or_default();
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Publishes `message`, whose id an `Idempotency-Key` fixed, as `bus`: refused with 422
+/// when the key was used for another request ([`request_digest`]), 409 while another
+/// request with the key is being published. When the medium cannot keep the record
+/// (it is unavailable: the message goes to the outbox), the message is published
+/// unchecked.
+async fn publish_keyed(bus: &Intracom, message: Message) -> ApiResult<Receipt> {
+    let id = message.id.clone();
+    let digest = request_digest(&message);
+    let medium = Arc::clone(bus.medium());
+    let owner = crate::message::new_id();
+    match medium
+        .processed_reserve(KEYED_REQUESTS, &id, &owner, KEY_LEASE)
+        .await
+    {
+        Ok(Reservation::Reserved) => match bus.publish(message).await {
+            Ok(published) => {
+                let record = bson::doc! { "digest": &digest };
+                if let Err(error) = medium
+                    .processed_complete(KEYED_REQUESTS, &id, &owner, Some(record))
+                    .await
+                {
+                    tracing::warn!(message_id = %id, %error, "gateway: the digest of a keyed request was not kept: a reuse of its key with another request will not be told");
+                }
+                Ok(Receipt::from(published))
+            }
+            Err(error) => {
+                if let Err(release) = medium.processed_release(KEYED_REQUESTS, &id, &owner).await {
+                    tracing::debug!(message_id = %id, error = %release, "gateway: a keyed request's record not released (its lease will lapse)");
+                }
+                Err(error.into())
+            }
+        },
+        Ok(Reservation::Done(Some(record)))
+            if record.get_str("digest").is_ok_and(|kept| kept != digest) =>
+        {
+            Err(ApiError::KeyReused(format!(
+                "this Idempotency-Key was used for another request (another payload, \
+                 target, type or priority): message `{id}` was stored then; nothing was sent \
+                 now (use a new key for a new request)"
+            )))
+        }
+        Ok(Reservation::Done(_)) => Ok(Receipt::from(bus.publish(message).await?)),
+        Ok(Reservation::Busy) => Err(ApiError::Conflict(format!(
+            "a request with this Idempotency-Key (message `{id}`) is being published now: \
+             try again"
+        ))),
+        Err(error) => {
+            tracing::warn!(message_id = %id, %error, "gateway: cannot check the Idempotency-Key's record: published unchecked");
+            Ok(Receipt::from(bus.publish(message).await?))
+        }
+    }
 }
 
 /// A message to publish.
@@ -130,7 +241,8 @@ pub(crate) fn idempotency_id(sender: &str, headers: &HeaderMap) -> ApiResult<Opt
 /// Publishes a message as the token's service: to every service, to one service, or
 /// to one instance. With an `Idempotency-Key` header the message id is derived from
 /// the service and the key: the same POST sent again stores nothing new and answers
-/// 200 with `duplicate`; another service's key never collides with it.
+/// 200 with `duplicate`; another request with the key is refused with 422; another
+/// service's key never collides with it.
 #[utoipa::path(
     post,
     path = "/publish",
@@ -146,7 +258,9 @@ pub(crate) fn idempotency_id(sender: &str, headers: &HeaderMap) -> ApiResult<Opt
         (status = 400, description = "Bad JSON or an invalid message", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Another service's identity, or not in the catalog", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is being published now: try again", body = ErrorBody),
         (status = 413, description = "Body or message over common.intracom.max_message_bytes", body = ErrorBody),
+        (status = 422, description = "This Idempotency-Key was used for another request (code `idempotency_key_reused`): nothing sent", body = ErrorBody),
         (status = 503, description = "Unavailable and the outbox is full", body = ErrorBody),
     )
 )]
@@ -158,9 +272,14 @@ pub(crate) async fn publish(
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
     let service = caller.as_service(request.from.as_deref())?.to_string();
     let id = idempotency_id(&service, &headers)?;
+    let keyed = id.is_some();
     let message = request.into_message(&service, id)?;
     let bus = state.bus_as(&service)?;
-    let receipt = Receipt::from(bus.publish(message).await?);
+    let receipt = if keyed {
+        publish_keyed(&bus, message).await?
+    } else {
+        Receipt::from(bus.publish(message).await?)
+    };
     tracing::debug!(message_id = %receipt.id, service, status = ?receipt.status, "gateway: published");
     Ok((receipt.status_code(), axum::Json(receipt)))
 }

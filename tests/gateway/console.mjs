@@ -51,6 +51,8 @@ try {
   step("the stats and the catalog show");
   await page.waitForFunction(() => document.querySelector("#medium").textContent === "memory");
   await page.locator("#catalog li", { hasText: "billing" }).first().waitFor();
+  step("a name that is not plain ASCII shows its code points");
+  await page.locator("#catalog li", { hasText: "bill\u0456ng [U+0456]: reload" }).waitFor();
   await page.locator("#summary dd").first().waitFor();
 
   step("a dead letter is retried with its button");

@@ -864,6 +864,12 @@ async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, Pa
         .dead_letter(document, "failed 5 times, last: printer on fire".into())
         .await
         .expect("dead letter");
+    // A look-alike of billing (a Cyrillic і): the console shows its code points.
+    gw.bus
+        .medium()
+        .catalog_add("bill\u{456}ng", &["reload".to_string()])
+        .await
+        .expect("a look-alike in the catalog");
     let mut monitor = gw
         .subscribe("/subscribe/invoice.render?monitor=true", ADMIN, None)
         .await;

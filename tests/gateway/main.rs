@@ -15,6 +15,7 @@ mod servers;
 mod checks;
 mod flaky;
 mod hostile;
+mod hostile_small;
 mod local;
 mod sse;
 
@@ -358,7 +359,11 @@ fn main() {
     let mut trials = Vec::new();
     for place in &places {
         let unavailable = place.unavailable();
-        for check in checks::checks().into_iter().chain(hostile::checks()) {
+        for check in checks::checks()
+            .into_iter()
+            .chain(hostile::checks())
+            .chain(hostile_small::checks())
+        {
             let name = format!("{}::{}", place.short(), check.name);
             let run = check.run;
             let target = place.clone();
@@ -370,6 +375,7 @@ fn main() {
         }
     }
     trials.extend(local::trials());
+    trials.extend(hostile_small::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);

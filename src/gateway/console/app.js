@@ -34,6 +34,20 @@ function cell(text, className) {
   return td;
 }
 
+// A name as shown: itself when it is printable ASCII; else followed by the code points
+// of its other characters, so that a look-alike (a Cyrillic і in "billіng") cannot pass
+// for the name it imitates: "billіng [U+0456]".
+function showName(name) {
+  if (name === undefined || name === null) return "";
+  const text = String(name);
+  if (/^[\x20-\x7e]*$/.test(text)) return text;
+  const points = new Set();
+  for (const c of text) {
+    if (c > "\x7e" || c < "\x20") points.add("U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0"));
+  }
+  return text + " [" + [...points].join(" ") + "]";
+}
+
 function button(label, className, onClick) {
   const b = document.createElement("button");
   b.type = "button";
@@ -106,13 +120,13 @@ function showMessage(m) {
   const row = document.createElement("tr");
   row.dataset.id = m.id;
   row.dataset.action = m.action;
-  const to = m.serviceNameDest ? m.serviceNameDest + (m.instanceDest ? "/" + m.instanceDest : "") : "*";
+  const to = m.serviceNameDest ? showName(m.serviceNameDest) + (m.instanceDest ? "/" + showName(m.instanceDest) : "") : "*";
   row.append(
     cell(m.at ? new Date(m.at).toLocaleTimeString() : ""),
-    cell(m.serviceNameSource + "/" + m.instanceSource),
+    cell(showName(m.serviceNameSource) + "/" + showName(m.instanceSource)),
     cell(to),
     cell(m.state ? m.type + " · " + m.state : m.type),
-    cell(m.action),
+    cell(showName(m.action)),
     cell(JSON.stringify(m.query), "query"),
     cell(m.id, "id"),
   );
@@ -164,7 +178,7 @@ function countList(title, rows) {
   const ul = document.createElement("ul");
   for (const r of rows.slice(0, 8)) {
     const li = document.createElement("li");
-    li.textContent = r.key + ": " + r.count;
+    li.textContent = showName(r.key) + ": " + r.count;
     ul.append(li);
   }
   div.append(h, ul);
@@ -203,8 +217,8 @@ async function refreshStats() {
     dd.textContent = v;
     return [dt, dd];
   }));
-  fillTable("#queues", (s.queues || []).map((q) => [q.id, q.depth, q.inFlight, q.dead]));
-  fillTable("#lag", s.lag.map((x) => [x.subscription, x.messages, x.seconds]));
+  fillTable("#queues", (s.queues || []).map((q) => [showName(q.id), q.depth, q.inFlight, q.dead]));
+  fillTable("#lag", s.lag.map((x) => [showName(x.subscription), x.messages, x.seconds]));
   const counts = $("#counts");
   counts.replaceChildren();
   if (s.counts) {
@@ -229,7 +243,7 @@ async function refreshDead() {
         if (confirm("Purge dead letter " + d.id + "?")) act("DELETE", "/dead/" + encodeURIComponent(d.id), "purged");
       }),
     );
-    const row = [cell(d.id, "id"), cell(d.at ? new Date(d.at).toLocaleString() : ""), cell(d.action), cell(d.reason), actions];
+    const row = [cell(d.id, "id"), cell(d.at ? new Date(d.at).toLocaleString() : ""), cell(showName(d.action)), cell(d.reason), actions];
     return row;
   }));
   for (const [i, d] of letters.entries()) $("#dead tbody").rows[i].dataset.id = d.id;
@@ -257,7 +271,7 @@ async function refreshCatalog() {
   const catalog = await api("GET", "/catalog");
   $("#catalog").replaceChildren(...catalog.map((entry) => {
     const li = document.createElement("li");
-    li.textContent = entry.service + ": " + (entry.actions.join(", ") || "(no actions)");
+    li.textContent = showName(entry.service) + ": " + (entry.actions.map(showName).join(", ") || "(no actions)");
     return li;
   }));
 }
