@@ -29,9 +29,28 @@ pub fn checks() -> Vec<Check> {
     ]
 }
 
+/// A client that opens a connection per request: it never sends on a kept-alive
+/// connection that the gateway is closing as idle (the race every HTTP/1.1 client
+/// with a pool has with a server's idle time-out), and it leaves no idle connection
+/// behind to count.
+fn unpooled() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("a client")
+}
+
 /// The gateway's own accounting, from `/stats`.
 async fn accounting(gw: &Gw) -> (u64, u64, u64, u64) {
-    let (status, stats) = gw.get("/stats", ADMIN).await;
+    let response = tokio::time::timeout(
+        GUARD,
+        unpooled().get(gw.url("/stats")).bearer_auth(ADMIN).send(),
+    )
+    .await
+    .expect("/stats within the hang guard")
+    .expect("/stats");
+    let status = response.status();
+    let stats: Value = response.json().await.unwrap_or(Value::Null);
     assert_eq!(status, StatusCode::OK, "{stats}");
     let n = |k: &str| stats[k].as_u64().unwrap_or_else(|| panic!("{k}: {stats}"));
     (
@@ -46,10 +65,7 @@ async fn accounting(gw: &Gw) -> (u64, u64, u64, u64) {
 /// connection (the test client keeps no idle connection past the gateway's short idle
 /// time-out here), its token's one request, no stream and no buffered byte.
 async fn back_to_baseline(gw: &Gw) {
-    let fresh = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("a client");
+    let fresh = unpooled();
     eventually(
         "connections, tokens, streams and buffers back to their baseline",
         || async {
@@ -422,8 +438,7 @@ async fn one_token_cannot_take_every_slot(place: &Place) {
     drop(streams);
     // Requests in progress: two long ones hold the token's share, a third gets 429.
     let long = |gw: &Gw| {
-        let request = gw
-            .http
+        let request = unpooled()
             .post(gw.url("/request/billing/invoice.get?timeout_ms=60000"))
             .bearer_auth(USERS)
             .json(&json!({}));
@@ -432,8 +447,11 @@ async fn one_token_cannot_take_every_slot(place: &Place) {
     let first = long(&gw);
     let second = long(&gw);
     eventually("two requests hold the token's share", || async {
-        let response = gw
-            .http
+        assert!(
+            !first.is_finished() && !second.is_finished(),
+            "a long request ended early"
+        );
+        let response = unpooled()
             .post(gw.url("/request/billing/invoice.get?timeout_ms=1"))
             .bearer_auth(USERS)
             .json(&json!({}))
@@ -446,6 +464,7 @@ async fn one_token_cannot_take_every_slot(place: &Place) {
     // Another token is not held back.
     let (status, _) = gw.get("/healthz", BILLING).await;
     assert_eq!(status, StatusCode::OK);
+    assert!(!first.is_finished() && !second.is_finished());
     first.abort();
     second.abort();
     back_to_baseline(&gw).await;
