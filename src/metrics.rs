@@ -62,6 +62,7 @@ pub const GATEWAY_SSE_BUFFERED_BYTES: &str = "intracom_gateway_sse_buffered_byte
 /// Serves every intracom metric for Prometheus at `http://<addr>/metrics`.
 /// Needs the `prometheus` feature and a running tokio runtime.
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub fn install_prometheus(addr: std::net::SocketAddr) -> crate::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)

@@ -28,6 +28,7 @@
 pub mod memory;
 pub mod mongo;
 #[cfg(feature = "mqtt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
 pub mod mqtt;
 pub(crate) mod records;
 
