@@ -1,17 +1,23 @@
 //! The `intracom` command against the real servers.
 
 use std::process::Output;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use assert_cmd::Command;
+use futures::TryStreamExt;
+use intracom::bson::{doc, Document};
+use intracom::{Intracom, Message, Subscription};
 
-use crate::servers::Target;
-use crate::{check, database_name, Check};
+use crate::conformance::next;
+use crate::servers::{Kind, Target};
+use crate::{catalog, check, database_name, on_server, raw_client, Check};
 
 pub fn checks() -> Vec<Check> {
     vec![
         check!(catalog_publish_tail_stats_dead_and_doctor),
         check!(doctor_passes_on_a_young_deployment),
         check!(bench_runs_once_with_tiny_sizes),
+        check!(stats_counts_the_lag_after_a_stamp_shared_by_several_messages),
     ]
 }
 
@@ -190,4 +196,78 @@ async fn bench_runs_once_with_tiny_sizes(t: &Target) {
             "two rounds of each side with --tiny: {figure}"
         );
     }
+}
+
+/// The lag of a named subscription counts the messages after its checkpoint in the
+/// bus's `(ts, _id)` order: those that share the checkpoint's stamp count too. The
+/// Python server stamps every write of one second alike, so five messages published
+/// at the start of a second share one stamp there.
+async fn stats_counts_the_lag_after_a_stamp_shared_by_several_messages(t: &Target) {
+    let db = On::new(t);
+    let bus = Intracom::connect(on_server(
+        catalog("billing", "billing-1"),
+        &db.uri,
+        &db.database,
+    ))
+    .await
+    .expect("bus");
+    let mut audit = bus
+        .subscribe(Subscription::named("audit"))
+        .await
+        .expect("subscribed");
+    // At the start of a second, so that the five writes fall in one (a wait, not a
+    // timing assertion: the count below holds whichever second each falls in).
+    let into_second = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .subsec_millis();
+    tokio::time::sleep(Duration::from_millis(u64::from(1000 - into_second))).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let published = bus
+            .publish(Message::broadcast("reload").body(doc! { "n": n }))
+            .await
+            .expect("published");
+        ids.push(published.id);
+    }
+    let first = next(&mut audit).await;
+    assert_eq!(first.id, ids[0]);
+    first.ack().await.expect("acked");
+    drop(audit);
+    bus.shutdown().await;
+
+    let stamps: Vec<Document> = raw_client(&db.uri)
+        .await
+        .database(&db.database)
+        .collection::<Document>("messages")
+        .find(doc! {})
+        .sort(doc! { "ts": 1, "_id": 1 })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("messages");
+    let ts: Vec<_> = stamps
+        .iter()
+        .map(|m| m.get_timestamp("ts").expect("ts"))
+        .collect();
+    if t.kind() == Some(Kind::SecantusPy) {
+        assert!(
+            ts.iter().all(|s| *s == ts[0]),
+            "the case this test is for: one stamp for all five {ts:?}"
+        );
+    }
+    let stats = db.run(&["stats", "--json"]).await;
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).expect("JSON");
+    assert_eq!(stats["lag"][0]["subscription"], "audit", "{stats}");
+    assert_eq!(stats["lag"][0]["messages"], 4, "{stats}");
+    let table = db.run(&["stats"]).await;
+    assert!(
+        stdout(&table)
+            .lines()
+            .any(|l| l.contains("audit") && l.split_whitespace().nth(1) == Some("4")),
+        "{}",
+        stdout(&table)
+    );
 }
