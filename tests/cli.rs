@@ -226,7 +226,12 @@ fn help_ends_with_examples_and_the_environment() {
     let examples = out.find("Examples:").expect("examples after the options");
     let environment = out.find("Environment:").expect("the environment");
     assert!(commands < examples && examples < environment, "{out}");
-    for name in ["INTRACOM_CONFIG", "COMMON_INTRACOM_DB_URI", "INTRACOM_LOG"] {
+    for name in [
+        "intracom tail --name",
+        "INTRACOM_CONFIG",
+        "COMMON_INTRACOM_DB_URI",
+        "INTRACOM_LOG",
+    ] {
         assert!(
             out[environment.min(examples)..].contains(name),
             "`{name}` in:\n{out}"

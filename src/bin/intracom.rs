@@ -125,6 +125,7 @@ fn after_help() -> String {
   intracom --uri 'mongodb://localhost:27017/?directConnection=true' doctor
   intracom --config service.properties config    the configuration a service would use
   intracom tail --since 10m --action reload      follow messages, from ten minutes ago
+  intracom tail --name audit                     follow as a named subscription (acks what it prints)
   intracom publish reload --from billing --body '{\"tenant\": 7}'
   intracom request billing invoice.get --from users --body '{\"invoice\": 42}'
   intracom stats                                 counts, queue depth, dead letters, lag
@@ -252,6 +253,16 @@ struct TailArgs {
     /// Print JSON (relaxed extended JSON, one message per line).
     #[arg(long)]
     json: bool,
+    /// Follow as this named subscription: resume after its checkpoint (--since applies
+    /// only when it has none yet) and ack each message once it is printed, so that the
+    /// next `tail --name` goes on after the last message printed. At least once: on
+    /// MongoDB, a checkpoint saved while catching up from the collection (--since, or
+    /// after falling behind) resumes with a look-back of
+    /// common.intracom.db.safety_window_ms, and the messages of that window before it
+    /// come again. Acking moves the checkpoint: give tail a name of its own, not the
+    /// name of a service's subscription.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -853,24 +864,34 @@ async fn tail(config: &Config, args: TailArgs) -> Outcome {
         .transpose()?
         .unwrap_or_default();
     let (bus, _) = open(config, "tail").await?;
-    let mut sub = bus.subscribe(Subscription::monitor().start(start)).await?;
+    let mut subscription = Subscription::monitor().start(start);
+    if let Some(name) = &args.name {
+        subscription = subscription.with_name(name);
+    }
+    let mut sub = bus.subscribe(subscription).await?;
     if !args.json {
-        eprintln!("following {} (Ctrl-C to stop)", source(config));
+        match &args.name {
+            Some(name) => eprintln!(
+                "following {} as subscription `{name}` (Ctrl-C to stop)",
+                source(config)
+            ),
+            None => eprintln!("following {} (Ctrl-C to stop)", source(config)),
+        }
     }
     let mut shown = 0;
-    loop {
+    let outcome = loop {
         let item = tokio::select! {
             item = sub.next() => item,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
         };
-        let Some(item) = item else { break };
+        let Some(item) = item else { break Ok(()) };
         let delivery = match item {
             Ok(d) => d,
             Err(e) if e.is_report() => {
                 eprintln!("note: {e}");
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => break Err(e.into()),
         };
         let m = delivery.message();
         let wanted = args
@@ -882,18 +903,36 @@ async fn tail(config: &Config, args: TailArgs) -> Outcome {
             && args.state.as_ref().is_none_or(|s| {
                 m.state.map(|x| format!("{x:?}").to_lowercase()).as_deref() == Some(s.as_str())
             });
-        if !wanted {
-            continue;
+        if wanted {
+            let text = if args.json { json(m) } else { line(m) };
+            match try_write_out(format_args!("{text}\n")) {
+                Ok(true) => {}
+                // The reader has gone (`| head`): this one was not printed, so not acked.
+                Ok(false) => break Ok(()),
+                Err(e) => {
+                    break Err(fail(
+                        format!("cannot write the output: {e}"),
+                        "check where stdout goes",
+                    ))
+                }
+            }
         }
-        out!("{}", if args.json { json(m) } else { line(m) });
-        let _ = std::io::stdout().flush();
-        shown += 1;
-        if args.count.is_some_and(|c| shown >= c) {
-            break;
+        // A message passed over by the filters is acked too: the checkpoint of a named
+        // subscription cannot move past a message left unacked. (Without a name, acks
+        // do nothing.)
+        if let Err(e) = delivery.ack().await {
+            break Err(e.into());
         }
-    }
+        if wanted {
+            shown += 1;
+            if args.count.is_some_and(|c| shown >= c) {
+                break Ok(());
+            }
+        }
+    };
+    drop(sub);
     bus.shutdown().await;
-    Ok(())
+    outcome
 }
 
 async fn publish(config: &Config, args: PublishArgs) -> Outcome {
