@@ -2,7 +2,9 @@
 //! subscription that resumes where it stopped.
 //!
 //! Needs a replica set: `docker compose up -d --wait mongodb`, then
-//! `INTRACOM_MONGODB_URI='mongodb://localhost:27017/?directConnection=true' cargo run --example mongodb`
+//! `COMMON_INTRACOM_DB_URI='mongodb://localhost:27017/?directConnection=true' cargo run --example mongodb`
+//! (the environment name of the `common.intracom.db.uri` key, which the library's
+//! `Config::from_env` reads too; this URI is the default).
 
 use futures::StreamExt;
 use intracom::bson::doc;
@@ -22,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    let uri = std::env::var("INTRACOM_MONGODB_URI")
+    let uri = std::env::var("COMMON_INTRACOM_DB_URI")
         .unwrap_or_else(|_| "mongodb://localhost:27017/?directConnection=true".into());
     let billing = Intracom::connect(config("billing", &uri)?).await?;
     let users = Intracom::connect(config("users", &uri)?).await?;

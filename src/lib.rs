@@ -36,6 +36,7 @@
 //! module per medium under [`medium`].
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bus;
 pub mod catalog;
@@ -46,6 +47,7 @@ pub mod delivery;
 pub mod error;
 pub mod filter;
 #[cfg(feature = "gateway")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
 pub mod idempotency;
 pub mod medium;

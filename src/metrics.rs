@@ -75,6 +75,7 @@ pub const GATEWAY_LIMITED: &str = "intracom_gateway_limited_total";
 /// Serves every intracom metric for Prometheus at `http://<addr>/metrics`.
 /// Needs the `prometheus` feature and a running tokio runtime.
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub fn install_prometheus(addr: std::net::SocketAddr) -> crate::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)

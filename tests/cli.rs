@@ -216,3 +216,103 @@ fn bench_runs_once_with_tiny_sizes_on_memory() {
         "{report}"
     );
 }
+
+#[test]
+fn help_ends_with_examples_and_the_environment() {
+    let output = intracom().arg("--help").output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    let commands = out.find("Commands:").expect("the commands");
+    let examples = out.find("Examples:").expect("examples after the options");
+    let environment = out.find("Environment:").expect("the environment");
+    assert!(commands < examples && examples < environment, "{out}");
+    for name in [
+        "intracom tail --name",
+        "INTRACOM_CONFIG",
+        "COMMON_INTRACOM_DB_URI",
+        "INTRACOM_LOG",
+    ] {
+        assert!(
+            out[environment.min(examples)..].contains(name),
+            "`{name}` in:\n{out}"
+        );
+    }
+}
+
+/// The output of these commands, read by a process that has already gone away (as
+/// `intracom config | head -1` leaves it): each ends with status 0 and says nothing.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    for args in [
+        vec!["config"],
+        vec!["demo"],
+        vec!["--help"],
+        vec!["tail", "--help"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("intracom"));
+        cmd.env_remove("INTRACOM_CONFIG");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("COMMON_INTRACOM_") {
+                cmd.env_remove(key);
+            }
+        }
+        let output = cmd
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&output);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+/// A build without the gateway, asked to serve, names the feature to build with.
+#[cfg(not(feature = "gateway"))]
+#[test]
+fn serve_without_the_gateway_names_the_feature() {
+    for args in [
+        vec!["serve"],
+        vec!["serve", "--listen", "127.0.0.1:0", "--tokens", "t"],
+        vec!["token", "new", "--admin"],
+    ] {
+        let output = intracom().args(&args).output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains("without the HTTP gateway")
+                && err.contains("cargo install intracom --features gateway"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// A build without MQTT, asked for it by flag or by configuration, names the feature.
+#[cfg(not(feature = "mqtt"))]
+#[test]
+fn mqtt_without_the_feature_names_it() {
+    let by_flag = intracom()
+        .args(["--medium", "mqtt", "tail"])
+        .output()
+        .unwrap();
+    let by_config = intracom()
+        .env("COMMON_INTRACOM_MEDIUM", "mqtt")
+        .arg("stats")
+        .output()
+        .unwrap();
+    for output in [by_flag, by_config] {
+        assert_eq!(output.status.code(), Some(1));
+        let err = stderr(&output);
+        assert!(
+            err.contains("without the MQTT medium")
+                && err.contains("cargo install intracom --features mqtt"),
+            "{err}"
+        );
+    }
+}

@@ -5,6 +5,17 @@
 //! a MongoDB deployment, `--medium mqtt --url mqtt://…` at an MQTT broker. Errors are one line and a hint, with exit code 1 (2 for a
 //! command line clap cannot parse).
 
+/// `println!` for the command's output: a reader that has gone away (`intracom … |
+/// head`) ends the command quietly, where `println!` would panic. See [`write_out`].
+macro_rules! out {
+    () => {
+        $crate::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 // One file per command that outgrows this one (cargo's layout): src/bin/intracom/.
 #[path = "intracom/bench/mod.rs"]
 mod bench;
@@ -15,7 +26,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use futures::StreamExt;
 use intracom::bson::{doc, Bson, Document, Timestamp};
 use intracom::medium::memory::MemoryMedium;
@@ -89,6 +100,66 @@ enum Command {
     #[cfg(feature = "gateway")]
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Serve the HTTP gateway: not in this build (build with the `gateway` feature).
+    #[cfg(not(feature = "gateway"))]
+    Serve(NotBuilt),
+    /// Gateway tokens: not in this build (build with the `gateway` feature).
+    #[cfg(not(feature = "gateway"))]
+    Token(NotBuilt),
+}
+
+/// The arguments of a command this build leaves out: any, so that the error names the
+/// feature rather than an argument.
+#[cfg(not(feature = "gateway"))]
+#[derive(Args)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+/// The end of `intracom --help`: examples, and the environment the command reads.
+fn after_help() -> String {
+    let mut text = String::from(
+        "Examples:
+  intracom demo                                  the bus in one process, no server needed
+  intracom --uri 'mongodb://localhost:27017/?directConnection=true' doctor
+  intracom --config service.properties config    the configuration a service would use
+  intracom tail --since 10m --action reload      follow messages, from ten minutes ago
+  intracom tail --name audit                     follow as a named subscription (acks what it prints)
+  intracom publish reload --from billing --body '{\"tenant\": 7}'
+  intracom request billing invoice.get --from users --body '{\"invoice\": 42}'
+  intracom stats                                 counts, queue depth, dead letters, lag
+
+Environment:
+  INTRACOM_CONFIG          the properties file to read, when --config is not given
+  COMMON_INTRACOM_<KEY>    any configuration key, upper-case with `.` as `_`; wins over the file
+                           (COMMON_INTRACOM_MEDIUM=db, COMMON_INTRACOM_DB_URI=mongodb://…,
+                           COMMON_INTRACOM_DB_DATABASE=intracom; `intracom config` lists the keys)
+  INTRACOM_LOG             what to log on stderr (default `warn`; e.g. `intracom=debug`)",
+    );
+    if cfg!(feature = "gateway") {
+        text.push_str(
+            "
+  INTRACOM_GATEWAY_LISTEN, INTRACOM_GATEWAY_TOKENS, INTRACOM_GATEWAY_TLS_CERT,
+  INTRACOM_GATEWAY_TLS_KEY the options of `intracom serve` of the same names",
+        );
+    }
+    let missing: Vec<&str> = [
+        (!cfg!(feature = "gateway")).then_some("gateway (`serve`, `token`)"),
+        (!cfg!(feature = "mqtt")).then_some("mqtt (`--medium mqtt`)"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !missing.is_empty() {
+        text.push_str(&format!(
+            "
+
+Not in this build: {}; build with `cargo install intracom --features gateway,mqtt`",
+            missing.join(", ")
+        ));
+    }
+    text
 }
 
 #[cfg(feature = "gateway")]
@@ -222,6 +293,16 @@ struct TailArgs {
     /// Print JSON (relaxed extended JSON, one message per line).
     #[arg(long)]
     json: bool,
+    /// Follow as this named subscription: resume after its checkpoint (--since applies
+    /// only when it has none yet) and ack each message once it is printed, so that the
+    /// next `tail --name` goes on after the last message printed. At least once: on
+    /// MongoDB, a checkpoint saved while catching up from the collection (--since, or
+    /// after falling behind) resumes with a look-back of
+    /// common.intracom.db.safety_window_ms, and the messages of that window before it
+    /// come again. Acking moves the checkpoint: give tail a name of its own, not the
+    /// name of a service's subscription.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -363,8 +444,38 @@ fn fail(message: impl Into<String>, hint: impl Into<String>) -> Failure {
 
 type Outcome = Result<(), Failure>;
 
+/// Writes the command's output. When the reader has closed the pipe (`intracom config |
+/// head -5`), the command has nothing more to say: it exits at once with status 0 and
+/// no message (`println!` panics with "failed printing to stdout"). Any other write
+/// error ends it with status 1 and the error. The commands that hold state the exit
+/// would lose (`tail --name`) write with [`try_write_out`] instead and stop first.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    match try_write_out(args) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Writes and flushes the command's output: `Ok(false)` when the reader has gone away.
+fn try_write_out(args: std::fmt::Arguments<'_>) -> std::io::Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().after_help(after_help()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("INTRACOM_LOG")
@@ -480,6 +591,11 @@ async fn run(cli: Cli) -> Outcome {
         Command::Serve(args) => serve(config, args).await,
         #[cfg(feature = "gateway")]
         Command::Token(command) => token(command),
+        #[cfg(not(feature = "gateway"))]
+        Command::Serve(_) | Command::Token(_) => Err(fail(
+            "this intracom was built without the HTTP gateway (`serve`, `token`)",
+            "cargo install intracom --features gateway (or cargo run --features gateway -- serve …)",
+        )),
     }
 }
 
@@ -586,40 +702,40 @@ fn token(command: TokenCommand) -> Outcome {
             let token = Tokens::generate()?;
             let line = Tokens::line(&token, &identity);
             Tokens::parse(&line)?;
-            println!("{token}");
-            println!("# add this line to the tokens file (it keeps the hash only):");
-            println!("{line}");
+            out!("{token}");
+            out!("# add this line to the tokens file (it keeps the hash only):");
+            out!("{line}");
         }
     }
     Ok(())
 }
 
 fn print_config(config: &Config) -> Outcome {
-    println!("common.intracom.medium={}", config.medium);
-    println!("common.intracom.timeout_ms={}", config.timeout_ms);
-    println!("common.intracom.service={}", config.service);
-    println!(
+    out!("common.intracom.medium={}", config.medium);
+    out!("common.intracom.timeout_ms={}", config.timeout_ms);
+    out!("common.intracom.service={}", config.service);
+    out!(
         "common.intracom.max_message_bytes={}",
         config.max_message_bytes
     );
-    println!(
+    out!(
         "common.intracom.memory.max_messages={}",
         config.memory_max_messages
     );
-    println!(
+    out!(
         "common.intracom.request_timeout_ms={}",
         config.request_timeout_ms
     );
-    println!(
+    out!(
         "common.intracom.outbox.max_messages={}",
         config.outbox_max_messages
     );
     if let Some(file) = &config.outbox_file {
-        println!("common.intracom.outbox.file={}", file.display());
+        out!("common.intracom.outbox.file={}", file.display());
     }
     let db = &config.db;
-    println!("common.intracom.db.uri={}", redact(&db.uri));
-    println!("common.intracom.db.database={}", db.database);
+    out!("common.intracom.db.uri={}", redact(&db.uri));
+    out!("common.intracom.db.database={}", db.database);
     for (role, name) in [
         ("messages", &db.messages),
         ("config", &db.config),
@@ -627,64 +743,64 @@ fn print_config(config: &Config) -> Outcome {
         ("processed", &db.processed),
         ("dead", &db.dead),
     ] {
-        println!("common.intracom.db.collection.{role}={name}");
+        out!("common.intracom.db.collection.{role}={name}");
     }
     let retention = match db.retention {
         intracom::Retention::Capped => "capped",
         _ => "ttl",
     };
-    println!("common.intracom.db.retention={retention}");
-    println!("common.intracom.db.capped_bytes={}", db.capped_bytes);
-    println!(
+    out!("common.intracom.db.retention={retention}");
+    out!("common.intracom.db.capped_bytes={}", db.capped_bytes);
+    out!(
         "common.intracom.db.poll_interval_ms={}",
         db.poll_interval_ms
     );
-    println!(
+    out!(
         "common.intracom.db.safety_window_ms={}",
         db.safety_window_ms
     );
-    println!("common.intracom.db.stream_buffer={}", db.stream_buffer);
+    out!("common.intracom.db.stream_buffer={}", db.stream_buffer);
     let mqtt = &config.mqtt;
-    println!("common.intracom.mqtt.url={}", mqtt.url);
-    println!(
+    out!("common.intracom.mqtt.url={}", mqtt.url);
+    out!(
         "common.intracom.mqtt.client_id_prefix={}",
         mqtt.client_id_prefix
     );
     if let Some(user) = &mqtt.username {
-        println!("common.intracom.mqtt.username={user}");
+        out!("common.intracom.mqtt.username={user}");
     }
     if mqtt.password.is_some() {
-        println!("common.intracom.mqtt.password=***");
+        out!("common.intracom.mqtt.password=***");
     }
-    println!("common.intracom.mqtt.keep_alive_ms={}", mqtt.keep_alive_ms);
-    println!("common.intracom.mqtt.topic_prefix={}", mqtt.topic_prefix);
-    println!(
+    out!("common.intracom.mqtt.keep_alive_ms={}", mqtt.keep_alive_ms);
+    out!("common.intracom.mqtt.topic_prefix={}", mqtt.topic_prefix);
+    out!(
         "common.intracom.mqtt.session_expiry_ms={}",
         mqtt.session_expiry_ms
     );
     if let Some(ca) = &mqtt.ca_file {
-        println!("common.intracom.mqtt.ca_file={}", ca.display());
+        out!("common.intracom.mqtt.ca_file={}", ca.display());
     }
     let senders: Vec<&str> = config.senders.keys().map(String::as_str).collect();
-    println!("common.intracom.senders.list={}", senders.join(","));
+    out!("common.intracom.senders.list={}", senders.join(","));
     for (service, actions) in &config.senders {
-        println!("common.intracom.actions.{service}={}", actions.join(","));
+        out!("common.intracom.actions.{service}={}", actions.join(","));
     }
     for (action, options) in &config.work {
         if let Some(lease) = options.lease {
-            println!(
+            out!(
                 "common.intracom.work.{action}.lease_ms={}",
                 lease.as_millis()
             );
         }
         if let Some(backoff) = options.backoff {
-            println!(
+            out!(
                 "common.intracom.work.{action}.backoff_ms={}",
                 backoff.as_millis()
             );
         }
         if let Some(attempts) = options.max_attempts {
-            println!("common.intracom.work.{action}.max_attempts={attempts}");
+            out!("common.intracom.work.{action}.max_attempts={attempts}");
         }
     }
     Ok(())
@@ -805,24 +921,34 @@ async fn tail(config: &Config, args: TailArgs) -> Outcome {
         .transpose()?
         .unwrap_or_default();
     let (bus, _) = open(config, "tail").await?;
-    let mut sub = bus.subscribe(Subscription::monitor().start(start)).await?;
+    let mut subscription = Subscription::monitor().start(start);
+    if let Some(name) = &args.name {
+        subscription = subscription.with_name(name);
+    }
+    let mut sub = bus.subscribe(subscription).await?;
     if !args.json {
-        eprintln!("following {} (Ctrl-C to stop)", source(config));
+        match &args.name {
+            Some(name) => eprintln!(
+                "following {} as subscription `{name}` (Ctrl-C to stop)",
+                source(config)
+            ),
+            None => eprintln!("following {} (Ctrl-C to stop)", source(config)),
+        }
     }
     let mut shown = 0;
-    loop {
+    let outcome = loop {
         let item = tokio::select! {
             item = sub.next() => item,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
         };
-        let Some(item) = item else { break };
+        let Some(item) = item else { break Ok(()) };
         let delivery = match item {
             Ok(d) => d,
             Err(e) if e.is_report() => {
                 eprintln!("note: {e}");
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => break Err(e.into()),
         };
         let m = delivery.message();
         let wanted = args
@@ -834,18 +960,36 @@ async fn tail(config: &Config, args: TailArgs) -> Outcome {
             && args.state.as_ref().is_none_or(|s| {
                 m.state.map(|x| format!("{x:?}").to_lowercase()).as_deref() == Some(s.as_str())
             });
-        if !wanted {
-            continue;
+        if wanted {
+            let text = if args.json { json(m) } else { line(m) };
+            match try_write_out(format_args!("{text}\n")) {
+                Ok(true) => {}
+                // The reader has gone (`| head`): this one was not printed, so not acked.
+                Ok(false) => break Ok(()),
+                Err(e) => {
+                    break Err(fail(
+                        format!("cannot write the output: {e}"),
+                        "check where stdout goes",
+                    ))
+                }
+            }
         }
-        println!("{}", if args.json { json(m) } else { line(m) });
-        let _ = std::io::stdout().flush();
-        shown += 1;
-        if args.count.is_some_and(|c| shown >= c) {
-            break;
+        // A message passed over by the filters is acked too: the checkpoint of a named
+        // subscription cannot move past a message left unacked. (Without a name, acks
+        // do nothing.)
+        if let Err(e) = delivery.ack().await {
+            break Err(e.into());
         }
-    }
+        if wanted {
+            shown += 1;
+            if args.count.is_some_and(|c| shown >= c) {
+                break Ok(());
+            }
+        }
+    };
+    drop(sub);
     bus.shutdown().await;
-    Ok(())
+    outcome
 }
 
 async fn publish(config: &Config, args: PublishArgs) -> Outcome {
@@ -877,7 +1021,7 @@ async fn publish(config: &Config, args: PublishArgs) -> Outcome {
         PublishStatus::Duplicate => "already stored (same id)",
         _ => "buffered: the medium is unreachable, it will be sent when it is back",
     };
-    println!("{}  {status}", published.id);
+    out!("{}  {status}", published.id);
     if published.status == PublishStatus::Buffered {
         // Give the outbox a chance before the process ends (it is not persisted here).
         for _ in 0..50 {
@@ -906,7 +1050,7 @@ async fn request(config: &Config, args: RequestArgs) -> Outcome {
         .timeout(args.timeout.into())
         .await;
     bus.shutdown().await;
-    println!("{}", answer?.into_relaxed_extjson());
+    out!("{}", answer?.into_relaxed_extjson());
     Ok(())
 }
 
@@ -917,12 +1061,12 @@ async fn catalog(config: &Config, command: CatalogCommand) -> Outcome {
             bus.catalog().refresh().await?;
             for (service, actions) in bus.catalog().snapshot() {
                 if flag.json {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({ "service": service, "actions": actions })
                     );
                 } else {
-                    println!(
+                    out!(
                         "{service}: {}",
                         actions.into_iter().collect::<Vec<_>>().join(", ")
                     );
@@ -931,7 +1075,7 @@ async fn catalog(config: &Config, command: CatalogCommand) -> Outcome {
         }
         CatalogCommand::Add { service, actions } => {
             bus.catalog().register(&service, actions.clone()).await?;
-            println!("{service}: added {}", actions.join(", "));
+            out!("{service}: added {}", actions.join(", "));
         }
     }
     bus.shutdown().await;
@@ -960,7 +1104,7 @@ async fn stats(config: &Config, as_json: bool) -> Outcome {
             .iter()
             .map(|(n, m, s)| serde_json::json!({ "subscription": n, "messages": m, "seconds": s }))
             .collect();
-        println!(
+        out!(
             "{}",
             serde_json::json!({
                 "total": stats.total, "by_service": pairs(&stats.by_service), "by_action": pairs(&stats.by_action),
@@ -970,23 +1114,23 @@ async fn stats(config: &Config, as_json: bool) -> Outcome {
         );
         return Ok(());
     }
-    println!("messages retained: {}", stats.total);
+    out!("messages retained: {}", stats.total);
     for (title, rows) in [
         ("by service", &stats.by_service),
         ("by action", &stats.by_action),
         ("by type", &stats.by_type),
         ("by state", &stats.by_state),
     ] {
-        println!("{title}:");
+        out!("{title}:");
         for (key, n) in rows.iter() {
-            println!("  {key:<32} {n:>10}");
+            out!("  {key:<32} {n:>10}");
         }
     }
-    println!("queue depth (pending work): {}", stats.queue_depth);
-    println!("dead letters: {}", stats.dead);
-    println!("subscription lag:");
+    out!("queue depth (pending work): {}", stats.queue_depth);
+    out!("dead letters: {}", stats.dead);
+    out!("subscription lag:");
     for (name, messages, seconds) in &stats.lag {
-        println!("  {name:<32} {messages:>10} messages  {seconds:>6} s behind");
+        out!("  {name:<32} {messages:>10} messages  {seconds:>6} s behind");
     }
     Ok(())
 }
@@ -1011,7 +1155,7 @@ async fn mqtt_stats(config: &Config, bus: Intracom, medium: &MqttMedium, as_json
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
-        println!(
+        out!(
             "{}",
             serde_json::json!({
                 "medium": "mqtt", "url": config.mqtt.url, "topic_prefix": config.mqtt.topic_prefix,
@@ -1021,27 +1165,28 @@ async fn mqtt_stats(config: &Config, bus: Intracom, medium: &MqttMedium, as_json
         );
         return Ok(());
     }
-    println!(
+    out!(
         "medium: mqtt, {} (topics under {}/)",
-        config.mqtt.url, config.mqtt.topic_prefix
+        config.mqtt.url,
+        config.mqtt.topic_prefix
     );
     match max_packet {
-        Some(n) => println!("broker maximum packet size: {n} bytes"),
-        None => println!("broker maximum packet size: not set (MQTT's 256 MB)"),
+        Some(n) => out!("broker maximum packet size: {n} bytes"),
+        None => out!("broker maximum packet size: not set (MQTT's 256 MB)"),
     }
-    println!("services in the catalog: {services}");
-    println!("workers present:");
+    out!("services in the catalog: {services}");
+    out!("workers present:");
     for (service, n) in &workers {
-        println!("  {service:<32} {n:>10}");
+        out!("  {service:<32} {n:>10}");
     }
-    println!("dead letters: {dead}");
+    out!("dead letters: {dead}");
     if !broker.is_empty() {
-        println!("broker ($SYS):");
+        out!("broker ($SYS):");
         for (key, value) in &broker {
-            println!("  {key:<40} {value}");
+            out!("  {key:<40} {value}");
         }
     }
-    println!("not available on MQTT: {missing}");
+    out!("not available on MQTT: {missing}");
     Ok(())
 }
 
@@ -1056,27 +1201,27 @@ async fn dead(config: &Config, command: DeadCommand) -> Outcome {
                     .map(|a| a.try_to_rfc3339_string().unwrap_or_default())
                     .unwrap_or_default();
                 if json {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({ "id": letter.id, "at": at, "reason": letter.reason, "document": Bson::Document(letter.document).into_relaxed_extjson() })
                     );
                 } else {
                     let action = letter.document.get_str("action").unwrap_or("?");
-                    println!("{}  {at}  {action}  {}", letter.id, letter.reason);
+                    out!("{}  {at}  {action}  {}", letter.id, letter.reason);
                 }
             }
         }
         DeadCommand::Show { id } => match dead.get(&id).await? {
             Some(letter) => {
-                println!("id: {}\nreason: {}", letter.id, letter.reason);
+                out!("id: {}\nreason: {}", letter.id, letter.reason);
                 if let Some(at) = letter.at {
-                    println!("at: {}", at.try_to_rfc3339_string().unwrap_or_default());
+                    out!("at: {}", at.try_to_rfc3339_string().unwrap_or_default());
                 }
                 let pretty = serde_json::to_string_pretty(
                     &Bson::Document(letter.document).into_relaxed_extjson(),
                 )
                 .unwrap_or_default();
-                println!("document: {pretty}");
+                out!("document: {pretty}");
             }
             None => {
                 return Err(fail(
@@ -1087,7 +1232,7 @@ async fn dead(config: &Config, command: DeadCommand) -> Outcome {
         },
         DeadCommand::Retry { id } => {
             let published = dead.retry(&id).await?;
-            println!("{id} sent again as {}", published.id);
+            out!("{id} sent again as {}", published.id);
         }
         DeadCommand::Purge { id, all } => {
             if id.is_none() && !all {
@@ -1098,7 +1243,7 @@ async fn dead(config: &Config, command: DeadCommand) -> Outcome {
             }
             eprintln!("purging…");
             let removed = dead.purge(id.as_deref()).await?;
-            println!("removed {removed} dead letter(s)");
+            out!("removed {removed} dead letter(s)");
         }
     }
     bus.shutdown().await;
@@ -1119,7 +1264,7 @@ async fn doctor(config: &Config) -> Outcome {
             ));
         }
     };
-    println!(
+    out!(
         "checking {} / {}",
         redact(&config.db.uri),
         config.db.database
@@ -1128,14 +1273,14 @@ async fn doctor(config: &Config) -> Outcome {
     bus.shutdown().await;
     let mut failed = 0;
     for check in &checks {
-        println!(
+        out!(
             "{} {:<16} {}",
             if check.ok { "ok  " } else { "FAIL" },
             check.name,
             check.detail
         );
         if let Some(fix) = &check.fix {
-            println!("     {:<16} fix: {fix}", "");
+            out!("     {:<16} fix: {fix}", "");
             failed += 1;
         }
     }
@@ -1145,7 +1290,7 @@ async fn doctor(config: &Config) -> Outcome {
             "apply the fixes above, then run `intracom doctor` again",
         ));
     }
-    println!("all {} checks passed", checks.len());
+    out!("all {} checks passed", checks.len());
     Ok(())
 }
 
@@ -1182,10 +1327,10 @@ async fn demo() -> Outcome {
         .subscribe(Subscription::named("mailer-inbox"))
         .await?;
 
-    println!(
+    out!(
         "intracom demo: services billing, users and mailer (two instances) on the memory medium\n"
     );
-    println!("1. broadcast: billing tells every service to reload");
+    out!("1. broadcast: billing tells every service to reload");
     billing
         .publish(Message::broadcast("reload").body(doc! { "tenant": 7 }))
         .await?;
@@ -1198,14 +1343,16 @@ async fn demo() -> Outcome {
             .next()
             .await
             .ok_or_else(|| fail("stream ended", "report this"))??;
-        println!(
+        out!(
             "   {who:<10} got `{}` from {}: {}",
-            d.action, d.source_service, d.query
+            d.action,
+            d.source_service,
+            d.query
         );
         d.ack().await?;
     }
 
-    println!("\n2. targeted: users tells billing that a user was deleted; only billing gets it");
+    out!("\n2. targeted: users tells billing that a user was deleted; only billing gets it");
     users
         .publish(Message::to_service("billing", "user.deleted").body(doc! { "user": 12 }))
         .await?;
@@ -1213,7 +1360,7 @@ async fn demo() -> Outcome {
         .next()
         .await
         .ok_or_else(|| fail("stream ended", "report this"))??;
-    println!(
+    out!(
         "   billing-1  got `{}` from {} ({}): {}",
         d.action,
         d.source_service,
@@ -1222,7 +1369,7 @@ async fn demo() -> Outcome {
     );
     d.ack().await?;
 
-    println!("\n3. request/reply: users asks billing for invoice 42; one billing instance answers");
+    out!("\n3. request/reply: users asks billing for invoice 42; one billing instance answers");
     let _server = billing.serve("billing", "invoice.get", |q: Query| async move {
         Ok::<_, String>(Invoice {
             invoice: q.invoice,
@@ -1233,12 +1380,13 @@ async fn demo() -> Outcome {
         .request("billing", "invoice.get", &Query { invoice: 42 })
         .timeout(Duration::from_secs(5))
         .await?;
-    println!(
+    out!(
         "   users-1    got invoice {} for {:.2} (the outcome is also written into the request)",
-        invoice.invoice, invoice.total
+        invoice.invoice,
+        invoice.total
     );
 
-    println!("\n4. work queue: three mails for mailer; each is sent by one instance; one fails once and is retried");
+    out!("\n4. work queue: three mails for mailer; each is sent by one instance; one fails once and is retried");
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<String>();
     let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -1280,13 +1428,13 @@ async fn demo() -> Outcome {
                 if line.contains("sent mail") {
                     sent += 1;
                 }
-                println!("{line}");
+                out!("{line}");
             }
             _ => return Err(fail("the work queue did not finish", "report this")),
         }
     }
     billing.shutdown().await;
-    println!("\ndone: each message was delivered as promised. Next: `intracom --help`, and the README for MongoDB.");
+    out!("\ndone: each message was delivered as promised. Next: `intracom --help`, and the README for MongoDB.");
     Ok(())
 }
 

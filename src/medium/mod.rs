@@ -28,6 +28,7 @@
 pub mod memory;
 pub mod mongo;
 #[cfg(feature = "mqtt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
 pub mod mqtt;
 pub(crate) mod records;
 
@@ -44,6 +45,12 @@ use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::message::Message;
 
+/// What [`connect`] says when the configuration asks for MQTT and the build left it out.
+#[cfg(not(feature = "mqtt"))]
+const MQTT_NOT_BUILT: &str = "connecting: this build does not include the MQTT medium \
+     (common.intracom.medium=mqtt); enable the `mqtt` feature: `cargo add intracom \
+     --features mqtt`, or `cargo install intracom --features mqtt` for the command";
+
 /// Opens the medium the configuration names (`common.intracom.medium`): the one place
 /// that knows every medium, so the bus above it names none.
 pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
@@ -55,7 +62,7 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
         #[cfg(not(feature = "mqtt"))]
         MediumKind::Mqtt => Err(Error::Unsupported {
             medium: "mqtt".into(),
-            what: "connecting: this build does not include the MQTT medium (build with the `mqtt` feature)".into(),
+            what: MQTT_NOT_BUILT.into(),
         }),
     }
 }
@@ -484,4 +491,27 @@ pub trait Medium: Send + Sync + 'static {
 
     /// Ends every follower's stream and releases the medium's resources.
     async fn close(&self);
+}
+
+#[cfg(all(test, not(feature = "mqtt")))]
+mod tests {
+    use super::*;
+
+    /// A build without MQTT asked for it says which feature to build with.
+    #[tokio::test]
+    async fn mqtt_without_the_feature_names_it() {
+        let config = Config {
+            medium: MediumKind::Mqtt,
+            ..Config::default()
+        };
+        let Err(error) = connect(&config).await else {
+            panic!("a build without the mqtt feature connected to MQTT");
+        };
+        let text = error.to_string();
+        assert!(text.contains("`mqtt` feature"), "{text}");
+        assert!(
+            text.contains("cargo add intracom --features mqtt"),
+            "{text}"
+        );
+    }
 }

@@ -238,7 +238,7 @@ impl Gw {
         let response = tokio::time::timeout(GUARD, request.send())
             .await
             .unwrap_or_else(|_| panic!("{path}: no answer within the hang guard"))
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
+            .unwrap_or_else(|e| panic!("{path}: {e:?}"));
         let status = response.status();
         let bytes = response.bytes().await.unwrap_or_default();
         (

@@ -1,17 +1,25 @@
 //! The `intracom` command against the real servers.
 
-use std::process::Output;
+use std::io::{BufRead, BufReader};
+use std::process::{Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use assert_cmd::Command;
+use futures::TryStreamExt;
+use intracom::bson::{doc, Document};
+use intracom::{Intracom, Message, Subscription};
 
-use crate::servers::Target;
-use crate::{check, database_name, Check};
+use crate::conformance::next;
+use crate::servers::{Kind, Target};
+use crate::{catalog, check, database_name, on_server, raw_client, Check};
 
 pub fn checks() -> Vec<Check> {
     vec![
         check!(catalog_publish_tail_stats_dead_and_doctor),
         check!(doctor_passes_on_a_young_deployment),
         check!(bench_runs_once_with_tiny_sizes),
+        check!(tail_by_name_resumes_after_what_it_printed),
+        check!(stats_counts_the_lag_after_a_stamp_shared_by_several_messages),
     ]
 }
 
@@ -37,9 +45,9 @@ impl On {
         }
     }
 
-    /// Runs `intracom --uri … --database … <args>` on a blocking thread.
-    async fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::cargo_bin("intracom").expect("the intracom binary");
+    /// `intracom --uri … --database … <args>`, to start.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("intracom"));
         // A clean environment: no config file, no overrides from the machine.
         cmd.env_remove("INTRACOM_CONFIG");
         for (key, _) in std::env::vars() {
@@ -49,6 +57,12 @@ impl On {
         }
         cmd.args(["--uri", &self.uri, "--database", &self.database])
             .args(args);
+        cmd
+    }
+
+    /// Runs `intracom --uri … --database … <args>` on a blocking thread.
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::from_std(self.command(args));
         tokio::task::spawn_blocking(move || cmd.output().expect("the intracom binary runs"))
             .await
             .expect("the command's thread")
@@ -190,4 +204,202 @@ async fn bench_runs_once_with_tiny_sizes(t: &Target) {
             "two rounds of each side with --tiny: {figure}"
         );
     }
+}
+
+/// `tail --name` acks what it prints: a second `tail --name` goes on after the last
+/// message the first one printed, past the messages its filters leave out, and its
+/// `--since` is for a first time only; a `tail` without a name is not moved by it.
+///
+/// The first one follows live (its checkpoint holds the change stream's resume token,
+/// so the second resumes exactly there): a checkpoint saved while catching up from the
+/// collection resumes with a look-back of the safety window, which delivers the
+/// messages of that window again (at least once).
+async fn tail_by_name_resumes_after_what_it_printed(t: &Target) {
+    let db = On::new(t);
+    let bus = Intracom::connect(on_server(
+        catalog("billing", "billing-1"),
+        &db.uri,
+        &db.database,
+    ))
+    .await
+    .expect("bus");
+    // The first tail, live: publish once it follows (it says so on stderr).
+    let mut first = db
+        .command(&["tail", "--name", "audit", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the intracom binary starts");
+    let pid = first.id();
+    let stderr_pipe = first.stderr.take().expect("stderr");
+    let said = tokio::task::spawn_blocking(move || {
+        let mut said = String::new();
+        for line in BufReader::new(stderr_pipe).lines() {
+            let line = line.expect("stderr line");
+            said.push_str(&line);
+            said.push('\n');
+            if line.starts_with("following") {
+                break;
+            }
+        }
+        said
+    });
+    let said = tokio::time::timeout(Duration::from_secs(60), said).await;
+    let said = match said {
+        Ok(said) => said.expect("the reading thread"),
+        Err(_) => {
+            kill(pid);
+            panic!("tail --name did not start following within the hang guard");
+        }
+    };
+    assert!(
+        said.contains("as subscription `audit`"),
+        "tail says it follows as the subscription: {said}"
+    );
+    let mut ids = Vec::new();
+    for action in ["reload", "reload", "marker", "reload"] {
+        let published = bus
+            .publish(Message::broadcast(action))
+            .await
+            .expect("published");
+        ids.push(published.id);
+    }
+    bus.shutdown().await;
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || first.wait_with_output()),
+    )
+    .await;
+    let first = match waited {
+        Ok(output) => output.expect("the waiting thread").expect("tail's output"),
+        Err(_) => {
+            kill(pid);
+            panic!("tail --name --count 2 did not end within the hang guard");
+        }
+    };
+    assert!(first.status.success(), "{}", stderr(&first));
+    // A line ends with the message id in brackets.
+    let printed_ids: Vec<String> = stdout(&first)
+        .lines()
+        .filter_map(|line| {
+            line.rsplit_once('(')
+                .map(|(_, id)| id.trim_end_matches(')').to_string())
+        })
+        .collect();
+    assert_eq!(printed_ids, &ids[..2], "the first two:\n{}", stdout(&first));
+
+    let printed = |output: &Output| -> Vec<String> {
+        assert!(output.status.success(), "{}", stderr(output));
+        stdout(output)
+            .lines()
+            .map(|line| {
+                let message: serde_json::Value = serde_json::from_str(line).expect("JSON");
+                message["_id"].as_str().expect("an id").to_string()
+            })
+            .collect()
+    };
+    let second = db
+        .run(&[
+            "tail", "--name", "audit", "--since", "10m", "--json", "--count", "1", "--action",
+            "reload",
+        ])
+        .await;
+    assert_eq!(
+        printed(&second),
+        &ids[3..],
+        "after the last one printed, past the marker its filter leaves out"
+    );
+    let anonymous = db
+        .run(&["tail", "--since", "10m", "--json", "--count", "1"])
+        .await;
+    assert_eq!(printed(&anonymous), &ids[..1], "no name: from --since");
+    let stats = db.run(&["stats", "--json"]).await;
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).expect("JSON");
+    assert_eq!(stats["lag"][0]["subscription"], "audit", "{stats}");
+    assert_eq!(stats["lag"][0]["messages"], 0, "all printed: {stats}");
+}
+
+/// Ends a process this test started, by its id.
+fn kill(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill(2) on the id of a child this test spawned and has not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The lag of a named subscription counts the messages after its checkpoint in the
+/// bus's `(ts, _id)` order: those that share the checkpoint's stamp count too. The
+/// Python server stamps every write of one second alike, so five messages published
+/// at the start of a second share one stamp there.
+async fn stats_counts_the_lag_after_a_stamp_shared_by_several_messages(t: &Target) {
+    let db = On::new(t);
+    let bus = Intracom::connect(on_server(
+        catalog("billing", "billing-1"),
+        &db.uri,
+        &db.database,
+    ))
+    .await
+    .expect("bus");
+    let mut audit = bus
+        .subscribe(Subscription::named("audit"))
+        .await
+        .expect("subscribed");
+    // At the start of a second, so that the five writes fall in one (a wait, not a
+    // timing assertion: the count below holds whichever second each falls in).
+    let into_second = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .subsec_millis();
+    tokio::time::sleep(Duration::from_millis(u64::from(1000 - into_second))).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let published = bus
+            .publish(Message::broadcast("reload").body(doc! { "n": n }))
+            .await
+            .expect("published");
+        ids.push(published.id);
+    }
+    let first = next(&mut audit).await;
+    assert_eq!(first.id, ids[0]);
+    first.ack().await.expect("acked");
+    drop(audit);
+    bus.shutdown().await;
+
+    let stamps: Vec<Document> = raw_client(&db.uri)
+        .await
+        .database(&db.database)
+        .collection::<Document>("messages")
+        .find(doc! {})
+        .sort(doc! { "ts": 1, "_id": 1 })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("messages");
+    let ts: Vec<_> = stamps
+        .iter()
+        .map(|m| m.get_timestamp("ts").expect("ts"))
+        .collect();
+    if t.kind() == Some(Kind::SecantusPy) {
+        assert!(
+            ts.iter().all(|s| *s == ts[0]),
+            "the case this test is for: one stamp for all five {ts:?}"
+        );
+    }
+    let stats = db.run(&["stats", "--json"]).await;
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&stats)).expect("JSON");
+    assert_eq!(stats["lag"][0]["subscription"], "audit", "{stats}");
+    assert_eq!(stats["lag"][0]["messages"], 4, "{stats}");
+    let table = db.run(&["stats"]).await;
+    assert!(
+        stdout(&table)
+            .lines()
+            .any(|l| l.contains("audit") && l.split_whitespace().nth(1) == Some("4")),
+        "{}",
+        stdout(&table)
+    );
 }

@@ -94,10 +94,25 @@ fn number(value: Option<&Bson>) -> u64 {
     }
 }
 
+/// The messages after a checkpoint, in the bus's `(ts, _id)` order: a stamp is not
+/// unique to one message (the shards of a cluster each tick their own clock, and some
+/// servers stamp every write of a second alike), so the messages that share the
+/// checkpoint's stamp count by their id. A checkpoint without the message's id (made by
+/// hand) counts by its stamp alone.
+fn after_position(ts: Timestamp, id: Option<&Bson>) -> Document {
+    match id {
+        Some(id) => doc! { "$or": [
+            { "ts": { "$gt": ts } },
+            { "ts": ts, "_id": { "$gt": id.clone() } },
+        ] },
+        None => doc! { "ts": { "$gt": ts } },
+    }
+}
+
 impl MongoMedium {
     /// Counts by service, action, type and state, the queue depth, the dead letters, and
     /// each named subscription's lag. The lag in messages counts every message after
-    /// the checkpoint, whatever the subscription's filter.
+    /// the checkpoint in `(ts, _id)` order, whatever the subscription's filter.
     pub async fn admin_stats(&self) -> Result<Stats> {
         let inner = &self.inner;
         let pipeline = vec![doc! { "$facet": {
@@ -152,15 +167,19 @@ impl MongoMedium {
             .map_err(to_error)?;
         for checkpoint in checkpoints {
             let name = checkpoint.get_str("_id").unwrap_or("?").to_string();
-            let Ok(ts) = checkpoint
-                .get_document("position")
-                .and_then(|p| p.get_timestamp("ts"))
-            else {
+            let Ok(position) = checkpoint.get_document("position") else {
                 continue;
             };
+            let Ok(ts) = position.get_timestamp("ts") else {
+                continue;
+            };
+            let id = position
+                .get_document("token")
+                .ok()
+                .and_then(|token| token.get("id"));
             let behind = inner
                 .messages
-                .count_documents(doc! { "ts": { "$gt": ts } })
+                .count_documents(after_position(ts, id))
                 .await
                 .map_err(to_error)?;
             let seconds = newest

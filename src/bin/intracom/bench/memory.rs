@@ -230,6 +230,6 @@ pub(crate) async fn probe(config: &Config, subscribers: usize, messages: usize) 
     for task in tasks {
         task.abort();
     }
-    println!("{}", after.saturating_sub(before));
+    out!("{}", after.saturating_sub(before));
     Ok(())
 }

@@ -330,9 +330,9 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
     progress.finish();
     report.elapsed = started.elapsed();
     if args.json {
-        println!("{}", report.json());
+        out!("{}", report.json());
     } else {
-        print!("{}", report.table());
+        crate::write_out(format_args!("{}", report.table()));
     }
     Ok(())
 }
