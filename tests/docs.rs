@@ -535,3 +535,19 @@ fn the_performance_page_is_the_committed_bench_data() {
         );
     }
 }
+
+#[test]
+fn the_readme_stays_short() {
+    let text = fs::read_to_string(Path::new(ROOT).join("README.md")).expect("README.md");
+    let lines = text.lines().count();
+    assert!(
+        lines <= 250,
+        "README.md has {lines} lines: keep it to what a newcomer needs and move the rest to the guide"
+    );
+    for command in ["cargo run --example quickstart", "scripts/test"] {
+        assert!(
+            text.contains(command),
+            "README.md no longer shows `{command}`"
+        );
+    }
+}
