@@ -55,7 +55,7 @@ pub(crate) struct Shared {
     shutdown: crate::stop::Stop,
     /// Whether shutting the bus down closes the medium (it does when `connect` made it).
     owns_medium: bool,
-    /// Handlers served in this process (seed 001's local route).
+    /// Handlers served in this process (the local route).
     pub(crate) routes: LocalRoutes,
     /// Publishes waiting for the medium to come back.
     outbox: Arc<Outbox>,
@@ -202,7 +202,7 @@ impl Intracom {
         })
     }
 
-    /// Another handle on the same bus for another service of this process (seed 001's
+    /// Another handle on the same bus for another service of this process (a
     /// monolith deployment). It shares the medium, catalog and shutdown.
     ///
     /// Without `instance`, the handle's instance is `<service>-<this bus's instance>`,
@@ -480,8 +480,8 @@ impl Intracom {
         self.shared.outbox.len()
     }
 
-    /// The published messages waiting in the outbox for the medium, oldest first (seed
-    /// 003's MessageStore: the messages not routed yet).
+    /// The published messages waiting in the outbox for the medium, oldest first
+    /// (the messages not routed yet).
     pub fn outbox_messages(&self) -> Vec<Message> {
         self.shared.outbox.messages()
     }

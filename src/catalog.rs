@@ -1,6 +1,6 @@
 //! The sender/action catalog.
 //!
-//! Why it exists: seed 000 lists which services may send on the bus and which actions
+//! Why it exists: the configuration lists which services may send on the bus and which actions
 //! each declares (`common.intracom.senders.list`, `common.intracom.actions.<service>`).
 //! A message from an unknown sender, or with an action its target does not declare, is
 //! refused before anything is written, so a typo cannot put a message on the bus that

@@ -1,41 +1,14 @@
-//! Configuration: the seed's properties keys, a file, the environment, and a builder.
+//! Configuration: the `common.intracom.*` properties keys, a file, the environment, and a builder.
 //!
 //! Why it exists: services already configure themselves with `.properties` files
-//! holding the seed keys (`common.intracom.medium=db`, `common.intracom.timeout_ms`,
+//! holding the Intracom keys (`common.intracom.medium=db`, `common.intracom.timeout_ms`,
 //! `common.intracom.senders.list`, `common.intracom.actions.<service>`). Those keys work
 //! here as written; each can be overridden by an environment variable; code can use
 //! [`Config::builder`]. A value intracom cannot use, or an unknown key under
 //! `common.intracom.`, is an error naming the key and the value, at start-up.
 //!
-//! | key | default | meaning |
-//! | --- | --- | --- |
-//! | `common.intracom.medium` | `memory` | `memory`, `db` (MongoDB) or `mqtt` |
-//! | `common.intracom.timeout_ms` | `300000` | message retention, in ms |
-//! | `common.intracom.senders.list` | empty | services in the catalog, comma separated |
-//! | `common.intracom.actions.<service>` | empty | that service's actions, comma separated |
-//! | `common.intracom.service` | `intracom` | this process's service name |
-//! | `common.intracom.instance` | `<host>-<pid>-<n>` | this instance's id |
-//! | `common.intracom.max_message_bytes` | `16777216` | largest encoded message |
-//! | `common.intracom.request_timeout_ms` | `30000` | default time-out of a request |
-//! | `common.intracom.outbox.max_messages` | `10000` | publishes kept while the medium is unavailable |
-//! | `common.intracom.outbox.file` | none | file that keeps the outbox across restarts |
-//! | `common.intracom.work.<action>.lease_ms` / `.backoff_ms` / `.max_attempts` | `30000` / `1000` / `5` | work-queue options of one action |
-//! | `common.intracom.memory.max_messages` | `100000` | memory medium: messages kept at most |
-//! | `common.intracom.db.uri` | `mongodb://localhost:27017` | MongoDB connection string (TLS, auth, replica set: all in the URI) |
-//! | `common.intracom.db.database` | `intracom` | database name |
-//! | `common.intracom.db.collection.<role>` | the role | collection for `messages`, `config`, `checkpoints`, `processed`, `dead` |
-//! | `common.intracom.db.retention` | `ttl` | `ttl` (TTL index on `at`) or `capped` (capped collection) |
-//! | `common.intracom.db.capped_bytes` | `268435456` | size of a capped messages collection |
-//! | `common.intracom.db.poll_interval_ms` | `250` | poll period when change streams are unavailable (standalone) |
-//! | `common.intracom.db.safety_window_ms` | `5000` | how far back a `ts` scan looks for writes that committed out of stamp order |
-//! | `common.intracom.db.stream_buffer` | `10000` | change events kept in memory for this process's subscribers |
-//! | `common.intracom.mqtt.url` | `mqtt://localhost:1883` | MQTT broker: `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS |
-//! | `common.intracom.mqtt.client_id_prefix` | `intracom-` | prefix of every MQTT client id this process uses |
-//! | `common.intracom.mqtt.username` / `.password` | none | broker credentials |
-//! | `common.intracom.mqtt.keep_alive_ms` | `30000` | MQTT keep-alive (at least 5000, whole seconds on the wire) |
-//! | `common.intracom.mqtt.topic_prefix` | `intracom` | first level(s) of every intracom topic |
-//! | `common.intracom.mqtt.session_expiry_ms` | `86400000` | how long the broker keeps a named subscription's session while it is away |
-//! | `common.intracom.mqtt.ca_file` | none | PEM file of CA certificates for `mqtts://` (default: the system's roots) |
+//! Every key, its default and its meaning are in [`KEYS`], the one table the parser
+//! accepts keys from (and the configuration reference of the guide is checked against).
 //!
 //! Environment: `INTRACOM_CONFIG` names a properties file; each key can be set by its
 //! upper-case name with `.` turned into `_` (`COMMON_INTRACOM_TIMEOUT_MS=1000`,
@@ -58,6 +31,89 @@ const ENV_PREFIX: &str = "COMMON_INTRACOM_";
 const ENV_ACTIONS_PREFIX: &str = "COMMON_INTRACOM_ACTIONS_";
 /// Environment variable naming the properties file read by [`Config::from_env`].
 pub const CONFIG_FILE_ENV: &str = "INTRACOM_CONFIG";
+
+/// One configuration key: its properties name, its default and what it sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Key {
+    /// The properties name. A part in angle brackets (`<service>`, `<action>`) is
+    /// chosen by the user.
+    pub name: &'static str,
+    /// The default, as it would be written in a properties file; in parentheses when it
+    /// is not a value but a description (`(none)`, `(<host>-<pid>-<n>)`).
+    pub default: &'static str,
+    /// What the key sets.
+    pub doc: &'static str,
+}
+
+impl Key {
+    /// The environment variable that sets this key: the name in upper case with `.`
+    /// turned into `_` (a part in angle brackets is written upper case too).
+    pub fn env(&self) -> String {
+        self.name.to_ascii_uppercase().replace('.', "_")
+    }
+
+    /// True when the whole name is fixed (no part chosen by the user).
+    pub fn is_fixed(&self) -> bool {
+        !self.name.contains('<')
+    }
+}
+
+/// Every configuration key intracom reads. [`Config::set`] accepts a fixed key only if
+/// it is listed here, and the environment names are derived from this table, so a key
+/// cannot be added without its line.
+pub const KEYS: &[Key] = &[
+    key("common.intracom.medium", "memory", "the medium: `memory`, `db` (MongoDB) or `mqtt`"),
+    key("common.intracom.timeout_ms", "300000", "message retention, in ms"),
+    key("common.intracom.senders.list", "", "services in the catalog, comma separated"),
+    key("common.intracom.actions.<service>", "", "the actions that service declares, comma separated"),
+    key("common.intracom.service", "intracom", "this process's service name"),
+    key("common.intracom.instance", "(<host>-<pid>-<n>)", "this instance's id (`n` counts the bus handles made in the process)"),
+    key("common.intracom.max_message_bytes", "16777216", "largest encoded message, in bytes"),
+    key("common.intracom.request_timeout_ms", "30000", "default time-out of a request, in ms"),
+    key("common.intracom.outbox.max_messages", "10000", "publishes kept while the medium is unavailable"),
+    key("common.intracom.outbox.file", "(none)", "file that keeps the outbox across restarts"),
+    key("common.intracom.work.<action>.lease_ms", "(the worker's: 30000)", "lease of a claimed job of that action, in ms"),
+    key("common.intracom.work.<action>.backoff_ms", "(the worker's: 1000)", "first retry delay of that action, in ms (doubled each attempt)"),
+    key("common.intracom.work.<action>.max_attempts", "(the worker's: 5)", "attempts of that action before its job goes to the dead letters"),
+    key("common.intracom.memory.max_messages", "100000", "memory medium: messages kept at most"),
+    key("common.intracom.db.uri", "mongodb://localhost:27017", "MongoDB connection string (TLS, credentials, replica set: all in the URI)"),
+    key("common.intracom.db.database", "intracom", "database name"),
+    key("common.intracom.db.collection.messages", "messages", "the messages collection"),
+    key("common.intracom.db.collection.config", "config", "the catalog collection"),
+    key("common.intracom.db.collection.checkpoints", "checkpoints", "the named subscriptions' checkpoints"),
+    key("common.intracom.db.collection.processed", "processed", "the idempotency records"),
+    key("common.intracom.db.collection.dead", "dead", "the dead letters"),
+    key("common.intracom.db.retention", "ttl", "`ttl` (a TTL index on `at`) or `capped` (a capped messages collection)"),
+    key("common.intracom.db.capped_bytes", "268435456", "size of a capped messages collection, in bytes"),
+    key("common.intracom.db.poll_interval_ms", "250", "poll period when change streams are unavailable (a standalone server), in ms"),
+    key("common.intracom.db.safety_window_ms", "5000", "how far back a `ts` scan looks for writes that committed out of stamp order, in ms"),
+    key("common.intracom.db.stream_buffer", "10000", "change events kept in memory for this process's subscribers"),
+    key("common.intracom.mqtt.url", "mqtt://localhost:1883", "MQTT broker: `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS"),
+    key("common.intracom.mqtt.client_id_prefix", "intracom-", "prefix of every MQTT client id this process uses (a named subscription's session is `<prefix>sub-<name>`)"),
+    key("common.intracom.mqtt.username", "(none)", "broker user name"),
+    key("common.intracom.mqtt.password", "(none)", "broker password (never printed)"),
+    key("common.intracom.mqtt.keep_alive_ms", "30000", "MQTT keep-alive, in ms (5000 to 65535000, whole seconds on the wire)"),
+    key("common.intracom.mqtt.topic_prefix", "intracom", "first level(s) of every intracom topic"),
+    key("common.intracom.mqtt.session_expiry_ms", "86400000", "how long the broker keeps an absent named subscription's session, in ms"),
+    key("common.intracom.mqtt.ca_file", "(none)", "PEM file of the CA certificates for `mqtts://` (default: the system's roots)"),
+];
+
+const fn key(name: &'static str, default: &'static str, doc: &'static str) -> Key {
+    Key { name, default, doc }
+}
+
+/// The fixed key whose name after `common.intracom.` is `rest`.
+fn fixed_key(rest: &str) -> Option<&'static Key> {
+    KEYS.iter()
+        .find(|k| k.is_fixed() && k.name.strip_prefix(PREFIX) == Some(rest))
+}
+
+/// The work options (`lease_ms`, …) the table lists for `common.intracom.work.<action>.`.
+fn work_options() -> impl Iterator<Item = &'static str> {
+    KEYS.iter()
+        .filter_map(|k| k.name.strip_prefix("common.intracom.work.<action>."))
+}
 
 /// Which medium carries the bus (`common.intracom.medium`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -437,7 +493,7 @@ impl Config {
     ///
     /// ```
     /// let config = intracom::Config::from_properties("
-    ///     # the seed's own lines
+    ///     # a service's existing lines
     ///     common.intracom.medium=memory
     ///     common.intracom.timeout_ms=300000
     ///     common.intracom.senders.list=custom1,custom2
@@ -492,6 +548,13 @@ impl Config {
             check_config_name(key, action)?;
             let options = self.work.entry(action.to_string()).or_default();
             let n = parse_positive(key, value)?;
+            if !work_options().any(|o| o == option) {
+                return Err(Error::config(
+                    key,
+                    value,
+                    "unknown work option (lease_ms, backoff_ms, max_attempts)",
+                ));
+            }
             match option {
                 "lease_ms" => options.lease = Some(std::time::Duration::from_millis(n)),
                 "backoff_ms" => options.backoff = Some(std::time::Duration::from_millis(n)),
@@ -515,7 +578,11 @@ impl Config {
             self.senders.insert(service.to_string(), actions);
             return Ok(());
         }
-        match &key[PREFIX.len()..] {
+        let rest = &key[PREFIX.len()..];
+        if fixed_key(rest).is_none() {
+            return Err(Error::config(key, value, "unknown key"));
+        }
+        match rest {
             "medium" => self.medium = value.parse().map_err(|e| Error::config(key, value, e))?,
             "timeout_ms" => {
                 self.timeout_ms = parse_positive(key, value)?;
@@ -821,7 +888,7 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
     if let Some(rest) = name.strip_prefix("COMMON_INTRACOM_WORK_") {
         // COMMON_INTRACOM_WORK_<ACTION>_<OPTION>: the action is lower-cased with `_` read
         // as `.` (`INVOICE_RENDER` → `invoice.render`); the dotted key spells any action.
-        for option in ["lease_ms", "backoff_ms", "max_attempts"] {
+        for option in work_options() {
             let suffix = format!("_{}", option.to_ascii_uppercase());
             if let Some(action) = rest.strip_suffix(&suffix) {
                 return Some(format!(
@@ -832,39 +899,11 @@ fn env_key(name: &str, config: &Config) -> Option<String> {
         }
         return Some(format!("{WORK_PREFIX}{}", rest.to_ascii_lowercase()));
     }
-    const KEYS: [&str; 30] = [
-        "medium",
-        "timeout_ms",
-        "senders.list",
-        "service",
-        "instance",
-        "max_message_bytes",
-        "memory.max_messages",
-        "db.uri",
-        "db.database",
-        "db.collection.messages",
-        "db.collection.config",
-        "db.collection.checkpoints",
-        "db.collection.processed",
-        "db.collection.dead",
-        "db.retention",
-        "db.capped_bytes",
-        "db.poll_interval_ms",
-        "db.safety_window_ms",
-        "db.stream_buffer",
-        "request_timeout_ms",
-        "outbox.max_messages",
-        "outbox.file",
-        "mqtt.url",
-        "mqtt.client_id_prefix",
-        "mqtt.username",
-        "mqtt.password",
-        "mqtt.keep_alive_ms",
-        "mqtt.topic_prefix",
-        "mqtt.session_expiry_ms",
-        "mqtt.ca_file",
-    ];
-    match KEYS.iter().find(|k| env_form(k) == suffix) {
+    let fixed = KEYS
+        .iter()
+        .filter(|k| k.is_fixed())
+        .filter_map(|k| k.name.strip_prefix(PREFIX));
+    match fixed.into_iter().find(|k| env_form(k) == suffix) {
         Some(k) => Some(format!("{PREFIX}{k}")),
         // An unknown COMMON_INTRACOM_ variable is reported like an unknown key.
         None => Some(format!("{PREFIX}{}", suffix.to_ascii_lowercase())),
@@ -990,6 +1029,40 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_key_table_states_the_real_defaults() {
+        for key in KEYS.iter().filter(|k| !k.default.starts_with('(')) {
+            let name = key
+                .name
+                .replace("<service>", "billing")
+                .replace("<action>", "invoice.render");
+            let mut config = Config::default();
+            config
+                .set(&name, key.default)
+                .unwrap_or_else(|e| panic!("{}: default {:?} refused: {e}", key.name, key.default));
+            let mut expected = Config::default();
+            if name.contains(".actions.") {
+                expected.senders.insert("billing".into(), Vec::new());
+            }
+            assert_eq!(
+                config, expected,
+                "{}: the table's default is not the default",
+                key.name
+            );
+        }
+        // Every fixed key is accepted, and its environment name reaches it.
+        for key in KEYS.iter().filter(|k| k.is_fixed()) {
+            let config = Config::default();
+            assert_eq!(
+                env_key(&key.env(), &config).as_deref(),
+                Some(key.name),
+                "{}",
+                key.name
+            );
+        }
+        assert!(Config::default().set("common.intracom.nope", "1").is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Exactly-once effect on top of at-least-once delivery (seed 003's IdempotencyStore).
+//! Exactly-once effect on top of at-least-once delivery.
 //!
 //! Why it exists: the bus delivers at least once (a restart re-delivers the in-flight
 //! messages, a crashed worker's job runs again, every instance of a service receives a

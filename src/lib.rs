@@ -31,7 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 //! ```
 //!
-//! Layers, top to bottom (DESIGN §2): the [`Intracom`] handle; the [delivery
+//! Layers, top to bottom: the [`Intracom`] handle; the [delivery
 //! machinery](delivery) (subscriptions, acks, checkpoints); the [`Medium`] trait; one
 //! module per medium under [`medium`].
 
@@ -73,3 +73,34 @@ pub use medium::{Capabilities, DeadLetter, Medium};
 pub use message::{DeliveryMode, Lease, Message, MessageType, State};
 pub use outbox::OutboxRemoval;
 pub use work::{Request, WorkOptions, Worker};
+
+/// The README's and the guide's Rust blocks, compiled as doctests (those not marked
+/// `no_run` also run): `cargo test --doc` is the guide's `mdbook test`. A page with
+/// Rust blocks that is not listed here fails `tests/docs.rs`.
+#[cfg(doctest)]
+mod guide_doctests {
+    #[doc = include_str!("../README.md")]
+    pub struct Readme;
+    #[doc = include_str!("../docs/src/getting-started.md")]
+    pub struct GettingStarted;
+    #[doc = include_str!("../docs/src/concepts/message.md")]
+    pub struct ConceptsMessage;
+    #[doc = include_str!("../docs/src/concepts/catalog.md")]
+    pub struct ConceptsCatalog;
+    #[doc = include_str!("../docs/src/concepts/subscriptions.md")]
+    pub struct ConceptsSubscriptions;
+    #[doc = include_str!("../docs/src/patterns/request-reply.md")]
+    pub struct PatternsRequestReply;
+    #[doc = include_str!("../docs/src/patterns/work-queues.md")]
+    pub struct PatternsWorkQueues;
+    #[doc = include_str!("../docs/src/patterns/dead-letters.md")]
+    pub struct PatternsDeadLetters;
+    #[doc = include_str!("../docs/src/patterns/exactly-once.md")]
+    pub struct PatternsExactlyOnce;
+    #[doc = include_str!("../docs/src/media/memory.md")]
+    pub struct MediaMemory;
+    #[doc = include_str!("../docs/src/operating/checklist.md")]
+    pub struct OperatingChecklist;
+    #[doc = include_str!("../docs/src/testing.md")]
+    pub struct Testing;
+}

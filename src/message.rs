@@ -1,7 +1,7 @@
 //! The message: one document on the bus.
 //!
 //! Why it exists: every medium stores and every consumer reads the same shape, with
-//! the field names of the seed documents (`serviceNameSource`, `serviceNameDest`,
+//! the field names of the Intracom message format (`serviceNameSource`, `serviceNameDest`,
 //! `type`, `action`, `query`, `queryId`, `state`, `query_ts`…) so that a person reading
 //! the collection in mongosh recognises it. The order stamp `ts` and the wall time
 //! `at` are written by the medium (the database server's clock for MongoDB), never by
@@ -18,7 +18,7 @@ use crate::error::{Error, PayloadError, Result};
 /// Longest accepted service, instance or action name, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
 
-/// What kind of exchange a message belongs to (seed 001's `QueryType`).
+/// What kind of exchange a message belongs to (`type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "gateway", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -85,7 +85,7 @@ impl DeliveryMode {
     }
 }
 
-/// The state of a request (seed 001's `QueryState`).
+/// The state of a request (`state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "gateway", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]

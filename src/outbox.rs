@@ -1,4 +1,4 @@
-//! The outbox: publishes that the medium could not take yet (seed 003's MessageStore).
+//! The outbox: publishes that the medium could not take yet.
 //!
 //! Why it exists: `publish` must never drop a message silently. When the medium is
 //! unreachable (a retryable error: network down, no primary, server selection time-out)

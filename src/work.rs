@@ -1,4 +1,4 @@
-//! Request/reply and work queues on top of the bus (seeds 001 and 002).
+//! Request/reply and work queues on top of the bus.
 //!
 //! Why it exists: besides broadcasts, services call each other and hand out work that
 //! exactly one instance must do. Both are `delivery: one` messages with
@@ -20,8 +20,8 @@
 //! passes, the request is marked `state: error` ("timed out") and the caller gets
 //! [`Error::Timeout`]. A caller that stops waiting first (drops the request's future)
 //! marks it `state: error` ("abandoned") the same way, so that no worker runs it for
-//! no one. A handler served in the same process is called directly (seed
-//! 001's local route), and the settled request is still written to the medium as a
+//! no one. A handler served in the same process is called directly (the local route),
+//! and the settled request is still written to the medium as a
 //! record.
 
 use std::collections::BTreeSet;
@@ -248,7 +248,7 @@ impl<R: DeserializeOwned> Request<R> {
         tracing::Span::current().record("message_id", id.as_str());
 
         if let Some(handler) = bus.shared().routes.get(&self.service, &self.action) {
-            // Seed 001's local route: call the handler here, and keep the record.
+            // The local route: call the handler here, and keep the record.
             tracing::debug!(message_id = %id, "local route");
             let outcome = run_handler(&handler, prepared.message.clone()).await;
             let mut record = prepared.message;

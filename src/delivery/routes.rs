@@ -1,4 +1,4 @@
-//! The local route (seed 001): handlers served in this process, by (service, action).
+//! The local route: handlers served in this process, by (service, action).
 //!
 //! Why it exists: a request whose handler is served in the same process is called
 //! directly instead of crossing the medium. The bus holds the table; the work layer

@@ -116,7 +116,7 @@ impl Subscription {
     }
 
     /// Skip the messages this instance sent itself (a broadcast "to the other
-    /// instances" of seed 000). Default: they are delivered.
+    /// instances"). Default: they are delivered.
     pub fn exclude_own_instance(mut self) -> Self {
         self.exclude_own = true;
         self

@@ -1,6 +1,6 @@
 //! Who is calling: bearer tokens bound to a service identity, kept hashed.
 //!
-//! Why it exists: seed 002 asks for "authentication of producers and consumers". Over
+//! Why it exists: producers and consumers must be authenticated. Over
 //! HTTP anyone can claim to be any service, so the identity comes from the token, not
 //! from the request: a token bound to `service:billing` publishes, subscribes and asks
 //! only as `billing` (and the catalog still decides what `billing` may send); an

@@ -1,4 +1,4 @@
-//! Dead letters over HTTP: `POST /retry/{messageId}` (seed 002) and `/dead` to list,
+//! Dead letters over HTTP: `POST /retry/{messageId}` and `/dead` to list,
 //! show and purge them. Admin tokens only.
 //!
 //! Why it exists: what the bus could not deliver or do waits in the dead letters until

@@ -2,7 +2,7 @@
 //! and every operator.
 //!
 //! Why it exists: without it only Rust code that links this crate can use the bus, and
-//! an operator has only the CLI. The gateway serves seeds 002 and 003 over HTTP on top of
+//! an operator has only the CLI. The gateway serves the bus over HTTP on top of
 //! any medium: publish, subscribe as Server-Sent Events (resumable with
 //! `Last-Event-ID`), ack, request/reply, retry of dead letters, queues, the
 //! MessageStore and IdempotencyStore, Prometheus metrics and health probes, an OpenAPI
@@ -33,7 +33,7 @@
 //!
 //! One file per concept: [`auth`](Tokens) (tokens and identities), `extract` (JSON
 //! bodies, parameters, limits), `error`, `model` (the JSON shapes), `publish`
-//! (publish, request), `sse` (subscribe, ack), `queues`, `dead`, `stores` (seed 003),
+//! (publish, request), `sse` (subscribe, ack), `queues`, `dead`, `stores` (outbox and idempotency records),
 //! `stats`, `ops` (probes, metrics, catalog), `openapi`, `console` (the web console's
 //! assets), `server` (listening, TLS, shutdown).
 

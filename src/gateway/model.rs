@@ -2,7 +2,7 @@
 //!
 //! Why it exists: one definition of "a message as JSON", "a stamp", "a receipt" for
 //! every route and for the OpenAPI document, which is generated from these types. A
-//! message keeps the seed's field names (`serviceNameSource`, `serviceNameDest`,
+//! message keeps the field names of the Intracom message format (`serviceNameSource`, `serviceNameDest`,
 //! `type`, `action`, `query`, `queryId`, `state`…) so that it reads the same in mongosh,
 //! in `intracom tail --json` and over HTTP. Payloads are JSON objects; MongoDB's
 //! extended JSON (`{"$date": …}`, `{"$numberLong": …}`) is accepted on the way in and

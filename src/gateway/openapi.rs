@@ -27,7 +27,7 @@ use super::{dead, error, ops, publish, queues, sse, stats, stores, AppState};
         (name = "messages", description = "Publish, subscribe, ack, request"),
         (name = "queues", description = "Work per action of a service (admin)"),
         (name = "dead letters", description = "What could not be delivered or done (admin)"),
-        (name = "stores", description = "Seed 003: the MessageStore (outbox) and the IdempotencyStore (admin)"),
+        (name = "stores", description = "The MessageStore (outbox) and the IdempotencyStore (admin)"),
         (name = "operations", description = "Probes, metrics, stats, catalog"),
     )
 )]

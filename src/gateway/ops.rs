@@ -3,7 +3,7 @@
 //!
 //! Why it exists: a gateway in front of the bus is deployed like any HTTP service:
 //! Kubernetes-style probes decide whether to route to it, and Prometheus scrapes it
-//! (seed 002's latency monitoring with Prometheus/Grafana). Probes and metrics need no
+//! (latency monitoring with Prometheus/Grafana). Probes and metrics need no
 //! token; the catalog needs any valid one.
 
 use axum::extract::State;

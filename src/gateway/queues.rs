@@ -1,4 +1,4 @@
-//! Seed 002's queues over the bus: `GET /queues`, `POST /queues/create`,
+//! The work queues over the bus: `GET /queues`, `POST /queues/create`,
 //! `DELETE /queues/{service}/{action}`.
 //!
 //! Why it exists: in intracom a queue is not a separate object but the work

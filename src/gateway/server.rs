@@ -1,7 +1,7 @@
 //! Listening: plain HTTP or HTTPS (rustls, from certificate and key files), and a
 //! graceful stop.
 //!
-//! Why it exists: seed 002 asks for TLS on the channels. `axum-server` accepts TLS
+//! Why it exists: the channels must be able to use TLS. `axum-server` accepts TLS
 //! connections with rustls in front of the same router; the crypto provider is `ring`,
 //! chosen explicitly so that the process's other TLS users (the MongoDB driver) cannot
 //! make the choice ambiguous.

@@ -2,8 +2,8 @@
 //!
 //! Why it exists: an operator wants the state of the bus at a glance: how many messages
 //! by service, action, type and state; queue depths; how far each named subscription
-//! lags; how long deliveries through this gateway take (seed 002's "latency
-//! monitoring"). Counts come from the medium, latency from the deliveries this gateway
+//! lags; how long deliveries through this gateway take (latency
+//! monitoring). Counts come from the medium, latency from the deliveries this gateway
 //! streamed (the last [`LATENCY_WINDOW`]). Admin tokens only.
 
 use std::collections::VecDeque;

@@ -1,9 +1,9 @@
-//! Seed 003's two stores as REST resources: the MessageStore (`/messages`: messages not
+//! The two stores as REST resources: the MessageStore (`/messages`: messages not
 //! routed yet) over the outbox, and the IdempotencyStore (`/idempotency`) over the
 //! idempotency records. Admin tokens only.
 //!
-//! Why it exists: seed 003 asks for both stores as services with a REST API, so that
-//! every EventBus instance sees one source of truth. In intracom they already exist
+//! Why it exists: both stores are wanted as services with a REST API, so that
+//! every client of the bus sees one source of truth. In intracom they already exist
 //! inside the bus: the outbox keeps, in order, what the medium could not take yet and
 //! sends it when the medium is back; the `processed` records say which consumer
 //! handled which message, with its result. These routes show and edit them:

@@ -1,6 +1,6 @@
 //! The memory medium: the whole bus inside one process.
 //!
-//! Why it exists: a single-instance deployment (seed 000's `memory` mode) needs the
+//! Why it exists: a single-instance deployment (the `memory` mode) needs the
 //! same API without a server, and the conformance suite needs a medium with the exact
 //! semantics of the MongoDB design to hold every other medium to. This is not a mock:
 //!

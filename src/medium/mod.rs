@@ -2,7 +2,7 @@
 //!
 //! Why it exists: the bus and the delivery machinery above it know nothing of MongoDB,
 //! MQTT or memory. A medium promises a small set of operations with the semantics of
-//! the MongoDB design (DESIGN §2–§4), so the same conformance suite runs on each:
+//! the MongoDB medium, so the same conformance suite runs on each:
 //!
 //! - [`Medium::append`] stamps each message with the medium's clock (`ts`, strictly
 //!   increasing in the medium's order; `at`, wall time) and stores it once: appending an

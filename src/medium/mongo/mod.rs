@@ -1,7 +1,7 @@
 //! The MongoDB medium: the bus is one collection of a database the services share.
 //!
 //! Why it exists: it is the point of intracom. A message is a document in the
-//! messages collection (DESIGN §3), stamped by the server; subscribers follow the
+//! messages collection, stamped by the server; subscribers follow the
 //! collection's change stream (one per process, see `hub.rs`) from the position they
 //! last acknowledged (see `follower.rs`); on a standalone server, where change streams
 //! do not exist, they poll by `ts`.

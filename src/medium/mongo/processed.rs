@@ -1,5 +1,5 @@
-//! Reading and removing idempotency records (`processed`) one at a time: seed 003's
-//! IdempotencyStore as the gateway serves it (`GET`/`DELETE /idempotency/{messageId}`).
+//! Reading and removing idempotency records (`processed`) one at a time: the
+//! idempotency store as the gateway serves it (`GET`/`DELETE /idempotency/{messageId}`).
 //! Reserving and completing records is in `work.rs`.
 
 use bson::doc;

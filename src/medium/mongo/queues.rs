@@ -1,6 +1,6 @@
 //! The work queues as an operator sees them: counts per (service, action) and purging.
 //!
-//! Why it exists: the gateway's `GET /queues` and `DELETE /queues/…` (seed 002) show
+//! Why it exists: the gateway's `GET /queues` and `DELETE /queues/…` show
 //! and clear the work of each action. A queue is not a collection: it is the
 //! `delivery: one` messages of one `serviceNameDest` and `action` in the messages
 //! collection, plus their dead letters in `dead`.

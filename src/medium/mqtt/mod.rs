@@ -1,8 +1,8 @@
 //! The MQTT medium (`common.intracom.medium=mqtt`, feature `mqtt`): the bus over an
 //! MQTT 5 broker (Mosquitto, EMQX, HiveMQ…).
 //!
-//! Why it exists: seed 000 names an MQTT broker as one of the three media, and seed
-//! 001 routes remote calls over MQTT. Sites that run a broker instead of a shared
+//! Why it exists: an MQTT broker is one of the three media, and remote calls may be
+//! routed over MQTT. Sites that run a broker instead of a shared
 //! MongoDB get the same API. Each pattern of the bus maps to what MQTT 5 offers:
 //!
 //! | pattern | topics | QoS | properties |
