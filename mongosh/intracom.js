@@ -407,11 +407,16 @@
         const stopAt = o.maxTimeMS ? Date.now() + o.maxTimeMS : Infinity;
         let seen = 0;
         try {
-          while (Date.now() < stopAt && (!o.maxEvents || seen < o.maxEvents)) {
-            const event = stream.tryNext();
-            if (event === null) continue;
-            print(line(event.fullDocument));
-            seen += 1;
+          // The stream opens on its first read: say so once it follows.
+          let event = stream.tryNext();
+          print("(following " + names.messages + (o.maxEvents ? ` for ${o.maxEvents} message(s)` : "") + "; Ctrl-C stops)");
+          while (true) {
+            if (event !== null) {
+              print(line(event.fullDocument));
+              seen += 1;
+            }
+            if (Date.now() >= stopAt || (o.maxEvents && seen >= o.maxEvents)) break;
+            event = stream.tryNext();
           }
         } finally {
           stream.close();

@@ -7,6 +7,7 @@
 //! `$INTRACOM_MONGOSH` names another); without it these tests are reported as ignored
 //! with the reason.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -70,20 +71,7 @@ fn kit() -> PathBuf {
 /// Runs `script` in mongosh on `uri`, after loading the kit as `ic` on `database`;
 /// its stdout, with stderr appended when it failed.
 async fn shell(uri: &str, database: &str, script: &str) -> String {
-    let program = mongosh().expect("mongosh");
-    let kit = kit();
-    let eval = format!(
-        "load({kit:?}); const ic = intracom({database:?});\n{script}",
-        kit = kit.display().to_string()
-    );
-    let mut command = Command::new(program);
-    command
-        .args([uri, "--quiet", "--norc", "--eval", &eval])
-        .env("DO_NOT_TRACK", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = spawn_kept(command).expect("mongosh starts");
+    let child = spawn_kept(shell_command(uri, database, script)).expect("mongosh starts");
     let output = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::task::spawn_blocking(move || child.wait_with_output()),
@@ -100,6 +88,24 @@ async fn shell(uri: &str, database: &str, script: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// The mongosh command that runs `script` after loading the kit as `ic` on `database`.
+fn shell_command(uri: &str, database: &str, script: &str) -> Command {
+    let program = mongosh().expect("mongosh");
+    let kit = kit();
+    let eval = format!(
+        "load({kit:?}); const ic = intracom({database:?});\n{script}",
+        kit = kit.display().to_string()
+    );
+    let mut command = Command::new(program);
+    command
+        .args([uri, "--quiet", "--norc", "--eval", &eval])
+        .env("DO_NOT_TRACK", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
 }
 
 /// The first line of `output` that contains every one of `parts`.
@@ -410,6 +416,47 @@ print("== catalog"); ic.catalog();"#
         &section("catalog"),
         &["billing: invoice.render, marker, reload"],
     );
+
+    // The live tail shows a message published while it follows.
+    let mut tail = spawn_kept(shell_command(
+        &uri,
+        &database,
+        r#"ic.tail({ action: "reload" }, { maxEvents: 1, maxTimeMS: 60000 });"#,
+    ))
+    .expect("mongosh starts");
+    let stdout = tail.stdout.take().expect("piped stdout");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut shown = Vec::new();
+    let mut published = None;
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(90), lines.recv())
+            .await
+            .expect("the tail's output within the hang guard");
+        let Some(line) = line else { break };
+        if line.starts_with("(following") && published.is_none() {
+            let live = bus
+                .publish(Message::broadcast("reload").body(doc! { "live": true }))
+                .await
+                .expect("publish");
+            published = Some(live.id);
+        }
+        shown.push(line);
+    }
+    let status = tokio::task::spawn_blocking(move || tail.wait())
+        .await
+        .expect("its waiting task")
+        .expect("the tail's status");
+    let shown = shown.join("\n");
+    assert!(status.success(), "{shown}");
+    let live = published.unwrap_or_else(|| panic!("the tail never said it follows:\n{shown}"));
+    line_with(&shown, &[&live, "reload", r#"query={"live":true}"#]);
 
     worker.stop().await;
     bus.shutdown().await;
