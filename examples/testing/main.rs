@@ -18,7 +18,8 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use intracom::{Config, Intracom};
+use intracom::bson::doc;
+use intracom::{Config, Intracom, Message};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,7 +31,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .request("billing", "price.quote", &service::Quote { items: 4 })
         .await?;
     println!("4 items: {} cents", price.cents);
+
+    let (tx, mut charged) = tokio::sync::mpsc::unbounded_channel();
+    let orders = service::orders(&bus).await?;
+    let follower = tokio::spawn(service::follow_orders(bus.clone(), orders, tx));
+    for _ in 0..2 {
+        shop.publish(Message::broadcast("order.placed").body(doc! { "order": 7i64 }))
+            .await?;
+    }
+    for _ in 0..2 {
+        match charged.recv().await {
+            Some((cents, true)) => println!("order 7: charged {cents} cents"),
+            Some((_, false)) => println!("order 7 again: already charged"),
+            None => break,
+        }
+    }
     quotes.stop().await;
     bus.shutdown().await;
+    follower.await??;
     Ok(())
 }
