@@ -188,3 +188,40 @@ async fn mongodb_charges_an_order_announced_twice_once() {
     })
     .await;
 }
+
+/// The guide's "Testing your service" page shows this example's code as it is: each of
+/// its `rust,ignore` blocks is a passage of `service.rs` or `tests.rs`, and its compose
+/// file is the repository's.
+#[test]
+fn the_guide_shows_this_code_as_it_is() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| {
+        std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let page = read("docs/src/testing.md");
+    let code = read("examples/testing/service.rs") + &read("examples/testing/tests.rs");
+    let compose = read("docker-compose.yml");
+    let mut shown = 0;
+    let mut lines = page.lines();
+    while let Some(line) = lines.next() {
+        let Some(info) = line.strip_prefix("```") else {
+            continue;
+        };
+        let mut body = String::new();
+        for line in lines.by_ref().take_while(|l| !l.starts_with("```")) {
+            body.push_str(line);
+            body.push('\n');
+        }
+        let source = match info {
+            "rust,ignore" => &code,
+            "yaml" if body.contains("image: mongo") => &compose,
+            _ => continue,
+        };
+        assert!(
+            source.contains(&body),
+            "docs/src/testing.md shows code that is not in the example as written:\n{body}"
+        );
+        shown += 1;
+    }
+    assert!(shown >= 6, "only {shown} blocks of the page checked");
+}
