@@ -99,6 +99,7 @@
     ];
     if (m.delivery === "one") parts.push("one");
     if (m.state) parts.push("state=" + m.state);
+    if (m.priority !== undefined && num(m.priority) !== 0) parts.push("priority=" + num(m.priority));
     if (m.queryId) parts.push("queryId=" + m.queryId);
     if (m.attempts) parts.push("attempts=" + m.attempts);
     if (m.lease) parts.push(`lease=${m.lease.owner}@${showDate(m.lease.at)}+${m.lease.ms}ms`);
