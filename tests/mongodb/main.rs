@@ -23,6 +23,7 @@ mod servers;
 mod cli;
 mod divergences;
 mod faults;
+mod mongosh;
 mod specific;
 
 use std::sync::Arc;
@@ -159,6 +160,8 @@ pub struct Check {
     /// Whether the test starts and stops servers of its own (faults): a mongod named by
     /// URI cannot be killed and restarted by the harness.
     pub owns_server: bool,
+    /// Why a tool the test needs is missing here, if it is (checked before it runs).
+    pub missing: Option<fn() -> Option<String>>,
     /// The test, given the target.
     pub run: for<'a> fn(&'a Target) -> BoxFuture<'a, ()>,
 }
@@ -169,6 +172,7 @@ macro_rules! check {
         $crate::Check {
             name: stringify!($name),
             owns_server: false,
+            missing: None,
             run: |t| Box::pin($name(t)),
         }
     };
@@ -176,6 +180,15 @@ macro_rules! check {
         $crate::Check {
             name: stringify!($name),
             owns_server: true,
+            missing: None,
+            run: |t| Box::pin($name(t)),
+        }
+    };
+    ($name:ident, mongosh) => {
+        $crate::Check {
+            name: stringify!($name),
+            owns_server: false,
+            missing: Some($crate::mongosh::unavailable),
             run: |t| Box::pin($name(t)),
         }
     };
@@ -194,6 +207,7 @@ fn main() {
         .into_iter()
         .chain(cli::checks())
         .chain(faults::checks())
+        .chain(mongosh::checks())
         .collect();
     for target in Target::all() {
         let unavailable = target.unavailable();
@@ -210,6 +224,9 @@ fn main() {
             let name = format!("{}::{}", target.short(), check.name);
             let skip = match (&unavailable, &target) {
                 (Some(reason), _) => Some(reason.clone()),
+                (None, _) if check.missing.and_then(|missing| missing()).is_some() => {
+                    check.missing.and_then(|missing| missing())
+                }
                 (None, Target::Mongod) if check.owns_server => Some(
                     "needs a server the harness starts, kills and restarts (SecantusDB targets)"
                         .to_string(),
