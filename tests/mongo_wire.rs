@@ -485,7 +485,9 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
         "position": { "ts": ts(1), "token": { "id": "m1", "rt": { "_data": "t1" }, "ct": ts(1) } },
     };
     accept_checkpoints(&peer, Some(saved));
-    // First the shared stream (cursor 101), then the subscriber's own resumed stream (102).
+    // First the shared stream (cursor 101), then the subscriber's own resumed stream
+    // (102), from a safety window before the saved position: m1 (the checkpoint's
+    // message, delivered before), then m2.
     peer.queue(
         "aggregate",
         vec![
@@ -493,11 +495,10 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
             Reply::Doc(cursor_reply(
                 102,
                 "firstBatch",
-                vec![insert_event(
-                    "t2",
-                    stored_message("m2", "reload", ts(2)),
-                    ts(2),
-                )],
+                vec![
+                    insert_event("t1", stored_message("m1", "reload", ts(1)), ts(1)),
+                    insert_event("t2", stored_message("m2", "reload", ts(2)), ts(2)),
+                ],
                 "t2",
             )),
         ],
@@ -536,9 +537,12 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
     let aggregates = peer.wait_for("aggregate", 2).await;
     let resumed = change_stream_stage(&aggregates[1]);
     assert_eq!(
-        resumed.get_document("resumeAfter").unwrap(),
-        &doc! { "_data": "t1" },
-        "resumes after the saved token"
+        resumed.get_timestamp("startAtOperationTime").unwrap(),
+        Timestamp {
+            time: ts(1).time - 2,
+            increment: 0
+        },
+        "resumes a safety window before the saved position, to learn what it delivered"
     );
     let stages = aggregates[1].get_array("pipeline").unwrap();
     let matched = stages[1]
@@ -1979,4 +1983,147 @@ async fn idempotency_reserves_with_a_server_stamped_upsert_and_reads_the_holder_
         peer.commands_named("hello").len() + peer.commands_named("isMaster").len() > 0,
         "the server's clock is read to judge a holder"
     );
+}
+
+/// Whether an `aggregate` opens a named subscriber's own stream (its `$match` carries
+/// the subscriber's filter), not the process's shared one.
+fn is_subscriber_stream(aggregate: &Document) -> bool {
+    format!("{aggregate}").contains("fullDocument.action")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_named_subscription_caught_up_by_ts_delivers_nothing_acked_before_its_checkpoint(
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // The previous run of the process was delivered m3, m4 and m5 (in that order, from a
+    // change stream) and acked them: its checkpoint is m5. This run resumes, and then a
+    // lost connection makes it catch up from the collection by `ts`, whose look-back
+    // window reads m3..m5 again (with m6, written during the outage). Only m6 is new.
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let saved = doc! {
+        "_id": "billing-cache",
+        "position": { "ts": ts(5), "token": { "id": "m5", "rt": { "_data": "t5" }, "ct": ts(5) } },
+    };
+    accept_checkpoints(&peer, Some(saved));
+    let (m3, m4, m5, m6) = (
+        stored_message("m3", "reload", ts(3)),
+        stored_message("m4", "reload", ts(4)),
+        stored_message("m5", "reload", ts(5)),
+        stored_message("m6", "reload", ts(6)),
+    );
+    // The streams answer as mongod would: the subscriber's stream after t5 has nothing
+    // yet; from an operation time, it has m3..m5 first. The shared stream is cursor 101,
+    // and 104 once it is restarted; the driver's own resume of 101 fails.
+    let before = vec![
+        insert_event("t3", m3.clone(), ts(3)),
+        insert_event("t4", m4.clone(), ts(4)),
+        insert_event("t5", m5.clone(), ts(5)),
+    ];
+    let mut shared_streams = 0;
+    peer.on("aggregate", move |c| {
+        let stage = change_stream_stage(c);
+        if is_subscriber_stream(c) {
+            let events = if stage.contains_key("startAtOperationTime") {
+                before.clone()
+            } else {
+                vec![]
+            };
+            return Some(Reply::Doc(cursor_reply(102, "firstBatch", events, "t5")));
+        }
+        if stage.contains_key("resumeAfter") {
+            return Some(Reply::Drop);
+        }
+        shared_streams += 1;
+        let cursor = if shared_streams == 1 { 101 } else { 104 };
+        Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t5")))
+    });
+    script_get_more(&peer, 102, vec![], "t5");
+    // The shared stream's connection is lost once the subscriber has handed over to it
+    // (its own stream closed).
+    let closed = Arc::new(AtomicBool::new(false));
+    let closing = Arc::clone(&closed);
+    peer.on("killCursors", move |c| {
+        if c.get_array("cursors")
+            .is_ok_and(|k| k.contains(&Bson::Int64(102)))
+        {
+            closing.store(true, Ordering::SeqCst);
+        }
+        None
+    });
+    let mut dropped = false;
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        if !dropped && closed.load(Ordering::SeqCst) {
+            dropped = true;
+            return Some(Reply::Drop);
+        }
+        Some(Reply::After(
+            Duration::from_millis(100),
+            cursor_reply(101, "nextBatch", vec![], "t5"),
+        ))
+    });
+    let scanned = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&scanned);
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let batch = vec![m3.clone(), m4.clone(), m5.clone(), m6.clone()];
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    // m7 comes on the restarted shared stream after the catch-up.
+    let mut m7 = Some(insert_event(
+        "t7",
+        stored_message("m7", "reload", ts(7)),
+        ts(7),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(104) {
+            return None;
+        }
+        let event = if scanned.load(Ordering::SeqCst) {
+            m7.take()
+        } else {
+            None
+        };
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(104, "nextBatch", vec![event], "t7")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(104, "nextBatch", vec![], "t7"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
+        .await
+        .unwrap();
+    let got = vec![next_id(&mut sub).await, next_id(&mut sub).await];
+    assert_eq!(
+        got,
+        ["m6", "m7"],
+        "what was acked before the restart is not delivered again"
+    );
+    let resumed = peer
+        .commands_named("aggregate")
+        .into_iter()
+        .find(is_subscriber_stream)
+        .unwrap();
+    assert_eq!(
+        change_stream_stage(&resumed)
+            .get_timestamp("startAtOperationTime")
+            .unwrap(),
+        Timestamp {
+            time: ts(5).time - 2,
+            increment: 0
+        },
+        "the subscriber's stream starts a safety window before its checkpoint"
+    );
+    bus.shutdown().await;
 }

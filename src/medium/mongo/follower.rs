@@ -2,8 +2,12 @@
 //!
 //! A follower is in one of three modes:
 //! - **ring**: reading the hub's ring of recent change events (the steady state);
-//! - **stream**: resuming from a saved resume token on a temporary change stream of
-//!   its own (`resumeAfter`), exact in order, until it has caught up; it then hands
+//! - **stream**: resuming from a saved position on a temporary change stream of its
+//!   own, exact in order, until it has caught up. The stream starts a safety window
+//!   before the position (`startAtOperationTime`): the events up to the position's own
+//!   were delivered before the restart, and are only remembered (see `Replay`), so
+//!   that a later catch-up by `ts` does not deliver them again; where the server cannot
+//!   start there, it resumes after the saved token (`resumeAfter`). It then hands
 //!   over to the ring at the first event whose `clusterTime` is at or after its last
 //!   one, skipping the ids it already delivered (`clusterTime` is not unique: one
 //!   transaction, or from 8.0 a batch, shares it), and closes its stream;
@@ -66,11 +70,34 @@ enum Mode {
         last_cluster_time: Timestamp,
         /// `Inner::stream_interruptions` before the stream was opened.
         generation: u64,
+        /// While the stream reads the events before the checkpoint (see [`Replay`]).
+        replay: Option<Box<Replay>>,
+    },
+    /// Opening a resumed stream again from the checkpoint (its reading of the events
+    /// before the checkpoint was interrupted): retried with back-off.
+    Resume {
+        position: Position,
     },
     Scan {
         lower: Timestamp,
         tip_before: Option<u64>,
     },
+}
+
+/// A resumed follower's stream starts a safety window before its checkpoint, not
+/// after it: the events up to the checkpoint's own are what the subscription was
+/// delivered before it restarted (a stream delivers in commit order, and the checkpoint
+/// only moves over acked deliveries). They are not delivered again, only remembered as
+/// delivered, so that a catch-up by `ts` later (a lost connection, a gap in the ring)
+/// skips them, as it skips what this process delivered. Without them a resumed
+/// follower knows only its checkpoint's own id, and a catch-up within a safety window
+/// of the restart delivers again what was acked before it.
+struct Replay {
+    /// The checkpoint's event: its cluster time and message id.
+    cluster_time: Timestamp,
+    id: String,
+    /// The checkpoint, to resume after its token if the stream cannot get there.
+    position: Position,
 }
 
 pub(crate) struct Follower {
@@ -288,7 +315,7 @@ impl Follower {
                 },
                 tip_before: None,
             },
-            StartFrom::After(position) => follower.resume(position).await?,
+            StartFrom::After(position) => follower.resume(position, true).await?,
         };
         Ok(follower)
     }
@@ -297,12 +324,16 @@ impl Follower {
         u32::try_from(self.inner.db_config.safety_window_ms.div_ceil(1000)).unwrap_or(u32::MAX)
     }
 
-    async fn resume(&mut self, position: Position) -> Result<Mode> {
+    /// Where a follower from a saved position starts. With `replay`, its stream starts a
+    /// safety window before the checkpoint (see [`Replay`]); without it (or when the
+    /// server cannot start there), after the checkpoint's resume token.
+    async fn resume(&mut self, position: Position, replay: bool) -> Result<Mode> {
         let token = position.token.clone().unwrap_or_default();
+        let window = self.window_secs();
         if let Ok(id) = token.get_str("id") {
-            self.recent.insert(position.ts, id, self.window_secs());
+            self.recent.insert(position.ts, id, window);
         }
-        self.last_ts = position.ts;
+        self.last_ts = self.last_ts.max(position.ts);
         let resume_token = token
             .get("rt")
             .cloned()
@@ -316,6 +347,45 @@ impl Follower {
             inserts.insert("operationType", "insert");
             let pipeline = vec![doc! { "$match": { "$or": [inserts, hub::ending_events()] } }];
             let generation = self.inner.stream_interruptions();
+            let id = token.get_str("id").ok().map(str::to_string);
+            if let (true, Some(id)) = (replay, id) {
+                // A message's stamp is a tick of the server's clock taken before its
+                // write's oplog time (`$currentDate` runs as the update is applied, the
+                // oplog time is taken as the write is logged): every message a catch-up
+                // from this checkpoint could read again (stamped after the window
+                // before it) has its event at or after this start.
+                match hub::open_at(
+                    &self.inner,
+                    pipeline.clone(),
+                    minus_window(position.ts, window),
+                )
+                .await
+                {
+                    Ok(stream) => {
+                        tracing::debug!(
+                            "resuming from a saved position: reading the window before it"
+                        );
+                        return Ok(Mode::Stream {
+                            stream: Box::new(stream),
+                            last_cluster_time: ct,
+                            generation,
+                            replay: Some(Box::new(Replay {
+                                cluster_time: ct,
+                                id,
+                                position,
+                            })),
+                        });
+                    }
+                    Err(e) if is_transient(&e) => return Err(to_error(e)),
+                    Err(e) => {
+                        // History gone for the window (a small oplog), or a server
+                        // that does not start at an operation time: resume after the
+                        // token. A catch-up within a window of this restart may then
+                        // deliver again what was acked before it.
+                        tracing::warn!(error = %e, "the window before the saved position cannot be read from the change stream: resuming after its token");
+                    }
+                }
+            }
             match hub::open(&self.inner, pipeline, Some(rt)).await {
                 Ok(stream) => {
                     tracing::debug!("resuming from a saved resume token");
@@ -323,6 +393,7 @@ impl Follower {
                         stream: Box::new(stream),
                         last_cluster_time: ct,
                         generation,
+                        replay: None,
                     });
                 }
                 Err(e) if is_history_lost(&e) => {
@@ -675,6 +746,28 @@ impl Follower {
         }
     }
 
+    /// Offers a resumed stream's insert event; returns its cluster time.
+    async fn take_event(
+        &mut self,
+        event: mongodb::change_stream::event::ChangeStreamEvent<RawDocumentBuf>,
+        last_cluster_time: Timestamp,
+    ) -> Timestamp {
+        let ct = event.cluster_time.unwrap_or(last_cluster_time);
+        let token = bson::to_bson(&event.id).ok();
+        if let Some(raw) = &event.full_document {
+            match decode_raw(raw) {
+                Ok(message) => {
+                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                }
+                Err(reason) => {
+                    self.inner.count_unreadable();
+                    self.inner.dead_letter_raw(raw, reason).await;
+                }
+            }
+        }
+        ct
+    }
+
     /// Hands a caught-up temporary stream over to the ring, if the ring covers what
     /// follows `last_cluster_time`.
     fn handover_from_stream(&mut self, last_cluster_time: Timestamp) -> Option<Mode> {
@@ -726,6 +819,7 @@ impl Follower {
                 mut stream,
                 last_cluster_time,
                 generation,
+                mut replay,
             } => {
                 let next = tokio::select! {
                     _ = self.inner.closed.cancelled() => return Ok(()),
@@ -735,8 +829,85 @@ impl Follower {
                     // The driver may have resumed this stream by itself after a lost
                     // connection; it is not trusted to be gapless (see
                     // `Inner::stream_interruptions`). The scan re-reads what it held.
-                    self.mode = self.catch_up("connection lost under a resumed stream");
+                    // One still reading the window before its checkpoint reads it
+                    // again first.
+                    self.mode = match replay {
+                        Some(replay) => Mode::Resume {
+                            position: replay.position,
+                        },
+                        None => self.catch_up("connection lost under a resumed stream"),
+                    };
                     return Ok(());
+                }
+                if let Some(r) = replay.take() {
+                    match next {
+                        Ok(Some(event))
+                            if !hub::is_ending(&event.operation_type)
+                                && event.cluster_time.is_some_and(|ct| ct <= r.cluster_time) =>
+                        {
+                            // At or before the checkpoint's event: delivered before the
+                            // restart. Remembered, not delivered.
+                            let window = self.window_secs();
+                            let mut at_checkpoint = false;
+                            if let Some(raw) = &event.full_document {
+                                if let (Ok(id), Ok(ts)) =
+                                    (raw.get_str("_id"), raw.get_timestamp("ts"))
+                                {
+                                    self.recent.insert(ts, id, window);
+                                    self.last_ts = self.last_ts.max(ts);
+                                    at_checkpoint = id == r.id;
+                                }
+                            }
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: (!at_checkpoint).then_some(r),
+                            };
+                            return Ok(());
+                        }
+                        Ok(Some(event)) if !hub::is_ending(&event.operation_type) => {
+                            // Past the checkpoint's cluster time without meeting its
+                            // event (a server that lost it): this one is new.
+                            tracing::debug!("resumed stream passed its checkpoint");
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: None,
+                            };
+                            self.take_event(event, last_cluster_time).await;
+                            return Ok(());
+                        }
+                        Ok(None) if stream.is_alive() => {
+                            // Not caught up before it reached the checkpoint: no hand-over.
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: Some(r),
+                            };
+                            return Ok(());
+                        }
+                        other => {
+                            // An ending event, a closed cursor or an error before the
+                            // checkpoint (the collection was dropped in the window
+                            // before it, say): resume after the checkpoint's token.
+                            let what = match &other {
+                                Ok(Some(event)) => format!("{:?}", event.operation_type),
+                                Ok(None) => "cursor closed".to_string(),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::warn!(%what, "the window before the saved position was not read to its end: resuming after its token");
+                            self.mode = match self.resume(r.position.clone(), false).await {
+                                Ok(mode) => mode,
+                                Err(_) => Mode::Resume {
+                                    position: r.position,
+                                },
+                            };
+                            return Ok(());
+                        }
+                    }
                 }
                 match next {
                     Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
@@ -746,23 +917,12 @@ impl Follower {
                         self.catch_up("the messages collection was dropped or renamed after the saved position")
                     }
                     Ok(Some(event)) => {
-                        let ct = event.cluster_time.unwrap_or(last_cluster_time);
-                        let token = bson::to_bson(&event.id).ok();
-                        if let Some(raw) = &event.full_document {
-                            match decode_raw(raw) {
-                                Ok(message) => {
-                                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
-                                }
-                                Err(reason) => {
-                                    self.inner.count_unreadable();
-                                    self.inner.dead_letter_raw(raw, reason).await;
-                                }
-                            }
-                        }
+                        let ct = self.take_event(event, last_cluster_time).await;
                         Mode::Stream {
                             stream,
                             last_cluster_time: ct,
                             generation,
+                            replay: None,
                         }
                     }
                     Ok(None) if !stream.is_alive() => {
@@ -781,6 +941,7 @@ impl Follower {
                             stream,
                             last_cluster_time,
                             generation,
+                            replay: None,
                         },
                     },
                     Err(e) if is_history_lost(&e) => {
@@ -795,6 +956,21 @@ impl Follower {
                     }
                 }
             }
+            Mode::Resume { position } => match self.resume(position.clone(), true).await {
+                Ok(next) => {
+                    self.backoff = Duration::from_millis(100);
+                    next
+                }
+                Err(error) => {
+                    tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "resuming from the saved position failed: retrying");
+                    tokio::select! {
+                        _ = self.inner.closed.cancelled() => {}
+                        _ = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    Mode::Resume { position }
+                }
+            },
             Mode::Scan { lower, tip_before } => match self.scan(lower, tip_before).await {
                 Ok(next) => {
                     self.backoff = Duration::from_millis(100);

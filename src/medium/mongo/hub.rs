@@ -278,6 +278,22 @@ pub(crate) async fn open(
     Ok(stream.with_type())
 }
 
+/// A stream of the events at or after `start` (`startAtOperationTime`: "at or after",
+/// so the event at `start` itself comes too).
+pub(crate) async fn open_at(
+    inner: &Inner,
+    pipeline: Vec<Document>,
+    start: Timestamp,
+) -> mongodb::error::Result<Events> {
+    let stream = inner
+        .stream_messages
+        .watch()
+        .pipeline(pipeline)
+        .start_at_operation_time(start)
+        .await?;
+    Ok(stream.with_type())
+}
+
 /// What starting the hub found.
 pub(crate) enum Started {
     Hub(Arc<Hub>),
