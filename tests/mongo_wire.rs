@@ -2127,3 +2127,110 @@ async fn a_restarted_named_subscription_caught_up_by_ts_delivers_nothing_acked_b
     );
     bus.shutdown().await;
 }
+
+/// A stamp `secs` seconds after [`ts`]'s.
+fn ts_at(secs: u32, increment: u32) -> Timestamp {
+    Timestamp {
+        time: ts(0).time + secs,
+        increment,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_from_a_stream_that_lived_through_a_lost_connection_is_not_delivered_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // A subscriber from the beginning reads e and m (5 s apart: more than the safety
+    // window of 2 s) from the collection. Meanwhile the shared stream loses its
+    // connection, and the driver's own resume of it reports e, which the catch-up
+    // already delivered (and, more than a window older than m, no longer remembers by
+    // id). The stream lived through a lost connection: it is restarted, and what it
+    // said after the loss is read from the collection, not from it.
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let (e, m) = (
+        stored_message("e", "reload", ts_at(0, 1)),
+        stored_message("m", "reload", ts_at(5, 1)),
+    );
+    let mut fresh = 0;
+    let resumed_event = insert_event("te", e.clone(), ts_at(0, 1));
+    peer.on("aggregate", move |c| {
+        if change_stream_stage(c).contains_key("resumeAfter") {
+            return Some(Reply::Doc(cursor_reply(
+                102,
+                "firstBatch",
+                vec![resumed_event.clone()],
+                "te",
+            )));
+        }
+        fresh += 1;
+        let cursor = if fresh == 1 { 101 } else { 103 };
+        Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t0")))
+    });
+    // The collection, read by `ts` above the scan's lower bound.
+    let scanned = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&scanned);
+    let (se, sm) = (e.clone(), m.clone());
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let lower = scan_lower(c).unwrap_or(ts(0));
+            let batch: Vec<Document> = [se.clone(), sm.clone()]
+                .into_iter()
+                .filter(|d| d.get_timestamp("ts").unwrap() > lower)
+                .collect();
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    // The shared stream's connection is lost once the catch-up has read the collection.
+    let gate = Arc::clone(&scanned);
+    let mut dropped = false;
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        if !dropped && gate.load(Ordering::SeqCst) {
+            dropped = true;
+            return Some(Reply::Drop);
+        }
+        Some(Reply::After(
+            Duration::from_millis(100),
+            cursor_reply(101, "nextBatch", vec![], "t0"),
+        ))
+    });
+    script_get_more(&peer, 102, vec![], "te");
+    // The restarted stream reports n once it has been asked for twice (after the
+    // catch-up that follows the restart).
+    let mut asked = 0;
+    let mut n = Some(insert_event(
+        "tn",
+        stored_message("n", "reload", ts_at(6, 1)),
+        ts_at(6, 1),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(103) {
+            return None;
+        }
+        asked += 1;
+        Some(match n.take_if(|_| asked > 2) {
+            Some(event) => Reply::Doc(cursor_reply(103, "nextBatch", vec![event], "tn")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(103, "nextBatch", vec![], "tn"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::new().from_beginning())
+        .await
+        .unwrap();
+    let got = vec![
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+    ];
+    assert_eq!(got, ["e", "m", "n"], "each once, in order");
+    bus.shutdown().await;
+}
