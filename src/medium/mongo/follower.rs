@@ -866,19 +866,6 @@ impl Follower {
                             };
                             return Ok(());
                         }
-                        Ok(Some(event)) if !hub::is_ending(&event.operation_type) => {
-                            // Past the checkpoint's cluster time without meeting its
-                            // event (a server that lost it): this one is new.
-                            tracing::debug!("resumed stream passed its checkpoint");
-                            self.mode = Mode::Stream {
-                                stream,
-                                last_cluster_time,
-                                generation,
-                                replay: None,
-                            };
-                            self.take_event(event, last_cluster_time).await;
-                            return Ok(());
-                        }
                         Ok(None) if stream.is_alive() => {
                             // Not caught up before it reached the checkpoint: no hand-over.
                             self.mode = Mode::Stream {
@@ -890,11 +877,19 @@ impl Follower {
                             return Ok(());
                         }
                         other => {
-                            // An ending event, a closed cursor or an error before the
-                            // checkpoint (the collection was dropped in the window
-                            // before it, say): resume after the checkpoint's token.
+                            // The stream did not come to the checkpoint's event: past its
+                            // cluster time without it (a server that started later than
+                            // asked, its history gone, instead of failing), an ending
+                            // event (the collection dropped in the window before it), a
+                            // closed cursor or an error. Resumed after the checkpoint's
+                            // token instead, the server says whether it still has it.
                             let what = match &other {
-                                Ok(Some(event)) => format!("{:?}", event.operation_type),
+                                Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
+                                    format!("{:?}", event.operation_type)
+                                }
+                                Ok(Some(_)) => {
+                                    "passed the saved position without its event".to_string()
+                                }
                                 Ok(None) => "cursor closed".to_string(),
                                 Err(e) => e.to_string(),
                             };
