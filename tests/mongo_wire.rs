@@ -1994,18 +1994,30 @@ fn is_subscriber_stream(aggregate: &Document) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_named_subscription_caught_up_by_ts_delivers_nothing_acked_before_its_checkpoint(
 ) {
+    // The checkpoint came from a change stream: its resume token and cluster time.
+    restarted_then_caught_up_by_ts(doc! { "id": "m5", "rt": { "_data": "t5" }, "ct": ts(5) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_named_subscription_whose_checkpoint_came_from_a_catch_up_delivers_nothing_acked_before_it(
+) {
+    // The checkpoint was saved while the subscription caught up by `ts`: only its id.
+    restarted_then_caught_up_by_ts(doc! { "id": "m5" }).await;
+}
+
+/// The previous run of the process was delivered m3, m4 and m5 (in that order) and
+/// acked them: its checkpoint is m5 (`token`). This run resumes, and then a lost
+/// connection makes it catch up from the collection by `ts`, whose look-back window
+/// reads m3..m5 again (with m6, written during the outage). Only m6 is new.
+async fn restarted_then_caught_up_by_ts(token: Document) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    // The previous run of the process was delivered m3, m4 and m5 (in that order, from a
-    // change stream) and acked them: its checkpoint is m5. This run resumes, and then a
-    // lost connection makes it catch up from the collection by `ts`, whose look-back
-    // window reads m3..m5 again (with m6, written during the outage). Only m6 is new.
     let peer = Peer::replica_set().await;
     peer.accept_setup();
     accept_catalog(&peer);
     let saved = doc! {
         "_id": "billing-cache",
-        "position": { "ts": ts(5), "token": { "id": "m5", "rt": { "_data": "t5" }, "ct": ts(5) } },
+        "position": { "ts": ts(5), "token": token },
     };
     accept_checkpoints(&peer, Some(saved));
     let (m3, m4, m5, m6) = (

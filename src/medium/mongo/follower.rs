@@ -93,11 +93,24 @@ enum Mode {
 /// follower knows only its checkpoint's own id, and a catch-up within a safety window
 /// of the restart delivers again what was acked before it.
 struct Replay {
-    /// The checkpoint's event: its cluster time and message id.
-    cluster_time: Timestamp,
+    /// The checkpoint's event's cluster time, when the checkpoint came from a stream.
+    cluster_time: Option<Timestamp>,
+    /// The checkpoint's message.
     id: String,
-    /// The checkpoint, to resume after its token if the stream cannot get there.
+    /// The checkpoint, to resume from it otherwise if the stream cannot get there.
     position: Position,
+}
+
+impl Replay {
+    /// Whether a message whose event comes before the checkpoint's was delivered before
+    /// the checkpoint's. From a stream, yes: it delivered in commit order. From a scan
+    /// (a checkpoint saved during a catch-up by `ts`), only what is at or before the
+    /// checkpoint in `(ts, _id)` order: a pass delivers in that order, and a message
+    /// after it was not read before it (it was delivered later, by a later pass or the
+    /// stream, or not yet: it is delivered now).
+    fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
+        self.cluster_time.is_some() || (ts, id) <= (self.position.ts, self.id.as_str())
+    }
 }
 
 pub(crate) struct Follower {
@@ -339,7 +352,7 @@ impl Follower {
             .cloned()
             .and_then(|rt| bson::from_bson::<ResumeToken>(rt).ok());
         let cluster_time = token.get_timestamp("ct").ok();
-        if let (Some(_), Some(rt), Some(ct)) = (&self.hub, resume_token, cluster_time) {
+        if self.hub.is_some() {
             // Inserts this subscriber wants, and the events that end the stream (a drop
             // of the collection after the saved position): those must reach us, or the
             // stream would look silent instead of ended.
@@ -367,10 +380,13 @@ impl Follower {
                         );
                         return Ok(Mode::Stream {
                             stream: Box::new(stream),
-                            last_cluster_time: ct,
+                            last_cluster_time: cluster_time.unwrap_or(Timestamp {
+                                time: 0,
+                                increment: 0,
+                            }),
                             generation,
                             replay: Some(Box::new(Replay {
-                                cluster_time: ct,
+                                cluster_time,
                                 id,
                                 position,
                             })),
@@ -380,35 +396,37 @@ impl Follower {
                     Err(e) => {
                         // History gone for the window (a small oplog), or a server
                         // that does not start at an operation time: resume after the
-                        // token. A catch-up within a window of this restart may then
-                        // deliver again what was acked before it.
-                        tracing::warn!(error = %e, "the window before the saved position cannot be read from the change stream: resuming after its token");
+                        // token, or read the collection. A catch-up within a window of
+                        // this restart may then deliver again what was acked before it.
+                        tracing::warn!(error = %e, "the window before the saved position cannot be read from the change stream: resuming without it");
                     }
                 }
             }
-            match hub::open(&self.inner, pipeline, Some(rt)).await {
-                Ok(stream) => {
-                    tracing::debug!("resuming from a saved resume token");
-                    return Ok(Mode::Stream {
-                        stream: Box::new(stream),
-                        last_cluster_time: ct,
-                        generation,
-                        replay: None,
-                    });
-                }
-                Err(e) if is_history_lost(&e) => {
-                    tracing::warn!(error = %e, "saved resume token is past the oplog: catching up from the collection by ts");
-                    self.inner.count_history_lost();
-                    self.report_if_expired(position.ts);
-                }
-                Err(e) if is_transient(&e) => return Err(to_error(e)),
-                Err(e) => {
-                    // The server refuses the token for another reason (a position
-                    // from elsewhere: another deployment, a hand-made or damaged one):
-                    // its `ts` is still a place in the collection to read from.
-                    tracing::warn!(error = %e, "saved resume token refused by the server: catching up from the collection by ts");
-                    self.inner.count_fallback();
-                    self.report_if_expired(position.ts);
+            if let (Some(rt), Some(ct)) = (resume_token, cluster_time) {
+                match hub::open(&self.inner, pipeline, Some(rt)).await {
+                    Ok(stream) => {
+                        tracing::debug!("resuming from a saved resume token");
+                        return Ok(Mode::Stream {
+                            stream: Box::new(stream),
+                            last_cluster_time: ct,
+                            generation,
+                            replay: None,
+                        });
+                    }
+                    Err(e) if is_history_lost(&e) => {
+                        tracing::warn!(error = %e, "saved resume token is past the oplog: catching up from the collection by ts");
+                        self.inner.count_history_lost();
+                        self.report_if_expired(position.ts);
+                    }
+                    Err(e) if is_transient(&e) => return Err(to_error(e)),
+                    Err(e) => {
+                        // The server refuses the token for another reason (a position
+                        // from elsewhere: another deployment, a hand-made or damaged one):
+                        // its `ts` is still a place in the collection to read from.
+                        tracing::warn!(error = %e, "saved resume token refused by the server: catching up from the collection by ts");
+                        self.inner.count_fallback();
+                        self.report_if_expired(position.ts);
+                    }
                 }
             }
         }
@@ -840,23 +858,48 @@ impl Follower {
                     return Ok(());
                 }
                 if let Some(r) = replay.take() {
+                    let before_checkpoint =
+                        |event: &mongodb::change_stream::event::ChangeStreamEvent<
+                            RawDocumentBuf,
+                        >| {
+                            !hub::is_ending(&event.operation_type)
+                                && match r.cluster_time {
+                                    Some(checkpoint) => {
+                                        event.cluster_time.is_some_and(|ct| ct <= checkpoint)
+                                    }
+                                    None => true,
+                                }
+                        };
                     match next {
-                        Ok(Some(event))
-                            if !hub::is_ending(&event.operation_type)
-                                && event.cluster_time.is_some_and(|ct| ct <= r.cluster_time) =>
-                        {
+                        Ok(Some(event)) if before_checkpoint(&event) => {
                             // At or before the checkpoint's event: delivered before the
-                            // restart. Remembered, not delivered.
+                            // restart (see `Replay::delivered_before`). Remembered, not
+                            // delivered.
                             let window = self.window_secs();
                             let mut at_checkpoint = false;
+                            let mut known = true;
                             if let Some(raw) = &event.full_document {
                                 if let (Ok(id), Ok(ts)) =
                                     (raw.get_str("_id"), raw.get_timestamp("ts"))
                                 {
-                                    self.recent.insert(ts, id, window);
-                                    self.last_ts = self.last_ts.max(ts);
                                     at_checkpoint = id == r.id;
+                                    known = at_checkpoint || r.delivered_before(ts, id);
+                                    if known {
+                                        self.recent.insert(ts, id, window);
+                                        self.last_ts = self.last_ts.max(ts);
+                                    }
                                 }
+                            }
+                            let last_cluster_time = if at_checkpoint {
+                                event
+                                    .cluster_time
+                                    .unwrap_or(last_cluster_time)
+                                    .max(last_cluster_time)
+                            } else {
+                                last_cluster_time
+                            };
+                            if !known {
+                                self.take_event(event, last_cluster_time).await;
                             }
                             self.mode = Mode::Stream {
                                 stream,
@@ -866,7 +909,7 @@ impl Follower {
                             };
                             return Ok(());
                         }
-                        Ok(None) if stream.is_alive() => {
+                        Ok(None) if stream.is_alive() && r.cluster_time.is_some() => {
                             // Not caught up before it reached the checkpoint: no hand-over.
                             self.mode = Mode::Stream {
                                 stream,
@@ -879,10 +922,12 @@ impl Follower {
                         other => {
                             // The stream did not come to the checkpoint's event: past its
                             // cluster time without it (a server that started later than
-                            // asked, its history gone, instead of failing), an ending
-                            // event (the collection dropped in the window before it), a
-                            // closed cursor or an error. Resumed after the checkpoint's
-                            // token instead, the server says whether it still has it.
+                            // asked, its history gone, instead of failing), caught up
+                            // without it, an ending event (the collection dropped in the
+                            // window before it), a closed cursor or an error. Resumed
+                            // after the checkpoint's token instead, the server says
+                            // whether it still has it (without one, the collection is
+                            // read from the checkpoint's `ts`).
                             let what = match &other {
                                 Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
                                     format!("{:?}", event.operation_type)
@@ -890,10 +935,13 @@ impl Follower {
                                 Ok(Some(_)) => {
                                     "passed the saved position without its event".to_string()
                                 }
+                                Ok(None) if stream.is_alive() => {
+                                    "caught up without the saved position's event".to_string()
+                                }
                                 Ok(None) => "cursor closed".to_string(),
                                 Err(e) => e.to_string(),
                             };
-                            tracing::warn!(%what, "the window before the saved position was not read to its end: resuming after its token");
+                            tracing::warn!(%what, "the window before the saved position was not read to its end: resuming without it");
                             self.mode = match self.resume(r.position.clone(), false).await {
                                 Ok(mode) => mode,
                                 Err(_) => Mode::Resume {
