@@ -485,7 +485,9 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
         "position": { "ts": ts(1), "token": { "id": "m1", "rt": { "_data": "t1" }, "ct": ts(1) } },
     };
     accept_checkpoints(&peer, Some(saved));
-    // First the shared stream (cursor 101), then the subscriber's own resumed stream (102).
+    // First the shared stream (cursor 101), then the subscriber's own resumed stream
+    // (102), from a safety window before the saved position: m1 (the checkpoint's
+    // message, delivered before), then m2.
     peer.queue(
         "aggregate",
         vec![
@@ -493,11 +495,10 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
             Reply::Doc(cursor_reply(
                 102,
                 "firstBatch",
-                vec![insert_event(
-                    "t2",
-                    stored_message("m2", "reload", ts(2)),
-                    ts(2),
-                )],
+                vec![
+                    insert_event("t1", stored_message("m1", "reload", ts(1)), ts(1)),
+                    insert_event("t2", stored_message("m2", "reload", ts(2)), ts(2)),
+                ],
                 "t2",
             )),
         ],
@@ -536,9 +537,12 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
     let aggregates = peer.wait_for("aggregate", 2).await;
     let resumed = change_stream_stage(&aggregates[1]);
     assert_eq!(
-        resumed.get_document("resumeAfter").unwrap(),
-        &doc! { "_data": "t1" },
-        "resumes after the saved token"
+        resumed.get_timestamp("startAtOperationTime").unwrap(),
+        Timestamp {
+            time: ts(1).time - 2,
+            increment: 0
+        },
+        "resumes a safety window before the saved position, to learn what it delivered"
     );
     let stages = aggregates[1].get_array("pipeline").unwrap();
     let matched = stages[1]
@@ -1979,4 +1983,368 @@ async fn idempotency_reserves_with_a_server_stamped_upsert_and_reads_the_holder_
         peer.commands_named("hello").len() + peer.commands_named("isMaster").len() > 0,
         "the server's clock is read to judge a holder"
     );
+}
+
+/// Whether an `aggregate` opens a named subscriber's own stream (its `$match` carries
+/// the subscriber's filter), not the process's shared one.
+fn is_subscriber_stream(aggregate: &Document) -> bool {
+    format!("{aggregate}").contains("fullDocument.action")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_named_subscription_caught_up_by_ts_delivers_nothing_acked_before_its_checkpoint(
+) {
+    // The checkpoint came from a change stream: its resume token and cluster time.
+    restarted_then_caught_up_by_ts(doc! { "id": "m5", "rt": { "_data": "t5" }, "ct": ts(5) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_named_subscription_whose_checkpoint_came_from_a_catch_up_delivers_nothing_acked_before_it(
+) {
+    // The checkpoint was saved while the subscription caught up by `ts`: only its id.
+    restarted_then_caught_up_by_ts(doc! { "id": "m5" }).await;
+}
+
+/// The previous run of the process was delivered m3, m4 and m5 (in that order) and
+/// acked them: its checkpoint is m5 (`token`). This run resumes, and then a lost
+/// connection makes it catch up from the collection by `ts`, whose look-back window
+/// reads m3..m5 again (with m6, written during the outage). Only m6 is new.
+async fn restarted_then_caught_up_by_ts(token: Document) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let saved = doc! {
+        "_id": "billing-cache",
+        "position": { "ts": ts(5), "token": token },
+    };
+    accept_checkpoints(&peer, Some(saved));
+    let (m3, m4, m5, m6) = (
+        stored_message("m3", "reload", ts(3)),
+        stored_message("m4", "reload", ts(4)),
+        stored_message("m5", "reload", ts(5)),
+        stored_message("m6", "reload", ts(6)),
+    );
+    // The streams answer as mongod would: the subscriber's stream after t5 has nothing
+    // yet; from an operation time, it has m3..m5 first. The shared stream is cursor 101,
+    // and 104 once it is restarted; the driver's own resume of 101 fails.
+    let before = vec![
+        insert_event("t3", m3.clone(), ts(3)),
+        insert_event("t4", m4.clone(), ts(4)),
+        insert_event("t5", m5.clone(), ts(5)),
+    ];
+    let mut shared_streams = 0;
+    peer.on("aggregate", move |c| {
+        let stage = change_stream_stage(c);
+        if is_subscriber_stream(c) {
+            let events = if stage.contains_key("startAtOperationTime") {
+                before.clone()
+            } else {
+                vec![]
+            };
+            return Some(Reply::Doc(cursor_reply(102, "firstBatch", events, "t5")));
+        }
+        if stage.contains_key("resumeAfter") {
+            return Some(Reply::Drop);
+        }
+        shared_streams += 1;
+        let cursor = if shared_streams == 1 { 101 } else { 104 };
+        Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t5")))
+    });
+    script_get_more(&peer, 102, vec![], "t5");
+    // The shared stream's connection is lost once the subscriber has handed over to it
+    // (its own stream closed).
+    let closed = Arc::new(AtomicBool::new(false));
+    let closing = Arc::clone(&closed);
+    peer.on("killCursors", move |c| {
+        if c.get_array("cursors")
+            .is_ok_and(|k| k.contains(&Bson::Int64(102)))
+        {
+            closing.store(true, Ordering::SeqCst);
+        }
+        None
+    });
+    let mut dropped = false;
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        if !dropped && closed.load(Ordering::SeqCst) {
+            dropped = true;
+            return Some(Reply::Drop);
+        }
+        Some(Reply::After(
+            Duration::from_millis(100),
+            cursor_reply(101, "nextBatch", vec![], "t5"),
+        ))
+    });
+    let scanned = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&scanned);
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let batch = vec![m3.clone(), m4.clone(), m5.clone(), m6.clone()];
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    // m7 comes on the restarted shared stream after the catch-up.
+    let mut m7 = Some(insert_event(
+        "t7",
+        stored_message("m7", "reload", ts(7)),
+        ts(7),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(104) {
+            return None;
+        }
+        let event = if scanned.load(Ordering::SeqCst) {
+            m7.take()
+        } else {
+            None
+        };
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(104, "nextBatch", vec![event], "t7")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(104, "nextBatch", vec![], "t7"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
+        .await
+        .unwrap();
+    let got = vec![next_id(&mut sub).await, next_id(&mut sub).await];
+    assert_eq!(
+        got,
+        ["m6", "m7"],
+        "what was acked before the restart is not delivered again"
+    );
+    let resumed = peer
+        .commands_named("aggregate")
+        .into_iter()
+        .find(is_subscriber_stream)
+        .unwrap();
+    assert_eq!(
+        change_stream_stage(&resumed)
+            .get_timestamp("startAtOperationTime")
+            .unwrap(),
+        Timestamp {
+            time: ts(5).time - 2,
+            increment: 0
+        },
+        "the subscriber's stream starts a safety window before its checkpoint"
+    );
+    bus.shutdown().await;
+}
+
+/// A stamp `secs` seconds after [`ts`]'s.
+fn ts_at(secs: u32, increment: u32) -> Timestamp {
+    Timestamp {
+        time: ts(0).time + secs,
+        increment,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_from_a_stream_that_lived_through_a_lost_connection_is_not_delivered_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // A subscriber from the beginning reads e and m (5 s apart: more than the safety
+    // window of 2 s) from the collection. Meanwhile the shared stream loses its
+    // connection, and the driver's own resume of it reports e, which the catch-up
+    // already delivered (and, more than a window older than m, no longer remembers by
+    // id). The stream lived through a lost connection: it is restarted, and what it
+    // said after the loss is read from the collection, not from it.
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let (e, m) = (
+        stored_message("e", "reload", ts_at(0, 1)),
+        stored_message("m", "reload", ts_at(5, 1)),
+    );
+    let mut fresh = 0;
+    let resumed_event = insert_event("te", e.clone(), ts_at(0, 1));
+    peer.on("aggregate", move |c| {
+        if change_stream_stage(c).contains_key("resumeAfter") {
+            return Some(Reply::Doc(cursor_reply(
+                102,
+                "firstBatch",
+                vec![resumed_event.clone()],
+                "te",
+            )));
+        }
+        fresh += 1;
+        let cursor = if fresh == 1 { 101 } else { 103 };
+        Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t0")))
+    });
+    // The collection, read by `ts` above the scan's lower bound.
+    let scanned = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&scanned);
+    let (se, sm) = (e.clone(), m.clone());
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let lower = scan_lower(c).unwrap_or(ts(0));
+            let batch: Vec<Document> = [se.clone(), sm.clone()]
+                .into_iter()
+                .filter(|d| d.get_timestamp("ts").unwrap() > lower)
+                .collect();
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    // The shared stream's connection is lost once the catch-up has read the collection.
+    let gate = Arc::clone(&scanned);
+    let mut dropped = false;
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        if !dropped && gate.load(Ordering::SeqCst) {
+            dropped = true;
+            return Some(Reply::Drop);
+        }
+        Some(Reply::After(
+            Duration::from_millis(100),
+            cursor_reply(101, "nextBatch", vec![], "t0"),
+        ))
+    });
+    script_get_more(&peer, 102, vec![], "te");
+    // The restarted stream reports n once it has been asked for twice (after the
+    // catch-up that follows the restart).
+    let mut asked = 0;
+    let mut n = Some(insert_event(
+        "tn",
+        stored_message("n", "reload", ts_at(6, 1)),
+        ts_at(6, 1),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(103) {
+            return None;
+        }
+        asked += 1;
+        Some(match n.take_if(|_| asked > 2) {
+            Some(event) => Reply::Doc(cursor_reply(103, "nextBatch", vec![event], "tn")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(103, "nextBatch", vec![], "tn"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::new().from_beginning())
+        .await
+        .unwrap();
+    let got = vec![
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+    ];
+    assert_eq!(got, ["e", "m", "n"], "each once, in order");
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // Stamps of whole seconds, as both test servers write them: "a" is stamped in the
+    // same second as "b" with a lower id, and commits after the catch-up read past
+    // (S, "b"). The scan cannot see it; the stream reports it after the hand-over, and
+    // it is delivered there, once (also when a later catch-up reads it again).
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let (a, b, d) = (
+        stored_message("a", "reload", ts_at(0, 0)),
+        stored_message("b", "reload", ts_at(0, 0)),
+        stored_message("d", "reload", ts_at(1, 0)),
+    );
+    let mut fresh = 0;
+    peer.on("aggregate", move |_| {
+        fresh += 1;
+        let cursor = if fresh == 1 { 101 } else { 103 };
+        Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t0")))
+    });
+    // The collection: b and d at the first read, a too afterwards; answered above the
+    // scan's lower bound, in (ts, _id) order.
+    let finds = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&finds);
+    let (sa, sb, sd) = (a.clone(), b.clone(), d.clone());
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            let lower = scan_lower(c).unwrap_or(ts(0));
+            let mut batch = vec![sb.clone(), sd.clone()];
+            if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                batch.insert(0, sa.clone());
+            }
+            batch.retain(|d| d.get_timestamp("ts").unwrap() > lower);
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    // Once the catch-up has read, the stream reports a, then loses its history (a new
+    // catch-up, which reads a again).
+    let read = Arc::clone(&finds);
+    let mut step = 0;
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        if read.load(Ordering::SeqCst) == 0 {
+            return Some(Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(101, "nextBatch", vec![], "t0"),
+            ));
+        }
+        step += 1;
+        Some(match step {
+            1 => Reply::Doc(cursor_reply(
+                101,
+                "nextBatch",
+                vec![insert_event("ta", a.clone(), ts_at(1, 7))],
+                "ta",
+            )),
+            _ => Reply::Doc(error(
+                286,
+                "ChangeStreamHistoryLost",
+                "Resume of change stream was not possible",
+            )),
+        })
+    });
+    // The restarted stream reports m after the second catch-up.
+    let read_again = Arc::clone(&finds);
+    let mut m = Some(insert_event(
+        "tm",
+        stored_message("m", "reload", ts_at(2, 0)),
+        ts_at(2, 1),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(103) {
+            return None;
+        }
+        let event = m.take_if(|_| read_again.load(Ordering::SeqCst) > 1);
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(103, "nextBatch", vec![event], "tm")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(103, "nextBatch", vec![], "tm"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::new().from_beginning())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next_id(&mut sub).await);
+    }
+    // a comes after d, stamped a second later: the order a catch-up cannot keep for a
+    // message that commits behind it (see the README's divergence table).
+    assert_eq!(got, ["b", "d", "a", "m"], "each once, none lost");
+    bus.shutdown().await;
 }

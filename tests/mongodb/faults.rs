@@ -31,6 +31,10 @@ pub fn checks() -> Vec<Check> {
             owns_server
         ),
         check!(fail_points_lose_and_double_nothing, owns_server),
+        check!(
+            a_named_subscriber_restarted_just_before_a_server_pause_delivers_nothing_it_acked,
+            owns_server
+        ),
     ]
 }
 
@@ -71,13 +75,21 @@ struct Seen {
 /// Subscribes (anchored when this returns), then consumes the named subscription in a
 /// task, acking each delivery.
 async fn collect(bus: &Intracom, name: &'static str) -> Arc<Mutex<Seen>> {
+    collecting(bus, name).await.0
+}
+
+/// [`collect`], with the consuming task (aborting it is a consumer killed mid-stream).
+async fn collecting(
+    bus: &Intracom,
+    name: &'static str,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let out = Arc::clone(&seen);
     let mut sub = bus
         .subscribe(Subscription::named(name))
         .await
         .unwrap_or_else(|e| panic!("subscribe: {e}"));
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(item) = sub.next().await {
             match item {
                 Ok(delivery) => {
@@ -104,7 +116,7 @@ async fn collect(bus: &Intracom, name: &'static str) -> Arc<Mutex<Seen>> {
             }
         }
     });
-    seen
+    (seen, task)
 }
 
 /// The ids the server holds in the messages collection, in `ts` order.
@@ -495,4 +507,80 @@ async fn fail_points_lose_and_double_nothing(t: &Target) {
     }
     publisher.shutdown().await;
     consumer.shutdown().await;
+}
+
+/// Sends `signal` to the server's process (SIGSTOP pauses it: connections stay open
+/// and unanswered, as on a stalled host; SIGCONT resumes it).
+fn signal(server: &Server, signal: i32) {
+    let pid = server.pid().expect("the server runs");
+    // SAFETY: kill(2) on a child process of this test; no memory is shared.
+    let sent = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(sent, 0, "kill({pid}, {signal})");
+}
+
+/// A named subscriber killed after acking a burst, restarted from its checkpoint, and a
+/// server paused for 3 s a second later (the catch-up by `ts` that follows reads a
+/// safety window before the checkpoint again): nothing acked before the restart is
+/// delivered again, and nothing is missed.
+async fn a_named_subscriber_restarted_just_before_a_server_pause_delivers_nothing_it_acked(
+    t: &Target,
+) {
+    let (server, uri) = own_server(t, Options::default());
+    // Heartbeats every 500 ms: the pause is noticed while it lasts.
+    let uri = format!("{uri}&heartbeatFrequencyMS=500");
+    let database = database_name();
+    let publisher = bus(&uri, &database, "billing-1").await;
+    let consumer = bus(&uri, &database, "billing-2").await;
+    let (seen, task) = collecting(&consumer, "ledger").await;
+    let first = publish_n(&publisher, 1).await;
+    wait_seen(&seen, &[first[0].0.clone()]).await;
+    // A burst well within a safety window (5 s) of the checkpoint.
+    let burst: Vec<String> = publish_n(&publisher, 30)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    wait_seen(&seen, &burst).await;
+    eventually("the burst is acked", HANG_GUARD, || async {
+        let seen = seen.lock().unwrap();
+        burst.iter().all(|id| seen.acked.contains(id))
+    })
+    .await;
+    let acked: HashSet<String> = seen.lock().unwrap().acked.clone();
+    // Killed: the consumer task gone mid-stream, without a shutdown of its
+    // subscription. (Its bus stays open, untouched, and is shut down at the end: a bus
+    // dropped without a shutdown leaves the driver's tasks to the runtime's end.)
+    task.abort();
+
+    let restarted = bus(&uri, &database, "billing-2").await;
+    let again = collect(&restarted, "ledger").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(&server, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(&server, libc::SIGCONT);
+    let after: Vec<String> = publish_n(&publisher, 5)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    outbox_drained(&publisher).await;
+    wait_seen(&again, &after).await;
+    {
+        let again = again.lock().unwrap();
+        let redelivered: Vec<&String> = again
+            .order
+            .iter()
+            .filter(|id| acked.contains(*id))
+            .collect();
+        assert!(
+            redelivered.is_empty(),
+            "delivered again after the restart, though acked before it: {redelivered:?} (all deliveries: {:?})",
+            again.order
+        );
+        assert_eq!(again.order, after, "the new messages, in order, each once");
+    }
+    publisher.shutdown().await;
+    restarted.shutdown().await;
+    consumer.shutdown().await;
+    drop(server);
 }

@@ -2,8 +2,12 @@
 //!
 //! A follower is in one of three modes:
 //! - **ring**: reading the hub's ring of recent change events (the steady state);
-//! - **stream**: resuming from a saved resume token on a temporary change stream of
-//!   its own (`resumeAfter`), exact in order, until it has caught up; it then hands
+//! - **stream**: resuming from a saved position on a temporary change stream of its
+//!   own, exact in order, until it has caught up. The stream starts a safety window
+//!   before the position (`startAtOperationTime`): the events up to the position's own
+//!   were delivered before the restart, and are only remembered (see `Replay`), so
+//!   that a later catch-up by `ts` does not deliver them again; where the server cannot
+//!   start there, it resumes after the saved token (`resumeAfter`). It then hands
 //!   over to the ring at the first event whose `clusterTime` is at or after its last
 //!   one, skipping the ids it already delivered (`clusterTime` is not unique: one
 //!   transaction, or from 8.0 a batch, shares it), and closes its stream;
@@ -66,11 +70,47 @@ enum Mode {
         last_cluster_time: Timestamp,
         /// `Inner::stream_interruptions` before the stream was opened.
         generation: u64,
+        /// While the stream reads the events before the checkpoint (see [`Replay`]).
+        replay: Option<Box<Replay>>,
+    },
+    /// Opening a resumed stream again from the checkpoint (its reading of the events
+    /// before the checkpoint was interrupted): retried with back-off.
+    Resume {
+        position: Position,
     },
     Scan {
         lower: Timestamp,
         tip_before: Option<u64>,
     },
+}
+
+/// A resumed follower's stream starts a safety window before its checkpoint, not
+/// after it: the events up to the checkpoint's own are what the subscription was
+/// delivered before it restarted (a stream delivers in commit order, and the checkpoint
+/// only moves over acked deliveries). They are not delivered again, only remembered as
+/// delivered, so that a catch-up by `ts` later (a lost connection, a gap in the ring)
+/// skips them, as it skips what this process delivered. Without them a resumed
+/// follower knows only its checkpoint's own id, and a catch-up within a safety window
+/// of the restart delivers again what was acked before it.
+struct Replay {
+    /// The checkpoint's event's cluster time, when the checkpoint came from a stream.
+    cluster_time: Option<Timestamp>,
+    /// The checkpoint's message.
+    id: String,
+    /// The checkpoint, to resume from it otherwise if the stream cannot get there.
+    position: Position,
+}
+
+impl Replay {
+    /// Whether a message whose event comes before the checkpoint's was delivered before
+    /// the checkpoint's. From a stream, yes: it delivered in commit order. From a scan
+    /// (a checkpoint saved during a catch-up by `ts`), only what is at or before the
+    /// checkpoint in `(ts, _id)` order: a pass delivers in that order, and a message
+    /// after it was not read before it (it was delivered later, by a later pass or the
+    /// stream, or not yet: it is delivered now).
+    fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
+        self.cluster_time.is_some() || (ts, id) <= (self.position.ts, self.id.as_str())
+    }
 }
 
 pub(crate) struct Follower {
@@ -288,7 +328,7 @@ impl Follower {
                 },
                 tip_before: None,
             },
-            StartFrom::After(position) => follower.resume(position).await?,
+            StartFrom::After(position) => follower.resume(position, true).await?,
         };
         Ok(follower)
     }
@@ -297,18 +337,22 @@ impl Follower {
         u32::try_from(self.inner.db_config.safety_window_ms.div_ceil(1000)).unwrap_or(u32::MAX)
     }
 
-    async fn resume(&mut self, position: Position) -> Result<Mode> {
+    /// Where a follower from a saved position starts. With `replay`, its stream starts a
+    /// safety window before the checkpoint (see [`Replay`]); without it (or when the
+    /// server cannot start there), after the checkpoint's resume token.
+    async fn resume(&mut self, position: Position, replay: bool) -> Result<Mode> {
         let token = position.token.clone().unwrap_or_default();
+        let window = self.window_secs();
         if let Ok(id) = token.get_str("id") {
-            self.recent.insert(position.ts, id, self.window_secs());
+            self.recent.insert(position.ts, id, window);
         }
-        self.last_ts = position.ts;
+        self.last_ts = self.last_ts.max(position.ts);
         let resume_token = token
             .get("rt")
             .cloned()
             .and_then(|rt| bson::from_bson::<ResumeToken>(rt).ok());
         let cluster_time = token.get_timestamp("ct").ok();
-        if let (Some(_), Some(rt), Some(ct)) = (&self.hub, resume_token, cluster_time) {
+        if self.hub.is_some() {
             // Inserts this subscriber wants, and the events that end the stream (a drop
             // of the collection after the saved position): those must reach us, or the
             // stream would look silent instead of ended.
@@ -316,28 +360,73 @@ impl Follower {
             inserts.insert("operationType", "insert");
             let pipeline = vec![doc! { "$match": { "$or": [inserts, hub::ending_events()] } }];
             let generation = self.inner.stream_interruptions();
-            match hub::open(&self.inner, pipeline, Some(rt)).await {
-                Ok(stream) => {
-                    tracing::debug!("resuming from a saved resume token");
-                    return Ok(Mode::Stream {
-                        stream: Box::new(stream),
-                        last_cluster_time: ct,
-                        generation,
-                    });
+            let id = token.get_str("id").ok().map(str::to_string);
+            if let (true, Some(id)) = (replay, id) {
+                // A message's stamp is a tick of the server's clock taken before its
+                // write's oplog time (`$currentDate` runs as the update is applied, the
+                // oplog time is taken as the write is logged): every message a catch-up
+                // from this checkpoint could read again (stamped after the window
+                // before it) has its event at or after this start.
+                match hub::open_at(
+                    &self.inner,
+                    pipeline.clone(),
+                    minus_window(position.ts, window),
+                )
+                .await
+                {
+                    Ok(stream) => {
+                        tracing::debug!(
+                            "resuming from a saved position: reading the window before it"
+                        );
+                        return Ok(Mode::Stream {
+                            stream: Box::new(stream),
+                            last_cluster_time: cluster_time.unwrap_or(Timestamp {
+                                time: 0,
+                                increment: 0,
+                            }),
+                            generation,
+                            replay: Some(Box::new(Replay {
+                                cluster_time,
+                                id,
+                                position,
+                            })),
+                        });
+                    }
+                    Err(e) if is_transient(&e) => return Err(to_error(e)),
+                    Err(e) => {
+                        // History gone for the window (a small oplog), or a server
+                        // that does not start at an operation time: resume after the
+                        // token, or read the collection. A catch-up within a window of
+                        // this restart may then deliver again what was acked before it.
+                        tracing::warn!(error = %e, "the window before the saved position cannot be read from the change stream: resuming without it");
+                    }
                 }
-                Err(e) if is_history_lost(&e) => {
-                    tracing::warn!(error = %e, "saved resume token is past the oplog: catching up from the collection by ts");
-                    self.inner.count_history_lost();
-                    self.report_if_expired(position.ts);
-                }
-                Err(e) if is_transient(&e) => return Err(to_error(e)),
-                Err(e) => {
-                    // The server refuses the token for another reason (a position
-                    // from elsewhere: another deployment, a hand-made or damaged one):
-                    // its `ts` is still a place in the collection to read from.
-                    tracing::warn!(error = %e, "saved resume token refused by the server: catching up from the collection by ts");
-                    self.inner.count_fallback();
-                    self.report_if_expired(position.ts);
+            }
+            if let (Some(rt), Some(ct)) = (resume_token, cluster_time) {
+                match hub::open(&self.inner, pipeline, Some(rt)).await {
+                    Ok(stream) => {
+                        tracing::debug!("resuming from a saved resume token");
+                        return Ok(Mode::Stream {
+                            stream: Box::new(stream),
+                            last_cluster_time: ct,
+                            generation,
+                            replay: None,
+                        });
+                    }
+                    Err(e) if is_history_lost(&e) => {
+                        tracing::warn!(error = %e, "saved resume token is past the oplog: catching up from the collection by ts");
+                        self.inner.count_history_lost();
+                        self.report_if_expired(position.ts);
+                    }
+                    Err(e) if is_transient(&e) => return Err(to_error(e)),
+                    Err(e) => {
+                        // The server refuses the token for another reason (a position
+                        // from elsewhere: another deployment, a hand-made or damaged one):
+                        // its `ts` is still a place in the collection to read from.
+                        tracing::warn!(error = %e, "saved resume token refused by the server: catching up from the collection by ts");
+                        self.inner.count_fallback();
+                        self.report_if_expired(position.ts);
+                    }
                 }
             }
         }
@@ -675,6 +764,28 @@ impl Follower {
         }
     }
 
+    /// Offers a resumed stream's insert event; returns its cluster time.
+    async fn take_event(
+        &mut self,
+        event: mongodb::change_stream::event::ChangeStreamEvent<RawDocumentBuf>,
+        last_cluster_time: Timestamp,
+    ) -> Timestamp {
+        let ct = event.cluster_time.unwrap_or(last_cluster_time);
+        let token = bson::to_bson(&event.id).ok();
+        if let Some(raw) = &event.full_document {
+            match decode_raw(raw) {
+                Ok(message) => {
+                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                }
+                Err(reason) => {
+                    self.inner.count_unreadable();
+                    self.inner.dead_letter_raw(raw, reason).await;
+                }
+            }
+        }
+        ct
+    }
+
     /// Hands a caught-up temporary stream over to the ring, if the ring covers what
     /// follows `last_cluster_time`.
     fn handover_from_stream(&mut self, last_cluster_time: Timestamp) -> Option<Mode> {
@@ -726,6 +837,7 @@ impl Follower {
                 mut stream,
                 last_cluster_time,
                 generation,
+                mut replay,
             } => {
                 let next = tokio::select! {
                     _ = self.inner.closed.cancelled() => return Ok(()),
@@ -735,8 +847,110 @@ impl Follower {
                     // The driver may have resumed this stream by itself after a lost
                     // connection; it is not trusted to be gapless (see
                     // `Inner::stream_interruptions`). The scan re-reads what it held.
-                    self.mode = self.catch_up("connection lost under a resumed stream");
+                    // One still reading the window before its checkpoint reads it
+                    // again first.
+                    self.mode = match replay {
+                        Some(replay) => Mode::Resume {
+                            position: replay.position,
+                        },
+                        None => self.catch_up("connection lost under a resumed stream"),
+                    };
                     return Ok(());
+                }
+                if let Some(r) = replay.take() {
+                    let before_checkpoint =
+                        |event: &mongodb::change_stream::event::ChangeStreamEvent<
+                            RawDocumentBuf,
+                        >| {
+                            !hub::is_ending(&event.operation_type)
+                                && match r.cluster_time {
+                                    Some(checkpoint) => {
+                                        event.cluster_time.is_some_and(|ct| ct <= checkpoint)
+                                    }
+                                    None => true,
+                                }
+                        };
+                    match next {
+                        Ok(Some(event)) if before_checkpoint(&event) => {
+                            // At or before the checkpoint's event: delivered before the
+                            // restart (see `Replay::delivered_before`). Remembered, not
+                            // delivered.
+                            let window = self.window_secs();
+                            let mut at_checkpoint = false;
+                            let mut known = true;
+                            if let Some(raw) = &event.full_document {
+                                if let (Ok(id), Ok(ts)) =
+                                    (raw.get_str("_id"), raw.get_timestamp("ts"))
+                                {
+                                    at_checkpoint = id == r.id;
+                                    known = at_checkpoint || r.delivered_before(ts, id);
+                                    if known {
+                                        self.recent.insert(ts, id, window);
+                                        self.last_ts = self.last_ts.max(ts);
+                                    }
+                                }
+                            }
+                            let last_cluster_time = if at_checkpoint {
+                                event
+                                    .cluster_time
+                                    .unwrap_or(last_cluster_time)
+                                    .max(last_cluster_time)
+                            } else {
+                                last_cluster_time
+                            };
+                            if !known {
+                                self.take_event(event, last_cluster_time).await;
+                            }
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: (!at_checkpoint).then_some(r),
+                            };
+                            return Ok(());
+                        }
+                        Ok(None) if stream.is_alive() && r.cluster_time.is_some() => {
+                            // Not caught up before it reached the checkpoint: no hand-over.
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: Some(r),
+                            };
+                            return Ok(());
+                        }
+                        other => {
+                            // The stream did not come to the checkpoint's event: past its
+                            // cluster time without it (a server that started later than
+                            // asked, its history gone, instead of failing), caught up
+                            // without it, an ending event (the collection dropped in the
+                            // window before it), a closed cursor or an error. Resumed
+                            // after the checkpoint's token instead, the server says
+                            // whether it still has it (without one, the collection is
+                            // read from the checkpoint's `ts`).
+                            let what = match &other {
+                                Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
+                                    format!("{:?}", event.operation_type)
+                                }
+                                Ok(Some(_)) => {
+                                    "passed the saved position without its event".to_string()
+                                }
+                                Ok(None) if stream.is_alive() => {
+                                    "caught up without the saved position's event".to_string()
+                                }
+                                Ok(None) => "cursor closed".to_string(),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::warn!(%what, "the window before the saved position was not read to its end: resuming without it");
+                            self.mode = match self.resume(r.position.clone(), false).await {
+                                Ok(mode) => mode,
+                                Err(_) => Mode::Resume {
+                                    position: r.position,
+                                },
+                            };
+                            return Ok(());
+                        }
+                    }
                 }
                 match next {
                     Ok(Some(event)) if hub::is_ending(&event.operation_type) => {
@@ -746,23 +960,12 @@ impl Follower {
                         self.catch_up("the messages collection was dropped or renamed after the saved position")
                     }
                     Ok(Some(event)) => {
-                        let ct = event.cluster_time.unwrap_or(last_cluster_time);
-                        let token = bson::to_bson(&event.id).ok();
-                        if let Some(raw) = &event.full_document {
-                            match decode_raw(raw) {
-                                Ok(message) => {
-                                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
-                                }
-                                Err(reason) => {
-                                    self.inner.count_unreadable();
-                                    self.inner.dead_letter_raw(raw, reason).await;
-                                }
-                            }
-                        }
+                        let ct = self.take_event(event, last_cluster_time).await;
                         Mode::Stream {
                             stream,
                             last_cluster_time: ct,
                             generation,
+                            replay: None,
                         }
                     }
                     Ok(None) if !stream.is_alive() => {
@@ -781,6 +984,7 @@ impl Follower {
                             stream,
                             last_cluster_time,
                             generation,
+                            replay: None,
                         },
                     },
                     Err(e) if is_history_lost(&e) => {
@@ -795,6 +999,21 @@ impl Follower {
                     }
                 }
             }
+            Mode::Resume { position } => match self.resume(position.clone(), true).await {
+                Ok(next) => {
+                    self.backoff = Duration::from_millis(100);
+                    next
+                }
+                Err(error) => {
+                    tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "resuming from the saved position failed: retrying");
+                    tokio::select! {
+                        _ = self.inner.closed.cancelled() => {}
+                        _ = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    Mode::Resume { position }
+                }
+            },
             Mode::Scan { lower, tip_before } => match self.scan(lower, tip_before).await {
                 Ok(next) => {
                     self.backoff = Duration::from_millis(100);

@@ -14,7 +14,10 @@
 //! 260), the collection was dropped, the server closed the cursor, or the connection
 //! to the server was lost under the stream (see `Inner::stream_interruptions`), it
 //! opens a fresh stream and then puts a [`RingItem::Gap`] in the ring: followers that
-//! reach it rebuild their position from the collection by `ts`.
+//! reach it rebuild their position from the collection by `ts`. An event that arrives
+//! once the connection was lost is not put in the ring: the catch-up after the gap
+//! reads it from the collection (in the ring too, it would come again to a follower
+//! whose catch-up delivered it already and no longer remembers its id).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -278,6 +281,22 @@ pub(crate) async fn open(
     Ok(stream.with_type())
 }
 
+/// A stream of the events at or after `start` (`startAtOperationTime`: "at or after",
+/// so the event at `start` itself comes too).
+pub(crate) async fn open_at(
+    inner: &Inner,
+    pipeline: Vec<Document>,
+    start: Timestamp,
+) -> mongodb::error::Result<Events> {
+    let stream = inner
+        .stream_messages
+        .watch()
+        .pipeline(pipeline)
+        .start_at_operation_time(start)
+        .await?;
+    Ok(stream.with_type())
+}
+
 /// What starting the hub found.
 pub(crate) enum Started {
     Hub(Arc<Hub>),
@@ -346,6 +365,15 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events, mut generatio
                 }
                 Reopen::Fresh
             }
+            Ok(Some(event)) if interrupted => {
+                // An event from a stream that lived through a lost connection (the
+                // driver may have resumed it by itself): not trusted, so not put in the
+                // ring, where a follower whose catch-up already delivered it would read
+                // it again. The gap that follows the restarted stream makes every
+                // follower read it from the collection, which has it.
+                tracing::debug!(operation = ?event.operation_type, "event after an interruption left to the catch-up");
+                interruption(&inner)
+            }
             Ok(Some(event)) => {
                 token = stream.resume_token().or(Some(event.id.clone()));
                 if event.operation_type == OperationType::Update {
@@ -364,10 +392,7 @@ async fn run(inner: Arc<Inner>, hub: Arc<Hub>, mut stream: Events, mut generatio
                 } else {
                     hub.push(to_item(&inner, event));
                 }
-                if !interrupted {
-                    continue;
-                }
-                interruption(&inner)
+                continue;
             }
             // The server closed the cursor without an error: the end, not silence.
             // mongod closes a stream only after `invalidate`; resuming from the token
