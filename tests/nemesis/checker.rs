@@ -531,6 +531,16 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             json!({"kill": kill, "at_ms": rel(e.faults[*kill].start_ms), "lost": what})
         })
         .collect();
+    let fault_log: Vec<Value> = e
+        .faults
+        .iter()
+        .map(|f| {
+            json!({
+                "kind": f.kind, "target": f.target, "at_ms": rel(f.start_ms),
+                "healed_at_ms": f.heal_ms.map(rel), "detail": f.detail,
+            })
+        })
+        .collect();
     let closing = format!("nemesis: {passed} passed, {failed} failed");
     let report = json!({
         "seed": e.seed,
@@ -569,6 +579,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         "request_handler_reruns": handler_reruns,
         "dead_letters_by_reason": dead_reasons,
         "history_lines_dropped": e.history.1,
+        "fault_log": fault_log,
         "closing": closing,
     });
     (report, failed == 0)

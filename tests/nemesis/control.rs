@@ -88,17 +88,25 @@ impl Proc {
         self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
     }
 
+    /// Signals the child's process group: under `faketime` the workload is the
+    /// wrapper's child, not the wrapper itself.
     fn signal(&self, signal: i32) {
         if let Some(pid) = self.pid() {
-            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            // SAFETY: kill(2) on the group of a child we spawned and have not reaped.
             unsafe {
-                libc::kill(pid, signal);
+                libc::kill(-pid, signal);
             }
         }
     }
 
     fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: as above; the group goes, the leader is reaped below.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -106,6 +114,8 @@ impl Proc {
 }
 
 struct Run {
+    /// Whether `faketime` can be run (else the clock-skew fault is a plain client kill).
+    faketime: bool,
     dir: PathBuf,
     seed: u64,
     database: String,
@@ -137,6 +147,11 @@ impl Run {
         let log = std::fs::File::create(&log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::process::CommandExt;
+            // A group of its own, so that a kill reaches the workload under `faketime`.
+            command.process_group(0);
+        }
         command
             .env("INTRACOM_NEMESIS_ROLE", p.role)
             .env("INTRACOM_NEMESIS_INDEX", p.index.to_string())
@@ -333,7 +348,19 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
             });
         }
     }
+    let faketime = Command::new("faketime")
+        .arg("-f")
+        .arg("+0s")
+        .arg("true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !faketime {
+        println!("nemesis: no faketime (Debian package faketime): clock-skew faults are plain client kills");
+    }
     let mut run = Run {
+        faketime,
         dir: dir.clone(),
         seed,
         database: database.clone(),
@@ -552,6 +579,9 @@ fn inject(
     let busy: Vec<usize> = active.iter().filter_map(|a| a.proc).collect();
     let free: Vec<usize> = (0..run.procs.len()).filter(|i| !busy.contains(i)).collect();
     let mut kind = FaultKind::pick(rng);
+    if kind == FaultKind::ClientSkew && !run.faketime {
+        kind = FaultKind::ClientKill;
+    }
     for _ in 0..20 {
         let possible = match kind {
             FaultKind::ServerKill => !server_busy && server.can_kill(),

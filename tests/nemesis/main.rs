@@ -41,7 +41,8 @@ use servers::{Kind, Target};
 /// runs are then reported as ignored with this reason, unless `INTRACOM_NEMESIS_SECONDS`
 /// asks for them explicitly.
 const KNOWN_VIOLATIONS: Option<&str> = Some(
-    "known violations (acked messages redelivered after a named subscriber restarts): \
+    "known violations (acked messages redelivered after a named subscriber restarts; \
+     a request's caller told `Timeout` while the request is stored done): \
      run with INTRACOM_NEMESIS_SECONDS=N to see them",
 );
 

@@ -2,7 +2,9 @@
 //! `INTRACOM_NEMESIS_ROLE` set), connected to the server through its own fault proxy,
 //! writing what it does to its own history file.
 //!
-//! - `pub{k}` publishes broadcasts `p{k}-{seq}` (body `{pub, seq}`, actions `ev.created`
+//! - `pub{k}` publishes broadcasts `p{k}-{seq}` (seq in six digits, so that the test
+//!   servers' order of same-second writes, by id, is the publish order; body
+//!   `{pub, seq}`, actions `ev.created`
 //!   and `ev.updated` in turn) and, every third seq, a job `j{k}-{seq}` for `jobs`,
 //!   with its outbox in a file;
 //! - `sub{k}` follows one named subscription (see [`SUBSCRIPTIONS`]) and acks each
@@ -258,7 +260,7 @@ async fn publisher(env: &Env, history: Arc<History>) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let id = format!("p{k}-{seq}");
+        let id = format!("p{k}-{seq:06}");
         let action = action_of(seq);
         publish_one(
             &bus,
@@ -270,7 +272,7 @@ async fn publisher(env: &Env, history: Arc<History>) -> Result<(), String> {
         )
         .await;
         if seq % 3 == 0 {
-            let id = format!("j{k}-{seq}");
+            let id = format!("j{k}-{seq:06}");
             let fail = planned_failures(env.seed, &id);
             publish_one(
                 &bus,
