@@ -110,7 +110,12 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         .filter(|(_, f)| f.kind == "server-kill9")
         .map(|(i, f)| (i, f.start_ms))
         .collect();
-    let kill_between = |from: f64, to: f64| kills.iter().find(|(_, t)| *t > from && *t < to).map(|k| k.0);
+    let kill_between = |from: f64, to: f64| {
+        kills
+            .iter()
+            .find(|(_, t)| *t > from && *t < to)
+            .map(|k| k.0)
+    };
     let mut lost: BTreeMap<usize, BTreeMap<&'static str, u64>> = BTreeMap::new();
     let mut lose = |kill: usize, what: &'static str| {
         *lost.entry(kill).or_default().entry(what).or_default() += 1;
@@ -152,12 +157,24 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     // 1. Acknowledged publishes are kept (or lost by the server after a kill).
     let mut kept_v = Verdict::default();
     for (id, p) in publishes.iter().chain(jobs.iter()) {
-        if !p.acked() || stored.contains_key(id.as_str()) || delivered_anywhere.contains(id.as_str()) {
+        if !p.acked()
+            || stored.contains_key(id.as_str())
+            || delivered_anywhere.contains(id.as_str())
+        {
             continue;
         }
         match kill_between(p.invoked_ms, f64::MAX) {
-            Some(kill) => lose(kill, if id.starts_with('j') { "jobs" } else { "publishes" }),
-            None => kept_v.violate(json!({"id": id, "outcome": p.outcome, "at_ms": rel(p.outcome_ms)})),
+            Some(kill) => lose(
+                kill,
+                if id.starts_with('j') {
+                    "jobs"
+                } else {
+                    "publishes"
+                },
+            ),
+            None => {
+                kept_v.violate(json!({"id": id, "outcome": p.outcome, "at_ms": rel(p.outcome_ms)}))
+            }
         }
     }
 
@@ -179,7 +196,8 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                 continue;
             }
             if !delivered.get(name).is_some_and(|s| s.contains(id.as_str())) {
-                delivery_v.violate(json!({"sub": name, "id": id, "outcome": p.outcome, "kept": kept}));
+                delivery_v
+                    .violate(json!({"sub": name, "id": id, "outcome": p.outcome, "kept": kept}));
             }
         }
     }
@@ -198,11 +216,18 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             && body.get("seq").and_then(Value::as_i64) == Some(p.seq)
             && r.s("action") == p.action;
         if !intact {
-            phantom_v.violate(json!({"sub": r.s("sub"), "id": id, "why": "body or action changed", "body": body}));
+            phantom_v.violate(
+                json!({"sub": r.s("sub"), "id": id, "why": "body or action changed", "body": body}),
+            );
         }
-        let only = SUBSCRIPTIONS.iter().find(|s| s.2 == r.s("sub")).and_then(|s| s.3);
+        let only = SUBSCRIPTIONS
+            .iter()
+            .find(|s| s.2 == r.s("sub"))
+            .and_then(|s| s.3);
         if only.is_some_and(|a| a != p.action) {
-            phantom_v.violate(json!({"sub": r.s("sub"), "id": id, "why": "outside the subscription's filter"}));
+            phantom_v.violate(
+                json!({"sub": r.s("sub"), "id": id, "why": "outside the subscription's filter"}),
+            );
         }
     }
 
@@ -252,16 +277,22 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     for (_, _, name, _) in SUBSCRIPTIONS {
         let mut first: HashSet<&str> = HashSet::new();
         let mut highest: HashMap<&str, (i64, &str)> = HashMap::new();
-        for r in records.iter().filter(|r| r.k() == "deliver" && r.s("sub") == name) {
+        for r in records
+            .iter()
+            .filter(|r| r.k() == "deliver" && r.s("sub") == name)
+        {
             let id = r.s("id");
             if !first.insert(id) {
                 continue;
             }
             let Some(p) = publishes.get(id) else { continue };
-            let top = highest.entry(p.publisher.as_str()).or_insert((i64::MIN, ""));
+            let top = highest
+                .entry(p.publisher.as_str())
+                .or_insert((i64::MIN, ""));
             if p.seq < top.0 {
                 if p.acked() {
-                    order_v.violate(json!({"sub": name, "id": id, "after": top.1, "at_ms": rel(r.t)}));
+                    order_v
+                        .violate(json!({"sub": name, "id": id, "after": top.1, "at_ms": rel(r.t)}));
                 } else {
                     reordered_unknown += 1;
                 }
@@ -278,12 +309,19 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         .iter()
         .filter_map(|d| d.get_str("job").ok())
         .collect();
-    let dead_ids: HashSet<&str> = e.dead.iter().filter_map(|d| d.get_str("_id").ok()).collect();
+    let dead_ids: HashSet<&str> = e
+        .dead
+        .iter()
+        .filter_map(|d| d.get_str("_id").ok())
+        .collect();
     // Attempts whose process recorded no outcome (it died or lost the job meanwhile).
     let mut open_attempts: HashMap<String, u64> = HashMap::new();
     {
         let mut pending: HashMap<(&str, &str), u64> = HashMap::new();
-        for r in records.iter().filter(|r| r.k() == "attempt" || r.k() == "effect") {
+        for r in records
+            .iter()
+            .filter(|r| r.k() == "attempt" || r.k() == "effect")
+        {
             let key = (r.p.as_str(), r.s("id"));
             match (r.k(), r.f()) {
                 ("attempt", "invoke") => *pending.entry(key).or_default() += 1,
@@ -303,7 +341,9 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     let mut jobs_dead_planned = 0u64;
     let mut jobs_dead_lapsed = 0u64;
     for (id, p) in &jobs {
-        let Some(m) = stored.get(id.as_str()) else { continue };
+        let Some(m) = stored.get(id.as_str()) else {
+            continue;
+        };
         let _ = p;
         let fail = m
             .get_document("query")
@@ -317,7 +357,9 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                     job_v.violate(json!({"id": id, "why": "done without its effect"}));
                 }
                 if fail >= MAX_ATTEMPTS {
-                    job_v.violate(json!({"id": id, "why": "done though planned to fail every attempt"}));
+                    job_v.violate(
+                        json!({"id": id, "why": "done though planned to fail every attempt"}),
+                    );
                 }
             }
             "error" => {
@@ -330,10 +372,14 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                     job_v.violate(json!({"id": id, "why": "dead-lettered, not planned, no attempt lost", "attempts": m.get_i32("attempts").unwrap_or(0), "error": m.get_str("lastError").unwrap_or_default()}));
                 }
                 if !dead_ids.contains(id.as_str()) {
-                    job_v.violate(json!({"id": id, "why": "settled dead but not in the dead letters"}));
+                    job_v.violate(
+                        json!({"id": id, "why": "settled dead but not in the dead letters"}),
+                    );
                 }
             }
-            other => job_v.violate(json!({"id": id, "why": format!("state `{other}` after the drain")})),
+            other => {
+                job_v.violate(json!({"id": id, "why": format!("state `{other}` after the drain")}))
+            }
         }
     }
     for id in &effects {
@@ -350,7 +396,10 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     let mut once_v = Verdict::default();
     {
         let mut ran: HashMap<&str, Vec<&str>> = HashMap::new();
-        for r in records.iter().filter(|r| r.k() == "effect" && r.f() == "ran") {
+        for r in records
+            .iter()
+            .filter(|r| r.k() == "effect" && r.f() == "ran")
+        {
             ran.entry(r.s("id")).or_default().push(r.p.as_str());
         }
         for (id, by) in ran {
@@ -401,10 +450,13 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                 "ok" => {
                     let v = r.i("v");
                     match stored {
-                        None => match kill_between(invoked.get(rid).copied().unwrap_or(0.0), f64::MAX) {
-                            Some(kill) => lose(kill, "requests"),
-                            None => request_v.violate(json!({"rid": rid, "why": "answered, not stored"})),
-                        },
+                        None => {
+                            match kill_between(invoked.get(rid).copied().unwrap_or(0.0), f64::MAX) {
+                                Some(kill) => lose(kill, "requests"),
+                                None => request_v
+                                    .violate(json!({"rid": rid, "why": "answered, not stored"})),
+                            }
+                        }
                         Some(m) => {
                             let stored_v = m
                                 .get_document("result")
@@ -418,7 +470,8 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                 }
                 "timeout" => {
                     if state == Some("done") {
-                        request_v.violate(json!({"rid": rid, "why": "timed out, then stored done"}));
+                        request_v
+                            .violate(json!({"rid": rid, "why": "timed out, then stored done"}));
                     }
                 }
                 _ => {}
@@ -429,7 +482,8 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     // 9. The drain finishes within its bound.
     let mut drain_v = Verdict::default();
     if e.drain_ms.is_none() {
-        drain_v.violate(json!({"why": format!("not drained within {} s", e.drain_bound_ms / 1000.0)}));
+        drain_v
+            .violate(json!({"why": format!("not drained within {} s", e.drain_bound_ms / 1000.0)}));
     }
     if let Some(why) = &e.aborted {
         drain_v.violate(json!({"why": format!("the run stopped early: {why}")}));
@@ -471,7 +525,8 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             failed += 1;
             "failed"
         };
-        let mut entry = json!({"verdict": verdict, "violations": v.violations, "first": v.examples});
+        let mut entry =
+            json!({"verdict": verdict, "violations": v.violations, "first": v.examples});
         if let Some(note) = &v.note {
             entry["note"] = json!(note);
         }
@@ -493,7 +548,12 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     }
     let faults_json: serde_json::Map<String, Value> = by_kind
         .iter()
-        .map(|(k, (n, ms))| ((*k).to_string(), json!({"count": n, "seconds": (ms / 100.0).round() / 10.0})))
+        .map(|(k, (n, ms))| {
+            (
+                (*k).to_string(),
+                json!({"count": n, "seconds": (ms / 100.0).round() / 10.0}),
+            )
+        })
         .collect();
     // Recovery: from a heal to the next success of the processes it hurt (any, for the
     // server's faults).
@@ -522,7 +582,12 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         .unwrap_or(0);
     let mut dead_reasons: BTreeMap<String, u64> = BTreeMap::new();
     for d in &e.dead {
-        let reason: String = d.get_str("reason").unwrap_or_default().chars().take(60).collect();
+        let reason: String = d
+            .get_str("reason")
+            .unwrap_or_default()
+            .chars()
+            .take(60)
+            .collect();
         *dead_reasons.entry(reason).or_default() += 1;
     }
     let lost_json: Vec<Value> = lost
@@ -608,8 +673,16 @@ fn clean(seq: i64, t: f64) -> Vec<Record> {
     let id = format!("p1-{seq}");
     let action = crate::workload::action_of(seq);
     let mut out = vec![
-        record(t, "pub1#1", json!({"k": "publish", "f": "invoke", "id": id, "seq": seq, "action": action})),
-        record(t + 1.0, "pub1#1", json!({"k": "publish", "f": "ok", "id": id, "seq": seq, "action": action})),
+        record(
+            t,
+            "pub1#1",
+            json!({"k": "publish", "f": "invoke", "id": id, "seq": seq, "action": action}),
+        ),
+        record(
+            t + 1.0,
+            "pub1#1",
+            json!({"k": "publish", "f": "ok", "id": id, "seq": seq, "action": action}),
+        ),
     ];
     for (i, (_, _, name, only)) in SUBSCRIPTIONS.iter().enumerate() {
         if only.is_some_and(|a| a != action) {
@@ -617,12 +690,20 @@ fn clean(seq: i64, t: f64) -> Vec<Record> {
         }
         let p = format!("sub{}#1", i + 1);
         out.push(record(t + 1000.0, &p, json!({"k": "deliver", "sub": name, "id": id, "action": action, "body": {"pub": 1, "seq": seq}})));
-        out.push(record(t + 1001.0, &p, json!({"k": "ack", "f": "ok", "sub": name, "id": id})));
+        out.push(record(
+            t + 1001.0,
+            &p,
+            json!({"k": "ack", "f": "ok", "sub": name, "id": id}),
+        ));
     }
     out
 }
 
-fn evidence(mut records: Vec<Record>, messages: Vec<Document>, faults: Vec<FaultRecord>) -> Evidence {
+fn evidence(
+    mut records: Vec<Record>,
+    messages: Vec<Document>,
+    faults: Vec<FaultRecord>,
+) -> Evidence {
     records.sort_by(|a, b| a.t.total_cmp(&b.t));
     Evidence {
         server: "test".into(),
@@ -663,7 +744,11 @@ fn verdict(report: &Value, invariant: &str) -> String {
 fn a_clean_history_passes() {
     let mut records = clean(1, 100.0);
     records.extend(clean(2, 200.0));
-    let e = evidence(records, vec![stored_event("p1-1", 1, 1), stored_event("p1-2", 1, 2)], vec![]);
+    let e = evidence(
+        records,
+        vec![stored_event("p1-1", 1, 1), stored_event("p1-2", 1, 2)],
+        vec![],
+    );
     let (report, passed) = check(&e);
     assert!(passed, "{report:#}");
     assert_eq!(report["closing"], "nemesis: 9 passed, 0 failed");
@@ -676,28 +761,54 @@ fn finds_a_redelivery_after_an_ack() {
     let e = evidence(records, vec![stored_event("p1-1", 1, 1)], vec![]);
     let (report, passed) = check(&e);
     assert!(!passed);
-    assert_eq!(verdict(&report, "no-redelivery-after-ack"), "failed", "{report:#}");
-    assert_eq!(report["invariants"]["no-redelivery-after-ack"]["first"][0]["delivered_again_by"], "sub1#2");
+    assert_eq!(
+        verdict(&report, "no-redelivery-after-ack"),
+        "failed",
+        "{report:#}"
+    );
+    assert_eq!(
+        report["invariants"]["no-redelivery-after-ack"]["first"][0]["delivered_again_by"],
+        "sub1#2"
+    );
 }
 
 fn a_server_kill_makes_a_redelivery_lost_by_the_server() {
     let mut records = clean(1, 100.0);
     records.push(record(5000.0, "sub1#2", json!({"k": "deliver", "sub": "audit-log", "id": "p1-1", "action": "ev.updated", "body": {"pub": 1, "seq": 1}})));
-    let e = evidence(records, vec![stored_event("p1-1", 1, 1)], vec![kill_at(3000.0)]);
+    let e = evidence(
+        records,
+        vec![stored_event("p1-1", 1, 1)],
+        vec![kill_at(3000.0)],
+    );
     let (report, passed) = check(&e);
     assert!(passed, "{report:#}");
-    assert_eq!(report["deliveries"]["redelivered_after_ack_lost_by_server"], 1);
+    assert_eq!(
+        report["deliveries"]["redelivered_after_ack_lost_by_server"],
+        1
+    );
     assert_eq!(report["lost_by_server"][0]["kill"], 0);
 }
 
 fn finds_an_acknowledged_publish_not_kept() {
     let records = vec![
-        record(100.0, "pub1#1", json!({"k": "publish", "f": "invoke", "id": "p1-1", "seq": 1, "action": "ev.updated"})),
-        record(101.0, "pub1#1", json!({"k": "publish", "f": "ok", "id": "p1-1", "seq": 1, "action": "ev.updated"})),
+        record(
+            100.0,
+            "pub1#1",
+            json!({"k": "publish", "f": "invoke", "id": "p1-1", "seq": 1, "action": "ev.updated"}),
+        ),
+        record(
+            101.0,
+            "pub1#1",
+            json!({"k": "publish", "f": "ok", "id": "p1-1", "seq": 1, "action": "ev.updated"}),
+        ),
     ];
     let (report, passed) = check(&evidence(records.clone(), vec![], vec![]));
     assert!(!passed);
-    assert_eq!(verdict(&report, "acknowledged-publish-kept"), "failed", "{report:#}");
+    assert_eq!(
+        verdict(&report, "acknowledged-publish-kept"),
+        "failed",
+        "{report:#}"
+    );
     // After a server kill, the same loss is the server's.
     let (report, passed) = check(&evidence(records, vec![], vec![kill_at(500.0)]));
     assert!(passed, "{report:#}");
@@ -715,11 +826,25 @@ fn finds_a_missed_delivery_and_an_order_inversion() {
     }
     // audit-log never gets p1-2.
     records.retain(|r| !(r.s("sub") == "audit-log" && r.s("id") == "p1-2"));
-    let e = evidence(records, vec![stored_event("p1-1", 1, 1), stored_event("p1-2", 1, 2)], vec![]);
+    let e = evidence(
+        records,
+        vec![stored_event("p1-1", 1, 1), stored_event("p1-2", 1, 2)],
+        vec![],
+    );
     let (report, _) = check(&e);
-    assert_eq!(verdict(&report, "per-publisher-order"), "failed", "{report:#}");
-    assert_eq!(verdict(&report, "delivered-to-every-matching-subscription"), "failed");
-    assert_eq!(report["invariants"]["delivered-to-every-matching-subscription"]["first"][0]["sub"], "audit-log");
+    assert_eq!(
+        verdict(&report, "per-publisher-order"),
+        "failed",
+        "{report:#}"
+    );
+    assert_eq!(
+        verdict(&report, "delivered-to-every-matching-subscription"),
+        "failed"
+    );
+    assert_eq!(
+        report["invariants"]["delivered-to-every-matching-subscription"]["first"][0]["sub"],
+        "audit-log"
+    );
 }
 
 fn finds_a_changed_body() {
@@ -730,17 +855,33 @@ fn finds_a_changed_body() {
         }
     }
     let (report, _) = check(&evidence(records, vec![stored_event("p1-1", 1, 1)], vec![]));
-    assert_eq!(verdict(&report, "nothing-delivered-unpublished-or-changed"), "failed", "{report:#}");
+    assert_eq!(
+        verdict(&report, "nothing-delivered-unpublished-or-changed"),
+        "failed",
+        "{report:#}"
+    );
 }
 
 /// The checker's trials, by name.
 pub fn cases() -> Vec<(&'static str, fn())> {
     vec![
         ("a_clean_history_passes", a_clean_history_passes),
-        ("finds_a_redelivery_after_an_ack", finds_a_redelivery_after_an_ack),
-        ("a_server_kill_makes_a_redelivery_lost_by_the_server", a_server_kill_makes_a_redelivery_lost_by_the_server),
-        ("finds_an_acknowledged_publish_not_kept", finds_an_acknowledged_publish_not_kept),
-        ("finds_a_missed_delivery_and_an_order_inversion", finds_a_missed_delivery_and_an_order_inversion),
+        (
+            "finds_a_redelivery_after_an_ack",
+            finds_a_redelivery_after_an_ack,
+        ),
+        (
+            "a_server_kill_makes_a_redelivery_lost_by_the_server",
+            a_server_kill_makes_a_redelivery_lost_by_the_server,
+        ),
+        (
+            "finds_an_acknowledged_publish_not_kept",
+            finds_an_acknowledged_publish_not_kept,
+        ),
+        (
+            "finds_a_missed_delivery_and_an_order_inversion",
+            finds_a_missed_delivery_and_an_order_inversion,
+        ),
         ("finds_a_changed_body", finds_a_changed_body),
     ]
 }

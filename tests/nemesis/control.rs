@@ -144,8 +144,8 @@ impl Run {
             .dir
             .join("logs")
             .join(format!("{}.{}.log", p.name, p.incarnation));
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
         {
             use std::os::unix::process::CommandExt;
@@ -377,6 +377,7 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
     let mut active: Vec<Active> = Vec::new();
     let mut next_fault = start + 3000.0;
     let mut failure: Option<String> = None;
+    let mut follow_up = false;
     while now_ms() < end && failure.is_none() {
         // Heal what is due.
         let now = now_ms();
@@ -388,9 +389,31 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
             if let Err(e) = heal(&mut run, &mut server, &a, &mut faults) {
                 failure = Some(e);
             }
+            // A restarted client is catching up: half the time, a server fault follows
+            // within two seconds (where a resumed subscriber's promises are tested).
+            if matches!(a.kind, FaultKind::ClientKill | FaultKind::ClientSkew) && rng.chance(0.5) {
+                next_fault = next_fault.min(now_ms() + rng.range(800.0, 2000.0));
+                follow_up = true;
+            }
         }
         if now >= next_fault && failure.is_none() {
-            if let Err(e) = inject(&mut run, &mut server, &mut rng, &mut active, &mut faults) {
+            let forced = std::mem::take(&mut follow_up).then(|| {
+                if rng.chance(0.7) {
+                    FaultKind::ServerPause
+                } else {
+                    FaultKind::ServerKill
+                }
+            });
+            let short = forced.is_some();
+            if let Err(e) = inject(
+                &mut run,
+                &mut server,
+                &mut rng,
+                &mut active,
+                &mut faults,
+                forced,
+                short,
+            ) {
                 failure = Some(e);
             }
             // Mean about 4.6 s with the quiet periods.
@@ -464,7 +487,10 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
             server.discard();
         } else {
             server.keep_dir();
-            println!("nemesis: server data and logs kept in {}", server.dir().display());
+            println!(
+                "nemesis: server data and logs kept in {}",
+                server.dir().display()
+            );
         }
     }
     if passed {
@@ -574,11 +600,13 @@ fn inject(
     rng: &mut Rng,
     active: &mut Vec<Active>,
     faults: &mut Vec<FaultRecord>,
+    forced: Option<FaultKind>,
+    short: bool,
 ) -> Result<(), String> {
     let server_busy = active.iter().any(|a| a.proc.is_none());
     let busy: Vec<usize> = active.iter().filter_map(|a| a.proc).collect();
     let free: Vec<usize> = (0..run.procs.len()).filter(|i| !busy.contains(i)).collect();
-    let mut kind = FaultKind::pick(rng);
+    let mut kind = forced.unwrap_or_else(|| FaultKind::pick(rng));
     if kind == FaultKind::ClientSkew && !run.faketime {
         kind = FaultKind::ClientKill;
     }
@@ -623,7 +651,17 @@ fn inject(
                 holders[rng.below(holders.len())]
             }
         } else {
-            free[rng.below(free.len())]
+            // Subscribers hold the most promises: two in five client faults are theirs.
+            let subscribers: Vec<usize> = free
+                .iter()
+                .copied()
+                .filter(|&i| run.procs[i].role == "sub")
+                .collect();
+            if !subscribers.is_empty() && rng.chance(0.4) {
+                subscribers[rng.below(subscribers.len())]
+            } else {
+                free[rng.below(free.len())]
+            }
         };
         record.target = run.procs[pick].name.clone();
         Some(pick)
@@ -648,8 +686,13 @@ fn inject(
                     blocking(|| shell(&command))?;
                 }
             }
-            // Sometimes past the work lease (3 s) and server selection (5 s).
-            rng.range(1000.0, 12_000.0)
+            // Sometimes past the work lease (3 s) and server selection (5 s); a few
+            // seconds when it follows a client's restart.
+            if short {
+                rng.range(2000.0, 4000.0)
+            } else {
+                rng.range(1000.0, 12_000.0)
+            }
         }
         FaultKind::ClientKill => {
             if let Some(i) = proc {
@@ -681,7 +724,9 @@ fn inject(
         FaultKind::ProxyBlackhole => {
             let d = rng.range(1000.0, 20_000.0);
             if let Some(i) = proc {
-                run.procs[i].proxy.blackhole(Duration::from_millis(d as u64));
+                run.procs[i]
+                    .proxy
+                    .blackhole(Duration::from_millis(d as u64));
             }
             d
         }

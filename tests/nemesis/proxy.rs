@@ -119,9 +119,14 @@ impl Proxy {
 impl Faults {
     async fn wait_blackhole(&self) {
         loop {
-            let until = *self.blackhole_until.lock().unwrap_or_else(|p| p.into_inner());
+            let until = *self
+                .blackhole_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             match until {
-                Some(t) if Instant::now() < t => tokio::time::sleep(Duration::from_millis(50)).await,
+                Some(t) if Instant::now() < t => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 _ => return,
             }
         }
@@ -263,7 +268,14 @@ pub async fn forwards_and_cuts_a_reply() {
     client.write_all(&msg).await.expect("write");
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
-    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the reply was not cut: {read:?}");
-    assert_eq!(received.load(Ordering::SeqCst), 2, "the server got the write");
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the reply was not cut: {read:?}"
+    );
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        2,
+        "the server got the write"
+    );
     assert_eq!(proxy.cuts(), 1);
 }

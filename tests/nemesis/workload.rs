@@ -207,7 +207,12 @@ fn next_seq(env: &Env, kind: &str) -> i64 {
         .map_or(1, |s| s + 1)
 }
 
-async fn publish_one(bus: &Intracom, history: &History, message: Message, record: serde_json::Value) {
+async fn publish_one(
+    bus: &Intracom,
+    history: &History,
+    message: Message,
+    record: serde_json::Value,
+) {
     let mut invoke = record.clone();
     invoke["f"] = json!("invoke");
     history.rec(invoke);
@@ -295,7 +300,11 @@ async fn subscriber(env: &Env, history: Arc<History>) -> Result<(), String> {
         .iter()
         .find(|s| s.0 == env.index)
         .ok_or_else(|| format!("no subscription for {}", env.name))?;
-    let bus = connect(config(&env.uri, &env.database, service, &env.name), &history).await;
+    let bus = connect(
+        config(&env.uri, &env.database, service, &env.name),
+        &history,
+    )
+    .await;
     loop {
         let mut subscription = Subscription::named(*name).from_beginning();
         if let Some(action) = only {
@@ -320,13 +329,17 @@ async fn subscriber(env: &Env, history: Arc<History>) -> Result<(), String> {
                     }));
                     let id = delivery.id.clone();
                     match delivery.ack().await {
-                        Ok(()) => history.rec(json!({"k": "ack", "f": "ok", "sub": name, "id": id})),
+                        Ok(()) => {
+                            history.rec(json!({"k": "ack", "f": "ok", "sub": name, "id": id}))
+                        }
                         Err(e) => history.rec(json!({
                             "k": "ack", "f": "fail", "sub": name, "id": id, "e": e.to_string(),
                         })),
                     }
                 }
-                Err(e) => history.rec(json!({"k": "stream-error", "sub": name, "e": e.to_string()})),
+                Err(e) => {
+                    history.rec(json!({"k": "stream-error", "sub": name, "e": e.to_string()}))
+                }
             }
         }
         history.rec(json!({"k": "stream-end", "sub": name}));
@@ -466,7 +479,11 @@ async fn server(env: &Env, history: Arc<History>) -> Result<(), String> {
 
 async fn caller(env: &Env, history: Arc<History>) -> Result<(), String> {
     let k = env.index;
-    let bus = connect(config(&env.uri, &env.database, "caller", &env.name), &history).await;
+    let bus = connect(
+        config(&env.uri, &env.database, "caller", &env.name),
+        &history,
+    )
+    .await;
     let mut seq = next_seq(env, "request");
     loop {
         if env.draining() {
@@ -476,18 +493,29 @@ async fn caller(env: &Env, history: Arc<History>) -> Result<(), String> {
         let rid = format!("c{k}-{seq}");
         history.rec(json!({"k": "request", "f": "invoke", "rid": rid, "seq": seq}));
         let answer = bus
-            .request::<_, AddAnswer>("calc", "calc.add", &AddQuery { rid: rid.clone(), x: seq })
+            .request::<_, AddAnswer>(
+                "calc",
+                "calc.add",
+                &AddQuery {
+                    rid: rid.clone(),
+                    x: seq,
+                },
+            )
             .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
             .await;
         match answer {
-            Ok(a) => history.rec(json!({"k": "request", "f": "ok", "rid": rid, "v": a.v, "arid": a.rid})),
+            Ok(a) => {
+                history.rec(json!({"k": "request", "f": "ok", "rid": rid, "v": a.v, "arid": a.rid}))
+            }
             Err(Error::Timeout { .. }) => {
                 history.rec(json!({"k": "request", "f": "timeout", "rid": rid}))
             }
             Err(Error::Remote { message, .. }) => {
                 history.rec(json!({"k": "request", "f": "remote", "rid": rid, "e": message}))
             }
-            Err(e) => history.rec(json!({"k": "request", "f": "info", "rid": rid, "e": e.to_string()})),
+            Err(e) => {
+                history.rec(json!({"k": "request", "f": "info", "rid": rid, "e": e.to_string()}))
+            }
         }
         seq += 1;
         tokio::time::sleep(Duration::from_millis(300)).await;
