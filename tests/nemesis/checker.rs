@@ -103,17 +103,26 @@ fn round(ms: f64) -> f64 {
 pub fn check(e: &Evidence) -> (Value, bool) {
     let records = &e.history.0;
     let rel = |t: f64| round(t - e.start_ms);
-    let kills: Vec<(usize, f64)> = e
+    // Each server kill: (fault index, when it was sent, when the process was gone).
+    let kills: Vec<(usize, f64, f64)> = e
         .faults
         .iter()
         .enumerate()
         .filter(|(_, f)| f.kind == "server-kill9")
-        .map(|(i, f)| (i, f.start_ms))
+        .map(|(i, f)| {
+            let dead = f
+                .detail
+                .get("dead_at")
+                .and_then(Value::as_f64)
+                .unwrap_or(f.start_ms);
+            (i, f.start_ms, dead)
+        })
         .collect();
+    // The first kill that can have lost a write acknowledged at `from` before `to`.
     let kill_between = |from: f64, to: f64| {
         kills
             .iter()
-            .find(|(_, t)| *t > from && *t < to)
+            .find(|(_, sent, dead)| *dead > from && *sent < to)
             .map(|k| k.0)
     };
     let mut lost: BTreeMap<usize, BTreeMap<&'static str, u64>> = BTreeMap::new();
@@ -337,6 +346,14 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             *open_attempts.entry(id.to_string()).or_default() += n;
         }
     }
+    // When each job's effect was first recorded as written.
+    let mut effect_ran: HashMap<&str, f64> = HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.k() == "effect" && r.f() == "ran")
+    {
+        effect_ran.entry(r.s("id")).or_insert(r.t);
+    }
     let mut jobs_done = 0u64;
     let mut jobs_dead_planned = 0u64;
     let mut jobs_dead_lapsed = 0u64;
@@ -354,7 +371,11 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             "done" => {
                 jobs_done += 1;
                 if !effects.contains(id.as_str()) {
-                    job_v.violate(json!({"id": id, "why": "done without its effect"}));
+                    let ran = effect_ran.get(id.as_str()).copied().unwrap_or(f64::MAX);
+                    match kill_between(ran, f64::MAX) {
+                        Some(kill) => lose(kill, "effects"),
+                        None => job_v.violate(json!({"id": id, "why": "done without its effect"})),
+                    }
                 }
                 if fail >= MAX_ATTEMPTS {
                     job_v.violate(
@@ -611,6 +632,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         "seed": e.seed,
         "server": e.server,
         "seconds": e.seconds,
+        "start_ms": round(e.start_ms),
         "duration_ms": round(e.faults_end_ms - e.start_ms),
         "invariants": inv_json,
         "operations": ops,

@@ -31,6 +31,10 @@ pub struct Settings {
     pub seconds: u64,
     /// Where to copy the report (`INTRACOM_NEMESIS_REPORTS`), if anywhere.
     pub reports: Option<PathBuf>,
+    /// `INTRACOM_NEMESIS_SCHEDULE=directed`: only "kill a subscriber, restart it, pause
+    /// the server for a few seconds about a second later", every 6–9 s (a replay of a
+    /// known failure, not a random schedule).
+    pub directed: bool,
 }
 
 /// How the server is had and hurt.
@@ -391,20 +395,24 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
             }
             // A restarted client is catching up: half the time, a server fault follows
             // within two seconds (where a resumed subscriber's promises are tested).
-            if matches!(a.kind, FaultKind::ClientKill | FaultKind::ClientSkew) && rng.chance(0.5) {
+            if matches!(a.kind, FaultKind::ClientKill | FaultKind::ClientSkew)
+                && (settings.directed || rng.chance(0.5))
+            {
                 next_fault = next_fault.min(now_ms() + rng.range(800.0, 2000.0));
                 follow_up = true;
             }
         }
         if now >= next_fault && failure.is_none() {
-            let forced = std::mem::take(&mut follow_up).then(|| {
-                if rng.chance(0.7) {
-                    FaultKind::ServerPause
-                } else {
-                    FaultKind::ServerKill
-                }
-            });
-            let short = forced.is_some();
+            let forced = std::mem::take(&mut follow_up)
+                .then(|| {
+                    if settings.directed || rng.chance(0.7) {
+                        FaultKind::ServerPause
+                    } else {
+                        FaultKind::ServerKill
+                    }
+                })
+                .or(settings.directed.then_some(FaultKind::ClientKill));
+            let short = forced.is_some_and(FaultKind::is_server);
             if let Err(e) = inject(
                 &mut run,
                 &mut server,
@@ -420,6 +428,9 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
             let mut gap = (-4000.0 * (1.0 - rng.unit()).ln()).clamp(500.0, 12_000.0);
             if rng.chance(0.05) {
                 gap += rng.range(8_000.0, 15_000.0); // a quiet period
+            }
+            if settings.directed {
+                gap = rng.range(6_000.0, 9_000.0);
             }
             next_fault = now_ms() + gap;
         }
@@ -639,7 +650,17 @@ fn inject(
             return Ok(());
         }
         // A paused client is most often one that holds leases.
-        let pick = if kind == FaultKind::ClientPause && rng.chance(0.7) {
+        let pick = if forced == Some(FaultKind::ClientKill) {
+            let subscribers: Vec<usize> = free
+                .iter()
+                .copied()
+                .filter(|&i| run.procs[i].role == "sub")
+                .collect();
+            if subscribers.is_empty() {
+                return Ok(());
+            }
+            subscribers[rng.below(subscribers.len())]
+        } else if kind == FaultKind::ClientPause && rng.chance(0.7) {
             let holders: Vec<usize> = free
                 .iter()
                 .copied()
@@ -669,11 +690,17 @@ fn inject(
     let hold_ms = match kind {
         FaultKind::ServerKill => {
             match server {
-                ServerHandle::Secantus(s) => blocking(|| s.kill9()),
+                ServerHandle::Secantus(s) => {
+                    blocking(|| s.kill9());
+                    // The process is gone (reaped) only now: writes acknowledged until
+                    // then can be lost too.
+                    record.detail = json!({ "dead_at": now_ms() });
+                }
                 ServerHandle::Mongod { restart, .. } => {
                     // The command kills and restarts: it is the whole fault.
                     let command = restart.clone().unwrap_or_default();
                     blocking(|| shell(&command))?;
+                    record.detail = json!({ "dead_at": now_ms() });
                 }
             }
             rng.range(200.0, 3000.0)
@@ -698,7 +725,11 @@ fn inject(
             if let Some(i) = proc {
                 run.procs[i].kill9();
             }
-            rng.range(200.0, 3000.0)
+            if forced.is_some() {
+                rng.range(300.0, 800.0)
+            } else {
+                rng.range(200.0, 3000.0)
+            }
         }
         FaultKind::ClientSkew => {
             let skew = (rng.range(60.0, 600.0) as i64) * if rng.chance(0.5) { 1 } else { -1 };

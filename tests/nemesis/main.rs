@@ -14,6 +14,8 @@
 //! - `INTRACOM_NEMESIS_SEED`: the seed (default: random, printed);
 //! - `INTRACOM_NEMESIS_REPORTS`: a directory the report is copied to;
 //! - `INTRACOM_NEMESIS_LOG`: the workload's log filter (default `intracom=info`);
+//! - `INTRACOM_NEMESIS_SCHEDULE=directed`: instead of the random schedule, only "kill a
+//!   subscriber, restart it, pause the server 2–4 s about a second later", every 6–9 s;
 //! - against a mongod, the server faults come from commands:
 //!   `INTRACOM_NEMESIS_MONGOD_RESTART` (kill -9 and start again, e.g.
 //!   `docker kill -s KILL mongodb && docker start mongodb`),
@@ -85,6 +87,7 @@ fn nemesis(target: Target) -> Result<(), Failed> {
         reports: std::env::var_os("INTRACOM_NEMESIS_REPORTS")
             .filter(|d| !d.is_empty())
             .map(Into::into),
+        directed: std::env::var("INTRACOM_NEMESIS_SCHEDULE").is_ok_and(|s| s == "directed"),
     };
     let (report, passed) = control::run(&settings)?;
     let faults = report["faults"]["total"].as_u64().unwrap_or(0);
