@@ -354,6 +354,30 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     {
         effect_ran.entry(r.s("id")).or_insert(r.t);
     }
+    let dead_reason: HashMap<&str, &str> = e
+        .dead
+        .iter()
+        .filter_map(|d| {
+            Some((
+                d.get_str("_id").ok()?,
+                d.get_str("reason").unwrap_or_default(),
+            ))
+        })
+        .collect();
+    let mut last_attempt: HashMap<&str, f64> = HashMap::new();
+    for r in records.iter().filter(|r| r.k() == "attempt") {
+        last_attempt.insert(r.s("id"), r.t);
+    }
+    // Whether a worker or the server was hurt while the job was being tried.
+    let fault_near_job = |from: f64, last: Option<f64>| {
+        let to = last.unwrap_or(from) + 2.0 * crate::workload::LEASE_MS as f64;
+        e.faults.iter().any(|f| {
+            (f.target == "server" || f.target.starts_with("work"))
+                && f.start_ms < to
+                && f.heal_ms.unwrap_or(f64::MAX) > from
+        })
+    };
+    let mut jobs_dead_lease_skipped = 0u64;
     let mut jobs_done = 0u64;
     let mut jobs_dead_planned = 0u64;
     let mut jobs_dead_lapsed = 0u64;
@@ -361,7 +385,6 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         let Some(m) = stored.get(id.as_str()) else {
             continue;
         };
-        let _ = p;
         let fail = m
             .get_document("query")
             .ok()
@@ -384,10 +407,20 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                 }
             }
             "error" => {
+                let reason = dead_reason.get(id.as_str()).copied().unwrap_or_default();
+                let lapsed = reason.contains("the worker holding it stopped");
                 if fail >= MAX_ATTEMPTS {
                     jobs_dead_planned += 1;
                 } else if open_attempts.get(id).copied().unwrap_or(0) > 0 {
                     // Attempts used up by workers that died or lost their lease.
+                    jobs_dead_lapsed += 1;
+                } else if lapsed && e.python_server {
+                    // Leases are misjudged there ($$NOW): not judged.
+                    jobs_dead_lease_skipped += 1;
+                } else if lapsed
+                    && fault_near_job(p.invoked_ms, last_attempt.get(id.as_str()).copied())
+                {
+                    // Leases lapsed while a worker or the server was hurt.
                     jobs_dead_lapsed += 1;
                 } else {
                     job_v.violate(json!({"id": id, "why": "dead-lettered, not planned, no attempt lost", "attempts": m.get_i32("attempts").unwrap_or(0), "error": m.get_str("lastError").unwrap_or_default()}));
@@ -514,7 +547,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     let lease_v = Verdict {
         skipped: true,
         note: Some(if e.python_server {
-            "skipped: the Python server misreads $$NOW in a query $expr (MONGODB.md), so its lease judgments mean nothing; on the other servers too, overlapping runs and refused late settles need the server's lease history, which the histories do not hold".into()
+            "skipped: the Python server misreads $$NOW in a query $expr (MONGODB.md), so held leases look lapsed and claims are taken over: its lease judgments mean nothing, and its dead letters after lapsed leases are counted (jobs.dead_after_lapsed_leases_not_judged_python), not judged. Overlapping runs and refused late settles are not judged on any server: they need the server's lease history".into()
         } else {
             "not judged: overlapping runs and refused late settles need the server's lease history, which the histories do not hold (run-once and one terminal state are judged)".into()
         }),
@@ -662,6 +695,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             "done": jobs_done,
             "dead_planned": jobs_dead_planned,
             "dead_after_lost_attempts": jobs_dead_lapsed,
+            "dead_after_lapsed_leases_not_judged_python": jobs_dead_lease_skipped,
         },
         "request_handler_reruns": handler_reruns,
         "dead_letters_by_reason": dead_reasons,

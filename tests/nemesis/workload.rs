@@ -377,11 +377,13 @@ async fn worker(env: &Env, history: Arc<History>) -> Result<(), String> {
     let effects = client
         .database(&env.database)
         .collection::<Document>("effects");
-    let options = WorkOptions::default()
+    let mut options = WorkOptions::default()
         .lease(Duration::from_millis(LEASE_MS))
         .backoff(Duration::from_millis(200))
         .max_attempts(MAX_ATTEMPTS as i32)
         .poll(Duration::from_millis(500));
+    // Retries stay within the drain's bound.
+    options.max_backoff = Duration::from_secs(2);
     let name = env.name.clone();
     let handle = bus.clone();
     let _worker = bus
