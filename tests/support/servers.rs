@@ -296,6 +296,36 @@ impl Server {
         let _ = std::fs::remove_dir_all(self.dir.path());
     }
 
+    /// The directory of its data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Keeps the data directory and logs when this server is dropped (a failed run's
+    /// evidence, for a replay or a look).
+    pub fn keep_dir(&mut self) {
+        self.dir.disable_cleanup(true);
+    }
+
+    /// Stops the process with SIGSTOP (it holds its connections and answers nothing).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
     /// What the server logged since its last start (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
