@@ -290,18 +290,8 @@ impl<R: DeserializeOwned> Request<R> {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let outcome = medium.await_outcome(&id, left).await;
         abandon.disarm();
-        match outcome? {
-            Some(settled) if settled.state == Some(State::Done) => decode_result(settled.result),
-            Some(settled) => Err(Error::Remote {
-                service: self.service,
-                action: self.action,
-                message: settled
-                    .response
-                    .as_ref()
-                    .and_then(|r| r.get_str("error").ok())
-                    .unwrap_or("the handler failed")
-                    .to_string(),
-            }),
+        let settled = match outcome? {
+            Some(settled) => settled,
             None => {
                 let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
                 let marked = medium
@@ -310,18 +300,47 @@ impl<R: DeserializeOwned> Request<R> {
                         None,
                         Settlement::Failed(doc! { "error": "timed out", "timeout_ms": timeout_ms }),
                     )
-                    .await
-                    .unwrap_or(false);
-                tracing::warn!(message_id = %id, timeout_ms, marked, "request timed out");
-                Err(Error::Timeout {
-                    service: self.service,
-                    action: self.action,
-                    after: self.timeout,
-                })
+                    .await;
+                tracing::warn!(message_id = %id, timeout_ms, marked = ?marked, "request timed out");
+                // The mark holds only while the request is pending: refused, it was
+                // settled by its handler between the wait's end and the mark. Its
+                // outcome is the answer (a time-out here would contradict the stored
+                // `done`).
+                let late = match marked {
+                    Ok(false) => medium.await_outcome(&id, SETTLED_READ).await.ok().flatten(),
+                    _ => None,
+                };
+                match late {
+                    Some(settled) => settled,
+                    None => {
+                        return Err(Error::Timeout {
+                            service: self.service,
+                            action: self.action,
+                            after: self.timeout,
+                        })
+                    }
+                }
             }
+        };
+        if settled.state == Some(State::Done) {
+            return decode_result(settled.result);
         }
+        Err(Error::Remote {
+            service: self.service,
+            action: self.action,
+            message: settled
+                .response
+                .as_ref()
+                .and_then(|r| r.get_str("error").ok())
+                .unwrap_or("the handler failed")
+                .to_string(),
+        })
     }
 }
+
+/// How long a caller whose time-out mark was refused (the request was settled just
+/// before it) waits to read the settled outcome.
+const SETTLED_READ: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Marks a request `state: error` with `response: {error: "abandoned"}` when dropped
 /// armed: its caller stopped waiting before the outcome was known. Written like a

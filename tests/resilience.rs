@@ -25,6 +25,9 @@ struct Flaky {
     refused_action: std::sync::Mutex<Option<String>>,
     /// Calls of `append`, whatever their outcome.
     appends: AtomicUsize,
+    /// While set, the next wait for a request's outcome sees it settled and still ends
+    /// as a time-out: the handler's answer lands just as the caller's wait ends.
+    outcome_late: AtomicBool,
 }
 
 impl Flaky {
@@ -102,6 +105,11 @@ impl Medium for Flaky {
         id: &str,
         timeout: Duration,
     ) -> intracom::Result<Option<Message>> {
+        if self.outcome_late.swap(false, Ordering::SeqCst) {
+            let settled = self.inner.await_outcome(id, timeout).await?;
+            assert!(settled.is_some(), "the handler settles the request");
+            return Ok(None);
+        }
         self.inner.await_outcome(id, timeout).await
     }
     async fn dead_list(&self, limit: usize) -> intracom::Result<Vec<DeadLetter>> {
@@ -158,6 +166,7 @@ fn flaky() -> Arc<Flaky> {
         store_down: AtomicBool::new(false),
         refused_action: std::sync::Mutex::new(None),
         appends: AtomicUsize::new(0),
+        outcome_late: AtomicBool::new(false),
     })
 }
 
@@ -522,4 +531,45 @@ async fn idempotency_falls_back_to_memory_and_goes_back() {
     assert!(stored_done(&medium, "ledger", "m3").await);
     assert_eq!(bus.idempotency_fallbacks(), 1);
     bus.shutdown().await;
+}
+
+/// A request settled by its handler just as the caller's wait ends: the caller's mark
+/// "timed out" is refused (the request is no longer pending), and the caller gets the
+/// stored answer, not a time-out that the stored `done` would contradict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_settled_as_its_wait_ends_gets_its_answer_not_a_time_out() {
+    use intracom::bson::doc;
+    let medium = flaky();
+    let server = Intracom::with_medium(
+        config().sender("billing", ["invoice.get"]).build().unwrap(),
+        medium.clone(),
+    )
+    .await
+    .unwrap();
+    let _serving = server
+        .serve("billing", "invoice.get", |_q: Document| async move {
+            Ok::<_, String>(doc! { "total": 7 })
+        })
+        .unwrap();
+    let caller = Intracom::with_medium(
+        Config::builder()
+            .service("users")
+            .instance("users-1")
+            .sender("billing", ["invoice.get"])
+            .sender("users", Vec::<String>::new())
+            .build()
+            .unwrap(),
+        medium.clone(),
+    )
+    .await
+    .unwrap();
+    medium.outcome_late.store(true, Ordering::SeqCst);
+    let answer: Document = caller
+        .request("billing", "invoice.get", &doc! {})
+        .timeout(Duration::from_secs(30))
+        .await
+        .expect("the stored answer, not a time-out");
+    assert_eq!(answer.get_i32("total").unwrap(), 7);
+    caller.shutdown().await;
+    server.shutdown().await;
 }
