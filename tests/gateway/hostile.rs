@@ -442,7 +442,19 @@ async fn one_token_cannot_take_every_slot(place: &Place) {
             .post(gw.url("/request/billing/invoice.get?timeout_ms=60000"))
             .bearer_auth(USERS)
             .json(&json!({}));
-        tokio::spawn(async move { request.send().await.map(|r| r.status()) })
+        tokio::spawn(async move {
+            // Printed if it ends before the test aborts it (the assertions below fail).
+            match request.send().await {
+                Ok(r) => {
+                    let status = r.status();
+                    eprintln!(
+                        "a long request ended: {status} {}",
+                        r.text().await.unwrap_or_default()
+                    );
+                }
+                Err(e) => eprintln!("a long request failed: {e:?}"),
+            }
+        })
     };
     let first = long(&gw);
     let second = long(&gw);
