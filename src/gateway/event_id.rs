@@ -202,11 +202,8 @@ impl EventKeys {
 }
 
 fn mac_of(key: &[u8]) -> HmacSha256 {
-    // HMAC takes a key of any length (a long one is hashed first).
-    <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| {
-        <HmacSha256 as KeyInit>::new_from_slice(&[0u8; 32])
-            .unwrap_or_else(|_| unreachable!("HMAC-SHA256 takes a 32-byte key"))
-    })
+    <HmacSha256 as KeyInit>::new_from_slice(key)
+        .expect("HMAC takes a key of any length (RFC 2104: a long one is hashed first)")
 }
 
 /// Equal, in a time that depends on the length only.
