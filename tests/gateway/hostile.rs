@@ -330,7 +330,8 @@ async fn a_json_bomb_is_refused_before_it_is_parsed(place: &Place) {
         body.push_str(if n == 0 { "0" } else { ",0" });
     }
     body.push_str("]}}");
-    assert!(body.len() > 15 * 1024 * 1024);
+    let body_len = body.len();
+    assert!(body_len > 15 * 1024 * 1024);
     let baseline = resident_bytes();
     let measured = reset_peak();
     let response = gw
@@ -348,6 +349,11 @@ async fn a_json_bomb_is_refused_before_it_is_parsed(place: &Place) {
     assert_eq!(answer["code"], "too_complex", "{answer}");
     if measured {
         let peak = peak_bytes();
+        eprintln!(
+            "json bomb: {body_len} bytes refused; the process's peak resident memory grew by {} MiB (bound {} MiB)",
+            peak.saturating_sub(baseline) / (1024 * 1024),
+            BOMB_BOUND / (1024 * 1024)
+        );
         assert!(
             peak.saturating_sub(baseline) < BOMB_BOUND,
             "the process peaked at {peak} bytes from {baseline} (bound: {BOMB_BOUND} more)"
