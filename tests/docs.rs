@@ -355,12 +355,14 @@ fn the_capability_matrix_is_the_media_s() {
 /// Words that point at documents outside the repository, or at its history.
 fn outside_reference(line: &str) -> Option<&'static str> {
     let lower = line.to_ascii_lowercase();
+    // A word followed by a number, not as a command-line flag (`--seed 42`).
     let followed_by_digit = |word: &str| {
         lower.match_indices(word).any(|(i, w)| {
-            lower[i + w.len()..]
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_digit())
+            !lower[..i].ends_with("--")
+                && lower[i + w.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
         })
     };
     if followed_by_digit("seed ") || followed_by_digit("seeds ") {
