@@ -192,19 +192,7 @@ impl Tokens {
 
     /// Reads a tokens file (format in the module docs).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            Error::Config { key, value, reason } => Error::Config {
-                key: format!("{} {key}", path.display()),
-                value,
-                reason,
-            },
-            other => other,
-        })
+        super::read_file(path.as_ref(), Self::parse)
     }
 
     /// Reads the lines of a tokens file. A bad line is an error naming it.

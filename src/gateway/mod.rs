@@ -431,6 +431,26 @@ impl Gateway {
     }
 }
 
+/// Reads a file of the gateway's (tokens, event keys) with `parse`; a bad line's error
+/// names the file.
+fn read_file<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> crate::Result<T>,
+) -> crate::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::ConfigFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text).map_err(|e| match e {
+        crate::Error::Config { key, value, reason } => crate::Error::Config {
+            key: format!("{} {key}", path.display()),
+            value,
+            reason,
+        },
+        other => other,
+    })
+}
+
 /// Everything the routes share.
 #[derive(Clone)]
 pub(crate) struct AppState(Arc<Inner>);
