@@ -61,6 +61,10 @@ struct Pending {
     /// to half since: the stall time runs from here, so a client that takes one event
     /// now and then, but never catches up, still falls behind.
     full_since: Option<tokio::time::Instant>,
+    /// This queue found the budget spent and woke the streams waiting for room (once
+    /// per wait: woken streams that cannot go on either do not wake the others again,
+    /// or they would wake each other for ever).
+    asked_for_room: bool,
 }
 
 /// The queue between a subscription's pump and the HTTP response of one client.
@@ -178,6 +182,7 @@ impl Outgoing {
                     fits && self.reserve(queued.bytes, |total| total + bytes <= budget)
                 };
                 if admitted {
+                    pending.asked_for_room = false;
                     pending.bytes += queued.bytes;
                     pending.events.push_back(queued);
                     drop(pending);
@@ -190,8 +195,11 @@ impl Outgoing {
                     if pending.bytes as u64 > budget / streams {
                         return Err(Refused::Full);
                     }
-                    // The others waiting for room check their share.
-                    self.state.sse_pressure().notify_waiters();
+                    if !pending.asked_for_room {
+                        // The others waiting for room check their share.
+                        pending.asked_for_room = true;
+                        self.state.sse_pressure().notify_waiters();
+                    }
                 }
                 *pending
                     .full_since
