@@ -442,43 +442,30 @@ async fn one_token_cannot_take_every_slot(place: &Place) {
         StatusCode::SERVICE_UNAVAILABLE
     );
     drop(streams);
-    // Requests in progress: two long ones hold the token's share, a third gets 429.
+    // Requests in progress: of three long ones sent together, two hold the token's
+    // share and one is refused with 429 (which one is up to the network).
     let long = |gw: &Gw| {
         let request = unpooled()
             .post(gw.url("/request/billing/invoice.get?timeout_ms=60000"))
             .bearer_auth(USERS)
             .json(&json!({}));
-        tokio::spawn(async move {
-            // Printed if it ends before the test aborts it (the assertions below fail).
-            match request.send().await {
-                Ok(r) => {
-                    let status = r.status();
-                    eprintln!(
-                        "a long request ended: {status} {}",
-                        r.text().await.unwrap_or_default()
-                    );
-                }
-                Err(e) => eprintln!("a long request failed: {e:?}"),
-            }
-        })
+        tokio::spawn(async move { request.send().await.map(|r| r.status()) })
     };
-    let first = long(&gw);
-    let second = long(&gw);
-    eventually("two requests hold the token's share", || async {
-        assert!(
-            !first.is_finished() && !second.is_finished(),
-            "a long request ended early"
-        );
-        let response = unpooled()
-            .post(gw.url("/request/billing/invoice.get?timeout_ms=1"))
-            .bearer_auth(USERS)
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("an answer");
-        response.status() == StatusCode::TOO_MANY_REQUESTS
+    let mut long = vec![long(&gw), long(&gw), long(&gw)];
+    let refused = tokio::time::timeout(GUARD, async {
+        loop {
+            if let Some(i) = long.iter().position(|t| t.is_finished()) {
+                return long.remove(i).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
-    .await;
+    .await
+    .expect("one of three requests is refused within the hang guard")
+    .expect("the task")
+    .expect("an answer");
+    assert_eq!(refused, StatusCode::TOO_MANY_REQUESTS);
+    let (first, second) = (long.remove(0), long.remove(0));
     // Another token is not held back.
     let (status, _) = gw.get("/healthz", BILLING).await;
     assert_eq!(status, StatusCode::OK);
@@ -558,7 +545,7 @@ async fn a_client_that_reads_now_and_then_still_falls_behind(place: &Place) {
     if !matches!(place, Place::Memory) {
         return; // the stall rule is the gateway's, whatever the medium
     }
-    let config = big_config(256 * 1024);
+    let config = big_config(1024 * 1024);
     let stall = Duration::from_secs(2);
     let options = options().sse_buffer(4).sse_stall(stall);
     let gw = Gw::with_config(place, config, options).await;
@@ -567,7 +554,7 @@ async fn a_client_that_reads_now_and_then_still_falls_behind(place: &Place) {
     let publisher = tokio::spawn(async move {
         for n in 0..100_000 {
             if bus
-                .publish(intracom::Message::broadcast("reload").body(big(n, 64 * 1024)))
+                .publish(intracom::Message::broadcast("reload").body(big(n, 256 * 1024)))
                 .await
                 .is_err()
             {
@@ -577,7 +564,7 @@ async fn a_client_that_reads_now_and_then_still_falls_behind(place: &Place) {
         }
     });
     // One event every 1.5 s: more often than the stall time, never catching up.
-    let lagged = tokio::time::timeout(GUARD * 2, async {
+    let lagged = tokio::time::timeout(GUARD * 4, async {
         loop {
             match slow.next().await {
                 Some(event) if event.event == "lagged" => return true,
