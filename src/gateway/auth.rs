@@ -476,6 +476,43 @@ mod tests {
     }
 
     #[test]
+    fn roles_refuse_other_tokens_with_403_and_say_why() {
+        let billing = Identity::service("billing");
+        let admin = Identity::admin();
+        let both = Identity::service("web").and_admin();
+        assert!(Admin::of(&admin).is_ok());
+        assert!(Admin::of(&both).is_ok());
+        match Admin::of(&billing) {
+            Err(ApiError::Forbidden(message)) => assert!(
+                message.contains("needs an admin token") && message.contains("service:billing"),
+                "{message}"
+            ),
+            other => panic!("a service token is not admin: {other:?}"),
+        }
+        match ServiceCaller::of(&admin) {
+            Err(ApiError::Forbidden(message)) => {
+                assert!(message.contains("no service identity"), "{message}")
+            }
+            other => panic!("an admin token without a service: {other:?}"),
+        }
+        let web = ServiceCaller::of(&both).unwrap();
+        assert_eq!(web.service(), "web");
+        let billing = ServiceCaller::of(&billing).unwrap();
+        assert_eq!(billing.as_service(None).unwrap(), "billing");
+        assert_eq!(billing.as_service(Some("billing")).unwrap(), "billing");
+        match billing.as_service(Some("users")) {
+            Err(ApiError::Forbidden(message)) => assert!(
+                message.contains("acts as `billing`, not `users`"),
+                "{message}"
+            ),
+            other => panic!("another service's identity: {other:?}"),
+        }
+        let any = AnyCaller(Identity::service("ops"));
+        assert!(any.to_service().is_ok());
+        assert!(matches!(any.to_admin(), Err(ApiError::Forbidden(_))));
+    }
+
+    #[test]
     fn the_bearer_scheme_is_matched_without_case() {
         assert_eq!(bearer_token("Bearer abc"), Some("abc"));
         assert_eq!(bearer_token("bEaReR  abc "), Some("abc"));
