@@ -2140,6 +2140,57 @@ async fn restarted_then_caught_up_by_ts(token: Document) {
     bus.shutdown().await;
 }
 
+/// The previous run caught up by `ts` and acked m3, m4 and m5 in `(ts, _id)` order: its
+/// checkpoint is m5, saved by the scan (only its id). m4 was stamped before m5 but
+/// committed after it (a stamp is not commit-ordered), so the stream replayed from the
+/// window before the checkpoint gives m3, m5, m4, then m6 and m7, new. m4 sorts before
+/// the checkpoint: the scan delivered it before m5, and it does not come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_a_scans_checkpoint_skips_what_sorts_before_it_though_committed_after_it(
+) {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let saved = doc! {
+        "_id": "billing-cache",
+        "position": { "ts": ts(5), "token": { "id": "m5" } },
+    };
+    accept_checkpoints(&peer, Some(saved));
+    let replayed = vec![
+        insert_event("t3", stored_message("m3", "reload", ts(3)), ts(13)),
+        insert_event("t5", stored_message("m5", "reload", ts(5)), ts(15)),
+        insert_event("t4", stored_message("m4", "reload", ts(4)), ts(16)),
+        insert_event("t6", stored_message("m6", "reload", ts(6)), ts(17)),
+        insert_event("t7", stored_message("m7", "reload", ts(7)), ts(18)),
+    ];
+    peer.on("aggregate", move |c| {
+        let stage = change_stream_stage(c);
+        if is_subscriber_stream(c) {
+            let events = if stage.contains_key("startAtOperationTime") {
+                replayed.clone()
+            } else {
+                vec![]
+            };
+            return Some(Reply::Doc(cursor_reply(102, "firstBatch", events, "t7")));
+        }
+        Some(Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t7")))
+    });
+    script_get_more(&peer, 102, vec![], "t7");
+    script_get_more(&peer, 101, vec![], "t7");
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
+        .await
+        .unwrap();
+    let got = vec![next_id(&mut sub).await, next_id(&mut sub).await];
+    assert_eq!(
+        got,
+        ["m6", "m7"],
+        "m4 sorts before the scan's checkpoint: it was delivered before the restart"
+    );
+    bus.shutdown().await;
+}
+
 /// A stamp `secs` seconds after [`ts`]'s.
 fn ts_at(secs: u32, increment: u32) -> Timestamp {
     Timestamp {

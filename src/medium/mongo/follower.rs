@@ -99,6 +99,11 @@ struct Replay {
     id: String,
     /// The checkpoint, to resume from it otherwise if the stream cannot get there.
     position: Position,
+    /// A checkpoint from a scan, once the stream has passed its event: what comes after
+    /// it in commit order and before it in `(ts, _id)` order was read by the scan before
+    /// it, so it is still remembered, not delivered, until the events are stamped later
+    /// than a safety window after the checkpoint (none of those can sort before it).
+    passed: bool,
 }
 
 impl Replay {
@@ -110,6 +115,13 @@ impl Replay {
     /// stream, or not yet: it is delivered now).
     fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
         self.cluster_time.is_some() || (ts, id) <= (self.position.ts, self.id.as_str())
+    }
+
+    /// Whether an event after a scan's checkpoint may still sort before it: its cluster
+    /// time is within a safety window after the checkpoint's stamp (a stamp is taken
+    /// before its write's oplog time, and a write commits within the window).
+    fn may_sort_before(&self, cluster_time: Option<Timestamp>, window: u32) -> bool {
+        cluster_time.is_none_or(|ct| ct.time <= self.position.ts.time.saturating_add(window))
     }
 }
 
@@ -389,6 +401,7 @@ impl Follower {
                                 cluster_time,
                                 id,
                                 position,
+                                passed: false,
                             })),
                         });
                     }
@@ -857,7 +870,48 @@ impl Follower {
                     };
                     return Ok(());
                 }
-                if let Some(r) = replay.take() {
+                if let Some(mut r) = replay.take_if(|r| r.passed) {
+                    // Past a scan's checkpoint: what sorts before it was delivered before
+                    // the restart (see `Replay::passed`).
+                    let window = self.window_secs();
+                    if let Ok(Some(event)) = &next {
+                        if !hub::is_ending(&event.operation_type)
+                            && r.may_sort_before(event.cluster_time, window)
+                        {
+                            let known = event.full_document.as_ref().and_then(|raw| {
+                                let (id, ts) =
+                                    (raw.get_str("_id").ok()?, raw.get_timestamp("ts").ok()?);
+                                r.delivered_before(ts, id).then(|| (ts, id.to_string()))
+                            });
+                            let mut last_cluster_time = last_cluster_time;
+                            match known {
+                                Some((ts, id)) => {
+                                    self.recent.insert(ts, &id, window);
+                                    self.last_ts = self.last_ts.max(ts);
+                                    if let Some(ct) = event.cluster_time {
+                                        last_cluster_time = last_cluster_time.max(ct);
+                                    }
+                                }
+                                None => {
+                                    if let Ok(Some(event)) = next {
+                                        last_cluster_time =
+                                            self.take_event(event, last_cluster_time).await;
+                                    }
+                                }
+                            }
+                            r.passed = true;
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: Some(r),
+                            };
+                            return Ok(());
+                        }
+                    }
+                    // Beyond the window, caught up, or an ending event: the stream goes
+                    // on as any resumed stream.
+                } else if let Some(mut r) = replay.take() {
                     let before_checkpoint =
                         |event: &mongodb::change_stream::event::ChangeStreamEvent<
                             RawDocumentBuf,
@@ -901,11 +955,14 @@ impl Follower {
                             if !known {
                                 self.take_event(event, last_cluster_time).await;
                             }
+                            // A scan's checkpoint is still compared with after its event.
+                            let keep = !at_checkpoint || r.cluster_time.is_none();
+                            r.passed = at_checkpoint && r.cluster_time.is_none();
                             self.mode = Mode::Stream {
                                 stream,
                                 last_cluster_time,
                                 generation,
-                                replay: (!at_checkpoint).then_some(r),
+                                replay: keep.then_some(r),
                             };
                             return Ok(());
                         }
