@@ -530,7 +530,7 @@ async fn drive(
     shared: Arc<Shared>,
     inbound: mpsc::UnboundedSender<Inbound>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = crate::backoff::MQTT_LINK.start();
     let mut ever_up = false;
     loop {
         // Never dropped half-way: rumqttc's poll may be writing a packet (an ack).
@@ -538,7 +538,7 @@ async fn drive(
         let event = eventloop.poll().await;
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 if ever_up && shared.persistent && !connack.session_present {
                     // The broker lost the session (restarted without persistence, or it
                     // expired): what it had queued for us and not acknowledged is gone.
@@ -725,11 +725,7 @@ async fn drive(
                     break;
                 }
                 tracing::debug!(client_id = %shared.client_id, error = %text, "mqtt connection lost: reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.closed.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.sleep(&shared.closed).await;
             }
         }
     }
