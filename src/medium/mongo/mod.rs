@@ -407,9 +407,8 @@ impl MongoMedium {
     /// can only insert (filter `{_id, ts: {$exists: false}}`, see the module docs), the
     /// body in `$setOnInsert`, the stamps from the server's clock by `$currentDate`.
     fn upsert_statement(message: &Message, encoded: &RawDocument) -> Result<RawDocumentBuf> {
-        let unreadable = |e: bson::raw::Error| Error::Medium {
-            medium: "db",
-            reason: format!("message {} encoded wrongly: {e}", message.id),
+        let unreadable = |e: bson::raw::Error| {
+            Error::refused("db", format!("message {} encoded wrongly: {e}", message.id))
         };
         let mut body = RawDocumentBuf::new();
         for element in encoded {
@@ -467,10 +466,10 @@ impl MongoMedium {
                 .await
                 .map_err(to_error)?;
             if let Ok(wce) = reply.get_document("writeConcernError") {
-                return Err(Error::Unavailable {
-                    medium: "db",
-                    reason: format!("write concern not satisfied: {wce}"),
-                });
+                return Err(Error::unavailable(
+                    "db",
+                    format!("write concern not satisfied: {wce}"),
+                ));
             }
             let first_error = reply
                 .get_array("writeErrors")
@@ -493,15 +492,9 @@ impl MongoMedium {
                         let id = batch.get(index).map(|m| m.id.as_str()).unwrap_or("?");
                         let why = error.get_str("errmsg").unwrap_or("write error");
                         return Err(if transient {
-                            Error::Unavailable {
-                                medium: "db",
-                                reason: format!("message {id} not written now: {why}"),
-                            }
+                            Error::unavailable("db", format!("message {id} not written now: {why}"))
                         } else {
-                            Error::Medium {
-                                medium: "db",
-                                reason: format!("message {id} refused: {why}"),
-                            }
+                            Error::refused("db", format!("message {id} refused: {why}"))
                         });
                     }
                     index
@@ -672,12 +665,9 @@ impl Medium for MongoMedium {
             .await
             .map_err(to_error)?;
         match found.and_then(|d| d.get_document("position").ok().cloned()) {
-            Some(position) => bson::from_document(position)
-                .map(Some)
-                .map_err(|e| Error::Medium {
-                    medium: "db",
-                    reason: format!("checkpoint `{name}` is unreadable: {e}"),
-                }),
+            Some(position) => bson::from_document(position).map(Some).map_err(|e| {
+                Error::refused("db", format!("checkpoint `{name}` is unreadable: {e}"))
+            }),
             None => Ok(None),
         }
     }

@@ -226,10 +226,7 @@ impl Conn {
             conn.client_id()
         );
         Err(if link.refused {
-            Error::Medium {
-                medium: "mqtt",
-                reason,
-            }
+            Error::refused("mqtt", reason)
         } else {
             unavailable(reason)
         })
@@ -379,10 +376,10 @@ impl Conn {
         };
         match rx.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::Medium {
-                medium: "mqtt",
-                reason: format!("subscription refused by the broker: {reason}"),
-            }),
+            Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::refused(
+                "mqtt",
+                format!("subscription refused by the broker: {reason}"),
+            )),
             Ok(Err(reason)) => Err(unavailable(reason)),
             Err(_) => Err(unavailable("the connection was closed")),
         }
@@ -493,10 +490,10 @@ fn settle(
 ) -> Result<bool> {
     match outcome {
         Ok(Ok(matched)) => Ok(matched),
-        Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::Medium {
-            medium: "mqtt",
-            reason: format!("the broker refused the publish on `{topic}`: {reason}"),
-        }),
+        Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::refused(
+            "mqtt",
+            format!("the broker refused the publish on `{topic}`: {reason}"),
+        )),
         Ok(Err(reason)) => Err(unavailable(reason)),
         Err(_) => Err(unavailable("the connection was closed")),
     }

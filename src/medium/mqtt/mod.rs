@@ -188,10 +188,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
-    Error::Unavailable {
-        medium: "mqtt",
-        reason: reason.into(),
-    }
+    Error::unavailable("mqtt", reason.into())
 }
 
 fn short_id() -> String {
