@@ -358,7 +358,7 @@ impl Gateway {
         let event_keys = match self.options.event_keys.clone() {
             Some(keys) => keys,
             None => {
-                tracing::warn!("gateway: no event key given (--event-key-file): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
+                tracing::warn!("gateway: no event key given (GatewayOptions::event_keys): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
                 EventKeys::ephemeral()
             }
         };
