@@ -74,7 +74,7 @@ pub use event_id::{BadEventId, EventKeys, MAX_EVENT_ID_LEN, MIN_KEY_LEN};
 pub use model::{MessageJson, Receipt, ReceiptStatus, Stamp};
 pub use publish::{idempotent_id, PublishRequest, IDEMPOTENCY_KEY};
 pub use server::Tls;
-pub use sse::{scoped_name, StreamNotice};
+pub use sse::StreamNotice;
 
 /// Options of the gateway. Every default is written on its field.
 #[derive(Clone, Debug)]
