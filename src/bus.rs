@@ -282,10 +282,8 @@ impl Intracom {
     /// reports [`PublishStatus::Duplicate`].
     pub async fn publish(&self, message: Message) -> Result<Published> {
         let mut out = self.publish_all(vec![message]).await?;
-        out.pop().ok_or_else(|| Error::Medium {
-            medium: self.shared.medium.name(),
-            reason: "append returned no receipt".into(),
-        })
+        out.pop()
+            .ok_or_else(|| Error::refused(self.shared.medium.name(), "append returned no receipt"))
     }
 
     /// Publishes several messages in one call to the medium, in order. Every message is
@@ -501,9 +499,8 @@ impl Intracom {
     pub async fn publish_later(&self, message: Message) -> Result<Published> {
         let message = self.prepare(message).await?.message;
         let mut out = self.buffer(std::slice::from_ref(&message))?;
-        out.pop().ok_or_else(|| Error::Medium {
-            medium: self.shared.medium.name(),
-            reason: "the outbox returned no receipt".into(),
+        out.pop().ok_or_else(|| {
+            Error::refused(self.shared.medium.name(), "the outbox returned no receipt")
         })
     }
 

@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backoff;
 mod bus;
 pub mod catalog;
 pub mod config;

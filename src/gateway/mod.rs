@@ -74,7 +74,7 @@ pub use event_id::{BadEventId, EventKeys, MAX_EVENT_ID_LEN, MIN_KEY_LEN};
 pub use model::{MessageJson, Receipt, ReceiptStatus, Stamp};
 pub use publish::{idempotent_id, PublishRequest, IDEMPOTENCY_KEY};
 pub use server::Tls;
-pub use sse::{scoped_name, StreamNotice};
+pub use sse::StreamNotice;
 
 /// Options of the gateway. Every default is written on its field.
 #[derive(Clone, Debug)]
@@ -358,7 +358,7 @@ impl Gateway {
         let event_keys = match self.options.event_keys.clone() {
             Some(keys) => keys,
             None => {
-                tracing::warn!("gateway: no event key given (--event-key-file): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
+                tracing::warn!("gateway: no event key given (GatewayOptions::event_keys): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
                 EventKeys::ephemeral()
             }
         };

@@ -20,7 +20,7 @@ use super::queues::{all_queues, Queue};
 use super::AppState;
 
 /// How many recent deliveries the latency figures cover.
-pub const LATENCY_WINDOW: usize = 1024;
+pub(crate) const LATENCY_WINDOW: usize = 1024;
 
 /// Delivery latencies of this gateway: from the medium's stamp (`at`) to the moment the
 /// event was handed to the client's HTTP response, for live deliveries only (messages

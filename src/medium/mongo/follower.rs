@@ -144,7 +144,7 @@ pub(crate) struct Follower {
     /// The ring segments read since the follower last joined the ring, from the oldest
     /// that may hold a message stamped within the safety window of `last_ts`.
     held: VecDeque<Held>,
-    backoff: Duration,
+    backoff: crate::backoff::Backoff,
 }
 
 /// Ids delivered within the safety window of the newest one.
@@ -344,7 +344,7 @@ impl Follower {
             },
             recent: Recent::default(),
             held: VecDeque::new(),
-            backoff: Duration::from_millis(100),
+            backoff: crate::backoff::FOLLOWER.start(),
         };
         follower.mode = match from {
             StartFrom::Now => match &follower.hub {
@@ -1072,22 +1072,18 @@ impl Follower {
             }
             Mode::Resume { position } => match self.resume(position.clone(), true).await {
                 Ok(next) => {
-                    self.backoff = Duration::from_millis(100);
+                    self.backoff.reset();
                     next
                 }
                 Err(error) => {
-                    tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "resuming from the saved position failed: retrying");
-                    tokio::select! {
-                        _ = self.inner.closed.cancelled() => {}
-                        _ = tokio::time::sleep(self.backoff) => {}
-                    }
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    tracing::warn!(%error, backoff_ms = self.backoff.delay().as_millis() as u64, "resuming from the saved position failed: retrying");
+                    self.backoff.sleep(&self.inner.closed).await;
                     Mode::Resume { position }
                 }
             },
             Mode::Scan { lower, tip_before } => match self.scan(lower, tip_before).await {
                 Ok(next) => {
-                    self.backoff = Duration::from_millis(100);
+                    self.backoff.reset();
                     next
                 }
                 Err(crate::Error::Shutdown) => {
@@ -1100,15 +1096,11 @@ impl Follower {
                 Err(error) => {
                     let retryable = error.is_retryable();
                     if retryable {
-                        tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan failed: retrying");
+                        tracing::warn!(%error, backoff_ms = self.backoff.delay().as_millis() as u64, "scan failed: retrying");
                     } else {
-                        tracing::error!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan refused: the subscriber is told, and it is tried again");
+                        tracing::error!(%error, backoff_ms = self.backoff.delay().as_millis() as u64, "scan refused: the subscriber is told, and it is tried again");
                     }
-                    tokio::select! {
-                        _ = self.inner.closed.cancelled() => {}
-                        _ = tokio::time::sleep(self.backoff) => {}
-                    }
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    self.backoff.sleep(&self.inner.closed).await;
                     self.mode = Mode::Scan { lower, tip_before };
                     // Refused for good (not authorized, say): the consumer hears of it
                     // instead of a silence; a next read tries again.

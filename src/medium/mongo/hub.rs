@@ -22,7 +22,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
 
 use bson::{doc, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
@@ -450,7 +449,7 @@ async fn reopen(
     hub: &Hub,
     mut how: Reopen,
 ) -> Option<(Events, Option<ResumeToken>, u64)> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::backoff::CHANGE_STREAM.start();
     let first = inner.stream_interruptions();
     loop {
         if matches!(how, Reopen::Resume(_)) && inner.stream_interruptions() != first {
@@ -483,14 +482,12 @@ async fn reopen(
                 how = Reopen::Fresh;
             }
             Err(error) => {
-                tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "change stream not reopened: retrying");
+                tracing::warn!(%error, backoff_ms = backoff.delay().as_millis() as u64, "change stream not reopened: retrying");
             }
         }
-        tokio::select! {
-            _ = inner.closed.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.sleep(&inner.closed).await {
+            return None;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -57,16 +57,35 @@ use hub::{Hub, Started};
 pub use admin::{Check, Stats};
 pub use setup::message_validator;
 
-/// Counters of this process's MongoDB medium (also exported as metrics).
-#[derive(Debug, Default)]
+/// Counters of this process's MongoDB medium (also exported as metrics), as read at
+/// one moment ([`MongoMedium::counters`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Counters {
     /// Documents that were not readable messages, copied to `dead`.
-    pub dead_lettered: AtomicU64,
+    pub dead_lettered: u64,
     /// Times a change stream's history was gone (286/280/260).
-    pub history_lost: AtomicU64,
+    pub history_lost: u64,
     /// Times a subscriber fell back to scanning the collection by `ts`.
-    pub fallbacks: AtomicU64,
+    pub fallbacks: u64,
+}
+
+/// The live counters behind [`Counters`].
+#[derive(Debug, Default)]
+pub(crate) struct Tallies {
+    dead_lettered: AtomicU64,
+    history_lost: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+impl Tallies {
+    fn snapshot(&self) -> Counters {
+        Counters {
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            history_lost: self.history_lost.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Whether subscribers follow a change stream or poll.
@@ -95,7 +114,7 @@ pub(crate) struct Inner {
     pub(crate) closed: CancellationToken,
     /// The driver operations under way (see [`Inner::op`]).
     ops: Arc<Operations>,
-    pub(crate) stats: Counters,
+    pub(crate) stats: Tallies,
     /// How many times the change-stream client lost its connections (pool cleared:
     /// a network error, or the server going away). See [`Inner::stream_interruptions`].
     interruptions: Arc<AtomicU64>,
@@ -355,7 +374,7 @@ impl MongoMedium {
             timeout_ms: config.timeout_ms,
             closed: CancellationToken::new(),
             ops: Arc::default(),
-            stats: Counters::default(),
+            stats: Tallies::default(),
             interruptions,
             max_bson,
         });
@@ -375,9 +394,9 @@ impl MongoMedium {
         }
     }
 
-    /// The medium's counters.
-    pub fn counters(&self) -> &Counters {
-        &self.inner.stats
+    /// The medium's counters, as they are now.
+    pub fn counters(&self) -> Counters {
+        self.inner.stats.snapshot()
     }
 
     /// The shared change stream, opened on first use; `None` in poll mode.
@@ -407,9 +426,8 @@ impl MongoMedium {
     /// can only insert (filter `{_id, ts: {$exists: false}}`, see the module docs), the
     /// body in `$setOnInsert`, the stamps from the server's clock by `$currentDate`.
     fn upsert_statement(message: &Message, encoded: &RawDocument) -> Result<RawDocumentBuf> {
-        let unreadable = |e: bson::raw::Error| Error::Medium {
-            medium: "db",
-            reason: format!("message {} encoded wrongly: {e}", message.id),
+        let unreadable = |e: bson::raw::Error| {
+            Error::refused("db", format!("message {} encoded wrongly: {e}", message.id))
         };
         let mut body = RawDocumentBuf::new();
         for element in encoded {
@@ -467,10 +485,10 @@ impl MongoMedium {
                 .await
                 .map_err(to_error)?;
             if let Ok(wce) = reply.get_document("writeConcernError") {
-                return Err(Error::Unavailable {
-                    medium: "db",
-                    reason: format!("write concern not satisfied: {wce}"),
-                });
+                return Err(Error::unavailable(
+                    "db",
+                    format!("write concern not satisfied: {wce}"),
+                ));
             }
             let first_error = reply
                 .get_array("writeErrors")
@@ -493,15 +511,9 @@ impl MongoMedium {
                         let id = batch.get(index).map(|m| m.id.as_str()).unwrap_or("?");
                         let why = error.get_str("errmsg").unwrap_or("write error");
                         return Err(if transient {
-                            Error::Unavailable {
-                                medium: "db",
-                                reason: format!("message {id} not written now: {why}"),
-                            }
+                            Error::unavailable("db", format!("message {id} not written now: {why}"))
                         } else {
-                            Error::Medium {
-                                medium: "db",
-                                reason: format!("message {id} refused: {why}"),
-                            }
+                            Error::refused("db", format!("message {id} refused: {why}"))
                         });
                     }
                     index
@@ -672,12 +684,9 @@ impl Medium for MongoMedium {
             .await
             .map_err(to_error)?;
         match found.and_then(|d| d.get_document("position").ok().cloned()) {
-            Some(position) => bson::from_document(position)
-                .map(Some)
-                .map_err(|e| Error::Medium {
-                    medium: "db",
-                    reason: format!("checkpoint `{name}` is unreadable: {e}"),
-                }),
+            Some(position) => bson::from_document(position).map(Some).map_err(|e| {
+                Error::refused("db", format!("checkpoint `{name}` is unreadable: {e}"))
+            }),
             None => Ok(None),
         }
     }

@@ -331,9 +331,8 @@ fn outcome_in(id: &str, document: &Document) -> Option<Result<Message>> {
         .get_str("state")
         .is_ok_and(|s| s != "pending")
         .then(|| {
-            decode_message(document).map_err(|reason| crate::Error::Medium {
-                medium: "db",
-                reason: format!("request {id} is unreadable: {reason}"),
+            decode_message(document).map_err(|reason| {
+                crate::Error::refused("db", format!("request {id} is unreadable: {reason}"))
             })
         })
 }

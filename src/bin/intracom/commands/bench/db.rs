@@ -659,10 +659,10 @@ impl DbBench {
                                 .timeout(PATIENCE)
                                 .await?;
                             if answer.get_i64("i").ok() != Some(i as i64) {
-                                return Err(intracom::Error::Medium {
-                                    medium: "db",
-                                    reason: format!("wrong answer {answer}"),
-                                });
+                                return Err(intracom::Error::refused(
+                                    "db",
+                                    format!("wrong answer {answer}"),
+                                ));
                             }
                             trips.push(started.elapsed());
                         }
