@@ -13,6 +13,7 @@
 mod servers;
 
 mod checks;
+mod dashboard;
 mod flaky;
 mod hostile;
 mod hostile_small;
@@ -375,6 +376,7 @@ fn main() {
         }
     }
     trials.extend(local::trials());
+    trials.extend(dashboard::trials());
     trials.extend(hostile_small::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
