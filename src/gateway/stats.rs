@@ -207,7 +207,11 @@ pub(crate) async fn stats(
     let bus = state.bus();
     let mut medium_error = None;
     let medium_stats = optional(
-        bus.medium().stats().await.map_err(ApiError::from),
+        match bus.medium().inspection_or_unsupported("stats") {
+            Ok(inspection) => inspection.stats().await,
+            Err(unsupported) => Err(unsupported),
+        }
+        .map_err(ApiError::from),
         &mut medium_error,
     )?;
     let queues = optional(all_queues(&state).await, &mut medium_error)?;

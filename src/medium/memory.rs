@@ -30,8 +30,9 @@ use tokio_util::sync::ReusableBoxFuture;
 
 use super::records::LocalRecords;
 use super::{
-    Appended, CatalogMap, ClaimRequest, DeadLetter, Event, EventStream, Medium, ProcessedRecord,
-    QueueStats, Reservation, Settlement, Stats,
+    Appended, CatalogMap, ClaimRequest, DeadLetter, DeadLetterStore, Event, EventStream,
+    Inspection, Medium, ProcessedRecord, QueueStats, Records, Reservation, Settlement, Stats,
+    WorkQueue,
 };
 use crate::config::Config;
 use crate::error::Result;
@@ -652,6 +653,22 @@ impl Medium for MemoryMedium {
         self.shared.options.max_message_bytes
     }
 
+    fn work(&self) -> Option<&dyn WorkQueue> {
+        Some(self)
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+
+    fn records(&self) -> Option<&dyn Records> {
+        Some(self)
+    }
+
+    fn inspection(&self) -> Option<&dyn Inspection> {
+        Some(self)
+    }
+
     fn keeps_decoded(&self) -> bool {
         true
     }
@@ -732,23 +749,15 @@ impl Medium for MemoryMedium {
         Ok(())
     }
 
-    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
-        let id = super::id_of(&document);
-        let mut dead = lock(&self.shared.dead);
-        if !dead.iter().any(|d| d.id == id) {
-            dead.push_back(DeadLetter {
-                id,
-                document,
-                reason,
-                at: Some(bson::DateTime::now()),
-            });
-            while dead.len() > self.shared.options.max_messages {
-                dead.pop_front();
-            }
-        }
-        Ok(())
+    async fn close(&self) {
+        self.shared.closed.stop();
+        // Followers that caught up wait for an append: this one wakes them to end.
+        self.shared.appended.notify_waiters();
     }
+}
 
+#[async_trait]
+impl WorkQueue for MemoryMedium {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {
         if self.shared.closed.is_stopped() {
             return Err(crate::Error::Shutdown);
@@ -866,6 +875,26 @@ impl Medium for MemoryMedium {
             }
         }
     }
+}
+
+#[async_trait]
+impl DeadLetterStore for MemoryMedium {
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
+        let id = super::id_of(&document);
+        let mut dead = lock(&self.shared.dead);
+        if !dead.iter().any(|d| d.id == id) {
+            dead.push_back(DeadLetter {
+                id,
+                document,
+                reason,
+                at: Some(bson::DateTime::now()),
+            });
+            while dead.len() > self.shared.options.max_messages {
+                dead.pop_front();
+            }
+        }
+        Ok(())
+    }
 
     async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         Ok(lock(&self.shared.dead)
@@ -888,7 +917,10 @@ impl Medium for MemoryMedium {
         }
         Ok((before - dead.len()) as u64)
     }
+}
 
+#[async_trait]
+impl Records for MemoryMedium {
     async fn processed_reserve(
         &self,
         consumer: &str,
@@ -914,7 +946,10 @@ impl Medium for MemoryMedium {
         self.shared.processed.release(consumer, id, owner);
         Ok(())
     }
+}
 
+#[async_trait]
+impl Inspection for MemoryMedium {
     async fn stats(&self) -> Result<Stats> {
         let mut stats = Stats::default();
         let checkpoints = lock(&self.shared.checkpoints).clone();
@@ -1050,12 +1085,6 @@ impl Medium for MemoryMedium {
 
     async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
         Ok(u64::from(self.shared.processed.remove(consumer, id)))
-    }
-
-    async fn close(&self) {
-        self.shared.closed.stop();
-        // Followers that caught up wait for an append: this one wakes them to end.
-        self.shared.appended.notify_waiters();
     }
 }
 
