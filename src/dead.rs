@@ -19,7 +19,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// The medium's dead letters ([`Error::Unsupported`] for a medium that keeps none).
     fn store(&self) -> Result<&dyn DeadLetterStore> {
-        self.bus.medium().dead_letters_or_unsupported()
+        self.bus.medium().dead_letter_store_or_unsupported()
     }
 
     /// The oldest dead letters, at most `limit` (none for 0).

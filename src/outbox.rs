@@ -206,7 +206,7 @@ impl Outbox {
                     metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "refused")
                         .increment(1);
                     let document = bson::to_document(first).unwrap_or_default();
-                    let written = match medium.dead_letters_or_unsupported() {
+                    let written = match medium.dead_letter_store_or_unsupported() {
                         Ok(dead) => dead.dead_letter(document, error.to_string()).await,
                         Err(unsupported) => Err(unsupported),
                     };

@@ -88,7 +88,7 @@ impl Screen {
                     .increment(1);
                 match bson::to_document(message) {
                     Ok(document) => {
-                        let written = match self.medium.dead_letters_or_unsupported() {
+                        let written = match self.medium.dead_letter_store_or_unsupported() {
                             Ok(dead) => dead.dead_letter(document, error.to_string()).await,
                             Err(unsupported) => Err(unsupported),
                         };

@@ -161,7 +161,7 @@ impl<M: Medium, F: Faults> Faulty<M, F> {
     }
 
     fn dead_below(&self) -> Result<&dyn DeadLetterStore> {
-        (&self.inner as &dyn Medium).dead_letters_or_unsupported()
+        (&self.inner as &dyn Medium).dead_letter_store_or_unsupported()
     }
 
     fn records_below(&self) -> Result<&dyn Records> {
@@ -199,9 +199,9 @@ impl<M: Medium, F: Faults> Medium for Faulty<M, F> {
         self.inner.work().map(|_| self as &dyn WorkQueue)
     }
 
-    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
         self.inner
-            .dead_letters()
+            .dead_letter_store()
             .map(|_| self as &dyn DeadLetterStore)
     }
 

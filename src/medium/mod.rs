@@ -23,7 +23,7 @@
 //!   request's outcome. A medium that pushes work to one consumer instead (MQTT's
 //!   shared subscriptions) hands it out through [`WorkQueue::receive_work`]; settlement
 //!   and burial are the same calls.
-//! - [`DeadLetterStore`] ([`Medium::dead_letters`]): what could not be delivered.
+//! - [`DeadLetterStore`] ([`Medium::dead_letter_store`]): what could not be delivered.
 //! - [`Records`] ([`Medium::records`]): idempotency records.
 //! - [`Inspection`] ([`Medium::inspection`]): views and repairs for operators (counts,
 //!   queues, idempotency records), which an MQTT broker cannot give.
@@ -328,7 +328,7 @@ impl<M: Medium, F: Faults> sealed::Sealed for Faulty<M, F> {}
 ///
 /// What only some media do is an ability of its own, reached through an accessor
 /// that answers `None` when the medium lacks it: [`Medium::work`],
-/// [`Medium::dead_letters`], [`Medium::records`], [`Medium::inspection`].
+/// [`Medium::dead_letter_store`], [`Medium::records`], [`Medium::inspection`].
 ///
 /// The trait is sealed: the media are the ones of this crate ([`connect`] picks
 /// among them). [`Faulty`] wraps one of them to inject faults in tests.
@@ -353,7 +353,7 @@ pub trait Medium: sealed::Sealed + Send + Sync + 'static {
     }
 
     /// The dead letters: kept, listed, read, removed. `None`: the medium keeps none.
-    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
         None
     }
 
@@ -462,9 +462,9 @@ impl dyn Medium {
             .ok_or_else(|| unsupported(self.name(), "work (`delivery: one`)"))
     }
 
-    /// [`Medium::dead_letters`], or the error a caller shows when the medium has none.
-    pub(crate) fn dead_letters_or_unsupported(&self) -> Result<&dyn DeadLetterStore> {
-        self.dead_letters()
+    /// [`Medium::dead_letter_store`], or the error a caller shows when the medium has none.
+    pub(crate) fn dead_letter_store_or_unsupported(&self) -> Result<&dyn DeadLetterStore> {
+        self.dead_letter_store()
             .ok_or_else(|| unsupported(self.name(), "dead letters"))
     }
 
@@ -523,7 +523,7 @@ pub trait WorkQueue: sealed::Sealed + Send + Sync {
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>>;
 }
 
-/// The dead letters, the ability of [`Medium::dead_letters`] (the `dead` collection on
+/// The dead letters, the ability of [`Medium::dead_letter_store`] (the `dead` collection on
 /// MongoDB).
 #[async_trait]
 pub trait DeadLetterStore: sealed::Sealed + Send + Sync {
@@ -621,7 +621,7 @@ mod ability_tests {
     fn abilities(medium: &dyn Medium) -> [bool; 4] {
         [
             medium.work().is_some(),
-            medium.dead_letters().is_some(),
+            medium.dead_letter_store().is_some(),
             medium.records().is_some(),
             medium.inspection().is_some(),
         ]

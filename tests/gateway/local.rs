@@ -362,7 +362,7 @@ async fn a_dead_letter_retried_twice_is_sent_once() {
     job.source_instance = "billing-1".into();
     gw.bus
         .medium()
-        .dead_letters()
+        .dead_letter_store()
         .expect("dead letters")
         .dead_letter(
             bson::to_document(&job).expect("a document"),
@@ -863,7 +863,7 @@ async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, Pa
     let document: Document = bson::to_document(&job).expect("a document");
     gw.bus
         .medium()
-        .dead_letters()
+        .dead_letter_store()
         .expect("dead letters")
         .dead_letter(document, "failed 5 times, last: printer on fire".into())
         .await

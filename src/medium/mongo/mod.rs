@@ -556,7 +556,7 @@ impl Medium for MongoMedium {
         Some(self)
     }
 
-    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
     }
 

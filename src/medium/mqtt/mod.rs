@@ -665,7 +665,7 @@ impl Medium for MqttMedium {
         Some(self)
     }
 
-    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
     }
 
