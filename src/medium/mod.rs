@@ -27,6 +27,9 @@
 //! - [`Records`] ([`Medium::records`]): idempotency records.
 //! - [`Inspection`] ([`Medium::inspection`]): views and repairs for operators (counts,
 //!   queues, idempotency records), which an MQTT broker cannot give.
+//! - [`Diagnosis`] ([`Medium::diagnosis`]): checks of the deployment (MongoDB).
+//! - [`BrokerReport`] ([`Medium::broker_report`]): what a broker tells about itself
+//!   (MQTT).
 //!
 //! Beyond the abilities, [`Medium::capabilities`] says which semantic promises a medium
 //! keeps (Watermill's `Features`), and a medium never fakes one it lacks.
@@ -135,6 +138,9 @@ pub type WorkStream = BoxStream<'static, Result<Message>>;
 /// lag ([`Inspection::stats`]). The MongoDB medium's `intracom stats` figures, shared by
 /// every medium.
 pub use mongo::Stats;
+
+/// One check of [`Diagnosis::checks`] (`intracom doctor`).
+pub use mongo::Check;
 
 /// The outcome of appending one message.
 #[derive(Clone, Debug, PartialEq)]
@@ -368,6 +374,18 @@ pub trait Medium: sealed::Sealed + Send + Sync + 'static {
         None
     }
 
+    /// Checks of the deployment under the medium (`intracom doctor`). `None`: the
+    /// medium has none to run (only MongoDB does).
+    fn diagnosis(&self) -> Option<&dyn Diagnosis> {
+        None
+    }
+
+    /// What the broker under the medium tells about itself (`intracom stats` on MQTT).
+    /// `None`: the medium is not a broker's.
+    fn broker_report(&self) -> Option<&dyn BrokerReport> {
+        None
+    }
+
     /// Stamps and stores messages, in order. Ids already stored are reported as
     /// duplicates and not written again.
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>>;
@@ -595,6 +613,29 @@ pub trait Inspection: sealed::Sealed + Send + Sync {
     /// Removes the idempotency record of (`consumer`, message `id`), whatever its state,
     /// so the message would be handled again. Returns how many were removed (0 or 1).
     async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64>;
+}
+
+/// Checks of the deployment under a medium, the ability of [`Medium::diagnosis`]
+/// (MongoDB: its version, replica set, indexes, validator…).
+#[async_trait]
+pub trait Diagnosis: sealed::Sealed + Send + Sync {
+    /// Checks the deployment against what intracom needs, each with a fix when it fails.
+    async fn checks(&self) -> Vec<Check>;
+}
+
+/// What a broker tells about itself, the ability of [`Medium::broker_report`] (MQTT,
+/// whose broker keeps no history to count: see [`Inspection`] for the media that do).
+#[async_trait]
+pub trait BrokerReport: sealed::Sealed + Send + Sync {
+    /// The workers present on the broker: service → number of worker connections.
+    fn workers(&self) -> Vec<(String, usize)>;
+
+    /// The broker's maximum packet size (`None`: it set none).
+    fn max_packet_size(&self) -> Option<u32>;
+
+    /// What the broker publishes about itself (Mosquitto's `$SYS/broker/`): topic →
+    /// value, empty when it publishes nothing there.
+    async fn broker_stats(&self) -> Result<Vec<(String, String)>>;
 }
 
 /// Whether `medium`'s [`Capabilities`] agree with the abilities it exposes: a stored

@@ -568,6 +568,10 @@ impl Medium for MongoMedium {
         Some(self)
     }
 
+    fn diagnosis(&self) -> Option<&dyn super::Diagnosis> {
+        Some(self)
+    }
+
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
         let encoded = messages
             .iter()
@@ -815,6 +819,13 @@ impl Records for MongoMedium {
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
         let _op = self.inner.op()?;
         work::processed_release(&self.inner, consumer, id, owner).await
+    }
+}
+
+#[async_trait]
+impl super::Diagnosis for MongoMedium {
+    async fn checks(&self) -> Vec<Check> {
+        self.doctor().await
     }
 }
 

@@ -673,6 +673,10 @@ impl Medium for MqttMedium {
         Some(self)
     }
 
+    fn broker_report(&self) -> Option<&dyn super::BrokerReport> {
+        Some(self)
+    }
+
     fn sends_encoded(&self) -> bool {
         true
     }
@@ -874,6 +878,21 @@ impl Medium for MqttMedium {
             conn.close().await;
         }
         tracing::info!(client_id = %inner.main.client_id(), "mqtt medium closed");
+    }
+}
+
+#[async_trait]
+impl super::BrokerReport for MqttMedium {
+    fn workers(&self) -> Vec<(String, usize)> {
+        MqttMedium::workers(self)
+    }
+
+    fn max_packet_size(&self) -> Option<u32> {
+        self.broker_max_packet_size()
+    }
+
+    async fn broker_stats(&self) -> Result<Vec<(String, String)>> {
+        MqttMedium::broker_stats(self).await
     }
 }
 
