@@ -7,7 +7,7 @@
 
 use crate::bus::{Intracom, Published};
 use crate::error::{Error, Result};
-use crate::medium::DeadLetter;
+use crate::medium::{DeadLetter, DeadLetterStore};
 use crate::message::{DeliveryMode, Message, State};
 
 /// The dead letters of a bus; from [`Intracom::dead_letters`].
@@ -17,14 +17,19 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
+    /// The medium's dead letters ([`Error::Unsupported`] for a medium that keeps none).
+    fn store(&self) -> Result<&dyn DeadLetterStore> {
+        self.bus.medium().dead_letter_store_or_unsupported()
+    }
+
     /// The oldest dead letters, at most `limit` (none for 0).
     pub async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        self.bus.medium().dead_list(limit).await
+        self.store()?.dead_list(limit).await
     }
 
     /// One dead letter by the id of its message.
     pub async fn get(&self, id: &str) -> Result<Option<DeadLetter>> {
-        self.bus.medium().dead_get(id).await
+        self.store()?.dead_get(id).await
     }
 
     /// Publishes the message again under a new id with `retryOf` naming the original
@@ -63,14 +68,14 @@ impl DeadLetters {
         again.state = (again.delivery == DeliveryMode::One).then_some(State::Pending);
         // Sent by this bus on behalf of the original sender.
         let published = self.bus.publish(again).await?;
-        self.bus.medium().dead_remove(Some(&letter.id)).await?;
+        self.store()?.dead_remove(Some(&letter.id)).await?;
         tracing::info!(original = %letter.id, message_id = %published.id, status = ?published.status, "dead letter sent again");
         Ok(Some(published))
     }
 
     /// Removes one dead letter, or all of them with `None`; returns how many.
     pub async fn purge(&self, id: Option<&str>) -> Result<u64> {
-        self.bus.medium().dead_remove(id).await
+        self.store()?.dead_remove(id).await
     }
 }
 

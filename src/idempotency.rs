@@ -144,7 +144,7 @@ impl Idempotent {
                 Place::Memory,
             ));
         }
-        let medium = self.bus.medium();
+        let medium = self.bus.medium().records_or_unsupported()?;
         match medium
             .processed_reserve(&self.consumer, id, owner, self.lease)
             .await
@@ -193,6 +193,7 @@ impl Idempotent {
         match self
             .bus
             .medium()
+            .records_or_unsupported()?
             .processed_complete(&self.consumer, id, owner, result.clone())
             .await
         {
@@ -218,12 +219,11 @@ impl Idempotent {
             self.fallback().records.release(&self.consumer, id, owner);
             return;
         }
-        if let Err(error) = self
-            .bus
-            .medium()
-            .processed_release(&self.consumer, id, owner)
-            .await
-        {
+        let released = match self.bus.medium().records_or_unsupported() {
+            Ok(records) => records.processed_release(&self.consumer, id, owner).await,
+            Err(unsupported) => Err(unsupported),
+        };
+        if let Err(error) = released {
             // The reservation lapses with its lease anyway.
             tracing::warn!(consumer = %self.consumer, message_id = %id, %error, "reservation not released");
         }
@@ -237,7 +237,10 @@ impl Idempotent {
     async fn recover(&self) {
         let fallback = self.fallback();
         let owner = format!("{}/write-back", self.bus.instance());
-        let medium = self.bus.medium();
+        // Only a medium that keeps records has a store to fall back from.
+        let Some(medium) = self.bus.medium().records() else {
+            return;
+        };
         let (mut written, mut held) = (0usize, 0usize);
         let mut failed = None;
         for (consumer, id, result) in fallback.records.done_records() {

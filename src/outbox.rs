@@ -207,7 +207,11 @@ impl Outbox {
                     metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "refused")
                         .increment(1);
                     let document = bson::to_document(first).unwrap_or_default();
-                    if let Err(dead) = medium.dead_letter(document, error.to_string()).await {
+                    let written = match medium.dead_letter_store_or_unsupported() {
+                        Ok(dead) => dead.dead_letter(document, error.to_string()).await,
+                        Err(unsupported) => Err(unsupported),
+                    };
+                    if let Err(dead) = written {
                         self.release();
                         tracing::error!(message_id = %first.id, error = %dead, "outbox: dead letter not written either; message kept");
                         return false;

@@ -274,8 +274,9 @@ impl<R: DeserializeOwned> Request<R> {
         // The time-out covers the whole request, including a medium that waits for a
         // worker to be present before it sends (MQTT).
         let deadline = crate::deadline::after(self.timeout);
-        bus.append_prepared(vec![prepared]).await?;
         let medium = bus.medium();
+        let work = medium.work_or_unsupported()?;
+        bus.append_prepared(vec![prepared]).await?;
         // From here until the outcome is known, a caller that stops waiting (drops this
         // future: an HTTP client of the gateway that went away) leaves a request no one
         // will read the answer of: it is marked abandoned, so no worker runs it.
@@ -284,13 +285,13 @@ impl<R: DeserializeOwned> Request<R> {
             id: id.clone(),
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let outcome = medium.await_outcome(&id, left).await;
+        let outcome = work.await_outcome(&id, left).await;
         abandon.disarm();
         let settled = match outcome? {
             Some(settled) => settled,
             None => {
                 let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
-                let marked = medium
+                let marked = work
                     .settle(
                         &id,
                         None,
@@ -303,7 +304,7 @@ impl<R: DeserializeOwned> Request<R> {
                 // outcome is the answer (a time-out here would contradict the stored
                 // `done`).
                 let late = match marked {
-                    Ok(false) => medium.await_outcome(&id, SETTLED_READ).await.ok().flatten(),
+                    Ok(false) => work.await_outcome(&id, SETTLED_READ).await.ok().flatten(),
                     _ => None,
                 };
                 match late {
@@ -367,7 +368,10 @@ impl Drop for Abandon {
         };
         let id = std::mem::take(&mut self.id);
         runtime.spawn(async move {
-            let marked = medium
+            let Some(work) = medium.work() else {
+                return;
+            };
+            let marked = work
                 .settle(
                     &id,
                     None,
@@ -565,6 +569,7 @@ impl Intracom {
         for action in &actions {
             crate::message::check_name("action", action)?;
         }
+        self.medium().work_or_unsupported()?;
         let stop = CancellationToken::new();
         let routes = match policy {
             Policy::Requests => actions
@@ -611,6 +616,9 @@ struct WorkerLoop {
 impl WorkerLoop {
     async fn run(self) {
         let medium = Arc::clone(self.bus.medium());
+        let Some(work) = medium.work() else {
+            return;
+        };
         let shutdown = self.bus.shutdown_token();
         if !medium.capabilities().stored_queue {
             return self.run_pushed().await;
@@ -639,7 +647,7 @@ impl WorkerLoop {
             if let Some(events) = wake.as_mut() {
                 while let Some(Some(_)) = events.next().now_or_never() {}
             }
-            match medium.claim(&self.claim).await {
+            match work.claim(&self.claim).await {
                 Ok(Some(message)) => {
                     failures = 0;
                     self.process(message).await;
@@ -675,6 +683,9 @@ impl WorkerLoop {
     /// order; subscribe again (with a pause) if the subscription fails or ends.
     async fn run_pushed(self) {
         let medium = Arc::clone(self.bus.medium());
+        let Some(work) = medium.work() else {
+            return;
+        };
         let shutdown = self.bus.shutdown_token();
         let mut failures = 0u32;
         loop {
@@ -684,7 +695,7 @@ impl WorkerLoop {
                 biased;
                 _ = self.stop.cancelled() => return,
                 _ = shutdown.cancelled() => return,
-                jobs = medium.receive_work(&self.claim) => jobs,
+                jobs = work.receive_work(&self.claim) => jobs,
             };
             match jobs {
                 Ok(Some(mut jobs)) => {
@@ -734,7 +745,9 @@ impl WorkerLoop {
     }
 
     async fn handle(&self, message: Message) {
-        let medium = self.bus.medium();
+        let Some(work) = self.bus.medium().work() else {
+            return;
+        };
         let owner = self.claim.owner.as_str();
         let id = message.id.clone();
         tracing::debug!(message_id = %id, attempt = message.attempts, "claimed");
@@ -748,7 +761,7 @@ impl WorkerLoop {
                     .saturating_add(ms.saturating_mul(1_000_000))
             });
             if deadline.is_some_and(|d| d < now_nanos()) {
-                let _ = medium
+                let _ = work
                     .settle(
                         &id,
                         Some(owner),
@@ -807,11 +820,14 @@ impl WorkerLoop {
     /// returns (a lost lease stops the renewals and waits forever), so it only ends
     /// when the `select!` it races in does.
     async fn hold_lease<T>(&self, id: &str) -> T {
-        let medium = self.bus.medium();
         let lease = self.options.lease;
         loop {
             tokio::time::sleep(lease / 3).await;
-            match medium.renew(id, &self.claim.owner, lease).await {
+            let renewed = match self.bus.medium().work_or_unsupported() {
+                Ok(work) => work.renew(id, &self.claim.owner, lease).await,
+                Err(unsupported) => Err(unsupported),
+            };
+            match renewed {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(message_id = %id, "lease lost while the work is in hand");
@@ -825,12 +841,15 @@ impl WorkerLoop {
     /// Settles held work, trying again while the medium is unavailable (retryable
     /// errors) and neither the worker nor the bus is stopping.
     async fn settle(&self, id: &str, settlement: Settlement) {
-        let medium = self.bus.medium();
-        let settled = self
-            .while_held(id, "not settled yet", || {
-                medium.settle(id, Some(&self.claim.owner), settlement.clone())
-            })
-            .await;
+        let settled = match self.bus.medium().work_or_unsupported() {
+            Ok(work) => {
+                self.while_held(id, "not settled yet", || {
+                    work.settle(id, Some(&self.claim.owner), settlement.clone())
+                })
+                .await
+            }
+            Err(unsupported) => Err(unsupported),
+        };
         match settled {
             Ok(true) => tracing::debug!(message_id = %id, "settled"),
             Ok(false) => {
@@ -845,12 +864,15 @@ impl WorkerLoop {
     async fn bury(&self, id: &str, reason: &str) {
         tracing::warn!(message_id = %id, %reason, "work moved to the dead letters");
         metrics::counter!(crate::metrics::DEAD_LETTERED, "reason" => "attempts").increment(1);
-        let medium = self.bus.medium();
-        let buried = self
-            .while_held(id, "not moved to the dead letters yet", || {
-                medium.bury(id, &self.claim.owner, reason)
-            })
-            .await;
+        let buried = match self.bus.medium().work_or_unsupported() {
+            Ok(work) => {
+                self.while_held(id, "not moved to the dead letters yet", || {
+                    work.bury(id, &self.claim.owner, reason)
+                })
+                .await
+            }
+            Err(unsupported) => Err(unsupported),
+        };
         if let Err(error) = buried {
             tracing::warn!(message_id = %id, %error, "not moved to the dead letters");
         }

@@ -1867,8 +1867,8 @@ async fn doctor_and_stats_read_what_they_report() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_reserves_with_a_server_stamped_upsert_and_reads_the_holder_on_duplicate_key() {
     use intracom::medium::mongo::MongoMedium;
+    use intracom::medium::Records;
     use intracom::medium::Reservation;
-    use intracom::Medium;
     let peer = Peer::replica_set().await;
     peer.accept_setup();
     let now = intracom::bson::DateTime::now().timestamp_millis();

@@ -8,16 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use intracom::bson::Document;
-use intracom::filter::{Filter, Position, StartFrom};
+use intracom::filter::{Filter, StartFrom};
 use intracom::medium::memory::MemoryMedium;
-use intracom::medium::{
-    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Reservation, Settlement,
-};
+use intracom::medium::{Call, DeadLetterStore, Faults, Faulty, Records, Reservation};
 use intracom::{Config, Error, Intracom, Medium, Message, PublishStatus, Subscription};
 
 /// The memory medium behind a switch: while `down`, appends fail as a lost network would.
 struct Flaky {
-    inner: MemoryMedium,
     down: AtomicBool,
     /// While set, the idempotency store is unreachable.
     store_down: AtomicBool,
@@ -37,17 +34,8 @@ impl Flaky {
         }
         Ok(())
     }
-}
 
-#[async_trait]
-impl Medium for Flaky {
-    fn name(&self) -> &'static str {
-        "flaky"
-    }
-    fn max_message_bytes(&self) -> usize {
-        self.inner.max_message_bytes()
-    }
-    async fn append(&self, messages: &[Message]) -> intracom::Result<Vec<Appended>> {
+    fn check_append(&self, messages: &[Message]) -> intracom::Result<()> {
         self.appends.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::unavailable("flaky", "connection refused"));
@@ -62,106 +50,46 @@ impl Medium for Flaky {
                 format!("message {} refused", bad.id),
             ));
         }
-        self.inner.append(messages).await
-    }
-    async fn follow(&self, from: StartFrom, filter: Filter) -> intracom::Result<EventStream> {
-        self.inner.follow(from, filter).await
-    }
-    async fn catalog_load(&self) -> intracom::Result<CatalogMap> {
-        self.inner.catalog_load().await
-    }
-    async fn catalog_add(&self, service: &str, actions: &[String]) -> intracom::Result<()> {
-        self.inner.catalog_add(service, actions).await
-    }
-    async fn checkpoint_load(&self, name: &str) -> intracom::Result<Option<Position>> {
-        self.inner.checkpoint_load(name).await
-    }
-    async fn checkpoint_save(&self, name: &str, position: &Position) -> intracom::Result<()> {
-        self.inner.checkpoint_save(name, position).await
-    }
-    async fn dead_letter(&self, document: Document, reason: String) -> intracom::Result<()> {
-        self.inner.dead_letter(document, reason).await
-    }
-    async fn claim(&self, request: &ClaimRequest) -> intracom::Result<Option<Message>> {
-        self.inner.claim(request).await
-    }
-    async fn renew(&self, id: &str, owner: &str, lease: Duration) -> intracom::Result<bool> {
-        self.inner.renew(id, owner, lease).await
-    }
-    async fn settle(&self, id: &str, owner: Option<&str>, s: Settlement) -> intracom::Result<bool> {
-        self.inner.settle(id, owner, s).await
-    }
-    async fn bury(&self, id: &str, owner: &str, reason: &str) -> intracom::Result<bool> {
-        self.inner.bury(id, owner, reason).await
-    }
-    async fn await_outcome(
-        &self,
-        id: &str,
-        timeout: Duration,
-    ) -> intracom::Result<Option<Message>> {
-        if self.outcome_late.swap(false, Ordering::SeqCst) {
-            let settled = self.inner.await_outcome(id, timeout).await?;
-            assert!(settled.is_some(), "the handler settles the request");
-            return Ok(None);
-        }
-        self.inner.await_outcome(id, timeout).await
-    }
-    async fn dead_list(&self, limit: usize) -> intracom::Result<Vec<DeadLetter>> {
-        self.inner.dead_list(limit).await
-    }
-    async fn dead_get(&self, id: &str) -> intracom::Result<Option<DeadLetter>> {
-        self.inner.dead_get(id).await
-    }
-    async fn dead_remove(&self, id: Option<&str>) -> intracom::Result<u64> {
-        self.inner.dead_remove(id).await
-    }
-    async fn processed_reserve(
-        &self,
-        consumer: &str,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> intracom::Result<Reservation> {
-        self.store()?;
-        self.inner
-            .processed_reserve(consumer, id, owner, lease)
-            .await
-    }
-    async fn processed_complete(
-        &self,
-        consumer: &str,
-        id: &str,
-        owner: &str,
-        result: Option<Document>,
-    ) -> intracom::Result<()> {
-        self.store()?;
-        self.inner
-            .processed_complete(consumer, id, owner, result)
-            .await
-    }
-    async fn processed_release(
-        &self,
-        consumer: &str,
-        id: &str,
-        owner: &str,
-    ) -> intracom::Result<()> {
-        self.store()?;
-        self.inner.processed_release(consumer, id, owner).await
-    }
-    async fn close(&self) {
-        self.inner.close().await
+        Ok(())
     }
 }
 
-fn flaky() -> Arc<Flaky> {
-    Arc::new(Flaky {
-        inner: MemoryMedium::new(Default::default()),
-        down: AtomicBool::new(false),
-        store_down: AtomicBool::new(false),
-        refused_action: std::sync::Mutex::new(None),
-        appends: AtomicUsize::new(0),
-        outcome_late: AtomicBool::new(false),
-    })
+#[async_trait]
+impl Faults for Flaky {
+    async fn before(&self, call: Call<'_>) -> intracom::Result<()> {
+        match call {
+            Call::Append(messages) => self.check_append(messages),
+            Call::ProcessedReserve | Call::ProcessedComplete | Call::ProcessedRelease => {
+                self.store()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn outcome(
+        &self,
+        _id: &str,
+        outcome: Option<Message>,
+    ) -> intracom::Result<Option<Message>> {
+        if self.outcome_late.swap(false, Ordering::SeqCst) {
+            assert!(outcome.is_some(), "the handler settles the request");
+            return Ok(None);
+        }
+        Ok(outcome)
+    }
+}
+
+fn flaky() -> Arc<Faulty<MemoryMedium, Flaky>> {
+    Arc::new(Faulty::new(
+        MemoryMedium::new(Default::default()),
+        Flaky {
+            down: AtomicBool::new(false),
+            store_down: AtomicBool::new(false),
+            refused_action: std::sync::Mutex::new(None),
+            appends: AtomicUsize::new(0),
+            outcome_late: AtomicBool::new(false),
+        },
+    ))
 }
 
 fn config() -> intracom::ConfigBuilder {
@@ -200,7 +128,7 @@ async fn a_bus_dropped_without_shutdown_sends_what_waits_then_lets_its_medium_go
         .unwrap();
     // Watched on the medium itself: the bus is gone when the message arrives.
     let mut stored = medium
-        .inner
+        .inner()
         .follow(StartFrom::Now, Filter::monitor())
         .await
         .unwrap();
@@ -344,7 +272,7 @@ async fn a_medium_closed_under_the_outbox_refuses_nothing_for_good() {
         assert_eq!(p.status, PublishStatus::Buffered);
     }
     // The medium closes (a shut-down under way) while the flusher still retries.
-    medium.inner.close().await;
+    medium.inner().close().await;
     let tried = medium.appends.load(Ordering::SeqCst);
     medium.down.store(false, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -400,10 +328,10 @@ async fn the_outbox_file_is_replayed_at_start_up() {
 }
 
 /// Whether the memory medium's own store (behind the switch) has `id` done for `consumer`.
-async fn stored_done(medium: &Flaky, consumer: &str, id: &str) -> bool {
+async fn stored_done(medium: &Faulty<MemoryMedium, Flaky>, consumer: &str, id: &str) -> bool {
     matches!(
         medium
-            .inner
+            .inner()
             .processed_reserve(consumer, id, "probe", Duration::from_millis(1))
             .await
             .unwrap(),
@@ -436,7 +364,7 @@ async fn a_record_the_write_back_cannot_take_yet_stays_done_in_memory() {
     // Another holder has `y` in the store while the write-back runs.
     assert_eq!(
         medium
-            .inner
+            .inner()
             .processed_reserve("ledger", "y", "elsewhere", Duration::from_secs(60))
             .await
             .unwrap(),
@@ -458,7 +386,7 @@ async fn a_record_the_write_back_cannot_take_yet_stays_done_in_memory() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     medium
-        .inner
+        .inner()
         .processed_release("ledger", "y", "elsewhere")
         .await
         .unwrap();

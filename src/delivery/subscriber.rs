@@ -88,9 +88,11 @@ impl Screen {
                     .increment(1);
                 match bson::to_document(message) {
                     Ok(document) => {
-                        if let Err(error) =
-                            self.medium.dead_letter(document, error.to_string()).await
-                        {
+                        let written = match self.medium.dead_letter_store_or_unsupported() {
+                            Ok(dead) => dead.dead_letter(document, error.to_string()).await,
+                            Err(unsupported) => Err(unsupported),
+                        };
+                        if let Err(error) = written {
                             tracing::warn!(message_id = %message.id, %error, "dead letter not written");
                         }
                     }

@@ -112,14 +112,18 @@ async fn publish_keyed(bus: &Intracom, message: Message) -> ApiResult<Receipt> {
     let digest = request_digest(&message);
     let medium = Arc::clone(bus.medium());
     let owner = crate::message::new_id();
-    match medium
+    let Some(records) = medium.records() else {
+        tracing::warn!(message_id = %id, medium = medium.name(), "gateway: the medium keeps no records to check the Idempotency-Key: published unchecked");
+        return Ok(Receipt::from(bus.publish(message).await?));
+    };
+    match records
         .processed_reserve(KEYED_REQUESTS, &id, &owner, KEY_LEASE)
         .await
     {
         Ok(Reservation::Reserved) => match bus.publish(message).await {
             Ok(published) => {
                 let record = bson::doc! { "digest": &digest };
-                if let Err(error) = medium
+                if let Err(error) = records
                     .processed_complete(KEYED_REQUESTS, &id, &owner, Some(record))
                     .await
                 {
@@ -128,7 +132,7 @@ async fn publish_keyed(bus: &Intracom, message: Message) -> ApiResult<Receipt> {
                 Ok(Receipt::from(published))
             }
             Err(error) => {
-                if let Err(release) = medium.processed_release(KEYED_REQUESTS, &id, &owner).await {
+                if let Err(release) = records.processed_release(KEYED_REQUESTS, &id, &owner).await {
                     tracing::debug!(message_id = %id, error = %release, "gateway: a keyed request's record not released (its lease will lapse)");
                 }
                 Err(error.into())

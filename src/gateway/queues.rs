@@ -60,7 +60,11 @@ pub(crate) async fn all_queues(state: &AppState) -> ApiResult<Vec<Queue>> {
     let bus = state.bus();
     bus.catalog().refresh().await?;
     let catalog = bus.catalog().snapshot();
-    let stats = bus.medium().queues().await?;
+    let stats = bus
+        .medium()
+        .inspection_or_unsupported("queue counts")?
+        .queues()
+        .await?;
     let mut queues: Vec<Queue> = catalog
         .iter()
         .flat_map(|(service, actions)| actions.iter().map(move |a| (service, a)))
@@ -141,7 +145,12 @@ pub(crate) async fn create(
         .await?;
     tracing::info!(service = %queue.service, action = %queue.action, "gateway: queue declared");
     // Declared; the counts come from the medium (an error there is the caller's 503).
-    let stats = state.bus().medium().queues().await?;
+    let stats = state
+        .bus()
+        .medium()
+        .inspection_or_unsupported("queue counts")?
+        .queues()
+        .await?;
     let found = stats
         .iter()
         .find(|s| s.service == queue.service && s.action == queue.action);
@@ -186,7 +195,12 @@ pub(crate) async fn purge(
 ) -> ApiResult<axum::Json<Purged>> {
     check_name("service", &service)?;
     check_name("action", &action)?;
-    let purged = state.bus().medium().queue_purge(&service, &action).await?;
+    let purged = state
+        .bus()
+        .medium()
+        .inspection_or_unsupported("purging a queue")?
+        .queue_purge(&service, &action)
+        .await?;
     Ok(axum::Json(Purged {
         id: format!("{service}/{action}"),
         purged,

@@ -186,7 +186,11 @@ pub(crate) fn spawn_sampler(state: &AppState) {
 
 /// Takes one sample: the counts since the last, the queues (setting their gauges).
 async fn sample(state: &AppState, last: &mut Last) {
-    let queues = tokio::time::timeout(SAMPLE_INTERVAL, state.bus().medium().queues()).await;
+    let medium = state.bus().medium();
+    let Some(inspection) = medium.inspection() else {
+        return;
+    };
+    let queues = tokio::time::timeout(SAMPLE_INTERVAL, inspection.queues()).await;
     let queue_depth = match queues {
         Ok(Ok(queues)) => {
             let mut seen = Vec::with_capacity(queues.len());
@@ -382,7 +386,11 @@ pub(crate) async fn stats(
     let bus = state.bus();
     let mut medium_error = None;
     let medium_stats = optional(
-        bus.medium().stats().await.map_err(ApiError::from),
+        match bus.medium().inspection_or_unsupported("stats") {
+            Ok(inspection) => inspection.stats().await,
+            Err(unsupported) => Err(unsupported),
+        }
+        .map_err(ApiError::from),
         &mut medium_error,
     )?;
     let queues = optional(all_queues(&state).await, &mut medium_error)?;

@@ -198,19 +198,20 @@ pub(crate) async fn mark(
         .map(|r| document_of(r, "result"))
         .transpose()?;
     let medium = state.bus().medium();
+    let records = medium.records_or_unsupported()?;
     let (consumer, id) = (&request.consumer, &request.message_id);
     let owner = format!("{}/gateway", state.bus().instance());
-    let status = match medium
+    let status = match records
         .processed_reserve(consumer, id, &owner, Duration::from_secs(60))
         .await?
     {
         Reservation::Reserved => {
-            if let Err(error) = medium
+            if let Err(error) = records
                 .processed_complete(consumer, id, &owner, result)
                 .await
             {
                 // Not left reserved for a minute: a retry of this call may record it.
-                if let Err(release) = medium.processed_release(consumer, id, &owner).await {
+                if let Err(release) = records.processed_release(consumer, id, &owner).await {
                     tracing::warn!(%release, consumer, message_id = %id, "gateway: idempotency reservation not released");
                 }
                 return Err(error.into());
@@ -224,12 +225,16 @@ pub(crate) async fn mark(
             )))
         }
     };
-    let record = medium.processed_get(consumer, id).await?.ok_or_else(|| {
-        // A DELETE of the same record ran between the write and this read.
-        ApiError::Conflict(format!(
-            "the record of consumer `{consumer}` for message `{id}` was removed meanwhile"
-        ))
-    })?;
+    let record = medium
+        .inspection_or_unsupported("reading idempotency records")?
+        .processed_get(consumer, id)
+        .await?
+        .ok_or_else(|| {
+            // A DELETE of the same record ran between the write and this read.
+            ApiError::Conflict(format!(
+                "the record of consumer `{consumer}` for message `{id}` was removed meanwhile"
+            ))
+        })?;
     Ok((status, axum::Json(Record::from(record))))
 }
 
@@ -265,6 +270,7 @@ pub(crate) async fn check(
     state
         .bus()
         .medium()
+        .inspection_or_unsupported("reading idempotency records")?
         .processed_get(&params.consumer, &id)
         .await?
         .map(|record| axum::Json(Record::from(record)))
@@ -300,6 +306,7 @@ pub(crate) async fn forget(
     match state
         .bus()
         .medium()
+        .inspection_or_unsupported("removing idempotency records")?
         .processed_remove(&params.consumer, &id)
         .await?
     {

@@ -2,7 +2,9 @@
 //!
 //! Why it exists: the bus and the delivery machinery above it know nothing of MongoDB,
 //! MQTT or memory. A medium promises a small set of operations with the semantics of
-//! the MongoDB medium, so the same conformance suite runs on each:
+//! the MongoDB medium, so the same conformance suite runs on each.
+//!
+//! What every medium does is the [`Medium`] trait:
 //!
 //! - [`Medium::append`] stamps each message with the medium's clock (`ts`, strictly
 //!   increasing in the medium's order; `at`, wall time) and stores it once: appending an
@@ -11,26 +13,42 @@
 //!   medium's order, then waits for new ones. If messages the follower needed are gone
 //!   (retention), it yields [`Event::Lost`] first, then continues with the oldest one
 //!   retained. It never skips silently.
-//! - Small keyed stores: the catalog, subscription checkpoints, idempotency records.
-//! - Work (`delivery: one`): an atomic claim with a lease, renewal, settlement in place,
-//!   burial in the dead letters; and waiting for a request's outcome. A medium that
-//!   pushes work to one consumer instead (MQTT's shared subscriptions) hands it out
-//!   through [`Medium::receive_work`]; settlement and burial are the same calls.
-//! - Views for operators (counts, queues, idempotency records), which a medium may
-//!   leave [unsupported](crate::Error::Unsupported): their default implementations say so.
+//! - Small keyed stores: the catalog and subscription checkpoints.
 //!
-//! Not every medium can keep every promise: [`Medium::capabilities`] says which it
+//! What only some media do is an ability trait, which a medium exposes through an
+//! accessor or not (`None`, known without calling anything):
+//!
+//! - [`WorkQueue`] ([`Medium::work`]): work (`delivery: one`), an atomic claim with a
+//!   lease, renewal, settlement in place, burial in the dead letters; and waiting for a
+//!   request's outcome. A medium that pushes work to one consumer instead (MQTT's
+//!   shared subscriptions) hands it out through [`WorkQueue::receive_work`]; settlement
+//!   and burial are the same calls.
+//! - [`DeadLetterStore`] ([`Medium::dead_letter_store`]): what could not be delivered.
+//! - [`Records`] ([`Medium::records`]): idempotency records.
+//! - [`Inspection`] ([`Medium::inspection`]): views and repairs for operators (counts,
+//!   queues, idempotency records), which an MQTT broker cannot give.
+//! - [`Diagnosis`] ([`Medium::diagnosis`]): checks of the deployment (MongoDB).
+//! - [`BrokerReport`] ([`Medium::broker_report`]): what a broker tells about itself
+//!   (MQTT).
+//!
+//! Beyond the abilities, [`Medium::capabilities`] says which semantic promises a medium
 //! keeps (Watermill's `Features`), and a medium never fakes one it lacks.
+//!
+//! [`Medium`] and the ability traits are sealed: the media are this crate's. A test
+//! that needs a medium failing on purpose wraps a real one in [`Faulty`].
 //!
 //! One module per medium: [`memory`], [`mongo`], and `mqtt` (feature `mqtt`); [`connect`]
 //! is the one place that picks among them.
 
+mod faulty;
 pub mod memory;
 pub mod mongo;
 #[cfg(feature = "mqtt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
 pub mod mqtt;
 pub(crate) mod records;
+
+pub use faulty::{Call, Faults, Faulty};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -54,6 +72,13 @@ const MQTT_NOT_BUILT: &str = "connecting: this build does not include the MQTT m
 /// Opens the medium the configuration names (`common.intracom.medium`): the one place
 /// that knows every medium, so the bus above it names none.
 pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
+    let medium = open(config).await?;
+    debug_assert_eq!(abilities_agree(&*medium), Ok(()));
+    Ok(medium)
+}
+
+/// The medium of [`connect`], opened.
+async fn open(config: &Config) -> Result<Arc<dyn Medium>> {
     match config.medium {
         MediumKind::Memory => Ok(Arc::new(memory::MemoryMedium::new(config.into()))),
         MediumKind::Db => Ok(Arc::new(mongo::MongoMedium::connect(config).await?)),
@@ -105,14 +130,17 @@ impl Capabilities {
     };
 }
 
-/// Work pushed to one worker ([`Medium::receive_work`]): each item is a message as
+/// Work pushed to one worker ([`WorkQueue::receive_work`]): each item is a message as
 /// claimed (its `attempts` counts this delivery). The stream ends when the medium closes.
 pub type WorkStream = BoxStream<'static, Result<Message>>;
 
 /// Counts over the retained messages, the dead letters and each named subscription's
-/// lag ([`Medium::stats`]). The MongoDB medium's `intracom stats` figures, shared by
+/// lag ([`Inspection::stats`]). The MongoDB medium's `intracom stats` figures, shared by
 /// every medium.
 pub use mongo::Stats;
+
+/// One check of [`Diagnosis::checks`] (`intracom doctor`).
+pub use mongo::Check;
 
 /// The outcome of appending one message.
 #[derive(Clone, Debug, PartialEq)]
@@ -198,7 +226,7 @@ pub enum Settlement {
     },
 }
 
-/// The state of an idempotency record after [`Medium::processed_reserve`].
+/// The state of an idempotency record after [`Records::processed_reserve`].
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Reservation {
@@ -225,7 +253,7 @@ pub struct DeadLetter {
 }
 
 /// The work of one action of one service (`delivery: one` messages to `service` with
-/// `action`): a queue, as [`Medium::queues`] counts it.
+/// `action`): a queue, as [`Inspection::queues`] counts it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueStats {
@@ -253,7 +281,7 @@ impl QueueStats {
     }
 }
 
-/// An idempotency record, as [`Medium::processed_get`] reads it.
+/// An idempotency record, as [`Inspection::processed_get`] reads it.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct ProcessedRecord {
@@ -269,8 +297,9 @@ pub struct ProcessedRecord {
     pub at: Option<bson::DateTime>,
 }
 
-/// The error of an operator view a medium does not provide.
-fn unsupported(medium: &str, what: &str) -> Error {
+/// The error of an ability a medium does not have (`what` names it as the user sees it:
+/// "stats", "queue counts", …): the same [`Error::Unsupported`] whichever caller asks.
+pub(crate) fn unsupported(medium: &str, what: &str) -> Error {
     Error::Unsupported {
         medium: medium.to_string(),
         what: what.to_string(),
@@ -287,9 +316,30 @@ pub(crate) fn id_of(document: &Document) -> String {
     }
 }
 
-/// What every medium provides. See the module docs for the promises.
+/// Keeps [`Medium`] and its ability traits implemented inside this crate only, so a
+/// method can be added to them without breaking anyone. A test that needs a medium
+/// that fails on purpose wraps a real one in [`Faulty`].
+mod sealed {
+    pub trait Sealed {}
+}
+
+impl sealed::Sealed for memory::MemoryMedium {}
+impl sealed::Sealed for mongo::MongoMedium {}
+#[cfg(feature = "mqtt")]
+impl sealed::Sealed for mqtt::MqttMedium {}
+impl<M: Medium, F: Faults> sealed::Sealed for Faulty<M, F> {}
+
+/// What every medium does: append, follow, the catalog, checkpoints, close. See the
+/// module docs for the promises.
+///
+/// What only some media do is an ability of its own, reached through an accessor
+/// that answers `None` when the medium lacks it: [`Medium::work`],
+/// [`Medium::dead_letter_store`], [`Medium::records`], [`Medium::inspection`].
+///
+/// The trait is sealed: the media are the ones of this crate ([`connect`] picks
+/// among them). [`Faulty`] wraps one of them to inject faults in tests.
 #[async_trait]
-pub trait Medium: Send + Sync + 'static {
+pub trait Medium: sealed::Sealed + Send + Sync + 'static {
     /// The medium's name as it appears in config and errors (`memory`, `db`, `mqtt`).
     fn name(&self) -> &'static str;
 
@@ -299,6 +349,41 @@ pub trait Medium: Send + Sync + 'static {
     /// What this medium promises (default: everything, as memory and MongoDB do).
     fn capabilities(&self) -> Capabilities {
         Capabilities::ALL
+    }
+
+    /// Work (`delivery: one`): claims and leases, or work pushed to one worker;
+    /// settlement, burial, waiting for a request's outcome. `None`: the medium carries
+    /// no work, and a worker or a request on it fails as unsupported.
+    fn work(&self) -> Option<&dyn WorkQueue> {
+        None
+    }
+
+    /// The dead letters: kept, listed, read, removed. `None`: the medium keeps none.
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        None
+    }
+
+    /// Idempotency records (reserve, complete, release), kept by the medium.
+    fn records(&self) -> Option<&dyn Records> {
+        None
+    }
+
+    /// What an operator reads and repairs (counts, queues, idempotency records).
+    /// `None`: the medium cannot tell (an MQTT broker keeps no history to count).
+    fn inspection(&self) -> Option<&dyn Inspection> {
+        None
+    }
+
+    /// Checks of the deployment under the medium (`intracom doctor`). `None`: the
+    /// medium has none to run (only MongoDB does).
+    fn diagnosis(&self) -> Option<&dyn Diagnosis> {
+        None
+    }
+
+    /// What the broker under the medium tells about itself (`intracom stats` on MQTT).
+    /// `None`: the medium is not a broker's.
+    fn broker_report(&self) -> Option<&dyn BrokerReport> {
+        None
     }
 
     /// Stamps and stores messages, in order. Ids already stored are reported as
@@ -384,22 +469,56 @@ pub trait Medium: Send + Sync + 'static {
     /// position after a newer one for the same name.
     async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()>;
 
-    /// Keeps a document that reached a consumer but cannot be delivered (unreadable, or
-    /// an action the catalog does not declare), with the reason, in the dead letters
-    /// (the `dead` collection on MongoDB). Writing the same document twice keeps one.
-    async fn dead_letter(&self, document: Document, reason: String) -> Result<()>;
+    /// Ends every follower's stream and releases the medium's resources.
+    async fn close(&self);
+}
 
+impl dyn Medium {
+    /// [`Medium::work`], or the error a caller shows when the medium has none.
+    pub(crate) fn work_or_unsupported(&self) -> Result<&dyn WorkQueue> {
+        self.work()
+            .ok_or_else(|| unsupported(self.name(), "work (`delivery: one`)"))
+    }
+
+    /// [`Medium::dead_letter_store`], or the error a caller shows when the medium has none.
+    pub(crate) fn dead_letter_store_or_unsupported(&self) -> Result<&dyn DeadLetterStore> {
+        self.dead_letter_store()
+            .ok_or_else(|| unsupported(self.name(), "dead letters"))
+    }
+
+    /// [`Medium::records`], or the error a caller shows when the medium has none.
+    pub(crate) fn records_or_unsupported(&self) -> Result<&dyn Records> {
+        self.records()
+            .ok_or_else(|| unsupported(self.name(), "idempotency records"))
+    }
+
+    /// [`Medium::inspection`], or the error a caller shows when the medium has none:
+    /// `what` names the operation ("stats", "queue counts", …).
+    pub(crate) fn inspection_or_unsupported(&self, what: &str) -> Result<&dyn Inspection> {
+        self.inspection()
+            .ok_or_else(|| unsupported(self.name(), what))
+    }
+}
+
+/// Work (`delivery: one`), the ability of [`Medium::work`]: an atomic claim with a
+/// lease, renewal, settlement in place, burial in the dead letters, and waiting for a
+/// request's outcome. A medium that pushes work to one consumer instead (MQTT's shared
+/// subscriptions) hands it out through [`WorkQueue::receive_work`]; settlement and
+/// burial are the same calls.
+#[async_trait]
+pub trait WorkQueue: sealed::Sealed + Send + Sync {
     /// Claims the next available work of a service, atomically: `delivery: one`,
     /// `state: pending`, an action in the list, no live lease; highest `priority` first,
     /// then oldest `ts`. The claim sets the lease and counts the attempt; the message is
-    /// returned as claimed.
+    /// returned as claimed. A medium that pushes work ([`WorkQueue::receive_work`])
+    /// finds nothing to claim.
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>>;
 
     /// For a medium that pushes work instead of storing it for claims: subscribes one
     /// worker to the work of `request.service` for `request.actions`, each item going to
     /// exactly one worker of the service. Items are settled, renewed and buried with the
     /// same calls as claimed work. `None` (the default) means: claim with
-    /// [`Medium::claim`].
+    /// [`WorkQueue::claim`].
     async fn receive_work(&self, request: &ClaimRequest) -> Result<Option<WorkStream>> {
         let _ = request;
         Ok(None)
@@ -420,6 +539,16 @@ pub trait Medium: Send + Sync + 'static {
     /// Waits until a request is settled (`state` done or error) and returns it as
     /// stored; `None` when `timeout` passes first.
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>>;
+}
+
+/// The dead letters, the ability of [`Medium::dead_letter_store`] (the `dead` collection on
+/// MongoDB).
+#[async_trait]
+pub trait DeadLetterStore: sealed::Sealed + Send + Sync {
+    /// Keeps a document that reached a consumer but cannot be delivered (unreadable, or
+    /// an action the catalog does not declare), with the reason. Writing the same
+    /// document twice keeps one.
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()>;
 
     /// The dead letters, oldest first, at most `limit`.
     async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>>;
@@ -429,7 +558,12 @@ pub trait Medium: Send + Sync + 'static {
 
     /// Removes dead letters: one id, or all of them with `None`. Returns how many.
     async fn dead_remove(&self, id: Option<&str>) -> Result<u64>;
+}
 
+/// Idempotency records, the ability of [`Medium::records`]: one record per (consumer,
+/// message id), reserved while a handler runs and kept once it succeeded.
+#[async_trait]
+pub trait Records: sealed::Sealed + Send + Sync {
     /// Reserves the idempotency record of (`consumer`, message `id`) for `owner`, for
     /// `lease`: the caller may run its handler only when this returns
     /// [`Reservation::Reserved`]. A record whose lease lapsed (its holder died) can be
@@ -453,44 +587,176 @@ pub trait Medium: Send + Sync + 'static {
 
     /// Drops a reservation whose handler failed, so a later delivery runs it again.
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()>;
+}
 
+/// What an operator reads and repairs, the ability of [`Medium::inspection`]: counts
+/// over what the medium keeps, its work queues, its idempotency records. A medium that
+/// keeps no history to count (MQTT) has none.
+#[async_trait]
+pub trait Inspection: sealed::Sealed + Send + Sync {
     /// Counts over the retained messages (by service, action, type, state), the queue
-    /// depth, the dead letters, and each named subscription's lag. Default: unsupported.
-    async fn stats(&self) -> Result<Stats> {
-        Err(unsupported(self.name(), "stats"))
-    }
+    /// depth, the dead letters, and each named subscription's lag.
+    async fn stats(&self) -> Result<Stats>;
 
     /// The work queues: one entry per (service, action) that has pending work or dead
-    /// letters, with its depth, in-flight and dead counts. Default: unsupported.
-    async fn queues(&self) -> Result<Vec<QueueStats>> {
-        Err(unsupported(self.name(), "queue counts"))
-    }
+    /// letters, with its depth, in-flight and dead counts.
+    async fn queues(&self) -> Result<Vec<QueueStats>>;
 
     /// Ends the pending work of `service`'s `action` that no live worker holds: each item
     /// is settled in place as `state: error` with `response: {error: "purged"}` (a record
-    /// stays; no worker claims it). Returns how many. Default: unsupported.
-    async fn queue_purge(&self, service: &str, action: &str) -> Result<u64> {
-        let _ = (service, action);
-        Err(unsupported(self.name(), "purging a queue"))
-    }
+    /// stays; no worker claims it). Returns how many.
+    async fn queue_purge(&self, service: &str, action: &str) -> Result<u64>;
 
-    /// The idempotency record of (`consumer`, message `id`), if there is one. Default:
-    /// unsupported.
-    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<ProcessedRecord>> {
-        let _ = (consumer, id);
-        Err(unsupported(self.name(), "reading idempotency records"))
-    }
+    /// The idempotency record of (`consumer`, message `id`), if there is one.
+    async fn processed_get(&self, consumer: &str, id: &str) -> Result<Option<ProcessedRecord>>;
 
     /// Removes the idempotency record of (`consumer`, message `id`), whatever its state,
     /// so the message would be handled again. Returns how many were removed (0 or 1).
-    /// Default: unsupported.
-    async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
-        let _ = (consumer, id);
-        Err(unsupported(self.name(), "removing idempotency records"))
+    async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64>;
+}
+
+/// Checks of the deployment under a medium, the ability of [`Medium::diagnosis`]
+/// (MongoDB: its version, replica set, indexes, validator…).
+#[async_trait]
+pub trait Diagnosis: sealed::Sealed + Send + Sync {
+    /// Checks the deployment against what intracom needs, each with a fix when it fails.
+    async fn checks(&self) -> Vec<Check>;
+}
+
+/// One value an MQTT broker publishes about itself ([`BrokerReport::broker_stats`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BrokerStat {
+    /// The topic under `$SYS/broker/` (`clients/connected`).
+    pub topic: String,
+    /// Its retained value, as text.
+    pub value: String,
+}
+
+/// The worker connections of one service present on the broker ([`BrokerReport::workers`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceWorkers {
+    /// The service.
+    pub service: String,
+    /// Its worker connections.
+    pub connections: usize,
+}
+
+/// What a broker tells about itself, the ability of [`Medium::broker_report`] (MQTT,
+/// whose broker keeps no history to count: see [`Inspection`] for the media that do).
+#[async_trait]
+pub trait BrokerReport: sealed::Sealed + Send + Sync {
+    /// The workers present on the broker: service and number of worker connections.
+    fn workers(&self) -> Vec<ServiceWorkers>;
+
+    /// The broker's maximum packet size (`None`: it set none).
+    fn max_packet_size(&self) -> Option<u32>;
+
+    /// What the broker publishes about itself (Mosquitto's `$SYS/broker/`): topic →
+    /// value, empty when it publishes nothing there.
+    async fn broker_stats(&self) -> Result<Vec<BrokerStat>>;
+}
+
+/// Whether `medium`'s [`Capabilities`] agree with the abilities it exposes: a stored
+/// queue needs work, shared state needs records. `Err` names the first disagreement.
+pub(crate) fn abilities_agree(medium: &dyn Medium) -> std::result::Result<(), String> {
+    let capabilities = medium.capabilities();
+    let name = medium.name();
+    if capabilities.stored_queue && medium.work().is_none() {
+        return Err(format!(
+            "{name} promises a stored queue and has no work queue"
+        ));
+    }
+    if capabilities.shared_state && medium.records().is_none() {
+        return Err(format!("{name} promises shared state and keeps no records"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod ability_tests {
+    use super::*;
+
+    /// Ability of a medium, by name, as its accessors tell it.
+    fn abilities(medium: &dyn Medium) -> [bool; 4] {
+        [
+            medium.work().is_some(),
+            medium.dead_letter_store().is_some(),
+            medium.records().is_some(),
+            medium.inspection().is_some(),
+        ]
     }
 
-    /// Ends every follower's stream and releases the medium's resources.
-    async fn close(&self);
+    /// Faults that inject nothing.
+    struct NoFaults;
+    impl Faults for NoFaults {}
+
+    /// The memory medium has every ability, as its capabilities promise everything.
+    #[test]
+    fn memory_has_every_ability_its_capabilities_promise() {
+        let memory = memory::MemoryMedium::new(Default::default());
+        assert_eq!(memory.capabilities(), Capabilities::ALL);
+        assert_eq!(abilities(&memory), [true; 4]);
+        assert_eq!(abilities_agree(&memory), Ok(()));
+    }
+
+    /// A faulty wrapper has the abilities and capabilities of the medium underneath.
+    #[test]
+    fn a_faulty_medium_has_the_abilities_of_the_one_underneath() {
+        let memory = memory::MemoryMedium::new(Default::default());
+        let faulty = Faulty::new(memory::MemoryMedium::new(Default::default()), NoFaults);
+        assert_eq!(abilities(&faulty), abilities(&memory));
+        assert_eq!(faulty.capabilities(), memory.capabilities());
+        assert_eq!(faulty.name(), memory.name());
+        assert_eq!(abilities_agree(&faulty), Ok(()));
+    }
+
+    /// A medium that promises a stored queue and has no work queue is caught.
+    #[tokio::test]
+    async fn a_promise_without_its_ability_is_caught() {
+        struct Promising(memory::MemoryMedium);
+        impl sealed::Sealed for Promising {}
+        #[async_trait]
+        impl Medium for Promising {
+            fn name(&self) -> &'static str {
+                "promising"
+            }
+            fn max_message_bytes(&self) -> usize {
+                self.0.max_message_bytes()
+            }
+            async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
+                self.0.append(messages).await
+            }
+            async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
+                self.0.follow(from, filter).await
+            }
+            async fn catalog_load(&self) -> Result<CatalogMap> {
+                self.0.catalog_load().await
+            }
+            async fn catalog_add(&self, service: &str, actions: &[String]) -> Result<()> {
+                self.0.catalog_add(service, actions).await
+            }
+            async fn checkpoint_load(&self, name: &str) -> Result<Option<Position>> {
+                self.0.checkpoint_load(name).await
+            }
+            async fn checkpoint_save(&self, name: &str, position: &Position) -> Result<()> {
+                self.0.checkpoint_save(name, position).await
+            }
+            async fn close(&self) {
+                self.0.close().await
+            }
+        }
+        let medium = Promising(memory::MemoryMedium::new(Default::default()));
+        let error = abilities_agree(&medium).expect_err("a stored queue without work");
+        assert!(error.contains("stored queue"), "{error}");
+        let dyn_medium: &dyn Medium = &medium;
+        let Err(Error::Unsupported { medium, what }) = dyn_medium.work_or_unsupported() else {
+            panic!("no work queue is unsupported");
+        };
+        assert_eq!(
+            (medium.as_str(), what.as_str()),
+            ("promising", "work (`delivery: one`)")
+        );
+    }
 }
 
 #[cfg(all(test, not(feature = "mqtt")))]

@@ -146,7 +146,13 @@ async fn settled_request(bus: &Intracom, watch: &mut Subscriber) -> intracom::Me
     loop {
         let d = next(watch).await;
         if d.delivery == intracom::DeliveryMode::One {
-            let settled = bus.medium().await_outcome(&d.id, HANG_GUARD).await.unwrap();
+            let settled = bus
+                .medium()
+                .work()
+                .expect("a work queue")
+                .await_outcome(&d.id, HANG_GUARD)
+                .await
+                .unwrap();
             return settled.expect("settled");
         }
     }
@@ -1032,6 +1038,8 @@ pub async fn work_held_by_a_crashed_worker_is_done_by_another(h: &dyn Harness) {
     assert_eq!(attempts, 2, "the crashed attempt counts");
     let settled = healthy_bus
         .medium()
+        .work()
+        .expect("a work queue")
         .await_outcome(&job.id, HANG_GUARD)
         .await
         .unwrap()
@@ -1113,6 +1121,8 @@ pub async fn a_lapsed_workers_late_outcome_leaves_its_neighbours_claim_alone(h: 
     release_tx.send_replace(true);
     let settled = worker_bus
         .medium()
+        .work()
+        .expect("a work queue")
         .await_outcome(&job.id, HANG_GUARD)
         .await
         .unwrap()
@@ -1228,6 +1238,8 @@ pub async fn a_dead_holders_reservation_is_taken_over(h: &dyn Harness) {
     // An instance reserved the message, then died without finishing.
     let reserved = b1
         .medium()
+        .records()
+        .expect("idempotency records")
         .processed_reserve(
             "ledger",
             "m-crash",

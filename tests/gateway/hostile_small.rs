@@ -143,7 +143,13 @@ async fn a_request_whose_client_left_is_abandoned_not_run(place: &Place) {
     let gw = Gw::start(place).await;
     let billing = gw.peer("billing").await;
     let depth = |bus: Intracom| async move {
-        let queues = bus.medium().queues().await.expect("the queues");
+        let queues = bus
+            .medium()
+            .inspection()
+            .expect("queue counts")
+            .queues()
+            .await
+            .expect("the queues");
         queues
             .iter()
             .find(|q| q.service == "billing" && q.action == "invoice.get")

@@ -16,7 +16,7 @@ use libtest_mimic::Trial;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use super::flaky::Flaky;
+use super::flaky::{Flaky, FlakyMedium};
 use super::servers::{cache_dir, spawn_kept};
 use super::{block_on, config, eventually, tokens, Gw, Place, ADMIN, BILLING, GUARD, OPS, USERS};
 
@@ -174,7 +174,7 @@ async fn run(mut command: Command) -> (std::process::ExitStatus, String, String)
 }
 
 /// A gateway whose bus runs on the switchable medium.
-async fn over_flaky() -> (Arc<Flaky>, Gw) {
+async fn over_flaky() -> (Arc<FlakyMedium>, Gw) {
     let flaky = Arc::new(Flaky::new());
     let bus = Intracom::with_medium(config("gateway"), flaky.clone())
         .await
@@ -362,6 +362,8 @@ async fn a_dead_letter_retried_twice_is_sent_once() {
     job.source_instance = "billing-1".into();
     gw.bus
         .medium()
+        .dead_letter_store()
+        .expect("dead letters")
         .dead_letter(
             bson::to_document(&job).expect("a document"),
             "failed".into(),
@@ -861,6 +863,8 @@ async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, Pa
     let document: Document = bson::to_document(&job).expect("a document");
     gw.bus
         .medium()
+        .dead_letter_store()
+        .expect("dead letters")
         .dead_letter(document, "failed 5 times, last: printer on fire".into())
         .await
         .expect("dead letter");

@@ -43,8 +43,8 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Appended, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, ProcessedRecord,
-    QueueStats, Reservation, Settlement,
+    Appended, CatalogMap, ClaimRequest, DeadLetter, DeadLetterStore, EventStream, Inspection,
+    Medium, ProcessedRecord, QueueStats, Records, Reservation, Settlement, WorkQueue,
 };
 use crate::config::{Config, DbConfig, Retention};
 use crate::error::{Error, Result};
@@ -564,6 +564,26 @@ impl Medium for MongoMedium {
         self.inner.max_bson.saturating_sub(MESSAGE_MARGIN)
     }
 
+    fn work(&self) -> Option<&dyn WorkQueue> {
+        Some(self)
+    }
+
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+
+    fn records(&self) -> Option<&dyn Records> {
+        Some(self)
+    }
+
+    fn inspection(&self) -> Option<&dyn Inspection> {
+        Some(self)
+    }
+
+    fn diagnosis(&self) -> Option<&dyn super::Diagnosis> {
+        Some(self)
+    }
+
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
         let encoded = messages
             .iter()
@@ -707,11 +727,29 @@ impl Medium for MongoMedium {
         Ok(())
     }
 
-    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
-        let _op = self.inner.op()?;
-        self.inner.dead_letter(document, reason).await
+    async fn close(&self) {
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        self.inner.quiesce(deadline).await;
+        // Stop the drivers' pool workers and monitors now, rather than when the runtime
+        // drops them under requests still waiting for a connection. The driver first
+        // runs the clean-up of the cursors dropped (their `killCursors`): one that began
+        // while its pool was shutting down would find no pool. A cursor still held (a
+        // subscription stream the application keeps) would hold this up for ever, hence
+        // the deadline, after which the driver is shut down at once.
+        for client in [self.inner.db.client(), &self.inner.stream_client] {
+            let orderly = tokio::time::timeout_at(deadline, client.clone().shutdown()).await;
+            if orderly.is_err() {
+                tracing::warn!(
+                    "closing: cursors still open after the grace; shutting the driver down at once"
+                );
+                client.clone().shutdown().immediate(true).await;
+            }
+        }
     }
+}
 
+#[async_trait]
+impl WorkQueue for MongoMedium {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Message>> {
         let _op = self.inner.op()?;
         work::claim(&self.inner, request).await
@@ -738,6 +776,14 @@ impl Medium for MongoMedium {
         self.hub().await?;
         work::await_outcome(&self.inner, id, timeout).await
     }
+}
+
+#[async_trait]
+impl DeadLetterStore for MongoMedium {
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
+        let _op = self.inner.op()?;
+        self.inner.dead_letter(document, reason).await
+    }
 
     async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let _op = self.inner.op()?;
@@ -753,7 +799,10 @@ impl Medium for MongoMedium {
         let _op = self.inner.op()?;
         work::dead_remove(&self.inner, id).await
     }
+}
 
+#[async_trait]
+impl Records for MongoMedium {
     async fn processed_reserve(
         &self,
         consumer: &str,
@@ -780,7 +829,17 @@ impl Medium for MongoMedium {
         let _op = self.inner.op()?;
         work::processed_release(&self.inner, consumer, id, owner).await
     }
+}
 
+#[async_trait]
+impl super::Diagnosis for MongoMedium {
+    async fn checks(&self) -> Vec<Check> {
+        self.doctor().await
+    }
+}
+
+#[async_trait]
+impl Inspection for MongoMedium {
     async fn stats(&self) -> Result<Stats> {
         let _op = self.inner.op()?;
         self.admin_stats().await
@@ -804,26 +863,6 @@ impl Medium for MongoMedium {
     async fn processed_remove(&self, consumer: &str, id: &str) -> Result<u64> {
         let _op = self.inner.op()?;
         processed::remove(&self.inner, consumer, id).await
-    }
-
-    async fn close(&self) {
-        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-        self.inner.quiesce(deadline).await;
-        // Stop the drivers' pool workers and monitors now, rather than when the runtime
-        // drops them under requests still waiting for a connection. The driver first
-        // runs the clean-up of the cursors dropped (their `killCursors`): one that began
-        // while its pool was shutting down would find no pool. A cursor still held (a
-        // subscription stream the application keeps) would hold this up for ever, hence
-        // the deadline, after which the driver is shut down at once.
-        for client in [self.inner.db.client(), &self.inner.stream_client] {
-            let orderly = tokio::time::timeout_at(deadline, client.clone().shutdown()).await;
-            if orderly.is_err() {
-                tracing::warn!(
-                    "closing: cursors still open after the grace; shutting the driver down at once"
-                );
-                client.clone().shutdown().immediate(true).await;
-            }
-        }
     }
 }
 

@@ -67,8 +67,8 @@ use self::topics::Topics;
 use self::work::Job;
 use super::records::LocalRecords;
 use super::{
-    Appended, Capabilities, CatalogMap, ClaimRequest, DeadLetter, EventStream, Medium, Reservation,
-    Settlement, WorkStream,
+    Appended, Capabilities, CatalogMap, ClaimRequest, DeadLetter, DeadLetterStore, EventStream,
+    Medium, Records, Reservation, Settlement, WorkQueue, WorkStream,
 };
 use crate::config::Config;
 use crate::error::{Error, PayloadError, Result};
@@ -365,23 +365,7 @@ impl MqttMedium {
     }
 }
 
-/// One value an MQTT broker publishes about itself ([`MqttMedium::broker_stats`]).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct BrokerStat {
-    /// The topic under `$SYS/broker/` (`clients/connected`).
-    pub topic: String,
-    /// Its retained value, as text.
-    pub value: String,
-}
-
-/// The worker connections of one service present on the broker ([`MqttMedium::workers`]).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ServiceWorkers {
-    /// The service.
-    pub service: String,
-    /// Its worker connections.
-    pub connections: usize,
-}
+pub use super::{BrokerStat, ServiceWorkers};
 
 impl Inner {
     /// Whether a worker of `service` for `action` is present (other than `except`, a
@@ -680,6 +664,22 @@ impl Medium for MqttMedium {
         CAPABILITIES
     }
 
+    fn work(&self) -> Option<&dyn WorkQueue> {
+        Some(self)
+    }
+
+    fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+
+    fn records(&self) -> Option<&dyn Records> {
+        Some(self)
+    }
+
+    fn broker_report(&self) -> Option<&dyn super::BrokerReport> {
+        Some(self)
+    }
+
     fn sends_encoded(&self) -> bool {
         true
     }
@@ -861,10 +861,46 @@ impl Medium for MqttMedium {
         Ok(())
     }
 
-    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
-        self.inner.write_dead(document, reason).await
+    async fn close(&self) {
+        let inner = &self.inner;
+        inner.closed.cancel();
+        // Workers end their streams on the bus's shutdown; each stop hands back what
+        // it holds and what the broker queued for it, on its still open connection.
+        let mut live = inner.live_workers.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), live.wait_for(|n| *n == 0)).await;
+        let stops: Vec<_> = lock(&inner.stopping).drain(..).collect();
+        for stop in stops {
+            let _ = stop.await;
+        }
+        work::hand_back_all(inner).await;
+        let conns: Vec<Arc<Conn>> = lock(&inner.conns)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for conn in conns {
+            conn.close().await;
+        }
+        tracing::info!(client_id = %inner.main.client_id(), "mqtt medium closed");
+    }
+}
+
+#[async_trait]
+impl super::BrokerReport for MqttMedium {
+    fn workers(&self) -> Vec<ServiceWorkers> {
+        MqttMedium::workers(self)
     }
 
+    fn max_packet_size(&self) -> Option<u32> {
+        self.broker_max_packet_size()
+    }
+
+    async fn broker_stats(&self) -> Result<Vec<BrokerStat>> {
+        MqttMedium::broker_stats(self).await
+    }
+}
+
+#[async_trait]
+impl WorkQueue for MqttMedium {
     async fn claim(&self, _request: &ClaimRequest) -> Result<Option<Message>> {
         // Work is pushed (receive_work), never stored for a claim.
         Ok(None)
@@ -920,6 +956,13 @@ impl Medium for MqttMedium {
             }
         }
     }
+}
+
+#[async_trait]
+impl DeadLetterStore for MqttMedium {
+    async fn dead_letter(&self, document: Document, reason: String) -> Result<()> {
+        self.inner.write_dead(document, reason).await
+    }
 
     async fn dead_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let mut letters = self.inner.read_dead(self.inner.topics.dead_all()).await?;
@@ -951,7 +994,10 @@ impl Medium for MqttMedium {
         }
         Ok(letters.len() as u64)
     }
+}
 
+#[async_trait]
+impl Records for MqttMedium {
     async fn processed_reserve(
         &self,
         consumer: &str,
@@ -976,27 +1022,5 @@ impl Medium for MqttMedium {
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
         self.inner.processed.release(consumer, id, owner);
         Ok(())
-    }
-
-    async fn close(&self) {
-        let inner = &self.inner;
-        inner.closed.cancel();
-        // Workers end their streams on the bus's shutdown; each stop hands back what
-        // it holds and what the broker queued for it, on its still open connection.
-        let mut live = inner.live_workers.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(2), live.wait_for(|n| *n == 0)).await;
-        let stops: Vec<_> = lock(&inner.stopping).drain(..).collect();
-        for stop in stops {
-            let _ = stop.await;
-        }
-        work::hand_back_all(inner).await;
-        let conns: Vec<Arc<Conn>> = lock(&inner.conns)
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for conn in conns {
-            conn.close().await;
-        }
-        tracing::info!(client_id = %inner.main.client_id(), "mqtt medium closed");
     }
 }

@@ -20,7 +20,7 @@ pub(crate) enum CatalogCommand {
 }
 
 pub(crate) async fn catalog(config: &Config, command: CatalogCommand) -> Outcome {
-    let (bus, _) = open(config, "catalog").await?;
+    let bus = open(config, "catalog").await?;
     match command {
         CatalogCommand::List(flag) => {
             bus.catalog().refresh().await?;

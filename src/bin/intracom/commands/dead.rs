@@ -39,7 +39,7 @@ pub(crate) enum DeadCommand {
 }
 
 pub(crate) async fn dead(config: &Config, command: DeadCommand) -> Outcome {
-    let (bus, _) = open(config, "dead").await?;
+    let bus = open(config, "dead").await?;
     let dead = bus.dead_letters();
     match command {
         DeadCommand::List { limit, json } => {

@@ -1,30 +1,28 @@
 //! `intracom doctor`.
 
+use std::sync::Arc;
+
 use intracom::Config;
 
-use super::{open, Admin};
+use super::open;
 use crate::output::{fail, Outcome};
 
 pub(crate) async fn doctor(config: &Config) -> Outcome {
-    let (bus, admin) = open(config, "doctor").await?;
-    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
-    let medium = match admin {
-        Admin::Mongo(medium) => medium,
-        #[cfg(feature = "mqtt")]
-        Admin::Mqtt(_) => {
-            bus.shutdown().await;
-            return Err(fail(
-                "doctor checks a MongoDB deployment",
-                "for an MQTT broker, `intracom stats` shows what the broker tells",
-            ));
-        }
+    let bus = open(config, "doctor").await?;
+    let medium = Arc::clone(bus.medium());
+    let Some(diagnosis) = medium.diagnosis() else {
+        bus.shutdown().await;
+        return Err(fail(
+            "doctor checks a MongoDB deployment",
+            "for an MQTT broker, `intracom stats` shows what the broker tells",
+        ));
     };
     out!(
         "checking {} / {}",
         config.db.redacted_uri(),
         config.db.database
     );
-    let checks = medium.doctor().await;
+    let checks = diagnosis.checks().await;
     bus.shutdown().await;
     let mut failed = 0;
     for check in &checks {

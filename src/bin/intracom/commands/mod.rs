@@ -22,13 +22,8 @@ pub(crate) mod tail;
 #[cfg(feature = "gateway")]
 pub(crate) mod token;
 
-use std::sync::Arc;
-
 use clap::Args;
 use intracom::bson::{Bson, Document};
-use intracom::medium::mongo::MongoMedium;
-#[cfg(feature = "mqtt")]
-use intracom::medium::mqtt::MqttMedium;
 use intracom::{Config, Intracom, MediumKind};
 
 use crate::output::{fail, Failure};
@@ -40,36 +35,24 @@ pub(crate) struct JsonFlag {
     pub(crate) json: bool,
 }
 
-/// The medium under the bus, for what only it can tell (stats, doctor).
-pub(crate) enum Admin {
-    Mongo(Arc<MongoMedium>),
-    #[cfg(feature = "mqtt")]
-    Mqtt(Arc<MqttMedium>),
-}
-
-/// The bus on a shared medium, and that medium.
-pub(crate) async fn open(config: &Config, what: &str) -> Result<(Intracom, Admin), Failure> {
+/// The bus on a shared medium. What only some media can tell (stats, doctor), a
+/// command asks the bus's medium for: `bus.medium().inspection()`, `.diagnosis()`,
+/// `.broker_report()`.
+pub(crate) async fn open(config: &Config, what: &str) -> Result<Intracom, Failure> {
     match config.medium {
-        MediumKind::Db => {
-            let medium = Arc::new(MongoMedium::connect(config).await?);
-            let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
-            Ok((bus, Admin::Mongo(medium)))
-        }
-        #[cfg(feature = "mqtt")]
-        MediumKind::Mqtt => {
-            let medium = Arc::new(MqttMedium::connect(config).await?);
-            let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
-            Ok((bus, Admin::Mqtt(medium)))
-        }
+        MediumKind::Memory => Err(fail(
+            format!("`{what}` needs a shared medium; common.intracom.medium is `{}`", config.medium),
+            "the memory medium lives inside one process: pass --uri mongodb://… or --medium mqtt --url mqtt://…, or try `intracom demo`",
+        )),
         #[cfg(not(feature = "mqtt"))]
         MediumKind::Mqtt => Err(fail(
             "this intracom was built without the MQTT medium",
             "cargo install intracom --features mqtt (or cargo run --features mqtt -- …)",
         )),
-        _ => Err(fail(
-            format!("`{what}` needs a shared medium; common.intracom.medium is `{}`", config.medium),
-            "the memory medium lives inside one process: pass --uri mongodb://… or --medium mqtt --url mqtt://…, or try `intracom demo`",
-        )),
+        _ => {
+            let medium = intracom::medium::connect(config).await?;
+            Ok(Intracom::with_medium(config.clone(), medium).await?)
+        }
     }
 }
 

@@ -57,7 +57,7 @@ pub(crate) async fn publish(config: &Config, args: PublishArgs) -> Outcome {
     if let Some(id) = args.id {
         message = message.with_id(id);
     }
-    let (bus, _) = open(config, "publish").await?;
+    let bus = open(config, "publish").await?;
     let published = bus.publish(message).await?;
     let status = match published.status {
         PublishStatus::Stored => "stored",

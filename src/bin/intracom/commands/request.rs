@@ -26,7 +26,7 @@ pub(crate) struct RequestArgs {
 
 pub(crate) async fn request(config: &Config, args: RequestArgs) -> Outcome {
     let body = parse_body(&args.body)?;
-    let (bus, _) = open(config, "request").await?;
+    let bus = open(config, "request").await?;
     let client = bus.as_service(&args.from, None)?;
     let answer: Result<Bson, Error> = client
         .request(&args.service, &args.action, &body)

@@ -1,24 +1,28 @@
 //! `intracom stats`.
 
-#[cfg(feature = "mqtt")]
-use intracom::medium::mqtt::MqttMedium;
-use intracom::Config;
-#[cfg(feature = "mqtt")]
-use intracom::Intracom;
+use std::sync::Arc;
 
-use super::{open, Admin};
-use crate::output::Outcome;
+use intracom::medium::BrokerReport;
+use intracom::{Config, Intracom};
+
+use super::open;
+use crate::output::{fail, Outcome};
 
 pub(crate) async fn stats(config: &Config, as_json: bool) -> Outcome {
-    let (bus, admin) = open(config, "stats").await?;
-    // Without the mqtt feature MongoDB is the only shared medium.
-    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
-    let medium = match admin {
-        Admin::Mongo(medium) => medium,
-        #[cfg(feature = "mqtt")]
-        Admin::Mqtt(medium) => return mqtt_stats(config, bus, &medium, as_json).await,
+    let bus = open(config, "stats").await?;
+    let medium = Arc::clone(bus.medium());
+    let Some(inspection) = medium.inspection() else {
+        // A broker keeps no history to count: it tells what it can about itself.
+        if let Some(broker) = medium.broker_report() {
+            return mqtt_stats(config, bus, broker, as_json).await;
+        }
+        bus.shutdown().await;
+        return Err(fail(
+            format!("medium `{}` keeps no counts to show", medium.name()),
+            "pass --uri mongodb://… or --medium mqtt --url mqtt://…",
+        ));
     };
-    let stats = medium.admin_stats().await?;
+    let stats = inspection.stats().await?;
     bus.shutdown().await;
     if as_json {
         let pairs = |rows: &[(String, u64)]| {
@@ -63,11 +67,10 @@ pub(crate) async fn stats(config: &Config, as_json: bool) -> Outcome {
 }
 
 /// What an MQTT broker can tell: it keeps no history, so no counts by field or lag.
-#[cfg(feature = "mqtt")]
 pub(crate) async fn mqtt_stats(
     config: &Config,
     bus: Intracom,
-    medium: &MqttMedium,
+    medium: &dyn BrokerReport,
     as_json: bool,
 ) -> Outcome {
     let dead = bus.dead_letters().list(usize::MAX).await?.len();
@@ -75,17 +78,17 @@ pub(crate) async fn mqtt_stats(
     let services = bus.catalog().snapshot().len();
     let workers = medium.workers();
     let broker = medium.broker_stats().await?;
-    let max_packet = medium.broker_max_packet_size();
+    let max_packet = medium.max_packet_size();
     bus.shutdown().await;
     let missing = "counts by service/action/type/state, queue depth and lag need a stored history, which a broker does not keep";
     if as_json {
         let workers: Vec<_> = workers
             .iter()
-            .map(|(s, n)| serde_json::json!({ "service": s, "workers": n }))
+            .map(|w| serde_json::json!({ "service": w.service, "workers": w.connections }))
             .collect();
         let broker: serde_json::Map<String, serde_json::Value> = broker
             .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .map(|b| (b.topic.clone(), serde_json::Value::String(b.value.clone())))
             .collect();
         out!(
             "{}",
@@ -108,14 +111,14 @@ pub(crate) async fn mqtt_stats(
     }
     out!("services in the catalog: {services}");
     out!("workers present:");
-    for (service, n) in &workers {
-        out!("  {service:<32} {n:>10}");
+    for w in &workers {
+        out!("  {:<32} {:>10}", w.service, w.connections);
     }
     out!("dead letters: {dead}");
     if !broker.is_empty() {
         out!("broker ($SYS):");
-        for (key, value) in &broker {
-            out!("  {key:<40} {value}");
+        for b in &broker {
+            out!("  {:<40} {}", b.topic, b.value);
         }
     }
     out!("not available on MQTT: {missing}");

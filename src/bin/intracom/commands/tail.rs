@@ -131,7 +131,7 @@ pub(crate) async fn tail(config: &Config, args: TailArgs) -> Outcome {
         .map(parse_since)
         .transpose()?
         .unwrap_or_default();
-    let (bus, _) = open(config, "tail").await?;
+    let bus = open(config, "tail").await?;
     let mut subscription = Subscription::monitor().start(start);
     if let Some(name) = &args.name {
         subscription = subscription.with_name(name);
