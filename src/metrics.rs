@@ -17,6 +17,8 @@
 //! | `intracom_request_seconds` | histogram | `outcome` (`done`, `error`, `timeout`) | request round trip, caller side |
 //! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `scan`, `history_lost`) | fall-backs |
 //! | `intracom_outbox_messages` | gauge | | publishes waiting in the outbox |
+//! | `intracom_hub_events_total` | counter | | change events the process's MongoDB change stream read (what the server selected for it) |
+//! | `intracom_hub_selections_total` | counter | | times that stream was reopened from its last token because what it selects changed (a subscription came or went) |
 //! | `intracom_gateway_requests_total` | counter | `method` (`GET`, `POST`, `PUT`, `DELETE`, `PATCH`, `HEAD`, `OPTIONS`, `OTHER`), `route`, `status` | HTTP requests to the gateway |
 //! | `intracom_gateway_unknown_tokens_total` | counter | | requests refused for a bearer token the gateway does not know (their log lines are rate-limited; this counts each) |
 //! | `intracom_gateway_sse_clients` | gauge | | Server-Sent Events streams open |
@@ -50,6 +52,10 @@ pub const REQUEST_SECONDS: &str = "intracom_request_seconds";
 pub const FALLBACK: &str = "intracom_fallback_total";
 /// Outbox size.
 pub const OUTBOX: &str = "intracom_outbox_messages";
+/// Change events read by the process's MongoDB change stream.
+pub const HUB_EVENTS: &str = "intracom_hub_events_total";
+/// Reopenings of that stream for a changed selection.
+pub const HUB_SELECTIONS: &str = "intracom_hub_selections_total";
 
 /// Gateway requests, by method, route and status.
 pub const GATEWAY_REQUESTS: &str = "intracom_gateway_requests_total";
