@@ -89,6 +89,8 @@ pub const KEYS: &[Key] = &[
     key("common.intracom.db.poll_interval_ms", "250", "poll period when change streams are unavailable (a standalone server), in ms"),
     key("common.intracom.db.safety_window_ms", "5000", "how far back a `ts` scan looks for writes that committed out of stamp order, in ms"),
     key("common.intracom.db.stream_buffer", "10000", "change events kept in memory for this process's subscribers"),
+    key("common.intracom.db.hub.selection", "targeted", "what this process's change stream selects on the server: `targeted` (what its subscriptions, workers and requests concern) or `everything` (every insert and settle)"),
+    key("common.intracom.db.read_preference", "primary", "where the change streams read: `primary`, `primaryPreferred`, `secondary`, `secondaryPreferred` or `nearest`"),
     key("common.intracom.mqtt.url", "mqtt://localhost:1883", "MQTT broker: `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS"),
     key("common.intracom.mqtt.client_id_prefix", "intracom-", "prefix of every MQTT client id this process uses (a named subscription's session is `<prefix>sub-<name>`)"),
     key("common.intracom.mqtt.username", "(none)", "broker user name"),
@@ -214,6 +216,38 @@ pub enum Retention {
     Capped,
 }
 
+/// What the process's change stream selects on the server
+/// (`common.intracom.db.hub.selection`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HubSelection {
+    /// Only what concerns the process: broadcasts and messages to the services and
+    /// instances its subscriptions and workers follow, and its requests' settles; every
+    /// insert while a monitor subscription (a filter without a service) lives (default).
+    #[default]
+    Targeted,
+    /// Every insert and every settle of the collection, filtered in memory.
+    Everything,
+}
+
+/// Where the change streams read (`common.intracom.db.read_preference`): the
+/// MongoDB read preference modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReadPreference {
+    /// The primary only (default).
+    #[default]
+    Primary,
+    /// The primary, or a secondary while there is none.
+    PrimaryPreferred,
+    /// Secondaries only.
+    Secondary,
+    /// A secondary, or the primary while there is none.
+    SecondaryPreferred,
+    /// The member of lowest latency.
+    Nearest,
+}
+
 /// MongoDB medium settings.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -244,6 +278,10 @@ pub struct DbConfig {
     pub safety_window_ms: u64,
     /// Change events kept in memory for local subscribers (default 10 000).
     pub stream_buffer: usize,
+    /// What the process's change stream selects on the server (default targeted).
+    pub hub_selection: HubSelection,
+    /// Where the change streams read (default the primary).
+    pub read_preference: ReadPreference,
 }
 
 impl Default for DbConfig {
@@ -261,6 +299,8 @@ impl Default for DbConfig {
             poll_interval_ms: 250,
             safety_window_ms: 5000,
             stream_buffer: 10_000,
+            hub_selection: HubSelection::Targeted,
+            read_preference: ReadPreference::Primary,
         }
     }
 }
@@ -677,6 +717,25 @@ impl Config {
                 self.db.stream_buffer = usize::try_from(parse_positive(key, value)?)
                     .map_err(|e| Error::config(key, value, e))?;
             }
+            "db.hub.selection" => {
+                self.db.hub_selection = match value {
+                    "targeted" => HubSelection::Targeted,
+                    "everything" => HubSelection::Everything,
+                    _ => return Err(Error::config(key, value, "expected targeted or everything")),
+                }
+            }
+            "db.read_preference" => self.db.read_preference = match value {
+                "primary" => ReadPreference::Primary,
+                "primaryPreferred" => ReadPreference::PrimaryPreferred,
+                "secondary" => ReadPreference::Secondary,
+                "secondaryPreferred" => ReadPreference::SecondaryPreferred,
+                "nearest" => ReadPreference::Nearest,
+                _ => return Err(Error::config(
+                    key,
+                    value,
+                    "expected primary, primaryPreferred, secondary, secondaryPreferred or nearest",
+                )),
+            },
             "mqtt.url" => {
                 parse_mqtt_url(key, value)?;
                 self.mqtt.url = value.to_string();

@@ -20,6 +20,8 @@
 //! | `intracom_queue_depth` | gauge | `queue` (`<service>/<action>`) | work waiting to be claimed, sampled by the gateway every [`SAMPLE_INTERVAL`] |
 //! | `intracom_queue_in_flight` | gauge | `queue` | work held by a live worker, sampled likewise |
 //! | `intracom_queue_dead_letters` | gauge | `queue` | dead letters of the queue, sampled likewise |
+//! | `intracom_hub_events_total` | counter | | change events the process's MongoDB change stream read (what the server selected for it) |
+//! | `intracom_hub_selections_total` | counter | | times that stream was reopened from its last token because what it selects changed (a subscription came or went) |
 //! | `intracom_gateway_requests_total` | counter | `method` (`GET`, `POST`, `PUT`, `DELETE`, `PATCH`, `HEAD`, `OPTIONS`, `OTHER`), `route`, `status` | HTTP requests to the gateway |
 //! | `intracom_gateway_unknown_tokens_total` | counter | | requests refused for a bearer token the gateway does not know (their log lines are rate-limited; this counts each) |
 //! | `intracom_gateway_sse_clients` | gauge | | Server-Sent Events streams open |
@@ -91,6 +93,10 @@ pub(crate) fn prometheus_builder() -> metrics_exporter_prometheus::PrometheusBui
         // A suffix matcher is always valid; were it not, the summaries stay.
         .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new())
 }
+/// Change events read by the process's MongoDB change stream.
+pub const HUB_EVENTS: &str = "intracom_hub_events_total";
+/// Reopenings of that stream for a changed selection.
+pub const HUB_SELECTIONS: &str = "intracom_hub_selections_total";
 
 /// Gateway requests, by method, route and status.
 pub const GATEWAY_REQUESTS: &str = "intracom_gateway_requests_total";

@@ -20,6 +20,11 @@ fn config(peer: &Peer) -> Config {
         .timeout_ms(300_000)
         .set("common.intracom.db.safety_window_ms", "2000")
         .set("common.intracom.db.poll_interval_ms", "50")
+        // The scripts answer one shared stream per process and evaluate no `$match`:
+        // the stream that selects every insert. The targeted selection, which reopens
+        // the stream as subscriptions come and go, is tested on the real servers
+        // (tests/mongodb).
+        .set("common.intracom.db.hub.selection", "everything")
         .build()
         .expect("config")
 }

@@ -45,6 +45,7 @@ use tokio::sync::watch;
 use super::errors::{is_history_lost, is_transient, to_error};
 use super::hub::{self, Events, Hub, RingItem, Segment};
 use super::{decode_raw, Inner};
+use crate::config::Retention;
 use crate::error::Result;
 use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::medium::Event;
@@ -145,6 +146,13 @@ pub(crate) struct Follower {
     /// that may hold a message stamped within the safety window of `last_ts`.
     held: VecDeque<Held>,
     backoff: crate::backoff::Backoff,
+    /// Its place in the hub's selection (targeted selection), for as long as it lives.
+    registration: Option<hub::Registration>,
+    /// Capped retention, resuming from a saved position: the stamp of the oldest message
+    /// the collection still held then. A message stamped before it was pushed out of
+    /// the collection, although the oplog may still have its insert event: it is
+    /// reported as lost, not delivered, as a TTL-expired one is.
+    capped_floor: Option<Timestamp>,
 }
 
 /// Ids delivered within the safety window of the newest one.
@@ -345,44 +353,73 @@ impl Follower {
             recent: Recent::default(),
             held: VecDeque::new(),
             backoff: crate::backoff::FOLLOWER.start(),
+            registration: None,
+            capped_floor: None,
         };
-        follower.mode = match from {
-            StartFrom::Now => match &follower.hub {
-                Some(hub) => {
-                    // What came before: the newest message the ring holds up to `now`
-                    // or, with none there, the newest stamp in the collection. A scan
-                    // after a gap met before this follower's first event starts there,
-                    // not at the beginning of what is retained.
-                    let seen = hub.ring().newest_message_ts_upto(now);
-                    let anchor = match seen {
-                        Some(ts) => ts,
-                        None => Self::newest_ts(&follower.inner, Some(ANCHOR_COMMENT)).await?,
-                    };
-                    if anchor > follower.last_ts {
-                        follower.start_floor = Some(anchor);
-                        follower.last_ts = anchor;
+        // The hub's stream must select this follower's messages before the follower
+        // reads a position in the ring. When the running stream did not select them
+        // since `now`, it is reopened (from its last token) with a selection that does,
+        // and the follower reads the ring only after that reopening: a follower that
+        // starts now reads the collection from the moment of this call up to there.
+        let mut widened = None;
+        if let Some(hub) = follower.hub.clone() {
+            let (registration, joined) = hub.register(&follower.filter, now);
+            follower.registration = registration;
+            if let hub::Joined::Widened(generation) = joined {
+                widened = Some(hub.applied(&follower.inner, generation).await);
+            }
+        }
+        follower.mode = match (from, widened) {
+            (StartFrom::Now, Some(reopened)) => {
+                // The ring after `reopened` holds every event of this follower after
+                // the reopened stream's token, which can come before this call. Now is
+                // the newest stamp read here: what is stamped at or before the safety
+                // window before it is skipped, and the ids stamped within that window
+                // are remembered as delivered (they committed before this call);
+                // what commits later is delivered, whatever its stamp.
+                let newest = Self::newest_ts(&follower.inner, None).await?;
+                follower.prime(newest).await?;
+                follower.floor = Some(minus_window(newest, follower.window_secs()));
+                Mode::Ring { cursor: reopened }
+            }
+            (from, _) => match from {
+                StartFrom::Now => match &follower.hub {
+                    Some(hub) => {
+                        // What came before: the newest message the ring holds up to `now`
+                        // or, with none there, the newest stamp in the collection. A scan
+                        // after a gap met before this follower's first event starts there,
+                        // not at the beginning of what is retained.
+                        let seen = hub.ring().newest_message_ts_upto(now);
+                        let anchor = match seen {
+                            Some(ts) => ts,
+                            None => Self::newest_ts(&follower.inner, Some(ANCHOR_COMMENT)).await?,
+                        };
+                        if anchor > follower.last_ts {
+                            follower.start_floor = Some(anchor);
+                            follower.last_ts = anchor;
+                        }
+                        Mode::Ring { cursor: now }
                     }
-                    Mode::Ring { cursor: now }
-                }
-                None => {
-                    // Poll mode: start after the newest stamp, and remember the ids of the
-                    // safety window so they are not delivered as new.
-                    let newest = Self::newest_ts(&follower.inner, None).await?;
-                    follower.prime(newest).await?;
-                    Mode::Scan {
-                        lower: newest,
-                        tip_before: None,
+                    None => {
+                        // Poll mode: start after the newest stamp, and remember the ids of the
+                        // safety window so they are not delivered as new.
+                        let newest = Self::newest_ts(&follower.inner, None).await?;
+                        follower.prime(newest).await?;
+                        Mode::Scan {
+                            lower: newest,
+                            tip_before: None,
+                        }
                     }
-                }
-            },
-            StartFrom::Beginning => Mode::Scan {
-                lower: Timestamp {
-                    time: 0,
-                    increment: 0,
                 },
-                tip_before: None,
+                StartFrom::Beginning => Mode::Scan {
+                    lower: Timestamp {
+                        time: 0,
+                        increment: 0,
+                    },
+                    tip_before: None,
+                },
+                StartFrom::After(position) => follower.resume(position, true).await?,
             },
-            StartFrom::After(position) => follower.resume(position, true).await?,
         };
         Ok(follower)
     }
@@ -412,6 +449,9 @@ impl Follower {
             self.recent.insert(position.ts, id, window);
         }
         self.last_ts = self.last_ts.max(position.ts);
+        if self.inner.db_config.retention == Retention::Capped {
+            self.capped_floor = Self::oldest_ts(&self.inner).await?;
+        }
         let resume_token = token
             .get("rt")
             .cloned()
@@ -496,6 +536,10 @@ impl Follower {
                 }
             }
         }
+        if self.capped_floor.is_some() {
+            // Read from the collection: what was pushed out is not there to count.
+            self.report_if_expired(position.ts);
+        }
         Ok(Mode::Scan {
             lower: minus_window(position.ts, self.window_secs()),
             tip_before: None,
@@ -503,15 +547,30 @@ impl Follower {
     }
 
     /// After losing the change-stream history, messages after a position older than the
-    /// retention may have been deleted: say so (the count is unknown).
+    /// retention (or, capped, older than the oldest message kept) may have been deleted:
+    /// say so (the count is unknown).
     fn report_if_expired(&mut self, ts: Timestamp) {
         if self
             .inner
             .retention_secs()
             .is_some_and(|r| u64::from(ts.time) + r < now_secs())
+            || self.capped_floor.is_some_and(|floor| ts < floor)
         {
             self.ready.push_back(Event::Lost { count: 0 });
         }
+    }
+
+    /// The stamp of the oldest message in the collection, if any.
+    async fn oldest_ts(inner: &Inner) -> Result<Option<Timestamp>> {
+        let _op = inner.op()?;
+        let oldest = inner
+            .messages
+            .find_one(doc! {})
+            .sort(doc! { "ts": 1 })
+            .projection(doc! { "ts": 1 })
+            .await
+            .map_err(to_error)?;
+        Ok(oldest.and_then(|d| d.get_timestamp("ts").ok()))
     }
 
     /// The newest stamp in the collection (0 when it is empty). `comment` names the
@@ -846,7 +905,19 @@ impl Follower {
         if let Some(raw) = &event.full_document {
             match decode_raw(raw) {
                 Ok(message) => {
-                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                    if Self::pushed_out(&self.inner, self.capped_floor, &message).await {
+                        // Capped: counted as lost (reported before the next delivery)
+                        // and remembered, as an expired one is.
+                        if let Some(ts) = message.ts {
+                            self.last_ts = self.last_ts.max(ts);
+                            if !self.recent.contains(&message.id) {
+                                self.recent.insert(ts, &message.id, self.window_secs());
+                                self.lost += 1;
+                            }
+                        }
+                    } else {
+                        self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                    }
                 }
                 Err(reason) => {
                     self.inner.count_unreadable();
@@ -857,10 +928,44 @@ impl Follower {
         ct
     }
 
+    /// Capped retention, resuming: whether a message the stream read from the oplog was
+    /// pushed out of the collection. Stamped before the oldest message kept, it was; on
+    /// servers that stamp whole seconds the oldest kept may share its stamp, and then
+    /// the collection is asked. (Eviction follows insertion order, not stamps.)
+    async fn pushed_out(inner: &Inner, floor: Option<Timestamp>, message: &Message) -> bool {
+        let (Some(floor), Some(ts)) = (floor, message.ts) else {
+            return false;
+        };
+        if ts < floor {
+            return true;
+        }
+        if ts > floor {
+            return false;
+        }
+        let Ok(_op) = inner.op() else {
+            return false;
+        };
+        matches!(
+            inner
+                .messages
+                .count_documents(doc! { "_id": &message.id })
+                .await,
+            Ok(0)
+        )
+    }
+
     /// Hands a caught-up temporary stream over to the ring, if the ring covers what
     /// follows `last_cluster_time`.
     fn handover_from_stream(&mut self, last_cluster_time: Timestamp) -> Option<Mode> {
         let hub = self.hub.clone()?;
+        if self.registration.is_some() {
+            // Targeted selection: the ring before the stream's last reopening may lack
+            // this follower's messages, and where that reopening falls among the
+            // resumed stream's events is not known. A catch-up pass from the window
+            // before the newest stamp hands over at a tip read after it (what the
+            // stream delivered is skipped by id).
+            return Some(self.scan_from_last());
+        }
         let ring = hub.ring();
         if ring
             .dropped_cluster_time

@@ -46,7 +46,7 @@ use super::{
     Appended, CatalogMap, ClaimRequest, DeadLetter, DeadLetterStore, EventStream, Inspection,
     Medium, ProcessedRecord, QueueStats, Records, Reservation, Settlement, WorkQueue,
 };
-use crate::config::{Config, DbConfig, Retention};
+use crate::config::{Config, DbConfig, ReadPreference, Retention};
 use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
 use crate::message::Message;
@@ -68,6 +68,12 @@ pub struct Counters {
     pub history_lost: u64,
     /// Times a subscriber fell back to scanning the collection by `ts`.
     pub fallbacks: u64,
+    /// Change events the process's change stream read: what the server selected for
+    /// this process (`common.intracom.db.hub.selection`).
+    pub hub_events: u64,
+    /// Times that stream was reopened from its last token because its selection
+    /// changed (a subscription, worker or asker came or went).
+    pub hub_selections: u64,
 }
 
 /// The live counters behind [`Counters`].
@@ -76,6 +82,8 @@ pub(crate) struct Tallies {
     dead_lettered: AtomicU64,
     history_lost: AtomicU64,
     fallbacks: AtomicU64,
+    pub(crate) hub_events: AtomicU64,
+    pub(crate) hub_selections: AtomicU64,
 }
 
 impl Tallies {
@@ -84,6 +92,8 @@ impl Tallies {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             history_lost: self.history_lost.load(Ordering::Relaxed),
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            hub_events: self.hub_events.load(Ordering::Relaxed),
+            hub_selections: self.hub_selections.load(Ordering::Relaxed),
         }
     }
 }
@@ -109,6 +119,7 @@ pub(crate) struct Inner {
     pub(crate) dead: Collection<Document>,
     pub(crate) processed: Collection<Document>,
     pub(crate) waiters: work::Waiters,
+    pub(crate) claimed: work::Claimed,
     pub(crate) db_config: DbConfig,
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
@@ -225,6 +236,18 @@ impl Inner {
         metrics::counter!(crate::metrics::FALLBACK, "kind" => "scan").increment(1);
     }
 
+    /// Counts a change event read by the hub.
+    pub(crate) fn count_hub_event(&self) {
+        self.stats.hub_events.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::HUB_EVENTS).increment(1);
+    }
+
+    /// Counts the hub's stream reopened for a changed selection.
+    pub(crate) fn count_selection(&self) {
+        self.stats.hub_selections.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::HUB_SELECTIONS).increment(1);
+    }
+
     /// Counts a change stream whose history was gone.
     pub(crate) fn count_history_lost(&self) {
         self.stats.history_lost.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +294,19 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The driver's read preference for `common.intracom.db.read_preference`; `None` for
+/// the default (`primary`), which leaves the URI's.
+fn read_preference(preference: ReadPreference) -> Option<mongodb::options::ReadPreference> {
+    use mongodb::options::ReadPreference as Driver;
+    Some(match preference {
+        ReadPreference::Primary => return None,
+        ReadPreference::PrimaryPreferred => Driver::PrimaryPreferred { options: None },
+        ReadPreference::Secondary => Driver::Secondary { options: None },
+        ReadPreference::SecondaryPreferred => Driver::SecondaryPreferred { options: None },
+        ReadPreference::Nearest => Driver::Nearest { options: None },
+    })
 }
 
 /// Decodes a stored document into a message, or says why it is not one.
@@ -322,6 +358,13 @@ impl MongoMedium {
         //   to the hub, which reopens from its own copy of the token.
         let mut stream_options = options.clone();
         stream_options.retry_reads = Some(false);
+        // Where the change streams read (`common.intracom.db.read_preference`); the
+        // default leaves the URI's `readPreference` (the primary unless it says).
+        if let Some(preference) = read_preference(db_config.read_preference) {
+            stream_options.selection_criteria = Some(
+                mongodb::options::SelectionCriteria::ReadPreference(preference),
+            );
+        }
         let interruptions = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&interruptions);
         stream_options.cmap_event_handler =
@@ -369,6 +412,7 @@ impl MongoMedium {
             dead: db.collection(&db_config.dead),
             processed: db.collection(&db_config.processed),
             waiters: work::Waiters::default(),
+            claimed: work::Claimed::default(),
             db,
             db_config,
             timeout_ms: config.timeout_ms,
@@ -613,15 +657,26 @@ impl Medium for MongoMedium {
             .collect::<Result<Vec<_>>>()?;
         // A request's caller waits for its outcome: with the shared stream running, its
         // waiter is set now, so that no read is needed (see `work::wait`).
+        // With a targeted selection, the stream selects the requests' settles once it
+        // selects their asking instance: waited for before the publish, so that neither
+        // their insert nor their settle passes by.
         let requests: Vec<&str> = match self.hub.get() {
-            Some(Some(_)) => messages
-                .iter()
-                .filter(|m| work::is_request(m))
-                .map(|m| {
-                    self.inner.waiters.expect(m);
-                    m.id.as_str()
-                })
-                .collect(),
+            Some(Some(hub)) => {
+                let mut widened = None;
+                let requests = messages
+                    .iter()
+                    .filter(|m| work::is_request(m))
+                    .map(|m| {
+                        self.inner.waiters.expect(m);
+                        widened = widened.max(hub.ask(&m.source_instance));
+                        m.id.as_str()
+                    })
+                    .collect();
+                if let Some(generation) = widened {
+                    hub.applied(&self.inner, generation).await;
+                }
+                requests
+            }
             _ => Vec::new(),
         };
         let appended = self.upsert(messages, &statements).await;
@@ -773,8 +828,8 @@ impl WorkQueue for MongoMedium {
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
         let _op = self.inner.op()?;
         // The shared stream carries the update events that wake the waiter.
-        self.hub().await?;
-        work::await_outcome(&self.inner, id, timeout).await
+        let hub = self.hub().await?;
+        work::await_outcome(&self.inner, id, timeout, hub.as_deref()).await
     }
 }
 
