@@ -91,7 +91,7 @@ enum Command {
     Doctor,
     /// Measure intracom beside the raw driver (or tokio::sync::broadcast) doing the same
     /// job on the same server, in rounds; prints a table, or JSON with --json.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Serve the HTTP gateway (REST, Server-Sent Events, OpenAPI, web console) on the
     /// configured medium.
     #[cfg(feature = "gateway")]
@@ -586,7 +586,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Stats(flag) => stats(&config, flag.json).await,
         Command::Dead(command) => dead(&config, command).await,
         Command::Doctor => doctor(&config).await,
-        Command::Bench(args) => bench::bench(&config, cli.config.as_deref(), args).await,
+        Command::Bench(args) => bench::bench(&config, cli.config.as_deref(), *args).await,
         #[cfg(feature = "gateway")]
         Command::Serve(args) => serve(config, args).await,
         #[cfg(feature = "gateway")]

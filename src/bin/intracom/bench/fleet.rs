@@ -803,7 +803,7 @@ fn targets(rows: &[Row], targeted_known: bool) -> Vec<Target> {
     });
     // 3. p99 at the largest P within 2× of the smallest P's.
     let met = (large.p99_ms.is_finite() && small.p99_ms.is_finite())
-        .then(|| large.p99_ms <= 2.0 * small.p99_ms);
+        .then_some(large.p99_ms <= 2.0 * small.p99_ms);
     out.push(Target {
         what: format!(
             "targeted delivery p99 at P={} within 2× of P={}",
