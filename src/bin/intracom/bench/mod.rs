@@ -105,6 +105,15 @@ pub(crate) enum Which {
     Fanout,
 }
 
+/// A retention mode of `--retained`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RetentionMode {
+    /// A TTL index on `at`.
+    Ttl,
+    /// A capped messages collection.
+    Capped,
+}
+
 #[derive(Args)]
 pub(crate) struct BenchArgs {
     /// Only these figures (comma separated; default: every figure of the medium).
@@ -178,6 +187,9 @@ pub(crate) struct BenchArgs {
     /// plan from `explain`.
     #[arg(long, value_delimiter = ',', value_name = "N,…")]
     retained: Vec<usize>,
+    /// The retention modes of --retained (comma separated) [default: ttl,capped].
+    #[arg(long, value_delimiter = ',', value_name = "MODE,…")]
+    retention: Vec<RetentionMode>,
     /// Claims per retained run [default: 200].
     #[arg(long, value_name = "N")]
     claims: Option<usize>,
@@ -326,8 +338,20 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
             fleet::run(config, &sizes, args.json).await?;
         }
         if !args.retained.is_empty() {
+            let modes = if args.retention.is_empty() {
+                vec![RetentionMode::Ttl, RetentionMode::Capped]
+            } else {
+                args.retention.clone()
+            };
             let sizes = retained::RetainedSizes {
                 retained: args.retained.clone(),
+                modes: modes
+                    .iter()
+                    .map(|m| match m {
+                        RetentionMode::Ttl => intracom::config::Retention::Ttl,
+                        RetentionMode::Capped => intracom::config::Retention::Capped,
+                    })
+                    .collect(),
                 claims: args.claims.unwrap_or(if tiny { 10 } else { 200 }).max(1),
                 catch_up: args.catch_up.unwrap_or(if tiny { 20 } else { 2000 }).max(1),
             };
