@@ -19,6 +19,14 @@
 //! without a token, or with one the file does not hold, gets 401; a known token asking
 //! for another service's identity, or for an admin route without `admin`, gets 403.
 //! Lookups hash the presented token and compare it with every entry in constant time.
+//!
+//! A route states its role by the extractor it takes, so that none can be written
+//! without one: [`Admin`] (admin tokens), [`ServiceCaller`] (tokens bound to a
+//! service) or [`AnyCaller`] (any known token; the route decides per request). Each
+//! authenticates the request and refuses it before the path, the query or the body is
+//! read. The OpenAPI document names the `admin` role in the `bearer` requirement of
+//! every admin route; the gateway's tests check, route by route, that the document and
+//! the extractors agree.
 
 use std::fmt;
 use std::path::Path;
@@ -271,40 +279,91 @@ impl Tokens {
     }
 }
 
-/// The identity of the caller of a route, from its `Authorization: Bearer` header.
+/// A caller with a known token, whatever its roles: the role of a route open to every
+/// token (the catalog), or of one whose role depends on the request
+/// (`GET /subscribe/{topic}`: `monitor=true` needs [`Admin`], otherwise a
+/// [`ServiceCaller`]; see [`AnyCaller::to_admin`] and [`AnyCaller::to_service`]).
+///
+/// Every route that takes a token states its role by the extractor it takes:
+/// [`Admin`], [`ServiceCaller`] or this one. Each answers 401 for a request without a
+/// known bearer token, before any other extractor after it in the handler's arguments
+/// reads the path, the query or the body.
 #[derive(Clone, Debug)]
-pub(crate) struct Caller(pub(crate) Identity);
+pub(crate) struct AnyCaller(Identity);
 
-impl Caller {
-    /// The service this caller acts as; 403 for a token without one.
-    pub(crate) fn service(&self) -> ApiResult<&str> {
-        self.0.service.as_deref().ok_or_else(|| {
-            ApiError::Forbidden(
-                "this token has no service identity (its roles: admin); use a service token".into(),
-            )
-        })
+/// The admin role: a handler that takes it runs only for a token with `admin`; any
+/// other known token gets 403 (and a request without one 401). It holds nothing: it is
+/// the proof that the check was made, and only [`FromRequestParts`] and
+/// [`AnyCaller::to_admin`] make one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Admin(());
+
+/// A caller acting as a service: a handler that takes it runs only for a token bound to
+/// a service (`service:<name>`, with or without `admin`); an admin token without one
+/// gets 403 (and a request without a token 401).
+#[derive(Clone, Debug)]
+pub(crate) struct ServiceCaller {
+    service: String,
+}
+
+impl AnyCaller {
+    /// The caller's roles.
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.0
     }
 
-    /// The caller's service, checked against the one a request names.
-    pub(crate) fn as_service(&self, claimed: Option<&str>) -> ApiResult<&str> {
-        let own = self.service()?;
-        match claimed {
-            Some(other) if other != own => Err(ApiError::Forbidden(format!(
-                "this token acts as `{own}`, not `{other}`"
-            ))),
-            _ => Ok(own),
+    /// The admin role, for a route that needs it for some requests only; 403 (as the
+    /// [`Admin`] extractor) for a token without it.
+    pub(crate) fn to_admin(&self) -> ApiResult<Admin> {
+        Admin::of(&self.0)
+    }
+
+    /// The caller as its service, for a route that needs one for some requests only;
+    /// 403 (as the [`ServiceCaller`] extractor) for a token without one.
+    pub(crate) fn to_service(&self) -> ApiResult<ServiceCaller> {
+        ServiceCaller::of(&self.0)
+    }
+}
+
+impl Admin {
+    /// The role of `identity`, or the 403 a token without `admin` gets.
+    fn of(identity: &Identity) -> ApiResult<Self> {
+        if identity.admin {
+            Ok(Admin(()))
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this route needs an admin token (this one is {identity})"
+            )))
+        }
+    }
+}
+
+impl ServiceCaller {
+    /// The service of `identity`, or the 403 a token without one gets.
+    fn of(identity: &Identity) -> ApiResult<Self> {
+        match &identity.service {
+            Some(service) => Ok(ServiceCaller {
+                service: service.clone(),
+            }),
+            None => Err(ApiError::Forbidden(
+                "this token has no service identity (its roles: admin); use a service token".into(),
+            )),
         }
     }
 
-    /// 403 unless the token has the admin role.
-    pub(crate) fn admin(&self) -> ApiResult<()> {
-        if self.0.admin {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!(
-                "this route needs an admin token (this one is {})",
-                self.0
-            )))
+    /// The service this caller acts as.
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The caller's service, checked against the one a request names: 403 for another.
+    pub(crate) fn as_service(&self, claimed: Option<&str>) -> ApiResult<&str> {
+        match claimed {
+            Some(other) if other != self.service => Err(ApiError::Forbidden(format!(
+                "this token acts as `{}`, not `{other}`",
+                self.service
+            ))),
+            _ => Ok(&self.service),
         }
     }
 }
@@ -316,36 +375,58 @@ fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-impl FromRequestParts<AppState> for Caller {
+/// The identity of the request's `Authorization: Bearer` token; 401 without a known one.
+fn authenticate(parts: &Parts, state: &AppState) -> ApiResult<Identity> {
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into()))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header is not `Bearer <token>`".into())
+        })?;
+    match state.tokens().identify(token) {
+        Some(identity) => Ok(identity),
+        None => {
+            metrics::counter!(crate::metrics::GATEWAY_UNKNOWN_TOKENS).increment(1);
+            if let Some(suppressed) = state.tokens().unknown.note(Instant::now()) {
+                tracing::info!(
+                    not_logged_before = suppressed,
+                    "gateway: unknown bearer token refused (at most one line every {}s; \
+                         intracom_gateway_unknown_tokens_total counts each)",
+                    UNKNOWN_TOKEN_LOG_EVERY.as_secs()
+                );
+            }
+            Err(ApiError::Unauthorized("unknown token".into()))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AnyCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
-        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
-            ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into())
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(bearer_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ApiError::Unauthorized("the Authorization header is not `Bearer <token>`".into())
-            })?;
-        match state.tokens().identify(token) {
-            Some(identity) => Ok(Caller(identity)),
-            None => {
-                metrics::counter!(crate::metrics::GATEWAY_UNKNOWN_TOKENS).increment(1);
-                if let Some(suppressed) = state.tokens().unknown.note(Instant::now()) {
-                    tracing::info!(
-                        not_logged_before = suppressed,
-                        "gateway: unknown bearer token refused (at most one line every {}s; \
-                         intracom_gateway_unknown_tokens_total counts each)",
-                        UNKNOWN_TOKEN_LOG_EVERY.as_secs()
-                    );
-                }
-                Err(ApiError::Unauthorized("unknown token".into()))
-            }
-        }
+        authenticate(parts, state).map(AnyCaller)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        Admin::of(&authenticate(parts, state)?)
+    }
+}
+
+impl FromRequestParts<AppState> for ServiceCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        ServiceCaller::of(&authenticate(parts, state)?)
     }
 }
 
@@ -392,6 +473,43 @@ mod tests {
         );
         assert_eq!(log.note(later), None);
         assert_eq!(log.note(later + UNKNOWN_TOKEN_LOG_EVERY), Some(1));
+    }
+
+    #[test]
+    fn roles_refuse_other_tokens_with_403_and_say_why() {
+        let billing = Identity::service("billing");
+        let admin = Identity::admin();
+        let both = Identity::service("web").and_admin();
+        assert!(Admin::of(&admin).is_ok());
+        assert!(Admin::of(&both).is_ok());
+        match Admin::of(&billing) {
+            Err(ApiError::Forbidden(message)) => assert!(
+                message.contains("needs an admin token") && message.contains("service:billing"),
+                "{message}"
+            ),
+            other => panic!("a service token is not admin: {other:?}"),
+        }
+        match ServiceCaller::of(&admin) {
+            Err(ApiError::Forbidden(message)) => {
+                assert!(message.contains("no service identity"), "{message}")
+            }
+            other => panic!("an admin token without a service: {other:?}"),
+        }
+        let web = ServiceCaller::of(&both).unwrap();
+        assert_eq!(web.service(), "web");
+        let billing = ServiceCaller::of(&billing).unwrap();
+        assert_eq!(billing.as_service(None).unwrap(), "billing");
+        assert_eq!(billing.as_service(Some("billing")).unwrap(), "billing");
+        match billing.as_service(Some("users")) {
+            Err(ApiError::Forbidden(message)) => assert!(
+                message.contains("acts as `billing`, not `users`"),
+                "{message}"
+            ),
+            other => panic!("another service's identity: {other:?}"),
+        }
+        let any = AnyCaller(Identity::service("ops"));
+        assert!(any.to_service().is_ok());
+        assert!(matches!(any.to_admin(), Err(ApiError::Forbidden(_))));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Caller;
+use super::auth::Admin;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Path, Query};
 use super::model::{json_of, rfc3339, Receipt, Removed};
@@ -81,7 +81,7 @@ const MAX_LIST: u32 = 10_000;
     get,
     path = "/dead",
     tag = "dead letters",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(ListParams),
     responses(
         (status = 200, description = "The dead letters", body = [DeadLetterJson]),
@@ -92,10 +92,9 @@ const MAX_LIST: u32 = 10_000;
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Query(params): Query<ListParams>,
 ) -> ApiResult<axum::Json<Vec<DeadLetterJson>>> {
-    caller.admin()?;
     let limit = match params.limit.unwrap_or(100) {
         limit @ 1..=MAX_LIST => limit as usize,
         other => {
@@ -119,7 +118,7 @@ fn not_found(id: &str) -> ApiError {
     get,
     path = "/dead/{messageId}",
     tag = "dead letters",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(("messageId" = String, Path, description = "The id of the original message")),
     responses(
         (status = 200, description = "The dead letter", body = DeadLetterJson),
@@ -130,10 +129,9 @@ fn not_found(id: &str) -> ApiError {
 )]
 pub(crate) async fn show(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<DeadLetterJson>> {
-    caller.admin()?;
     let letter = state.bus().dead_letters().get(&id).await?;
     let letter = letter.ok_or_else(|| not_found(&id))?;
     Ok(axum::Json(DeadLetterJson::from(&letter)))
@@ -144,7 +142,7 @@ pub(crate) async fn show(
     delete,
     path = "/dead/{messageId}",
     tag = "dead letters",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(("messageId" = String, Path, description = "The id of the original message")),
     responses(
         (status = 200, description = "Removed", body = Removed),
@@ -155,10 +153,9 @@ pub(crate) async fn show(
 )]
 pub(crate) async fn purge_one(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Removed>> {
-    caller.admin()?;
     match state.bus().dead_letters().purge(Some(&id)).await? {
         0 => Err(not_found(&id)),
         removed => {
@@ -173,7 +170,7 @@ pub(crate) async fn purge_one(
     delete,
     path = "/dead",
     tag = "dead letters",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses(
         (status = 200, description = "Removed", body = Removed),
         (status = 401, description = "No valid token", body = ErrorBody),
@@ -182,9 +179,8 @@ pub(crate) async fn purge_one(
 )]
 pub(crate) async fn purge_all(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> ApiResult<axum::Json<Removed>> {
-    caller.admin()?;
     let removed = state.bus().dead_letters().purge(None).await?;
     tracing::info!(removed, "gateway: dead letters purged");
     Ok(axum::Json(Removed { removed }))
@@ -198,7 +194,7 @@ pub(crate) async fn purge_all(
     post,
     path = "/retry/{messageId}",
     tag = "dead letters",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(("messageId" = String, Path, description = "The id of the original message")),
     responses(
         (status = 201, description = "Sent again", body = Receipt),
@@ -213,10 +209,9 @@ pub(crate) async fn purge_all(
 )]
 pub(crate) async fn retry(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
-    caller.admin()?;
     let published = state.bus().dead_letters().retry_if_present(&id).await?;
     let mut receipt = Receipt::from(published.ok_or_else(|| not_found(&id))?);
     receipt.retry_of = Some(id);

@@ -19,7 +19,7 @@ use super::{dead, error, ops, publish, queues, sse, stats, stores, AppState};
 #[openapi(
     info(
         title = "intracom gateway",
-        description = "The intracom message bus over HTTP: publish, subscribe (Server-Sent Events), request/reply, queues, dead letters, the message and idempotency stores. Authenticate with `Authorization: Bearer <token>`; every error is a JSON `ErrorBody`."
+        description = "The intracom message bus over HTTP: publish, subscribe (Server-Sent Events), request/reply, queues, dead letters, the message and idempotency stores. Authenticate with `Authorization: Bearer <token>`: an operation whose `bearer` requirement names the `admin` role needs an admin token (another token gets 403). Every error is a JSON `ErrorBody`."
     ),
     components(schemas(error::ErrorBody, sse::StreamNotice, sse::Start)),
     modifiers(&Bearer),

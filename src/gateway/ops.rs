@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::Caller;
+use super::auth::AnyCaller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::AppState;
 
@@ -128,7 +128,7 @@ pub struct CatalogEntry {
 )]
 pub(crate) async fn catalog(
     State(state): State<AppState>,
-    _caller: Caller,
+    _caller: AnyCaller,
 ) -> ApiResult<axum::Json<Vec<CatalogEntry>>> {
     let catalog = state.bus().catalog();
     catalog.refresh().await?;

@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Caller;
+use super::auth::ServiceCaller;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
 use super::model::{document_of, json_of, Name, Receipt};
@@ -266,7 +266,7 @@ pub(crate) fn idempotency_id(sender: &str, headers: &HeaderMap) -> ApiResult<Opt
 )]
 pub(crate) async fn publish(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: ServiceCaller,
     headers: HeaderMap,
     Json(request): Json<PublishRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
@@ -328,12 +328,12 @@ pub struct Answer {
 )]
 pub(crate) async fn request(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: ServiceCaller,
     Path((service, action)): Path<(String, String)>,
     Query(params): Query<RequestParams>,
     Json(query): Json<serde_json::Value>,
 ) -> ApiResult<axum::Json<Answer>> {
-    let own = caller.service()?.to_string();
+    let own = caller.service().to_string();
     let query = document_of(query, "the request body")?;
     let timeout = match params.timeout_ms {
         Some(0) => return Err(ApiError::BadRequest("timeout_ms must be at least 1".into())),

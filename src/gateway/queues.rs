@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::Caller;
+use super::auth::Admin;
 use super::error::{ApiResult, ErrorBody};
 use super::extract::{Json, Path};
 use super::AppState;
@@ -89,7 +89,7 @@ pub(crate) async fn all_queues(state: &AppState) -> ApiResult<Vec<Queue>> {
     get,
     path = "/queues",
     tag = "queues",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses(
         (status = 200, description = "The queues", body = [Queue]),
         (status = 401, description = "No valid token", body = ErrorBody),
@@ -98,9 +98,8 @@ pub(crate) async fn all_queues(state: &AppState) -> ApiResult<Vec<Queue>> {
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> ApiResult<axum::Json<Vec<Queue>>> {
-    caller.admin()?;
     Ok(axum::Json(all_queues(&state).await?))
 }
 
@@ -122,7 +121,7 @@ pub struct NewQueue {
     post,
     path = "/queues/create",
     tag = "queues",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses(
         (status = 201, description = "Declared", body = Queue),
         (status = 400, description = "Bad names", body = ErrorBody),
@@ -132,10 +131,9 @@ pub struct NewQueue {
 )]
 pub(crate) async fn create(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Json(queue): Json<NewQueue>,
 ) -> ApiResult<(StatusCode, axum::Json<Queue>)> {
-    caller.admin()?;
     state
         .bus()
         .catalog()
@@ -169,7 +167,7 @@ pub struct Purged {
     delete,
     path = "/queues/{service}/{action}",
     tag = "queues",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(
         ("service" = String, Path, description = "The service"),
         ("action" = String, Path, description = "The action"),
@@ -183,10 +181,9 @@ pub struct Purged {
 )]
 pub(crate) async fn purge(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path((service, action)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Purged>> {
-    caller.admin()?;
     check_name("service", &service)?;
     check_name("action", &action)?;
     let purged = state.bus().medium().queue_purge(&service, &action).await?;

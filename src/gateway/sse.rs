@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Caller;
+use super::auth::{Admin, AnyCaller, ServiceCaller};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::event_id::BadEventId;
 use super::extract::{Path, Query};
@@ -201,6 +201,12 @@ impl Inflight {
     }
 }
 
+/// A subscription to every message on the bus, whatever its destination: for the admin
+/// role only, which its argument proves.
+fn monitor_subscription(_: Admin) -> Subscription {
+    Subscription::monitor()
+}
+
 /// Follows the bus as Server-Sent Events. The subscriber receives, as the token's
 /// service, the broadcasts, the messages to its service and those to its `instance`,
 /// whose action is `topic` (`*`: every action).
@@ -225,7 +231,7 @@ impl Inflight {
 )]
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AnyCaller,
     token: Option<axum::Extension<TokenKey>>,
     headers: HeaderMap,
     Path(topic): Path<String>,
@@ -233,20 +239,20 @@ pub(crate) async fn subscribe(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>> {
     let token = token.map(|axum::Extension(key)| key);
     let monitor = params.monitor.unwrap_or(false);
-    let service = if monitor {
-        caller.admin()?;
-        caller
-            .0
-            .service
-            .clone()
-            .unwrap_or_else(|| state.bus().service().to_string())
+    // The role depends on the request: a monitor needs the admin role, any other
+    // subscription a service.
+    let (service, mut subscription) = if monitor {
+        let admin = caller.to_admin()?;
+        let service = caller.identity().service.clone();
+        (
+            service.unwrap_or_else(|| state.bus().service().to_string()),
+            monitor_subscription(admin),
+        )
     } else {
-        caller.service()?.to_string()
-    };
-    let mut subscription = if monitor {
-        Subscription::monitor()
-    } else {
-        Subscription::new()
+        (
+            caller.to_service()?.service().to_string(),
+            Subscription::new(),
+        )
     };
     if topic != "*" {
         check_name("topic", &topic)?;
@@ -277,7 +283,8 @@ pub(crate) async fn subscribe(
         Some(name) => {
             // The checkpoint belongs to the token's service (an admin token without a
             // service has none to keep it under).
-            let own = caller.service()?;
+            let own = caller.to_service()?;
+            let own = own.service();
             let scoped = scoped_name(own, name)?;
             // Clients choose names at will: the metrics count them by service.
             subscription = subscription
@@ -375,7 +382,7 @@ impl<'a> ClientCount<'a> {
     /// Counts a stream: 503 `busy` when the gateway has `max_sse_clients` open (a service
     /// token already at `max_sse_clients - sse_admin_reserve`), 429 when the token holds
     /// its share.
-    fn take(state: &'a AppState, caller: &Caller, token: Option<TokenKey>) -> ApiResult<Self> {
+    fn take(state: &'a AppState, caller: &AnyCaller, token: Option<TokenKey>) -> ApiResult<Self> {
         let options = state.options();
         let max = options.max_sse_clients;
         let open = state.sse_clients().fetch_add(1, Ordering::AcqRel);
@@ -385,7 +392,7 @@ impl<'a> ClientCount<'a> {
             kept: false,
             held: None,
         };
-        let cap = if caller.0.admin {
+        let cap = if caller.identity().admin {
             max
         } else {
             max.saturating_sub(options.sse_admin_reserve).max(1)
@@ -699,11 +706,11 @@ pub struct Acked {
 )]
 pub(crate) async fn ack(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: ServiceCaller,
     Path(id): Path<String>,
     Query(params): Query<AckParams>,
 ) -> ApiResult<axum::Json<Acked>> {
-    let scoped = scoped_name(caller.service()?, &params.subscription)?;
+    let scoped = scoped_name(caller.service(), &params.subscription)?;
     let (generation, delivery) = state.inflight().take(&scoped, &params.subscription, &id)?;
     if let Err(error) = delivery.ack_kept().await {
         // The ack is recorded, its checkpoint not saved: the delivery waits again on its

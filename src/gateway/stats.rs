@@ -14,7 +14,7 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::Caller;
+use super::auth::Admin;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::queues::{all_queues, Queue};
 use super::AppState;
@@ -192,7 +192,7 @@ fn optional<T>(result: ApiResult<T>, noted: &mut Option<String>) -> ApiResult<Op
     get,
     path = "/stats",
     tag = "operations",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses(
         (status = 200, description = "The state of the bus", body = StatsJson),
         (status = 401, description = "No valid token", body = ErrorBody),
@@ -201,9 +201,8 @@ fn optional<T>(result: ApiResult<T>, noted: &mut Option<String>) -> ApiResult<Op
 )]
 pub(crate) async fn stats(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> ApiResult<axum::Json<StatsJson>> {
-    caller.admin()?;
     let bus = state.bus();
     let mut medium_error = None;
     let medium_stats = optional(

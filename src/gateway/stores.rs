@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Caller;
+use super::auth::Admin;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
 use super::model::{document_of, json_of, rfc3339, MessageJson, Name, Receipt, Removed};
@@ -41,7 +41,7 @@ use crate::OutboxRemoval;
     post,
     path = "/messages",
     tag = "stores",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Fixes the message id, derived from `from` and the key (as on /publish)"),
     ),
@@ -56,11 +56,10 @@ use crate::OutboxRemoval;
 )]
 pub(crate) async fn keep(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     headers: HeaderMap,
     Json(request): Json<PublishRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
-    caller.admin()?;
     let from = request
         .from
         .clone()
@@ -76,7 +75,7 @@ pub(crate) async fn keep(
     get,
     path = "/messages",
     tag = "stores",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses(
         (status = 200, description = "The messages not routed yet", body = [MessageJson]),
         (status = 401, description = "No valid token", body = ErrorBody),
@@ -85,9 +84,8 @@ pub(crate) async fn keep(
 )]
 pub(crate) async fn waiting(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> ApiResult<axum::Json<Vec<MessageJson>>> {
-    caller.admin()?;
     let messages = state.bus().outbox_messages();
     Ok(axum::Json(messages.iter().map(MessageJson::from).collect()))
 }
@@ -97,7 +95,7 @@ pub(crate) async fn waiting(
     delete,
     path = "/messages/{messageId}",
     tag = "stores",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(("messageId" = String, Path, description = "The message id")),
     responses(
         (status = 200, description = "Removed: it will not be sent", body = Removed),
@@ -109,10 +107,9 @@ pub(crate) async fn waiting(
 )]
 pub(crate) async fn drop_waiting(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Removed>> {
-    caller.admin()?;
     match state.bus().outbox_remove(&id)? {
         OutboxRemoval::Removed => Ok(axum::Json(Removed { removed: 1 })),
         OutboxRemoval::Sending => Err(ApiError::Conflict(format!(
@@ -179,7 +176,7 @@ pub struct MarkProcessed {
     post,
     path = "/idempotency",
     tag = "stores",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     responses(
         (status = 201, description = "Marked", body = Record),
         (status = 200, description = "Marked before: the first record", body = Record),
@@ -191,10 +188,9 @@ pub struct MarkProcessed {
 )]
 pub(crate) async fn mark(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Json(request): Json<MarkProcessed>,
 ) -> ApiResult<(StatusCode, axum::Json<Record>)> {
-    caller.admin()?;
     check_name("consumer", &request.consumer)?;
     check_name("messageId", &request.message_id)?;
     let result = request
@@ -250,7 +246,7 @@ pub struct ConsumerParams {
     get,
     path = "/idempotency/{messageId}",
     tag = "stores",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(("messageId" = String, Path, description = "The message id"), ConsumerParams),
     responses(
         (status = 200, description = "The record", body = Record),
@@ -262,11 +258,10 @@ pub struct ConsumerParams {
 )]
 pub(crate) async fn check(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path(id): Path<String>,
     Query(params): Query<ConsumerParams>,
 ) -> ApiResult<axum::Json<Record>> {
-    caller.admin()?;
     state
         .bus()
         .medium()
@@ -286,7 +281,7 @@ pub(crate) async fn check(
     delete,
     path = "/idempotency/{messageId}",
     tag = "stores",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     params(("messageId" = String, Path, description = "The message id"), ConsumerParams),
     responses(
         (status = 200, description = "Removed", body = Removed),
@@ -298,11 +293,10 @@ pub(crate) async fn check(
 )]
 pub(crate) async fn forget(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     Path(id): Path<String>,
     Query(params): Query<ConsumerParams>,
 ) -> ApiResult<axum::Json<Removed>> {
-    caller.admin()?;
     match state
         .bus()
         .medium()

@@ -7,7 +7,8 @@
 //! [`local`] need the memory medium only, or an outside tool: schemathesis (reads the
 //! OpenAPI document), a headless chromium driven by playwright-core (the web console),
 //! the machine's `node` (the Node.js example). A place or a tool that cannot be had
-//! makes its tests *ignored*, with the reason, never passed.
+//! makes its tests *ignored*, with the reason, never passed. [`roles`] walks the routes
+//! of the OpenAPI document and checks the role each one takes.
 
 #[path = "../support/servers.rs"]
 mod servers;
@@ -17,6 +18,7 @@ mod flaky;
 mod hostile;
 mod hostile_small;
 mod local;
+mod roles;
 mod sse;
 
 use std::sync::Arc;
@@ -376,6 +378,7 @@ fn main() {
     }
     trials.extend(local::trials());
     trials.extend(hostile_small::trials());
+    trials.extend(roles::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);

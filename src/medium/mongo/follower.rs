@@ -97,8 +97,16 @@ struct Replay {
     cluster_time: Option<Timestamp>,
     /// The checkpoint's message.
     id: String,
+    /// From a scan's checkpoint: ids it delivered before the checkpoint's message
+    /// though they sort after it.
+    ahead: HashSet<String>,
     /// The checkpoint, to resume from it otherwise if the stream cannot get there.
     position: Position,
+    /// A checkpoint from a scan, once the stream has passed its event: what comes after
+    /// it in commit order and before it in `(ts, _id)` order was read by the scan before
+    /// it, so it is still remembered, not delivered, until the events are stamped later
+    /// than a safety window after the checkpoint (none of those can sort before it).
+    passed: bool,
 }
 
 impl Replay {
@@ -109,7 +117,25 @@ impl Replay {
     /// after it was not read before it (it was delivered later, by a later pass or the
     /// stream, or not yet: it is delivered now).
     fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
-        self.cluster_time.is_some() || (ts, id) <= (self.position.ts, self.id.as_str())
+        self.cluster_time.is_some()
+            || (ts, id) <= (self.position.ts, self.id.as_str())
+            || self.ahead.contains(id)
+    }
+
+    /// Whether an event after a scan's checkpoint may still sort before it: its cluster
+    /// time is within a safety window after the checkpoint's stamp (a stamp is taken
+    /// before its write's oplog time, and a write commits within the window).
+    fn may_sort_before(&self, cluster_time: Option<Timestamp>, window: u32) -> bool {
+        // Twice the window: what was delivered ahead of the checkpoint is stamped within
+        // a window after it, and committed within a window after its stamp.
+        cluster_time.is_none_or(|ct| {
+            ct.time
+                <= self
+                    .position
+                    .ts
+                    .time
+                    .saturating_add(window.saturating_mul(2))
+        })
     }
 }
 
@@ -145,6 +171,10 @@ struct Recent {
     order: VecDeque<(Timestamp, String)>,
     ids: HashSet<String>,
     newest: Option<Timestamp>,
+    /// The greatest `(ts, _id)` remembered within the window: a scan's delivery below
+    /// it came late (stamped before, committed after) and its position names what was
+    /// delivered ahead of it (see [`Recent::ahead_of`]).
+    top: Option<(Timestamp, String)>,
 }
 
 impl Recent {
@@ -156,7 +186,30 @@ impl Recent {
         if self.ids.insert(id.to_string()) {
             self.order.push_back((ts, id.to_string()));
         }
+        if self
+            .top
+            .as_ref()
+            .is_none_or(|(t, i)| (*t, i.as_str()) < (ts, id))
+        {
+            self.top = Some((ts, id.to_string()));
+        }
         self.advance(ts, window_secs);
+    }
+
+    /// Ids delivered within the window that sort after `(ts, id)`, when a scan delivers
+    /// it below what it delivered before (at most [`AHEAD_MAX`]); empty otherwise.
+    fn ahead_of(&self, ts: Timestamp, id: &str) -> Vec<String> {
+        let key = (ts, id);
+        match &self.top {
+            Some((top_ts, top_id)) if (*top_ts, top_id.as_str()) > key => self
+                .order
+                .iter()
+                .filter(|(t, i)| (*t, i.as_str()) > key)
+                .take(AHEAD_MAX)
+                .map(|(_, i)| i.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Moves the window on to `ts` (forgetting what falls out of it) without
@@ -170,13 +223,31 @@ impl Recent {
                 self.ids.remove(&old);
             }
         }
+        if self.top.as_ref().is_some_and(|(t, _)| t.time < floor) {
+            self.top = None;
+        }
     }
 }
 
+/// The most ids a scan's position names as delivered ahead of it (`ahead`): a late
+/// write sorting before more than this many deliveries of the window may see the rest
+/// again after a restart.
+const AHEAD_MAX: usize = 4096;
+
 /// A follower's position token: the event's resume token and cluster time when it came
-/// from a change stream, and the message id.
-fn position(message: &Message, token: Option<&Bson>, cluster_time: Option<Timestamp>) -> Position {
+/// from a change stream, and the message id; from a scan, the ids of the window it
+/// delivered before this message though they sort after it (`ahead`, see
+/// [`Recent::ahead_of`]).
+fn position(
+    message: &Message,
+    token: Option<&Bson>,
+    cluster_time: Option<Timestamp>,
+    ahead: Vec<String>,
+) -> Position {
     let mut t = doc! { "id": &message.id };
+    if !ahead.is_empty() {
+        t.insert("ahead", ahead);
+    }
     if let Some(token) = token {
         t.insert("rt", token.clone());
     }
@@ -346,6 +417,17 @@ impl Follower {
         if let Ok(id) = token.get_str("id") {
             self.recent.insert(position.ts, id, window);
         }
+        let ahead: HashSet<String> = token
+            .get_array("ahead")
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &ahead {
+            self.recent.insert(position.ts, id, window);
+        }
         self.last_ts = self.last_ts.max(position.ts);
         let resume_token = token
             .get("rt")
@@ -388,7 +470,9 @@ impl Follower {
                             replay: Some(Box::new(Replay {
                                 cluster_time,
                                 id,
+                                ahead,
                                 position,
+                                passed: false,
                             })),
                         });
                     }
@@ -529,7 +613,12 @@ impl Follower {
             self.ready.push_back(Event::Lost { count: self.lost });
             self.lost = 0;
         }
-        let position = position(&message, token, cluster_time);
+        let ahead = if from_ring || cluster_time.is_some() {
+            Vec::new()
+        } else {
+            self.recent.ahead_of(ts, &message.id)
+        };
+        let position = position(&message, token, cluster_time, ahead);
         self.ready
             .push_back(Event::Message(message, SharedPosition::new(position)));
         true
@@ -857,7 +946,48 @@ impl Follower {
                     };
                     return Ok(());
                 }
-                if let Some(r) = replay.take() {
+                if let Some(mut r) = replay.take_if(|r| r.passed) {
+                    // Past a scan's checkpoint: what sorts before it was delivered before
+                    // the restart (see `Replay::passed`).
+                    let window = self.window_secs();
+                    if let Ok(Some(event)) = &next {
+                        if !hub::is_ending(&event.operation_type)
+                            && r.may_sort_before(event.cluster_time, window)
+                        {
+                            let known = event.full_document.as_ref().and_then(|raw| {
+                                let (id, ts) =
+                                    (raw.get_str("_id").ok()?, raw.get_timestamp("ts").ok()?);
+                                r.delivered_before(ts, id).then(|| (ts, id.to_string()))
+                            });
+                            let mut last_cluster_time = last_cluster_time;
+                            match known {
+                                Some((ts, id)) => {
+                                    self.recent.insert(ts, &id, window);
+                                    self.last_ts = self.last_ts.max(ts);
+                                    if let Some(ct) = event.cluster_time {
+                                        last_cluster_time = last_cluster_time.max(ct);
+                                    }
+                                }
+                                None => {
+                                    if let Ok(Some(event)) = next {
+                                        last_cluster_time =
+                                            self.take_event(event, last_cluster_time).await;
+                                    }
+                                }
+                            }
+                            r.passed = true;
+                            self.mode = Mode::Stream {
+                                stream,
+                                last_cluster_time,
+                                generation,
+                                replay: Some(r),
+                            };
+                            return Ok(());
+                        }
+                    }
+                    // Beyond the window, caught up, or an ending event: the stream goes
+                    // on as any resumed stream.
+                } else if let Some(mut r) = replay.take() {
                     let before_checkpoint =
                         |event: &mongodb::change_stream::event::ChangeStreamEvent<
                             RawDocumentBuf,
@@ -901,11 +1031,14 @@ impl Follower {
                             if !known {
                                 self.take_event(event, last_cluster_time).await;
                             }
+                            // A scan's checkpoint is still compared with after its event.
+                            let keep = !at_checkpoint || r.cluster_time.is_none();
+                            r.passed = at_checkpoint && r.cluster_time.is_none();
                             self.mode = Mode::Stream {
                                 stream,
                                 last_cluster_time,
                                 generation,
-                                replay: (!at_checkpoint).then_some(r),
+                                replay: keep.then_some(r),
                             };
                             return Ok(());
                         }
@@ -1133,5 +1266,24 @@ mod tests {
             5,
         );
         assert!(!r.contains("a") && !r.contains("b") && r.contains("c"));
+    }
+
+    #[test]
+    fn a_late_write_names_what_was_delivered_ahead_of_it() {
+        let at = |time, increment| Timestamp { time, increment };
+        let mut r = Recent::default();
+        r.insert(at(100, 1), "m3", 5);
+        assert!(r.ahead_of(at(100, 1), "m3").is_empty(), "in order");
+        r.insert(at(100, 3), "m5", 5);
+        r.insert(at(100, 6), "m6", 5);
+        // m4, stamped between m3 and m5, delivered after m6.
+        r.insert(at(100, 2), "m4", 5);
+        assert_eq!(r.ahead_of(at(100, 2), "m4"), ["m5", "m6"]);
+        // Same stamp (a server that stamps whole seconds): `_id` orders them.
+        r.insert(at(100, 6), "m2", 5);
+        assert_eq!(r.ahead_of(at(100, 6), "m2"), ["m6"]);
+        // Once the window has moved past them, nothing is ahead of a new one.
+        r.insert(at(200, 1), "m9", 5);
+        assert!(r.ahead_of(at(200, 1), "m9").is_empty());
     }
 }

@@ -28,7 +28,7 @@ use clap::{Args, ValueEnum};
 use intracom::bson::doc;
 use intracom::{Config, MediumKind, Message};
 
-use crate::{fail, Failure, Outcome};
+use crate::output::{fail, Failure, Outcome};
 use report::{Progress, Report};
 
 /// What each figure is measured with, after `--tiny` and the flags are applied.
@@ -422,7 +422,7 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
     if args.json {
         out!("{}", report.json());
     } else {
-        crate::write_out(format_args!("{}", report.table()));
+        crate::output::write_out(format_args!("{}", report.table()));
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use super::{
     bench_config, memory_in_child, quantile_ms, rate, sample, take_turns, Side, Sizes, Which,
     SERVICE,
 };
-use crate::{fail, Failure};
+use crate::output::{fail, Failure};
 
 /// How long the bench waits for one delivery or answer before it calls the run failed
 /// (a hang guard, not a measurement).

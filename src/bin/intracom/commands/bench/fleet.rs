@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{bench_config, quantile_ms, CONFIG_FILE};
-use crate::{fail, Failure, Outcome};
+use crate::output::{fail, Failure, Outcome};
 
 /// The configuration key that chooses what the hub's change stream selects.
 pub(crate) const SELECTION_KEY: &str = "common.intracom.db.hub.selection";
@@ -279,7 +279,7 @@ pub(crate) async fn run(base: &Config, sizes: &FleetSizes, json_out: bool) -> Ou
             json!({
                 "server": server.description,
                 "server_cpu_from": server.cpu_source(),
-                "uri": crate::redact(&base.db.uri),
+                "uri": crate::output::redact(&base.db.uri),
                 "messages": sizes.messages,
                 "broadcasts": sizes.broadcasts,
                 "selection_key_known": selection_known(),
@@ -289,7 +289,7 @@ pub(crate) async fn run(base: &Config, sizes: &FleetSizes, json_out: bool) -> Ou
             })
         );
     } else {
-        crate::write_out(format_args!(
+        crate::output::write_out(format_args!(
             "{}",
             table(base, &server, sizes, &rows, &targets, started.elapsed())
         ));
@@ -858,7 +858,7 @@ fn table(
     let _ = writeln!(
         out,
         "intracom bench --processes: at {}{}",
-        crate::redact(&base.db.uri),
+        crate::output::redact(&base.db.uri),
         server
             .description
             .as_ref()

@@ -14,7 +14,7 @@ use super::report::{Compare, Figure, Op, Progress};
 use super::{
     bench_config, memory_in_child, rate, resident_bytes, sample, take_turns, Side, Sizes, Which,
 };
-use crate::{fail, Failure, Outcome};
+use crate::output::{fail, Failure, Outcome};
 
 /// The fan-outs measured (as `cargo bench --bench throughput` does).
 const FAN_OUT: [usize; 3] = [1, 4, 16];

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::db::{raw_claim, raw_done};
 use super::{bench_config, quantile_ms, SERVICE};
-use crate::{fail, Failure, Outcome};
+use crate::output::{fail, Failure, Outcome};
 
 /// How long one delivery may take before the run is called failed (a hang guard).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -141,7 +141,7 @@ pub(crate) async fn run(base: &Config, sizes: &RetainedSizes, json_out: bool) ->
         out!(
             "{}",
             json!({
-                "uri": crate::redact(&base.db.uri),
+                "uri": crate::output::redact(&base.db.uri),
                 "claims": sizes.claims,
                 "catch_up": sizes.catch_up,
                 "rows": rows,
@@ -149,7 +149,7 @@ pub(crate) async fn run(base: &Config, sizes: &RetainedSizes, json_out: bool) ->
             })
         );
     } else {
-        crate::write_out(format_args!(
+        crate::output::write_out(format_args!(
             "{}",
             table(base, sizes, &rows, started.elapsed())
         ));
@@ -388,7 +388,7 @@ fn table(base: &Config, sizes: &RetainedSizes, rows: &[Row], elapsed: Duration) 
     let _ = writeln!(
         out,
         "intracom bench --retained: at {}; catch-up of the newest {} messages after the retained ones, {} claims one at a time (claim + settle, the claim timed); {:.0} s",
-        crate::redact(&base.db.uri),
+        crate::output::redact(&base.db.uri),
         sizes.catch_up,
         sizes.claims,
         elapsed.as_secs_f64()

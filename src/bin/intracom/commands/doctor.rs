@@ -1,0 +1,50 @@
+//! `intracom doctor`.
+
+use intracom::Config;
+
+use super::{open, Admin};
+use crate::output::{fail, redact, Outcome};
+
+pub(crate) async fn doctor(config: &Config) -> Outcome {
+    let (bus, admin) = open(config, "doctor").await?;
+    #[cfg_attr(not(feature = "mqtt"), allow(clippy::infallible_destructuring_match))]
+    let medium = match admin {
+        Admin::Mongo(medium) => medium,
+        #[cfg(feature = "mqtt")]
+        Admin::Mqtt(_) => {
+            bus.shutdown().await;
+            return Err(fail(
+                "doctor checks a MongoDB deployment",
+                "for an MQTT broker, `intracom stats` shows what the broker tells",
+            ));
+        }
+    };
+    out!(
+        "checking {} / {}",
+        redact(&config.db.uri),
+        config.db.database
+    );
+    let checks = medium.doctor().await;
+    bus.shutdown().await;
+    let mut failed = 0;
+    for check in &checks {
+        out!(
+            "{} {:<16} {}",
+            if check.ok { "ok  " } else { "FAIL" },
+            check.name,
+            check.detail
+        );
+        if let Some(fix) = &check.fix {
+            out!("     {:<16} fix: {fix}", "");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        return Err(fail(
+            format!("{failed} check(s) failed"),
+            "apply the fixes above, then run `intracom doctor` again",
+        ));
+    }
+    out!("all {} checks passed", checks.len());
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! One module per command family; what several of them share.
+
+pub(crate) mod bench;
+pub(crate) mod catalog;
+pub(crate) mod config;
+pub(crate) mod dead;
+pub(crate) mod demo;
+pub(crate) mod doctor;
+pub(crate) mod publish;
+pub(crate) mod request;
+#[cfg(feature = "gateway")]
+pub(crate) mod serve;
+pub(crate) mod stats;
+pub(crate) mod tail;
+#[cfg(feature = "gateway")]
+pub(crate) mod token;
+
+use std::sync::Arc;
+
+use clap::Args;
+use intracom::bson::{Bson, Document};
+use intracom::medium::mongo::MongoMedium;
+#[cfg(feature = "mqtt")]
+use intracom::medium::mqtt::MqttMedium;
+use intracom::{Config, Intracom, MediumKind};
+
+use crate::output::{fail, Failure};
+
+#[derive(Args)]
+pub(crate) struct JsonFlag {
+    /// Print JSON (one document per line) for scripts.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The medium under the bus, for what only it can tell (stats, doctor).
+pub(crate) enum Admin {
+    Mongo(Arc<MongoMedium>),
+    #[cfg(feature = "mqtt")]
+    Mqtt(Arc<MqttMedium>),
+}
+
+/// The bus on a shared medium, and that medium.
+pub(crate) async fn open(config: &Config, what: &str) -> Result<(Intracom, Admin), Failure> {
+    match config.medium {
+        MediumKind::Db => {
+            let medium = Arc::new(MongoMedium::connect(config).await?);
+            let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
+            Ok((bus, Admin::Mongo(medium)))
+        }
+        #[cfg(feature = "mqtt")]
+        MediumKind::Mqtt => {
+            let medium = Arc::new(MqttMedium::connect(config).await?);
+            let bus = Intracom::with_medium(config.clone(), medium.clone()).await?;
+            Ok((bus, Admin::Mqtt(medium)))
+        }
+        #[cfg(not(feature = "mqtt"))]
+        MediumKind::Mqtt => Err(fail(
+            "this intracom was built without the MQTT medium",
+            "cargo install intracom --features mqtt (or cargo run --features mqtt -- …)",
+        )),
+        _ => Err(fail(
+            format!("`{what}` needs a shared medium; common.intracom.medium is `{}`", config.medium),
+            "the memory medium lives inside one process: pass --uri mongodb://… or --medium mqtt --url mqtt://…, or try `intracom demo`",
+        )),
+    }
+}
+
+pub(crate) fn parse_body(body: &str) -> Result<Document, Failure> {
+    let json: serde_json::Value = serde_json::from_str(body).map_err(|e| {
+        fail(
+            format!("--body is not JSON: {e}"),
+            r#"e.g. --body '{"tenant": 7}'"#,
+        )
+    })?;
+    match Bson::try_from(json) {
+        Ok(Bson::Document(d)) => Ok(d),
+        Ok(_) => Err(fail(
+            "--body must be a JSON object",
+            r#"e.g. --body '{"tenant": 7}'"#,
+        )),
+        Err(e) => Err(fail(
+            format!("--body is not valid extended JSON: {e}"),
+            r#"e.g. --body '{"tenant": 7}'"#,
+        )),
+    }
+}
