@@ -392,6 +392,13 @@ async fn one_run(
     result
 }
 
+fn ended(i: usize, waiting_for: &str) -> Failure {
+    failed(
+        "fleet",
+        format!("process {i} ended before it printed {waiting_for} (its errors are above)"),
+    )
+}
+
 /// The fleet's processes and the lines they print.
 struct Fleet {
     children: Vec<Child>,
@@ -482,6 +489,9 @@ impl Fleet {
         }
         while seen.iter().any(|s| !s) {
             let (i, line) = self.next(word).await?;
+            let Some(line) = line else {
+                return Err(ended(i, word));
+            };
             if line == word && !seen[i] {
                 seen[i] = true;
             } else {
@@ -505,6 +515,13 @@ impl Fleet {
         }
         while reports.iter().any(Option::is_none) {
             let (i, line) = self.next("its figures").await?;
+            // A process ends once it printed its figures: only an end before is an error.
+            let Some(line) = line else {
+                if reports[i].is_none() {
+                    return Err(ended(i, "its figures"));
+                }
+                continue;
+            };
             if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
                 if value.is_object() {
                     reports[i] = Some(value);
@@ -514,13 +531,10 @@ impl Fleet {
         Ok(reports.into_iter().flatten().collect())
     }
 
-    async fn next(&mut self, waiting_for: &str) -> Result<(usize, String), Failure> {
+    /// The next line of any process (`None`: that process's output ended).
+    async fn next(&mut self, waiting_for: &str) -> Result<(usize, Option<String>), Failure> {
         match tokio::time::timeout(PATIENCE, self.lines.recv()).await {
-            Ok(Some((i, Some(line)))) => Ok((i, line)),
-            Ok(Some((i, None))) => Err(failed(
-                "fleet",
-                format!("process {i} ended before it printed {waiting_for} (its errors are above)"),
-            )),
+            Ok(Some((i, line))) => Ok((i, line)),
             Ok(None) => Err(failed("fleet", "every process ended")),
             Err(_) => Err(failed(
                 "fleet",
