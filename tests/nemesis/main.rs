@@ -42,11 +42,7 @@ use servers::{Kind, Target};
 /// Set while intracom is known to break an invariant the nemesis judges: the default
 /// runs are then reported as ignored with this reason, unless `INTRACOM_NEMESIS_SECONDS`
 /// asks for them explicitly.
-const KNOWN_VIOLATIONS: Option<&str> = Some(
-    "a known violation remains: acked messages delivered again after a named \
-     subscriber restarts, seen on the Python server (seed 942400660); the request \
-     time-out one is fixed: run with INTRACOM_NEMESIS_SECONDS=N",
-);
+const KNOWN_VIOLATIONS: Option<&str> = None;
 
 /// The default length of a run's fault period, in seconds.
 const DEFAULT_SECONDS: u64 = 120;
