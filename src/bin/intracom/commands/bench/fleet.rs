@@ -279,7 +279,7 @@ pub(crate) async fn run(base: &Config, sizes: &FleetSizes, json_out: bool) -> Ou
             json!({
                 "server": server.description,
                 "server_cpu_from": server.cpu_source(),
-                "uri": crate::output::redact(&base.db.uri),
+                "uri": base.db.redacted_uri(),
                 "messages": sizes.messages,
                 "broadcasts": sizes.broadcasts,
                 "selection_key_known": selection_known(),
@@ -872,7 +872,7 @@ fn table(
     let _ = writeln!(
         out,
         "intracom bench --processes: at {}{}",
-        crate::output::redact(&base.db.uri),
+        base.db.redacted_uri(),
         server
             .description
             .as_ref()

@@ -141,7 +141,7 @@ pub(crate) async fn run(base: &Config, sizes: &RetainedSizes, json_out: bool) ->
         out!(
             "{}",
             json!({
-                "uri": crate::output::redact(&base.db.uri),
+                "uri": base.db.redacted_uri(),
                 "claims": sizes.claims,
                 "catch_up": sizes.catch_up,
                 "rows": rows,
@@ -388,7 +388,7 @@ fn table(base: &Config, sizes: &RetainedSizes, rows: &[Row], elapsed: Duration) 
     let _ = writeln!(
         out,
         "intracom bench --retained: at {}; catch-up of the newest {} messages after the retained ones, {} claims one at a time (claim + settle, the claim timed); {:.0} s",
-        crate::output::redact(&base.db.uri),
+        base.db.redacted_uri(),
         sizes.catch_up,
         sizes.claims,
         elapsed.as_secs_f64()
