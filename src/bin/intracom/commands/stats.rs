@@ -73,8 +73,17 @@ pub(crate) async fn mqtt_stats(
     let dead = bus.dead_letters().list(usize::MAX).await?.len();
     bus.catalog().refresh().await?;
     let services = bus.catalog().snapshot().len();
-    let workers = medium.workers();
-    let broker = medium.broker_stats().await?;
+    let workers: Vec<_> = medium
+        .workers()
+        .into_iter()
+        .map(|w| (w.service, w.connections))
+        .collect();
+    let broker: Vec<_> = medium
+        .broker_stats()
+        .await?
+        .into_iter()
+        .map(|s| (s.topic, s.value))
+        .collect();
     let max_packet = medium.broker_max_packet_size();
     bus.shutdown().await;
     let missing = "counts by service/action/type/state, queue depth and lag need a stored history, which a broker does not keep";
