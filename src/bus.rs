@@ -82,8 +82,8 @@ struct PublishedCounters {
 }
 
 impl PublishedCounters {
-    fn new(medium: &'static str) -> Self {
-        let counter = |status: &'static str| metrics::counter!(crate::metrics::PUBLISHED, "medium" => medium, "status" => status);
+    fn new(service: &str, medium: &'static str) -> Self {
+        let counter = |status: &'static str| metrics::counter!(crate::metrics::PUBLISHED, "service" => service.to_string(), "medium" => medium, "status" => status);
         PublishedCounters {
             stored: counter("stored"),
             duplicate: counter("duplicate"),
@@ -184,7 +184,7 @@ impl Intracom {
         let shutdown = crate::stop::Stop::new();
         tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.token().clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
-        let published = PublishedCounters::new(medium.name());
+        let published = PublishedCounters::new(&config.service, medium.name());
         Ok(Intracom {
             service: config.service.as_str().into(),
             instance: instance.into(),

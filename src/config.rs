@@ -265,6 +265,31 @@ impl Default for DbConfig {
     }
 }
 
+impl DbConfig {
+    /// The connection string with its password replaced by `***`, for printing and
+    /// logging (`mongodb://app:***@db1:27017/?replicaSet=rs0`).
+    pub fn redacted_uri(&self) -> String {
+        redact_uri(&self.uri)
+    }
+}
+
+/// A connection string with any password replaced by `***`.
+fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    // Credentials end at the last '@' of the authority.
+    match authority.rsplit_once('@') {
+        Some((credentials, hosts)) if credentials.contains(':') => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{hosts}{tail}")
+        }
+        _ => uri.to_string(),
+    }
+}
+
 /// MQTT medium settings (`common.intracom.mqtt.*`).
 #[derive(Clone, PartialEq)]
 #[non_exhaustive]
@@ -702,6 +727,95 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as properties text, one `key=value` line per key that has a
+    /// value (an unset optional key, such as `outbox.file`, is left out), for showing an
+    /// operator what a service resolves (`intracom config` prints it).
+    ///
+    /// Secrets are masked: the password in `db.uri` and `mqtt.password` read `***`.
+    /// Without secrets, [`Config::from_properties`] reads the text back to an equal
+    /// configuration, except `instance`, which is left out (each process has its own).
+    ///
+    /// ```
+    /// let config = intracom::Config::builder()
+    ///     .mongodb("mongodb://app:s3cret@db1:27017", "orders")
+    ///     .build()?;
+    /// let text = config.to_properties();
+    /// assert!(text.contains("common.intracom.db.uri=mongodb://app:***@db1:27017\n"));
+    /// assert!(text.contains("common.intracom.db.database=orders\n"));
+    /// # Ok::<(), intracom::Error>(())
+    /// ```
+    pub fn to_properties(&self) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        let mut line = |key: &str, value: &dyn fmt::Display| {
+            // Writing to a String cannot fail.
+            let _ = writeln!(text, "{PREFIX}{key}={value}");
+        };
+        line("medium", &self.medium);
+        line("timeout_ms", &self.timeout_ms);
+        line("service", &self.service);
+        line("max_message_bytes", &self.max_message_bytes);
+        line("memory.max_messages", &self.memory_max_messages);
+        line("request_timeout_ms", &self.request_timeout_ms);
+        line("outbox.max_messages", &self.outbox_max_messages);
+        if let Some(file) = &self.outbox_file {
+            line("outbox.file", &file.display());
+        }
+        let db = &self.db;
+        line("db.uri", &db.redacted_uri());
+        line("db.database", &db.database);
+        for (role, name) in [
+            ("messages", &db.messages),
+            ("config", &db.config),
+            ("checkpoints", &db.checkpoints),
+            ("processed", &db.processed),
+            ("dead", &db.dead),
+        ] {
+            line(&format!("db.collection.{role}"), name);
+        }
+        let retention = match db.retention {
+            Retention::Capped => "capped",
+            Retention::Ttl => "ttl",
+        };
+        line("db.retention", &retention);
+        line("db.capped_bytes", &db.capped_bytes);
+        line("db.poll_interval_ms", &db.poll_interval_ms);
+        line("db.safety_window_ms", &db.safety_window_ms);
+        line("db.stream_buffer", &db.stream_buffer);
+        let mqtt = &self.mqtt;
+        line("mqtt.url", &mqtt.url);
+        line("mqtt.client_id_prefix", &mqtt.client_id_prefix);
+        if let Some(user) = &mqtt.username {
+            line("mqtt.username", user);
+        }
+        if mqtt.password.is_some() {
+            line("mqtt.password", &"***");
+        }
+        line("mqtt.keep_alive_ms", &mqtt.keep_alive_ms);
+        line("mqtt.topic_prefix", &mqtt.topic_prefix);
+        line("mqtt.session_expiry_ms", &mqtt.session_expiry_ms);
+        if let Some(ca) = &mqtt.ca_file {
+            line("mqtt.ca_file", &ca.display());
+        }
+        let senders: Vec<&str> = self.senders.keys().map(String::as_str).collect();
+        line("senders.list", &senders.join(","));
+        for (service, actions) in &self.senders {
+            line(&format!("actions.{service}"), &actions.join(","));
+        }
+        for (action, options) in &self.work {
+            if let Some(lease) = options.lease {
+                line(&format!("work.{action}.lease_ms"), &lease.as_millis());
+            }
+            if let Some(backoff) = options.backoff {
+                line(&format!("work.{action}.backoff_ms"), &backoff.as_millis());
+            }
+            if let Some(attempts) = options.max_attempts {
+                line(&format!("work.{action}.max_attempts"), &attempts);
+            }
+        }
+        text
+    }
+
     fn validate(&self) -> Result<()> {
         check_config_name("common.intracom.service", &self.service)?;
         if let Some(instance) = &self.instance {
@@ -1023,6 +1137,90 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact_uri("mongodb://app:s3cret@db1:27017/?replicaSet=rs0"),
+            "mongodb://app:***@db1:27017/?replicaSet=rs0"
+        );
+        assert_eq!(
+            redact_uri("mongodb://app:p@ss@db1,db2/x"),
+            "mongodb://app:***@db1,db2/x"
+        );
+        assert_eq!(
+            redact_uri("mongodb://db1:27017/?a=b@c"),
+            "mongodb://db1:27017/?a=b@c"
+        );
+        assert_eq!(redact_uri("mongodb://localhost"), "mongodb://localhost");
+    }
+
+    #[test]
+    fn properties_text_reads_back_to_the_same_config() {
+        let config = Config::from_properties(
+            "
+            common.intracom.medium=mqtt
+            common.intracom.timeout_ms=1000
+            common.intracom.service=billing
+            common.intracom.max_message_bytes=4096
+            common.intracom.memory.max_messages=7
+            common.intracom.request_timeout_ms=2000
+            common.intracom.outbox.max_messages=9
+            common.intracom.outbox.file=/var/lib/billing/outbox
+            common.intracom.db.uri=mongodb://db1:27017/?replicaSet=rs0
+            common.intracom.db.database=orders
+            common.intracom.db.collection.messages=m
+            common.intracom.db.collection.config=c
+            common.intracom.db.collection.checkpoints=k
+            common.intracom.db.collection.processed=p
+            common.intracom.db.collection.dead=d
+            common.intracom.db.retention=capped
+            common.intracom.db.capped_bytes=1048576
+            common.intracom.db.poll_interval_ms=100
+            common.intracom.db.safety_window_ms=2000
+            common.intracom.db.stream_buffer=50
+            common.intracom.mqtt.url=mqtts://broker:8884
+            common.intracom.mqtt.client_id_prefix=billing-
+            common.intracom.mqtt.username=app
+            common.intracom.mqtt.keep_alive_ms=10000
+            common.intracom.mqtt.topic_prefix=acme/bus
+            common.intracom.mqtt.session_expiry_ms=60000
+            common.intracom.mqtt.ca_file=/etc/ssl/ca.pem
+            common.intracom.senders.list=billing,users
+            common.intracom.actions.billing=invoice.get,reload
+            common.intracom.actions.users=user.deleted
+            common.intracom.work.invoice.render.lease_ms=5000
+            common.intracom.work.invoice.render.backoff_ms=200
+            common.intracom.work.invoice.render.max_attempts=3
+            ",
+        )
+        .expect("valid properties");
+        assert_ne!(config, Config::default());
+        let text = config.to_properties();
+        assert_eq!(Config::from_properties(&text).expect("reads back"), config);
+    }
+
+    #[test]
+    fn properties_text_masks_the_secrets() {
+        let config = Config::from_properties(
+            "common.intracom.db.uri=mongodb://app:s3cret@db1:27017\n\
+             common.intracom.mqtt.password=hunter2\n",
+        )
+        .expect("valid properties");
+        let text = config.to_properties();
+        assert!(
+            text.contains("common.intracom.db.uri=mongodb://app:***@db1:27017\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("common.intracom.mqtt.password=***\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("s3cret") && !text.contains("hunter2"),
+            "{text}"
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

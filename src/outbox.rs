@@ -79,6 +79,8 @@ impl Outbox {
                 tracing::info!(count = queue.len(), path = %path.display(), "outbox: replaying messages kept by a previous run");
             }
         }
+        // Served from the start (an empty outbox is a figure too, and a dashboard's).
+        metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         Ok(Outbox {
             queue: Mutex::new(Waiting {
                 queue,

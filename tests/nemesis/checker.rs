@@ -33,6 +33,9 @@ pub struct Evidence {
     pub seed: u64,
     pub seconds: u64,
     pub start_ms: f64,
+    /// The machine's wall clock minus its monotonic clock, in ms, at the start: maps a
+    /// server stamp (a local server's wall clock) onto the histories' times.
+    pub wall_minus_monotonic_ms: f64,
     pub faults_end_ms: f64,
     pub drain_ms: Option<f64>,
     pub drain_bound_ms: f64,
@@ -450,19 +453,30 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     let mut once_v = Verdict::default();
     let mut run_once_twice_python = 0u64;
     {
-        let mut ran: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut ran: HashMap<&str, Vec<(&str, f64)>> = HashMap::new();
         for r in records
             .iter()
             .filter(|r| r.k() == "effect" && r.f() == "ran")
         {
-            ran.entry(r.s("id")).or_default().push(r.p.as_str());
+            ran.entry(r.s("id")).or_default().push((r.p.as_str(), r.t));
         }
-        for (id, by) in ran {
-            if by.len() > 1 {
-                if e.python_server {
+        for (id, runs) in ran {
+            // A body that ran again after a server kill that came after its first run:
+            // the server lost the record of its completion (and its effect's row).
+            let lost_by = runs
+                .windows(2)
+                .map(|w| kill_between(w[0].1, w[1].1))
+                .collect::<Option<Vec<usize>>>();
+            if runs.len() > 1 {
+                if let Some(kills) = lost_by {
+                    for kill in kills {
+                        lose(kill, "run-once records");
+                    }
+                } else if e.python_server {
                     // A reservation's lease is judged with $$NOW there.
                     run_once_twice_python += 1;
                 } else {
+                    let by: Vec<&str> = runs.iter().map(|(p, _)| *p).collect();
                     once_v.violate(json!({"consumer": "effects", "id": id, "ran_in": by}));
                 }
             }
@@ -546,15 +560,22 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         drain_v.violate(json!({"why": format!("the run stopped early: {why}")}));
     }
 
-    // 10. Leases: not judged from the client side.
-    let lease_v = Verdict {
-        skipped: true,
-        note: Some(if e.python_server {
-            "skipped: the Python server misreads $$NOW in a query $expr (MONGODB.md), so held leases look lapsed and claims are taken over: its lease judgments mean nothing, and its unplanned dead letters (jobs.dead_after_lapsed_leases_not_judged_python) and run-once bodies run twice under a lapsed reservation (jobs.run_once_ran_twice_not_judged_python) are counted, not judged. Overlapping runs and refused late settles are not judged on any server: they need the server's lease history".into()
-        } else {
-            "not judged: overlapping runs and refused late settles need the server's lease history, which the histories do not hold (run-once and one terminal state are judged)".into()
-        }),
-        ..Verdict::default()
+    // 10. Leases: no claim of a job while an earlier run of it is still running inside
+    // its lease. Each run reads, as its handler starts, the lease the server holds; when
+    // the attempts it reads are its own, that is its claim's lease or a renewal of it (a
+    // renewal only extends a live lease). The next attempt's lease was stamped at or
+    // after its claim; stamped before the earlier run's lease ended and before that
+    // run's handler returned (or without a return: killed), the two runs overlapped
+    // inside a valid lease. Times within LEASE_SLACK_MS are not judged (the wall and
+    // monotonic clocks drift apart a little).
+    let lease_v = if e.python_server {
+        Verdict {
+            skipped: true,
+            note: Some("skipped: the Python server misreads $$NOW in a query $expr (MONGODB.md), so held leases look lapsed and claims are taken over: its lease judgments mean nothing, and its unplanned dead letters (jobs.dead_after_lapsed_leases_not_judged_python) and run-once bodies run twice under a lapsed reservation (jobs.run_once_ran_twice_not_judged_python) are counted, not judged".into()),
+            ..Verdict::default()
+        }
+    } else {
+        judge_leases(e, records)
     };
 
     let invariants: Vec<(&str, Verdict)> = vec![
@@ -771,6 +792,7 @@ fn evidence(
         seed: 1,
         seconds: 10,
         start_ms: 0.0,
+        wall_minus_monotonic_ms: 0.0,
         faults_end_ms: 10_000.0,
         drain_ms: Some(100.0),
         drain_bound_ms: 1000.0,
@@ -811,7 +833,7 @@ fn a_clean_history_passes() {
     );
     let (report, passed) = check(&e);
     assert!(passed, "{report:#}");
-    assert_eq!(report["closing"], "nemesis: 9 passed, 0 failed");
+    assert_eq!(report["closing"], "nemesis: 10 passed, 0 failed");
 }
 
 fn finds_a_redelivery_after_an_ack() {
@@ -922,6 +944,111 @@ fn finds_a_changed_body() {
     );
 }
 
+/// How far apart two clocks' readings may be and still not be judged (ms).
+const LEASE_SLACK_MS: f64 = 250.0;
+
+/// See the leases invariant in [`check`].
+fn judge_leases(e: &Evidence, records: &[Record]) -> Verdict {
+    // (job, attempt) → the lease read by that attempt's own run: (at, ms), server ms.
+    let mut leases: HashMap<(String, i64), (f64, f64)> = HashMap::new();
+    // (job, attempt) → when its handler returned (histories' clock).
+    let mut ends: HashMap<(String, i64), f64> = HashMap::new();
+    for r in records {
+        let key = (r.s("id").to_string(), r.i("n"));
+        match (r.k(), r.f()) {
+            ("lease", _) if r.i("attempts") == r.i("n") => {
+                let at = r.v.get("at_ms").and_then(Value::as_f64).unwrap_or(0.0);
+                let ms = r.v.get("ms").and_then(Value::as_f64).unwrap_or(0.0);
+                leases.insert(key, (at, ms));
+            }
+            ("attempt", "end") => {
+                ends.insert(key, r.t);
+            }
+            _ => {}
+        }
+    }
+    let mut v = Verdict::default();
+    let mut judged = 0u64;
+    for ((id, n), (at, ms)) in &leases {
+        let Some((next_at, _)) = leases.get(&(id.clone(), n + 1)) else {
+            continue;
+        };
+        judged += 1;
+        let lease_end = at + ms;
+        let returned = ends
+            .get(&(id.clone(), *n))
+            .map(|t| t + e.wall_minus_monotonic_ms)
+            .unwrap_or(f64::MAX);
+        if *next_at + LEASE_SLACK_MS < lease_end && *next_at + LEASE_SLACK_MS < returned {
+            v.violate(json!({
+                "id": id,
+                "attempt": n,
+                "why": "claimed again inside the lease of a run still going",
+                "next_claimed_by_ms": round(next_at - e.wall_minus_monotonic_ms - e.start_ms),
+                "lease_ended_ms": round(lease_end - e.wall_minus_monotonic_ms - e.start_ms),
+                "run_returned_ms": (returned < f64::MAX).then(|| round(returned - e.wall_minus_monotonic_ms - e.start_ms)),
+            }));
+        }
+    }
+    v.note = Some(format!(
+        "{judged} consecutive claims judged (both runs read their own lease); refused late settles are not judged: a worker does not tell its handler whether its settle was taken"
+    ));
+    v
+}
+
+fn claims_inside_a_live_lease_are_found() {
+    let lease = |t: f64, n: i64, at: i64| {
+        record(
+            t,
+            "work1#1",
+            json!({"k": "lease", "id": "j1", "n": n, "attempts": n, "at_ms": at, "ms": 3000}),
+        )
+    };
+    let end = |t: f64, n: i64| {
+        record(
+            t,
+            "work1#1",
+            json!({"k": "attempt", "f": "end", "id": "j1", "n": n}),
+        )
+    };
+    // Attempt 1 fails at once and is released: attempt 2 claims 200 ms later.
+    let released = vec![lease(10.0, 1, 10), end(20.0, 1), lease(230.0, 2, 230)];
+    let (report, _) = check(&evidence(released, vec![], vec![]));
+    assert_eq!(verdict(&report, "leases"), "passed", "{report:#}");
+    // Attempt 2 claims 1 s into attempt 1's lease while attempt 1 still runs.
+    let overlapping = vec![lease(10.0, 1, 10), lease(1010.0, 2, 1010), end(2000.0, 1)];
+    let (report, _) = check(&evidence(overlapping, vec![], vec![]));
+    assert_eq!(verdict(&report, "leases"), "failed", "{report:#}");
+    // Attempt 1's run was killed (no end) and its lease ran out: a fair claim.
+    let lapsed = vec![lease(10.0, 1, 10), lease(3500.0, 2, 3500)];
+    let (report, _) = check(&evidence(lapsed, vec![], vec![]));
+    assert_eq!(verdict(&report, "leases"), "passed", "{report:#}");
+}
+
+fn a_body_run_again_after_a_server_kill_is_lost_by_the_server() {
+    let ran = |t: f64| record(t, "work1#1", json!({"k": "effect", "f": "ran", "id": "j1"}));
+    let (report, _) = check(&evidence(vec![ran(100.0), ran(300.0)], vec![], vec![]));
+    assert_eq!(
+        verdict(&report, "run-once-at-most-once"),
+        "failed",
+        "{report:#}"
+    );
+    let (report, _) = check(&evidence(
+        vec![ran(100.0), ran(900.0)],
+        vec![],
+        vec![kill_at(150.0)],
+    ));
+    assert_eq!(
+        verdict(&report, "run-once-at-most-once"),
+        "passed",
+        "{report:#}"
+    );
+    assert_eq!(
+        report["lost_by_server"][0]["lost"]["run-once records"], 1,
+        "{report:#}"
+    );
+}
+
 /// The checker's trials, by name.
 pub fn cases() -> Vec<(&'static str, fn())> {
     vec![
@@ -943,5 +1070,13 @@ pub fn cases() -> Vec<(&'static str, fn())> {
             finds_a_missed_delivery_and_an_order_inversion,
         ),
         ("finds_a_changed_body", finds_a_changed_body),
+        (
+            "a_body_run_again_after_a_server_kill_is_lost_by_the_server",
+            a_body_run_again_after_a_server_kill_is_lost_by_the_server,
+        ),
+        (
+            "claims_inside_a_live_lease_are_found",
+            claims_inside_a_live_lease_are_found,
+        ),
     ]
 }

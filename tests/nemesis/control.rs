@@ -384,6 +384,11 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
     }
     let mut rng = Rng::new(seed);
     let start = now_ms();
+    let wall_minus_monotonic_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+        - now_ms();
     let end = start + settings.seconds as f64 * 1000.0;
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut active: Vec<Active> = Vec::new();
@@ -477,6 +482,7 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
         seed,
         seconds: settings.seconds,
         start_ms: start,
+        wall_minus_monotonic_ms,
         faults_end_ms: faults_end,
         drain_ms,
         drain_bound_ms: drain_bound_ms(&settings.target),

@@ -377,6 +377,9 @@ async fn worker(env: &Env, history: Arc<History>) -> Result<(), String> {
     let effects = client
         .database(&env.database)
         .collection::<Document>("effects");
+    let messages = client
+        .database(&env.database)
+        .collection::<Document>("messages");
     let mut options = WorkOptions::default()
         .lease(Duration::from_millis(LEASE_MS))
         .backoff(Duration::from_millis(200))
@@ -390,12 +393,19 @@ async fn worker(env: &Env, history: Arc<History>) -> Result<(), String> {
         .work("jobs", &["job.run"], options, move |job: Message| {
             let history = Arc::clone(&history);
             let effects = effects.clone();
+            let messages = messages.clone();
             let bus = handle.clone();
             let name = name.clone();
             async move {
                 let fail = job.query.get_i64("fail").unwrap_or(0);
                 let attempt = i64::from(job.attempts);
                 history.rec(json!({"k": "attempt", "f": "invoke", "id": job.id, "n": attempt, "fail": fail}));
+                record_lease(&messages, &history, &job.id, attempt).await;
+                let history_end = Arc::clone(&history);
+                let id_end = job.id.clone();
+                let _end = Finally(move || {
+                    history_end.rec(json!({"k": "attempt", "f": "end", "id": id_end, "n": attempt}));
+                });
                 if attempt <= fail {
                     history.rec(json!({"k": "attempt", "f": "planned-fail", "id": job.id, "n": attempt}));
                     return Err(format!("planned failure {attempt} of {fail}"));
@@ -437,6 +447,51 @@ async fn worker(env: &Env, history: Arc<History>) -> Result<(), String> {
         .map_err(|e| format!("work: {e}"))?;
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Runs its closure when dropped: a handler's end, however it returns.
+struct Finally<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// The lease of the job as the server holds it when its handler starts (best effort: a
+/// read the faults stop is left out): `at` (the server's clock at the claim or the last
+/// renewal) and `ms`, and the attempts counted, so that the checker can tell whether
+/// this run's claim is the one it reads.
+async fn record_lease(
+    messages: &mongodb::Collection<Document>,
+    history: &History,
+    id: &str,
+    attempt: i64,
+) {
+    let read = messages
+        .find_one(doc! { "_id": id })
+        .projection(doc! { "lease": 1, "attempts": 1 });
+    let Ok(Ok(Some(found))) = tokio::time::timeout(Duration::from_secs(1), read).await else {
+        return;
+    };
+    let Ok(lease) = found.get_document("lease") else {
+        return;
+    };
+    let (Ok(at), Some(ms)) = (
+        lease.get_datetime("at"),
+        lease
+            .get_i64("ms")
+            .ok()
+            .or_else(|| lease.get_i32("ms").ok().map(i64::from)),
+    ) else {
+        return;
+    };
+    let attempts = found
+        .get_i32("attempts")
+        .map(i64::from)
+        .or_else(|_| found.get_i64("attempts"))
+        .unwrap_or(0);
+    history.rec(json!({"k": "lease", "id": id, "n": attempt, "attempts": attempts, "at_ms": at.timestamp_millis(), "ms": ms}));
 }
 
 fn is_duplicate(e: &mongodb::error::Error) -> bool {

@@ -102,11 +102,6 @@ struct Replay {
     ahead: HashSet<String>,
     /// The checkpoint, to resume from it otherwise if the stream cannot get there.
     position: Position,
-    /// A checkpoint from a scan, once the stream has passed its event: what comes after
-    /// it in commit order and before it in `(ts, _id)` order was read by the scan before
-    /// it, so it is still remembered, not delivered, until the events are stamped later
-    /// than a safety window after the checkpoint (none of those can sort before it).
-    passed: bool,
 }
 
 impl Replay {
@@ -115,27 +110,15 @@ impl Replay {
     /// (a checkpoint saved during a catch-up by `ts`), only what is at or before the
     /// checkpoint in `(ts, _id)` order: a pass delivers in that order, and a message
     /// after it was not read before it (it was delivered later, by a later pass or the
-    /// stream, or not yet: it is delivered now).
+    /// stream, or not yet: it is delivered now), and the ids the checkpoint names as
+    /// delivered ahead of it. A message whose event comes after the checkpoint's is
+    /// delivered, though it may sort before it: committed after the checkpoint's
+    /// message, it may not have been read before it (a scan's passes do not say), so
+    /// it may come again rather than be lost.
     fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
         self.cluster_time.is_some()
             || (ts, id) <= (self.position.ts, self.id.as_str())
             || self.ahead.contains(id)
-    }
-
-    /// Whether an event after a scan's checkpoint may still sort before it: its cluster
-    /// time is within a safety window after the checkpoint's stamp (a stamp is taken
-    /// before its write's oplog time, and a write commits within the window).
-    fn may_sort_before(&self, cluster_time: Option<Timestamp>, window: u32) -> bool {
-        // Twice the window: what was delivered ahead of the checkpoint is stamped within
-        // a window after it, and committed within a window after its stamp.
-        cluster_time.is_none_or(|ct| {
-            ct.time
-                <= self
-                    .position
-                    .ts
-                    .time
-                    .saturating_add(window.saturating_mul(2))
-        })
     }
 }
 
@@ -472,7 +455,6 @@ impl Follower {
                                 id,
                                 ahead,
                                 position,
-                                passed: false,
                             })),
                         });
                     }
@@ -946,48 +928,7 @@ impl Follower {
                     };
                     return Ok(());
                 }
-                if let Some(mut r) = replay.take_if(|r| r.passed) {
-                    // Past a scan's checkpoint: what sorts before it was delivered before
-                    // the restart (see `Replay::passed`).
-                    let window = self.window_secs();
-                    if let Ok(Some(event)) = &next {
-                        if !hub::is_ending(&event.operation_type)
-                            && r.may_sort_before(event.cluster_time, window)
-                        {
-                            let known = event.full_document.as_ref().and_then(|raw| {
-                                let (id, ts) =
-                                    (raw.get_str("_id").ok()?, raw.get_timestamp("ts").ok()?);
-                                r.delivered_before(ts, id).then(|| (ts, id.to_string()))
-                            });
-                            let mut last_cluster_time = last_cluster_time;
-                            match known {
-                                Some((ts, id)) => {
-                                    self.recent.insert(ts, &id, window);
-                                    self.last_ts = self.last_ts.max(ts);
-                                    if let Some(ct) = event.cluster_time {
-                                        last_cluster_time = last_cluster_time.max(ct);
-                                    }
-                                }
-                                None => {
-                                    if let Ok(Some(event)) = next {
-                                        last_cluster_time =
-                                            self.take_event(event, last_cluster_time).await;
-                                    }
-                                }
-                            }
-                            r.passed = true;
-                            self.mode = Mode::Stream {
-                                stream,
-                                last_cluster_time,
-                                generation,
-                                replay: Some(r),
-                            };
-                            return Ok(());
-                        }
-                    }
-                    // Beyond the window, caught up, or an ending event: the stream goes
-                    // on as any resumed stream.
-                } else if let Some(mut r) = replay.take() {
+                if let Some(r) = replay.take() {
                     let before_checkpoint =
                         |event: &mongodb::change_stream::event::ChangeStreamEvent<
                             RawDocumentBuf,
@@ -1031,14 +972,11 @@ impl Follower {
                             if !known {
                                 self.take_event(event, last_cluster_time).await;
                             }
-                            // A scan's checkpoint is still compared with after its event.
-                            let keep = !at_checkpoint || r.cluster_time.is_none();
-                            r.passed = at_checkpoint && r.cluster_time.is_none();
                             self.mode = Mode::Stream {
                                 stream,
                                 last_cluster_time,
                                 generation,
-                                replay: keep.then_some(r),
+                                replay: (!at_checkpoint).then_some(r),
                             };
                             return Ok(());
                         }

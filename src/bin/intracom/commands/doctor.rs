@@ -3,7 +3,7 @@
 use intracom::Config;
 
 use super::{open, Admin};
-use crate::output::{fail, redact, Outcome};
+use crate::output::{fail, Outcome};
 
 pub(crate) async fn doctor(config: &Config) -> Outcome {
     let (bus, admin) = open(config, "doctor").await?;
@@ -21,7 +21,7 @@ pub(crate) async fn doctor(config: &Config) -> Outcome {
     };
     out!(
         "checking {} / {}",
-        redact(&config.db.uri),
+        config.db.redacted_uri(),
         config.db.database
     );
     let checks = medium.doctor().await;
