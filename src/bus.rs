@@ -373,11 +373,11 @@ impl Intracom {
         }
         let appended = match self.shared.medium.append_owned(messages, &encoded).await {
             Ok(appended) => appended,
-            Err((error, messages)) if error.is_retryable() => {
+            Err(crate::medium::NotAppended { error, messages }) if error.is_retryable() => {
                 tracing::warn!(%error, count = messages.len(), "medium unavailable: publish kept in the outbox");
                 return self.buffer(&messages);
             }
-            Err((error, _)) => return Err(error),
+            Err(not_appended) => return Err(not_appended.error),
         };
         Ok(appended
             .into_iter()

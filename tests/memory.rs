@@ -95,11 +95,11 @@ async fn undeclared_messages_land_in_the_dead_letters() {
     assert_eq!(sub.next().await.unwrap().unwrap().id, ok.id);
     let dead = medium.dead_letters();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0.get_str("_id").unwrap(), rogue.id);
+    assert_eq!(dead[0].document.get_str("_id").unwrap(), rogue.id);
     assert!(
-        dead[0].1.contains("nope"),
+        dead[0].reason.contains("nope"),
         "the reason names the action: {}",
-        dead[0].1
+        dead[0].reason
     );
 }
 

@@ -1858,13 +1858,16 @@ async fn doctor_and_stats_read_what_they_report() {
     assert_eq!(stats.total, 3);
     assert_eq!(
         stats.by_action,
-        [("reload".to_string(), 2), ("invoice.render".to_string(), 1)]
+        [
+            intracom::medium::Count::new("reload", 2),
+            intracom::medium::Count::new("invoice.render", 1)
+        ]
     );
     assert_eq!(stats.queue_depth, 1);
     assert_eq!(stats.dead, 4);
     assert_eq!(
         stats.lag,
-        [("billing-cache".to_string(), 2, 30)],
+        [intracom::medium::Lag::new("billing-cache", 2, 30)],
         "2 messages and 30 s behind the newest"
     );
 }

@@ -346,9 +346,12 @@ pub struct StatsJson {
     pub medium_error: Option<String>,
 }
 
-fn rows(rows: Vec<(String, u64)>) -> Vec<Count> {
+fn rows(rows: Vec<crate::medium::Count>) -> Vec<Count> {
     rows.into_iter()
-        .map(|(key, count)| Count { key, count })
+        .map(|c| Count {
+            key: c.key,
+            count: c.count,
+        })
         .collect()
 }
 
@@ -407,10 +410,10 @@ pub(crate) async fn stats(
             }),
             s.lag
                 .into_iter()
-                .map(|(subscription, messages, seconds)| Lag {
-                    subscription,
-                    messages,
-                    seconds,
+                .map(|l| Lag {
+                    subscription: l.subscription,
+                    messages: l.messages,
+                    seconds: l.seconds,
                 })
                 .collect(),
         ),

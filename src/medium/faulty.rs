@@ -10,10 +10,10 @@ use bson::{Document, RawDocumentBuf};
 
 use super::{
     Appended, CatalogMap, ClaimRequest, DeadLetter, DeadLetterStore, EventStream, Inspection,
-    Medium, ProcessedRecord, QueueStats, Records, Reservation, Settlement, Stats, WorkQueue,
-    WorkStream,
+    Medium, NotAppended, ProcessedRecord, QueueStats, Records, Reservation, Settlement, Stats,
+    WorkQueue, WorkStream,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::filter::{Filter, Position, StartFrom};
 use crate::message::Message;
 
@@ -239,9 +239,9 @@ impl<M: Medium, F: Faults> Medium for Faulty<M, F> {
         &self,
         messages: Vec<Message>,
         encoded: &[RawDocumentBuf],
-    ) -> std::result::Result<Vec<Appended>, (Error, Vec<Message>)> {
+    ) -> std::result::Result<Vec<Appended>, NotAppended> {
         if let Err(error) = self.faults.before(Call::Append(&messages)).await {
-            return Err((error, messages));
+            return Err(NotAppended { error, messages });
         }
         self.inner.append_owned(messages, encoded).await
     }

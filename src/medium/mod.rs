@@ -137,7 +137,7 @@ pub type WorkStream = BoxStream<'static, Result<Message>>;
 /// Counts over the retained messages, the dead letters and each named subscription's
 /// lag ([`Inspection::stats`]). The MongoDB medium's `intracom stats` figures, shared by
 /// every medium.
-pub use mongo::Stats;
+pub use mongo::{Count, Lag, Stats};
 
 /// One check of [`Diagnosis::checks`] (`intracom doctor`).
 pub use mongo::Check;
@@ -236,6 +236,18 @@ pub enum Reservation {
     Done(Option<Document>),
     /// Another holder is running the handler now, and its lease has not lapsed.
     Busy,
+}
+
+/// Messages a medium did not append ([`Medium::append_owned`]), handed back with the
+/// error, so that the caller can keep them (the bus puts them in its outbox when the
+/// error is retryable).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct NotAppended {
+    /// Why they were not appended.
+    pub error: Error,
+    /// The messages, handed back.
+    pub messages: Vec<Message>,
 }
 
 /// A message that could not be delivered, as kept in the dead letters.
@@ -429,10 +441,10 @@ pub trait Medium: sealed::Sealed + Send + Sync + 'static {
         &self,
         messages: Vec<Message>,
         encoded: &[RawDocumentBuf],
-    ) -> std::result::Result<Vec<Appended>, (Error, Vec<Message>)> {
+    ) -> std::result::Result<Vec<Appended>, NotAppended> {
         match self.append_encoded(&messages, encoded).await {
             Ok(appended) => Ok(appended),
-            Err(error) => Err((error, messages)),
+            Err(error) => Err(NotAppended { error, messages }),
         }
     }
 

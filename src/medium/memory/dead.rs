@@ -51,11 +51,8 @@ impl DeadLetterStore for MemoryMedium {
 }
 
 impl MemoryMedium {
-    /// The dead letters kept: (document, reason), oldest first.
-    pub fn dead_letters(&self) -> Vec<(Document, String)> {
-        lock(&self.shared.dead)
-            .iter()
-            .map(|d| (d.document.clone(), d.reason.clone()))
-            .collect()
+    /// The dead letters kept, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.shared.dead).iter().cloned().collect()
     }
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bson::doc;
 
 use crate::error::Result;
-use crate::medium::{Inspection, ProcessedRecord, QueueStats, Stats};
+use crate::medium::{Count, Inspection, Lag, ProcessedRecord, QueueStats, Stats};
 use crate::message::{now_nanos, State};
 
 use super::{lock, read, write, MemoryMedium};
@@ -57,7 +57,7 @@ impl Inspection for MemoryMedium {
                 .unwrap_or(0);
             let behind = (log.next_seq - 1).saturating_sub(after.max(live_first - 1));
             let seconds = newest.map_or(0, |n| u64::from(n.time.saturating_sub(position.ts.time)));
-            stats.lag.push((name, behind, seconds));
+            stats.lag.push(Lag::new(name, behind, seconds));
         }
         Ok(stats)
     }
@@ -152,11 +152,8 @@ impl Inspection for MemoryMedium {
     }
 }
 
-pub(super) fn largest_first(counts: HashMap<&str, u64>) -> Vec<(String, u64)> {
-    let mut rows: Vec<(String, u64)> = counts
-        .into_iter()
-        .map(|(k, n)| (k.to_string(), n))
-        .collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+pub(super) fn largest_first(counts: HashMap<&str, u64>) -> Vec<Count> {
+    let mut rows: Vec<Count> = counts.into_iter().map(|(k, n)| Count::new(k, n)).collect();
+    rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
     rows
 }

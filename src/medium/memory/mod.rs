@@ -45,8 +45,8 @@ use crate::message::Message;
 
 use super::records::LocalRecords;
 use super::{
-    Appended, CatalogMap, DeadLetter, DeadLetterStore, EventStream, Inspection, Medium, Records,
-    WorkQueue,
+    Appended, CatalogMap, DeadLetter, DeadLetterStore, EventStream, Inspection, Medium,
+    NotAppended, Records, WorkQueue,
 };
 use follow::{Follower, Following};
 use log::{ById, FastHash, Log};
@@ -213,9 +213,12 @@ impl Medium for MemoryMedium {
         &self,
         messages: Vec<Message>,
         _encoded: &[bson::RawDocumentBuf],
-    ) -> std::result::Result<Vec<Appended>, (crate::Error, Vec<Message>)> {
+    ) -> std::result::Result<Vec<Appended>, NotAppended> {
         if self.shared.closed.is_stopped() {
-            return Err((crate::Error::Shutdown, messages));
+            return Err(NotAppended {
+                error: crate::Error::Shutdown,
+                messages,
+            });
         }
         Ok(self.store(messages))
     }

@@ -17,19 +17,62 @@ pub struct Stats {
     /// Messages retained.
     pub total: u64,
     /// By sending service, largest first.
-    pub by_service: Vec<(String, u64)>,
+    pub by_service: Vec<Count>,
     /// By action, largest first.
-    pub by_action: Vec<(String, u64)>,
+    pub by_action: Vec<Count>,
     /// By type.
-    pub by_type: Vec<(String, u64)>,
+    pub by_type: Vec<Count>,
     /// By request/work state.
-    pub by_state: Vec<(String, u64)>,
+    pub by_state: Vec<Count>,
     /// Pending work (`delivery: one`, `state: pending`).
     pub queue_depth: u64,
     /// Dead letters.
     pub dead: u64,
-    /// Named subscriptions: name, messages behind, seconds behind the newest message.
-    pub lag: Vec<(String, u64, u64)>,
+    /// Named subscriptions and how far behind each is.
+    pub lag: Vec<Lag>,
+}
+
+/// How many retained messages share one value of a field ([`Stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Count {
+    /// The value (`(none)` when the field is absent or null).
+    pub key: String,
+    /// The messages with it.
+    pub count: u64,
+}
+
+impl Count {
+    /// A count of `count` messages for `key`.
+    pub fn new(key: impl Into<String>, count: u64) -> Self {
+        Count {
+            key: key.into(),
+            count,
+        }
+    }
+}
+
+/// How far a named subscription is behind ([`Stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lag {
+    /// The subscription's name.
+    pub subscription: String,
+    /// Messages after its checkpoint.
+    pub messages: u64,
+    /// Seconds between its checkpoint's stamp and the newest message's.
+    pub seconds: u64,
+}
+
+impl Lag {
+    /// A subscription `messages` messages and `seconds` seconds behind.
+    pub fn new(subscription: impl Into<String>, messages: u64, seconds: u64) -> Self {
+        Lag {
+            subscription: subscription.into(),
+            messages,
+            seconds,
+        }
+    }
 }
 
 /// One check of `intracom doctor`.
@@ -66,7 +109,7 @@ impl Check {
     }
 }
 
-fn counts(facet: &Document, name: &str) -> Vec<(String, u64)> {
+fn counts(facet: &Document, name: &str) -> Vec<Count> {
     facet
         .get_array(name)
         .map(|rows| {
@@ -78,7 +121,7 @@ fn counts(facet: &Document, name: &str) -> Vec<(String, u64)> {
                         Some(Bson::Null) | None => "(none)".into(),
                         Some(other) => other.to_string(),
                     };
-                    (key, number(row.get("n")))
+                    Count::new(key, number(row.get("n")))
                 })
                 .collect()
         })
@@ -185,7 +228,7 @@ impl MongoMedium {
             let seconds = newest
                 .map(|n: Timestamp| u64::from(n.time.saturating_sub(ts.time)))
                 .unwrap_or(0);
-            stats.lag.push((name, behind, seconds));
+            stats.lag.push(Lag::new(name, behind, seconds));
         }
         Ok(stats)
     }

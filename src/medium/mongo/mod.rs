@@ -54,7 +54,7 @@ use errors::{is_transient_code, to_error, DUPLICATE_KEY};
 use follower::Follower;
 use hub::{Hub, Started};
 
-pub use admin::{Check, Stats};
+pub use admin::{Check, Count, Lag, Stats};
 pub use setup::message_validator;
 
 /// Counters of this process's MongoDB medium (also exported as metrics), as read at

@@ -25,15 +25,15 @@ pub(crate) async fn stats(config: &Config, as_json: bool) -> Outcome {
     let stats = inspection.stats().await?;
     bus.shutdown().await;
     if as_json {
-        let pairs = |rows: &[(String, u64)]| {
+        let pairs = |rows: &[intracom::medium::Count]| {
             rows.iter()
-                .map(|(k, n)| serde_json::json!({ "key": k, "count": n }))
+                .map(|c| serde_json::json!({ "key": c.key, "count": c.count }))
                 .collect::<Vec<_>>()
         };
         let lag: Vec<_> = stats
             .lag
             .iter()
-            .map(|(n, m, s)| serde_json::json!({ "subscription": n, "messages": m, "seconds": s }))
+            .map(|l| serde_json::json!({ "subscription": l.subscription, "messages": l.messages, "seconds": l.seconds }))
             .collect();
         out!(
             "{}",
@@ -53,15 +53,20 @@ pub(crate) async fn stats(config: &Config, as_json: bool) -> Outcome {
         ("by state", &stats.by_state),
     ] {
         out!("{title}:");
-        for (key, n) in rows.iter() {
-            out!("  {key:<32} {n:>10}");
+        for c in rows.iter() {
+            out!("  {:<32} {:>10}", c.key, c.count);
         }
     }
     out!("queue depth (pending work): {}", stats.queue_depth);
     out!("dead letters: {}", stats.dead);
     out!("subscription lag:");
-    for (name, messages, seconds) in &stats.lag {
-        out!("  {name:<32} {messages:>10} messages  {seconds:>6} s behind");
+    for l in &stats.lag {
+        out!(
+            "  {:<32} {:>10} messages  {:>6} s behind",
+            l.subscription,
+            l.messages,
+            l.seconds
+        );
     }
     Ok(())
 }
