@@ -177,7 +177,7 @@ pub struct Filter {
     /// Skip messages sent by this instance.
     pub exclude_instance: Option<String>,
     /// Work instead of messages: only `delivery: one` for `service` (used to wake
-    /// workers; the work itself is claimed, see [`crate::Medium::claim`]).
+    /// workers; the work itself is claimed, see [`crate::medium::WorkQueue::claim`]).
     pub work: bool,
 }
 
