@@ -82,8 +82,8 @@ struct PublishedCounters {
 }
 
 impl PublishedCounters {
-    fn new(medium: &'static str) -> Self {
-        let counter = |status: &'static str| metrics::counter!(crate::metrics::PUBLISHED, "medium" => medium, "status" => status);
+    fn new(service: &str, medium: &'static str) -> Self {
+        let counter = |status: &'static str| metrics::counter!(crate::metrics::PUBLISHED, "service" => service.to_string(), "medium" => medium, "status" => status);
         PublishedCounters {
             stored: counter("stored"),
             duplicate: counter("duplicate"),
@@ -184,7 +184,7 @@ impl Intracom {
         let shutdown = crate::stop::Stop::new();
         tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.token().clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
-        let published = PublishedCounters::new(medium.name());
+        let published = PublishedCounters::new(&config.service, medium.name());
         Ok(Intracom {
             service: config.service.as_str().into(),
             instance: instance.into(),
@@ -282,10 +282,8 @@ impl Intracom {
     /// reports [`PublishStatus::Duplicate`].
     pub async fn publish(&self, message: Message) -> Result<Published> {
         let mut out = self.publish_all(vec![message]).await?;
-        out.pop().ok_or_else(|| Error::Medium {
-            medium: self.shared.medium.name(),
-            reason: "append returned no receipt".into(),
-        })
+        out.pop()
+            .ok_or_else(|| Error::refused(self.shared.medium.name(), "append returned no receipt"))
     }
 
     /// Publishes several messages in one call to the medium, in order. Every message is
@@ -501,9 +499,8 @@ impl Intracom {
     pub async fn publish_later(&self, message: Message) -> Result<Published> {
         let message = self.prepare(message).await?.message;
         let mut out = self.buffer(std::slice::from_ref(&message))?;
-        out.pop().ok_or_else(|| Error::Medium {
-            medium: self.shared.medium.name(),
-            reason: "the outbox returned no receipt".into(),
+        out.pop().ok_or_else(|| {
+            Error::refused(self.shared.medium.name(), "the outbox returned no receipt")
         })
     }
 

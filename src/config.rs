@@ -89,6 +89,8 @@ pub const KEYS: &[Key] = &[
     key("common.intracom.db.poll_interval_ms", "250", "poll period when change streams are unavailable (a standalone server), in ms"),
     key("common.intracom.db.safety_window_ms", "5000", "how far back a `ts` scan looks for writes that committed out of stamp order, in ms"),
     key("common.intracom.db.stream_buffer", "10000", "change events kept in memory for this process's subscribers"),
+    key("common.intracom.db.hub.selection", "targeted", "what this process's change stream selects on the server: `targeted` (what its subscriptions, workers and requests concern) or `everything` (every insert and settle)"),
+    key("common.intracom.db.read_preference", "primary", "where the change streams read: `primary`, `primaryPreferred`, `secondary`, `secondaryPreferred` or `nearest`"),
     key("common.intracom.mqtt.url", "mqtt://localhost:1883", "MQTT broker: `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS"),
     key("common.intracom.mqtt.client_id_prefix", "intracom-", "prefix of every MQTT client id this process uses (a named subscription's session is `<prefix>sub-<name>`)"),
     key("common.intracom.mqtt.username", "(none)", "broker user name"),
@@ -214,6 +216,38 @@ pub enum Retention {
     Capped,
 }
 
+/// What the process's change stream selects on the server
+/// (`common.intracom.db.hub.selection`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HubSelection {
+    /// Only what concerns the process: broadcasts and messages to the services and
+    /// instances its subscriptions and workers follow, and its requests' settles; every
+    /// insert while a monitor subscription (a filter without a service) lives (default).
+    #[default]
+    Targeted,
+    /// Every insert and every settle of the collection, filtered in memory.
+    Everything,
+}
+
+/// Where the change streams read (`common.intracom.db.read_preference`): the
+/// MongoDB read preference modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReadPreference {
+    /// The primary only (default).
+    #[default]
+    Primary,
+    /// The primary, or a secondary while there is none.
+    PrimaryPreferred,
+    /// Secondaries only.
+    Secondary,
+    /// A secondary, or the primary while there is none.
+    SecondaryPreferred,
+    /// The member of lowest latency.
+    Nearest,
+}
+
 /// MongoDB medium settings.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -244,6 +278,10 @@ pub struct DbConfig {
     pub safety_window_ms: u64,
     /// Change events kept in memory for local subscribers (default 10 000).
     pub stream_buffer: usize,
+    /// What the process's change stream selects on the server (default targeted).
+    pub hub_selection: HubSelection,
+    /// Where the change streams read (default the primary).
+    pub read_preference: ReadPreference,
 }
 
 impl Default for DbConfig {
@@ -261,7 +299,34 @@ impl Default for DbConfig {
             poll_interval_ms: 250,
             safety_window_ms: 5000,
             stream_buffer: 10_000,
+            hub_selection: HubSelection::Targeted,
+            read_preference: ReadPreference::Primary,
         }
+    }
+}
+
+impl DbConfig {
+    /// The connection string with its password replaced by `***`, for printing and
+    /// logging (`mongodb://app:***@db1:27017/?replicaSet=rs0`).
+    pub fn redacted_uri(&self) -> String {
+        redact_uri(&self.uri)
+    }
+}
+
+/// A connection string with any password replaced by `***`.
+fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    // Credentials end at the last '@' of the authority.
+    match authority.rsplit_once('@') {
+        Some((credentials, hosts)) if credentials.contains(':') => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{hosts}{tail}")
+        }
+        _ => uri.to_string(),
     }
 }
 
@@ -652,6 +717,25 @@ impl Config {
                 self.db.stream_buffer = usize::try_from(parse_positive(key, value)?)
                     .map_err(|e| Error::config(key, value, e))?;
             }
+            "db.hub.selection" => {
+                self.db.hub_selection = match value {
+                    "targeted" => HubSelection::Targeted,
+                    "everything" => HubSelection::Everything,
+                    _ => return Err(Error::config(key, value, "expected targeted or everything")),
+                }
+            }
+            "db.read_preference" => self.db.read_preference = match value {
+                "primary" => ReadPreference::Primary,
+                "primaryPreferred" => ReadPreference::PrimaryPreferred,
+                "secondary" => ReadPreference::Secondary,
+                "secondaryPreferred" => ReadPreference::SecondaryPreferred,
+                "nearest" => ReadPreference::Nearest,
+                _ => return Err(Error::config(
+                    key,
+                    value,
+                    "expected primary, primaryPreferred, secondary, secondaryPreferred or nearest",
+                )),
+            },
             "mqtt.url" => {
                 parse_mqtt_url(key, value)?;
                 self.mqtt.url = value.to_string();
@@ -700,6 +784,95 @@ impl Config {
             _ => return Err(Error::config(key, value, "unknown key")),
         }
         Ok(())
+    }
+
+    /// The configuration as properties text, one `key=value` line per key that has a
+    /// value (an unset optional key, such as `outbox.file`, is left out), for showing an
+    /// operator what a service resolves (`intracom config` prints it).
+    ///
+    /// Secrets are masked: the password in `db.uri` and `mqtt.password` read `***`.
+    /// Without secrets, [`Config::from_properties`] reads the text back to an equal
+    /// configuration, except `instance`, which is left out (each process has its own).
+    ///
+    /// ```
+    /// let config = intracom::Config::builder()
+    ///     .mongodb("mongodb://app:s3cret@db1:27017", "orders")
+    ///     .build()?;
+    /// let text = config.to_properties();
+    /// assert!(text.contains("common.intracom.db.uri=mongodb://app:***@db1:27017\n"));
+    /// assert!(text.contains("common.intracom.db.database=orders\n"));
+    /// # Ok::<(), intracom::Error>(())
+    /// ```
+    pub fn to_properties(&self) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        let mut line = |key: &str, value: &dyn fmt::Display| {
+            // Writing to a String cannot fail.
+            let _ = writeln!(text, "{PREFIX}{key}={value}");
+        };
+        line("medium", &self.medium);
+        line("timeout_ms", &self.timeout_ms);
+        line("service", &self.service);
+        line("max_message_bytes", &self.max_message_bytes);
+        line("memory.max_messages", &self.memory_max_messages);
+        line("request_timeout_ms", &self.request_timeout_ms);
+        line("outbox.max_messages", &self.outbox_max_messages);
+        if let Some(file) = &self.outbox_file {
+            line("outbox.file", &file.display());
+        }
+        let db = &self.db;
+        line("db.uri", &db.redacted_uri());
+        line("db.database", &db.database);
+        for (role, name) in [
+            ("messages", &db.messages),
+            ("config", &db.config),
+            ("checkpoints", &db.checkpoints),
+            ("processed", &db.processed),
+            ("dead", &db.dead),
+        ] {
+            line(&format!("db.collection.{role}"), name);
+        }
+        let retention = match db.retention {
+            Retention::Capped => "capped",
+            Retention::Ttl => "ttl",
+        };
+        line("db.retention", &retention);
+        line("db.capped_bytes", &db.capped_bytes);
+        line("db.poll_interval_ms", &db.poll_interval_ms);
+        line("db.safety_window_ms", &db.safety_window_ms);
+        line("db.stream_buffer", &db.stream_buffer);
+        let mqtt = &self.mqtt;
+        line("mqtt.url", &mqtt.url);
+        line("mqtt.client_id_prefix", &mqtt.client_id_prefix);
+        if let Some(user) = &mqtt.username {
+            line("mqtt.username", user);
+        }
+        if mqtt.password.is_some() {
+            line("mqtt.password", &"***");
+        }
+        line("mqtt.keep_alive_ms", &mqtt.keep_alive_ms);
+        line("mqtt.topic_prefix", &mqtt.topic_prefix);
+        line("mqtt.session_expiry_ms", &mqtt.session_expiry_ms);
+        if let Some(ca) = &mqtt.ca_file {
+            line("mqtt.ca_file", &ca.display());
+        }
+        let senders: Vec<&str> = self.senders.keys().map(String::as_str).collect();
+        line("senders.list", &senders.join(","));
+        for (service, actions) in &self.senders {
+            line(&format!("actions.{service}"), &actions.join(","));
+        }
+        for (action, options) in &self.work {
+            if let Some(lease) = options.lease {
+                line(&format!("work.{action}.lease_ms"), &lease.as_millis());
+            }
+            if let Some(backoff) = options.backoff {
+                line(&format!("work.{action}.backoff_ms"), &backoff.as_millis());
+            }
+            if let Some(attempts) = options.max_attempts {
+                line(&format!("work.{action}.max_attempts"), &attempts);
+            }
+        }
+        text
     }
 
     fn validate(&self) -> Result<()> {
@@ -1023,6 +1196,90 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact_uri("mongodb://app:s3cret@db1:27017/?replicaSet=rs0"),
+            "mongodb://app:***@db1:27017/?replicaSet=rs0"
+        );
+        assert_eq!(
+            redact_uri("mongodb://app:p@ss@db1,db2/x"),
+            "mongodb://app:***@db1,db2/x"
+        );
+        assert_eq!(
+            redact_uri("mongodb://db1:27017/?a=b@c"),
+            "mongodb://db1:27017/?a=b@c"
+        );
+        assert_eq!(redact_uri("mongodb://localhost"), "mongodb://localhost");
+    }
+
+    #[test]
+    fn properties_text_reads_back_to_the_same_config() {
+        let config = Config::from_properties(
+            "
+            common.intracom.medium=mqtt
+            common.intracom.timeout_ms=1000
+            common.intracom.service=billing
+            common.intracom.max_message_bytes=4096
+            common.intracom.memory.max_messages=7
+            common.intracom.request_timeout_ms=2000
+            common.intracom.outbox.max_messages=9
+            common.intracom.outbox.file=/var/lib/billing/outbox
+            common.intracom.db.uri=mongodb://db1:27017/?replicaSet=rs0
+            common.intracom.db.database=orders
+            common.intracom.db.collection.messages=m
+            common.intracom.db.collection.config=c
+            common.intracom.db.collection.checkpoints=k
+            common.intracom.db.collection.processed=p
+            common.intracom.db.collection.dead=d
+            common.intracom.db.retention=capped
+            common.intracom.db.capped_bytes=1048576
+            common.intracom.db.poll_interval_ms=100
+            common.intracom.db.safety_window_ms=2000
+            common.intracom.db.stream_buffer=50
+            common.intracom.mqtt.url=mqtts://broker:8884
+            common.intracom.mqtt.client_id_prefix=billing-
+            common.intracom.mqtt.username=app
+            common.intracom.mqtt.keep_alive_ms=10000
+            common.intracom.mqtt.topic_prefix=acme/bus
+            common.intracom.mqtt.session_expiry_ms=60000
+            common.intracom.mqtt.ca_file=/etc/ssl/ca.pem
+            common.intracom.senders.list=billing,users
+            common.intracom.actions.billing=invoice.get,reload
+            common.intracom.actions.users=user.deleted
+            common.intracom.work.invoice.render.lease_ms=5000
+            common.intracom.work.invoice.render.backoff_ms=200
+            common.intracom.work.invoice.render.max_attempts=3
+            ",
+        )
+        .expect("valid properties");
+        assert_ne!(config, Config::default());
+        let text = config.to_properties();
+        assert_eq!(Config::from_properties(&text).expect("reads back"), config);
+    }
+
+    #[test]
+    fn properties_text_masks_the_secrets() {
+        let config = Config::from_properties(
+            "common.intracom.db.uri=mongodb://app:s3cret@db1:27017\n\
+             common.intracom.mqtt.password=hunter2\n",
+        )
+        .expect("valid properties");
+        let text = config.to_properties();
+        assert!(
+            text.contains("common.intracom.db.uri=mongodb://app:***@db1:27017\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("common.intracom.mqtt.password=***\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("s3cret") && !text.contains("hunter2"),
+            "{text}"
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

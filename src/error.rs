@@ -126,6 +126,10 @@ pub enum Error {
         medium: &'static str,
         /// What failed.
         reason: String,
+        /// The driver's or the operating system's error, where there is one (see
+        /// [`Error::driver_error`], [`Error::server_code`], [`Error::has_label`]).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
 
     /// The medium refused the operation for a reason retrying will not fix.
@@ -135,6 +139,9 @@ pub enum Error {
         medium: &'static str,
         /// What the medium said.
         reason: String,
+        /// The driver's error, where there is one (see [`Error::driver_error`]).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
 
     /// The configured medium is not part of this build or does not support the operation.
@@ -231,6 +238,55 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+
+    /// An [`Error::Unavailable`] of `medium` without an underlying error.
+    pub fn unavailable(medium: &'static str, reason: impl Into<String>) -> Self {
+        Error::Unavailable {
+            medium,
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Medium`] (the medium refused the operation) without an underlying
+    /// error.
+    pub fn refused(medium: &'static str, reason: impl Into<String>) -> Self {
+        Error::Medium {
+            medium,
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// The MongoDB driver's error behind an [`Error::Unavailable`] or an
+    /// [`Error::Medium`] of the `db` medium, when the driver raised it.
+    pub fn driver_error(&self) -> Option<&mongodb::error::Error> {
+        std::error::Error::source(self)?.downcast_ref()
+    }
+
+    /// The MongoDB server's error code (`11000` for a duplicate key, `13` for
+    /// unauthorized…), when the server answered with one.
+    pub fn server_code(&self) -> Option<i32> {
+        crate::medium::mongo::errors::code(self.driver_error()?)
+    }
+
+    /// Whether the driver labelled the error with `label` (`RetryableWriteError`,
+    /// `TransientTransactionError`, `ResumableChangeStreamError`…).
+    pub fn has_label(&self, label: &str) -> bool {
+        self.driver_error()
+            .is_some_and(|error| error.contains_label(label))
+    }
+
+    /// The driver's labels on the error, sorted; empty when it has none or did not come
+    /// from the driver.
+    pub fn labels(&self) -> Vec<&str> {
+        let mut labels: Vec<&str> = self
+            .driver_error()
+            .map(|error| error.labels().iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        labels.sort_unstable();
+        labels
     }
 
     pub(crate) fn invalid(reason: impl fmt::Display) -> Self {

@@ -97,7 +97,7 @@ impl Idempotent {
         Fut: Future<Output = std::result::Result<R, E>>,
     {
         let owner = format!("{}/{}", self.bus.instance(), new_id());
-        let mut pause = Duration::from_millis(20);
+        let mut pause = crate::backoff::IDEMPOTENCY_WAIT.start();
         let place = loop {
             match self.reserve(id, &owner).await.map_err(E::from)? {
                 (Reservation::Reserved, place) => break place,
@@ -107,8 +107,7 @@ impl Idempotent {
                 }
                 // Another instance runs it now: wait for its outcome or its lease.
                 _ => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
+                    tokio::time::sleep(pause.take()).await;
                 }
             }
         };

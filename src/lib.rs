@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backoff;
 mod bus;
 pub mod catalog;
 pub mod config;
@@ -62,7 +63,8 @@ pub use bson;
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
 pub use config::{
-    Config, ConfigBuilder, DbConfig, MediumKind, MqttConfig, Retention, WorkOverrides,
+    Config, ConfigBuilder, DbConfig, HubSelection, MediumKind, MqttConfig, ReadPreference,
+    Retention, WorkOverrides,
 };
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};

@@ -23,7 +23,6 @@ use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +79,8 @@ impl Outbox {
                 tracing::info!(count = queue.len(), path = %path.display(), "outbox: replaying messages kept by a previous run");
             }
         }
+        // Served from the start (an empty outbox is a figure too, and a dashboard's).
+        metrics::gauge!(crate::metrics::OUTBOX).set(queue.len() as f64);
         Ok(Outbox {
             queue: Mutex::new(Waiting {
                 queue,
@@ -251,10 +252,10 @@ impl Outbox {
     /// The flusher: runs until the bus shuts down, or until the outbox is empty once
     /// the bus was dropped ([`Outbox::abandon`]).
     pub(crate) async fn run(self: Arc<Self>, medium: Arc<dyn Medium>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = crate::backoff::OUTBOX.start();
         loop {
             if self.flush_once(&*medium).await {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 if self.abandoned.load(std::sync::atomic::Ordering::Acquire) && self.len() == 0 {
                     tracing::debug!("outbox: the bus was dropped and nothing waits: flusher ends");
                     return;
@@ -265,13 +266,8 @@ impl Outbox {
                     _ = shutdown.cancelled() => break,
                     _ = self.wake.notified() => {}
                 }
-            } else {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            } else if !backoff.sleep(&shutdown).await {
+                break;
             }
         }
         let left = self.len();

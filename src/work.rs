@@ -104,12 +104,8 @@ impl WorkOptions {
 
     /// The pause before attempt `attempts + 1`.
     fn pause_after(&self, attempts: i32) -> Duration {
-        let exponent = u32::try_from(attempts.saturating_sub(1))
-            .unwrap_or(0)
-            .min(20);
-        self.backoff
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.max_backoff)
+        let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(0);
+        crate::backoff::Policy::new(self.backoff, self.max_backoff).ceiling(retries)
     }
 }
 
@@ -891,7 +887,7 @@ impl WorkerLoop {
         Fut: std::future::Future<Output = Result<bool>> + 'a,
     {
         let shutdown = self.bus.shutdown_token();
-        let mut pause = Duration::from_millis(100);
+        let mut pause = crate::backoff::SETTLE.start();
         loop {
             match op().await {
                 Err(error)
@@ -899,16 +895,14 @@ impl WorkerLoop {
                         && !shutdown.is_cancelled()
                         && !self.stop.is_cancelled() =>
                 {
-                    tracing::warn!(message_id = %id, %error, retry_in_ms = pause.as_millis() as u64, "{what}: trying again while the job is held");
+                    tracing::warn!(message_id = %id, %error, retry_in_ms = pause.delay().as_millis() as u64, "{what}: trying again while the job is held");
                 }
                 done => return done,
             }
             tokio::select! {
-                _ = shutdown.cancelled() => {}
                 _ = self.stop.cancelled() => {}
-                _ = tokio::time::sleep(pause) => {}
+                _ = pause.sleep(&shutdown) => {}
             }
-            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 }

@@ -20,6 +20,11 @@ fn config(peer: &Peer) -> Config {
         .timeout_ms(300_000)
         .set("common.intracom.db.safety_window_ms", "2000")
         .set("common.intracom.db.poll_interval_ms", "50")
+        // The scripts answer one shared stream per process and evaluate no `$match`:
+        // the stream that selects every insert. The targeted selection, which reopens
+        // the stream as subscriptions come and go, is tested on the real servers
+        // (tests/mongodb).
+        .set("common.intracom.db.hub.selection", "everything")
         .build()
         .expect("config")
 }
@@ -2140,16 +2145,6 @@ async fn restarted_then_caught_up_by_ts(token: Document) {
     bus.shutdown().await;
 }
 
-/// The previous run caught up by `ts` and acked m3, m4 and m5 in `(ts, _id)` order: its
-/// checkpoint is m5, saved by the scan (only its id). m4 was stamped before m5 but
-/// committed after it (a stamp is not commit-ordered), so the stream replayed from the
-/// window before the checkpoint gives m3, m5, m4, then m6 and m7, new. m4 sorts before
-/// the checkpoint: the scan delivered it before m5, and it does not come again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_from_a_scans_checkpoint_skips_what_sorts_before_it_though_committed_after_it() {
-    restarted_from_a_scan(doc! { "ts": ts(5), "token": { "id": "m5" } }).await;
-}
-
 /// The previous run's scan delivered m3 and m5, then m4 (committed late, found by the
 /// look-back of its next pass), and acked them all: its checkpoint is m4, which names
 /// m5 as delivered ahead of it. m5 does not come again.
@@ -2196,7 +2191,7 @@ async fn restarted_from_a_scan(position: Document) {
     assert_eq!(
         got,
         ["m6", "m7"],
-        "m3, m4 and m5 were delivered before the restart, whatever their commit order"
+        "m3, m4 and m5 were delivered before the restart"
     );
     bus.shutdown().await;
 }

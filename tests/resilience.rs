@@ -30,10 +30,7 @@ struct Flaky {
 impl Flaky {
     fn store(&self) -> intracom::Result<()> {
         if self.store_down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "no primary".into(),
-            });
+            return Err(Error::unavailable("flaky", "no primary"));
         }
         Ok(())
     }
@@ -41,20 +38,17 @@ impl Flaky {
     fn check_append(&self, messages: &[Message]) -> intracom::Result<()> {
         self.appends.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                medium: "flaky",
-                reason: "connection refused".into(),
-            });
+            return Err(Error::unavailable("flaky", "connection refused"));
         }
         let refused = self.refused_action.lock().unwrap().clone();
         if let Some(bad) = messages
             .iter()
             .find(|m| Some(&m.action) == refused.as_ref())
         {
-            return Err(Error::Medium {
-                medium: "flaky",
-                reason: format!("message {} refused", bad.id),
-            });
+            return Err(Error::refused(
+                "flaky",
+                format!("message {} refused", bad.id),
+            ));
         }
         Ok(())
     }

@@ -64,6 +64,14 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     pub(crate) fn new(max: usize, idle_timeout: Duration) -> Arc<Self> {
+        // Served from the start, at 0 until a connection is closed or refused.
+        for name in [
+            crate::metrics::GATEWAY_CONNECTIONS_EVICTED,
+            crate::metrics::GATEWAY_CONNECTIONS_REFUSED,
+            crate::metrics::GATEWAY_CONNECTIONS_IDLE_CLOSED,
+        ] {
+            metrics::counter!(name).increment(0);
+        }
         Arc::new(Tracker {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),

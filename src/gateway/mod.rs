@@ -63,7 +63,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Intracom;
@@ -74,7 +74,7 @@ pub use event_id::{BadEventId, EventKeys, MAX_EVENT_ID_LEN, MIN_KEY_LEN};
 pub use model::{MessageJson, Receipt, ReceiptStatus, Stamp};
 pub use publish::{idempotent_id, PublishRequest, IDEMPOTENCY_KEY};
 pub use server::Tls;
-pub use sse::{scoped_name, StreamNotice};
+pub use sse::StreamNotice;
 
 /// Options of the gateway. Every default is written on its field.
 #[derive(Clone, Debug)]
@@ -318,7 +318,7 @@ impl std::fmt::Debug for Gateway {
 fn global_prometheus() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+        .get_or_init(|| match crate::metrics::prometheus_builder().install_recorder() {
             Ok(handle) => Some(handle),
             Err(error) => {
                 tracing::warn!(%error, "gateway: /metrics unavailable: a metrics recorder is installed already");
@@ -358,11 +358,11 @@ impl Gateway {
         let event_keys = match self.options.event_keys.clone() {
             Some(keys) => keys,
             None => {
-                tracing::warn!("gateway: no event key given (--event-key-file): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
+                tracing::warn!("gateway: no event key given (GatewayOptions::event_keys): SSE event ids are signed with a key made at start-up; clients cannot resume with them after a restart nor on another gateway");
                 EventKeys::ephemeral()
             }
         };
-        AppState(Arc::new(Inner {
+        let state = AppState(Arc::new(Inner {
             event_keys,
             tokens_in_use: limits::TokensInUse::default(),
             connections: connections::Tracker::new(
@@ -374,12 +374,24 @@ impl Gateway {
             options: self.options,
             inflight: sse::Inflight::default(),
             latency: stats::Latency::default(),
+            series: stats::Series::default(),
             prometheus,
             sse_clients: AtomicUsize::new(0),
             sse_buffered_bytes: AtomicU64::new(0),
             sse_pressure: tokio::sync::Notify::new(),
             stop: CancellationToken::new(),
-        }))
+        }));
+        stats::spawn_sampler(&state);
+        state
+    }
+
+    /// Installs the process-wide Prometheus recorder whose metrics the gateway serves at
+    /// `/metrics` (the gateway installs it when it starts otherwise); false when another
+    /// recorder was installed first. Call it before connecting the gateway's bus: a bus
+    /// takes its publish counters when it connects, and those taken before any recorder
+    /// is installed report to none.
+    pub fn install_metrics() -> bool {
+        global_prometheus().is_some()
     }
 
     /// The gateway as an axum router, to serve with anything that serves axum (or to
@@ -461,6 +473,8 @@ struct Inner {
     options: GatewayOptions,
     inflight: sse::Inflight,
     latency: stats::Latency,
+    /// The console's series, and the counts it samples.
+    series: stats::Series,
     prometheus: Option<PrometheusHandle>,
     sse_clients: AtomicUsize,
     /// Bytes of events queued for SSE clients now, all streams together.
@@ -503,6 +517,10 @@ impl AppState {
 
     pub(crate) fn latency(&self) -> &stats::Latency {
         &self.0.latency
+    }
+
+    pub(crate) fn series(&self) -> &stats::Series {
+        &self.0.series
     }
 
     pub(crate) fn prometheus(&self) -> Option<&PrometheusHandle> {

@@ -64,10 +64,10 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> ApiResult<axum::Jso
             loaded?;
         }
         Err(_) => {
-            return Err(crate::Error::Unavailable {
-                medium: medium.name(),
-                reason: format!("no answer within {READY_WITHIN:?}"),
-            }
+            return Err(crate::Error::unavailable(
+                medium.name(),
+                format!("no answer within {READY_WITHIN:?}"),
+            )
             .into())
         }
     }

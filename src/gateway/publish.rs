@@ -284,6 +284,7 @@ pub(crate) async fn publish(
     } else {
         Receipt::from(bus.publish(message).await?)
     };
+    state.series().published();
     tracing::debug!(message_id = %receipt.id, service, status = ?receipt.status, "gateway: published");
     Ok((receipt.status_code(), axum::Json(receipt)))
 }

@@ -44,27 +44,27 @@ impl Tls {
             Error::config(what, path.display().to_string(), reason)
         };
         let certs = CertificateDer::pem_file_iter(&self.cert)
-            .map_err(|e| bad("--tls-cert", &self.cert, e.to_string()))?
+            .map_err(|e| bad("Tls::cert", &self.cert, e.to_string()))?
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| bad("--tls-cert", &self.cert, e.to_string()))?;
+            .map_err(|e| bad("Tls::cert", &self.cert, e.to_string()))?;
         if certs.is_empty() {
             return Err(bad(
-                "--tls-cert",
+                "Tls::cert",
                 &self.cert,
                 "no certificate in the file".into(),
             ));
         }
         let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| bad("--tls-key", &self.key, e.to_string()))?;
+            .map_err(|e| bad("Tls::key", &self.key, e.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| bad("--tls-cert", &self.cert, e.to_string()))?
+            .map_err(|e| bad("Tls::cert", &self.cert, e.to_string()))?
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| {
                 bad(
-                    "--tls-key",
+                    "Tls::key",
                     &self.key,
                     format!("does not go with the certificate: {e}"),
                 )

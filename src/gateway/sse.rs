@@ -116,7 +116,7 @@ pub struct StreamNotice {
 /// `%2F`, so that the service ends at the first `/` and two (service, name) pairs
 /// never make one name. 400 when `name` is not a valid name or the whole is over
 /// [`MAX_NAME_LEN`] bytes.
-pub fn scoped_name(service: &str, name: &str) -> ApiResult<String> {
+pub(crate) fn scoped_name(service: &str, name: &str) -> ApiResult<String> {
     check_name("name", name)?;
     let scoped = format!("{}/{name}", service.replace('%', "%25").replace('/', "%2F"));
     if scoped.len() > MAX_NAME_LEN {

@@ -623,19 +623,37 @@ pub trait Diagnosis: sealed::Sealed + Send + Sync {
     async fn checks(&self) -> Vec<Check>;
 }
 
+/// One value an MQTT broker publishes about itself ([`BrokerReport::broker_stats`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BrokerStat {
+    /// The topic under `$SYS/broker/` (`clients/connected`).
+    pub topic: String,
+    /// Its retained value, as text.
+    pub value: String,
+}
+
+/// The worker connections of one service present on the broker ([`BrokerReport::workers`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceWorkers {
+    /// The service.
+    pub service: String,
+    /// Its worker connections.
+    pub connections: usize,
+}
+
 /// What a broker tells about itself, the ability of [`Medium::broker_report`] (MQTT,
 /// whose broker keeps no history to count: see [`Inspection`] for the media that do).
 #[async_trait]
 pub trait BrokerReport: sealed::Sealed + Send + Sync {
-    /// The workers present on the broker: service → number of worker connections.
-    fn workers(&self) -> Vec<(String, usize)>;
+    /// The workers present on the broker: service and number of worker connections.
+    fn workers(&self) -> Vec<ServiceWorkers>;
 
     /// The broker's maximum packet size (`None`: it set none).
     fn max_packet_size(&self) -> Option<u32>;
 
     /// What the broker publishes about itself (Mosquitto's `$SYS/broker/`): topic →
     /// value, empty when it publishes nothing there.
-    async fn broker_stats(&self) -> Result<Vec<(String, String)>>;
+    async fn broker_stats(&self) -> Result<Vec<BrokerStat>>;
 }
 
 /// Whether `medium`'s [`Capabilities`] agree with the abilities it exposes: a stored

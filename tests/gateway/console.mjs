@@ -4,7 +4,8 @@
 //
 // Environment: INTRACOM_URL, INTRACOM_ADMIN_TOKEN, INTRACOM_BILLING_TOKEN,
 // INTRACOM_DEAD_ID (a dead letter to send again), INTRACOM_CHROMIUM (the browser),
-// INTRACOM_PLAYWRIGHT (the playwright-core package directory).
+// INTRACOM_PLAYWRIGHT (the playwright-core package directory), INTRACOM_SCREENSHOT
+// (where to save a screenshot of the page once its charts hold data).
 import { createRequire } from "node:module";
 
 const env = process.env;
@@ -63,7 +64,53 @@ try {
   await dead.waitFor({ state: "detached" });
   await page.waitForFunction(() => document.querySelector("#status").textContent.includes("sent again"));
 
+  step("after traffic, the charts hold data");
+  const publish = async (body) => {
+    const answer = await fetch(base + "/publish", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + env.INTRACOM_BILLING_TOKEN, "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (answer.status !== 201) throw new Error("publish: " + answer.status + " " + (await answer.text()));
+  };
+  for (let n = 0; n < 20; n++) await publish({ action: "reload", query: { n } });
+  // Work nobody claims: it waits in billing/invoice.render.
+  for (let n = 0; n < 3; n++) await publish({ action: "invoice.render", to: "billing", work: true, query: { n } });
+  // Points with values from the traffic: a publish rate, the waiting work, a latency
+  // (the live tail delivered the broadcasts). The gateway samples every 5 s.
+  const charted = (selector, series, atLeast) =>
+    page.waitForFunction(
+      ([selector, series, atLeast]) =>
+        [...document.querySelectorAll(`${selector} circle[data-series="${series}"]`)].some(
+          (c) => Number(c.dataset.value) >= atLeast,
+        ),
+      [selector, series, atLeast],
+    );
+  await charted("#chart-rate", "published", 0.1);
+  await charted("#chart-rate", "delivered", 0.1);
+  await charted("#chart-depth", "queue depth", 3);
+  await charted("#chart-latency", "p50", 0);
+  const charts = await page.evaluate(() => {
+    const of = (selector) => {
+      const svg = document.querySelector(selector);
+      const values = (series) =>
+        [...svg.querySelectorAll(`circle[data-series="${series}"]`)].map((c) => Number(c.dataset.value));
+      const series = [...new Set([...svg.querySelectorAll("circle")].map((c) => c.dataset.series))];
+      return {
+        points: Number(svg.dataset.points),
+        paths: svg.querySelectorAll("path.line").length,
+        series: Object.fromEntries(series.map((s) => [s, values(s)])),
+      };
+    };
+    return { rate: of("#chart-rate"), depth: of("#chart-depth"), latency: of("#chart-latency") };
+  });
+  if (env.INTRACOM_SCREENSHOT) {
+    await page.locator("#charts-panel").scrollIntoViewIfNeeded();
+    await page.screenshot({ path: env.INTRACOM_SCREENSHOT, fullPage: true });
+  }
+
   console.log(JSON.stringify({
+    charts,
     published: receipt.id,
     medium: await page.textContent("#medium"),
     status: await page.textContent("#status"),

@@ -63,10 +63,7 @@ impl Flaky {
 /// An error as a lost network gives while `switch` is set.
 fn refused_while(switch: &AtomicBool) -> Result<()> {
     if switch.load(Ordering::SeqCst) {
-        return Err(Error::Unavailable {
-            medium: "flaky",
-            reason: "connection refused".into(),
-        });
+        return Err(Error::unavailable("flaky", "connection refused"));
     }
     Ok(())
 }

@@ -763,8 +763,13 @@ async fn fuzzed_requests_get_no_5xx(place: &Place) {
         let response = answer
             .unwrap_or_else(|e| panic!("case {case} {method} {path}: {e} (seed {})", rng.seed));
         let status = response.status();
+        // A request's documented answers from upstream (502: the handler failed; 504: no
+        // answer in time, as `timeout_ms=1` may ask) are outcomes, not faults.
+        let upstream = path.starts_with("/request/")
+            && matches!(status.as_u16(), 502 | 504)
+            && method == Method::POST;
         assert!(
-            !status.is_server_error(),
+            upstream || !status.is_server_error(),
             "case {case} {method} {path}: {status} {} (seed {})",
             if is_stream {
                 String::new()

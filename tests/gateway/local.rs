@@ -878,6 +878,9 @@ async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, Pa
         .subscribe("/subscribe/invoice.render?monitor=true", ADMIN, None)
         .await;
 
+    // Kept under target/ for a look after the run (CI keeps it as an artifact).
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-charts.png");
+    let _ = std::fs::remove_file(&screenshot);
     let mut command = Command::new(node);
     command
         .arg(repo("tests/gateway/console.mjs"))
@@ -885,6 +888,7 @@ async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, Pa
         .env("INTRACOM_ADMIN_TOKEN", ADMIN)
         .env("INTRACOM_BILLING_TOKEN", BILLING)
         .env("INTRACOM_DEAD_ID", "dead-job-1")
+        .env("INTRACOM_SCREENSHOT", &screenshot)
         .env("INTRACOM_CHROMIUM", chromium)
         .env("INTRACOM_PLAYWRIGHT", playwright);
     let (status, out, err) = run(command).await;
@@ -893,6 +897,41 @@ async fn console_in_headless_chromium((node, chromium, playwright): (PathBuf, Pa
         .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{out}\n{err}"));
     assert_eq!(report["medium"], "memory", "{report}");
     assert_eq!(report["pageErrors"], json!([]), "{report}");
+    // The charts, as drawn: points with the traffic's values, and the picture.
+    let charts = &report["charts"];
+    let values = |chart: &str, series: &str| -> Vec<f64> {
+        charts[chart]["series"][series]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    for (chart, series, at_least) in [
+        ("rate", "published", 0.1),
+        ("rate", "delivered", 0.1),
+        ("depth", "queue depth", 3.0),
+        ("latency", "p50", 0.0),
+        ("latency", "p99", 0.0),
+    ] {
+        assert!(
+            values(chart, series).iter().any(|v| *v >= at_least),
+            "the {chart} chart's {series} has a point of {at_least} or more: {charts}"
+        );
+        assert!(
+            charts[chart]["paths"].as_u64() >= Some(1),
+            "the {chart} chart draws a line: {charts}"
+        );
+    }
+    let png = std::fs::read(&screenshot)
+        .unwrap_or_else(|e| panic!("the screenshot {}: {e}", screenshot.display()));
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "a PNG at {}",
+        screenshot.display()
+    );
+    eprintln!(
+        "console: charts {charts}; screenshot {}",
+        screenshot.display()
+    );
     assert_eq!(
         report["elsewhere"],
         json!([]),

@@ -14,6 +14,7 @@
 mod servers;
 
 mod checks;
+mod dashboard;
 mod flaky;
 mod hostile;
 mod hostile_small;
@@ -377,6 +378,7 @@ fn main() {
         }
     }
     trials.extend(local::trials());
+    trials.extend(dashboard::trials());
     trials.extend(hostile_small::trials());
     trials.extend(roles::trials());
     let mut args = libtest_mimic::Arguments::from_args();

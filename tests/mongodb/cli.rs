@@ -18,6 +18,7 @@ pub fn checks() -> Vec<Check> {
         check!(catalog_publish_tail_stats_dead_and_doctor),
         check!(doctor_passes_on_a_young_deployment),
         check!(bench_runs_once_with_tiny_sizes),
+        check!(bench_fleet_and_retained_run_once_with_tiny_sizes),
         check!(tail_by_name_resumes_after_what_it_printed),
         check!(stats_counts_the_lag_after_a_stamp_shared_by_several_messages),
     ]
@@ -203,6 +204,97 @@ async fn bench_runs_once_with_tiny_sizes(t: &Target) {
             Some(2),
             "two rounds of each side with --tiny: {figure}"
         );
+    }
+}
+
+/// `intracom bench --processes 1,2` starts its fleet of processes, and every process
+/// reports what was addressed to it and what its hub read; `--retained` runs in both
+/// retention modes. A smoke test of the report's shape and counts, never of timing.
+async fn bench_fleet_and_retained_run_once_with_tiny_sizes(t: &Target) {
+    let db = On::new(t);
+    let fleet = db
+        .run(&["bench", "--processes", "1,2", "--tiny", "--json"])
+        .await;
+    assert!(fleet.status.success(), "{}", stderr(&fleet));
+    let report: serde_json::Value =
+        serde_json::from_slice(&fleet.stdout).expect("--json prints one JSON document");
+    let known = report["selection_key_known"]
+        .as_bool()
+        .expect("selection_key_known");
+    let selections: &[&str] = if known {
+        &["targeted", "everything"]
+    } else {
+        &["everything"]
+    };
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(
+        rows.len(),
+        2 * selections.len(),
+        "one row per P and stream: {report}"
+    );
+    let (messages, broadcasts) = (
+        report["messages"].as_u64().expect("messages"),
+        report["broadcasts"].as_u64().expect("broadcasts"),
+    );
+    for row in rows {
+        let p = row["processes"].as_u64().expect("processes");
+        let selection = row["selection"].as_str().expect("selection");
+        assert!(selections.contains(&selection), "{row}");
+        let per_process = row["per_process"].as_array().expect("per_process");
+        assert_eq!(per_process.len() as u64, p, "{row}");
+        let addressed: u64 = per_process
+            .iter()
+            .map(|x| x["addressed"].as_u64().expect("addressed"))
+            .sum();
+        assert_eq!(
+            addressed,
+            messages + p * broadcasts,
+            "each broadcast to every process: {row}"
+        );
+        assert_eq!(
+            row["messages"].as_u64(),
+            Some(messages + broadcasts),
+            "{row}"
+        );
+        assert!(row["delivery_p99_ms"].as_f64().is_some(), "{row}");
+        if known {
+            // The events each hub read, for the traffic: what was addressed to the
+            // process (targeted), or every message (everything).
+            for x in per_process {
+                let read = x["hub_events"].as_u64().expect("the hub's event counter");
+                let wanted = match selection {
+                    "targeted" => x["addressed"].as_u64().expect("addressed"),
+                    _ => messages + broadcasts,
+                };
+                assert_eq!(read, wanted, "{selection}, P={p}: {row}");
+            }
+        }
+    }
+
+    let retained = db
+        .run(&["bench", "--retained", "30,60", "--tiny", "--json"])
+        .await;
+    assert!(retained.status.success(), "{}", stderr(&retained));
+    let report: serde_json::Value =
+        serde_json::from_slice(&retained.stdout).expect("--json prints one JSON document");
+    let rows = report["rows"].as_array().expect("rows");
+    let seen: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["retention"].as_str().expect("retention"),
+                r["retained"].as_u64().expect("retained"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("ttl", 30), ("ttl", 60), ("capped", 30), ("capped", 60)],
+        "{report}"
+    );
+    for row in rows {
+        assert!(row["claim_p50_ms"].as_f64().is_some(), "{row}");
+        assert!(row["catch_up_msgs_per_s"].as_f64().is_some(), "{row}");
     }
 }
 

@@ -30,6 +30,10 @@ pub fn checks() -> Vec<Check> {
             a_subscriber_away_past_a_tiny_oplog_catches_up_without_gap,
             owns_server
         ),
+        check!(
+            capped_a_subscriber_away_past_a_tiny_oplog_catches_up_without_gap,
+            owns_server
+        ),
         check!(fail_points_lose_and_double_nothing, owns_server),
         check!(
             a_named_subscriber_restarted_just_before_a_server_pause_delivers_nothing_it_acked,
@@ -310,6 +314,15 @@ async fn publishes_while_the_server_is_stopped_arrive_in_order(t: &Target) {
 /// no longer holds its resume point: it catches up from the collection, with no gap
 /// and no duplicate.
 async fn a_subscriber_away_past_a_tiny_oplog_catches_up_without_gap(t: &Target) {
+    away_past_a_tiny_oplog(t, false).await;
+}
+
+/// The same on a capped messages collection (`common.intracom.db.retention=capped`).
+async fn capped_a_subscriber_away_past_a_tiny_oplog_catches_up_without_gap(t: &Target) {
+    away_past_a_tiny_oplog(t, true).await;
+}
+
+async fn away_past_a_tiny_oplog(t: &Target, capped: bool) {
     let (server, uri) = own_server(
         t,
         Options {
@@ -317,6 +330,18 @@ async fn a_subscriber_away_past_a_tiny_oplog_catches_up_without_gap(t: &Target) 
         },
     );
     let database = database_name();
+    let bus = |uri: &str, database: &str, instance: &str| {
+        let config = if capped {
+            crate::capped(catalog("billing", instance), uri, database)
+        } else {
+            on_server(catalog("billing", instance), uri, database)
+        };
+        async move {
+            Intracom::connect(config)
+                .await
+                .unwrap_or_else(|e| panic!("bus: {e}"))
+        }
+    };
     let publisher = bus(&uri, &database, "billing-1").await;
     let away = bus(&uri, &database, "billing-2").await;
     let mut sub = away.subscribe(Subscription::named("ledger")).await.unwrap();

@@ -153,6 +153,103 @@ impl World for MongoWorld {
     }
 }
 
+/// The conformance suite on one target with `common.intracom.db.retention=capped`: the
+/// messages collection is a capped collection of [`CAPPED_BYTES`], and a message is gone
+/// by retention once newer ones have pushed it out.
+struct MongoCapped {
+    target: Target,
+}
+
+/// The size of the capped messages collection of the capped runs: room for every
+/// case's messages, and little enough to push one out with a few dozen fillers.
+const CAPPED_BYTES: u64 = 2 * 1024 * 1024;
+
+struct CappedWorld(MongoWorld);
+
+#[async_trait]
+impl Harness for MongoCapped {
+    async fn world(&self, retention_ms: u64) -> Box<dyn World> {
+        let plain = Mongo {
+            target: self.target.clone(),
+        };
+        let uri = plain
+            .target
+            .uri()
+            .unwrap_or_else(|e| panic!("{}: {e}", plain.target));
+        let _ = retention_ms;
+        Box::new(CappedWorld(MongoWorld {
+            database: database_name(),
+            client: raw_client(&uri).await,
+            uri,
+        }))
+    }
+
+    fn short_retention_ms(&self) -> u64 {
+        // Retention is by size here; the time-out only bounds requests.
+        15_000
+    }
+
+    fn excluded(&self, case: &str) -> Option<&'static str> {
+        divergences::excluded(self.target.kind()?, case)
+    }
+}
+
+/// A capped config for a world's database.
+pub fn capped(config: Config, uri: &str, database: &str) -> Config {
+    let mut config = on_server(config, uri, database);
+    config.db.retention = intracom::Retention::Capped;
+    config.db.capped_bytes = CAPPED_BYTES;
+    config
+}
+
+#[async_trait]
+impl World for CappedWorld {
+    async fn bus(&self, config: Config) -> Intracom {
+        Intracom::connect(capped(config, &self.0.uri, &self.0.database))
+            .await
+            .expect("bus on a capped MongoDB collection")
+    }
+
+    async fn wait_expired(&self, id: &str) {
+        push_out(&self.0.client, &self.0.database, id).await;
+    }
+}
+
+/// Inserts fillers (stamped as a publish stamps, addressed to a service nobody follows)
+/// into a capped messages collection until the message `id` is pushed out.
+pub async fn push_out(client: &mongodb::Client, database: &str, id: &str) {
+    let messages = client.database(database).collection::<Document>("messages");
+    let pad = "x".repeat(32 * 1024);
+    for n in 0..10_000u32 {
+        if messages
+            .count_documents(doc! { "_id": id })
+            .await
+            .expect("count")
+            == 0
+        {
+            return;
+        }
+        let mut filler =
+            intracom::Message::to_service("nobody", "fill").body(doc! { "pad": &pad, "n": n });
+        filler.source_service = "filler".into();
+        filler.source_instance = "filler-1".into();
+        let mut body = intracom::bson::to_document(&filler).expect("filler");
+        let filler_id = body.remove("_id").expect("an id");
+        messages
+            .update_one(
+                doc! { "_id": filler_id, "ts": { "$exists": false } },
+                doc! {
+                    "$setOnInsert": body,
+                    "$currentDate": { "ts": { "$type": "timestamp" }, "at": { "$type": "date" } },
+                },
+            )
+            .upsert(true)
+            .await
+            .expect("filler inserted");
+    }
+    panic!("{id} was not pushed out of the capped collection by 10000 fillers");
+}
+
 /// A test that runs once per target.
 pub struct Check {
     /// The test name (the function's).
@@ -216,6 +313,13 @@ fn main() {
         trials.extend(conformance::trials(
             target.short(),
             Arc::new(Mongo {
+                target: target.clone(),
+            }),
+            unavailable.as_deref(),
+        ));
+        trials.extend(conformance::trials(
+            &format!("{}::capped", target.short()),
+            Arc::new(MongoCapped {
                 target: target.clone(),
             }),
             unavailable.as_deref(),

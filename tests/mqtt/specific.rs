@@ -504,7 +504,11 @@ async fn a_worker_that_stops_hands_back_what_the_broker_queued_for_it() {
     .await
     .unwrap();
     let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while watcher.workers() != [("billing".to_string(), 2)] {
+    let billing_twice = intracom::medium::mqtt::ServiceWorkers {
+        service: "billing".to_string(),
+        connections: 2,
+    };
+    while watcher.workers() != [billing_twice.clone()] {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{:?}",

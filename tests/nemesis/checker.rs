@@ -453,19 +453,30 @@ pub fn check(e: &Evidence) -> (Value, bool) {
     let mut once_v = Verdict::default();
     let mut run_once_twice_python = 0u64;
     {
-        let mut ran: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut ran: HashMap<&str, Vec<(&str, f64)>> = HashMap::new();
         for r in records
             .iter()
             .filter(|r| r.k() == "effect" && r.f() == "ran")
         {
-            ran.entry(r.s("id")).or_default().push(r.p.as_str());
+            ran.entry(r.s("id")).or_default().push((r.p.as_str(), r.t));
         }
-        for (id, by) in ran {
-            if by.len() > 1 {
-                if e.python_server {
+        for (id, runs) in ran {
+            // A body that ran again after a server kill that came after its first run:
+            // the server lost the record of its completion (and its effect's row).
+            let lost_by = runs
+                .windows(2)
+                .map(|w| kill_between(w[0].1, w[1].1))
+                .collect::<Option<Vec<usize>>>();
+            if runs.len() > 1 {
+                if let Some(kills) = lost_by {
+                    for kill in kills {
+                        lose(kill, "run-once records");
+                    }
+                } else if e.python_server {
                     // A reservation's lease is judged with $$NOW there.
                     run_once_twice_python += 1;
                 } else {
+                    let by: Vec<&str> = runs.iter().map(|(p, _)| *p).collect();
                     once_v.violate(json!({"consumer": "effects", "id": id, "ran_in": by}));
                 }
             }
@@ -1014,6 +1025,30 @@ fn claims_inside_a_live_lease_are_found() {
     assert_eq!(verdict(&report, "leases"), "passed", "{report:#}");
 }
 
+fn a_body_run_again_after_a_server_kill_is_lost_by_the_server() {
+    let ran = |t: f64| record(t, "work1#1", json!({"k": "effect", "f": "ran", "id": "j1"}));
+    let (report, _) = check(&evidence(vec![ran(100.0), ran(300.0)], vec![], vec![]));
+    assert_eq!(
+        verdict(&report, "run-once-at-most-once"),
+        "failed",
+        "{report:#}"
+    );
+    let (report, _) = check(&evidence(
+        vec![ran(100.0), ran(900.0)],
+        vec![],
+        vec![kill_at(150.0)],
+    ));
+    assert_eq!(
+        verdict(&report, "run-once-at-most-once"),
+        "passed",
+        "{report:#}"
+    );
+    assert_eq!(
+        report["lost_by_server"][0]["lost"]["run-once records"], 1,
+        "{report:#}"
+    );
+}
+
 /// The checker's trials, by name.
 pub fn cases() -> Vec<(&'static str, fn())> {
     vec![
@@ -1035,6 +1070,10 @@ pub fn cases() -> Vec<(&'static str, fn())> {
             finds_a_missed_delivery_and_an_order_inversion,
         ),
         ("finds_a_changed_body", finds_a_changed_body),
+        (
+            "a_body_run_again_after_a_server_kill_is_lost_by_the_server",
+            a_body_run_again_after_a_server_kill_is_lost_by_the_server,
+        ),
         (
             "claims_inside_a_live_lease_are_found",
             claims_inside_a_live_lease_are_found,

@@ -86,7 +86,7 @@ enum Command {
     Doctor,
     /// Measure intracom beside the raw driver (or tokio::sync::broadcast) doing the same
     /// job on the same server, in rounds; prints a table, or JSON with --json.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Serve the HTTP gateway (REST, Server-Sent Events, OpenAPI, web console) on the
     /// configured medium.
     #[cfg(feature = "gateway")]
@@ -232,7 +232,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Stats(flag) => commands::stats::stats(&config, flag.json).await,
         Command::Dead(command) => commands::dead::dead(&config, command).await,
         Command::Doctor => commands::doctor::doctor(&config).await,
-        Command::Bench(args) => bench::bench(&config, cli.config.as_deref(), args).await,
+        Command::Bench(args) => bench::bench(&config, cli.config.as_deref(), *args).await,
         #[cfg(feature = "gateway")]
         Command::Serve(args) => commands::serve::serve(config, args).await,
         #[cfg(feature = "gateway")]

@@ -217,6 +217,7 @@ async function refreshStats() {
     dd.textContent = v;
     return [dt, dd];
   }));
+  drawCharts(s.series);
   fillTable("#queues", (s.queues || []).map((q) => [showName(q.id), q.depth, q.inFlight, q.dead]));
   fillTable("#lag", s.lag.map((x) => [showName(x.subscription), x.messages, x.seconds]));
   const counts = $("#counts");
@@ -229,6 +230,104 @@ async function refreshStats() {
       countList("by state", s.counts.byState),
     );
   }
+}
+
+// ---- Charts: the gateway's series (/stats `series`: a sample every 5 s, the last ten
+// minutes), drawn as SVG here; no chart library.
+const SVG_NS = "http://www.w3.org/2000/svg";
+const CHART = { width: 360, height: 160, left: 40, right: 8, top: 10, bottom: 20 };
+const SPAN_MS = 10 * 60 * 1000;
+
+function svg(name, attributes, text) {
+  const element = document.createElementNS(SVG_NS, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// The smallest of 1, 2, 5 × 10^n at or above `value` (1 when there is nothing).
+function roundUp(value) {
+  if (!(value > 0)) return 1;
+  const power = 10 ** Math.floor(Math.log10(value));
+  for (const m of [1, 2, 5, 10]) if (m * power >= value * (1 - 1e-9)) return m * power;
+  return 10 * power;
+}
+
+function figure(value) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return "–";
+  if (value >= 100 || Number.isInteger(value)) return String(Math.round(value));
+  return value.toFixed(value >= 10 ? 1 : 2);
+}
+
+// Draws `lines` ({ name, points: [[at ms, value or null]] }) over the ten minutes that end
+// at `end`; a null value leaves a gap. Each point is a circle carrying its value.
+function drawChart(selector, legendSelector, lines, unit, end) {
+  const chart = $(selector);
+  const { width, height, left, right, top, bottom } = CHART;
+  const start = end - SPAN_MS;
+  const values = lines.flatMap((l) => l.points.map((p) => p[1])).filter((v) => Number.isFinite(v));
+  const max = roundUp(Math.max(0, ...values));
+  const x = (at) => left + ((at - start) / SPAN_MS) * (width - left - right);
+  const y = (v) => top + (1 - v / max) * (height - top - bottom);
+  const parts = [];
+  for (const f of [0, 0.5, 1]) {
+    const at = y(max * f);
+    parts.push(svg("line", { class: "grid", x1: left, x2: width - right, y1: at, y2: at }));
+    parts.push(svg("text", { x: left - 6, y: at + 4, "text-anchor": "end" }, figure(max * f) + (f === 1 ? unit : "")));
+  }
+  for (const [label, at, anchor] of [["−10 min", start, "start"], ["−5 min", start + SPAN_MS / 2, "middle"], ["now", end, "end"]]) {
+    parts.push(svg("text", { x: x(at), y: height - 6, "text-anchor": anchor }, label));
+  }
+  let drawn = 0;
+  const legend = [];
+  for (const [i, line] of lines.entries()) {
+    let d = "";
+    let pen = false;
+    const dots = [];
+    let last = null;
+    for (const [at, value] of line.points) {
+      if (!Number.isFinite(value) || at < start) {
+        pen = false;
+        continue;
+      }
+      d += (pen ? "L" : "M") + x(at).toFixed(1) + " " + y(value).toFixed(1) + " ";
+      pen = true;
+      dots.push(svg("circle", { class: "point s" + i, cx: x(at).toFixed(1), cy: y(value).toFixed(1), r: 2, "data-series": line.name, "data-value": value }));
+      last = value;
+    }
+    drawn += dots.length;
+    if (d) parts.push(svg("path", { class: "line s" + i, d: d.trim(), "data-series": line.name }));
+    parts.push(...dots);
+    const item = document.createElement("span");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch s" + i;
+    item.append(swatch, line.name + ": " + figure(last) + (last === null ? "" : unit));
+    legend.push(item);
+  }
+  if (!drawn) parts.push(svg("text", { class: "empty", x: width / 2, y: height / 2, "text-anchor": "middle" }, "no data yet"));
+  chart.replaceChildren(...parts);
+  chart.dataset.points = String(drawn);
+  $(legendSelector).replaceChildren(...legend);
+}
+
+function drawCharts(series) {
+  if (!series || !series.length) return;
+  const end = series[series.length - 1].at;
+  // Rates need an interval: the first sample has none.
+  const timed = series.filter((p) => p.intervalMs > 0);
+  const rate = (key) => timed.map((p) => [p.at, (p[key] * 1000) / p.intervalMs]);
+  drawChart("#chart-rate", "#legend-rate", [
+    { name: "published", points: rate("published") },
+    { name: "delivered", points: rate("delivered") },
+  ], "/s", end);
+  drawChart("#chart-depth", "#legend-depth", [
+    { name: "queue depth", points: series.map((p) => [p.at, p.queueDepth]) },
+    { name: "outbox", points: series.map((p) => [p.at, p.outbox]) },
+  ], "", end);
+  drawChart("#chart-latency", "#legend-latency", [
+    { name: "p50", points: series.map((p) => [p.at, p.p50Ms]) },
+    { name: "p99", points: series.map((p) => [p.at, p.p99Ms]) },
+  ], " ms", end);
 }
 
 // ---- Dead letters

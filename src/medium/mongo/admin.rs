@@ -206,7 +206,11 @@ impl MongoMedium {
         });
 
         if self.following == Following::ChangeStreams {
-            checks.push(match hub::open(inner, hub::hub_pipeline(), None).await {
+            checks.push(match hub::open(
+                inner,
+                hub::hub_pipeline(&hub::Selection::probe(cfg.hub_selection)),
+                None,
+            ).await {
                 Ok(stream) => {
                     drop(stream);
                     Check::pass("change streams", "a change stream opens on the messages collection")

@@ -76,17 +76,82 @@ pub(crate) fn is_history_lost(err: &mongodb::error::Error) -> bool {
     )
 }
 
-/// intracom's error for a driver error.
+/// intracom's error for a driver error, which it keeps as its source.
 pub(crate) fn to_error(err: mongodb::error::Error) -> Error {
-    if is_transient(&err) {
+    let transient = is_transient(&err);
+    let reason = err.to_string();
+    let source = Some(Box::new(err) as Box<dyn std::error::Error + Send + Sync>);
+    if transient {
         Error::Unavailable {
             medium: "db",
-            reason: err.to_string(),
+            reason,
+            source,
         }
     } else {
         Error::Medium {
             medium: "db",
-            reason: err.to_string(),
+            reason,
+            source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use mongodb::error::{CommandError, ErrorKind};
+
+    use super::*;
+
+    fn command_error(code: i32) -> mongodb::error::Error {
+        let command: CommandError = bson::from_document(bson::doc! {
+            "code": code, "codeName": "Test", "errmsg": "test failure",
+        })
+        .expect("a command error");
+        mongodb::error::Error::from(ErrorKind::Command(command))
+    }
+
+    #[test]
+    fn a_server_refusal_keeps_the_driver_error_and_its_code() {
+        let error = to_error(command_error(DUPLICATE_KEY));
+        assert!(
+            matches!(error, Error::Medium { medium: "db", .. }),
+            "{error}"
+        );
+        assert!(!error.is_retryable());
+        assert_eq!(error.server_code(), Some(DUPLICATE_KEY));
+        assert!(error.driver_error().is_some());
+        assert!(error.source().is_some());
+        assert!(error.labels().is_empty());
+        assert!(!error.has_label("RetryableWriteError"));
+        assert!(error.to_string().contains("test failure"), "{error}");
+    }
+
+    #[test]
+    fn a_transient_error_stays_retryable_with_its_source() {
+        let error = to_error(command_error(11600));
+        assert!(error.is_retryable(), "{error}");
+        assert_eq!(error.server_code(), Some(11600));
+        let io = to_error(mongodb::error::Error::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )));
+        assert!(
+            matches!(io, Error::Unavailable { medium: "db", .. }),
+            "{io}"
+        );
+        assert_eq!(io.server_code(), None);
+        let driver = io.driver_error().expect("the driver's error");
+        assert!(matches!(*driver.kind, ErrorKind::Io(_)));
+    }
+
+    #[test]
+    fn errors_without_a_driver_error_have_no_code_or_labels() {
+        let error = Error::unavailable("mqtt", "connection lost");
+        assert!(error.driver_error().is_none());
+        assert_eq!(error.server_code(), None);
+        assert!(error.labels().is_empty());
+        assert!(error.source().is_none());
     }
 }

@@ -45,6 +45,7 @@ use tokio::sync::watch;
 use super::errors::{is_history_lost, is_transient, to_error};
 use super::hub::{self, Events, Hub, RingItem, Segment};
 use super::{decode_raw, Inner};
+use crate::config::Retention;
 use crate::error::Result;
 use crate::filter::{Filter, Position, SharedPosition, StartFrom};
 use crate::medium::Event;
@@ -102,11 +103,6 @@ struct Replay {
     ahead: HashSet<String>,
     /// The checkpoint, to resume from it otherwise if the stream cannot get there.
     position: Position,
-    /// A checkpoint from a scan, once the stream has passed its event: what comes after
-    /// it in commit order and before it in `(ts, _id)` order was read by the scan before
-    /// it, so it is still remembered, not delivered, until the events are stamped later
-    /// than a safety window after the checkpoint (none of those can sort before it).
-    passed: bool,
 }
 
 impl Replay {
@@ -115,27 +111,15 @@ impl Replay {
     /// (a checkpoint saved during a catch-up by `ts`), only what is at or before the
     /// checkpoint in `(ts, _id)` order: a pass delivers in that order, and a message
     /// after it was not read before it (it was delivered later, by a later pass or the
-    /// stream, or not yet: it is delivered now).
+    /// stream, or not yet: it is delivered now), and the ids the checkpoint names as
+    /// delivered ahead of it. A message whose event comes after the checkpoint's is
+    /// delivered, though it may sort before it: committed after the checkpoint's
+    /// message, it may not have been read before it (a scan's passes do not say), so
+    /// it may come again rather than be lost.
     fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
         self.cluster_time.is_some()
             || (ts, id) <= (self.position.ts, self.id.as_str())
             || self.ahead.contains(id)
-    }
-
-    /// Whether an event after a scan's checkpoint may still sort before it: its cluster
-    /// time is within a safety window after the checkpoint's stamp (a stamp is taken
-    /// before its write's oplog time, and a write commits within the window).
-    fn may_sort_before(&self, cluster_time: Option<Timestamp>, window: u32) -> bool {
-        // Twice the window: what was delivered ahead of the checkpoint is stamped within
-        // a window after it, and committed within a window after its stamp.
-        cluster_time.is_none_or(|ct| {
-            ct.time
-                <= self
-                    .position
-                    .ts
-                    .time
-                    .saturating_add(window.saturating_mul(2))
-        })
     }
 }
 
@@ -161,7 +145,14 @@ pub(crate) struct Follower {
     /// The ring segments read since the follower last joined the ring, from the oldest
     /// that may hold a message stamped within the safety window of `last_ts`.
     held: VecDeque<Held>,
-    backoff: Duration,
+    backoff: crate::backoff::Backoff,
+    /// Its place in the hub's selection (targeted selection), for as long as it lives.
+    registration: Option<hub::Registration>,
+    /// Capped retention, resuming from a saved position: the stamp of the oldest message
+    /// the collection still held then. A message stamped before it was pushed out of
+    /// the collection, although the oplog may still have its insert event: it is
+    /// reported as lost, not delivered, as a TTL-expired one is.
+    capped_floor: Option<Timestamp>,
 }
 
 /// Ids delivered within the safety window of the newest one.
@@ -361,45 +352,74 @@ impl Follower {
             },
             recent: Recent::default(),
             held: VecDeque::new(),
-            backoff: Duration::from_millis(100),
+            backoff: crate::backoff::FOLLOWER.start(),
+            registration: None,
+            capped_floor: None,
         };
-        follower.mode = match from {
-            StartFrom::Now => match &follower.hub {
-                Some(hub) => {
-                    // What came before: the newest message the ring holds up to `now`
-                    // or, with none there, the newest stamp in the collection. A scan
-                    // after a gap met before this follower's first event starts there,
-                    // not at the beginning of what is retained.
-                    let seen = hub.ring().newest_message_ts_upto(now);
-                    let anchor = match seen {
-                        Some(ts) => ts,
-                        None => Self::newest_ts(&follower.inner, Some(ANCHOR_COMMENT)).await?,
-                    };
-                    if anchor > follower.last_ts {
-                        follower.start_floor = Some(anchor);
-                        follower.last_ts = anchor;
+        // The hub's stream must select this follower's messages before the follower
+        // reads a position in the ring. When the running stream did not select them
+        // since `now`, it is reopened (from its last token) with a selection that does,
+        // and the follower reads the ring only after that reopening: a follower that
+        // starts now reads the collection from the moment of this call up to there.
+        let mut widened = None;
+        if let Some(hub) = follower.hub.clone() {
+            let (registration, joined) = hub.register(&follower.filter, now);
+            follower.registration = registration;
+            if let hub::Joined::Widened(generation) = joined {
+                widened = Some(hub.applied(&follower.inner, generation).await);
+            }
+        }
+        follower.mode = match (from, widened) {
+            (StartFrom::Now, Some(reopened)) => {
+                // The ring after `reopened` holds every event of this follower after
+                // the reopened stream's token, which can come before this call. Now is
+                // the newest stamp read here: what is stamped at or before the safety
+                // window before it is skipped, and the ids stamped within that window
+                // are remembered as delivered (they committed before this call);
+                // what commits later is delivered, whatever its stamp.
+                let newest = Self::newest_ts(&follower.inner, None).await?;
+                follower.prime(newest).await?;
+                follower.floor = Some(minus_window(newest, follower.window_secs()));
+                Mode::Ring { cursor: reopened }
+            }
+            (from, _) => match from {
+                StartFrom::Now => match &follower.hub {
+                    Some(hub) => {
+                        // What came before: the newest message the ring holds up to `now`
+                        // or, with none there, the newest stamp in the collection. A scan
+                        // after a gap met before this follower's first event starts there,
+                        // not at the beginning of what is retained.
+                        let seen = hub.ring().newest_message_ts_upto(now);
+                        let anchor = match seen {
+                            Some(ts) => ts,
+                            None => Self::newest_ts(&follower.inner, Some(ANCHOR_COMMENT)).await?,
+                        };
+                        if anchor > follower.last_ts {
+                            follower.start_floor = Some(anchor);
+                            follower.last_ts = anchor;
+                        }
+                        Mode::Ring { cursor: now }
                     }
-                    Mode::Ring { cursor: now }
-                }
-                None => {
-                    // Poll mode: start after the newest stamp, and remember the ids of the
-                    // safety window so they are not delivered as new.
-                    let newest = Self::newest_ts(&follower.inner, None).await?;
-                    follower.prime(newest).await?;
-                    Mode::Scan {
-                        lower: newest,
-                        tip_before: None,
+                    None => {
+                        // Poll mode: start after the newest stamp, and remember the ids of the
+                        // safety window so they are not delivered as new.
+                        let newest = Self::newest_ts(&follower.inner, None).await?;
+                        follower.prime(newest).await?;
+                        Mode::Scan {
+                            lower: newest,
+                            tip_before: None,
+                        }
                     }
-                }
-            },
-            StartFrom::Beginning => Mode::Scan {
-                lower: Timestamp {
-                    time: 0,
-                    increment: 0,
                 },
-                tip_before: None,
+                StartFrom::Beginning => Mode::Scan {
+                    lower: Timestamp {
+                        time: 0,
+                        increment: 0,
+                    },
+                    tip_before: None,
+                },
+                StartFrom::After(position) => follower.resume(position, true).await?,
             },
-            StartFrom::After(position) => follower.resume(position, true).await?,
         };
         Ok(follower)
     }
@@ -429,6 +449,9 @@ impl Follower {
             self.recent.insert(position.ts, id, window);
         }
         self.last_ts = self.last_ts.max(position.ts);
+        if self.inner.db_config.retention == Retention::Capped {
+            self.capped_floor = Self::oldest_ts(&self.inner).await?;
+        }
         let resume_token = token
             .get("rt")
             .cloned()
@@ -472,7 +495,6 @@ impl Follower {
                                 id,
                                 ahead,
                                 position,
-                                passed: false,
                             })),
                         });
                     }
@@ -514,6 +536,10 @@ impl Follower {
                 }
             }
         }
+        if self.capped_floor.is_some() {
+            // Read from the collection: what was pushed out is not there to count.
+            self.report_if_expired(position.ts);
+        }
         Ok(Mode::Scan {
             lower: minus_window(position.ts, self.window_secs()),
             tip_before: None,
@@ -521,15 +547,30 @@ impl Follower {
     }
 
     /// After losing the change-stream history, messages after a position older than the
-    /// retention may have been deleted: say so (the count is unknown).
+    /// retention (or, capped, older than the oldest message kept) may have been deleted:
+    /// say so (the count is unknown).
     fn report_if_expired(&mut self, ts: Timestamp) {
         if self
             .inner
             .retention_secs()
             .is_some_and(|r| u64::from(ts.time) + r < now_secs())
+            || self.capped_floor.is_some_and(|floor| ts < floor)
         {
             self.ready.push_back(Event::Lost { count: 0 });
         }
+    }
+
+    /// The stamp of the oldest message in the collection, if any.
+    async fn oldest_ts(inner: &Inner) -> Result<Option<Timestamp>> {
+        let _op = inner.op()?;
+        let oldest = inner
+            .messages
+            .find_one(doc! {})
+            .sort(doc! { "ts": 1 })
+            .projection(doc! { "ts": 1 })
+            .await
+            .map_err(to_error)?;
+        Ok(oldest.and_then(|d| d.get_timestamp("ts").ok()))
     }
 
     /// The newest stamp in the collection (0 when it is empty). `comment` names the
@@ -864,7 +905,19 @@ impl Follower {
         if let Some(raw) = &event.full_document {
             match decode_raw(raw) {
                 Ok(message) => {
-                    self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                    if Self::pushed_out(&self.inner, self.capped_floor, &message).await {
+                        // Capped: counted as lost (reported before the next delivery)
+                        // and remembered, as an expired one is.
+                        if let Some(ts) = message.ts {
+                            self.last_ts = self.last_ts.max(ts);
+                            if !self.recent.contains(&message.id) {
+                                self.recent.insert(ts, &message.id, self.window_secs());
+                                self.lost += 1;
+                            }
+                        }
+                    } else {
+                        self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                    }
                 }
                 Err(reason) => {
                     self.inner.count_unreadable();
@@ -875,10 +928,44 @@ impl Follower {
         ct
     }
 
+    /// Capped retention, resuming: whether a message the stream read from the oplog was
+    /// pushed out of the collection. Stamped before the oldest message kept, it was; on
+    /// servers that stamp whole seconds the oldest kept may share its stamp, and then
+    /// the collection is asked. (Eviction follows insertion order, not stamps.)
+    async fn pushed_out(inner: &Inner, floor: Option<Timestamp>, message: &Message) -> bool {
+        let (Some(floor), Some(ts)) = (floor, message.ts) else {
+            return false;
+        };
+        if ts < floor {
+            return true;
+        }
+        if ts > floor {
+            return false;
+        }
+        let Ok(_op) = inner.op() else {
+            return false;
+        };
+        matches!(
+            inner
+                .messages
+                .count_documents(doc! { "_id": &message.id })
+                .await,
+            Ok(0)
+        )
+    }
+
     /// Hands a caught-up temporary stream over to the ring, if the ring covers what
     /// follows `last_cluster_time`.
     fn handover_from_stream(&mut self, last_cluster_time: Timestamp) -> Option<Mode> {
         let hub = self.hub.clone()?;
+        if self.registration.is_some() {
+            // Targeted selection: the ring before the stream's last reopening may lack
+            // this follower's messages, and where that reopening falls among the
+            // resumed stream's events is not known. A catch-up pass from the window
+            // before the newest stamp hands over at a tip read after it (what the
+            // stream delivered is skipped by id).
+            return Some(self.scan_from_last());
+        }
         let ring = hub.ring();
         if ring
             .dropped_cluster_time
@@ -946,48 +1033,7 @@ impl Follower {
                     };
                     return Ok(());
                 }
-                if let Some(mut r) = replay.take_if(|r| r.passed) {
-                    // Past a scan's checkpoint: what sorts before it was delivered before
-                    // the restart (see `Replay::passed`).
-                    let window = self.window_secs();
-                    if let Ok(Some(event)) = &next {
-                        if !hub::is_ending(&event.operation_type)
-                            && r.may_sort_before(event.cluster_time, window)
-                        {
-                            let known = event.full_document.as_ref().and_then(|raw| {
-                                let (id, ts) =
-                                    (raw.get_str("_id").ok()?, raw.get_timestamp("ts").ok()?);
-                                r.delivered_before(ts, id).then(|| (ts, id.to_string()))
-                            });
-                            let mut last_cluster_time = last_cluster_time;
-                            match known {
-                                Some((ts, id)) => {
-                                    self.recent.insert(ts, &id, window);
-                                    self.last_ts = self.last_ts.max(ts);
-                                    if let Some(ct) = event.cluster_time {
-                                        last_cluster_time = last_cluster_time.max(ct);
-                                    }
-                                }
-                                None => {
-                                    if let Ok(Some(event)) = next {
-                                        last_cluster_time =
-                                            self.take_event(event, last_cluster_time).await;
-                                    }
-                                }
-                            }
-                            r.passed = true;
-                            self.mode = Mode::Stream {
-                                stream,
-                                last_cluster_time,
-                                generation,
-                                replay: Some(r),
-                            };
-                            return Ok(());
-                        }
-                    }
-                    // Beyond the window, caught up, or an ending event: the stream goes
-                    // on as any resumed stream.
-                } else if let Some(mut r) = replay.take() {
+                if let Some(r) = replay.take() {
                     let before_checkpoint =
                         |event: &mongodb::change_stream::event::ChangeStreamEvent<
                             RawDocumentBuf,
@@ -1031,14 +1077,11 @@ impl Follower {
                             if !known {
                                 self.take_event(event, last_cluster_time).await;
                             }
-                            // A scan's checkpoint is still compared with after its event.
-                            let keep = !at_checkpoint || r.cluster_time.is_none();
-                            r.passed = at_checkpoint && r.cluster_time.is_none();
                             self.mode = Mode::Stream {
                                 stream,
                                 last_cluster_time,
                                 generation,
-                                replay: keep.then_some(r),
+                                replay: (!at_checkpoint).then_some(r),
                             };
                             return Ok(());
                         }
@@ -1134,22 +1177,18 @@ impl Follower {
             }
             Mode::Resume { position } => match self.resume(position.clone(), true).await {
                 Ok(next) => {
-                    self.backoff = Duration::from_millis(100);
+                    self.backoff.reset();
                     next
                 }
                 Err(error) => {
-                    tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "resuming from the saved position failed: retrying");
-                    tokio::select! {
-                        _ = self.inner.closed.cancelled() => {}
-                        _ = tokio::time::sleep(self.backoff) => {}
-                    }
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    tracing::warn!(%error, backoff_ms = self.backoff.delay().as_millis() as u64, "resuming from the saved position failed: retrying");
+                    self.backoff.sleep(&self.inner.closed).await;
                     Mode::Resume { position }
                 }
             },
             Mode::Scan { lower, tip_before } => match self.scan(lower, tip_before).await {
                 Ok(next) => {
-                    self.backoff = Duration::from_millis(100);
+                    self.backoff.reset();
                     next
                 }
                 Err(crate::Error::Shutdown) => {
@@ -1162,15 +1201,11 @@ impl Follower {
                 Err(error) => {
                     let retryable = error.is_retryable();
                     if retryable {
-                        tracing::warn!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan failed: retrying");
+                        tracing::warn!(%error, backoff_ms = self.backoff.delay().as_millis() as u64, "scan failed: retrying");
                     } else {
-                        tracing::error!(%error, backoff_ms = self.backoff.as_millis() as u64, "scan refused: the subscriber is told, and it is tried again");
+                        tracing::error!(%error, backoff_ms = self.backoff.delay().as_millis() as u64, "scan refused: the subscriber is told, and it is tried again");
                     }
-                    tokio::select! {
-                        _ = self.inner.closed.cancelled() => {}
-                        _ = tokio::time::sleep(self.backoff) => {}
-                    }
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    self.backoff.sleep(&self.inner.closed).await;
                     self.mode = Mode::Scan { lower, tip_before };
                     // Refused for good (not authorized, say): the consumer hears of it
                     // instead of a silence; a next read tries again.

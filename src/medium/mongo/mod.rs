@@ -46,7 +46,7 @@ use super::{
     Appended, CatalogMap, ClaimRequest, DeadLetter, DeadLetterStore, EventStream, Inspection,
     Medium, ProcessedRecord, QueueStats, Records, Reservation, Settlement, WorkQueue,
 };
-use crate::config::{Config, DbConfig, Retention};
+use crate::config::{Config, DbConfig, ReadPreference, Retention};
 use crate::error::{Error, Result};
 use crate::filter::{Filter, Position, StartFrom};
 use crate::message::Message;
@@ -57,16 +57,45 @@ use hub::{Hub, Started};
 pub use admin::{Check, Stats};
 pub use setup::message_validator;
 
-/// Counters of this process's MongoDB medium (also exported as metrics).
-#[derive(Debug, Default)]
+/// Counters of this process's MongoDB medium (also exported as metrics), as read at
+/// one moment ([`MongoMedium::counters`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Counters {
     /// Documents that were not readable messages, copied to `dead`.
-    pub dead_lettered: AtomicU64,
+    pub dead_lettered: u64,
     /// Times a change stream's history was gone (286/280/260).
-    pub history_lost: AtomicU64,
+    pub history_lost: u64,
     /// Times a subscriber fell back to scanning the collection by `ts`.
-    pub fallbacks: AtomicU64,
+    pub fallbacks: u64,
+    /// Change events the process's change stream read: what the server selected for
+    /// this process (`common.intracom.db.hub.selection`).
+    pub hub_events: u64,
+    /// Times that stream was reopened from its last token because its selection
+    /// changed (a subscription, worker or asker came or went).
+    pub hub_selections: u64,
+}
+
+/// The live counters behind [`Counters`].
+#[derive(Debug, Default)]
+pub(crate) struct Tallies {
+    dead_lettered: AtomicU64,
+    history_lost: AtomicU64,
+    fallbacks: AtomicU64,
+    pub(crate) hub_events: AtomicU64,
+    pub(crate) hub_selections: AtomicU64,
+}
+
+impl Tallies {
+    fn snapshot(&self) -> Counters {
+        Counters {
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            history_lost: self.history_lost.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            hub_events: self.hub_events.load(Ordering::Relaxed),
+            hub_selections: self.hub_selections.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Whether subscribers follow a change stream or poll.
@@ -90,12 +119,13 @@ pub(crate) struct Inner {
     pub(crate) dead: Collection<Document>,
     pub(crate) processed: Collection<Document>,
     pub(crate) waiters: work::Waiters,
+    pub(crate) claimed: work::Claimed,
     pub(crate) db_config: DbConfig,
     pub(crate) timeout_ms: u64,
     pub(crate) closed: CancellationToken,
     /// The driver operations under way (see [`Inner::op`]).
     ops: Arc<Operations>,
-    pub(crate) stats: Counters,
+    pub(crate) stats: Tallies,
     /// How many times the change-stream client lost its connections (pool cleared:
     /// a network error, or the server going away). See [`Inner::stream_interruptions`].
     interruptions: Arc<AtomicU64>,
@@ -206,6 +236,18 @@ impl Inner {
         metrics::counter!(crate::metrics::FALLBACK, "kind" => "scan").increment(1);
     }
 
+    /// Counts a change event read by the hub.
+    pub(crate) fn count_hub_event(&self) {
+        self.stats.hub_events.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::HUB_EVENTS).increment(1);
+    }
+
+    /// Counts the hub's stream reopened for a changed selection.
+    pub(crate) fn count_selection(&self) {
+        self.stats.hub_selections.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::HUB_SELECTIONS).increment(1);
+    }
+
     /// Counts a change stream whose history was gone.
     pub(crate) fn count_history_lost(&self) {
         self.stats.history_lost.fetch_add(1, Ordering::Relaxed);
@@ -252,6 +294,19 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The driver's read preference for `common.intracom.db.read_preference`; `None` for
+/// the default (`primary`), which leaves the URI's.
+fn read_preference(preference: ReadPreference) -> Option<mongodb::options::ReadPreference> {
+    use mongodb::options::ReadPreference as Driver;
+    Some(match preference {
+        ReadPreference::Primary => return None,
+        ReadPreference::PrimaryPreferred => Driver::PrimaryPreferred { options: None },
+        ReadPreference::Secondary => Driver::Secondary { options: None },
+        ReadPreference::SecondaryPreferred => Driver::SecondaryPreferred { options: None },
+        ReadPreference::Nearest => Driver::Nearest { options: None },
+    })
 }
 
 /// Decodes a stored document into a message, or says why it is not one.
@@ -303,6 +358,13 @@ impl MongoMedium {
         //   to the hub, which reopens from its own copy of the token.
         let mut stream_options = options.clone();
         stream_options.retry_reads = Some(false);
+        // Where the change streams read (`common.intracom.db.read_preference`); the
+        // default leaves the URI's `readPreference` (the primary unless it says).
+        if let Some(preference) = read_preference(db_config.read_preference) {
+            stream_options.selection_criteria = Some(
+                mongodb::options::SelectionCriteria::ReadPreference(preference),
+            );
+        }
         let interruptions = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&interruptions);
         stream_options.cmap_event_handler =
@@ -350,12 +412,13 @@ impl MongoMedium {
             dead: db.collection(&db_config.dead),
             processed: db.collection(&db_config.processed),
             waiters: work::Waiters::default(),
+            claimed: work::Claimed::default(),
             db,
             db_config,
             timeout_ms: config.timeout_ms,
             closed: CancellationToken::new(),
             ops: Arc::default(),
-            stats: Counters::default(),
+            stats: Tallies::default(),
             interruptions,
             max_bson,
         });
@@ -375,9 +438,9 @@ impl MongoMedium {
         }
     }
 
-    /// The medium's counters.
-    pub fn counters(&self) -> &Counters {
-        &self.inner.stats
+    /// The medium's counters, as they are now.
+    pub fn counters(&self) -> Counters {
+        self.inner.stats.snapshot()
     }
 
     /// The shared change stream, opened on first use; `None` in poll mode.
@@ -407,9 +470,8 @@ impl MongoMedium {
     /// can only insert (filter `{_id, ts: {$exists: false}}`, see the module docs), the
     /// body in `$setOnInsert`, the stamps from the server's clock by `$currentDate`.
     fn upsert_statement(message: &Message, encoded: &RawDocument) -> Result<RawDocumentBuf> {
-        let unreadable = |e: bson::raw::Error| Error::Medium {
-            medium: "db",
-            reason: format!("message {} encoded wrongly: {e}", message.id),
+        let unreadable = |e: bson::raw::Error| {
+            Error::refused("db", format!("message {} encoded wrongly: {e}", message.id))
         };
         let mut body = RawDocumentBuf::new();
         for element in encoded {
@@ -467,10 +529,10 @@ impl MongoMedium {
                 .await
                 .map_err(to_error)?;
             if let Ok(wce) = reply.get_document("writeConcernError") {
-                return Err(Error::Unavailable {
-                    medium: "db",
-                    reason: format!("write concern not satisfied: {wce}"),
-                });
+                return Err(Error::unavailable(
+                    "db",
+                    format!("write concern not satisfied: {wce}"),
+                ));
             }
             let first_error = reply
                 .get_array("writeErrors")
@@ -493,15 +555,9 @@ impl MongoMedium {
                         let id = batch.get(index).map(|m| m.id.as_str()).unwrap_or("?");
                         let why = error.get_str("errmsg").unwrap_or("write error");
                         return Err(if transient {
-                            Error::Unavailable {
-                                medium: "db",
-                                reason: format!("message {id} not written now: {why}"),
-                            }
+                            Error::unavailable("db", format!("message {id} not written now: {why}"))
                         } else {
-                            Error::Medium {
-                                medium: "db",
-                                reason: format!("message {id} refused: {why}"),
-                            }
+                            Error::refused("db", format!("message {id} refused: {why}"))
                         });
                     }
                     index
@@ -601,15 +657,26 @@ impl Medium for MongoMedium {
             .collect::<Result<Vec<_>>>()?;
         // A request's caller waits for its outcome: with the shared stream running, its
         // waiter is set now, so that no read is needed (see `work::wait`).
+        // With a targeted selection, the stream selects the requests' settles once it
+        // selects their asking instance: waited for before the publish, so that neither
+        // their insert nor their settle passes by.
         let requests: Vec<&str> = match self.hub.get() {
-            Some(Some(_)) => messages
-                .iter()
-                .filter(|m| work::is_request(m))
-                .map(|m| {
-                    self.inner.waiters.expect(m);
-                    m.id.as_str()
-                })
-                .collect(),
+            Some(Some(hub)) => {
+                let mut widened = None;
+                let requests = messages
+                    .iter()
+                    .filter(|m| work::is_request(m))
+                    .map(|m| {
+                        self.inner.waiters.expect(m);
+                        widened = widened.max(hub.ask(&m.source_instance));
+                        m.id.as_str()
+                    })
+                    .collect();
+                if let Some(generation) = widened {
+                    hub.applied(&self.inner, generation).await;
+                }
+                requests
+            }
             _ => Vec::new(),
         };
         let appended = self.upsert(messages, &statements).await;
@@ -692,12 +759,9 @@ impl Medium for MongoMedium {
             .await
             .map_err(to_error)?;
         match found.and_then(|d| d.get_document("position").ok().cloned()) {
-            Some(position) => bson::from_document(position)
-                .map(Some)
-                .map_err(|e| Error::Medium {
-                    medium: "db",
-                    reason: format!("checkpoint `{name}` is unreadable: {e}"),
-                }),
+            Some(position) => bson::from_document(position).map(Some).map_err(|e| {
+                Error::refused("db", format!("checkpoint `{name}` is unreadable: {e}"))
+            }),
             None => Ok(None),
         }
     }
@@ -764,8 +828,8 @@ impl WorkQueue for MongoMedium {
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>> {
         let _op = self.inner.op()?;
         // The shared stream carries the update events that wake the waiter.
-        self.hub().await?;
-        work::await_outcome(&self.inner, id, timeout).await
+        let hub = self.hub().await?;
+        work::await_outcome(&self.inner, id, timeout, hub.as_deref()).await
     }
 }
 

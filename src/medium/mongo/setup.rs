@@ -158,9 +158,11 @@ async fn list_collections(inner: &Inner) -> Result<Vec<Document>> {
     let batch = reply
         .get_document("cursor")
         .and_then(|c| c.get_array("firstBatch"))
-        .map_err(|e| Error::Medium {
-            medium: "db",
-            reason: format!("listCollections reply without cursor.firstBatch: {e}"),
+        .map_err(|e| {
+            Error::refused(
+                "db",
+                format!("listCollections reply without cursor.firstBatch: {e}"),
+            )
         })?;
     Ok(batch
         .iter()

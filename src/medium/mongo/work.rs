@@ -26,6 +26,7 @@ use mongodb::options::ReturnDocument;
 use tokio::sync::Notify;
 
 use super::errors::{code, to_error, DUPLICATE_KEY};
+use super::hub::Hub;
 use super::{decode_message, Inner};
 use crate::error::Result;
 use crate::medium::{ClaimRequest, DeadLetter, Reservation, Settlement};
@@ -87,7 +88,10 @@ pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Optio
             return Ok(None);
         };
         match decode_message(&document) {
-            Ok(message) => return Ok(Some(message)),
+            Ok(message) => {
+                inner.claimed.remember(&message);
+                return Ok(Some(message));
+            }
             Err(reason) => {
                 let reason = format!("claimed work is not a readable message: {reason}");
                 set_aside(inner, &document, &request.owner, &reason).await?;
@@ -101,14 +105,18 @@ pub(crate) async fn claim(inner: &Inner, request: &ClaimRequest) -> Result<Optio
 /// copies it to the dead letters ([`Inner::dead_letter`] logs and counts it).
 async fn set_aside(inner: &Inner, document: &Document, owner: &str, reason: &str) -> Result<()> {
     let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+    let mut set = doc! { "state": "error", "response": { "error": reason, "dead": true }, "response_ts": now_nanos() };
+    if let (Ok(_), Ok(asker)) = (
+        document.get_str("queryId"),
+        document.get_str("instanceSource"),
+    ) {
+        set.insert(ASKER, asker);
+    }
     inner
         .messages
         .update_one(
             doc! { "_id": &id, "state": "pending", "lease.owner": owner },
-            doc! {
-                "$set": { "state": "error", "response": { "error": reason, "dead": true }, "response_ts": now_nanos() },
-                "$unset": { "lease": "" },
-            },
+            doc! { "$set": set, "$unset": { "lease": "" } },
         )
         .await
         .map_err(to_error)?;
@@ -149,13 +157,19 @@ pub(crate) async fn settle(
             if let Some(result) = result {
                 set.insert("result", result);
             }
+            if let Some(asker) = asker(inner, id).await {
+                set.insert(ASKER, asker);
+            }
             inner
                 .messages
                 .update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } })
                 .await
         }
         Settlement::Failed(error) => {
-            let set = doc! { "state": "error", "response": error, "response_ts": now_nanos() };
+            let mut set = doc! { "state": "error", "response": error, "response_ts": now_nanos() };
+            if let Some(asker) = asker(inner, id).await {
+                set.insert(ASKER, asker);
+            }
             inner
                 .messages
                 .update_one(filter, doc! { "$set": set, "$unset": { "lease": "" } })
@@ -173,14 +187,15 @@ pub(crate) async fn settle(
 }
 
 pub(crate) async fn bury(inner: &Inner, id: &str, owner: &str, reason: &str) -> Result<bool> {
+    let mut set = doc! { "state": "error", "response": { "error": reason, "dead": true }, "response_ts": now_nanos() };
+    if let Some(asker) = asker(inner, id).await {
+        set.insert(ASKER, asker);
+    }
     let buried = inner
         .messages
         .find_one_and_update(
             doc! { "_id": id, "state": "pending", "lease.owner": owner },
-            doc! {
-                "$set": { "state": "error", "response": { "error": reason, "dead": true }, "response_ts": now_nanos() },
-                "$unset": { "lease": "" },
-            },
+            doc! { "$set": set, "$unset": { "lease": "" } },
         )
         .return_document(ReturnDocument::After)
         .await
@@ -192,6 +207,66 @@ pub(crate) async fn bury(inner: &Inner, id: &str, owner: &str, reason: &str) -> 
             Ok(true)
         }
         None => Ok(false),
+    }
+}
+
+/// The field a settle of a request writes beside `state`: the instance that asked
+/// (the request's `instanceSource`). A change event of an update carries only what the
+/// update wrote (`updateDescription.updatedFields`), so this is what lets the asking
+/// process's change stream select the settles of its own requests on the server (see
+/// `hub::hub_pipeline`), without looking the document up.
+pub(crate) const ASKER: &str = "asker";
+
+/// The asking instance of the requests this process claimed and has not settled yet,
+/// so that a settle writes it without reading the request first.
+#[derive(Default)]
+pub(crate) struct Claimed {
+    askers: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// How many claimed requests' askers are kept at most (work claimed and never settled
+/// here, its lease lost, would stay otherwise): past it they are forgotten, and a
+/// settle reads the asker instead.
+const CLAIMED_MAX: usize = 16_384;
+
+impl Claimed {
+    fn remember(&self, message: &Message) {
+        if message.query_id.is_none() {
+            return;
+        }
+        let mut askers = lock(&self.askers);
+        if askers.len() >= CLAIMED_MAX {
+            askers.clear();
+        }
+        askers.insert(message.id.clone(), message.source_instance.clone());
+    }
+
+    fn take(&self, id: &str) -> Option<Option<String>> {
+        lock(&self.askers).remove(id).map(Some)
+    }
+}
+
+/// The instance that asked request `id` (none for work that is not a request): known
+/// from its claim, or read.
+async fn asker(inner: &Inner, id: &str) -> Option<String> {
+    if let Some(known) = inner.claimed.take(id) {
+        return known;
+    }
+    let found = inner
+        .messages
+        .find_one(doc! { "_id": id })
+        .projection(doc! { "instanceSource": 1, "queryId": 1 })
+        .await;
+    match found {
+        Ok(Some(document)) if document.get_str("queryId").is_ok() => {
+            document.get_str("instanceSource").ok().map(str::to_string)
+        }
+        Ok(_) => None,
+        Err(error) => {
+            // The settle goes on; its caller reads the outcome within a recheck.
+            tracing::debug!(%error, message_id = id, "the asker of a request was not read");
+            None
+        }
     }
 }
 
@@ -318,9 +393,10 @@ pub(crate) async fn await_outcome(
     inner: &Inner,
     id: &str,
     timeout: Duration,
+    hub: Option<&Hub>,
 ) -> Result<Option<Message>> {
     let waiter = inner.waiters.register(id);
-    let outcome = wait(inner, id, timeout, &waiter).await;
+    let outcome = wait(inner, id, timeout, &waiter, hub).await;
     inner.waiters.forget(id);
     outcome
 }
@@ -331,9 +407,8 @@ fn outcome_in(id: &str, document: &Document) -> Option<Result<Message>> {
         .get_str("state")
         .is_ok_and(|s| s != "pending")
         .then(|| {
-            decode_message(document).map_err(|reason| crate::Error::Medium {
-                medium: "db",
-                reason: format!("request {id} is unreadable: {reason}"),
+            decode_message(document).map_err(|reason| {
+                crate::Error::refused("db", format!("request {id} is unreadable: {reason}"))
             })
         })
 }
@@ -347,11 +422,17 @@ fn outcome_in(id: &str, document: &Document) -> Option<Result<Message>> {
 /// after the waiter is set, so a settle before the read is seen in it and one after it
 /// sends an event. Without an event (poll mode, a stream being reopened) the request is
 /// read again every [`OUTCOME_RECHECK`].
+///
+/// With a targeted selection, the hub's stream selects the settles of the instances
+/// that asked requests this process waits for: a request read here names its asker,
+/// which is added to the selection (and the request read again once the stream selects
+/// it, so that a settle in between is not missed).
 async fn wait(
     inner: &Inner,
     id: &str,
     timeout: Duration,
     waiter: &Waiter,
+    hub: Option<&Hub>,
 ) -> Result<Option<Message>> {
     let deadline = crate::deadline::after(timeout);
     let mut reread = !waiter.expected;
@@ -393,7 +474,16 @@ async fn wait(
                 if let Some(outcome) = outcome_in(id, &document) {
                     return outcome.map(Some);
                 }
+                let widened = match (hub, document.get_str("instanceSource")) {
+                    (Some(hub), Ok(asker)) => hub.ask(asker),
+                    _ => None,
+                };
                 *lock(&waiter.request) = Some(document);
+                if let (Some(hub), Some(generation)) = (hub, widened) {
+                    hub.applied(inner, generation).await;
+                    reread = true;
+                    continue;
+                }
             }
         }
         let recheck = tokio::time::Instant::now() + OUTCOME_RECHECK;

@@ -226,10 +226,7 @@ impl Conn {
             conn.client_id()
         );
         Err(if link.refused {
-            Error::Medium {
-                medium: "mqtt",
-                reason,
-            }
+            Error::refused("mqtt", reason)
         } else {
             unavailable(reason)
         })
@@ -379,10 +376,10 @@ impl Conn {
         };
         match rx.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::Medium {
-                medium: "mqtt",
-                reason: format!("subscription refused by the broker: {reason}"),
-            }),
+            Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::refused(
+                "mqtt",
+                format!("subscription refused by the broker: {reason}"),
+            )),
             Ok(Err(reason)) => Err(unavailable(reason)),
             Err(_) => Err(unavailable("the connection was closed")),
         }
@@ -493,10 +490,10 @@ fn settle(
 ) -> Result<bool> {
     match outcome {
         Ok(Ok(matched)) => Ok(matched),
-        Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::Medium {
-            medium: "mqtt",
-            reason: format!("the broker refused the publish on `{topic}`: {reason}"),
-        }),
+        Ok(Err(reason)) if reason.starts_with("refused:") => Err(Error::refused(
+            "mqtt",
+            format!("the broker refused the publish on `{topic}`: {reason}"),
+        )),
         Ok(Err(reason)) => Err(unavailable(reason)),
         Err(_) => Err(unavailable("the connection was closed")),
     }
@@ -530,7 +527,7 @@ async fn drive(
     shared: Arc<Shared>,
     inbound: mpsc::UnboundedSender<Inbound>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = crate::backoff::MQTT_LINK.start();
     let mut ever_up = false;
     loop {
         // Never dropped half-way: rumqttc's poll may be writing a packet (an ack).
@@ -538,7 +535,7 @@ async fn drive(
         let event = eventloop.poll().await;
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 if ever_up && shared.persistent && !connack.session_present {
                     // The broker lost the session (restarted without persistence, or it
                     // expired): what it had queued for us and not acknowledged is gone.
@@ -725,11 +722,7 @@ async fn drive(
                     break;
                 }
                 tracing::debug!(client_id = %shared.client_id, error = %text, "mqtt connection lost: reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.closed.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.sleep(&shared.closed).await;
             }
         }
     }

@@ -173,13 +173,7 @@ impl Follower {
                     None => "the subscription's connection was closed".to_string(),
                 };
                 self.closed.cancel();
-                return Some((
-                    Err(Error::Unavailable {
-                        medium: "mqtt",
-                        reason,
-                    }),
-                    self,
-                ));
+                return Some((Err(Error::unavailable("mqtt", reason)), self));
             };
             self.rank += 1;
             let rank = self.rank;

@@ -188,10 +188,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
-    Error::Unavailable {
-        medium: "mqtt",
-        reason: reason.into(),
-    }
+    Error::unavailable("mqtt", reason.into())
 }
 
 fn short_id() -> String {
@@ -335,34 +332,40 @@ impl MqttMedium {
     }
 
     /// What the broker publishes about itself under `$SYS/broker/` (Mosquitto and
-    /// others; empty if the broker publishes nothing there or denies it): topic → value.
-    pub async fn broker_stats(&self) -> Result<Vec<(String, String)>> {
+    /// others; empty if the broker publishes nothing there or denies it), by topic.
+    pub async fn broker_stats(&self) -> Result<Vec<BrokerStat>> {
         let found = self.inner.read_retained("$SYS/broker/#".into()).await?;
-        let mut out: Vec<(String, String)> = found
+        let mut out: Vec<BrokerStat> = found
             .into_iter()
-            .map(|(t, v)| {
-                let key = t.strip_prefix("$SYS/broker/").unwrap_or(&t).to_string();
-                (key, String::from_utf8_lossy(&v).into_owned())
+            .map(|(t, v)| BrokerStat {
+                topic: t.strip_prefix("$SYS/broker/").unwrap_or(&t).to_string(),
+                value: String::from_utf8_lossy(&v).into_owned(),
             })
             .collect();
         out.sort();
         Ok(out)
     }
 
-    /// The workers present on the broker: service → number of worker connections.
-    pub fn workers(&self) -> Vec<(String, usize)> {
+    /// The workers present on the broker: how many worker connections each service
+    /// has, by service.
+    pub fn workers(&self) -> Vec<ServiceWorkers> {
         let epoch = self.inner.main.epoch();
         let workers = lock(&self.inner.workers);
-        let mut out: Vec<(String, usize)> = workers
+        let mut out: Vec<ServiceWorkers> = workers
             .iter()
             .map(|(s, w)| (s, w.values().filter(|(e, _)| *e == epoch).count()))
             .filter(|(_, n)| *n > 0)
-            .map(|(s, n)| (s.clone(), n))
+            .map(|(s, n)| ServiceWorkers {
+                service: s.clone(),
+                connections: n,
+            })
             .collect();
         out.sort();
         out
     }
 }
+
+pub use super::{BrokerStat, ServiceWorkers};
 
 impl Inner {
     /// Whether a worker of `service` for `action` is present (other than `except`, a
@@ -883,7 +886,7 @@ impl Medium for MqttMedium {
 
 #[async_trait]
 impl super::BrokerReport for MqttMedium {
-    fn workers(&self) -> Vec<(String, usize)> {
+    fn workers(&self) -> Vec<ServiceWorkers> {
         MqttMedium::workers(self)
     }
 
@@ -891,7 +894,7 @@ impl super::BrokerReport for MqttMedium {
         self.broker_max_packet_size()
     }
 
-    async fn broker_stats(&self) -> Result<Vec<(String, String)>> {
+    async fn broker_stats(&self) -> Result<Vec<BrokerStat>> {
         MqttMedium::broker_stats(self).await
     }
 }

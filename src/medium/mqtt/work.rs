@@ -277,10 +277,7 @@ impl Worker {
             };
             let Some(inbound) = inbound else {
                 return Some((
-                    Err(Error::Unavailable {
-                        medium: "mqtt",
-                        reason: "the worker's connection ended".into(),
-                    }),
+                    Err(Error::unavailable("mqtt", "the worker's connection ended")),
                     self,
                 ));
             };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use intracom::Config;
 
 use super::open;
-use crate::output::{fail, redact, Outcome};
+use crate::output::{fail, Outcome};
 
 pub(crate) async fn doctor(config: &Config) -> Outcome {
     let bus = open(config, "doctor").await?;
@@ -19,7 +19,7 @@ pub(crate) async fn doctor(config: &Config) -> Outcome {
     };
     out!(
         "checking {} / {}",
-        redact(&config.db.uri),
+        config.db.redacted_uri(),
         config.db.database
     );
     let checks = diagnosis.checks().await;

@@ -1,4 +1,11 @@
 //! One module per command family; what several of them share.
+//!
+//! The library computes, the command prints: what a service could use too lives in the
+//! library (the health checks of `doctor` in `MongoMedium::doctor`, the resolved
+//! configuration of `config` in `Config::to_properties`, the masked URI in
+//! `DbConfig::redacted_uri`); a file here reads arguments, calls the library and writes
+//! the output. `demo` stays here: it is a scripted user of the public API, as the
+//! crate's examples are.
 
 pub(crate) mod bench;
 pub(crate) mod catalog;

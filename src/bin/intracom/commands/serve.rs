@@ -116,6 +116,8 @@ pub(crate) async fn serve(mut config: Config, args: ServeArgs) -> Outcome {
             "choose another address with --listen",
         )
     })?;
+    // Before the bus connects: its publish counters are taken then.
+    Gateway::install_metrics();
     let bus = Intracom::connect(config.clone()).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let address = listener

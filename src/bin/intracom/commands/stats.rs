@@ -84,11 +84,11 @@ pub(crate) async fn mqtt_stats(
     if as_json {
         let workers: Vec<_> = workers
             .iter()
-            .map(|(s, n)| serde_json::json!({ "service": s, "workers": n }))
+            .map(|w| serde_json::json!({ "service": w.service, "workers": w.connections }))
             .collect();
         let broker: serde_json::Map<String, serde_json::Value> = broker
             .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .map(|b| (b.topic.clone(), serde_json::Value::String(b.value.clone())))
             .collect();
         out!(
             "{}",
@@ -111,14 +111,14 @@ pub(crate) async fn mqtt_stats(
     }
     out!("services in the catalog: {services}");
     out!("workers present:");
-    for (service, n) in &workers {
-        out!("  {service:<32} {n:>10}");
+    for w in &workers {
+        out!("  {:<32} {:>10}", w.service, w.connections);
     }
     out!("dead letters: {dead}");
     if !broker.is_empty() {
         out!("broker ($SYS):");
-        for (key, value) in &broker {
-            out!("  {key:<40} {value}");
+        for b in &broker {
+            out!("  {:<40} {}", b.topic, b.value);
         }
     }
     out!("not available on MQTT: {missing}");

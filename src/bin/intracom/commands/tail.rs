@@ -8,7 +8,7 @@ use intracom::bson::{Bson, Timestamp};
 use intracom::{Config, MediumKind, Message, MessageType, Position, StartFrom, Subscription};
 
 use super::open;
-use crate::output::{fail, redact, try_write_out, Failure, Outcome};
+use crate::output::{fail, try_write_out, Failure, Outcome};
 
 #[derive(Args)]
 pub(crate) struct TailArgs {
@@ -50,7 +50,7 @@ pub(crate) struct TailArgs {
 pub(crate) fn source(config: &Config) -> String {
     match config.medium {
         MediumKind::Mqtt => format!("{}/# on {}", config.mqtt.topic_prefix, config.mqtt.url),
-        _ => format!("{} on {}", config.db.messages, redact(&config.db.uri)),
+        _ => format!("{} on {}", config.db.messages, config.db.redacted_uri()),
     }
 }
 

@@ -659,10 +659,10 @@ impl DbBench {
                                 .timeout(PATIENCE)
                                 .await?;
                             if answer.get_i64("i").ok() != Some(i as i64) {
-                                return Err(intracom::Error::Medium {
-                                    medium: "db",
-                                    reason: format!("wrong answer {answer}"),
-                                });
+                                return Err(intracom::Error::refused(
+                                    "db",
+                                    format!("wrong answer {answer}"),
+                                ));
                             }
                             trips.push(started.elapsed());
                         }
@@ -965,7 +965,7 @@ async fn round_trips(
 
 /// The update of a raw claim, as intracom's claim writes it: the lease (owner, server
 /// time, 30 s) and one more attempt.
-fn raw_claim(owner: &str) -> Document {
+pub(super) fn raw_claim(owner: &str) -> Document {
     doc! {
         "$set": { "lease.owner": owner, "lease.ms": 30_000_i64 },
         "$currentDate": { "lease.at": true },
@@ -975,7 +975,7 @@ fn raw_claim(owner: &str) -> Document {
 
 /// The update that settles raw claimed work as done (with its result, if any) and
 /// releases the lease.
-fn raw_done(result: Option<Document>) -> Document {
+pub(super) fn raw_done(result: Option<Document>) -> Document {
     let mut set = doc! { "state": "done", "response_ts": now_nanos() };
     if let Some(result) = result {
         set.insert("result", result);

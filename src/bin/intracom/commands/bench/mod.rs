@@ -12,8 +12,10 @@
 //! tests (the tests run it once with `--tiny`, to see it work).
 
 mod db;
+mod fleet;
 mod memory;
 mod report;
+mod retained;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -103,6 +105,15 @@ pub(crate) enum Which {
     Fanout,
 }
 
+/// A retention mode of `--retained`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RetentionMode {
+    /// A TTL index on `at`.
+    Ttl,
+    /// A capped messages collection.
+    Capped,
+}
+
 #[derive(Args)]
 pub(crate) struct BenchArgs {
     /// Only these figures (comma separated; default: every figure of the medium).
@@ -154,6 +165,43 @@ pub(crate) struct BenchArgs {
     /// Jobs per round of the work figure [default: 500].
     #[arg(long)]
     jobs: Option<usize>,
+    /// Measure a fleet of this many processes instead (comma separated, e.g. 1,4,16,32):
+    /// each a process of its own service; targeted and broadcast traffic; the events
+    /// each process's hub reads, the server's CPU, delivery p50/p99, with the hub's
+    /// stream targeted and with every insert (`common.intracom.db.hub.selection`).
+    #[arg(long, value_delimiter = ',', value_name = "P,…")]
+    processes: Vec<usize>,
+    /// Targeted messages per fleet run, each to one process's service in turn [default: 2000].
+    #[arg(long, value_name = "N")]
+    fleet_messages: Option<usize>,
+    /// Broadcasts per fleet run, among the targeted messages [default: 100].
+    #[arg(long, value_name = "N")]
+    broadcasts: Option<usize>,
+    /// The server's process id, for its CPU time from /proc (default: the process
+    /// listening on the URI's port when the server runs on this machine; else
+    /// serverStatus).
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Measure claims and catch-ups with this many messages retained instead (comma
+    /// separated, e.g. 10000,1000000), in TTL and capped retention, with each query's
+    /// plan from `explain`.
+    #[arg(long, value_delimiter = ',', value_name = "N,…")]
+    retained: Vec<usize>,
+    /// The retention modes of --retained (comma separated) [default: ttl,capped].
+    #[arg(long, value_delimiter = ',', value_name = "MODE,…")]
+    retention: Vec<RetentionMode>,
+    /// Claims per retained run [default: 200].
+    #[arg(long, value_name = "N")]
+    claims: Option<usize>,
+    /// Messages read by the catch-up of each retained run [default: 2000].
+    #[arg(long, value_name = "N")]
+    catch_up: Option<usize>,
+    /// Internal: run as process N of a fleet (the bench starts itself with it).
+    #[arg(long, hide = true, value_name = "N")]
+    fleet_probe: Option<usize>,
+    /// Internal: messages addressed to this fleet process.
+    #[arg(long, hide = true, value_name = "N", default_value_t = 0)]
+    fleet_expect: usize,
     /// Internal: measure one side of the memory figure in this process (the bench
     /// starts itself with it, so each side starts from a fresh process).
     #[arg(long, hide = true, value_name = "SUBSCRIBERS")]
@@ -268,6 +316,48 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
     let sizes = args.sizes();
     if let Some(subscribers) = args.memory_probe {
         return memory::probe(config, subscribers, sizes.memory_messages).await;
+    }
+    if let Some(index) = args.fleet_probe {
+        return fleet::probe(config, index, args.fleet_expect).await;
+    }
+    if !args.processes.is_empty() || !args.retained.is_empty() {
+        if config.medium != MediumKind::Db {
+            return Err(fail(
+                "--processes and --retained measure the MongoDB medium",
+                "use --medium db (with --uri)",
+            ));
+        }
+        let tiny = args.tiny;
+        if !args.processes.is_empty() {
+            let sizes = fleet::FleetSizes {
+                processes: args.processes.clone(),
+                messages: args.fleet_messages.unwrap_or(if tiny { 20 } else { 2000 }),
+                broadcasts: args.broadcasts.unwrap_or(if tiny { 2 } else { 100 }),
+                server_pid: args.server_pid,
+            };
+            fleet::run(config, &sizes, args.json).await?;
+        }
+        if !args.retained.is_empty() {
+            let modes = if args.retention.is_empty() {
+                vec![RetentionMode::Ttl, RetentionMode::Capped]
+            } else {
+                args.retention.clone()
+            };
+            let sizes = retained::RetainedSizes {
+                retained: args.retained.clone(),
+                modes: modes
+                    .iter()
+                    .map(|m| match m {
+                        RetentionMode::Ttl => intracom::config::Retention::Ttl,
+                        RetentionMode::Capped => intracom::config::Retention::Capped,
+                    })
+                    .collect(),
+                claims: args.claims.unwrap_or(if tiny { 10 } else { 200 }).max(1),
+                catch_up: args.catch_up.unwrap_or(if tiny { 20 } else { 2000 }).max(1),
+            };
+            retained::run(config, &sizes, args.json).await?;
+        }
+        return Ok(());
     }
     let available: &[Which] = match config.medium {
         MediumKind::Db => &[

@@ -146,7 +146,7 @@ impl Report {
     pub fn new(config: &Config, sizes: &Sizes) -> Self {
         Report {
             medium: config.medium,
-            uri: (config.medium == MediumKind::Db).then(|| crate::output::redact(&config.db.uri)),
+            uri: (config.medium == MediumKind::Db).then(|| config.db.redacted_uri()),
             server: None,
             machine: machine(),
             sizes: sizes.clone(),
