@@ -116,10 +116,9 @@ pub trait Faults: Send + Sync + 'static {
 /// impl Faults for Down {
 ///     async fn before(&self, call: Call<'_>) -> intracom::Result<()> {
 ///         match call {
-///             Call::Append(_) if self.0.load(Ordering::SeqCst) => Err(Error::Unavailable {
-///                 medium: "down",
-///                 reason: "connection refused".into(),
-///             }),
+///             Call::Append(_) if self.0.load(Ordering::SeqCst) => {
+///                 Err(Error::unavailable("down", "connection refused"))
+///             }
 ///             _ => Ok(()),
 ///         }
 ///     }

@@ -11,7 +11,7 @@
 //!   (`common.intracom.memory.max_messages`), like a TTL index and a capped collection;
 //! - followers pull from the log at their own pace (a cursor each, no per-subscriber
 //!   queue), so a slow subscriber neither grows memory nor blocks anyone. One that
-//!   falls behind the retained window is told with [`crate::medium::Event::Lost`] how many messages it
+//!   falls behind the retained window is told with [`Event::Lost`](super::Event::Lost) how many messages it
 //!   missed, then continues with the oldest retained message.
 //!
 //! Positions carry the log sequence number in their token (`{seq: <i64>}`), so a
