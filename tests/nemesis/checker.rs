@@ -349,11 +349,12 @@ pub fn check(e: &Evidence) -> (Value, bool) {
             *open_attempts.entry(id.to_string()).or_default() += n;
         }
     }
-    // When each job's effect was first recorded as written.
+    // When each job's effect was first tried: its row may be written (and lost by a
+    // server kill) from then on, whenever the write's reply comes.
     let mut effect_ran: HashMap<&str, f64> = HashMap::new();
     for r in records
         .iter()
-        .filter(|r| r.k() == "effect" && r.f() == "ran")
+        .filter(|r| r.k() == "effect" && matches!(r.f(), "invoke" | "ran"))
     {
         effect_ran.entry(r.s("id")).or_insert(r.t);
     }
@@ -536,7 +537,20 @@ pub fn check(e: &Evidence) -> (Value, bool) {
                                 .get_document("result")
                                 .ok()
                                 .and_then(|d| d.get_i64("v").ok());
-                            if state != Some("done") || stored_v != Some(v) || r.s("arid") != *rid {
+                            if state != Some("done")
+                                && r.s("arid") == *rid
+                                && kill_between(r.t, f64::MAX).is_some()
+                            {
+                                // The settle the caller read was lost by a server kill
+                                // after it: the request was then settled again (timed
+                                // out, or answered anew).
+                                if let Some(kill) = kill_between(r.t, f64::MAX) {
+                                    lose(kill, "request outcomes");
+                                }
+                            } else if state != Some("done")
+                                || stored_v != Some(v)
+                                || r.s("arid") != *rid
+                            {
                                 request_v.violate(json!({"rid": rid, "why": "the caller's answer is not the stored outcome", "caller_v": v, "stored_state": state, "stored_v": stored_v}));
                             }
                         }
@@ -1049,6 +1063,30 @@ fn a_body_run_again_after_a_server_kill_is_lost_by_the_server() {
     );
 }
 
+fn an_answer_whose_settle_a_server_kill_lost_is_lost_by_the_server() {
+    let records = vec![
+        record(
+            100.0,
+            "call1#1",
+            json!({"k": "request", "f": "invoke", "rid": "c1-1", "seq": 1}),
+        ),
+        record(
+            200.0,
+            "call1#1",
+            json!({"k": "request", "f": "ok", "rid": "c1-1", "v": 2, "arid": "c1-1"}),
+        ),
+    ];
+    let stored = intracom::bson::doc! { "_id": "r1", "action": "calc.add", "state": "error", "query": { "rid": "c1-1" } };
+    let (report, _) = check(&evidence(records.clone(), vec![stored.clone()], vec![]));
+    assert_eq!(verdict(&report, "request-outcomes"), "failed", "{report:#}");
+    let (report, _) = check(&evidence(records, vec![stored], vec![kill_at(300.0)]));
+    assert_eq!(verdict(&report, "request-outcomes"), "passed", "{report:#}");
+    assert_eq!(
+        report["lost_by_server"][0]["lost"]["request outcomes"], 1,
+        "{report:#}"
+    );
+}
+
 /// The checker's trials, by name.
 pub fn cases() -> Vec<(&'static str, fn())> {
     vec![
@@ -1073,6 +1111,10 @@ pub fn cases() -> Vec<(&'static str, fn())> {
         (
             "a_body_run_again_after_a_server_kill_is_lost_by_the_server",
             a_body_run_again_after_a_server_kill_is_lost_by_the_server,
+        ),
+        (
+            "an_answer_whose_settle_a_server_kill_lost_is_lost_by_the_server",
+            an_answer_whose_settle_a_server_kill_lost_is_lost_by_the_server,
         ),
         (
             "claims_inside_a_live_lease_are_found",
