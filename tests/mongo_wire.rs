@@ -2148,57 +2148,6 @@ async fn restarted_then_caught_up_by_ts(token: Document) {
     bus.shutdown().await;
 }
 
-/// The previous run's scan delivered m3 and m5, then m4 (committed late, found by the
-/// look-back of its next pass), and acked them all: its checkpoint is m4, which names
-/// m5 as delivered ahead of it. m5 does not come again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_from_a_late_write_delivered_by_a_scan_skips_what_was_delivered_ahead_of_it() {
-    restarted_from_a_scan(doc! { "ts": ts(4), "token": { "id": "m4", "ahead": ["m5"] } }).await;
-}
-
-async fn restarted_from_a_scan(position: Document) {
-    let peer = Peer::replica_set().await;
-    peer.accept_setup();
-    accept_catalog(&peer);
-    accept_checkpoints(
-        &peer,
-        Some(doc! { "_id": "billing-cache", "position": position }),
-    );
-    let replayed = vec![
-        insert_event("t3", stored_message("m3", "reload", ts(3)), ts(13)),
-        insert_event("t5", stored_message("m5", "reload", ts(5)), ts(15)),
-        insert_event("t4", stored_message("m4", "reload", ts(4)), ts(16)),
-        insert_event("t6", stored_message("m6", "reload", ts(6)), ts(17)),
-        insert_event("t7", stored_message("m7", "reload", ts(7)), ts(18)),
-    ];
-    peer.on("aggregate", move |c| {
-        let stage = change_stream_stage(c);
-        if is_subscriber_stream(c) {
-            let events = if stage.contains_key("startAtOperationTime") {
-                replayed.clone()
-            } else {
-                vec![]
-            };
-            return Some(Reply::Doc(cursor_reply(102, "firstBatch", events, "t7")));
-        }
-        Some(Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t7")))
-    });
-    script_get_more(&peer, 102, vec![], "t7");
-    script_get_more(&peer, 101, vec![], "t7");
-    let bus = connect(&peer).await;
-    let mut sub = bus
-        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
-        .await
-        .unwrap();
-    let got = vec![next_id(&mut sub).await, next_id(&mut sub).await];
-    assert_eq!(
-        got,
-        ["m6", "m7"],
-        "m3, m4 and m5 were delivered before the restart"
-    );
-    bus.shutdown().await;
-}
-
 /// A stamp `secs` seconds after [`ts`]'s.
 fn ts_at(secs: u32, increment: u32) -> Timestamp {
     Timestamp {

@@ -98,9 +98,6 @@ struct Replay {
     cluster_time: Option<Timestamp>,
     /// The checkpoint's message.
     id: String,
-    /// From a scan's checkpoint: ids it delivered before the checkpoint's message
-    /// though they sort after it.
-    ahead: HashSet<String>,
     /// The checkpoint, to resume from it otherwise if the stream cannot get there.
     position: Position,
 }
@@ -111,15 +108,12 @@ impl Replay {
     /// (a checkpoint saved during a catch-up by `ts`), only what is at or before the
     /// checkpoint in `(ts, _id)` order: a pass delivers in that order, and a message
     /// after it was not read before it (it was delivered later, by a later pass or the
-    /// stream, or not yet: it is delivered now), and the ids the checkpoint names as
-    /// delivered ahead of it. A message whose event comes after the checkpoint's is
-    /// delivered, though it may sort before it: committed after the checkpoint's
-    /// message, it may not have been read before it (a scan's passes do not say), so
-    /// it may come again rather than be lost.
+    /// stream, or not yet: it is delivered now). A message whose event comes after the
+    /// checkpoint's is delivered, though it may sort before it: committed after the
+    /// checkpoint's message, it may not have been read before it (a scan's passes do
+    /// not say), so it may come again rather than be lost.
     fn delivered_before(&self, ts: Timestamp, id: &str) -> bool {
-        self.cluster_time.is_some()
-            || (ts, id) <= (self.position.ts, self.id.as_str())
-            || self.ahead.contains(id)
+        self.cluster_time.is_some() || (ts, id) <= (self.position.ts, self.id.as_str())
     }
 }
 
@@ -162,10 +156,6 @@ struct Recent {
     order: VecDeque<(Timestamp, String)>,
     ids: HashSet<String>,
     newest: Option<Timestamp>,
-    /// The greatest `(ts, _id)` remembered within the window: a scan's delivery below
-    /// it came late (stamped before, committed after) and its position names what was
-    /// delivered ahead of it (see [`Recent::ahead_of`]).
-    top: Option<(Timestamp, String)>,
 }
 
 impl Recent {
@@ -177,30 +167,7 @@ impl Recent {
         if self.ids.insert(id.to_string()) {
             self.order.push_back((ts, id.to_string()));
         }
-        if self
-            .top
-            .as_ref()
-            .is_none_or(|(t, i)| (*t, i.as_str()) < (ts, id))
-        {
-            self.top = Some((ts, id.to_string()));
-        }
         self.advance(ts, window_secs);
-    }
-
-    /// Ids delivered within the window that sort after `(ts, id)`, when a scan delivers
-    /// it below what it delivered before (at most [`AHEAD_MAX`]); empty otherwise.
-    fn ahead_of(&self, ts: Timestamp, id: &str) -> Vec<String> {
-        let key = (ts, id);
-        match &self.top {
-            Some((top_ts, top_id)) if (*top_ts, top_id.as_str()) > key => self
-                .order
-                .iter()
-                .filter(|(t, i)| (*t, i.as_str()) > key)
-                .take(AHEAD_MAX)
-                .map(|(_, i)| i.clone())
-                .collect(),
-            _ => Vec::new(),
-        }
     }
 
     /// Moves the window on to `ts` (forgetting what falls out of it) without
@@ -214,31 +181,13 @@ impl Recent {
                 self.ids.remove(&old);
             }
         }
-        if self.top.as_ref().is_some_and(|(t, _)| t.time < floor) {
-            self.top = None;
-        }
     }
 }
 
-/// The most ids a scan's position names as delivered ahead of it (`ahead`): a late
-/// write sorting before more than this many deliveries of the window may see the rest
-/// again after a restart.
-const AHEAD_MAX: usize = 4096;
-
 /// A follower's position token: the event's resume token and cluster time when it came
-/// from a change stream, and the message id; from a scan, the ids of the window it
-/// delivered before this message though they sort after it (`ahead`, see
-/// [`Recent::ahead_of`]).
-fn position(
-    message: &Message,
-    token: Option<&Bson>,
-    cluster_time: Option<Timestamp>,
-    ahead: Vec<String>,
-) -> Position {
+/// from a change stream, and the message id.
+fn position(message: &Message, token: Option<&Bson>, cluster_time: Option<Timestamp>) -> Position {
     let mut t = doc! { "id": &message.id };
-    if !ahead.is_empty() {
-        t.insert("ahead", ahead);
-    }
     if let Some(token) = token {
         t.insert("rt", token.clone());
     }
@@ -437,17 +386,6 @@ impl Follower {
         if let Ok(id) = token.get_str("id") {
             self.recent.insert(position.ts, id, window);
         }
-        let ahead: HashSet<String> = token
-            .get_array("ahead")
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| id.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for id in &ahead {
-            self.recent.insert(position.ts, id, window);
-        }
         self.last_ts = self.last_ts.max(position.ts);
         if self.inner.db_config.retention == Retention::Capped {
             self.capped_floor = Self::oldest_ts(&self.inner).await?;
@@ -493,7 +431,6 @@ impl Follower {
                             replay: Some(Box::new(Replay {
                                 cluster_time,
                                 id,
-                                ahead,
                                 position,
                             })),
                         });
@@ -654,12 +591,7 @@ impl Follower {
             self.ready.push_back(Event::Lost { count: self.lost });
             self.lost = 0;
         }
-        let ahead = if from_ring || cluster_time.is_some() {
-            Vec::new()
-        } else {
-            self.recent.ahead_of(ts, &message.id)
-        };
-        let position = position(&message, token, cluster_time, ahead);
+        let position = position(&message, token, cluster_time);
         self.ready
             .push_back(Event::Message(message, SharedPosition::new(position)));
         true
@@ -1301,24 +1233,5 @@ mod tests {
             5,
         );
         assert!(!r.contains("a") && !r.contains("b") && r.contains("c"));
-    }
-
-    #[test]
-    fn a_late_write_names_what_was_delivered_ahead_of_it() {
-        let at = |time, increment| Timestamp { time, increment };
-        let mut r = Recent::default();
-        r.insert(at(100, 1), "m3", 5);
-        assert!(r.ahead_of(at(100, 1), "m3").is_empty(), "in order");
-        r.insert(at(100, 3), "m5", 5);
-        r.insert(at(100, 6), "m6", 5);
-        // m4, stamped between m3 and m5, delivered after m6.
-        r.insert(at(100, 2), "m4", 5);
-        assert_eq!(r.ahead_of(at(100, 2), "m4"), ["m5", "m6"]);
-        // Same stamp (a server that stamps whole seconds): `_id` orders them.
-        r.insert(at(100, 6), "m2", 5);
-        assert_eq!(r.ahead_of(at(100, 6), "m2"), ["m6"]);
-        // Once the window has moved past them, nothing is ahead of a new one.
-        r.insert(at(200, 1), "m9", 5);
-        assert!(r.ahead_of(at(200, 1), "m9").is_empty());
     }
 }
