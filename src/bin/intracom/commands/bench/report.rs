@@ -284,6 +284,35 @@ impl Report {
 }
 
 /// JSON has no NaN: a value that could not be measured is null.
+/// Writes a table: the header and the rows, each column as wide as its widest cell,
+/// two spaces between columns.
+pub(crate) fn write_table(out: &mut String, header: &[&str], cells: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let _ = writeln!(
+        out,
+        "{}",
+        line(header.iter().map(|h| h.to_string()).collect())
+    );
+    for row in cells {
+        let _ = writeln!(out, "{}", line(row));
+    }
+}
+
 fn finite(value: f64) -> Option<f64> {
     value.is_finite().then_some(value)
 }

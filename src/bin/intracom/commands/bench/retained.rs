@@ -430,30 +430,7 @@ fn table(base: &Config, sizes: &RetainedSizes, rows: &[Row], elapsed: Duration) 
             ]
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let _ = writeln!(
-        out,
-        "{}",
-        line(header.iter().map(|h| h.to_string()).collect())
-    );
-    for row in cells {
-        let _ = writeln!(out, "{}", line(row));
-    }
+    super::report::write_table(&mut out, &header, cells);
     // Whether anything grew with the collection: the largest N beside the smallest,
     // per mode.
     let _ = writeln!(out, "growth with the retained collection:");
