@@ -348,6 +348,13 @@ async fn oversize_messages_are_refused_before_any_write() {
     bus.shutdown().await;
 }
 
+/// The scripted server's clock in the catch-up cases: three seconds after the stamps
+/// they use for what is written before a catch-up ([`ts`]), so the catch-up judges those
+/// settled (stamped more than the safety window, 2 s, before the clock). It joins the
+/// stream once the clock has moved three seconds on; what is written after it began is
+/// stamped later ([`ts_at`] 10 s and on).
+const SCRIPT_CLOCK: u32 = 1_800_000_003;
+
 fn ts(increment: u32) -> Timestamp {
     Timestamp {
         time: 1_800_000_000,
@@ -396,6 +403,27 @@ fn scan_lower(find: &Document) -> Option<Timestamp> {
         Err(_) => filter,
     };
     page.get_document("ts").ok()?.get_timestamp("$gt").ok()
+}
+
+/// The upper `ts` bound of a catch-up's pass (`$lte`, when it has one): it reads only
+/// what is settled by the server's clock.
+fn scan_upper(find: &Document) -> Option<Timestamp> {
+    let filter = find.get_document("filter").ok()?;
+    let page = match filter.get_array("$and") {
+        Ok(parts) => parts.last()?.as_document()?,
+        Err(_) => filter,
+    };
+    let range = match page.get_array("$or") {
+        Ok(branches) => branches.first()?.as_document()?.get_document("ts").ok()?,
+        Err(_) => page.get_document("ts").ok()?,
+    };
+    range.get_timestamp("$lte").ok()
+}
+
+/// Whether a stored message is within a pass's bounds.
+fn within(document: &Document, lower: Timestamp, upper: Option<Timestamp>) -> bool {
+    let ts = document.get_timestamp("ts").unwrap();
+    ts > lower && upper.is_none_or(|u| ts <= u)
 }
 
 fn change_stream_stage(aggregate: &Document) -> Document {
@@ -589,6 +617,7 @@ async fn a_named_subscription_resumes_from_its_saved_token_then_joins_the_shared
 /// whose next stream (after the first is lost) is cursor 102.
 async fn two_stream_peer() -> Peer {
     let peer = Peer::replica_set().await;
+    peer.set_clock(SCRIPT_CLOCK);
     peer.accept_setup();
     accept_catalog(&peer);
     peer.queue(
@@ -683,12 +712,13 @@ async fn a_long_catch_up_hands_over_without_delivering_twice_what_came_during_it
         increment: 0,
     };
     let peer = two_stream_peer().await;
+    peer.set_clock(1_800_000_110);
     let (m1, m2, m3, m9, m10) = (
         stored_message("m1", "reload", at(1)),
         stored_message("m2", "reload", at(2)),
         stored_message("m3", "reload", at(100)),
         stored_message("m9", "reload", at(103)),
-        stored_message("m10", "reload", at(104)),
+        stored_message("m10", "reload", at(120)),
     );
     peer.queue(
         "getMore",
@@ -733,7 +763,7 @@ async fn a_long_catch_up_hands_over_without_delivering_twice_what_came_during_it
         insert_event("t6", m3.clone(), at(100)),
         insert_event("t7", stored_message("m9", "reload", at(103)), at(103)),
     ]);
-    let mut marker = Some(insert_event("t8", m10, at(104)));
+    let mut marker = Some(insert_event("t8", m10, at(120)));
     peer.on("getMore", move |c| {
         if c.get_i64("getMore") != Ok(102) {
             return None;
@@ -780,7 +810,7 @@ async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_
     let (m1, m2, m3) = (
         stored_message("m1", "reload", ts(1)),
         stored_message("m2", "reload", ts(2)),
-        stored_message("m3", "reload", ts(3)),
+        stored_message("m3", "reload", ts_at(10, 3)),
     );
     peer.queue(
         "getMore",
@@ -807,8 +837,8 @@ async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_
     let marker_gate = marker_ready.clone();
     let mut marker = Some(insert_event(
         "t8",
-        stored_message("m4", "reload", ts(4)),
-        ts(4),
+        stored_message("m4", "reload", ts_at(10, 4)),
+        ts_at(10, 4),
     ));
     peer.on("getMore", move |c| {
         if c.get_i64("getMore") != Ok(102) {
@@ -836,7 +866,7 @@ async fn history_lost_catches_up_by_ts_then_follows_a_new_stream_without_gap_or_
             "nextBatch",
             vec![
                 insert_event("t6", m2.clone(), ts(2)),
-                insert_event("t7", m3.clone(), ts(3)),
+                insert_event("t7", m3.clone(), ts_at(10, 3)),
             ],
             "t7",
         )))
@@ -887,6 +917,7 @@ async fn a_dropped_connection_restarts_the_stream_and_catches_up_by_ts() {
     // server may be a new one that lost acknowledged writes and resumes after an
     // unknown token *later*): the hub starts afresh and followers scan by `ts`.
     let peer = Peer::replica_set().await;
+    peer.set_clock(SCRIPT_CLOCK);
     peer.accept_setup();
     accept_catalog(&peer);
     // aggregate #2 is the driver's own resume, which fails too; #3 is the hub's fresh
@@ -935,8 +966,8 @@ async fn a_dropped_connection_restarts_the_stream_and_catches_up_by_ts() {
     let scanned = std::sync::Arc::clone(&scans);
     let mut m3 = Some(insert_event(
         "t3",
-        stored_message("m3", "reload", ts(3)),
-        ts(3),
+        stored_message("m3", "reload", ts_at(10, 3)),
+        ts_at(10, 3),
     ));
     peer.on("getMore", move |c| {
         if c.get_i64("getMore") != Ok(103) {
@@ -2021,6 +2052,7 @@ async fn restarted_then_caught_up_by_ts(token: Document) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let peer = Peer::replica_set().await;
+    peer.set_clock(SCRIPT_CLOCK);
     peer.accept_setup();
     accept_catalog(&peer);
     let saved = doc! {
@@ -2099,8 +2131,8 @@ async fn restarted_then_caught_up_by_ts(token: Document) {
     // m7 comes on the restarted shared stream after the catch-up.
     let mut m7 = Some(insert_event(
         "t7",
-        stored_message("m7", "reload", ts(7)),
-        ts(7),
+        stored_message("m7", "reload", ts_at(10, 7)),
+        ts_at(10, 7),
     ));
     peer.on("getMore", move |c| {
         if c.get_i64("getMore") != Ok(104) {
@@ -2167,6 +2199,8 @@ async fn an_event_from_a_stream_that_lived_through_a_lost_connection_is_not_deli
     // id). The stream lived through a lost connection: it is restarted, and what it
     // said after the loss is read from the collection, not from it.
     let peer = Peer::replica_set().await;
+    // Both settled when the catch-up begins.
+    peer.set_clock(ts_at(5, 0).time + 3);
     peer.accept_setup();
     accept_catalog(&peer);
     let (e, m) = (
@@ -2188,17 +2222,24 @@ async fn an_event_from_a_stream_that_lived_through_a_lost_connection_is_not_deli
         let cursor = if fresh == 1 { 101 } else { 103 };
         Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t0")))
     });
-    // The collection, read by `ts` above the scan's lower bound.
+    // The collection, read by `ts` within a pass's bounds: n too once it is written.
     let scanned = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&scanned);
-    let (se, sm) = (e.clone(), m.clone());
+    let n_written = Arc::new(AtomicBool::new(false));
+    let written = Arc::clone(&n_written);
+    let n_stored = stored_message("n", "reload", ts_at(9, 1));
+    let (se, sm, sn) = (e.clone(), m.clone(), n_stored.clone());
     peer.on("find", move |c| {
         (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
             flag.store(true, Ordering::SeqCst);
             let lower = scan_lower(c).unwrap_or(ts(0));
-            let batch: Vec<Document> = [se.clone(), sm.clone()]
+            let mut all = vec![se.clone(), sm.clone()];
+            if written.load(Ordering::SeqCst) {
+                all.push(sn.clone());
+            }
+            let batch: Vec<Document> = all
                 .into_iter()
-                .filter(|d| d.get_timestamp("ts").unwrap() > lower)
+                .filter(|d| within(d, lower, scan_upper(c)))
                 .collect();
             Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
         })
@@ -2223,17 +2264,17 @@ async fn an_event_from_a_stream_that_lived_through_a_lost_connection_is_not_deli
     // The restarted stream reports n once it has been asked for twice (after the
     // catch-up that follows the restart).
     let mut asked = 0;
-    let mut n = Some(insert_event(
-        "tn",
-        stored_message("n", "reload", ts_at(6, 1)),
-        ts_at(6, 1),
-    ));
+    let mut n = Some(insert_event("tn", n_stored, ts_at(9, 1)));
     peer.on("getMore", move |c| {
         if c.get_i64("getMore") != Ok(103) {
             return None;
         }
         asked += 1;
-        Some(match n.take_if(|_| asked > 2) {
+        let event = n.take_if(|_| asked > 2);
+        if event.is_some() {
+            n_written.store(true, Ordering::SeqCst);
+        }
+        Some(match event {
             Some(event) => Reply::Doc(cursor_reply(103, "nextBatch", vec![event], "tn")),
             None => Reply::After(
                 Duration::from_millis(100),
@@ -2256,14 +2297,17 @@ async fn an_event_from_a_stream_that_lived_through_a_lost_connection_is_not_deli
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
+async fn a_message_committed_behind_a_catch_up_comes_once_in_stamp_order() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     // Stamps of whole seconds, as both test servers write them: "a" is stamped in the
-    // same second as "b" with a lower id, and commits after the catch-up read past
-    // (S, "b"). The scan cannot see it; the stream reports it after the hand-over, and
-    // it is delivered there, once (also when a later catch-up reads it again).
+    // same second as "b" with a lower id, and commits after the catch-up's first read
+    // (within the safety window of its stamp). A catch-up reads only what is settled
+    // by the server's clock: it delivers a before b, in stamp order, once; the stream
+    // reports a again after the hand-over, and a later catch-up reads it again: neither
+    // delivers it twice.
     let peer = Peer::replica_set().await;
+    peer.set_clock(ts_at(1, 0).time);
     peer.accept_setup();
     accept_catalog(&peer);
     let (a, b, d) = (
@@ -2277,11 +2321,14 @@ async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
         let cursor = if fresh == 1 { 101 } else { 103 };
         Some(Reply::Doc(cursor_reply(cursor, "firstBatch", vec![], "t0")))
     });
-    // The collection: b and d at the first read, a too afterwards; answered above the
-    // scan's lower bound, in (ts, _id) order.
+    // The collection: b and d at the first read, a too afterwards; answered within the
+    // pass's bounds, in (ts, _id) order.
     let finds = Arc::new(AtomicUsize::new(0));
     let count = Arc::clone(&finds);
-    let (sa, sb, sd) = (a.clone(), b.clone(), d.clone());
+    let m_stored = stored_message("m", "reload", ts_at(3, 0));
+    let m_written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::clone(&m_written);
+    let (sa, sb, sd, sm) = (a.clone(), b.clone(), d.clone(), m_stored.clone());
     peer.on("find", move |c| {
         (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
             let lower = scan_lower(c).unwrap_or(ts(0));
@@ -2289,7 +2336,10 @@ async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
             if count.fetch_add(1, Ordering::SeqCst) > 0 {
                 batch.insert(0, sa.clone());
             }
-            batch.retain(|d| d.get_timestamp("ts").unwrap() > lower);
+            if written.load(Ordering::SeqCst) {
+                batch.push(sm.clone());
+            }
+            batch.retain(|d| within(d, lower, scan_upper(c)));
             Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
         })
     });
@@ -2315,6 +2365,10 @@ async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
                 vec![insert_event("ta", a.clone(), ts_at(1, 7))],
                 "ta",
             )),
+            2..=40 => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(101, "nextBatch", vec![], "ta"),
+            ),
             _ => Reply::Doc(error(
                 286,
                 "ChangeStreamHistoryLost",
@@ -2322,18 +2376,18 @@ async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
             )),
         })
     });
-    // The restarted stream reports m after the second catch-up.
-    let read_again = Arc::clone(&finds);
-    let mut m = Some(insert_event(
-        "tm",
-        stored_message("m", "reload", ts_at(2, 0)),
-        ts_at(2, 1),
-    ));
+    // m is written later: the restarted stream reports it.
+    let mut asked = 0;
+    let mut m = Some(insert_event("tm", m_stored, ts_at(3, 1)));
     peer.on("getMore", move |c| {
         if c.get_i64("getMore") != Ok(103) {
             return None;
         }
-        let event = m.take_if(|_| read_again.load(Ordering::SeqCst) > 1);
+        asked += 1;
+        let event = m.take_if(|_| asked > 2);
+        if event.is_some() {
+            m_written.store(true, Ordering::SeqCst);
+        }
         Some(match event {
             Some(event) => Reply::Doc(cursor_reply(103, "nextBatch", vec![event], "tm")),
             None => Reply::After(
@@ -2351,8 +2405,103 @@ async fn a_message_committed_behind_a_catch_up_comes_once_from_the_stream() {
     for _ in 0..4 {
         got.push(next_id(&mut sub).await);
     }
-    // a comes after d, stamped a second later: the order a catch-up cannot keep for a
-    // message that commits behind it (see the README's divergence table).
-    assert_eq!(got, ["b", "d", "a", "m"], "each once, none lost");
+    assert_eq!(
+        got,
+        ["a", "b", "d", "m"],
+        "each once, in stamp order, none lost"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_a_settled_catch_up_position_delivers_nothing_it_covers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // The previous run caught up by `ts` and was acked up to m5, which a settled pass
+    // delivered: every message up to (ts(5), "m5") was handled, and above it m8 (which
+    // its ring had delivered before the catch-up). m2 sorts below the checkpoint but
+    // committed after it (it is in the collection now): handled too.
+    let peer = Peer::replica_set().await;
+    peer.set_clock(SCRIPT_CLOCK);
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let saved = doc! {
+        "_id": "billing-cache",
+        "position": { "ts": ts(5), "token": { "id": "m5", "s": true, "a": ["m8"], "at": ts(8) } },
+    };
+    accept_checkpoints(&peer, Some(saved));
+    let stored: Vec<Document> = [
+        (2, "m2"),
+        (4, "m4"),
+        (5, "m5"),
+        (6, "m6"),
+        (8, "m8"),
+        (9, "m9"),
+    ]
+    .into_iter()
+    .map(|(i, id)| stored_message(id, "reload", ts(i)))
+    .collect();
+    peer.on("aggregate", move |c| {
+        assert!(
+            !change_stream_stage(c).contains_key("startAtOperationTime"),
+            "a settled position is resumed from the collection, not the oplog"
+        );
+        Some(Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")))
+    });
+    let scanned = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&scanned);
+    let lowers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&lowers);
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let lower = scan_lower(c).unwrap_or(ts(0));
+            seen.lock().unwrap().push(lower);
+            let batch: Vec<Document> = stored
+                .iter()
+                .filter(|d| within(d, lower, scan_upper(c)))
+                .cloned()
+                .collect();
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    // A later message on the shared stream, once the catch-up has read.
+    let mut m10 = Some(insert_event(
+        "t10",
+        stored_message("m10", "reload", ts_at(10, 0)),
+        ts_at(10, 1),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        let event = m10.take_if(|_| scanned.load(Ordering::SeqCst));
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(101, "nextBatch", vec![event], "t10")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(101, "nextBatch", vec![], "t10"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
+        .await
+        .unwrap();
+    let got = vec![
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+    ];
+    assert_eq!(
+        got,
+        ["m6", "m9", "m10"],
+        "nothing at or below the checkpoint, nor what it names, comes again"
+    );
+    assert!(
+        lowers.lock().unwrap()[0] < ts(5),
+        "the collection is read from a safety window before the checkpoint"
+    );
     bus.shutdown().await;
 }

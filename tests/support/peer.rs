@@ -47,6 +47,10 @@ struct Shared {
     refusing: std::sync::atomic::AtomicBool,
     request_ids: AtomicI32,
     cursor_ids: AtomicU64,
+    /// The server's clock (`hello.localTime`): these seconds at this instant, moving on
+    /// in real time.
+    /// (`None`: the real clock.)
+    clock: Mutex<Option<(u32, std::time::Instant)>>,
 }
 
 /// A running peer. Dropping it stops accepting connections.
@@ -90,6 +94,7 @@ impl Peer {
             refusing: std::sync::atomic::AtomicBool::new(false),
             request_ids: AtomicI32::new(1),
             cursor_ids: AtomicU64::new(100),
+            clock: Mutex::new(None),
         });
         let accept_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -162,6 +167,12 @@ impl Peer {
     /// `admin` by the driver's handshake) gets CommandNotFound; `isMaster` works.
     pub fn without_hello(&self) {
         self.shared.no_hello.store(true, Ordering::SeqCst);
+    }
+
+    /// Sets the server's clock (`hello.localTime`) to these seconds since the epoch; it
+    /// moves on in real time.
+    pub fn set_clock(&self, secs: u32) {
+        *self.shared.clock.lock().unwrap() = Some((secs, std::time::Instant::now()));
     }
 
     /// Reports this newest write in `hello.lastWrite.opTime`.
@@ -280,6 +291,15 @@ pub fn insert_event(token: &str, document: Document, cluster_time: Timestamp) ->
     }
 }
 
+fn local_time(shared: &Shared) -> intracom::bson::DateTime {
+    let Some((secs, at)) = *shared.clock.lock().unwrap() else {
+        return intracom::bson::DateTime::now();
+    };
+    intracom::bson::DateTime::from_millis(
+        i64::from(secs) * 1000 + i64::try_from(at.elapsed().as_millis()).unwrap_or(0),
+    )
+}
+
 fn hello(shared: &Shared, addr: &str) -> Document {
     let mut reply = doc! {
         "helloOk": true,
@@ -288,7 +308,7 @@ fn hello(shared: &Shared, addr: &str) -> Document {
         "maxBsonObjectSize": 16 * 1024 * 1024,
         "maxMessageSizeBytes": 48_000_000,
         "maxWriteBatchSize": 100_000,
-        "localTime": intracom::bson::DateTime::now(),
+        "localTime": local_time(shared),
         "logicalSessionTimeoutMinutes": 30,
         "connectionId": 1,
         "minWireVersion": 0,

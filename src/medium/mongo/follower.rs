@@ -33,7 +33,8 @@
 //! when the oplog still has their insert event or the TTL monitor has not yet
 //! deleted them (it runs about every 60 s): they are counted and reported as lost.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,9 +82,24 @@ enum Mode {
     },
     Scan {
         lower: Timestamp,
-        tip_before: Option<u64>,
+        tip_before: Option<Handover>,
     },
 }
+
+/// Where a catch-up scan joins the ring: at the ring's tip read when it began, once
+/// every message committed before then is settled (stamped more than a safety window
+/// before the server's clock) and so read by a pass that delivers settled messages only.
+#[derive(Clone, Copy, Debug)]
+struct Handover {
+    /// The ring's tip when the catch-up began.
+    tip: u64,
+    /// The server's clock (whole seconds) read just after.
+    server_secs: u32,
+}
+
+/// The most ids a position names as delivered besides what its own place covers (`a`):
+/// beyond it the position names none, and a restart from it may deliver some again.
+const AHEAD_CAP: usize = 1024;
 
 /// A resumed follower's stream starts a safety window before its checkpoint, not
 /// after it: the events up to the checkpoint's own are what the subscription was
@@ -126,8 +142,18 @@ pub(crate) struct Follower {
     ready: VecDeque<Event>,
     /// Expired messages skipped since the last report.
     lost: u64,
-    /// Ring entries stamped at or below this were covered by a scan.
+    /// Every message stamped at or below this was handled (delivered, or not this
+    /// follower's): a scan covered it, or it came before the follower started.
     floor: Option<Timestamp>,
+    /// Every message at or below this `(ts, _id)` was handled: the settled scan
+    /// position this follower resumed from.
+    key_floor: Option<(Timestamp, String)>,
+    /// Ids the saved position this follower resumed from named as delivered besides
+    /// its own place (`a`): each event position names them until the follower reads
+    /// their event (they may come after it) or the window passes them.
+    carried: Recent,
+    /// Whether it was said that a position could not name what was delivered above it.
+    warned_ahead: bool,
     /// For a follower that started now: messages stamped below this came before it (a
     /// scan after a gap met before its first event reads from there, not from the
     /// beginning of what is retained).
@@ -154,20 +180,33 @@ pub(crate) struct Follower {
 struct Recent {
     /// In arrival order, which is `ts` order but for writes that committed out of order.
     order: VecDeque<(Timestamp, String)>,
-    ids: HashSet<String>,
+    /// Each id remembered, with its stamp.
+    ids: HashMap<String, Timestamp>,
+    /// The same ids in `(ts, _id)` order: what a scan's position names as delivered
+    /// above it (see [`Recent::above`]).
+    by_key: BTreeSet<(Timestamp, String)>,
     newest: Option<Timestamp>,
 }
 
 impl Recent {
     fn contains(&self, id: &str) -> bool {
-        !self.ids.is_empty() && self.ids.contains(id)
+        !self.ids.is_empty() && self.ids.contains_key(id)
     }
 
     fn insert(&mut self, ts: Timestamp, id: &str, window_secs: u32) {
-        if self.ids.insert(id.to_string()) {
+        if !self.ids.contains_key(id) {
+            self.ids.insert(id.to_string(), ts);
             self.order.push_back((ts, id.to_string()));
+            self.by_key.insert((ts, id.to_string()));
         }
         self.advance(ts, window_secs);
+    }
+
+    /// Forgets an id before the window moves past it.
+    fn remove(&mut self, id: &str) {
+        if let Some(ts) = self.ids.remove(id) {
+            self.by_key.remove(&(ts, id.to_string()));
+        }
     }
 
     /// Moves the window on to `ts` (forgetting what falls out of it) without
@@ -177,30 +216,35 @@ impl Recent {
         self.newest = Some(newest);
         let floor = newest.time.saturating_sub(window_secs);
         while self.order.front().is_some_and(|(t, _)| t.time < floor) {
-            if let Some((_, old)) = self.order.pop_front() {
-                self.ids.remove(&old);
+            if let Some((t, old)) = self.order.pop_front() {
+                if self.ids.get(&old) == Some(&t) {
+                    self.ids.remove(&old);
+                    self.by_key.remove(&(t, old));
+                }
             }
         }
     }
-}
 
-/// A follower's position token: the event's resume token and cluster time when it came
-/// from a change stream, and the message id.
-fn position(message: &Message, token: Option<&Bson>, cluster_time: Option<Timestamp>) -> Position {
-    let mut t = doc! { "id": &message.id };
-    if let Some(token) = token {
-        t.insert("rt", token.clone());
+    /// The ids remembered that sort after `(ts, id)`, at most `cap` of them (`None` when
+    /// there are more).
+    fn above(&self, ts: Timestamp, id: &str, cap: usize) -> Option<Vec<String>> {
+        let mut ids = Vec::new();
+        for (_, i) in self
+            .by_key
+            .range((Excluded((ts, id.to_string())), Unbounded))
+        {
+            if ids.len() == cap {
+                return None;
+            }
+            ids.push(i.clone());
+        }
+        Some(ids)
     }
-    if let Some(ct) = cluster_time {
-        t.insert("ct", ct);
+
+    /// Every id remembered, at most `cap` of them (`None` when there are more).
+    fn all(&self, cap: usize) -> Option<Vec<String>> {
+        (self.ids.len() <= cap).then(|| self.by_key.iter().map(|(_, i)| i.clone()).collect())
     }
-    Position::new(
-        message.ts.unwrap_or(Timestamp {
-            time: 0,
-            increment: 0,
-        }),
-        Some(t),
-    )
 }
 
 /// The server-side form of a filter, for a `find` (`prefix` "") or a change stream
@@ -294,6 +338,9 @@ impl Follower {
             ready: VecDeque::new(),
             lost: 0,
             floor: None,
+            key_floor: None,
+            carried: Recent::default(),
+            warned_ahead: false,
             start_floor: None,
             last_ts: Timestamp {
                 time: 0,
@@ -387,8 +434,37 @@ impl Follower {
             self.recent.insert(position.ts, id, window);
         }
         self.last_ts = self.last_ts.max(position.ts);
+        // What the position says was handled besides its own place (see
+        // `position_of`).
+        if let Ok(f) = token.get_timestamp("f") {
+            self.floor = Some(self.floor.map_or(f, |floor| floor.max(f)));
+        }
+        if let (Ok(kt), Ok(ki)) = (token.get_timestamp("kt"), token.get_str("ki")) {
+            self.raise_key_floor(kt, ki);
+        }
+        if let Ok(ids) = token.get_array("a") {
+            let at = token.get_timestamp("at").unwrap_or(position.ts);
+            for id in ids.iter().filter_map(Bson::as_str) {
+                self.recent.insert(at, id, window);
+                self.carried.insert(at, id, window);
+            }
+        }
         if self.inner.db_config.retention == Retention::Capped {
             self.capped_floor = Self::oldest_ts(&self.inner).await?;
+        }
+        if let (Ok(true), Ok(id)) = (token.get_bool("s"), token.get_str("id")) {
+            // A settled scan's position: everything at or below it was handled, and
+            // above it only what it names. The collection is read from there, not the
+            // oplog: a stream from so far back may outlive the oplog's history under
+            // it (a server that drops the entries a lagging cursor has not read yet,
+            // instead of failing it, would leave a gap).
+            self.raise_key_floor(position.ts, id);
+            self.report_if_expired(position.ts);
+            tracing::debug!("resuming from a catch-up's saved position: reading the collection");
+            return Ok(Mode::Scan {
+                lower: minus_window(position.ts, window),
+                tip_before: None,
+            });
         }
         let resume_token = token
             .get("rt")
@@ -483,6 +559,17 @@ impl Follower {
         })
     }
 
+    /// Everything at or below `(ts, id)` was handled.
+    fn raise_key_floor(&mut self, ts: Timestamp, id: &str) {
+        if self
+            .key_floor
+            .as_ref()
+            .is_none_or(|(t, i)| (*t, i.as_str()) < (ts, id))
+        {
+            self.key_floor = Some((ts, id.to_string()));
+        }
+    }
+
     /// After losing the change-stream history, messages after a position older than the
     /// retention (or, capped, older than the oldest message kept) may have been deleted:
     /// say so (the count is unknown).
@@ -555,15 +642,25 @@ impl Follower {
     /// new to this follower (delivered, or skipped as expired or filtered out). A
     /// message from the ring is not remembered by id: the held segment remembers it
     /// (see the module docs).
+    ///
+    /// `settled`: a scan's delivery of a message stamped more than a safety window
+    /// before the server's clock when the pass began, read in `(ts, _id)` order (see
+    /// [`Follower::position_of`]).
     fn offer(
         &mut self,
         message: Arc<Message>,
         token: Option<&Bson>,
         cluster_time: Option<Timestamp>,
         from_ring: bool,
+        settled: bool,
     ) -> bool {
         let Some(ts) = message.ts else { return false };
         self.last_ts = self.last_ts.max(ts);
+        if cluster_time.is_some() {
+            // Its event is read: a position after it need not name it.
+            self.carried.remove(&message.id);
+            self.carried.advance(ts, self.window_secs());
+        }
         // A scan (after a gap met before this follower's first event) leaves out what
         // is stamped before it started; the ring after its start is all after it. (A
         // message stamped as the start was is delivered: on mongod that is the newest
@@ -571,6 +668,10 @@ impl Follower {
         // second, which may be after it.)
         if self.recent.contains(&message.id)
             || self.floor.is_some_and(|f| ts <= f)
+            || self
+                .key_floor
+                .as_ref()
+                .is_some_and(|(t, i)| (ts, message.id.as_str()) <= (*t, i.as_str()))
             || (!from_ring && self.start_floor.is_some_and(|f| ts < f))
         {
             return false;
@@ -591,10 +692,84 @@ impl Follower {
             self.ready.push_back(Event::Lost { count: self.lost });
             self.lost = 0;
         }
-        let position = position(&message, token, cluster_time);
+        let position = self.position_of(&message, token, cluster_time, settled);
         self.ready
             .push_back(Event::Message(message, SharedPosition::new(position)));
         true
+    }
+
+    /// The position of a delivery, from which a restart delivers exactly what came
+    /// after it: its message id, and
+    /// - from a change stream (the ring, or a stream of its own): the event's resume
+    ///   token and cluster time (`rt`, `ct`): every event up to it was handled;
+    /// - from a settled scan (`s`): every message up to its `(ts, _id)` was handled,
+    ///   for all of them committed before the pass read there;
+    /// - `f` (and `kt`/`ki`): every message stamped at or below `f` (at or below
+    ///   `(kt, ki)`) was handled;
+    /// - `a` (with `at`, the newest stamp among them): ids delivered that the above does
+    ///   not cover: for a settled scan, those above it (delivered before the scan, from
+    ///   the ring); for an event, those a restart named (their event may come after it).
+    ///
+    /// A scan of the unsettled past (polling a server without change streams) gives
+    /// none of `s`, `a`: a restart from it reads a safety window again and may deliver
+    /// again what was delivered after it sorted below it.
+    fn position_of(
+        &mut self,
+        message: &Message,
+        token: Option<&Bson>,
+        cluster_time: Option<Timestamp>,
+        settled: bool,
+    ) -> Position {
+        let ts = message.ts.unwrap_or(Timestamp {
+            time: 0,
+            increment: 0,
+        });
+        let mut t = doc! { "id": &message.id };
+        if let Some(token) = token {
+            t.insert("rt", token.clone());
+        }
+        if let Some(ct) = cluster_time {
+            t.insert("ct", ct);
+        }
+        let besides = if settled {
+            let above = self.recent.above(ts, &message.id, AHEAD_CAP);
+            if above.is_some() {
+                t.insert("s", true);
+            }
+            above.map(|ids| (ids, self.recent.newest))
+        } else if cluster_time.is_some() && !self.carried.ids.is_empty() {
+            self.carried
+                .all(AHEAD_CAP)
+                .map(|ids| (ids, self.carried.newest))
+        } else {
+            Some((Vec::new(), None))
+        };
+        match besides {
+            Some((ids, newest)) if !ids.is_empty() => {
+                t.insert("a", ids);
+                if let Some(newest) = newest {
+                    t.insert("at", newest);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if !self.warned_ahead {
+                    self.warned_ahead = true;
+                    tracing::warn!(
+                        cap = AHEAD_CAP,
+                        "more deliveries within the safety window than a saved position names: a restart from this position may deliver some of them again"
+                    );
+                }
+            }
+        }
+        if let Some(f) = self.floor {
+            t.insert("f", f);
+        }
+        if let Some((kt, ki)) = &self.key_floor {
+            t.insert("kt", *kt);
+            t.insert("ki", ki.as_str());
+        }
+        Position::new(ts, Some(t))
     }
 
     /// Reads the ring from the cursor; switches to a scan on a gap or an overrun.
@@ -636,7 +811,7 @@ impl Follower {
                         token,
                         cluster_time,
                     } => {
-                        self.offer(Arc::clone(message), Some(token), *cluster_time, true);
+                        self.offer(Arc::clone(message), Some(token), *cluster_time, true, false);
                         self.hold(&segment, seq, message.ts);
                     }
                     RingItem::Bad { .. } => {}
@@ -704,25 +879,140 @@ impl Follower {
         }
     }
 
-    /// One scan pass: every matching message stamped after `lower`, in `(ts, _id)`
-    /// order. Returns the next mode.
+    /// A catch-up by `ts`, one pass at a time. Returns the next mode.
+    ///
+    /// Following change streams, a pass delivers only the settled past: what is stamped
+    /// more than a safety window before the server's clock when the pass begins
+    /// committed before it began (`ts` is stamped before commit, and a write commits
+    /// within the window), so the pass reads it all, in `(ts, _id)` order, and a
+    /// position from it is exact (see [`Follower::position_of`]). The catch-up joins
+    /// the ring at the tip read when it began, once that tip is settled: every message
+    /// committed before it is delivered by a pass, every later one is in the ring after
+    /// it, and the ring skips what is stamped at or below the last pass's bound. Until
+    /// then it waits, a second at a time, delivering what settles.
+    ///
+    /// Polling a server without change streams, a pass reads to the newest message and
+    /// the next looks back a safety window, skipping the ids it delivered.
+    async fn scan(&mut self, lower: Timestamp, handover: Option<Handover>) -> Result<Mode> {
+        let Some(hub) = self.hub.clone() else {
+            return self.poll(lower).await;
+        };
+        let handover = match handover {
+            Some(handover) => handover,
+            None => {
+                let tip = hub.ring().tip();
+                Handover {
+                    tip,
+                    server_secs: Self::server_secs(&self.inner).await?,
+                }
+            }
+        };
+        let now = Self::server_secs(&self.inner).await?;
+        let upper = Timestamp {
+            time: now.saturating_sub(self.window_secs().saturating_add(1)),
+            increment: u32::MAX,
+        };
+        let fresh = if upper > lower {
+            self.pass(lower, Some(upper), true).await?
+        } else {
+            0
+        };
+        let lower = lower.max(upper);
+        if handover.tip + 1 < hub.ring().first_seq() {
+            // The ring moved past the hand-over point: another one, later.
+            tracing::debug!(
+                fresh,
+                "the change-event buffer moved past the catch-up's hand-over point"
+            );
+            return Ok(Mode::Scan {
+                lower,
+                tip_before: None,
+            });
+        }
+        if upper.time >= handover.server_secs {
+            self.floor = Some(self.floor.map_or(upper, |f| f.max(upper)));
+            tracing::debug!(fresh, "scan caught up: following the change stream");
+            return Ok(Mode::Ring {
+                cursor: handover.tip,
+            });
+        }
+        let wait = Duration::from_secs(u64::from(handover.server_secs - upper.time))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = self.inner.closed.cancelled() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        Ok(Mode::Scan {
+            lower,
+            tip_before: Some(handover),
+        })
+    }
+
+    /// Polling a server without change streams: a pass to the newest message, then,
+    /// when it found nothing new, a pause.
+    async fn poll(&mut self, lower: Timestamp) -> Result<Mode> {
+        let fresh = self.pass(lower, None, false).await?;
+        if fresh == 0 {
+            let pause = Duration::from_millis(self.inner.db_config.poll_interval_ms);
+            tokio::select! {
+                _ = self.inner.closed.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        Ok(Mode::Scan {
+            lower: minus_window(self.last_ts.max(lower), self.window_secs()),
+            tip_before: None,
+        })
+    }
+
+    /// The server's clock, in whole seconds (`hello.localTime`): what a catch-up judges
+    /// settled by, not this process's clock, which may be skewed. A server that does not
+    /// say (none known) is judged by this process's clock.
+    async fn server_secs(inner: &Inner) -> Result<u32> {
+        let _op = inner.op()?;
+        let hello = match inner.db.run_command(doc! { "hello": 1 }).await {
+            Ok(hello) => hello,
+            // Before 4.4.2 (CommandNotFound): the legacy name.
+            Err(e) if super::errors::code(&e) == Some(59) => inner
+                .db
+                .run_command(doc! { "isMaster": 1 })
+                .await
+                .map_err(to_error)?,
+            Err(e) => return Err(to_error(e)),
+        };
+        let secs = match hello.get_datetime("localTime") {
+            Ok(at) => u64::try_from(at.timestamp_millis() / 1000).unwrap_or(0),
+            Err(_) => now_secs(),
+        };
+        Ok(u32::try_from(secs).unwrap_or(u32::MAX))
+    }
+
+    /// One scan pass: every matching message stamped after `lower` (and at or below
+    /// `upper`), in `(ts, _id)` order. Returns how many were new to this follower.
     ///
     /// Pages are keyed on `(ts, _id)`, not on `ts` alone: a `ts` is unique per node,
     /// not across the shards of a cluster (each primary ticks its own clock), so a
     /// page boundary inside a run of equal stamps must not drop the rest of the run.
-    async fn scan(&mut self, lower: Timestamp, tip_before: Option<u64>) -> Result<Mode> {
-        let tip_before = tip_before.or_else(|| self.hub.as_ref().map(|h| h.ring().tip()));
-        let started = std::time::Instant::now();
+    async fn pass(
+        &mut self,
+        lower: Timestamp,
+        upper: Option<Timestamp>,
+        settled: bool,
+    ) -> Result<usize> {
         let filter = filter_query(&self.filter, "");
         // The last (ts, _id) of the previous page.
         let mut after: Option<(Timestamp, Bson)> = None;
         // New to this follower: the look-back window re-reads what was delivered.
         let mut fresh = 0usize;
         loop {
+            let above = |ts: Timestamp| match upper {
+                Some(upper) => doc! { "$gt": ts, "$lte": upper },
+                None => doc! { "$gt": ts },
+            };
             let page = match &after {
-                None => doc! { "ts": { "$gt": lower } },
+                None => doc! { "ts": above(lower) },
                 Some((ts, id)) => doc! { "$or": [
-                    { "ts": { "$gt": *ts } },
+                    { "ts": above(*ts) },
                     { "ts": *ts, "_id": { "$gt": id.clone() } },
                 ] },
             };
@@ -758,7 +1048,7 @@ impl Follower {
                 }
                 match decode_raw(&document) {
                     Ok(message) => {
-                        if self.offer(Arc::new(message), None, None, false) {
+                        if self.offer(Arc::new(message), None, None, false, settled) {
                             fresh += 1;
                         }
                     }
@@ -784,46 +1074,7 @@ impl Follower {
                 break;
             }
         }
-        let newest = self.last_ts;
-        match (&self.hub, tip_before) {
-            (Some(hub), Some(tip)) => {
-                if tip + 1 < hub.ring().first_seq() {
-                    // The ring moved past the hand-over point during the pass: scan again.
-                    return Ok(Mode::Scan {
-                        lower: minus_window(newest, self.window_secs()),
-                        tip_before: None,
-                    });
-                }
-                // A pass as long as half the safety window: what was written early in
-                // it is in the ring after `tip`, but its id may no longer be among the
-                // window's (kept relative to the newest): one more pass, from the
-                // window before the newest and with a fresh hand-over point, is short.
-                if started.elapsed() >= Duration::from_secs(u64::from(self.window_secs())) / 2 {
-                    tracing::debug!(fresh, "long catch-up pass: one more before the hand-over");
-                    return Ok(Mode::Scan {
-                        lower: minus_window(newest, self.window_secs()),
-                        tip_before: None,
-                    });
-                }
-                self.floor = Some(lower);
-                tracing::debug!(fresh, "scan caught up: following the change stream");
-                Ok(Mode::Ring { cursor: tip })
-            }
-            _ => {
-                // Poll mode: wait, then look again from the window before the newest.
-                if fresh == 0 {
-                    let pause = Duration::from_millis(self.inner.db_config.poll_interval_ms);
-                    tokio::select! {
-                        _ = self.inner.closed.cancelled() => {}
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
-                Ok(Mode::Scan {
-                    lower: minus_window(newest.max(lower), self.window_secs()),
-                    tip_before: None,
-                })
-            }
-        }
+        Ok(fresh)
     }
 
     /// Offers a resumed stream's insert event; returns its cluster time.
@@ -848,7 +1099,7 @@ impl Follower {
                             }
                         }
                     } else {
-                        self.offer(Arc::new(message), token.as_ref(), Some(ct), false);
+                        self.offer(Arc::new(message), token.as_ref(), Some(ct), false, false);
                     }
                 }
                 Err(reason) => {
