@@ -87,7 +87,7 @@ pub const KEYS: &[Key] = &[
     key("common.intracom.db.retention", "ttl", "`ttl` (a TTL index on `at`) or `capped` (a capped messages collection)"),
     key("common.intracom.db.capped_bytes", "268435456", "size of a capped messages collection, in bytes"),
     key("common.intracom.db.poll_interval_ms", "250", "poll period when change streams are unavailable (a standalone server), in ms"),
-    key("common.intracom.db.safety_window_ms", "5000", "how far back a `ts` scan looks for writes that committed out of stamp order, in ms"),
+    key("common.intracom.db.safety_window_ms", "5000", "the longest a write takes from its server stamp to its commit: a catch-up from the collection reads only what is stamped longer ago, and joins the change stream that long after it began, in ms"),
     key("common.intracom.db.stream_buffer", "10000", "change events kept in memory for this process's subscribers"),
     key("common.intracom.db.hub.selection", "targeted", "what this process's change stream selects on the server: `targeted` (what its subscriptions, workers and requests concern) or `everything` (every insert and settle)"),
     key("common.intracom.db.read_preference", "primary", "where the change streams read: `primary`, `primaryPreferred`, `secondary`, `secondaryPreferred` or `nearest`"),
@@ -274,7 +274,8 @@ pub struct DbConfig {
     pub capped_bytes: u64,
     /// Poll period in ms when change streams are unavailable (default 250).
     pub poll_interval_ms: u64,
-    /// Look-back of `ts` scans in ms (default 5000).
+    /// The longest a write takes from its stamp to its commit, in ms (default 5000): a
+    /// catch-up by `ts` reads only what is stamped longer ago than this.
     pub safety_window_ms: u64,
     /// Change events kept in memory for local subscribers (default 10 000).
     pub stream_buffer: usize,

@@ -42,14 +42,7 @@ use servers::{Kind, Target};
 /// Set while intracom is known to break an invariant the nemesis judges: the default
 /// runs are then reported as ignored with this reason, unless `INTRACOM_NEMESIS_SECONDS`
 /// asks for them explicitly.
-const KNOWN_VIOLATIONS: Option<&str> = Some(
-    "a known violation remains: a named subscription restarted from a checkpoint saved \
-     during a catch-up by ts can get again an acked message that was stamped before the \
-     checkpoint's and committed after it (seen on the Python server, whose stamps are \
-     whole seconds); remembering it instead would lose such a message that the catch-up \
-     had not read yet (seen on the Rust server, seed 777): run with \
-     INTRACOM_NEMESIS_SECONDS=N",
-);
+const KNOWN_VIOLATIONS: Option<&str> = None;
 
 /// The default length of a run's fault period, in seconds.
 const DEFAULT_SECONDS: u64 = 120;

@@ -12,13 +12,17 @@
 //!   one, skipping the ids it already delivered (`clusterTime` is not unique: one
 //!   transaction, or from 8.0 a batch, shares it), and closes its stream;
 //! - **scan**: querying the collection by `ts` when there is no usable token (start
-//!   from the beginning, history lost, ring overrun) or no change streams at all
-//!   (standalone server: poll mode). `ts` is stamped by `$currentDate` before commit,
-//!   so two concurrent writes can commit in the other order (DOCS-12300): each pass
-//!   looks back a safety window (`common.intracom.db.safety_window_ms`) and skips the
-//!   ids it delivered. A scan hands over to the ring at the ring's tip read *before*
-//!   its final pass: every event after that tip committed after the pass began or is
-//!   skipped as already delivered.
+//!   from the beginning, history lost, ring overrun, a position saved during a
+//!   catch-up) or no change streams at all (standalone server: poll mode). `ts` is
+//!   stamped by `$currentDate` before commit, so two concurrent writes can commit in
+//!   the other order (DOCS-12300), within a safety window
+//!   (`common.intracom.db.safety_window_ms`). Following change streams, a pass reads
+//!   only the settled past, stamped more than the window before the server's clock, in
+//!   `(ts, _id)` order: all of it committed before the pass, so the pass misses none of
+//!   it and its positions are exact. The scan hands over to the ring at the ring's tip
+//!   read when it began, once that tip is settled too (see [`Follower::scan`]).
+//!   Polling, a pass reads to the newest message, and the next looks back a window and
+//!   skips the ids it delivered.
 //!
 //! De-duplication without a copy per subscriber: the ids a scan must skip are those
 //! delivered within the safety window. What came from the ring is not copied: the
