@@ -133,8 +133,13 @@ impl TraceContext {
             .as_deref()
             .and_then(|s| s.parse::<TraceState>().ok())
             .unwrap_or_default();
-        let context =
-            SpanContext::new(trace_id, span_id, TraceFlags::new(parsed.flags), true, state);
+        let context = SpanContext::new(
+            trace_id,
+            span_id,
+            TraceFlags::new(parsed.flags),
+            true,
+            state,
+        );
         Some(opentelemetry::Context::new().with_remote_span_context(context))
     }
 }
@@ -148,7 +153,8 @@ struct Traceparent<'a> {
 }
 
 fn lower_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Parses a `traceparent` by the W3C rules: version `00` is exactly 55 characters; a
@@ -187,7 +193,9 @@ fn parse_traceparent(value: &str) -> Option<Traceparent<'_>> {
 fn valid_tracestate(value: &str) -> bool {
     !value.trim().is_empty()
         && value.len() <= MAX_TRACESTATE_LEN
-        && value.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+        && value
+            .bytes()
+            .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
 }
 
 /// The span a handler runs in for `message` (`intracom.process`, OpenTelemetry kind

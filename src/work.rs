@@ -46,8 +46,8 @@ use crate::delivery::routes::Handler;
 use crate::error::{Error, PayloadError, Result};
 use crate::filter::{Filter, StartFrom};
 use crate::medium::{ClaimRequest, Settlement};
-use crate::trace::TraceContext;
 use crate::message::{now_nanos, to_document, DeliveryMode, Message, MessageType, State};
+use crate::trace::TraceContext;
 
 /// How a worker treats its work. Defaults in the field docs; config can override them
 /// per action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`, `.max_attempts`).
