@@ -107,4 +107,7 @@ mod guide_doctests {
     pub struct OperatingChecklist;
     #[doc = include_str!("../docs/src/testing.md")]
     pub struct Testing;
+    #[cfg(feature = "otel")]
+    #[doc = include_str!("../docs/src/operating/tracing.md")]
+    pub struct OperatingTracing;
 }

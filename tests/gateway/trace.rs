@@ -73,7 +73,8 @@ async fn trace_headers_reach_the_message_and_its_sse_event() {
     let gw = Gw::start(&Place::Memory).await;
     let mut events = gw.subscribe("/subscribe/reload", BILLING, None).await;
     let traceparent = traceparent();
-    let cases: [(&[(&str, &str)], Option<Value>); 4] = [
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Headers, Option<Value>); 4] = [
         (
             &[("traceparent", &traceparent), ("tracestate", "vendor=abc")],
             Some(json!({ "traceparent": traceparent, "tracestate": "vendor=abc" })),
