@@ -14,8 +14,8 @@
 //!   ([`crate::Intracom::work`]) and a request's handler ([`crate::Intracom::serve`])
 //!   run in that span.
 //! - Without it, the field is still carried as it is: a message published by a service
-//!   built with `otel` and read by one built without keeps its context, and the
-//!   handler's span is there, with no remote parent.
+//!   built with `otel` and read by one built without keeps its context (and no span is
+//!   added around handlers).
 //!
 //! The gateway takes the `traceparent` and `tracestate` headers of an HTTP request into
 //! the message it publishes, and shows `trace` in the messages of its event streams.
@@ -198,10 +198,12 @@ fn valid_tracestate(value: &str) -> bool {
             .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
 }
 
-/// The span a handler runs in for `message` (`intracom.process`, OpenTelemetry kind
-/// consumer, with the message's id, action and sending service). With the feature
-/// `otel` its parent is the message's trace context, when it carries a valid one; the
-/// span is the current span's child otherwise.
+/// The span a handler runs in for `message`, with the feature `otel`:
+/// `intracom.process` (OpenTelemetry name `<action> process`, kind consumer, with the
+/// message's id, action and sending service), whose parent is the message's trace
+/// context when it carries a valid one (the current span otherwise). Without the
+/// feature it is [`tracing::Span::none`]: a service that does not trace across
+/// services sees no new span in its logs.
 ///
 /// [`crate::Subscriber::handle`], workers and request handlers already run in it; a
 /// consumer that reads a [`crate::Subscriber`] as a stream can do the same:
@@ -218,7 +220,37 @@ fn valid_tracestate(value: &str) -> bool {
 /// }
 /// # Ok(()) }
 /// ```
+#[cfg(not(feature = "otel"))]
 pub fn process_span(message: &Message) -> tracing::Span {
+    let _ = message;
+    tracing::Span::none()
+}
+
+/// The span a handler runs in for `message`: `intracom.process` (OpenTelemetry name
+/// `<action> process`, kind consumer, with the message's id, action and sending
+/// service), whose parent is the message's trace context when it carries a valid one
+/// (the current span otherwise). Without the feature `otel` it is
+/// [`tracing::Span::none`]: a service that does not trace across services sees no new
+/// span in its logs.
+///
+/// [`crate::Subscriber::handle`], workers and request handlers already run in it; a
+/// consumer that reads a [`crate::Subscriber`] as a stream can do the same:
+///
+/// ```
+/// # async fn consume(mut sub: intracom::Subscriber) -> intracom::Result<()> {
+/// use futures::StreamExt;
+/// use tracing::Instrument;
+/// while let Some(delivery) = sub.next().await {
+///     let delivery = delivery?;
+///     let span = intracom::trace::process_span(&delivery);
+///     async { /* handle the message */ }.instrument(span).await;
+///     delivery.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "otel")]
+pub fn process_span(message: &Message) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
     let span = tracing::info_span!(
         "intracom.process",
         otel.name = %format_args!("{} process", message.action),
@@ -229,9 +261,7 @@ pub fn process_span(message: &Message) -> tracing::Span {
         messaging.message.id = %message.id,
         intracom.source = %message.source_service,
     );
-    #[cfg(feature = "otel")]
     if let Some(parent) = message.trace.as_ref().and_then(TraceContext::to_context) {
-        use tracing_opentelemetry::OpenTelemetrySpanExt;
         // Without the OpenTelemetry layer there is nothing to parent.
         let _ = span.set_parent(parent);
     }
