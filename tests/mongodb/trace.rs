@@ -13,7 +13,10 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 
 pub fn checks() -> Vec<Check> {
     #[allow(unused_mut)] // pushed to with the feature `otel`
-    let mut checks = vec![check!(the_validator_accepts_a_message_with_a_trace)];
+    let mut checks = vec![
+        check!(the_validator_accepts_a_message_with_a_trace),
+        check!(mongosh_publishes_and_shows_a_trace, mongosh),
+    ];
     #[cfg(feature = "otel")]
     checks.push(check!(
         one_trace_from_a_publish_to_a_handler_in_another_service
@@ -100,6 +103,43 @@ async fn the_validator_accepts_a_message_with_a_trace(t: &Target) {
     assert_eq!(
         stored.get_document("trace").expect("a trace sub-document"),
         &doc! { "traceparent": TRACEPARENT, "tracestate": "vendor=abc" }
+    );
+    bus.shutdown().await;
+    let _ = raw_client(&uri).await.database(&database).drop().await;
+}
+
+/// The admin's kit: `ic.publish({traceparent, tracestate})` stores the context the
+/// bus delivers, and a message line shows it.
+async fn mongosh_publishes_and_shows_a_trace(t: &Target) {
+    let uri = t.uri().expect("server");
+    let database = database_name();
+    let bus = Intracom::connect(on_server(catalog("billing", "billing-1"), &uri, &database))
+        .await
+        .expect("bus");
+    let mut sub = bus
+        .subscribe(Subscription::new().actions(["reload"]))
+        .await
+        .expect("subscribe");
+    let out = crate::mongosh::shell(
+        &uri,
+        &database,
+        &format!(
+            r#"ic.publish({{ from: "billing", to: "billing", action: "reload", traceparent: "{TRACEPARENT}", tracestate: "vendor=abc", id: "hand-traced" }});
+ic.recent(5);"#
+        ),
+    )
+    .await;
+    assert!(out.contains("published: hand-traced"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("hand-traced") && !l.starts_with("published"))
+        .unwrap_or_else(|| panic!("no message line for hand-traced in:\n{out}"));
+    assert!(line.contains(&format!("trace={TRACEPARENT}")), "{line}");
+    let delivery = next(&mut sub).await;
+    assert_eq!(delivery.id, "hand-traced");
+    assert_eq!(
+        delivery.trace,
+        TraceContext::new(TRACEPARENT, Some("vendor=abc".into()))
     );
     bus.shutdown().await;
     let _ = raw_client(&uri).await.database(&database).drop().await;
