@@ -220,52 +220,31 @@ fn valid_tracestate(value: &str) -> bool {
 /// }
 /// # Ok(()) }
 /// ```
-#[cfg(not(feature = "otel"))]
 pub fn process_span(message: &Message) -> tracing::Span {
-    let _ = message;
-    tracing::Span::none()
-}
-
-/// The span a handler runs in for `message`: `intracom.process` (OpenTelemetry name
-/// `<action> process`, kind consumer, with the message's id, action and sending
-/// service), whose parent is the message's trace context when it carries a valid one
-/// (the current span otherwise). Without the feature `otel` it is
-/// [`tracing::Span::none`]: a service that does not trace across services sees no new
-/// span in its logs.
-///
-/// [`crate::Subscriber::handle`], workers and request handlers already run in it; a
-/// consumer that reads a [`crate::Subscriber`] as a stream can do the same:
-///
-/// ```
-/// # async fn consume(mut sub: intracom::Subscriber) -> intracom::Result<()> {
-/// use futures::StreamExt;
-/// use tracing::Instrument;
-/// while let Some(delivery) = sub.next().await {
-///     let delivery = delivery?;
-///     let span = intracom::trace::process_span(&delivery);
-///     async { /* handle the message */ }.instrument(span).await;
-///     delivery.ack().await?;
-/// }
-/// # Ok(()) }
-/// ```
-#[cfg(feature = "otel")]
-pub fn process_span(message: &Message) -> tracing::Span {
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let span = tracing::info_span!(
-        "intracom.process",
-        otel.name = %format_args!("{} process", message.action),
-        otel.kind = "consumer",
-        messaging.system = "intracom",
-        messaging.operation.type = "process",
-        messaging.destination.name = %message.action,
-        messaging.message.id = %message.id,
-        intracom.source = %message.source_service,
-    );
-    if let Some(parent) = message.trace.as_ref().and_then(TraceContext::to_context) {
-        // Without the OpenTelemetry layer there is nothing to parent.
-        let _ = span.set_parent(parent);
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = message;
+        tracing::Span::none()
     }
-    span
+    #[cfg(feature = "otel")]
+    {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let span = tracing::info_span!(
+            "intracom.process",
+            otel.name = %format_args!("{} process", message.action),
+            otel.kind = "consumer",
+            messaging.system = "intracom",
+            messaging.operation.type = "process",
+            messaging.destination.name = %message.action,
+            messaging.message.id = %message.id,
+            intracom.source = %message.source_service,
+        );
+        if let Some(parent) = message.trace.as_ref().and_then(TraceContext::to_context) {
+            // Without the OpenTelemetry layer there is nothing to parent.
+            let _ = span.set_parent(parent);
+        }
+        span
+    }
 }
 
 #[cfg(test)]
