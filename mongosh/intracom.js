@@ -107,6 +107,7 @@
     if (m.result !== undefined) parts.push("result=" + compact(m.result));
     if (m.response !== undefined) parts.push("response=" + compact(m.response));
     if (m.lastError) parts.push("lastError=" + JSON.stringify(m.lastError));
+    if (m.trace && m.trace.traceparent) parts.push("trace=" + m.trace.traceparent);
     return parts.join("  ");
   }
 
@@ -279,6 +280,14 @@
       m.query_ts = NumberLong((BigInt(Date.now()) * 1000000n).toString());
       if (s.request || s.queryMs !== undefined) m.query_ms = NumberLong(String(s.queryMs === undefined ? 30000 : s.queryMs));
       m.priority = NumberInt(s.priority || 0);
+      // The W3C trace context of the handlers' parent span (the bus checks it on read).
+      if (s.traceparent !== undefined) {
+        if (typeof s.traceparent !== "string" || s.traceparent.length < 55) {
+          throw new Error("`traceparent` must be a W3C traceparent: 00-<trace id>-<span id>-<flags>");
+        }
+        m.trace = { traceparent: s.traceparent };
+        if (s.tracestate !== undefined) m.trace.tracestate = String(s.tracestate);
+      }
       return { id: id, body: m };
     }
 
@@ -443,7 +452,7 @@
           "  ic.dead(n, filter)               dead letters",
           "  ic.checkpoints()  ic.lag()       named subscriptions: position, messages and seconds behind",
           "  ic.catalog()                     services and their actions",
-          "  ic.publish({from, to, action, body, instance, instanceDest, type, work, request, priority, id, force})",
+          "  ic.publish({from, to, action, body, instance, instanceDest, type, work, request, priority, traceparent, tracestate, id, force})",
           "  ic.docs.<helper>(...)            the same, returning documents instead of printing",
         ].join("\n"));
       },

@@ -322,6 +322,12 @@ impl Intracom {
         message.at = None;
         message.lease = None;
         message.attempts = 0;
+        // The publisher's trace context, unless the message brings one (the gateway's,
+        // from an HTTP request's headers).
+        #[cfg(feature = "otel")]
+        if message.trace.is_none() {
+            message.trace = crate::trace::TraceContext::current();
+        }
         message.validate()?;
         self.shared.catalog.check(message).await?;
         let limit = self

@@ -56,6 +56,7 @@ pub mod message;
 pub mod metrics;
 mod outbox;
 mod stop;
+pub mod trace;
 pub mod work;
 
 pub use bson;
@@ -74,6 +75,7 @@ pub use idempotency::{Idempotent, Once};
 pub use medium::{Capabilities, DeadLetter, Medium};
 pub use message::{DeliveryMode, Lease, Message, MessageType, State};
 pub use outbox::OutboxRemoval;
+pub use trace::TraceContext;
 pub use work::{Request, WorkOptions, Worker};
 
 /// The README's and the guide's Rust blocks, compiled as doctests (those not marked
@@ -105,4 +107,7 @@ mod guide_doctests {
     pub struct OperatingChecklist;
     #[doc = include_str!("../docs/src/testing.md")]
     pub struct Testing;
+    #[cfg(feature = "otel")]
+    #[doc = include_str!("../docs/src/operating/tracing.md")]
+    pub struct OperatingTracing;
 }

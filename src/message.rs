@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, PayloadError, Result};
+use crate::trace::TraceContext;
 
 /// Longest accepted service, instance or action name, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
@@ -201,6 +202,11 @@ pub struct Message {
     /// For a message re-published from the dead letters: the id of the original.
     #[serde(rename = "retryOf", default, skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<String>,
+    /// The publisher's W3C trace context (`trace: {traceparent, tracestate}`): stored by
+    /// a publish with the feature `otel` (the current span's), or by the gateway from an
+    /// HTTP request's headers; carried as it is otherwise. See [`crate::trace`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 /// A work-queue lease: the instance that holds the work, since when, for how long.
@@ -262,6 +268,7 @@ impl Message {
             lease: None,
             last_error: None,
             retry_of: None,
+            trace: None,
         }
     }
 
@@ -347,6 +354,13 @@ impl Message {
     /// Work-queue priority: higher is claimed first (default 0).
     pub fn priority(mut self, priority: i32) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Carries this trace context instead of the one a publish would store (the current
+    /// span's, with the feature `otel`).
+    pub fn with_trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
         self
     }
 
@@ -453,6 +467,13 @@ impl Message {
         }
         len += optional_string("lastError", &self.last_error);
         len += optional_string("retryOf", &self.retry_of);
+        if let Some(trace) = &self.trace {
+            let trace_len = 4
+                + element("traceparent", string(&trace.traceparent))
+                + optional_string("tracestate", &trace.tracestate)
+                + 1;
+            len += element("trace", trace_len);
+        }
         Some(len)
     }
 }
@@ -520,6 +541,8 @@ impl Message {
             self.query_id.as_ref(),
             self.last_error.as_ref(),
             self.retry_of.as_ref(),
+            self.trace.as_ref().map(|t| &t.traceparent),
+            self.trace.as_ref().and_then(|t| t.tracestate.as_ref()),
         ];
         std::mem::size_of::<Message>()
             + self.source_instance.len()
@@ -728,9 +751,18 @@ mod tests {
         });
         full.last_error = Some("the last one".into());
         full.retry_of = Some(new_id());
+        full.trace = TraceContext::new(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=abc".into()),
+        );
+        let mut traced = Message::to_service("billing", "ping");
+        traced.trace = TraceContext::new(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        );
         let mut empty_payload = Message::to_service("billing", "ping");
         empty_payload.state = Some(State::Pending);
-        for message in [plain, full, empty_payload] {
+        for message in [plain, full, empty_payload, traced] {
             let encoded = bson::to_vec(&message).unwrap().len();
             assert_eq!(message.counted_len(), Some(encoded), "{message:?}");
             assert_eq!(message.encoded_len().unwrap(), encoded);

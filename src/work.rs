@@ -47,6 +47,7 @@ use crate::error::{Error, PayloadError, Result};
 use crate::filter::{Filter, StartFrom};
 use crate::medium::{ClaimRequest, Settlement};
 use crate::message::{now_nanos, to_document, DeliveryMode, Message, MessageType, State};
+use crate::trace::TraceContext;
 
 /// How a worker treats its work. Defaults in the field docs; config can override them
 /// per action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`, `.max_attempts`).
@@ -183,6 +184,7 @@ pub struct Request<R> {
     query: Result<Document>,
     timeout: Duration,
     kind: MessageType,
+    trace: Option<TraceContext>,
     _answer: PhantomData<fn() -> R>,
 }
 
@@ -191,6 +193,13 @@ impl<R> Request<R> {
     /// 30 s). Written as `query_ms` in the request.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Carries this trace context instead of the one the publish would store (the
+    /// current span's, with the feature `otel`): the handler's span is its child.
+    pub fn trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
         self
     }
 
@@ -239,6 +248,7 @@ impl<R: DeserializeOwned> Request<R> {
         message.state = Some(State::Pending);
         message.query_id = Some(message.id.clone());
         message.query_ms = Some(i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX));
+        message.trace = self.trace;
         let prepared = bus.prepare(message).await?;
         let id = prepared.message.id.clone();
         tracing::Span::current().record("message_id", id.as_str());
@@ -422,7 +432,13 @@ async fn run_handler(
     handler: &Handler,
     message: Message,
 ) -> std::result::Result<Option<Document>, String> {
-    match AssertUnwindSafe(handler(message)).catch_unwind().await {
+    // In a span whose parent is the requester's or publisher's trace context.
+    let span = crate::trace::process_span(&message);
+    let handled = span.in_scope(|| handler(message));
+    match AssertUnwindSafe(handled.instrument(span))
+        .catch_unwind()
+        .await
+    {
         Ok(outcome) => outcome,
         Err(_) => Err("the handler panicked".into()),
     }
@@ -466,6 +482,7 @@ impl Intracom {
             query: to_document(query),
             timeout: Duration::from_millis(self.config().request_timeout_ms),
             kind: MessageType::Sync,
+            trace: None,
             _answer: PhantomData,
         }
     }

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 
 use futures::{Future, Stream, StreamExt};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use super::checkpoint::AckTracker;
 use crate::catalog::Catalog;
@@ -545,7 +546,10 @@ impl Subscriber {
             match item {
                 Ok(delivery) => {
                     let id = delivery.id.clone();
-                    match handler(delivery.message().clone()).await {
+                    // In a span whose parent is the publisher's trace context.
+                    let span = crate::trace::process_span(delivery.message());
+                    let handled = span.in_scope(|| handler(delivery.message().clone()));
+                    match handled.instrument(span).await {
                         Ok(()) => {
                             if let Err(error) = delivery.ack().await {
                                 tracing::warn!(subscription = ?self.name, message_id = %id, %error, "checkpoint not saved");

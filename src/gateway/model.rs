@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ApiResult};
 use crate::bus::{PublishStatus, Published};
 use crate::message::{DeliveryMode, Message, MessageType, State};
+use crate::trace::TraceContext;
 
 /// A BSON Timestamp: the medium's order stamp of a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -97,6 +98,9 @@ pub struct MessageJson {
     pub retry_of: Option<String>,
     /// Creation time on the sender, ns since the epoch (informative).
     pub query_ts: i64,
+    /// The publisher's W3C trace context (`traceparent`, `tracestate`), when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 /// A document as relaxed extended JSON.
@@ -136,6 +140,7 @@ impl From<&Message> for MessageJson {
             last_error: m.last_error.clone(),
             retry_of: m.retry_of.clone(),
             query_ts: m.query_ts,
+            trace: m.trace.clone(),
         }
     }
 }

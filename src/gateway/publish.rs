@@ -33,6 +33,7 @@ use super::AppState;
 use crate::bus::Intracom;
 use crate::medium::Reservation;
 use crate::message::{check_name, Message, MessageType};
+use crate::trace::TraceContext;
 
 /// The header whose value, with the sending service, fixes the message id
 /// ([`idempotent_id`]).
@@ -242,6 +243,27 @@ pub(crate) fn idempotency_id(sender: &str, headers: &HeaderMap) -> ApiResult<Opt
     Ok(Some(idempotent_id(sender, key)))
 }
 
+/// The W3C trace context of an HTTP request: its `traceparent` header, with its
+/// `tracestate` headers joined. An invalid `traceparent` is ignored (the W3C rule): the
+/// message then carries no context.
+pub(crate) fn trace_of(headers: &HeaderMap) -> Option<TraceContext> {
+    let traceparent = headers.get(TRACEPARENT)?.to_str().ok()?.trim();
+    let tracestate = headers
+        .get_all(TRACESTATE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+        .collect::<Vec<_>>()
+        .join(",");
+    TraceContext::new(traceparent, (!tracestate.is_empty()).then_some(tracestate))
+}
+
+/// The W3C Trace Context header naming the caller's span.
+pub(crate) const TRACEPARENT: &str = "traceparent";
+/// The W3C Trace Context header of vendor entries.
+pub(crate) const TRACESTATE: &str = "tracestate";
+
 /// Publishes a message as the token's service: to every service, to one service, or
 /// to one instance. With an `Idempotency-Key` header the message id is derived from
 /// the service and the key: the same POST sent again stores nothing new and answers
@@ -254,6 +276,8 @@ pub(crate) fn idempotency_id(sender: &str, headers: &HeaderMap) -> ApiResult<Opt
     security(("bearer" = [])),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Fixes the message id (derived from the token's service and the key): a retried POST stores the message once"),
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context: stored in the message's `trace` (an invalid value is ignored); the handlers' spans are its children"),
+        ("tracestate" = Option<String>, Header, description = "W3C Trace Context vendor entries, stored with `traceparent`"),
     ),
     responses(
         (status = 201, description = "Stored", body = Receipt),
@@ -277,7 +301,8 @@ pub(crate) async fn publish(
     let service = caller.as_service(request.from.as_deref())?.to_string();
     let id = idempotency_id(&service, &headers)?;
     let keyed = id.is_some();
-    let message = request.into_message(&service, id)?;
+    let mut message = request.into_message(&service, id)?;
+    message.trace = trace_of(&headers);
     let bus = state.bus_as(&service)?;
     let receipt = if keyed {
         publish_keyed(&bus, message).await?
@@ -319,6 +344,8 @@ pub struct Answer {
         ("service" = String, Path, description = "The service that answers"),
         ("action" = String, Path, description = "The action"),
         RequestParams,
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context: stored in the request's `trace` (an invalid value is ignored); the handler's span is its child"),
+        ("tracestate" = Option<String>, Header, description = "W3C Trace Context vendor entries, stored with `traceparent`"),
     ),
     request_body(content = Object, description = "The query: a JSON object (extended JSON accepted)"),
     responses(
@@ -336,6 +363,7 @@ pub(crate) async fn request(
     caller: ServiceCaller,
     Path((service, action)): Path<(String, String)>,
     Query(params): Query<RequestParams>,
+    headers: HeaderMap,
     Json(query): Json<serde_json::Value>,
 ) -> ApiResult<axum::Json<Answer>> {
     let own = caller.service().to_string();
@@ -349,10 +377,11 @@ pub(crate) async fn request(
     check_name("service", &service)?;
     check_name("action", &action)?;
     let bus = state.bus_as(&own)?;
-    let result: Option<bson::Document> = bus
-        .request(&service, &action, &query)
-        .timeout(timeout)
-        .await?;
+    let mut call = bus.request(&service, &action, &query).timeout(timeout);
+    if let Some(trace) = trace_of(&headers) {
+        call = call.trace(trace);
+    }
+    let result: Option<bson::Document> = call.await?;
     Ok(axum::Json(Answer {
         result: result.as_ref().map(json_of),
     }))

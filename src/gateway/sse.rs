@@ -10,7 +10,8 @@
 //! key) or one ahead of the bus is refused with 400 `bad_event_id`.
 //!
 //! Events:
-//! - `message`: a message ([`MessageJson`]);
+//! - `message`: a message ([`MessageJson`]), with the publisher's W3C trace context in
+//!   `trace` when it had one;
 //! - `lost`: messages expired before this subscriber read them (retention); the stream
 //!   goes on with the oldest one retained (`count` is absent when the medium cannot
 //!   tell how many);
@@ -221,7 +222,7 @@ fn monitor_subscription(_: Admin) -> Subscription {
         SubscribeParams,
     ),
     responses(
-        (status = 200, description = "An event stream: `message` events (data: MessageJson, id: the position), `lost`, `lagged`, `superseded` and `error` notices (data: StreamNotice)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream: `message` events (data: MessageJson, with the publisher's W3C trace context in `trace` when it had one; id: the position), `lost`, `lagged`, `superseded` and `error` notices (data: StreamNotice)", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter; `bad_event_id`: a Last-Event-ID (or `after`) this gateway did not issue, or ahead of the bus", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A token without a service (a named `monitor` subscription needs one too); `monitor` without admin", body = ErrorBody),

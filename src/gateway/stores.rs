@@ -28,7 +28,7 @@ use super::auth::Admin;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Json, Path, Query};
 use super::model::{document_of, json_of, rfc3339, MessageJson, Name, Receipt, Removed};
-use super::publish::{idempotency_id, PublishRequest};
+use super::publish::{idempotency_id, trace_of, PublishRequest};
 use super::AppState;
 use crate::medium::{ProcessedRecord, Reservation};
 use crate::message::check_name;
@@ -44,6 +44,8 @@ use crate::OutboxRemoval;
     security(("bearer" = ["admin"])),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Fixes the message id, derived from `from` and the key (as on /publish)"),
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context: stored in the message's `trace` (as on /publish)"),
+        ("tracestate" = Option<String>, Header, description = "W3C Trace Context vendor entries, stored with `traceparent`"),
     ),
     responses(
         (status = 202, description = "Kept; sent when the medium takes it", body = Receipt),
@@ -65,7 +67,8 @@ pub(crate) async fn keep(
         .clone()
         .ok_or_else(|| ApiError::BadRequest("`from` is required: the sending service".into()))?;
     let id = idempotency_id(&from, &headers)?;
-    let message = request.into_message(&from, id)?;
+    let mut message = request.into_message(&from, id)?;
+    message.trace = trace_of(&headers);
     let receipt = Receipt::from(state.bus_as(&from)?.publish_later(message).await?);
     Ok((StatusCode::ACCEPTED, axum::Json(receipt)))
 }

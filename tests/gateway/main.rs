@@ -21,6 +21,7 @@ mod hostile_small;
 mod local;
 mod roles;
 mod sse;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -381,6 +382,7 @@ fn main() {
     trials.extend(dashboard::trials());
     trials.extend(hostile_small::trials());
     trials.extend(roles::trials());
+    trials.extend(trace::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);

@@ -17,6 +17,9 @@
 
 #[path = "../conformance/mod.rs"]
 mod conformance;
+#[cfg(feature = "otel")]
+#[path = "../support/otel.rs"]
+mod otel;
 #[path = "../support/servers.rs"]
 mod servers;
 
@@ -25,6 +28,7 @@ mod divergences;
 mod faults;
 mod mongosh;
 mod specific;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -305,6 +309,7 @@ fn main() {
         .chain(cli::checks())
         .chain(faults::checks())
         .chain(mongosh::checks())
+        .chain(trace::checks())
         .collect();
     for target in Target::all() {
         let unavailable = target.unavailable();

@@ -70,7 +70,7 @@ fn kit() -> PathBuf {
 
 /// Runs `script` in mongosh on `uri`, after loading the kit as `ic` on `database`;
 /// its stdout, with stderr appended when it failed.
-async fn shell(uri: &str, database: &str, script: &str) -> String {
+pub(crate) async fn shell(uri: &str, database: &str, script: &str) -> String {
     let child = spawn_kept(shell_command(uri, database, script)).expect("mongosh starts");
     let output = tokio::time::timeout(
         Duration::from_secs(120),

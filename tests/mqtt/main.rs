@@ -17,12 +17,16 @@
 
 #[path = "../conformance/mod.rs"]
 mod conformance;
+#[cfg(feature = "otel")]
+#[path = "../support/otel.rs"]
+mod otel;
 #[path = "../support/servers.rs"]
 mod servers;
 
 mod broker;
 mod cli;
 mod specific;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,7 +167,11 @@ fn main() {
         .expect("the only metrics recorder of this test binary");
     let unavailable = broker::unavailable();
     let mut trials = conformance::trials("mqtt", Arc::new(Mqtt), unavailable.as_deref());
-    for check in specific::checks().into_iter().chain(cli::checks()) {
+    for check in specific::checks()
+        .into_iter()
+        .chain(cli::checks())
+        .chain(trace::checks())
+    {
         let run = check.run;
         let trial = Trial::test(check.name, move || conformance::block_on(run()));
         trials.push(match &unavailable {

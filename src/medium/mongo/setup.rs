@@ -52,6 +52,15 @@ pub fn message_validator() -> Document {
                         "ms": { "bsonType": ["long", "int"] },
                     },
                 },
+                // The publisher's W3C trace context (crate::trace).
+                "trace": {
+                    "bsonType": "object",
+                    "required": ["traceparent"],
+                    "properties": {
+                        "traceparent": { "bsonType": "string", "minLength": 55 },
+                        "tracestate": { "bsonType": "string" },
+                    },
+                },
             }
         }
     }
