@@ -21,6 +21,8 @@ mod hostile_small;
 mod local;
 mod roles;
 mod sse;
+#[cfg(feature = "http")]
+mod stores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -357,6 +359,9 @@ macro_rules! check {
 }
 
 fn main() {
+    // The library's `http` feature builds reqwest (the one these tests use too) without
+    // a rustls provider of its own: the tests' clients take ring's.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let mut places = vec![Place::Memory];
     places.extend(Target::all().into_iter().map(Place::Server));
     let mut trials = Vec::new();
@@ -381,6 +386,8 @@ fn main() {
     trials.extend(dashboard::trials());
     trials.extend(hostile_small::trials());
     trials.extend(roles::trials());
+    #[cfg(feature = "http")]
+    trials.extend(stores::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);
