@@ -107,6 +107,26 @@ impl Restartable {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `intracom_fallback_total` of `kind`, as the gateway's `/metrics` shows it (the
+    /// process's recorder: the buses of this test binary count there too).
+    async fn fallbacks_scraped(&self, kind: &str) -> u64 {
+        let text = tokio::time::timeout(
+            GUARD,
+            self.http.get(format!("{}/metrics", self.url())).send(),
+        )
+        .await
+        .expect("hang guard")
+        .expect("an answer")
+        .text()
+        .await
+        .expect("the metrics");
+        let series = format!("intracom_fallback_total{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The record of `billing.ledger` for `id`, through `GET /idempotency`.
     async fn record(&self, id: &str) -> (StatusCode, Value) {
         self.get(&format!("/idempotency/{id}?consumer=billing.ledger"))
@@ -238,6 +258,10 @@ async fn run_once_survives_a_gateway_restart() {
     assert_eq!(seen, Once::AlreadyDone(Some(doc! { "n": 3 })));
     assert_eq!(runs.load(Ordering::SeqCst), 2, "each message ran once");
     assert_eq!(bus.idempotency_fallbacks(), 1, "one outage, one fall-back");
+    assert!(
+        gateway.fallbacks_scraped("idempotency").await >= 1,
+        "an operator scrapes the fall-back"
+    );
     assert_eq!(other.idempotency_fallbacks(), 0);
 
     bus.shutdown().await;
@@ -303,6 +327,10 @@ async fn messages_survive_a_gateway_restart() {
     })
     .await;
     assert_eq!(bus.message_store_fallbacks(), 1);
+    assert!(
+        gateway.fallbacks_scraped("messages").await >= 1,
+        "an operator scrapes the fall-back"
+    );
 
     bus.shutdown().await;
     reader.shutdown().await;

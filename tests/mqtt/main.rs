@@ -23,6 +23,8 @@ mod servers;
 mod broker;
 mod cli;
 mod specific;
+#[cfg(all(feature = "gateway", feature = "http"))]
+mod stores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,7 +165,10 @@ fn main() {
         .expect("the only metrics recorder of this test binary");
     let unavailable = broker::unavailable();
     let mut trials = conformance::trials("mqtt", Arc::new(Mqtt), unavailable.as_deref());
-    for check in specific::checks().into_iter().chain(cli::checks()) {
+    let mut checks = specific::checks();
+    #[cfg(all(feature = "gateway", feature = "http"))]
+    checks.extend(stores::checks());
+    for check in checks.into_iter().chain(cli::checks()) {
         let run = check.run;
         let trial = Trial::test(check.name, move || conformance::block_on(run()));
         trials.push(match &unavailable {
