@@ -228,7 +228,7 @@ pub enum MessageStoreKind {
 }
 
 /// The external stores (`common.intracom.stores.*`).
-#[derive(Clone, Default, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct StoresConfig {
     /// Where the run-once records are kept (default the medium).
@@ -241,8 +241,21 @@ pub struct StoresConfig {
     pub token: Option<String>,
     /// PEM file of the CA certificates for `https://` (default: the system's roots).
     pub ca_file: Option<std::path::PathBuf>,
-    /// Time-out of one call to the store, in ms (default 5000; `None`: the default).
-    pub timeout_ms: Option<u64>,
+    /// Time-out of one call to the store, in ms (default 5000).
+    pub timeout_ms: u64,
+}
+
+impl Default for StoresConfig {
+    fn default() -> Self {
+        StoresConfig {
+            idempotency: IdempotencyStoreKind::Medium,
+            messages: MessageStoreKind::Local,
+            url: None,
+            token: None,
+            ca_file: None,
+            timeout_ms: 5000,
+        }
+    }
 }
 
 impl StoresConfig {
@@ -904,7 +917,7 @@ impl Config {
                 }
                 self.stores.ca_file = Some(value.into());
             }
-            "stores.timeout_ms" => self.stores.timeout_ms = Some(parse_positive(key, value)?),
+            "stores.timeout_ms" => self.stores.timeout_ms = parse_positive(key, value)?,
             _ => return Err(Error::config(key, value, "unknown key")),
         }
         Ok(())
@@ -1004,9 +1017,7 @@ impl Config {
         if let Some(ca) = &stores.ca_file {
             line("stores.ca_file", &ca.display());
         }
-        if let Some(ms) = stores.timeout_ms {
-            line("stores.timeout_ms", &ms);
-        }
+        line("stores.timeout_ms", &stores.timeout_ms);
         let senders: Vec<&str> = self.senders.keys().map(String::as_str).collect();
         line("senders.list", &senders.join(","));
         for (service, actions) in &self.senders {
@@ -1437,6 +1448,44 @@ mod tests {
             !text.contains("s3cret") && !text.contains("hunter2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn stores_keys_parse_mask_the_token_and_need_a_url() {
+        let config = Config::from_properties(
+            "common.intracom.stores.idempotency=http\n\
+             common.intracom.stores.messages=http\n\
+             common.intracom.stores.url=https://gw.example:8443/bus/\n\
+             common.intracom.stores.token=s3cret-token\n",
+        )
+        .expect("valid properties");
+        assert_eq!(config.stores.idempotency, IdempotencyStoreKind::Http);
+        assert_eq!(config.stores.messages, MessageStoreKind::Http);
+        assert_eq!(
+            config.stores.url.as_deref(),
+            Some("https://gw.example:8443/bus")
+        );
+        let text = config.to_properties();
+        assert!(
+            text.contains("common.intracom.stores.token=***\n"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret") && !format!("{config:?}").contains("s3cret"));
+        let e = Config::from_properties("common.intracom.stores.idempotency=http")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("common.intracom.stores.url"), "{e}");
+        for (key, value) in [
+            ("common.intracom.stores.url", "ftp://gw"),
+            ("common.intracom.stores.url", "http://"),
+            ("common.intracom.stores.url", "http://user:pw@gw"),
+            ("common.intracom.stores.messages", "mongo"),
+            ("common.intracom.stores.token", "a b"),
+        ] {
+            let e = Config::default().set(key, value).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}={value}: {e}");
+            assert!(!e.contains("a b"), "the token is not printed: {e}");
+        }
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

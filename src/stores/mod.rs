@@ -29,9 +29,6 @@ use crate::error::{Error, Result};
 use crate::medium::Reservation;
 use crate::message::{DeliveryMode, Message, MessageType};
 
-/// The default time-out of one call.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The client of a gateway's stores, shared by the handles of one bus.
 pub(crate) struct HttpStores {
     client: reqwest::Client,
@@ -175,9 +172,7 @@ impl HttpStores {
                 "a store is `http`: name the gateway that keeps it",
             )
         })?;
-        let timeout = stores
-            .timeout_ms
-            .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+        let timeout = Duration::from_millis(stores.timeout_ms);
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -361,7 +356,6 @@ impl HttpStores {
         message.query_id.is_none()
             && message.response.is_none()
             && message.result.is_none()
-            && message.state.is_none()
             && message.retry_of.is_none()
             && matches!(
                 message.kind,

@@ -66,9 +66,10 @@ async fn buses_on_mqtt_share_run_once_records_through_a_gateway() {
         gateway_bus.clone(),
         Tokens::new().with_token(TOKEN, Identity::service("billing")),
     )
-    .options(GatewayOptions::default().event_keys(
-        EventKeys::parse("mqtt-stores-test-event-key-0123456789").expect("a key"),
-    ));
+    .options(
+        GatewayOptions::default()
+            .event_keys(EventKeys::parse("mqtt-stores-test-event-key-0123456789").expect("a key")),
+    );
     let served = tokio::spawn(gateway.serve(listener, None, async move {
         let _ = stopped.await;
     }));
@@ -87,7 +88,11 @@ async fn buses_on_mqtt_share_run_once_records_through_a_gateway() {
         .run_once("m-1", || counted(&runs, 2))
         .await
         .expect("run_once on b");
-    assert_eq!(again, Once::AlreadyDone(Some(doc! { "n": 1 })), "b finds a's record");
+    assert_eq!(
+        again,
+        Once::AlreadyDone(Some(doc! { "n": 1 })),
+        "b finds a's record"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // At the same moment: b waits for a's outcome instead of running it too.
