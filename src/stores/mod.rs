@@ -394,7 +394,12 @@ impl HttpStores {
         if !self.messages_fallback.swap(true, Ordering::SeqCst) {
             self.messages_fallbacks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::FALLBACK, "kind" => "messages").increment(1);
-            tracing::warn!(%error, "message store unreachable: publishes kept in this process's outbox until it answers");
+            if error.is_retryable() {
+                tracing::warn!(%error, "message store unreachable: publishes kept in this process's outbox until it answers");
+            } else {
+                // A refusal (a token, a `from` it may not use): retrying will not help.
+                tracing::error!(%error, "message store refused a publish: kept in this process's outbox (check common.intracom.stores.*)");
+            }
         }
     }
 

@@ -28,6 +28,10 @@ pub fn trials() -> Vec<Trial> {
             "memory::stores_http_messages_survive_a_gateway_restart",
             || block_on(messages_survive_a_gateway_restart()),
         ),
+        Trial::test(
+            "memory::stores_http_a_refusal_is_an_error_not_a_fallback",
+            || block_on(a_refusal_is_an_error_not_a_fallback()),
+        ),
     ]
 }
 
@@ -346,4 +350,52 @@ async fn next(received: &mut intracom::Subscriber) -> (String, i32) {
         .expect("no error");
     let n = delivery.query.get_i32("n").expect("n");
     (delivery.message().id.clone(), n)
+}
+
+async fn a_refusal_is_an_error_not_a_fallback() {
+    let mut gateway = Restartable::start().await;
+    let url = gateway.url();
+    let mut stranger = with_stores(config("billing"), &url);
+    stranger
+        .set("common.intracom.stores.token", "not-a-known-token")
+        .expect("a token");
+    let stranger = Intracom::connect(stranger).await.expect("bus");
+    let bus = Intracom::connect(with_stores(config("billing"), &url))
+        .await
+        .expect("bus");
+    let runs = AtomicUsize::new(0);
+    let unknown = stranger
+        .idempotent("billing.ledger")
+        .run_once("m-1", || counted(&runs, 1))
+        .await;
+    assert!(
+        matches!(
+            unknown,
+            Err(intracom::Error::StoreRefused { status: 401, .. })
+        ),
+        "{unknown:?}"
+    );
+    // A service token, for a consumer that is not its service's.
+    let foreign = bus
+        .idempotent("users.ledger")
+        .run_once("m-1", || counted(&runs, 1))
+        .await;
+    match foreign {
+        Err(error @ intracom::Error::StoreRefused { status: 403, .. }) => {
+            assert!(!error.is_retryable(), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no handler ran");
+    assert_eq!(
+        (
+            stranger.idempotency_fallbacks(),
+            bus.idempotency_fallbacks()
+        ),
+        (0, 0),
+        "a refusal is not an outage"
+    );
+    stranger.shutdown().await;
+    bus.shutdown().await;
+    gateway.stop().await;
 }
