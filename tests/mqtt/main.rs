@@ -165,10 +165,10 @@ fn main() {
         .expect("the only metrics recorder of this test binary");
     let unavailable = broker::unavailable();
     let mut trials = conformance::trials("mqtt", Arc::new(Mqtt), unavailable.as_deref());
-    let mut checks = specific::checks();
+    let checks = specific::checks().into_iter().chain(cli::checks());
     #[cfg(all(feature = "gateway", feature = "http"))]
-    checks.extend(stores::checks());
-    for check in checks.into_iter().chain(cli::checks()) {
+    let checks = checks.chain(stores::checks());
+    for check in checks {
         let run = check.run;
         let trial = Trial::test(check.name, move || conformance::block_on(run()));
         trials.push(match &unavailable {
