@@ -486,7 +486,8 @@ pub struct ReservationAnswer {
     /// `reserved` (run the handler, then complete or release), `done` (it ran: its
     /// result is here) or `busy` (another owner runs it now: ask again later).
     pub reservation: String,
-    /// The result recorded, when `done` and there is one.
+    /// The result recorded, when `done` and there is one, in canonical extended JSON
+    /// (`{"$numberLong": "1"}`): a bus reads back the types its handler returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
@@ -543,7 +544,7 @@ pub(crate) async fn reserve(
         },
         Reservation::Done(result) => ReservationAnswer {
             reservation: "done".into(),
-            result: result.as_ref().map(json_of),
+            result: result.map(|r| bson::Bson::Document(r).into_canonical_extjson()),
         },
         _ => ReservationAnswer {
             reservation: "busy".into(),

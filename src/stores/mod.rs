@@ -153,9 +153,10 @@ struct KeepBody<'a> {
     from: &'a str,
 }
 
-/// A document as relaxed extended JSON (what the gateway reads back into BSON).
+/// A document as canonical extended JSON: the gateway reads it back into the same
+/// BSON types (a relaxed `1` would come back as an Int32, whatever it was).
 fn json_of(document: &Document) -> serde_json::Value {
-    bson::Bson::Document(document.clone()).into_relaxed_extjson()
+    bson::Bson::Document(document.clone()).into_canonical_extjson()
 }
 
 impl HttpStores {

@@ -1104,7 +1104,8 @@ async fn idempotency_store(place: &Place) {
         .await;
     assert_eq!(
         found,
-        json!({ "reservation": "done", "result": { "n": 7 } })
+        json!({ "reservation": "done", "result": { "n": { "$numberInt": "7" } } }),
+        "canonical extended JSON: the types the handler returned"
     );
     let (_, seen) = gw
         .get("/idempotency/m-2?consumer=billing.ledger", ADMIN)

@@ -295,7 +295,7 @@ async fn messages_survive_a_gateway_restart() {
     let publish = |n: i32| {
         let bus = bus.clone();
         async move {
-            bus.publish(Message::broadcast("reload").body(doc! { "n": n }))
+            bus.publish(Message::broadcast("reload").body(doc! { "n": n, "wide": 1_i64 }))
                 .await
                 .expect("publish")
         }
@@ -349,6 +349,11 @@ async fn next(received: &mut intracom::Subscriber) -> (String, i32) {
         .expect("a delivery")
         .expect("no error");
     let n = delivery.query.get_i32("n").expect("n");
+    assert_eq!(
+        delivery.query.get_i64("wide"),
+        Ok(1),
+        "the store keeps the payload's types"
+    );
     (delivery.message().id.clone(), n)
 }
 

@@ -165,6 +165,8 @@ fn main() {
         .expect("the only metrics recorder of this test binary");
     let unavailable = broker::unavailable();
     let mut trials = conformance::trials("mqtt", Arc::new(Mqtt), unavailable.as_deref());
+    #[cfg(all(feature = "gateway", feature = "http"))]
+    trials.extend(stores::conformance_trials(unavailable.as_deref()));
     let checks = specific::checks().into_iter().chain(cli::checks());
     #[cfg(all(feature = "gateway", feature = "http"))]
     let checks = checks.chain(stores::checks());

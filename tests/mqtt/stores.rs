@@ -1,6 +1,10 @@
 //! Run-once records shared by buses on the MQTT medium through a gateway's idempotency
 //! store (`common.intracom.stores.idempotency=http`, features `http` and `gateway`).
 //! Without it each process keeps its own records on MQTT.
+//!
+//! The conformance suite's run-once cases, which MQTT alone cannot keep (it shares no
+//! state), run here unchanged as `mqtt+stores::<case>`: buses on the broker whose
+//! records are a gateway's.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,8 +14,114 @@ use intracom::gateway::{EventKeys, Gateway, GatewayOptions, Identity, Tokens};
 use intracom::idempotency::Once;
 use intracom::{Config, Intracom};
 
-use crate::conformance::HANG_GUARD;
+use async_trait::async_trait;
+use libtest_mimic::Trial;
+
+use crate::conformance::{self, Capability, Harness, World, HANG_GUARD};
 use crate::{check, isolated, space, Check};
+
+/// The conformance cases of run-once on MQTT with the records in a gateway.
+pub fn conformance_trials(unavailable: Option<&str>) -> Vec<Trial> {
+    // The third case reserves through the medium's own records (an instance that died
+    // holding one), which this harness does not use: the gateway's take-over is the
+    // memory medium's, which the memory suite checks.
+    const CASES: [&str; 2] = [
+        "idempotent_handlers_run_once_per_consumer",
+        "concurrent_instances_run_an_effect_once",
+    ];
+    conformance::trials("mqtt+stores", Arc::new(WithStores), unavailable)
+        .into_iter()
+        .filter(|trial| {
+            CASES
+                .iter()
+                .any(|case| trial.name() == format!("mqtt+stores::{case}"))
+        })
+        .collect()
+}
+
+/// The MQTT medium with its run-once records in a gateway of its own per world.
+struct WithStores;
+
+struct WithStoresWorld {
+    url: String,
+    space: String,
+    store: String,
+}
+
+/// Where the worlds' gateways run: a runtime of their own, since each trial's runtime
+/// ends with the trial.
+fn gateways() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("the gateways' runtime")
+    })
+}
+
+/// Starts a gateway (memory medium, an admin token) for the rest of the process; its
+/// URL.
+fn start_gateway() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let url = format!("http://{}", listener.local_addr().expect("its address"));
+    gateways().spawn(async move {
+        let bus = Intracom::connect(catalog("gateway-1"))
+            .await
+            .expect("the gateway's bus");
+        let gateway =
+            Gateway::new(
+                bus,
+                Tokens::new().with_token(TOKEN, Identity::service("billing").and_admin()),
+            )
+            .options(GatewayOptions::default().event_keys(
+                EventKeys::parse("mqtt-stores-test-event-key-0123456789").expect("a key"),
+            ));
+        let _ = gateway.serve(listener, None, std::future::pending()).await;
+    });
+    url
+}
+
+#[async_trait]
+impl Harness for WithStores {
+    async fn world(&self, retention_ms: u64) -> Box<dyn World> {
+        let _ = retention_ms;
+        let broker = crate::broker::shared().unwrap_or_else(|e| panic!("mosquitto: {e}"));
+        Box::new(WithStoresWorld {
+            url: broker.url(),
+            space: space(),
+            store: start_gateway(),
+        })
+    }
+
+    fn short_retention_ms(&self) -> u64 {
+        2_000
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        &[Capability::SharedState]
+    }
+}
+
+#[async_trait]
+impl World for WithStoresWorld {
+    async fn bus(&self, config: Config) -> Intracom {
+        let mut config = isolated(config, &self.url, &self.space);
+        for (key, value) in [
+            ("common.intracom.stores.idempotency", "http"),
+            ("common.intracom.stores.url", self.store.as_str()),
+            ("common.intracom.stores.token", TOKEN),
+        ] {
+            config.set(key, value).expect("a stores key");
+        }
+        Intracom::connect(config).await.expect("bus on MQTT")
+    }
+
+    async fn wait_expired(&self, _id: &str) {
+        unreachable!("the run-once cases wait for no expiry")
+    }
+}
 
 pub fn checks() -> Vec<Check> {
     vec![check!(
