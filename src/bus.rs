@@ -535,8 +535,9 @@ impl Intracom {
     }
 
     /// Hands messages the medium could not take to the gateway's message store
-    /// (`common.intracom.stores.messages=http`). `None` when it is not configured, or
-    /// when it did not take them all: the caller keeps the rest in the outbox.
+    /// (`common.intracom.stores.messages=http`); what it does not take (it cannot be
+    /// reached) waits in the outbox. `None` when no message store is configured, or when
+    /// its API cannot carry these messages (requests, replies): the caller keeps them.
     #[cfg(feature = "http")]
     async fn keep_in_store(&self, messages: &[Message]) -> Option<Result<Vec<Published>>> {
         let store = self.http_stores().filter(|s| s.keeps_messages())?;
