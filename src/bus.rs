@@ -61,6 +61,9 @@ pub(crate) struct Shared {
     outbox: Arc<Outbox>,
     /// The idempotency records kept in memory while the store is unreachable.
     pub(crate) fallback: Fallback,
+    /// The gateway that keeps the external stores (`common.intracom.stores.*`).
+    #[cfg(feature = "http")]
+    stores: Option<Arc<crate::stores::HttpStores>>,
     /// `intracom_published_total` by status, taken once (a counter looked up per
     /// publish builds and hashes its key): see the recorder note in [`crate::metrics`].
     published: PublishedCounters,
@@ -181,6 +184,17 @@ impl Intracom {
             config.outbox_file.clone(),
         )?);
         let fallback = Fallback::new(std::time::Duration::from_millis(config.timeout_ms));
+        #[cfg(feature = "http")]
+        let stores = crate::stores::HttpStores::from_config(&config)?;
+        #[cfg(not(feature = "http"))]
+        if config.stores.any_http() {
+            return Err(Error::Unsupported {
+                medium: "stores".into(),
+                what: "`http` stores (common.intracom.stores.*) in this build: enable the `http` feature".into(),
+            });
+        }
+        #[cfg(feature = "http")]
+        outbox.set_store(stores.clone().filter(|s| s.keeps_messages()));
         let shutdown = crate::stop::Stop::new();
         tokio::spawn(Arc::clone(&outbox).run(Arc::clone(&medium), shutdown.token().clone()));
         tracing::info!(medium = medium.name(), service = %config.service, %instance, "intracom started");
@@ -197,6 +211,8 @@ impl Intracom {
                 routes: LocalRoutes::default(),
                 outbox,
                 fallback,
+                #[cfg(feature = "http")]
+                stores,
                 published,
             }),
         })
@@ -380,6 +396,10 @@ impl Intracom {
         let appended = match self.shared.medium.append_owned(messages, &encoded).await {
             Ok(appended) => appended,
             Err(crate::medium::NotAppended { error, messages }) if error.is_retryable() => {
+                #[cfg(feature = "http")]
+                if let Some(kept) = self.keep_in_store(&messages).await {
+                    return kept;
+                }
                 tracing::warn!(%error, count = messages.len(), "medium unavailable: publish kept in the outbox");
                 return self.buffer(&messages);
             }
@@ -512,6 +532,53 @@ impl Intracom {
 
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// The gateway that keeps the external stores, when one is configured.
+    #[cfg(feature = "http")]
+    pub(crate) fn http_stores(&self) -> Option<&crate::stores::HttpStores> {
+        self.shared.stores.as_deref()
+    }
+
+    /// Hands messages the medium could not take to the gateway's message store
+    /// (`common.intracom.stores.messages=http`); what it does not take (it cannot be
+    /// reached) waits in the outbox. `None` when no message store is configured, or when
+    /// its API cannot carry these messages (requests, replies): the caller keeps them.
+    #[cfg(feature = "http")]
+    async fn keep_in_store(&self, messages: &[Message]) -> Option<Result<Vec<Published>>> {
+        let store = self.http_stores().filter(|s| s.keeps_messages())?;
+        if !messages.iter().all(crate::stores::HttpStores::can_keep) {
+            return None;
+        }
+        let (kept, error) = store.keep(messages).await;
+        if let Some(error) = &error {
+            store.messages_fell_back(error);
+        } else {
+            store.messages_answered();
+        }
+        if kept < messages.len() {
+            // The rest waits in the outbox, whose flusher hands it over later.
+            return Some(
+                self.buffer(&messages[kept..])
+                    .map(|rest| self.kept_receipts(&messages[..kept]).chain(rest).collect()),
+            );
+        }
+        Some(Ok(self.kept_receipts(messages).collect()))
+    }
+
+    /// The receipts of messages kept by the message store: sent when the gateway's
+    /// medium takes them.
+    #[cfg(feature = "http")]
+    fn kept_receipts<'a>(&self, messages: &'a [Message]) -> impl Iterator<Item = Published> + 'a {
+        self.shared
+            .published
+            .buffered
+            .increment(messages.len() as u64);
+        messages.iter().map(|m| Published {
+            id: m.id.clone(),
+            ts: None,
+            status: PublishStatus::Buffered,
+        })
     }
 
     pub(crate) fn shutdown_token(&self) -> CancellationToken {

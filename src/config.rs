@@ -99,6 +99,12 @@ pub const KEYS: &[Key] = &[
     key("common.intracom.mqtt.topic_prefix", "intracom", "first level(s) of every intracom topic"),
     key("common.intracom.mqtt.session_expiry_ms", "86400000", "how long the broker keeps an absent named subscription's session, in ms"),
     key("common.intracom.mqtt.ca_file", "(none)", "PEM file of the CA certificates for `mqtts://` (default: the system's roots)"),
+    key("common.intracom.stores.idempotency", "medium", "where run-once records are kept: `medium` (the medium's own store) or `http` (a gateway's `/idempotency` API at `stores.url`; needs the `http` feature)"),
+    key("common.intracom.stores.messages", "local", "where publishes the medium cannot take yet are kept: `local` (this process's outbox) or `http` (a gateway's `/messages` API at `stores.url`, the outbox as fall-back; needs the `http` feature)"),
+    key("common.intracom.stores.url", "(none)", "base URL of the gateway that keeps the stores: `http://host[:port][/path]` or `https://…`"),
+    key("common.intracom.stores.token", "(none)", "bearer token for that gateway (never printed)"),
+    key("common.intracom.stores.ca_file", "(none)", "PEM file of the CA certificates for an `https://` store URL (default: the system's roots)"),
+    key("common.intracom.stores.timeout_ms", "5000", "time-out of one call to the store, in ms"),
 ];
 
 const fn key(name: &'static str, default: &'static str, doc: &'static str) -> Key {
@@ -191,6 +197,85 @@ pub struct Config {
     /// Work options by action (`common.intracom.work.<action>.lease_ms`, `.backoff_ms`,
     /// `.max_attempts`): each set key overrides the option the worker is given.
     pub work: BTreeMap<String, WorkOverrides>,
+    /// The external stores (`common.intracom.stores.*`): the idempotency records and
+    /// the messages not routed yet, kept by a gateway's REST API.
+    pub stores: StoresConfig,
+}
+
+/// Where the run-once records are kept (`common.intracom.stores.idempotency`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdempotencyStoreKind {
+    /// The medium's own store (`medium`, the default): `processed` on MongoDB, memory
+    /// for the memory medium, this process's memory on MQTT.
+    #[default]
+    Medium,
+    /// A gateway's `/idempotency` API (`http`), at [`StoresConfig::url`].
+    Http,
+}
+
+/// Where publishes the medium cannot take yet are kept
+/// (`common.intracom.stores.messages`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MessageStoreKind {
+    /// This process's outbox (`local`, the default).
+    #[default]
+    Local,
+    /// A gateway's `/messages` API (`http`), at [`StoresConfig::url`]; this process's
+    /// outbox while it cannot be reached.
+    Http,
+}
+
+/// The external stores (`common.intracom.stores.*`).
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StoresConfig {
+    /// Where the run-once records are kept (default the medium).
+    pub idempotency: IdempotencyStoreKind,
+    /// Where publishes the medium cannot take yet are kept (default this process).
+    pub messages: MessageStoreKind,
+    /// The gateway's base URL (`http://…` or `https://…`; default none).
+    pub url: Option<String>,
+    /// The gateway's bearer token (default none; never printed).
+    pub token: Option<String>,
+    /// PEM file of the CA certificates for `https://` (default: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Time-out of one call to the store, in ms (default 5000).
+    pub timeout_ms: u64,
+}
+
+impl Default for StoresConfig {
+    fn default() -> Self {
+        StoresConfig {
+            idempotency: IdempotencyStoreKind::Medium,
+            messages: MessageStoreKind::Local,
+            url: None,
+            token: None,
+            ca_file: None,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+impl StoresConfig {
+    /// Whether either store is kept by a gateway.
+    pub fn any_http(&self) -> bool {
+        self.idempotency == IdempotencyStoreKind::Http || self.messages == MessageStoreKind::Http
+    }
+}
+
+impl fmt::Debug for StoresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoresConfig")
+            .field("idempotency", &self.idempotency)
+            .field("messages", &self.messages)
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 /// Work options one action sets in config; unset ones keep the worker's.
@@ -514,6 +599,7 @@ impl Default for Config {
             outbox_max_messages: 10_000,
             outbox_file: None,
             work: BTreeMap::new(),
+            stores: StoresConfig::default(),
         }
     }
 }
@@ -782,6 +868,57 @@ impl Config {
                 }
                 self.mqtt.ca_file = Some(value.into());
             }
+            "stores.idempotency" => {
+                self.stores.idempotency = match value {
+                    "medium" => IdempotencyStoreKind::Medium,
+                    "http" => IdempotencyStoreKind::Http,
+                    _ => return Err(Error::config(key, value, "expected medium or http")),
+                }
+            }
+            "stores.messages" => {
+                self.stores.messages = match value {
+                    "local" => MessageStoreKind::Local,
+                    "http" => MessageStoreKind::Http,
+                    _ => return Err(Error::config(key, value, "expected local or http")),
+                }
+            }
+            "stores.url" => {
+                let rest = value
+                    .strip_prefix("http://")
+                    .or_else(|| value.strip_prefix("https://"));
+                if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "must be http://host[:port][/path] or https://…",
+                    ));
+                }
+                if rest.is_some_and(|r| r.contains(['?', '#', '@'])) {
+                    return Err(Error::config(
+                        key,
+                        value,
+                        "no query, fragment or credentials: put the token in common.intracom.stores.token",
+                    ));
+                }
+                self.stores.url = Some(value.trim_end_matches('/').to_string());
+            }
+            "stores.token" => {
+                if value.is_empty() || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(Error::config(
+                        key,
+                        "***",
+                        "empty, or contains whitespace or a control character",
+                    ));
+                }
+                self.stores.token = Some(value.to_string());
+            }
+            "stores.ca_file" => {
+                if value.is_empty() {
+                    return Err(Error::config(key, value, "empty path"));
+                }
+                self.stores.ca_file = Some(value.into());
+            }
+            "stores.timeout_ms" => self.stores.timeout_ms = parse_positive(key, value)?,
             _ => return Err(Error::config(key, value, "unknown key")),
         }
         Ok(())
@@ -857,6 +994,31 @@ impl Config {
         if let Some(ca) = &mqtt.ca_file {
             line("mqtt.ca_file", &ca.display());
         }
+        let stores = &self.stores;
+        line(
+            "stores.idempotency",
+            &match stores.idempotency {
+                IdempotencyStoreKind::Medium => "medium",
+                IdempotencyStoreKind::Http => "http",
+            },
+        );
+        line(
+            "stores.messages",
+            &match stores.messages {
+                MessageStoreKind::Local => "local",
+                MessageStoreKind::Http => "http",
+            },
+        );
+        if let Some(url) = &stores.url {
+            line("stores.url", url);
+        }
+        if stores.token.is_some() {
+            line("stores.token", &"***");
+        }
+        if let Some(ca) = &stores.ca_file {
+            line("stores.ca_file", &ca.display());
+        }
+        line("stores.timeout_ms", &stores.timeout_ms);
         let senders: Vec<&str> = self.senders.keys().map(String::as_str).collect();
         line("senders.list", &senders.join(","));
         for (service, actions) in &self.senders {
@@ -880,6 +1042,13 @@ impl Config {
         check_config_name("common.intracom.service", &self.service)?;
         if let Some(instance) = &self.instance {
             check_config_name("common.intracom.instance", instance)?;
+        }
+        if self.stores.any_http() && self.stores.url.is_none() {
+            return Err(Error::config(
+                "common.intracom.stores.url",
+                "",
+                "a store is `http` (common.intracom.stores.idempotency or .messages): name the gateway that keeps it",
+            ));
         }
         Ok(())
     }
@@ -1280,6 +1449,44 @@ mod tests {
             !text.contains("s3cret") && !text.contains("hunter2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn stores_keys_parse_mask_the_token_and_need_a_url() {
+        let config = Config::from_properties(
+            "common.intracom.stores.idempotency=http\n\
+             common.intracom.stores.messages=http\n\
+             common.intracom.stores.url=https://gw.example:8443/bus/\n\
+             common.intracom.stores.token=s3cret-token\n",
+        )
+        .expect("valid properties");
+        assert_eq!(config.stores.idempotency, IdempotencyStoreKind::Http);
+        assert_eq!(config.stores.messages, MessageStoreKind::Http);
+        assert_eq!(
+            config.stores.url.as_deref(),
+            Some("https://gw.example:8443/bus")
+        );
+        let text = config.to_properties();
+        assert!(
+            text.contains("common.intracom.stores.token=***\n"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret") && !format!("{config:?}").contains("s3cret"));
+        let e = Config::from_properties("common.intracom.stores.idempotency=http")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("common.intracom.stores.url"), "{e}");
+        for (key, value) in [
+            ("common.intracom.stores.url", "ftp://gw"),
+            ("common.intracom.stores.url", "http://"),
+            ("common.intracom.stores.url", "http://user:pw@gw"),
+            ("common.intracom.stores.messages", "mongo"),
+            ("common.intracom.stores.token", "a b"),
+        ] {
+            let e = Config::default().set(key, value).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}={value}: {e}");
+            assert!(!e.contains("a b"), "the token is not printed: {e}");
+        }
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -186,6 +186,38 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// An external store (the REST API of the gateway named by
+    /// `common.intracom.stores.url`) could not be reached, did not answer in time, or
+    /// answered that it cannot serve now (a 5xx, 429). Retry later; the bus keeps its
+    /// records and messages in memory meanwhile and writes them back when it answers.
+    #[error("{store} store at {url} unavailable: {reason}")]
+    StoreUnavailable {
+        /// `idempotency` or `messages`.
+        store: &'static str,
+        /// The URL called.
+        url: String,
+        /// What failed.
+        reason: String,
+        /// The HTTP client's error, where there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+
+    /// An external store refused a call for a reason retrying will not fix: a token it
+    /// does not know (401) or that may not use these records (403), a request it cannot
+    /// read (400). Fix the configuration (`common.intracom.stores.*`).
+    #[error("{store} store at {url} refused the call (HTTP {status}): {reason}")]
+    StoreRefused {
+        /// `idempotency` or `messages`.
+        store: &'static str,
+        /// The URL called.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// What the store said.
+        reason: String,
+    },
+
     /// The bus was shut down; the operation was not carried out.
     #[error("the bus is shut down")]
     Shutdown,
@@ -206,10 +238,14 @@ pub enum Error {
 impl Error {
     /// Whether the same call may succeed if made again later, unchanged.
     ///
-    /// True for [`Error::Unavailable`] and [`Error::OutboxFull`]: everything else needs a
-    /// different input, configuration or build.
+    /// True for [`Error::Unavailable`], [`Error::StoreUnavailable`] and
+    /// [`Error::OutboxFull`]: everything else needs a different input, configuration or
+    /// build.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::OutboxFull { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::StoreUnavailable { .. } | Error::OutboxFull { .. }
+        )
     }
 
     /// Whether a subscription stream can go on after yielding this error.

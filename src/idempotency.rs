@@ -6,7 +6,10 @@
 //! at most once per message id. Records are kept per (consumer, message id): two
 //! consumers of one message each run once (MassTransit #3543). They live in the
 //! medium's store (`processed` on MongoDB, expiring after `common.intracom.timeout_ms`,
-//! so a record outlives any re-delivery of its message).
+//! so a record outlives any re-delivery of its message), or, with
+//! `common.intracom.stores.idempotency=http` (feature `http`), in a gateway's
+//! `/idempotency` store, whatever the medium: so the instances of a service on MQTT
+//! share their records too.
 //!
 //! A record is **reserved** before the handler runs, so two instances handling the same
 //! message at the same moment do not both run it: the second waits for the first's
@@ -28,8 +31,58 @@ use serde::Serialize;
 use crate::bus::Intracom;
 use crate::delivery::processed::Fallback;
 use crate::error::{Error, Result};
-use crate::medium::Reservation;
+use crate::medium::{Records, Reservation};
 use crate::message::new_id;
+
+/// The store that keeps the records: the medium's, or a gateway's.
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    Medium(&'a dyn Records),
+    #[cfg(feature = "http")]
+    Http(&'a crate::stores::HttpStores),
+}
+
+impl Store<'_> {
+    async fn reserve(
+        self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Reservation> {
+        match self {
+            Store::Medium(records) => records.processed_reserve(consumer, id, owner, lease).await,
+            #[cfg(feature = "http")]
+            Store::Http(http) => http.reserve(consumer, id, owner, lease).await,
+        }
+    }
+
+    async fn complete(
+        self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
+        result: Option<bson::Document>,
+    ) -> Result<()> {
+        match self {
+            Store::Medium(records) => {
+                records
+                    .processed_complete(consumer, id, owner, result)
+                    .await
+            }
+            #[cfg(feature = "http")]
+            Store::Http(http) => http.complete(consumer, id, owner, result).await,
+        }
+    }
+
+    async fn release(self, consumer: &str, id: &str, owner: &str) -> Result<()> {
+        match self {
+            Store::Medium(records) => records.processed_release(consumer, id, owner).await,
+            #[cfg(feature = "http")]
+            Store::Http(http) => http.release(consumer, id, owner).await,
+        }
+    }
+}
 
 pub use crate::delivery::processed::FALLBACK_CAPACITY;
 
@@ -134,6 +187,19 @@ impl Idempotent {
         &self.bus.shared().fallback
     }
 
+    /// The store of the records: a gateway's when configured, else the medium's (an
+    /// error for a medium without one).
+    fn store(&self) -> Result<Store<'_>> {
+        #[cfg(feature = "http")]
+        if let Some(http) = self.bus.http_stores().filter(|s| s.keeps_idempotency()) {
+            return Ok(Store::Http(http));
+        }
+        self.bus
+            .medium()
+            .records_or_unsupported()
+            .map(Store::Medium)
+    }
+
     async fn reserve(&self, id: &str, owner: &str) -> Result<(Reservation, Place)> {
         let fallback = self.fallback();
         if fallback.skip_store() {
@@ -144,18 +210,15 @@ impl Idempotent {
                 Place::Memory,
             ));
         }
-        let medium = self.bus.medium().records_or_unsupported()?;
-        match medium
-            .processed_reserve(&self.consumer, id, owner, self.lease)
-            .await
-        {
+        let medium = self.store()?;
+        match medium.reserve(&self.consumer, id, owner, self.lease).await {
             Ok(reservation) => {
                 if fallback.active() {
                     // Done in memory during the outage: done, whatever the store says.
                     if let Some(result) = fallback.records.done(&self.consumer, id) {
                         if reservation == Reservation::Reserved {
                             medium
-                                .processed_complete(&self.consumer, id, owner, result.clone())
+                                .complete(&self.consumer, id, owner, result.clone())
                                 .await?;
                         }
                         self.recover().await;
@@ -191,10 +254,8 @@ impl Idempotent {
             return Ok(());
         }
         match self
-            .bus
-            .medium()
-            .records_or_unsupported()?
-            .processed_complete(&self.consumer, id, owner, result.clone())
+            .store()?
+            .complete(&self.consumer, id, owner, result.clone())
             .await
         {
             Ok(()) => Ok(()),
@@ -219,8 +280,8 @@ impl Idempotent {
             self.fallback().records.release(&self.consumer, id, owner);
             return;
         }
-        let released = match self.bus.medium().records_or_unsupported() {
-            Ok(records) => records.processed_release(&self.consumer, id, owner).await,
+        let released = match self.store() {
+            Ok(store) => store.release(&self.consumer, id, owner).await,
             Err(unsupported) => Err(unsupported),
         };
         if let Err(error) = released {
@@ -238,18 +299,15 @@ impl Idempotent {
         let fallback = self.fallback();
         let owner = format!("{}/write-back", self.bus.instance());
         // Only a medium that keeps records has a store to fall back from.
-        let Some(medium) = self.bus.medium().records() else {
+        let Ok(medium) = self.store() else {
             return;
         };
         let (mut written, mut held) = (0usize, 0usize);
         let mut failed = None;
         for (consumer, id, result) in fallback.records.done_records() {
-            let stored = match medium
-                .processed_reserve(&consumer, &id, &owner, self.lease)
-                .await
-            {
+            let stored = match medium.reserve(&consumer, &id, &owner, self.lease).await {
                 Ok(Reservation::Reserved) => medium
-                    .processed_complete(&consumer, &id, &owner, result)
+                    .complete(&consumer, &id, &owner, result)
                     .await
                     .map(|()| true),
                 Ok(Reservation::Done(_)) => Ok(true),
@@ -299,5 +357,15 @@ impl Intracom {
     /// How many times the idempotency store fell back to memory.
     pub fn idempotency_fallbacks(&self) -> u64 {
         self.shared().fallback.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// How many times the message store (`common.intracom.stores.messages=http`) could
+    /// not be reached and publishes were kept in this process's outbox instead (once
+    /// per outage); 0 without one.
+    #[cfg(feature = "http")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn message_store_fallbacks(&self) -> u64 {
+        self.http_stores()
+            .map_or(0, |s| s.messages_fallbacks.load(Ordering::Relaxed))
     }
 }

@@ -57,6 +57,8 @@ pub mod metrics;
 mod outbox;
 mod stop;
 pub mod trace;
+#[cfg(feature = "http")]
+mod stores;
 pub mod work;
 
 pub use bson;
@@ -64,8 +66,8 @@ pub use bson;
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
 pub use config::{
-    Config, ConfigBuilder, DbConfig, HubSelection, MediumKind, MqttConfig, ReadPreference,
-    Retention, WorkOverrides,
+    Config, ConfigBuilder, DbConfig, HubSelection, IdempotencyStoreKind, MediumKind,
+    MessageStoreKind, MqttConfig, ReadPreference, Retention, StoresConfig, WorkOverrides,
 };
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};

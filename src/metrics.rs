@@ -15,7 +15,7 @@
 //! | `intracom_retried_total` | counter | `service` | failed work scheduled again |
 //! | `intracom_dead_lettered_total` | counter | `reason` (`attempts`, `undeclared`, `unreadable`, `refused`) | messages moved to the dead letters |
 //! | `intracom_request_seconds` | histogram | `outcome` (`done`, `error`, `timeout`) | request round trip, caller side |
-//! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `scan`, `history_lost`) | fall-backs |
+//! | `intracom_fallback_total` | counter | `kind` (`idempotency`, `messages`, `scan`, `history_lost`) | fall-backs: `idempotency` the idempotency store (the medium's, or a gateway's) to memory, `messages` a gateway's message store to the outbox; once per outage |
 //! | `intracom_outbox_messages` | gauge | | publishes waiting in the outbox |
 //! | `intracom_queue_depth` | gauge | `queue` (`<service>/<action>`) | work waiting to be claimed, sampled by the gateway every [`SAMPLE_INTERVAL`] |
 //! | `intracom_queue_in_flight` | gauge | `queue` | work held by a live worker, sampled likewise |

@@ -14,6 +14,12 @@
 //! messages answers [`OutboxRemoval::Sending`] instead of a "removed" that would not
 //! be true.
 //!
+//! With `common.intracom.stores.messages=http` (feature `http`), the medium's refusals
+//! go to a gateway's message store first ([`crate::Intracom`] hands them over); the
+//! outbox keeps what that store could not take (it is unreachable: the fall-back, logged
+//! once and counted) and, while the medium is still away, the flusher hands it to the
+//! store when it answers again.
+//!
 //! With `common.intracom.outbox.file` set, the outbox is also written to that file
 //! (BSON documents, one after the other) and read back at start-up, so a restart does
 //! not lose it. Sending a message twice (after a crash between sending and rewriting
@@ -67,6 +73,9 @@ pub(crate) struct Outbox {
     /// Every handle of the bus is gone (dropped without `shutdown`): the flusher sends
     /// what waits, then ends, and lets the medium go.
     abandoned: std::sync::atomic::AtomicBool,
+    /// The gateway's message store, when configured.
+    #[cfg(feature = "http")]
+    store: std::sync::OnceLock<Arc<crate::stores::HttpStores>>,
 }
 
 impl Outbox {
@@ -91,7 +100,47 @@ impl Outbox {
             file,
             wake: Notify::new(),
             abandoned: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "http")]
+            store: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Hands what the medium cannot take to `store` while it is away.
+    #[cfg(feature = "http")]
+    pub(crate) fn set_store(&self, store: Option<Arc<crate::stores::HttpStores>>) {
+        if let Some(store) = store {
+            let _ = self.store.set(store);
+        }
+    }
+
+    /// The medium is away: hands the longest prefix of `batch` that the message store
+    /// can carry to it. True if it took some (they are sent; the flush goes on).
+    #[cfg(feature = "http")]
+    async fn hand_to_store(&self, batch: &[Message]) -> bool {
+        let Some(store) = self.store.get() else {
+            return false;
+        };
+        let carried = batch
+            .iter()
+            .take_while(|m| crate::stores::HttpStores::can_keep(m))
+            .count();
+        if carried == 0 {
+            return false;
+        }
+        let (kept, error) = store.keep(&batch[..carried]).await;
+        match &error {
+            Some(error) => store.messages_fell_back(error),
+            None => store.messages_answered(),
+        }
+        if kept == 0 {
+            return false;
+        }
+        tracing::info!(
+            count = kept,
+            "outbox: handed to the message store while the medium is away"
+        );
+        self.sent(&batch[..kept]);
+        true
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
@@ -187,6 +236,10 @@ impl Outbox {
                     return false;
                 }
                 Err(error) if error.is_retryable() => {
+                    #[cfg(feature = "http")]
+                    if self.hand_to_store(&batch).await {
+                        continue;
+                    }
                     self.release();
                     tracing::debug!(%error, waiting = self.len(), "outbox: medium still unavailable");
                     return false;

@@ -100,10 +100,14 @@ impl ApiError {
                 E::UnknownSender { .. } | E::UnknownAction { .. } => StatusCode::FORBIDDEN,
                 E::InvalidMessage { .. } | E::Payload(_) => StatusCode::BAD_REQUEST,
                 E::TooLarge { .. } | E::PacketTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                E::Unavailable { .. } | E::OutboxFull { .. } | E::Shutdown | E::NoWorker { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
+                E::Unavailable { .. }
+                | E::StoreUnavailable { .. }
+                | E::OutboxFull { .. }
+                | E::Shutdown
+                | E::NoWorker { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                E::Medium { .. } | E::Remote { .. } | E::StoreRefused { .. } => {
+                    StatusCode::BAD_GATEWAY
                 }
-                E::Medium { .. } | E::Remote { .. } => StatusCode::BAD_GATEWAY,
                 E::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 E::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
                 E::Config { .. } | E::ConfigFile { .. } | E::Lost { .. } | E::Io { .. } => {
@@ -137,6 +141,8 @@ impl ApiError {
                 E::Payload(_) => "bad_payload",
                 E::TooLarge { .. } | E::PacketTooLarge { .. } => "too_large",
                 E::Unavailable { .. } => "unavailable",
+                E::StoreUnavailable { .. } => "store_unavailable",
+                E::StoreRefused { .. } => "store_refused",
                 E::NoWorker { .. } => "no_worker",
                 E::OutboxFull { .. } => "outbox_full",
                 E::Shutdown => "shutting_down",

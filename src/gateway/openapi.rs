@@ -27,7 +27,7 @@ use super::{dead, error, ops, publish, queues, sse, stats, stores, AppState};
         (name = "messages", description = "Publish, subscribe, ack, request"),
         (name = "queues", description = "Work per action of a service (admin)"),
         (name = "dead letters", description = "What could not be delivered or done (admin)"),
-        (name = "stores", description = "The MessageStore (outbox) and the IdempotencyStore (admin)"),
+        (name = "stores", description = "The MessageStore (outbox) and the IdempotencyStore: admin tokens, and service tokens for their own service's"),
         (name = "operations", description = "Probes, metrics, stats, catalog"),
     )
 )]
@@ -63,6 +63,7 @@ pub(crate) fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(stores::drop_waiting))
         .routes(routes!(stores::mark))
         .routes(routes!(stores::check, stores::forget))
+        .routes(routes!(stores::reserve))
         .routes(routes!(stats::stats))
         .routes(routes!(ops::catalog))
         .routes(routes!(ops::healthz))

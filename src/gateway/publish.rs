@@ -193,6 +193,12 @@ pub struct PublishRequest {
     #[serde(default)]
     #[schema(value_type = Option<Name>)]
     pub from: Option<String>,
+    /// On `POST /messages` only: the message id, kept (a bus handing over a message it
+    /// could not publish keeps its id, so that it is stored once). `POST /publish`
+    /// refuses it: its `Idempotency-Key` header fixes the id there.
+    #[serde(default)]
+    #[schema(value_type = Option<Name>)]
+    pub id: Option<String>,
 }
 
 impl PublishRequest {
@@ -299,6 +305,11 @@ pub(crate) async fn publish(
     Json(request): Json<PublishRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<Receipt>)> {
     let service = caller.as_service(request.from.as_deref())?.to_string();
+    if request.id.is_some() {
+        return Err(ApiError::BadRequest(
+            "`id` is taken on POST /messages only: send an Idempotency-Key header to fix the id of a publish".into(),
+        ));
+    }
     let id = idempotency_id(&service, &headers)?;
     let keyed = id.is_some();
     let mut message = request.into_message(&service, id)?;

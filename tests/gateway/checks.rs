@@ -356,13 +356,7 @@ async fn unauthorized_forbidden_and_too_large(place: &Place) {
         StatusCode::FORBIDDEN,
         "forbidden",
     );
-    for path in [
-        "/queues",
-        "/dead",
-        "/stats",
-        "/messages",
-        "/subscribe/*?monitor=true",
-    ] {
+    for path in ["/queues", "/dead", "/stats", "/subscribe/*?monitor=true"] {
         refused(
             gw.get(path, BILLING).await,
             StatusCode::FORBIDDEN,
@@ -371,6 +365,11 @@ async fn unauthorized_forbidden_and_too_large(place: &Place) {
     }
     assert_eq!(gw.get("/queues", ADMIN).await.0, StatusCode::OK);
     assert_eq!(gw.get("/catalog", USERS).await.0, StatusCode::OK);
+    // The stores: a service token sees its own service's messages only.
+    assert_eq!(
+        gw.get("/messages", BILLING).await,
+        (StatusCode::OK, json!([]))
+    );
     // Nothing was published by the refused calls.
     assert_eq!(gw.get("/stats", ADMIN).await.1["counts"]["total"], 0);
 
@@ -1027,5 +1026,103 @@ async fn idempotency_store(place: &Place) {
         .await
         .expect("run_once");
     assert_eq!(once, Once::Ran(5), "forgotten: it runs again");
+
+    // A service token: the records of its own consumers only (`billing`,
+    // `billing.<name>`), and an owner's reservation, completion and release.
+    let reserve = |consumer: &str, owner: &str| json!({ "consumer": consumer, "owner": owner, "leaseMs": 60_000 });
+    refused(
+        gw.post(
+            "/idempotency/m-2/reservation",
+            BILLING,
+            reserve("ledger", "a"),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    refused(
+        gw.get("/idempotency/m-1?consumer=billingx", BILLING).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (status, first) = gw
+        .post(
+            "/idempotency/m-2/reservation",
+            BILLING,
+            reserve("billing.ledger", "a"),
+        )
+        .await;
+    assert_eq!(
+        (status, &first["reservation"]),
+        (StatusCode::OK, &json!("reserved")),
+        "{first}"
+    );
+    let (_, second) = gw
+        .post(
+            "/idempotency/m-2/reservation",
+            BILLING,
+            reserve("billing.ledger", "b"),
+        )
+        .await;
+    assert_eq!(
+        second["reservation"], "busy",
+        "one owner at a time: {second}"
+    );
+    let (status, _) = gw
+        .delete("/idempotency/m-2?consumer=billing.ledger&owner=b", BILLING)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, still) = gw
+        .post(
+            "/idempotency/m-2/reservation",
+            BILLING,
+            reserve("billing.ledger", "b"),
+        )
+        .await;
+    assert_eq!(
+        still["reservation"], "busy",
+        "b's release does not free a's: {still}"
+    );
+    let (status, done) = gw
+        .post(
+            "/idempotency",
+            BILLING,
+            json!({ "consumer": "billing.ledger", "messageId": "m-2", "owner": "a", "result": { "n": 7 } }),
+        )
+        .await;
+    assert_eq!(
+        (status, &done["state"]),
+        (StatusCode::CREATED, &json!("done")),
+        "{done}"
+    );
+    let (_, found) = gw
+        .post(
+            "/idempotency/m-2/reservation",
+            BILLING,
+            reserve("billing.ledger", "c"),
+        )
+        .await;
+    assert_eq!(
+        found,
+        json!({ "reservation": "done", "result": { "n": { "$numberInt": "7" } } }),
+        "canonical extended JSON: the types the handler returned"
+    );
+    let (_, seen) = gw
+        .get("/idempotency/m-2?consumer=billing.ledger", ADMIN)
+        .await;
+    assert_eq!(
+        seen["state"], "done",
+        "an admin token sees every record: {seen}"
+    );
+    refused(
+        gw.post(
+            "/idempotency",
+            BILLING,
+            json!({ "consumer": "billing.ledger", "messageId": "m-3", "owner": "z" }),
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
     gw.stop().await;
 }

@@ -283,12 +283,27 @@ async fn message_store_over_the_outbox() {
         gw.post(
             "/messages",
             BILLING,
-            json!({ "action": "reload", "from": "billing" })
+            json!({ "action": "reload", "from": "users" })
         )
         .await
         .0,
         StatusCode::FORBIDDEN,
-        "the stores are for admin tokens"
+        "a service token keeps its own service's messages only"
+    );
+    assert_eq!(
+        gw.get("/messages", USERS).await,
+        (StatusCode::OK, json!([])),
+        "a service token lists its own service's messages only"
+    );
+    assert_eq!(
+        gw.delete(
+            &format!("/messages/{}", stored["id"].as_str().unwrap_or("?")),
+            USERS
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND,
+        "nor removes another's"
     );
 
     // The medium is back: ready; the outbox is sent; only the message left in it arrives.
@@ -784,6 +799,7 @@ async fn openapi_survives_schemathesis(st: PathBuf) {
         "/messages/{messageId}",
         "/idempotency",
         "/idempotency/{messageId}",
+        "/idempotency/{messageId}/reservation",
         "/dead",
         "/dead/{messageId}",
         "/stats",

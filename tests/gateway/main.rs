@@ -22,6 +22,8 @@ mod local;
 mod roles;
 mod sse;
 mod trace;
+#[cfg(feature = "http")]
+mod stores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,6 +360,9 @@ macro_rules! check {
 }
 
 fn main() {
+    // The library's `http` feature builds reqwest (the one these tests use too) without
+    // a rustls provider of its own: the tests' clients take ring's.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let mut places = vec![Place::Memory];
     places.extend(Target::all().into_iter().map(Place::Server));
     let mut trials = Vec::new();
@@ -383,6 +388,8 @@ fn main() {
     trials.extend(hostile_small::trials());
     trials.extend(roles::trials());
     trials.extend(trace::trials());
+    #[cfg(feature = "http")]
+    trials.extend(stores::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);

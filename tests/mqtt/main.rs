@@ -27,6 +27,8 @@ mod broker;
 mod cli;
 mod specific;
 mod trace;
+#[cfg(all(feature = "gateway", feature = "http"))]
+mod stores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,11 +169,15 @@ fn main() {
         .expect("the only metrics recorder of this test binary");
     let unavailable = broker::unavailable();
     let mut trials = conformance::trials("mqtt", Arc::new(Mqtt), unavailable.as_deref());
-    for check in specific::checks()
+    #[cfg(all(feature = "gateway", feature = "http"))]
+    trials.extend(stores::conformance_trials(unavailable.as_deref()));
+    let checks = specific::checks()
         .into_iter()
         .chain(cli::checks())
-        .chain(trace::checks())
-    {
+        .chain(trace::checks());
+    #[cfg(all(feature = "gateway", feature = "http"))]
+    let checks = checks.chain(stores::checks());
+    for check in checks {
         let run = check.run;
         let trial = Trial::test(check.name, move || conformance::block_on(run()));
         trials.push(match &unavailable {
