@@ -849,7 +849,10 @@ checks.not_a_server_error.expected-statuses = ["1xx", "2xx", "3xx", "4xx", "502"
             .args(["--checks", "not_a_server_error"])
             .args(["--max-examples", examples, "--seed", "20261124"])
             .args(["--exclude-path", "/subscribe/{topic}"])
-            .args(["--request-timeout", "20", "--workers", "2"])
+            // One worker: with two, hypothesis describes its lambdas from `ast.parse` in two
+            // threads at once, which CPython 3.11 can fail ("AST constructor recursion depth
+            // mismatch"), a crash of the tool, not a finding.
+            .args(["--request-timeout", "20", "--workers", "1"])
             .current_dir(dir.path())
             .env("NO_COLOR", "1")
             .env("SCHEMATHESIS_HOOKS", "");
