@@ -63,8 +63,8 @@ pub use bson;
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
 pub use config::{
-    Config, ConfigBuilder, DbConfig, HubSelection, MediumKind, MqttConfig, ReadPreference,
-    Retention, WorkOverrides,
+    Config, ConfigBuilder, DbConfig, HttpConfig, HubSelection, MediumKind, MqttConfig,
+    ReadPreference, Retention, WorkOverrides,
 };
 pub use dead::DeadLetters;
 pub use delivery::{Delivery, Subscriber, Subscription};
