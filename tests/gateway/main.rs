@@ -10,6 +10,9 @@
 //! makes its tests *ignored*, with the reason, never passed. [`roles`] walks the routes
 //! of the OpenAPI document and checks the role each one takes.
 
+#[cfg(feature = "http")]
+#[path = "../conformance/mod.rs"]
+mod conformance;
 #[path = "../support/servers.rs"]
 mod servers;
 
@@ -18,6 +21,8 @@ mod dashboard;
 mod flaky;
 mod hostile;
 mod hostile_small;
+#[cfg(feature = "http")]
+mod http;
 mod local;
 mod roles;
 mod sse;
@@ -182,6 +187,16 @@ impl Gw {
 
     fn serve(gateway: Gateway, bus: Intracom, medium: Medium) -> Gw {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        Self::serve_on(gateway, bus, medium, listener)
+    }
+
+    /// Serves a gateway made by the caller over `bus`, on `listener`.
+    fn serve_on(
+        gateway: Gateway,
+        bus: Intracom,
+        medium: Medium,
+        listener: std::net::TcpListener,
+    ) -> Gw {
         let address = listener.local_addr().expect("its address");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(listener, None, async move {
@@ -357,6 +372,9 @@ macro_rules! check {
 }
 
 fn main() {
+    // With the `http` feature the library's reqwest is built with `rustls-no-provider`,
+    // which this binary's clients share: they take the process's default provider.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let mut places = vec![Place::Memory];
     places.extend(Target::all().into_iter().map(Place::Server));
     let mut trials = Vec::new();
@@ -381,6 +399,8 @@ fn main() {
     trials.extend(dashboard::trials());
     trials.extend(hostile_small::trials());
     trials.extend(roles::trials());
+    #[cfg(feature = "http")]
+    trials.extend(http::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);
