@@ -1394,6 +1394,45 @@ mod tests {
         );
     }
 
+    /// The HTTP medium's keys: several gateways in order, a token that is never
+    /// printed (properties, Debug, the error of a bad one), URLs that are not HTTP or
+    /// carry credentials refused.
+    #[test]
+    fn http_keys_read_several_gateways_and_hide_the_token() {
+        let config = Config::from_properties(
+            "common.intracom.medium=http\n\
+             common.intracom.http.url=http://gw1:8080/, https://gw2\n\
+             common.intracom.http.token=t0ken-s3cret\n",
+        )
+        .expect("valid properties");
+        assert_eq!(config.medium, MediumKind::Http);
+        assert_eq!(config.http.urls, ["http://gw1:8080", "https://gw2"]);
+        assert_eq!(config.http.token.as_deref(), Some("t0ken-s3cret"));
+        let text = config.to_properties();
+        assert!(
+            text.contains("common.intracom.http.url=http://gw1:8080,https://gw2\n"),
+            "{text}"
+        );
+        assert!(text.contains("common.intracom.http.token=***\n"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(
+            Config::from_properties(&text.replace("***", "t0ken-s3cret")).expect("reads back"),
+            config
+        );
+        let mut config = Config::default();
+        for bad in ["mqtt://gw", "http://", "http://user:pw@gw", "gw:8080"] {
+            assert!(
+                config.set("common.intracom.http.url", bad).is_err(),
+                "{bad}"
+            );
+        }
+        let error = config
+            .set("common.intracom.http.token", "has s3cret space")
+            .expect_err("whitespace in a token");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()

@@ -340,23 +340,21 @@ impl Medium for HttpMedium {
     }
 
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
-        let body = AppendJson {
-            messages: messages
-                .iter()
-                .map(wire::ext_of_message)
-                .collect::<Result<_>>()?,
-        };
-        let answer: Vec<AppendedJson> = self.inner.post("/medium/append", &body).await?;
-        answer
-            .into_iter()
-            .map(|a| {
-                Ok(Appended {
+        let mut appended = Vec::with_capacity(messages.len());
+        for batch in batches(messages, self.max_message_bytes())? {
+            let answer: Vec<AppendedJson> = self
+                .inner
+                .post("/medium/append", &AppendJson { messages: batch })
+                .await?;
+            for a in answer {
+                appended.push(Appended {
                     id: a.id,
                     ts: a.ts.map(wire::ts_of).transpose()?,
                     duplicate: a.duplicate,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        Ok(appended)
     }
 
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream> {
@@ -548,6 +546,29 @@ async fn follow(
     }
 }
 
+/// `messages` as extended JSON, in batches whose JSON stays within `limit` bytes (the
+/// gateway's request body limit is its message size limit by default): one message
+/// alone when it is larger.
+fn batches(messages: &[Message], limit: usize) -> Result<Vec<Vec<serde_json::Value>>> {
+    let mut batches: Vec<Vec<serde_json::Value>> = Vec::new();
+    let mut size = 0;
+    for message in messages {
+        let value = wire::ext_of_message(message)?;
+        // The encoding of a value made from a document cannot fail; its length is an
+        // estimate only if it did.
+        let bytes = serde_json::to_string(&value).map_or(0, |t| t.len()) + 1;
+        match batches.last_mut() {
+            Some(batch) if size + bytes <= limit.saturating_sub(64) => batch.push(value),
+            _ => {
+                batches.push(vec![value]);
+                size = 0;
+            }
+        }
+        size += bytes;
+    }
+    Ok(batches)
+}
+
 fn ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -619,7 +640,8 @@ impl WorkQueue for HttpMedium {
             if let Some(message) = message_from(answer)? {
                 return Ok(Some(message));
             }
-            if left == slice {
+            // The gateway may wait less than asked (its `max_request_timeout`).
+            if tokio::time::Instant::now() >= deadline {
                 return Ok(None);
             }
         }
@@ -809,6 +831,24 @@ mod tests {
 
     /// A gateway's refusals are the matching non-retryable errors; its being away or
     /// busy is retryable.
+    #[test]
+    fn appends_are_cut_to_the_body_limit() {
+        let messages: Vec<Message> = (0..10)
+            .map(|i| {
+                Message::broadcast("reload").body(bson::doc! { "pad": "x".repeat(1000), "i": i })
+            })
+            .collect();
+        let one = serde_json::to_string(&wire::ext_of_message(&messages[0]).expect("ext"))
+            .expect("json")
+            .len();
+        let cut = batches(&messages, 3 * one + 100).expect("batches");
+        assert_eq!(cut.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 3, 1]);
+        let whole = batches(&messages, usize::MAX).expect("batches");
+        assert_eq!(whole.len(), 1);
+        let alone = batches(&messages[..2], 10).expect("batches");
+        assert_eq!(alone.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
+    }
+
     #[test]
     fn answers_map_to_the_crate_s_errors() {
         let answer = |code: &str| {
