@@ -815,3 +815,26 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, not(feature = "http")))]
+mod http_tests {
+    use super::*;
+
+    /// A build without the HTTP medium asked for it says which feature to build with.
+    #[tokio::test]
+    async fn http_without_the_feature_names_it() {
+        let config = Config {
+            medium: MediumKind::Http,
+            ..Config::default()
+        };
+        let Err(error) = connect(&config).await else {
+            panic!("a build without the http feature connected to a gateway");
+        };
+        let text = error.to_string();
+        assert!(text.contains("`http` feature"), "{text}");
+        assert!(
+            text.contains("cargo add intracom --features http"),
+            "{text}"
+        );
+    }
+}
