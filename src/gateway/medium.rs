@@ -113,9 +113,14 @@ pub(crate) async fn info(
     let work = medium.work().is_some() && capabilities.stored_queue;
     Ok(axum::Json(MediumInfo {
         medium: medium.name().to_string(),
-        max_message_bytes: medium
-            .max_message_bytes()
-            .min(state.bus().config().max_message_bytes) as u64,
+        // What one append may carry: the medium's limit, within the gateway's own
+        // (its request bodies are refused over it).
+        max_message_bytes: medium.max_message_bytes().min(
+            state
+                .options()
+                .max_body_bytes
+                .unwrap_or(state.bus().config().max_message_bytes),
+        ) as u64,
         capabilities: capabilities.into(),
         work,
         dead_letters: medium.dead_letter_store().is_some(),

@@ -99,7 +99,8 @@ pub(crate) fn ts_of(value: serde_json::Value) -> Result<Timestamp> {
 pub(crate) struct MediumInfo {
     /// The gateway's medium (`memory`, `db`, `mqtt`).
     pub medium: String,
-    /// The largest message it accepts, in bytes.
+    /// The largest message it accepts, in bytes (and the largest request body the
+    /// gateway reads, when that is smaller).
     pub max_message_bytes: u64,
     /// The promises it keeps.
     pub capabilities: CapabilitiesJson,
