@@ -8,6 +8,8 @@
 //!   as on any medium.
 //! - `rs::http_failover_*`: two gateways on one database; a service listing both keeps
 //!   its named subscription and its publishes across the loss of each.
+//! - `memory::http_service_token_*`: what a service token may not do on the medium
+//!   routes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,8 +120,8 @@ impl Harness for Http {
 
     fn capabilities(&self) -> &'static [Capability] {
         // The HTTP medium promises what the gateway's medium promises: memory and
-        // MongoDB promise everything (checked by `http_medium_declares_its_gateway_s`
-        // below, against the medium's own declaration).
+        // MongoDB promise everything (`HttpWorld::bus` checks every bus's declaration
+        // against the gateway's medium's).
         Capability::ALL
     }
 
