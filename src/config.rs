@@ -63,7 +63,7 @@ impl Key {
 /// it is listed here, and the environment names are derived from this table, so a key
 /// cannot be added without its line.
 pub const KEYS: &[Key] = &[
-    key("common.intracom.medium", "memory", "the medium: `memory`, `db` (MongoDB) or `mqtt`"),
+    key("common.intracom.medium", "memory", "the medium: `memory`, `db` (MongoDB), `mqtt` or `http` (a remote intracom gateway)"),
     key("common.intracom.timeout_ms", "300000", "message retention, in ms"),
     key("common.intracom.senders.list", "", "services in the catalog, comma separated"),
     key("common.intracom.actions.<service>", "", "the actions that service declares, comma separated"),
@@ -105,6 +105,9 @@ pub const KEYS: &[Key] = &[
     key("common.intracom.stores.token", "(none)", "bearer token for that gateway (never printed)"),
     key("common.intracom.stores.ca_file", "(none)", "PEM file of the CA certificates for an `https://` store URL (default: the system's roots)"),
     key("common.intracom.stores.timeout_ms", "5000", "time-out of one call to the store, in ms"),
+    key("common.intracom.http.url", "http://localhost:8080", "the intracom gateway(s) of the `http` medium: one `http[s]://host[:port]` URL, or several comma separated (the next one is tried when a gateway cannot be reached)"),
+    key("common.intracom.http.token", "(none)", "the bearer token the `http` medium presents to the gateway (never printed)"),
+    key("common.intracom.http.ca_file", "(none)", "PEM file of the CA certificates for `https://` gateways (default: the system's roots)"),
 ];
 
 const fn key(name: &'static str, default: &'static str, doc: &'static str) -> Key {
@@ -134,6 +137,8 @@ pub enum MediumKind {
     Db,
     /// An MQTT broker (`mqtt`).
     Mqtt,
+    /// A remote intracom gateway (`http`, feature `http`).
+    Http,
 }
 
 impl MediumKind {
@@ -143,6 +148,7 @@ impl MediumKind {
             MediumKind::Memory => "memory",
             MediumKind::Db => "db",
             MediumKind::Mqtt => "mqtt",
+            MediumKind::Http => "http",
         }
     }
 }
@@ -160,7 +166,8 @@ impl FromStr for MediumKind {
             "memory" => Ok(MediumKind::Memory),
             "db" => Ok(MediumKind::Db),
             "mqtt" => Ok(MediumKind::Mqtt),
-            _ => Err("expected one of memory, db, mqtt".into()),
+            "http" => Ok(MediumKind::Http),
+            _ => Err("expected one of memory, db, mqtt, http".into()),
         }
     }
 }
@@ -188,6 +195,8 @@ pub struct Config {
     pub db: DbConfig,
     /// MQTT medium settings (`common.intracom.mqtt.*`).
     pub mqtt: MqttConfig,
+    /// HTTP medium settings (`common.intracom.http.*`).
+    pub http: HttpConfig,
     /// Default time-out of a request, in ms (default 30 000).
     pub request_timeout_ms: u64,
     /// Outbox capacity in messages (default 10 000; `common.intracom.outbox.max_messages`).
@@ -475,6 +484,68 @@ impl fmt::Debug for MqttConfig {
     }
 }
 
+/// HTTP medium settings (`common.intracom.http.*`): the gateways a bus on the `http`
+/// medium calls.
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct HttpConfig {
+    /// The gateways' base URLs (default `http://localhost:8080`), in the order they are
+    /// tried: the medium moves to the next one when a gateway cannot be reached.
+    pub urls: Vec<String>,
+    /// The bearer token presented to the gateways (default none; never printed).
+    pub token: Option<String>,
+    /// PEM file with the CA certificates that sign the gateways' certificates, for
+    /// `https://` (default: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            urls: vec!["http://localhost:8080".into()],
+            token: None,
+            ca_file: None,
+        }
+    }
+}
+
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("urls", &self.urls)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// Reads `common.intracom.http.url`: URLs starting with `http://` or `https://`, comma
+/// separated, without credentials, each without its trailing `/`.
+fn parse_http_urls(key: &str, value: &str) -> Result<Vec<String>> {
+    let mut urls = Vec::new();
+    for url in value.split(',').map(str::trim) {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .ok_or_else(|| {
+                Error::config(key, value, "each URL must start with http:// or https://")
+            })?;
+        let host = rest.split('/').next().unwrap_or_default();
+        if host.is_empty() {
+            return Err(Error::config(key, value, "a URL without a host"));
+        }
+        if host.contains('@') {
+            return Err(Error::config(
+                key,
+                value,
+                "put the token in common.intracom.http.token, not in the URL",
+            ));
+        }
+        urls.push(url.trim_end_matches('/').to_string());
+    }
+    Ok(urls)
+}
+
 /// The parts of an MQTT URL: TLS or not, host, port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -595,6 +666,7 @@ impl Default for Config {
             memory_max_messages: 100_000,
             db: DbConfig::default(),
             mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
             request_timeout_ms: 30_000,
             outbox_max_messages: 10_000,
             outbox_file: None,
@@ -919,6 +991,23 @@ impl Config {
                 self.stores.ca_file = Some(value.into());
             }
             "stores.timeout_ms" => self.stores.timeout_ms = parse_positive(key, value)?,
+            "http.url" => self.http.urls = parse_http_urls(key, value)?,
+            "http.token" => {
+                if value.is_empty() || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(Error::config(
+                        key,
+                        "***",
+                        "empty, or contains whitespace or a control character",
+                    ));
+                }
+                self.http.token = Some(value.to_string());
+            }
+            "http.ca_file" => {
+                if value.is_empty() {
+                    return Err(Error::config(key, value, "empty path"));
+                }
+                self.http.ca_file = Some(value.into());
+            }
             _ => return Err(Error::config(key, value, "unknown key")),
         }
         Ok(())
@@ -928,7 +1017,8 @@ impl Config {
     /// value (an unset optional key, such as `outbox.file`, is left out), for showing an
     /// operator what a service resolves (`intracom config` prints it).
     ///
-    /// Secrets are masked: the password in `db.uri` and `mqtt.password` read `***`.
+    /// Secrets are masked: the password in `db.uri`, `mqtt.password` and `http.token`
+    /// read `***`.
     /// Without secrets, [`Config::from_properties`] reads the text back to an equal
     /// configuration, except `instance`, which is left out (each process has its own).
     ///
@@ -1019,6 +1109,14 @@ impl Config {
             line("stores.ca_file", &ca.display());
         }
         line("stores.timeout_ms", &stores.timeout_ms);
+        let http = &self.http;
+        line("http.url", &http.urls.join(","));
+        if http.token.is_some() {
+            line("http.token", &"***");
+        }
+        if let Some(ca) = &http.ca_file {
+            line("http.ca_file", &ca.display());
+        }
         let senders: Vec<&str> = self.senders.keys().map(String::as_str).collect();
         line("senders.list", &senders.join(","));
         for (service, actions) in &self.senders {
@@ -1145,6 +1243,21 @@ impl ConfigBuilder {
         self.config.medium = MediumKind::Mqtt;
         let url = url.into();
         if let Err(e) = self.config.set("common.intracom.mqtt.url", &url) {
+            self.error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// The intracom gateway(s) to use as the medium (`common.intracom.http.url`: one
+    /// URL, or several comma separated) and the token to present
+    /// (`common.intracom.http.token`), and the HTTP medium.
+    pub fn http(mut self, urls: impl Into<String>, token: impl Into<String>) -> Self {
+        self.config.medium = MediumKind::Http;
+        let (urls, token) = (urls.into(), token.into());
+        if let Err(e) = self.config.set("common.intracom.http.url", &urls) {
+            self.error.get_or_insert(e);
+        }
+        if let Err(e) = self.config.set("common.intracom.http.token", &token) {
             self.error.get_or_insert(e);
         }
         self
@@ -1487,6 +1600,45 @@ mod tests {
             assert!(e.contains(key), "{key}={value}: {e}");
             assert!(!e.contains("a b"), "the token is not printed: {e}");
         }
+    }
+
+    /// The HTTP medium's keys: several gateways in order, a token that is never
+    /// printed (properties, Debug, the error of a bad one), URLs that are not HTTP or
+    /// carry credentials refused.
+    #[test]
+    fn http_keys_read_several_gateways_and_hide_the_token() {
+        let config = Config::from_properties(
+            "common.intracom.medium=http\n\
+             common.intracom.http.url=http://gw1:8080/, https://gw2\n\
+             common.intracom.http.token=t0ken-s3cret\n",
+        )
+        .expect("valid properties");
+        assert_eq!(config.medium, MediumKind::Http);
+        assert_eq!(config.http.urls, ["http://gw1:8080", "https://gw2"]);
+        assert_eq!(config.http.token.as_deref(), Some("t0ken-s3cret"));
+        let text = config.to_properties();
+        assert!(
+            text.contains("common.intracom.http.url=http://gw1:8080,https://gw2\n"),
+            "{text}"
+        );
+        assert!(text.contains("common.intracom.http.token=***\n"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(
+            Config::from_properties(&text.replace("***", "t0ken-s3cret")).expect("reads back"),
+            config
+        );
+        let mut config = Config::default();
+        for bad in ["mqtt://gw", "http://", "http://user:pw@gw", "gw:8080"] {
+            assert!(
+                config.set("common.intracom.http.url", bad).is_err(),
+                "{bad}"
+            );
+        }
+        let error = config
+            .set("common.intracom.http.token", "has s3cret space")
+            .expect_err("whitespace in a token");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -56,9 +56,9 @@ pub mod message;
 pub mod metrics;
 mod outbox;
 mod stop;
-pub mod trace;
 #[cfg(feature = "http")]
 mod stores;
+pub mod trace;
 pub mod work;
 
 pub use bson;
@@ -66,7 +66,7 @@ pub use bson;
 pub use bus::{Intracom, PublishStatus, Published};
 pub use catalog::Catalog;
 pub use config::{
-    Config, ConfigBuilder, DbConfig, HubSelection, IdempotencyStoreKind, MediumKind,
+    Config, ConfigBuilder, DbConfig, HttpConfig, HubSelection, IdempotencyStoreKind, MediumKind,
     MessageStoreKind, MqttConfig, ReadPreference, Retention, StoresConfig, WorkOverrides,
 };
 pub use dead::DeadLetters;

@@ -45,6 +45,7 @@ mod error;
 mod event_id;
 mod extract;
 mod limits;
+mod medium;
 mod model;
 mod openapi;
 mod ops;

@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{dead, error, ops, publish, queues, sse, stats, stores, AppState};
+use super::{dead, error, medium, ops, publish, queues, sse, stats, stores, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,6 +29,7 @@ use super::{dead, error, ops, publish, queues, sse, stats, stores, AppState};
         (name = "dead letters", description = "What could not be delivered or done (admin)"),
         (name = "stores", description = "The MessageStore (outbox) and the IdempotencyStore: admin tokens, and service tokens for their own service's"),
         (name = "operations", description = "Probes, metrics, stats, catalog"),
+        (name = "medium", description = "The gateway's medium, operation by operation, for a bus whose medium is this gateway (`common.intracom.medium=http`); documents, messages and positions as canonical extended JSON"),
     )
 )]
 struct ApiDoc;
@@ -69,5 +70,28 @@ pub(crate) fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
+        .routes(routes!(medium::info))
+        .routes(routes!(medium::append))
+        .routes(routes!(medium::follow))
+        .routes(routes!(medium::catalog_load, medium::catalog_add))
+        .routes(routes!(medium::checkpoint_load))
+        .routes(routes!(medium::checkpoint_save))
+        .routes(routes!(medium::claim))
+        .routes(routes!(medium::renew))
+        .routes(routes!(medium::settle))
+        .routes(routes!(medium::bury))
+        .routes(routes!(medium::outcome))
+        .routes(routes!(medium::reserve))
+        .routes(routes!(medium::complete))
+        .routes(routes!(medium::release))
+        .routes(routes!(medium::dead_letter))
+        .routes(routes!(medium::dead_list))
+        .routes(routes!(medium::dead_get))
+        .routes(routes!(medium::dead_remove))
+        .routes(routes!(medium::stats))
+        .routes(routes!(medium::queues))
+        .routes(routes!(medium::purge))
+        .routes(routes!(medium::processed_get))
+        .routes(routes!(medium::processed_remove))
         .split_for_parts()
 }

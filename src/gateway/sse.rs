@@ -440,6 +440,33 @@ impl Drop for ClientCount<'_> {
     }
 }
 
+/// A stream of the medium routes (`POST /medium/follow`), counted against the
+/// gateway's SSE limits for as long as it is held.
+pub(crate) struct CountedStream {
+    state: AppState,
+    _held: Option<OwnedHeld>,
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        self.state.sse_clients().fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(crate::metrics::GATEWAY_SSE_CLIENTS).decrement(1.0);
+    }
+}
+
+/// Counts a stream of the medium routes as [`ClientCount::take`] counts a subscriber's.
+pub(crate) fn count_stream(
+    state: &AppState,
+    caller: &AnyCaller,
+    token: Option<TokenKey>,
+) -> ApiResult<CountedStream> {
+    let held = ClientCount::take(state, caller, token)?.keep();
+    Ok(CountedStream {
+        state: state.clone(),
+        _held: held,
+    })
+}
+
 /// Closes the slot of a named subscription whose stream did not start.
 struct SlotGuard<'a> {
     state: &'a AppState,

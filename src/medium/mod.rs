@@ -37,16 +37,22 @@
 //! [`Medium`] and the ability traits are sealed: the media are this crate's. A test
 //! that needs a medium failing on purpose wraps a real one in [`Faulty`].
 //!
-//! One module per medium: [`memory`], [`mongo`], and `mqtt` (feature `mqtt`); [`connect`]
-//! is the one place that picks among them.
+//! One module per medium: [`memory`], [`mongo`], `mqtt` (feature `mqtt`) and `http` (a
+//! remote gateway, feature `http`); [`connect`] is the one place that picks among them.
 
 mod faulty;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 pub mod memory;
 pub mod mongo;
 #[cfg(feature = "mqtt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
 pub mod mqtt;
 pub(crate) mod records;
+#[cfg(any(feature = "gateway", feature = "http"))]
+#[cfg_attr(not(all(feature = "gateway", feature = "http")), allow(dead_code))]
+pub(crate) mod wire;
 
 pub use faulty::{Call, Faults, Faulty};
 
@@ -77,6 +83,13 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Medium>> {
     Ok(medium)
 }
 
+/// What [`connect`] says when the configuration asks for the HTTP medium and the build
+/// left it out.
+#[cfg(not(feature = "http"))]
+const HTTP_NOT_BUILT: &str = "connecting: this build does not include the HTTP medium \
+     (common.intracom.medium=http); enable the `http` feature: `cargo add intracom \
+     --features http`, or `cargo install intracom --features http` for the command";
+
 /// The medium of [`connect`], opened.
 async fn open(config: &Config) -> Result<Arc<dyn Medium>> {
     match config.medium {
@@ -88,6 +101,13 @@ async fn open(config: &Config) -> Result<Arc<dyn Medium>> {
         MediumKind::Mqtt => Err(Error::Unsupported {
             medium: "mqtt".into(),
             what: MQTT_NOT_BUILT.into(),
+        }),
+        #[cfg(feature = "http")]
+        MediumKind::Http => Ok(Arc::new(http::HttpMedium::connect(config).await?)),
+        #[cfg(not(feature = "http"))]
+        MediumKind::Http => Err(Error::Unsupported {
+            medium: "http".into(),
+            what: HTTP_NOT_BUILT.into(),
         }),
     }
 }
@@ -339,6 +359,8 @@ impl sealed::Sealed for memory::MemoryMedium {}
 impl sealed::Sealed for mongo::MongoMedium {}
 #[cfg(feature = "mqtt")]
 impl sealed::Sealed for mqtt::MqttMedium {}
+#[cfg(feature = "http")]
+impl sealed::Sealed for http::HttpMedium {}
 impl<M: Medium, F: Faults> sealed::Sealed for Faulty<M, F> {}
 
 /// What every medium does: append, follow, the catalog, checkpoints, close. See the
@@ -789,6 +811,29 @@ mod tests {
         assert!(text.contains("`mqtt` feature"), "{text}");
         assert!(
             text.contains("cargo add intracom --features mqtt"),
+            "{text}"
+        );
+    }
+}
+
+#[cfg(all(test, not(feature = "http")))]
+mod http_tests {
+    use super::*;
+
+    /// A build without the HTTP medium asked for it says which feature to build with.
+    #[tokio::test]
+    async fn http_without_the_feature_names_it() {
+        let config = Config {
+            medium: MediumKind::Http,
+            ..Config::default()
+        };
+        let Err(error) = connect(&config).await else {
+            panic!("a build without the http feature connected to a gateway");
+        };
+        let text = error.to_string();
+        assert!(text.contains("`http` feature"), "{text}");
+        assert!(
+            text.contains("cargo add intracom --features http"),
             "{text}"
         );
     }

@@ -10,6 +10,9 @@
 //! makes its tests *ignored*, with the reason, never passed. [`roles`] walks the routes
 //! of the OpenAPI document and checks the role each one takes.
 
+#[cfg(feature = "http")]
+#[path = "../conformance/mod.rs"]
+mod conformance;
 #[path = "../support/servers.rs"]
 mod servers;
 
@@ -18,12 +21,14 @@ mod dashboard;
 mod flaky;
 mod hostile;
 mod hostile_small;
+#[cfg(feature = "http")]
+mod http;
 mod local;
 mod roles;
 mod sse;
-mod trace;
 #[cfg(feature = "http")]
 mod stores;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,6 +190,16 @@ impl Gw {
 
     fn serve(gateway: Gateway, bus: Intracom, medium: Medium) -> Gw {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        Self::serve_on(gateway, bus, medium, listener)
+    }
+
+    /// Serves a gateway made by the caller over `bus`, on `listener`.
+    fn serve_on(
+        gateway: Gateway,
+        bus: Intracom,
+        medium: Medium,
+        listener: std::net::TcpListener,
+    ) -> Gw {
         let address = listener.local_addr().expect("its address");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(listener, None, async move {
@@ -390,6 +405,8 @@ fn main() {
     trials.extend(trace::trials());
     #[cfg(feature = "http")]
     trials.extend(stores::trials());
+    #[cfg(feature = "http")]
+    trials.extend(http::trials());
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(4);

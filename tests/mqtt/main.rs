@@ -26,9 +26,9 @@ mod servers;
 mod broker;
 mod cli;
 mod specific;
-mod trace;
 #[cfg(all(feature = "gateway", feature = "http"))]
 mod stores;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -32,6 +32,10 @@ impl From<Error> for Failure {
                 "check that the broker is reachable at the URL (--url, common.intracom.mqtt.url)"
                     .to_string(),
             ),
+            Error::Unavailable { medium: "http", .. } => Some(
+                "check that a gateway answers at common.intracom.http.url (`intracom serve`)"
+                    .to_string(),
+            ),
             Error::Unavailable { .. } => Some(
                 "check that MongoDB is reachable at the URI (try `intracom doctor`)".to_string(),
             ),

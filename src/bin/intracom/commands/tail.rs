@@ -50,6 +50,7 @@ pub(crate) struct TailArgs {
 pub(crate) fn source(config: &Config) -> String {
     match config.medium {
         MediumKind::Mqtt => format!("{}/# on {}", config.mqtt.topic_prefix, config.mqtt.url),
+        MediumKind::Http => format!("the gateway at {}", config.http.urls.join(", ")),
         _ => format!("{} on {}", config.db.messages, config.db.redacted_uri()),
     }
 }
