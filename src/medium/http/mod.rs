@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bson::Document;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -429,12 +430,53 @@ impl HttpMedium {
                 None,
             )
             .await?;
+        let mut request = request;
+        let mut events = sse::events(response.bytes_stream());
+        let mut pending = None;
+        if matches!(request.from, FromJson::Now) && inner.info.anchors {
+            // The gateway's anchor comes first: this follower is anchored once it is
+            // here, and resumes from it if the stream breaks before a message.
+            match tokio::time::timeout(CALL_TIMEOUT, events.next()).await {
+                Ok(Some(Ok(event))) if event.kind == "anchor" => anchor(&event, &mut request),
+                Ok(Some(Ok(event))) => pending = Some(event),
+                Ok(Some(Err(error))) => {
+                    return Err(Error::unavailable(
+                        NAME,
+                        format!("a follower's stream broke before its anchor: {error}"),
+                    ))
+                }
+                Ok(None) | Err(_) => {
+                    return Err(Error::unavailable(
+                        NAME,
+                        "a follower's stream ended before its anchor",
+                    ))
+                }
+            }
+        }
         let (sender, receiver) = mpsc::channel(FOLLOW_BUFFER);
-        tokio::spawn(follow(inner, request, response, sender));
+        tokio::spawn(follow(inner, request, events, pending, sender));
         Ok(Box::pin(futures::stream::unfold(
             receiver,
             |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
         )))
+    }
+}
+
+/// A follower from now that has read nothing yet resumes after the gateway's anchor
+/// (when the gateway's medium names one: otherwise it opens again from now).
+fn anchor(event: &sse::Event, request: &mut FollowJson) {
+    if !matches!(request.from, FromJson::Now) {
+        return;
+    }
+    match serde_json::from_str::<AnchorJson>(&event.data) {
+        Ok(AnchorJson {
+            position: Some(position),
+        }) => {
+            request.from = FromJson::After;
+            request.position = Some(position);
+        }
+        Ok(AnchorJson { position: None }) => {}
+        Err(error) => tracing::warn!(%error, "http medium: a follower's anchor is unreadable"),
     }
 }
 
@@ -462,6 +504,10 @@ async fn forward(
             }
             Err(error) => Err(error),
         },
+        "anchor" => {
+            anchor(&event, request);
+            return true;
+        }
         "lost" => match serde_json::from_str::<LostJson>(&event.data) {
             Ok(lost) => Ok(Event::Lost { count: lost.count }),
             Err(e) => Err(Error::unavailable(NAME, format!("a follower's event: {e}"))),
@@ -482,15 +528,20 @@ async fn forward(
 async fn follow(
     inner: Arc<Inner>,
     mut request: FollowJson,
-    first: reqwest::Response,
+    first: BoxStream<'static, std::result::Result<sse::Event, String>>,
+    pending: Option<sse::Event>,
     sender: mpsc::Sender<Result<Event>>,
 ) {
     let stop = inner.closed.token().clone();
-    let mut response = Some(first);
+    if let Some(event) = pending {
+        if !forward(event, &mut request, &sender).await {
+            return;
+        }
+    }
+    let mut open = Some(first);
     let mut pause = RECONNECT_FIRST;
     loop {
-        if let Some(open) = response.take() {
-            let mut events = sse::events(open.bytes_stream());
+        if let Some(mut events) = open.take() {
             loop {
                 let next = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -530,9 +581,9 @@ async fn follow(
             )
             .await
         {
-            Ok(open) => {
+            Ok(response) => {
                 tracing::info!("http medium: a follower resumed");
-                response = Some(open);
+                open = Some(sse::events(response.bytes_stream()));
             }
             Err(error) if error.is_retryable() => {
                 tracing::debug!(%error, "http medium: a follower waits for a gateway");
