@@ -12,7 +12,9 @@
 //! Documents, messages and positions travel as canonical extended JSON. A follower is
 //! an event stream (`POST /medium/follow`) whose `message` events carry the message and
 //! the position after it (also the event's id), so that a client resumes from the last
-//! one it read, on this gateway or on another one of the same database.
+//! one it read, on this gateway or on another one of the same database. A follower
+//! from now gets an `anchor` event first (the place after every message the medium
+//! held before it started), where it resumes before it has read a message.
 //!
 //! Roles: an admin token acts for any service (a bus with many services, an operator).
 //! A service token acts as its service only: it appends messages its service sends,

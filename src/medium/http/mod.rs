@@ -8,7 +8,11 @@
 //! Server-Sent Events stream whose events carry each message's position, so the
 //! medium resumes it after the last message it read when the stream breaks, on the
 //! same gateway or on the next one (`common.intracom.http.url` may list several, all
-//! in front of the same database).
+//! in front of the same database). A follower from now that has read nothing yet
+//! resumes after its anchor instead: the stream's first event, the place after every
+//! message the gateway's medium held before the follower started, which `follow`
+//! waits for. A gateway whose medium cannot name it (MQTT) sends none: such a follower
+//! opens again from now, and misses what was published while its stream was broken.
 //!
 //! The capabilities are the gateway's medium's, asked at connect: the HTTP medium adds
 //! none and fakes none. Work pushed to workers (MQTT's shared subscriptions) does not
@@ -898,6 +902,44 @@ mod tests {
         assert_eq!(whole.len(), 1);
         let alone = batches(&messages[..2], 10).expect("batches");
         assert_eq!(alone.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
+    }
+
+    /// A follower from now takes the gateway's anchor as where it resumes; a null
+    /// anchor leaves it from now, and a follower that has a position keeps it.
+    #[test]
+    fn a_follower_from_now_resumes_after_its_anchor() {
+        let event = |data: &str| sse::Event {
+            kind: "anchor".into(),
+            data: data.into(),
+        };
+        let anchored = r#"{"position":{"ts":{"$timestamp":{"t":3,"i":1}},"token":{"seq":{"$numberLong":"7"}}}}"#;
+        let mut request = FollowJson::new(&StartFrom::Now, &Filter::monitor(), None);
+        anchor(&event(r#"{"position":null}"#), &mut request);
+        assert!(matches!(request.from, FromJson::Now));
+        assert!(request.position.is_none());
+        anchor(&event(anchored), &mut request);
+        assert!(matches!(request.from, FromJson::After));
+        let position = wire::position_of(request.position.clone().expect("a position"))
+            .expect("the anchor's position");
+        assert_eq!(
+            position.ts,
+            bson::Timestamp {
+                time: 3,
+                increment: 1
+            }
+        );
+        // A later anchor (a stream opened again) does not move a follower that has one.
+        let other = r#"{"position":{"ts":{"$timestamp":{"t":9,"i":1}}}}"#;
+        anchor(&event(other), &mut request);
+        let position = wire::position_of(request.position.clone().expect("a position"))
+            .expect("the anchor's position");
+        assert_eq!(
+            position.ts,
+            bson::Timestamp {
+                time: 3,
+                increment: 1
+            }
+        );
     }
 
     #[test]
