@@ -12,7 +12,9 @@
 //! Documents, messages and positions travel as canonical extended JSON. A follower is
 //! an event stream (`POST /medium/follow`) whose `message` events carry the message and
 //! the position after it (also the event's id), so that a client resumes from the last
-//! one it read, on this gateway or on another one of the same database.
+//! one it read, on this gateway or on another one of the same database. A follower
+//! from now gets an `anchor` event first (the place after every message the medium
+//! held before it started), where it resumes before it has read a message.
 //!
 //! Roles: an admin token acts for any service (a bus with many services, an operator).
 //! A service token acts as its service only: it appends messages its service sends,
@@ -126,6 +128,7 @@ pub(crate) async fn info(
         dead_letters: medium.dead_letter_store().is_some(),
         records: medium.records().is_some(),
         inspection: medium.inspection().is_some(),
+        anchors: true,
     }))
 }
 
@@ -186,6 +189,9 @@ pub(crate) async fn append(
 }
 
 /// Follows the messages matching a filter from a start point, as Server-Sent Events:
+/// from now, `anchor` first (data: the position after every message the medium held
+/// before the follower started, where a client resumes if the stream breaks before it
+/// read a message; `null` when the medium cannot name it);
 /// `message` (data: the message and the position after it; id: that position),
 /// `lost` (data: how many expired unread), `error` (an error of the medium; the stream
 /// goes on).
@@ -229,15 +235,28 @@ pub(crate) async fn follow(
     let filter: crate::Filter = request.filter.into();
     let counted = super::sse::count_stream(&state, &caller, token.map(|t| t.0))?;
     let medium = medium(&state);
+    // Taken before the follower starts: every message after it is the follower's, or
+    // was appended before the follower's own anchor (and before this answer).
+    let anchor = match start {
+        crate::StartFrom::Now => {
+            let position = medium.anchor_now().await?;
+            let data = AnchorJson {
+                position: position.as_ref().map(wire::ext_of_position),
+            };
+            Some(Ok(SseEvent::default().event("anchor").data(json(&data))))
+        }
+        _ => None,
+    };
     let events = match &name {
         Some(name) => medium.follow_durable(name, start, filter).await?,
         None => medium.follow(start, filter).await?,
     };
     let stop = state.stop().clone();
-    let stream = events.take_until(stop.cancelled_owned()).map(move |item| {
+    let events = events.take_until(stop.cancelled_owned()).map(move |item| {
         let _counted = &counted;
         Ok(event_of(item))
     });
+    let stream = futures::stream::iter(anchor).chain(events);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.options().keep_alive)))
 }
 

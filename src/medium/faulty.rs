@@ -250,6 +250,10 @@ impl<M: Medium, F: Faults> Medium for Faulty<M, F> {
         self.inner.follow(from, filter).await
     }
 
+    async fn anchor(&self, internal: super::sealed::Internal) -> Result<Option<Position>> {
+        self.inner.anchor(internal).await
+    }
+
     async fn follow_durable(
         &self,
         name: &str,

@@ -353,6 +353,11 @@ pub(crate) fn id_of(document: &Document) -> String {
 /// that fails on purpose wraps a real one in [`Faulty`].
 mod sealed {
     pub trait Sealed {}
+
+    /// The argument of [`super::Medium::anchor`]: only this crate can make one, so
+    /// only this crate calls it.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Internal(pub(in crate::medium) ());
 }
 
 impl sealed::Sealed for memory::MemoryMedium {}
@@ -476,6 +481,23 @@ pub trait Medium: sealed::Sealed + Send + Sync + 'static {
     /// appended after the call returns is delivered.
     async fn follow(&self, from: StartFrom, filter: Filter) -> Result<EventStream>;
 
+    /// Crate-internal (callable only from this crate): a position after every message
+    /// the medium holds now, for a follower started from [`StartFrom::Now`] that must
+    /// be opened again before it has read anything (the HTTP medium's stream broke:
+    /// the gateway sends it this first). Taken before the follower is opened, following
+    /// [`StartFrom::After`] it yields every message appended after this call, once;
+    /// it may also yield one appended between this call and the follower's own anchor,
+    /// which a follower from now does not see.
+    ///
+    /// `None` (the default): the medium cannot name such a place (MQTT keeps no
+    /// history; the HTTP medium does not pass its gateway's on), or the MongoDB
+    /// medium holds more messages within its safety window than a position can name.
+    #[doc(hidden)]
+    async fn anchor(&self, internal: sealed::Internal) -> Result<Option<Position>> {
+        let _ = internal;
+        Ok(None)
+    }
+
     /// Follows for a named (durable) subscription: like [`Medium::follow`], for a
     /// consumer that acknowledges through [`Medium::checkpoint_save`] under `name`. A
     /// medium whose broker keeps the consumer's place itself (MQTT's persistent
@@ -508,6 +530,12 @@ pub trait Medium: sealed::Sealed + Send + Sync + 'static {
 }
 
 impl dyn Medium {
+    /// [`Medium::anchor`], for the gateway.
+    #[cfg_attr(not(feature = "gateway"), allow(dead_code))]
+    pub(crate) async fn anchor_now(&self) -> Result<Option<Position>> {
+        self.anchor(sealed::Internal(())).await
+    }
+
     /// [`Medium::work`], or the error a caller shows when the medium has none.
     pub(crate) fn work_or_unsupported(&self) -> Result<&dyn WorkQueue> {
         self.work()

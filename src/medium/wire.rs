@@ -113,6 +113,10 @@ pub(crate) struct MediumInfo {
     pub records: bool,
     /// Whether it answers an operator's inspections.
     pub inspection: bool,
+    /// Whether a follower from now receives an `anchor` event first (a gateway
+    /// without it sends none).
+    #[serde(default)]
+    pub anchors: bool,
 }
 
 /// [`Capabilities`] as JSON.
@@ -310,6 +314,17 @@ pub(crate) struct FollowedJson {
     /// The position just after it, as extended JSON.
     #[cfg_attr(feature = "gateway", schema(value_type = Object))]
     pub position: serde_json::Value,
+}
+
+/// The data of a follower's `anchor` event: the first event of a follower from now,
+/// where it resumes when its stream breaks before it has read a message (`null`: the
+/// gateway's medium cannot name that place, and such a follower opens again from now).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "gateway", derive(utoipa::ToSchema))]
+pub(crate) struct AnchorJson {
+    /// The position, as extended JSON.
+    #[cfg_attr(feature = "gateway", schema(value_type = Option<Object>))]
+    pub position: Option<serde_json::Value>,
 }
 
 /// The data of a follower's `lost` event.

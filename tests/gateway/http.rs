@@ -8,6 +8,9 @@
 //!   as on any medium.
 //! - `rs::http_failover_*`: two gateways on one database; a service listing both keeps
 //!   its named subscription and its publishes across the loss of each.
+//! - `memory::http_from_now_*`, `rs::http_from_now_*`: a subscription from now whose
+//!   stream breaks before its first message gets what was published while it was
+//!   broken.
 //! - `memory::http_service_token_*`: what a service token may not do on the medium
 //!   routes.
 
@@ -53,6 +56,27 @@ pub fn trials() -> Vec<Trial> {
         Some(reason) => trial.with_ignored_flag(true).with_kind(reason),
         None => trial,
     });
+    for place in [
+        Place::Memory,
+        Place::Server(Target::Secantus(Kind::SecantusRs)),
+    ] {
+        for named in [false, true] {
+            let place = place.clone();
+            let kind = if named { "named" } else { "unnamed" };
+            let name = format!(
+                "{}::http_from_now_keeps_what_a_broken_stream_missed_{kind}",
+                place.short()
+            );
+            let unavailable = place.unavailable();
+            let trial = Trial::test(name, move || {
+                block_on(from_now_keeps_what_a_broken_stream_missed(place, named))
+            });
+            trials.push(match unavailable {
+                Some(reason) => trial.with_ignored_flag(true).with_kind(reason),
+                None => trial,
+            });
+        }
+    }
     trials.push(Trial::test(
         "memory::http_service_token_acts_as_its_service_only",
         || block_on(service_token_acts_as_its_service_only()),
@@ -339,6 +363,136 @@ async fn failover_keeps_publishes_and_the_subscription(place: Place) {
     billing.shutdown().await;
     users.shutdown().await;
     third.stop().await;
+}
+
+/// A TCP proxy in front of a gateway that cuts its connections on demand, and drops
+/// the new ones while it is down.
+struct Proxy {
+    base: String,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn to(target: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("the proxy's port");
+        let base = format!("http://{}", listener.local_addr().expect("its address"));
+        let target = target.trim_start_matches("http://").to_string();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = {
+            let down = Arc::clone(&down);
+            let connections = Arc::clone(&connections);
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if down.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue;
+                    }
+                    let target = target.clone();
+                    let forward = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections
+                        .lock()
+                        .expect("the proxy's connections")
+                        .push(forward.abort_handle());
+                }
+            })
+        };
+        Proxy {
+            base,
+            down,
+            connections,
+            task,
+        }
+    }
+
+    /// Cuts every connection and drops new ones until [`Proxy::up`].
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for connection in self
+            .connections
+            .lock()
+            .expect("the proxy's connections")
+            .drain(..)
+        {
+            connection.abort();
+        }
+    }
+
+    fn up(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// A subscription from now on the HTTP medium (through a proxy to the gateway), whose
+/// stream is cut before any message reached it: messages published while it is cut
+/// (straight on the gateway's medium) are delivered once it is back, with the ones
+/// after, each once and in order. Without an anchor, the stream would open again
+/// from the moment it came back and miss those messages. `named`: a named
+/// subscription without a checkpoint, which starts from now too.
+async fn from_now_keeps_what_a_broken_stream_missed(place: Place, named: bool) {
+    let gw = Gw::start(&place).await;
+    let billing = gw.peer("billing").await;
+    let proxy = Proxy::to(&gw.base).await;
+    let users = Intracom::connect(on_gateways(config("users"), &proxy.base, USERS))
+        .await
+        .expect("users on the HTTP medium");
+    let subscription = if named {
+        Subscription::named("inbox")
+    } else {
+        Subscription::new()
+    };
+    let mut inbox = users
+        .subscribe(subscription.actions(["reload"]))
+        .await
+        .expect("a subscription from now");
+
+    // Cut before any message: what is published now is after `subscribe` returned.
+    proxy.cut();
+    let mut published: Vec<String> = publish(&billing, 5)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    proxy.up();
+    published.extend(publish(&billing, 3).await.into_iter().map(|(id, _)| id));
+
+    // Up to the last one: every message published after subscribe returned, once,
+    // in order (without an anchor, the five published during the cut are missing).
+    let last = published.last().cloned();
+    let mut delivered = Vec::new();
+    while delivered.last() != last.as_ref() {
+        receive(&mut inbox, &mut delivered, 1).await;
+    }
+    assert_eq!(
+        delivered, published,
+        "every message published after subscribe returned, once, in order"
+    );
+    // Nothing else is waiting: the next delivery is a marker published now.
+    let marker = billing
+        .publish(Message::broadcast("reload"))
+        .await
+        .expect("a marker");
+    receive(&mut inbox, &mut delivered, 1).await;
+    assert_eq!(delivered.last(), Some(&marker.id), "no message came twice");
+    users.shutdown().await;
+    billing.shutdown().await;
+    drop(proxy);
+    gw.stop().await;
 }
 
 /// Receives `count` deliveries, acks each, and notes its id.

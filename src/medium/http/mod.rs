@@ -8,7 +8,11 @@
 //! Server-Sent Events stream whose events carry each message's position, so the
 //! medium resumes it after the last message it read when the stream breaks, on the
 //! same gateway or on the next one (`common.intracom.http.url` may list several, all
-//! in front of the same database).
+//! in front of the same database). A follower from now that has read nothing yet
+//! resumes after its anchor instead: the stream's first event, the place after every
+//! message the gateway's medium held before the follower started, which `follow`
+//! waits for. A gateway whose medium cannot name it (MQTT) sends none: such a follower
+//! opens again from now, and misses what was published while its stream was broken.
 //!
 //! The capabilities are the gateway's medium's, asked at connect: the HTTP medium adds
 //! none and fakes none. Work pushed to workers (MQTT's shared subscriptions) does not
@@ -27,6 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bson::Document;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -429,12 +434,53 @@ impl HttpMedium {
                 None,
             )
             .await?;
+        let mut request = request;
+        let mut events = sse::events(response.bytes_stream());
+        let mut pending = None;
+        if matches!(request.from, FromJson::Now) && inner.info.anchors {
+            // The gateway's anchor comes first: this follower is anchored once it is
+            // here, and resumes from it if the stream breaks before a message.
+            match tokio::time::timeout(CALL_TIMEOUT, events.next()).await {
+                Ok(Some(Ok(event))) if event.kind == "anchor" => anchor(&event, &mut request),
+                Ok(Some(Ok(event))) => pending = Some(event),
+                Ok(Some(Err(error))) => {
+                    return Err(Error::unavailable(
+                        NAME,
+                        format!("a follower's stream broke before its anchor: {error}"),
+                    ))
+                }
+                Ok(None) | Err(_) => {
+                    return Err(Error::unavailable(
+                        NAME,
+                        "a follower's stream ended before its anchor",
+                    ))
+                }
+            }
+        }
         let (sender, receiver) = mpsc::channel(FOLLOW_BUFFER);
-        tokio::spawn(follow(inner, request, response, sender));
+        tokio::spawn(follow(inner, request, events, pending, sender));
         Ok(Box::pin(futures::stream::unfold(
             receiver,
             |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
         )))
+    }
+}
+
+/// A follower from now that has read nothing yet resumes after the gateway's anchor
+/// (when the gateway's medium names one: otherwise it opens again from now).
+fn anchor(event: &sse::Event, request: &mut FollowJson) {
+    if !matches!(request.from, FromJson::Now) {
+        return;
+    }
+    match serde_json::from_str::<AnchorJson>(&event.data) {
+        Ok(AnchorJson {
+            position: Some(position),
+        }) => {
+            request.from = FromJson::After;
+            request.position = Some(position);
+        }
+        Ok(AnchorJson { position: None }) => {}
+        Err(error) => tracing::warn!(%error, "http medium: a follower's anchor is unreadable"),
     }
 }
 
@@ -462,6 +508,10 @@ async fn forward(
             }
             Err(error) => Err(error),
         },
+        "anchor" => {
+            anchor(&event, request);
+            return true;
+        }
         "lost" => match serde_json::from_str::<LostJson>(&event.data) {
             Ok(lost) => Ok(Event::Lost { count: lost.count }),
             Err(e) => Err(Error::unavailable(NAME, format!("a follower's event: {e}"))),
@@ -482,15 +532,20 @@ async fn forward(
 async fn follow(
     inner: Arc<Inner>,
     mut request: FollowJson,
-    first: reqwest::Response,
+    first: BoxStream<'static, std::result::Result<sse::Event, String>>,
+    pending: Option<sse::Event>,
     sender: mpsc::Sender<Result<Event>>,
 ) {
     let stop = inner.closed.token().clone();
-    let mut response = Some(first);
+    if let Some(event) = pending {
+        if !forward(event, &mut request, &sender).await {
+            return;
+        }
+    }
+    let mut open = Some(first);
     let mut pause = RECONNECT_FIRST;
     loop {
-        if let Some(open) = response.take() {
-            let mut events = sse::events(open.bytes_stream());
+        if let Some(mut events) = open.take() {
             loop {
                 let next = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -530,9 +585,9 @@ async fn follow(
             )
             .await
         {
-            Ok(open) => {
+            Ok(response) => {
                 tracing::info!("http medium: a follower resumed");
-                response = Some(open);
+                open = Some(sse::events(response.bytes_stream()));
             }
             Err(error) if error.is_retryable() => {
                 tracing::debug!(%error, "http medium: a follower waits for a gateway");
@@ -847,6 +902,44 @@ mod tests {
         assert_eq!(whole.len(), 1);
         let alone = batches(&messages[..2], 10).expect("batches");
         assert_eq!(alone.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
+    }
+
+    /// A follower from now takes the gateway's anchor as where it resumes; a null
+    /// anchor leaves it from now, and a follower that has a position keeps it.
+    #[test]
+    fn a_follower_from_now_resumes_after_its_anchor() {
+        let event = |data: &str| sse::Event {
+            kind: "anchor".into(),
+            data: data.into(),
+        };
+        let anchored = r#"{"position":{"ts":{"$timestamp":{"t":3,"i":1}},"token":{"seq":{"$numberLong":"7"}}}}"#;
+        let mut request = FollowJson::new(&StartFrom::Now, &Filter::monitor(), None);
+        anchor(&event(r#"{"position":null}"#), &mut request);
+        assert!(matches!(request.from, FromJson::Now));
+        assert!(request.position.is_none());
+        anchor(&event(anchored), &mut request);
+        assert!(matches!(request.from, FromJson::After));
+        let position = wire::position_of(request.position.clone().expect("a position"))
+            .expect("the anchor's position");
+        assert_eq!(
+            position.ts,
+            bson::Timestamp {
+                time: 3,
+                increment: 1
+            }
+        );
+        // A later anchor (a stream opened again) does not move a follower that has one.
+        let other = r#"{"position":{"ts":{"$timestamp":{"t":9,"i":1}}}}"#;
+        anchor(&event(other), &mut request);
+        let position = wire::position_of(request.position.clone().expect("a position"))
+            .expect("the anchor's position");
+        assert_eq!(
+            position.ts,
+            bson::Timestamp {
+                time: 3,
+                increment: 1
+            }
+        );
     }
 
     #[test]

@@ -260,6 +260,26 @@ impl Medium for MemoryMedium {
         Ok(Box::pin(Following::new(follower)))
     }
 
+    /// The sequence number of the last entry written: where a follower from now
+    /// starts (see `follow`).
+    async fn anchor(&self, internal: crate::medium::sealed::Internal) -> Result<Option<Position>> {
+        let _ = internal;
+        if self.shared.closed.is_stopped() {
+            return Err(crate::Error::Shutdown);
+        }
+        let log = read(&self.shared.log);
+        let last = log.next_seq - 1;
+        let ts = last
+            .checked_sub(log.first_seq)
+            .and_then(|i| log.entries.get(i as usize))
+            .and_then(|entry| entry.message.ts)
+            .unwrap_or(bson::Timestamp {
+                time: 0,
+                increment: 0,
+            });
+        Ok(Some(log::position_at(ts, last)))
+    }
+
     async fn catalog_load(&self) -> Result<CatalogMap> {
         Ok(lock(&self.shared.catalog).clone())
     }

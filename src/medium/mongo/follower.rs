@@ -623,6 +623,41 @@ impl Follower {
             }))
     }
 
+    /// A position after every message the collection holds now ([`Medium::anchor`]):
+    /// the newest stamp, with the ids stamped within the safety window before it named
+    /// as delivered (what [`StartFrom::Now`] in poll mode remembers), so that a
+    /// follower resumed from it reads the window again for what commits later and
+    /// skips what was there. `None` when the window holds more ids than a position
+    /// names.
+    ///
+    /// [`Medium::anchor`]: crate::medium::Medium::anchor
+    pub(crate) async fn anchor(inner: &Inner) -> Result<Option<Position>> {
+        let newest = Self::newest_ts(inner, None).await?;
+        let window =
+            u32::try_from(inner.db_config.safety_window_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+        let _op = inner.op()?;
+        let mut cursor = inner
+            .messages
+            .find(doc! { "ts": { "$gt": minus_window(newest, window) } })
+            .projection(doc! { "ts": 1 })
+            .limit(AHEAD_CAP as i64 + 1)
+            .await
+            .map_err(to_error)?;
+        let mut ids = Vec::new();
+        while let Some(d) = cursor.try_next().await.map_err(to_error)? {
+            if ids.len() == AHEAD_CAP {
+                return Ok(None);
+            }
+            if let Ok(id) = d.get_str("_id") {
+                ids.push(Bson::String(id.to_string()));
+            }
+        }
+        Ok(Some(Position::new(
+            newest,
+            Some(doc! { "a": ids, "at": newest }),
+        )))
+    }
+
     async fn prime(&mut self, newest: Timestamp) -> Result<()> {
         let window = self.window_secs();
         let _op = self.inner.op()?;

@@ -704,6 +704,11 @@ impl Medium for MongoMedium {
         Ok(Box::pin(futures::stream::unfold(follower, Follower::next)))
     }
 
+    async fn anchor(&self, internal: crate::medium::sealed::Internal) -> Result<Option<Position>> {
+        let _ = internal;
+        Follower::anchor(&self.inner).await
+    }
+
     async fn catalog_load(&self) -> Result<CatalogMap> {
         let _op = self.inner.op()?;
         let mut cursor = self
