@@ -194,6 +194,39 @@ fn an_unreachable_database_is_a_clear_error() {
     );
 }
 
+/// `--via-gateways` goes with `--processes` and names at least one gateway (the
+/// arguments are refused before anything starts); the fleet, through gateways or not,
+/// measures the MongoDB medium.
+#[test]
+fn bench_via_gateways_needs_processes_and_a_gateway() {
+    let alone = intracom()
+        .args(["bench", "--via-gateways", "2"])
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    assert!(stderr(&alone).contains("--processes"), "{}", stderr(&alone));
+    let none = intracom()
+        .args(["bench", "--processes", "1", "--via-gateways", "0"])
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    assert!(
+        stderr(&none).contains("--via-gateways"),
+        "{}",
+        stderr(&none)
+    );
+    let memory = intracom()
+        .args(["bench", "--processes", "1", "--via-gateways", "1"])
+        .output()
+        .unwrap();
+    assert!(!memory.status.success());
+    assert!(
+        stderr(&memory).contains("measure the MongoDB medium"),
+        "{}",
+        stderr(&memory)
+    );
+}
+
 /// `intracom bench --tiny` on the memory medium: runs its figures and prints the table;
 /// `--json` parses. No figure is judged (timing belongs to the bench).
 #[test]

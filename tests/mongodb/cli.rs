@@ -14,14 +14,21 @@ use crate::servers::{Kind, Target};
 use crate::{catalog, check, database_name, on_server, raw_client, Check};
 
 pub fn checks() -> Vec<Check> {
-    vec![
+    #[allow(unused_mut)] // pushed to with the features `gateway` and `http`
+    let mut checks = vec![
         check!(catalog_publish_tail_stats_dead_and_doctor),
         check!(doctor_passes_on_a_young_deployment),
         check!(bench_runs_once_with_tiny_sizes),
         check!(bench_fleet_and_retained_run_once_with_tiny_sizes),
         check!(tail_by_name_resumes_after_what_it_printed),
         check!(stats_counts_the_lag_after_a_stamp_shared_by_several_messages),
-    ]
+    ];
+    #[cfg(all(feature = "gateway", feature = "http"))]
+    checks.push(check!(
+        bench_fleet_through_a_gateway_runs_once_with_tiny_sizes,
+        owns_server
+    ));
+    checks
 }
 
 fn stdout(output: &Output) -> String {
@@ -296,6 +303,79 @@ async fn bench_fleet_and_retained_run_once_with_tiny_sizes(t: &Target) {
         assert!(row["claim_p50_ms"].as_f64().is_some(), "{row}");
         assert!(row["catch_up_msgs_per_s"].as_f64().is_some(), "{row}");
     }
+}
+
+/// `intracom bench --processes 2 --via-gateways 1` runs the fleet attached directly and
+/// through a gateway it starts (`intracom serve`), side by side: every process gets what
+/// was addressed to it both ways, and the server holds one change stream per process
+/// directly, one in all through the gateway (counted from its open cursors, which are
+/// the whole server's: hence a server of this test's own). A smoke test of the
+/// report's shape and counts, never of timing.
+#[cfg(all(feature = "gateway", feature = "http"))]
+async fn bench_fleet_through_a_gateway_runs_once_with_tiny_sizes(t: &Target) {
+    let kind = t.kind().expect("a server the harness starts");
+    let server = crate::servers::Server::start(kind, Default::default())
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+    let db = On {
+        uri: server.uri(),
+        database: database_name(),
+    };
+    let fleet = db
+        .run(&[
+            "bench",
+            "--processes",
+            "2",
+            "--via-gateways",
+            "1",
+            "--tiny",
+            "--fleet-messages",
+            "6",
+            "--broadcasts",
+            "1",
+            "--json",
+        ])
+        .await;
+    assert!(fleet.status.success(), "{}", stderr(&fleet));
+    let report: serde_json::Value =
+        serde_json::from_slice(&fleet.stdout).expect("--json prints one JSON document");
+    assert_eq!(report["via_gateways"].as_u64(), Some(1), "{report}");
+    let rows = report["rows"].as_array().expect("rows");
+    let routes: Vec<&str> = rows
+        .iter()
+        .map(|r| r["route"].as_str().expect("route"))
+        .collect();
+    assert_eq!(
+        routes,
+        ["direct", "1 gateway"],
+        "both routes, in order: {report}"
+    );
+    for row in rows {
+        assert_eq!(row["processes"].as_u64(), Some(2), "{row}");
+        assert_eq!(row["messages"].as_u64(), Some(7), "{row}");
+        let addressed: u64 = row["per_process"]
+            .as_array()
+            .expect("per_process")
+            .iter()
+            .map(|x| x["addressed"].as_u64().expect("addressed"))
+            .sum();
+        assert_eq!(addressed, 6 + 2, "each broadcast to both processes: {row}");
+        assert!(row["delivery_p99_ms"].as_f64().is_some(), "{row}");
+        let wanted = match row["route"].as_str() {
+            Some("direct") => 2.0,
+            _ => 1.0,
+        };
+        assert_eq!(
+            row["server_change_streams"].as_f64(),
+            Some(wanted),
+            "one stream per process directly, one per gateway: {row}"
+        );
+    }
+    // Through the gateway, its hub read each message once: 6 targeted and 1 broadcast.
+    assert_eq!(
+        rows[1]["gateways_hub_events"].as_f64(),
+        Some(7.0),
+        "{report}"
+    );
 }
 
 /// `tail --name` acks what it prints: a second `tail --name` goes on after the last

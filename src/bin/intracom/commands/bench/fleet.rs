@@ -9,6 +9,14 @@
 //! else `serverStatus`'s `extra_info`) and `serverStatus`'s counters. Every P runs with
 //! the hub's stream as configured by `common.intracom.db.hub.selection`: `targeted`
 //! (only what concerns the process) and `everything` (every insert), side by side.
+//!
+//! With `--via-gateways N`, every P runs twice, with the hub's stream targeted: once
+//! attached directly as above, and once with each process on the `http` medium
+//! attached to one of N gateways (`intracom serve` processes the bench starts on the
+//! same database, see `gateways.rs`). Both runs count the server's open cursors
+//! (`serverStatus` `metrics.cursor.open.total`) once the fleet is subscribed, less those
+//! open before the fleet and its gateways started: the change streams the fleet holds
+//! on the server.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -23,13 +31,14 @@ use mongodb::Client;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::gateways::{GatewayReading, Gateways};
 use super::{bench_config, quantile_ms, CONFIG_FILE};
 use crate::output::{fail, Failure, Outcome};
 
 /// The configuration key that chooses what the hub's change stream selects.
 pub(crate) const SELECTION_KEY: &str = "common.intracom.db.hub.selection";
 /// The environment variable of [`SELECTION_KEY`].
-const SELECTION_ENV: &str = "COMMON_INTRACOM_DB_HUB_SELECTION";
+pub(crate) const SELECTION_ENV: &str = "COMMON_INTRACOM_DB_HUB_SELECTION";
 /// The counter of change events the hub read (summed over its labels).
 pub(crate) const HUB_EVENTS_METRIC: &str = "intracom_hub_events_total";
 
@@ -49,7 +58,7 @@ fn failed(what: &str, error: impl std::fmt::Display) -> Failure {
 }
 
 /// The service of the fleet's process `index`.
-fn service(index: usize) -> String {
+pub(crate) fn service(index: usize) -> String {
     format!("fleet-{index}")
 }
 
@@ -174,15 +183,46 @@ fn say(line: &str) {
 
 // ---- the bench side ----
 
-/// What one run (one P, one selection) measured.
+/// How the fleet's processes reach the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Each process on the MongoDB medium, with a change stream of its own.
+    Direct,
+    /// Each process on the `http` medium, through one of this many gateways.
+    Gateways(usize),
+}
+
+impl Route {
+    fn label(self) -> String {
+        match self {
+            Route::Direct => "direct".into(),
+            Route::Gateways(1) => "1 gateway".into(),
+            Route::Gateways(n) => format!("{n} gateways"),
+        }
+    }
+
+    fn gateways(self) -> usize {
+        match self {
+            Route::Direct => 0,
+            Route::Gateways(n) => n,
+        }
+    }
+}
+
+/// What one run (one P, one selection, one route) measured.
 #[derive(Clone, Debug)]
 pub(crate) struct Row {
     pub processes: usize,
     pub selection: &'static str,
+    pub route: Route,
     pub messages: usize,
     /// Per process: (messages addressed to it, events its hub read for the traffic).
     pub per_process: Vec<(usize, Option<u64>)>,
     pub cpu_seconds: Option<f64>,
+    /// The server's open cursors once the fleet subscribed, less those open before.
+    pub change_streams: Option<f64>,
+    /// The gateways' CPU seconds and their hubs' events over the traffic.
+    pub gateways: GatewayReading,
     pub counters: BTreeMap<String, f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -190,19 +230,28 @@ pub(crate) struct Row {
 }
 
 impl Row {
-    /// Events read per message addressed, over all processes (None without the counter).
+    /// Events read per message addressed, over all processes (None without the counter);
+    /// through gateways, the events the gateways' hubs read.
     fn events_per_addressed(&self) -> Option<f64> {
-        let mut read = 0u64;
-        let mut addressed = 0usize;
-        for (expect, events) in &self.per_process {
-            read += (*events)?;
-            addressed += expect;
-        }
-        Some(read as f64 / addressed.max(1) as f64)
+        let addressed: usize = self.per_process.iter().map(|(a, _)| a).sum();
+        let read = match self.route {
+            Route::Direct => {
+                let mut read = 0u64;
+                for (_, events) in &self.per_process {
+                    read += (*events)?;
+                }
+                read as f64
+            }
+            Route::Gateways(_) => self.gateways.hub_events?,
+        };
+        Some(read / addressed.max(1) as f64)
     }
 
-    /// Whether each process read exactly the events addressed to it.
+    /// Whether each process read exactly the events addressed to it (direct only).
     fn exact(&self) -> Option<bool> {
+        if self.route != Route::Direct {
+            return None;
+        }
         let mut all = true;
         for (expect, events) in &self.per_process {
             all &= (*events)? == *expect as u64;
@@ -212,6 +261,12 @@ impl Row {
 
     fn cpu_per_1000(&self) -> Option<f64> {
         self.cpu_seconds
+            .map(|s| s * 1000.0 / self.messages.max(1) as f64)
+    }
+
+    fn gateways_cpu_per_1000(&self) -> Option<f64> {
+        self.gateways
+            .cpu_seconds
             .map(|s| s * 1000.0 / self.messages.max(1) as f64)
     }
 
@@ -225,6 +280,12 @@ impl Row {
         json!({
             "processes": self.processes,
             "selection": self.selection,
+            "route": self.route.label(),
+            "gateways": self.route.gateways(),
+            "server_change_streams": self.change_streams,
+            "gateways_cpu_s": self.gateways.cpu_seconds,
+            "gateways_cpu_s_per_1000_messages": self.gateways_cpu_per_1000(),
+            "gateways_hub_events": self.gateways.hub_events,
             "messages": self.messages,
             "events_per_message_addressed": self.events_per_addressed(),
             "each_process_read_what_was_addressed": self.exact(),
@@ -250,6 +311,8 @@ pub(crate) struct FleetSizes {
     pub messages: usize,
     pub broadcasts: usize,
     pub server_pid: Option<u32>,
+    /// Run each P through this many gateways too (`--via-gateways`).
+    pub via_gateways: Option<usize>,
 }
 
 pub(crate) async fn run(base: &Config, sizes: &FleetSizes, json_out: bool) -> Outcome {
@@ -257,22 +320,35 @@ pub(crate) async fn run(base: &Config, sizes: &FleetSizes, json_out: bool) -> Ou
         .await
         .map_err(|e| failed("driver client", e))?;
     let server = Server::find(&raw, &base.db.uri, sizes.server_pid).await;
-    let selections: Vec<&'static str> = if selection_known() {
-        vec!["targeted", "everything"]
-    } else {
-        vec!["everything"]
-    };
+    // Through gateways: the targeted stream (where the build knows it), both routes.
+    let (selections, routes): (Vec<&'static str>, Vec<Route>) =
+        match (selection_known(), sizes.via_gateways) {
+            (true, None) => (vec!["targeted", "everything"], vec![Route::Direct]),
+            (false, None) => (vec!["everything"], vec![Route::Direct]),
+            (known, Some(n)) => (
+                vec![if known { "targeted" } else { "everything" }],
+                vec![Route::Direct, Route::Gateways(n.max(1))],
+            ),
+        };
     let started = Instant::now();
     let mut rows = Vec::new();
     for &p in &sizes.processes {
         for selection in &selections {
-            if !json_out {
-                eprintln!("fleet: {p} processes, hub selection {selection}…");
+            for &route in &routes {
+                if !json_out {
+                    eprintln!(
+                        "fleet: {p} processes, hub selection {selection}, {}…",
+                        route.label()
+                    );
+                }
+                rows.push(one_run(base, &raw, &server, sizes, p.max(1), selection, route).await?);
             }
-            rows.push(one_run(base, &raw, &server, sizes, p.max(1), selection).await?);
         }
     }
-    let targets = targets(&rows, selection_known());
+    let mut targets = targets(&rows, selection_known());
+    if let Some(n) = sizes.via_gateways {
+        targets.push(gateway_target(&rows, n.max(1)));
+    }
     if json_out {
         out!(
             "{}",
@@ -282,6 +358,8 @@ pub(crate) async fn run(base: &Config, sizes: &FleetSizes, json_out: bool) -> Ou
                 "uri": base.db.redacted_uri(),
                 "messages": sizes.messages,
                 "broadcasts": sizes.broadcasts,
+                "via_gateways": sizes.via_gateways,
+                "change_streams_from": CHANGE_STREAMS_FROM,
                 "selection_key_known": selection_known(),
                 "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
                 "targets": targets.iter().map(|t| json!({"target": t.what, "met": t.met, "why": t.why})).collect::<Vec<_>>(),
@@ -304,6 +382,7 @@ async fn one_run(
     sizes: &FleetSizes,
     p: usize,
     selection: &'static str,
+    route: Route,
 ) -> Result<Row, Failure> {
     let database = format!(
         "intracom_bench_{}",
@@ -318,9 +397,39 @@ async fn one_run(
     let expect: Vec<usize> = (0..p)
         .map(|i| (sizes.messages + p - 1 - i) / p + sizes.broadcasts)
         .collect();
-    let mut fleet = Fleet::start(base, &database, selection, &expect)?;
+    let cursors_before = open_cursors(raw).await;
+    let mut gateways = match route {
+        Route::Direct => None,
+        Route::Gateways(n) => match Gateways::start(base, &database, selection, n, p).await {
+            Ok(gateways) => Some(gateways),
+            Err(failure) => {
+                bus.shutdown().await;
+                let _ = raw.database(&database).drop().await;
+                return Err(failure);
+            }
+        },
+    };
+    let mut fleet = match Fleet::start(base, &database, selection, &expect, gateways.as_ref()) {
+        Ok(fleet) => fleet,
+        Err(failure) => {
+            if let Some(gateways) = gateways.as_mut() {
+                gateways.stop();
+            }
+            bus.shutdown().await;
+            let _ = raw.database(&database).drop().await;
+            return Err(failure);
+        }
+    };
     let result = async {
         fleet.wait_for("ready", p).await?;
+        let change_streams = settled_cursors(raw)
+            .await
+            .zip(cursors_before)
+            .map(|(now, before)| now - before);
+        let gateways_before = match &gateways {
+            Some(g) => g.read().await,
+            None => GatewayReading::default(),
+        };
         let cpu_before = server.cpu_seconds(raw).await;
         let status_before = server_counters(raw).await;
         let started = Instant::now();
@@ -350,6 +459,10 @@ async fn one_run(
         let delivered_in = started.elapsed();
         let cpu_after = server.cpu_seconds(raw).await;
         let status_after = server_counters(raw).await;
+        let gateways_after = match &gateways {
+            Some(g) => g.read().await,
+            None => GatewayReading::default(),
+        };
         bus.publish(Message::broadcast(END)).await?;
         let reports = fleet.reports(p).await?;
         let mut latencies = Vec::new();
@@ -371,12 +484,19 @@ async fn one_run(
                 .collect(),
             _ => BTreeMap::new(),
         };
+        let delta = |b: Option<f64>, a: Option<f64>| b.zip(a).map(|(b, a)| a - b);
         Ok(Row {
             processes: p,
             selection,
+            route,
             messages: total,
             per_process,
-            cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+            cpu_seconds: delta(cpu_before, cpu_after),
+            change_streams,
+            gateways: GatewayReading {
+                cpu_seconds: delta(gateways_before.cpu_seconds, gateways_after.cpu_seconds),
+                hub_events: delta(gateways_before.hub_events, gateways_after.hub_events),
+            },
             counters,
             p50_ms: quantile_ms(&mut latencies, 0.5),
             p99_ms: quantile_ms(&mut latencies, 0.99),
@@ -385,6 +505,9 @@ async fn one_run(
     }
     .await;
     fleet.stop();
+    if let Some(gateways) = gateways.as_mut() {
+        gateways.stop();
+    }
     bus.shutdown().await;
     if let Err(error) = raw.database(&database).drop().await {
         tracing::warn!(%error, database, "bench database not dropped");
@@ -413,6 +536,7 @@ impl Fleet {
         database: &str,
         selection: &str,
         expect: &[usize],
+        gateways: Option<&Gateways>,
     ) -> Result<Self, Failure> {
         let exe = std::env::current_exe().map_err(|e| {
             fail(
@@ -428,14 +552,26 @@ impl Fleet {
         };
         for (i, expect) in expect.iter().enumerate() {
             let mut command = std::process::Command::new(&exe);
+            command.arg("bench");
+            match gateways {
+                // The `http` medium: the gateways' URLs and this process's token.
+                Some(gateways) => {
+                    command
+                        .arg("--medium")
+                        .arg("http")
+                        .envs(gateways.probe_env(i));
+                }
+                None => {
+                    command
+                        .arg("--medium")
+                        .arg("db")
+                        .arg("--uri")
+                        .arg(&base.db.uri)
+                        .arg("--database")
+                        .arg(database);
+                }
+            }
             command
-                .arg("bench")
-                .arg("--medium")
-                .arg("db")
-                .arg("--uri")
-                .arg(&base.db.uri)
-                .arg("--database")
-                .arg(database)
                 .arg("--fleet-probe")
                 .arg(i.to_string())
                 .arg("--fleet-expect")
@@ -621,14 +757,7 @@ impl Server {
     /// The server's CPU time so far, in seconds.
     pub(crate) async fn cpu_seconds(&self, raw: &Client) -> Option<f64> {
         if let Some(pid) = self.pid {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The fields after the command name, which is in parentheses.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            return Some((utime + stime) / self.ticks_per_second);
+            return proc_cpu_seconds(pid, self.ticks_per_second);
         }
         let status = raw
             .database("admin")
@@ -640,6 +769,59 @@ impl Server {
         let system = number(extra.get("system_time_us")?)?;
         Some((user + system) / 1e6)
     }
+}
+
+/// The CPU time (user + system) of process `pid` so far, in seconds, from its
+/// `/proc/<pid>/stat`.
+pub(crate) fn proc_cpu_seconds(pid: u32, ticks_per_second: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
+/// Where the change streams are counted from.
+const CHANGE_STREAMS_FROM: &str =
+    "serverStatus metrics.cursor.open.total with the fleet subscribed, less before the fleet (and its gateways) started";
+
+/// The server's open cursors (`serverStatus` `metrics.cursor.open.total`): with the
+/// fleet idle and subscribed, its change streams are the cursors it added.
+async fn open_cursors(raw: &Client) -> Option<f64> {
+    let status = raw
+        .database("admin")
+        .run_command(doc! { "serverStatus": 1 })
+        .await
+        .ok()?;
+    let open = status
+        .get_document("metrics")
+        .ok()?
+        .get_document("cursor")
+        .ok()?
+        .get_document("open")
+        .ok()?;
+    number(open.get("total")?)
+}
+
+/// [`open_cursors`] once it holds still: three readings 200 ms apart that agree (at
+/// most 5 s). A hub that reopened its stream for a new selection closes the old one
+/// a moment later.
+async fn settled_cursors(raw: &Client) -> Option<f64> {
+    let mut last = open_cursors(raw).await?;
+    let mut same = 1;
+    for _ in 0..25 {
+        if same == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = open_cursors(raw).await?;
+        same = if now == last { same + 1 } else { 1 };
+        last = now;
+    }
+    Some(last)
 }
 
 fn number(value: &intracom::bson::Bson) -> Option<f64> {
@@ -733,7 +915,7 @@ fn listening_pid(port: u16) -> Option<u32> {
 }
 
 /// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 on Linux).
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -762,10 +944,14 @@ fn targets(rows: &[Row], targeted_known: bool) -> Vec<Target> {
         });
         return out;
     }
-    let targeted: Vec<&Row> = rows.iter().filter(|r| r.selection == "targeted").collect();
+    // The targets of the hub's stream are the direct fleet's.
+    let targeted: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.selection == "targeted" && r.route == Route::Direct)
+        .collect();
     let everything = |p: usize| {
         rows.iter()
-            .find(|r| r.selection == "everything" && r.processes == p)
+            .find(|r| r.selection == "everything" && r.route == Route::Direct && r.processes == p)
     };
     // 1. Events read equal to what is addressed, at every P.
     let exact: Vec<Option<bool>> = targeted.iter().map(|r| r.exact()).collect();
@@ -796,25 +982,12 @@ fn targets(rows: &[Row], targeted_known: bool) -> Vec<Target> {
     ) else {
         return out;
     };
-    // 2. Server CPU per message at the largest P: at most half of `everything`'s.
+    // 2. Server CPU per message at the largest P: at most half of `everything`'s
+    // (measured when the run has both streams).
     let other = everything(large.processes);
-    let cpu = large.cpu_per_1000().zip(other.and_then(Row::cpu_per_1000));
-    let met = cpu.map(|(t, e)| t <= e / 2.0);
-    out.push(Target {
-        what: format!(
-            "server CPU per message at P={}: targeted at most half of everything's",
-            large.processes
-        ),
-        met,
-        why: match (met, cpu) {
-            (None, _) => Some("the server's CPU time could not be read (give --server-pid)".into()),
-            (Some(false), Some((t, e))) => Some(format!(
-                "{t:.3} vs {e:.3} CPU s per 1000 messages; server counters (targeted | everything): {}",
-                counters_side_by_side(large, other)
-            )),
-            _ => None,
-        },
-    });
+    if let Some(other) = other {
+        out.push(cpu_target(large, other));
+    }
     // 3. p99 at the largest P within 2× of the smallest P's.
     let met = (large.p99_ms.is_finite() && small.p99_ms.is_finite())
         .then_some(large.p99_ms <= 2.0 * small.p99_ms);
@@ -838,6 +1011,60 @@ fn targets(rows: &[Row], targeted_known: bool) -> Vec<Target> {
         }),
     });
     out
+}
+
+/// Server CPU per message at the largest P: targeted at most half of `everything`'s.
+fn cpu_target(large: &Row, other: &Row) -> Target {
+    let other = Some(other);
+    let cpu = large.cpu_per_1000().zip(other.and_then(Row::cpu_per_1000));
+    let met = cpu.map(|(t, e)| t <= e / 2.0);
+    Target {
+        what: format!(
+            "server CPU per message at P={}: targeted at most half of everything's",
+            large.processes
+        ),
+        met,
+        why: match (met, cpu) {
+            (None, _) => Some("the server's CPU time could not be read (give --server-pid)".into()),
+            (Some(false), Some((t, e))) => Some(format!(
+                "{t:.3} vs {e:.3} CPU s per 1000 messages; server counters (targeted | everything): {}",
+                counters_side_by_side(large, other)
+            )),
+            _ => None,
+        },
+    }
+}
+
+/// Through gateways: the server holds one change stream per gateway with a follower
+/// (a gateway opens its stream with its first follower), whatever P.
+fn gateway_target(rows: &[Row], n: usize) -> Target {
+    let via: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.route == Route::Gateways(n))
+        .collect();
+    let counted: Option<Vec<(usize, f64)>> = via
+        .iter()
+        .map(|r| r.change_streams.map(|c| (r.processes, c)))
+        .collect();
+    let met = counted
+        .as_ref()
+        .map(|c| c.iter().all(|(p, streams)| *streams == (*p).min(n) as f64));
+    Target {
+        what: format!(
+            "through {n} gateway(s): the server holds one change stream per gateway with a follower, min(P, {n}), at every P (attached directly: one per process)"
+        ),
+        met,
+        why: match (met, counted) {
+            (None, _) => Some("the server did not report serverStatus metrics.cursor.open.total".into()),
+            (Some(false), Some(c)) => Some(
+                c.iter()
+                    .map(|(p, streams)| format!("P={p}: {streams:.0} cursors opened"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            _ => None,
+        },
+    }
 }
 
 fn counters_side_by_side(a: &Row, b: Option<&Row>) -> String {
@@ -887,29 +1114,48 @@ fn table(
         server.cpu_source(),
         elapsed.as_secs_f64()
     );
-    let header = [
-        "P",
-        "hub stream",
+    let via = sizes.via_gateways.is_some();
+    if via {
+        let _ = writeln!(
+            out,
+            "each P attached directly and through gateways (`intracom serve` on this database, each process on the http medium, round-robin); change streams from {CHANGE_STREAMS_FROM}; through gateways, events read are the gateways' hubs'"
+        );
+    }
+    let mut header = vec!["P", "hub stream"];
+    if via {
+        header.extend(["route", "server change streams"]);
+    }
+    header.extend([
         "events read per message addressed",
         "server CPU s / 1000 msgs",
+    ]);
+    if via {
+        header.push("gateways CPU s / 1000 msgs");
+    }
+    header.extend([
         "MiB sent by server",
         "delivery p50 ms",
         "p99 ms",
         "all delivered in s",
-    ];
+    ]);
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
-                r.processes.to_string(),
-                r.selection.to_string(),
-                opt(r.events_per_addressed(), 2),
-                opt(r.cpu_per_1000(), 3),
+            let mut cells = vec![r.processes.to_string(), r.selection.to_string()];
+            if via {
+                cells.extend([r.route.label(), opt(r.change_streams, 0)]);
+            }
+            cells.extend([opt(r.events_per_addressed(), 2), opt(r.cpu_per_1000(), 3)]);
+            if via {
+                cells.push(opt(r.gateways_cpu_per_1000(), 3));
+            }
+            cells.extend([
                 opt(r.mib_sent(), 1),
                 opt(Some(r.p50_ms), 1),
                 opt(Some(r.p99_ms), 1),
                 format!("{:.1}", r.delivered_in.as_secs_f64()),
-            ]
+            ]);
+            cells
         })
         .collect();
     super::report::write_table(&mut out, &header, cells);

@@ -13,6 +13,7 @@
 
 mod db;
 mod fleet;
+mod gateways;
 mod memory;
 mod report;
 mod retained;
@@ -177,6 +178,13 @@ pub(crate) struct BenchArgs {
     /// Broadcasts per fleet run, among the targeted messages [default: 100].
     #[arg(long, value_name = "N")]
     broadcasts: Option<usize>,
+    /// With --processes: run each fleet size twice, attached directly and through this
+    /// many gateways (`intracom serve` processes the bench starts on the same database,
+    /// each fleet process on the http medium, attached round-robin), with the hub's
+    /// stream targeted; reports the server's change streams, its CPU and the gateways',
+    /// and delivery p50/p99 side by side. Needs the `gateway` and `http` features.
+    #[arg(long, value_name = "N", requires = "processes", value_parser = clap::value_parser!(u16).range(1..=64))]
+    via_gateways: Option<u16>,
     /// The server's process id, for its CPU time from /proc (default: the process
     /// listening on the URI's port when the server runs on this machine; else
     /// serverStatus).
@@ -328,12 +336,16 @@ pub(crate) async fn bench(config: &Config, config_file: Option<&Path>, args: Ben
             ));
         }
         let tiny = args.tiny;
+        if args.via_gateways.is_some() && !gateways::BUILT {
+            return Err(gateways::not_built());
+        }
         if !args.processes.is_empty() {
             let sizes = fleet::FleetSizes {
                 processes: args.processes.clone(),
                 messages: args.fleet_messages.unwrap_or(if tiny { 20 } else { 2000 }),
                 broadcasts: args.broadcasts.unwrap_or(if tiny { 2 } else { 100 }),
                 server_pid: args.server_pid,
+                via_gateways: args.via_gateways.map(usize::from),
             };
             fleet::run(config, &sizes, args.json).await?;
         }
