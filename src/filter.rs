@@ -68,6 +68,14 @@ enum Repr {
     Made(Arc<Position>),
     /// Made by `make(ts, number)` when first read through this value.
     Deferred(Deferred),
+    /// Made by a closure of the medium's when first read; clones share what it made.
+    Lazy(Arc<Lazy>),
+}
+
+struct Lazy {
+    ts: Timestamp,
+    make: Box<dyn Fn() -> Position + Send + Sync>,
+    made: OnceLock<Position>,
 }
 
 struct Deferred {
@@ -106,11 +114,25 @@ impl SharedPosition {
         }))
     }
 
+    /// A position made by `make` when it is first read (what it needs is kept until
+    /// then: a medium shares what it holds anyway instead of copying it per delivery).
+    pub(crate) fn lazily(
+        ts: Timestamp,
+        make: impl Fn() -> Position + Send + Sync + 'static,
+    ) -> Self {
+        SharedPosition(Repr::Lazy(Arc::new(Lazy {
+            ts,
+            make: Box::new(make),
+            made: OnceLock::new(),
+        })))
+    }
+
     /// The order stamp (without making the position).
     pub fn ts(&self) -> Timestamp {
         match &self.0 {
             Repr::Made(position) => position.ts,
             Repr::Deferred(d) => d.ts,
+            Repr::Lazy(l) => l.ts,
         }
     }
 
@@ -119,6 +141,7 @@ impl SharedPosition {
         match &self.0 {
             Repr::Made(position) => position,
             Repr::Deferred(d) => d.made.get_or_init(|| Box::new((d.make)(d.ts, d.number))),
+            Repr::Lazy(l) => l.made.get_or_init(|| (l.make)()),
         }
     }
 }

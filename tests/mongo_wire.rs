@@ -2505,3 +2505,161 @@ async fn a_restart_from_a_settled_catch_up_position_delivers_nothing_it_covers()
     );
     bus.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_whose_window_left_the_oplog_skips_what_its_checkpoint_names() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // The previous run followed the stream and was acked up to m5 (its event's token and
+    // cluster time); its position names m3 and m4, delivered within the safety window
+    // before it. The oplog no longer holds that window: the restart reads the collection
+    // from a window before the checkpoint. m4b, stamped before m5, committed after it
+    // and was never delivered.
+    let peer = Peer::replica_set().await;
+    peer.set_clock(SCRIPT_CLOCK);
+    peer.accept_setup();
+    accept_catalog(&peer);
+    let saved = doc! {
+        "_id": "billing-cache",
+        "position": { "ts": ts(5), "token": {
+            "id": "m5", "rt": { "_data": "t5" }, "ct": ts(5), "a": ["m3", "m4"], "at": ts(4),
+        } },
+    };
+    accept_checkpoints(&peer, Some(saved));
+    let stored: Vec<Document> = [(3, "m3"), (4, "m4"), (4, "m4b"), (5, "m5"), (6, "m6")]
+        .into_iter()
+        .map(|(i, id)| stored_message(id, "reload", ts(i)))
+        .collect();
+    peer.on("aggregate", move |c| {
+        let stage = change_stream_stage(c);
+        if is_subscriber_stream(c)
+            && (stage.contains_key("startAtOperationTime") || stage.contains_key("resumeAfter"))
+        {
+            return Some(Reply::Doc(error(
+                286,
+                "ChangeStreamHistoryLost",
+                "Resume of change stream was not possible, as the resume point may no longer be in the oplog",
+            )));
+        }
+        Some(Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")))
+    });
+    let scanned = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&scanned);
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let lower = scan_lower(c).unwrap_or(ts(0));
+            let batch: Vec<Document> = stored
+                .iter()
+                .filter(|d| within(d, lower, scan_upper(c)))
+                .cloned()
+                .collect();
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    let mut m7 = Some(insert_event(
+        "t7",
+        stored_message("m7", "reload", ts_at(10, 0)),
+        ts_at(10, 1),
+    ));
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        let event = m7.take_if(|_| scanned.load(Ordering::SeqCst));
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(101, "nextBatch", vec![event], "t7")),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(101, "nextBatch", vec![], "t7"),
+            ),
+        })
+    });
+    let bus = connect(&peer).await;
+    let mut sub = bus
+        .subscribe(Subscription::named("billing-cache").actions(["reload"]))
+        .await
+        .unwrap();
+    let got = vec![
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+        next_id(&mut sub).await,
+    ];
+    assert_eq!(
+        got,
+        ["m4b", "m6", "m7"],
+        "what the checkpoint names is not delivered again; what committed after it is"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_the_stream_names_what_was_delivered_within_the_window_before_it() {
+    let peer = Peer::replica_set().await;
+    peer.accept_setup();
+    accept_catalog(&peer);
+    accept_checkpoints(&peer, None);
+    peer.queue(
+        "aggregate",
+        vec![Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0"))],
+    );
+    // m1 and m2 in one second; m3 more than the safety window (2 s) later.
+    script_get_more(
+        &peer,
+        101,
+        vec![vec![
+            insert_event("t1", stored_message("m1", "reload", ts(1)), ts(1)),
+            insert_event("t2", stored_message("m2", "reload", ts(2)), ts(2)),
+            insert_event(
+                "t3",
+                stored_message("m3", "reload", ts_at(10, 0)),
+                ts_at(10, 1),
+            ),
+        ]],
+        "t3",
+    );
+    let bus = connect(&peer).await;
+    let mut sub = bus.subscribe(Subscription::named("ledger")).await.unwrap();
+    let mut saved = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(GUARD, sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        delivery.ack().await.unwrap();
+        let saves: Vec<Document> = peer
+            .commands_named("update")
+            .into_iter()
+            .filter(|c| c.get_str("update") == Ok("checkpoints"))
+            .collect();
+        let statement = saves.last().unwrap().get_array("updates").unwrap()[0]
+            .as_document()
+            .unwrap()
+            .clone();
+        saved.push(
+            get(&statement, "u.$set.position.token")
+                .as_document()
+                .unwrap()
+                .clone(),
+        );
+    }
+    let named = |token: &Document| -> Vec<String> {
+        token
+            .get_array("a")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(named(&saved[0]), Vec::<String>::new(), "nothing before m1");
+    assert_eq!(named(&saved[1]), ["m1"], "m1, within the window before m2");
+    assert_eq!(
+        named(&saved[2]),
+        Vec::<String>::new(),
+        "m1 and m2 are more than a window before m3"
+    );
+    bus.shutdown().await;
+}

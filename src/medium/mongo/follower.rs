@@ -732,9 +732,88 @@ impl Follower {
             self.lost = 0;
         }
         let position = self.position_of(&message, token, cluster_time, settled);
-        self.ready
-            .push_back(Event::Message(message, SharedPosition::new(position)));
+        let position = match cluster_time {
+            Some(_) => self.with_window(position, &message, from_ring),
+            None => SharedPosition::new(position),
+        };
+        self.ready.push_back(Event::Message(message, position));
         true
+    }
+
+    /// An event's position, which also names the ids delivered within the safety window
+    /// before it (`a`, at most [`AHEAD_CAP`]): should the oplog no longer hold that
+    /// window when a restart resumes from it, the restart reads the collection from a
+    /// window before it and skips them, instead of delivering them again. Made only when
+    /// read (a named subscription's checkpoint), from the ring segments the follower holds
+    /// anyway and the few ids it remembers, not copied for every delivery.
+    fn with_window(&self, base: Position, message: &Message, from_ring: bool) -> SharedPosition {
+        let ts = base.ts;
+        let window = self.window_secs();
+        let since = ts.time.saturating_sub(window);
+        let remembered: Option<Vec<(Timestamp, String)>> = (self.recent.ids.len() <= AHEAD_CAP)
+            .then(|| {
+                self.recent
+                    .ids
+                    .iter()
+                    .filter(|(id, t)| t.time >= since && **id != message.id)
+                    .map(|(id, t)| (*t, id.clone()))
+                    .collect()
+            });
+        let Some(remembered) = remembered else {
+            return SharedPosition::new(base);
+        };
+        let held: Vec<(Arc<Segment>, u64, u64)> = if from_ring {
+            self.held
+                .iter()
+                .map(|h| (Arc::clone(&h.segment), h.from, h.to))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if remembered.is_empty() && held.is_empty() {
+            return SharedPosition::new(base);
+        }
+        let own = message.id.clone();
+        // Only this follower's messages: the others are not delivered again anyway.
+        let filter = self.filter.clone();
+        SharedPosition::lazily(ts, move || {
+            let mut token = base.token.clone().unwrap_or_default();
+            let mut ids: Vec<String> = token
+                .get_array("a")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Bson::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut newest = token.get_timestamp("at").ok();
+            let mut note = |t: Timestamp, id: &str| {
+                if t.time >= since && id != own && !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_string());
+                    newest = Some(newest.map_or(t, |n| n.max(t)));
+                }
+            };
+            for (t, id) in &remembered {
+                note(*t, id);
+            }
+            for (segment, from, to) in &held {
+                for seq in *from..=*to {
+                    if let Some(RingItem::Message { message, .. }) = segment.get(seq) {
+                        if let (Some(t), true) = (message.ts, filter.matches(message)) {
+                            note(t, &message.id);
+                        }
+                    }
+                }
+            }
+            if ids.len() <= AHEAD_CAP && !ids.is_empty() {
+                token.insert("a", ids);
+                if let Some(newest) = newest {
+                    token.insert("at", newest);
+                }
+            }
+            Position::new(ts, Some(token))
+        })
     }
 
     /// The position of a delivery, from which a restart delivers exactly what came
