@@ -490,7 +490,10 @@ async fn follow(
     let mut pause = RECONNECT_FIRST;
     loop {
         if let Some(open) = response.take() {
-            let mut events = sse::events(open.bytes_stream());
+            let max_buffer = sse::max_buffer(
+                usize::try_from(inner.info.max_message_bytes).unwrap_or(usize::MAX),
+            );
+            let mut events = sse::events(open.bytes_stream(), max_buffer, sse::IDLE);
             loop {
                 let next = tokio::select! {
                     _ = stop.cancelled() => return,
