@@ -24,7 +24,9 @@ use libtest_mimic::Trial;
 
 use super::conformance::{self, Capability, Harness, World};
 use super::servers::{Kind, Target};
-use super::{block_on, config, event_keys, tokens, Gw, Medium, Place, BILLING, GUARD, OPS, USERS};
+use super::{
+    block_on, config, event_keys, tokens, Gw, Medium, Place, BILLING, GUARD, MAX_BYTES, OPS, USERS,
+};
 
 /// The trials of this file.
 pub fn trials() -> Vec<Trial> {
@@ -65,6 +67,10 @@ pub fn trials() -> Vec<Trial> {
     trials.push(Trial::test(
         "memory::http_service_token_keeps_its_services_dead_letters_only",
         || block_on(service_token_keeps_its_services_dead_letters_only()),
+    ));
+    trials.push(Trial::test(
+        "memory::http_a_message_near_the_limit_with_binary_data_is_stored",
+        || block_on(a_message_near_the_limit_with_binary_data_is_stored()),
     ));
     trials
 }
@@ -656,5 +662,36 @@ async fn service_token_keeps_its_services_dead_letters_only() {
         let (status, body) = gw.post("/medium/dead", USERS, dead(message)).await;
         assert_eq!(status, expected, "{body}");
     }
+    gw.stop().await;
+}
+
+/// A message within the message limit is stored through the HTTP medium although its
+/// extended JSON (binary data as base64) is larger than the limit; one over the limit
+/// is refused as too large.
+async fn a_message_near_the_limit_with_binary_data_is_stored() {
+    let gw = Gw::start(&Place::Memory).await;
+    let bus = Intracom::connect(on_gateways(config("billing"), &gw.base, OPS))
+        .await
+        .expect("bus on the HTTP medium");
+    let blob = |len: usize| {
+        Message::broadcast("reload").body(doc! {
+            "blob": intracom::bson::Binary {
+                subtype: intracom::bson::spec::BinarySubtype::Generic,
+                bytes: vec![0xa5; len],
+            }
+        })
+    };
+    let near = blob(MAX_BYTES - 2048);
+    let size = near.encoded_len().expect("a size");
+    assert!(size <= MAX_BYTES, "{size}");
+    let receipt = bus.publish(near).await.expect("published");
+    assert_eq!(receipt.status, PublishStatus::Stored);
+    assert_eq!(bus.outbox_len(), 0);
+    let over = bus.publish(blob(MAX_BYTES)).await;
+    assert!(
+        matches!(over, Err(intracom::Error::TooLarge { .. })),
+        "{over:?}"
+    );
+    bus.shutdown().await;
     gw.stop().await;
 }
