@@ -47,11 +47,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             _ => ApiError::BadRequest(format!("cannot read the request body: {rejection}")),
         })?;
         if let Some(limits) = limits {
-            if bytes.len() > limits.bytes {
-                return Err(ApiError::TooLarge {
-                    limit: limits.bytes,
-                });
-            }
             check_json_shape(&bytes, limits.json_values, limits.json_depth)?;
         }
         super::model::check_integer_literals(&bytes)?;
@@ -101,45 +96,10 @@ pub(crate) struct BodyLimits {
     pub(crate) read_timeout: std::time::Duration,
 }
 
-impl BodyLimits {
-    /// The limits of a route: those of the medium's routes (`/medium/...`) are larger.
-    /// Their bodies carry messages as canonical extended JSON, larger and deeper than
-    /// the BSON the message limit counts (binary data as base64, numbers in
-    /// `$numberLong` wrappers): a message within the limit must not be refused for its
-    /// JSON, and the medium's routes check each message's BSON size themselves.
-    pub(crate) fn for_path(self, path: &str) -> Self {
-        if !path.starts_with("/medium/") {
-            return self;
-        }
-        BodyLimits {
-            bytes: self
-                .bytes
-                .saturating_mul(MEDIUM_BODY_FACTOR)
-                .saturating_add(MEDIUM_BODY_SLACK),
-            json_values: self.json_values.saturating_mul(MEDIUM_BODY_FACTOR),
-            json_depth: self.json_depth.saturating_add(MEDIUM_EXTRA_DEPTH),
-            read_timeout: self.read_timeout,
-        }
-    }
-}
-
-/// How much larger a body of the medium's routes may be than the message limit (the
-/// extended JSON of a message: base64 is a third larger than the bytes it carries, a
-/// 64-bit integer `{"$numberLong":"1"}` about twice its BSON), and the slack for the
-/// request around the messages.
-const MEDIUM_BODY_FACTOR: usize = 4;
-const MEDIUM_BODY_SLACK: usize = 64 * 1024;
-
-/// The levels extended JSON adds (`{"$binary": {"base64": …}}`) and the request's own
-/// (`{"messages": [ … ]}`).
-const MEDIUM_EXTRA_DEPTH: usize = 4;
-
 /// Refuses, with 413 and before reading anything, a request whose `Content-Length` is
-/// over the limit of its route ([`BodyLimits::for_path`]); a body without a length
-/// (chunked) is cut by axum's `DefaultBodyLimit` (the largest limit) and refused with
-/// 413 by the extractors, over the route's own limit.
+/// over the limit; a body without a length (chunked) is cut at the limit by axum's
+/// `DefaultBodyLimit` and refused with 413 by the extractors.
 pub(crate) async fn limit_body(limits: BodyLimits, mut req: Request, next: Next) -> Response {
-    let limits = limits.for_path(req.uri().path());
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

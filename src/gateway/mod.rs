@@ -589,11 +589,7 @@ fn app(state: AppState) -> Router {
     )
     .merge(console::routes())
     .fallback(ops::not_found)
-    // The largest limit of any route; each route's own is checked by `limit_body` and
-    // the extractors.
-    .layer(DefaultBodyLimit::max(
-        body_limits.for_path("/medium/append").bytes,
-    ))
+    .layer(DefaultBodyLimit::max(limit))
     .layer(axum::middleware::from_fn(move |req, next| {
         extract::limit_body(body_limits, req, next)
     }))
