@@ -522,6 +522,10 @@ impl fmt::Debug for HttpConfig {
 /// Reads `common.intracom.http.url`: URLs starting with `http://` or `https://`, comma
 /// separated, without credentials, each without its trailing `/`.
 fn parse_http_urls(key: &str, value: &str) -> Result<Vec<String>> {
+    redacting(parse_http_urls_as_given(key, value))
+}
+
+fn parse_http_urls_as_given(key: &str, value: &str) -> Result<Vec<String>> {
     let mut urls = Vec::new();
     for url in value.split(',').map(str::trim) {
         let rest = url
@@ -546,6 +550,39 @@ fn parse_http_urls(key: &str, value: &str) -> Result<Vec<String>> {
     Ok(urls)
 }
 
+/// A configuration error whose value (URLs) has the credentials of each URL replaced
+/// by `***`: a refused URL is shown, its password is not.
+fn redacting<T>(result: Result<T>) -> Result<T> {
+    result.map_err(|error| match error {
+        Error::Config { key, value, reason } => Error::Config {
+            key,
+            value: redacted_urls(&value),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// Comma-separated URLs with the user information (`user:password@`) of each replaced
+/// by `***@`.
+fn redacted_urls(value: &str) -> String {
+    value
+        .split(',')
+        .map(|url| {
+            let (scheme, rest) = match url.find("://") {
+                Some(at) => url.split_at(at + 3),
+                None => ("", url),
+            };
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}***{}", &rest[at..]),
+                None => url.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The parts of an MQTT URL: TLS or not, host, port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -567,6 +604,10 @@ impl MqttConfig {
 
 /// Reads `mqtt://host[:port]` or `mqtts://host[:port]` (an IPv6 host in brackets).
 fn parse_mqtt_url(key: &str, value: &str) -> Result<MqttUrl> {
+    redacting(parse_mqtt_url_as_given(key, value))
+}
+
+fn parse_mqtt_url_as_given(key: &str, value: &str) -> Result<MqttUrl> {
     let (tls, rest) = if let Some(rest) = value.strip_prefix("mqtt://") {
         (false, rest)
     } else if let Some(rest) = value.strip_prefix("mqtts://") {
@@ -955,20 +996,21 @@ impl Config {
                 }
             }
             "stores.url" => {
+                let shown = redacted_urls(value);
                 let rest = value
                     .strip_prefix("http://")
                     .or_else(|| value.strip_prefix("https://"));
                 if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
                     return Err(Error::config(
                         key,
-                        value,
+                        shown,
                         "must be http://host[:port][/path] or https://…",
                     ));
                 }
                 if rest.is_some_and(|r| r.contains(['?', '#', '@'])) {
                     return Err(Error::config(
                         key,
-                        value,
+                        shown,
                         "no query, fragment or credentials: put the token in common.intracom.stores.token",
                     ));
                 }
@@ -1565,6 +1607,31 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_url_is_shown_without_its_password() {
+        for (key, value) in [
+            (
+                "common.intracom.http.url",
+                "http://gw:1,https://bob:hunter2@gw:2/x",
+            ),
+            ("common.intracom.http.url", "ftp://bob:hunter2@gw"),
+            ("common.intracom.mqtt.url", "mqtt://bob:hunter2@broker:1883"),
+            ("common.intracom.mqtt.url", "tcp://bob:hunter2@broker"),
+            ("common.intracom.stores.url", "https://bob:hunter2@gw/bus"),
+            ("common.intracom.stores.url", "bob:hunter2@gw"),
+        ] {
+            let e = Config::from_properties(&format!("{key}={value}"))
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("hunter2"), "{key}={value}: {e}");
+            assert!(e.contains("***@"), "{key}={value}: {e}");
+        }
+        assert_eq!(
+            redacted_urls("http://a/b@c,https://u:p@h:1/q?x=@"),
+            "http://a/b@c,https://***@h:1/q?x=@"
+        );
+    }
+
+    #[test]
     fn stores_keys_parse_mask_the_token_and_need_a_url() {
         let config = Config::from_properties(
             "common.intracom.stores.idempotency=http\n\
@@ -1836,8 +1903,9 @@ mod tests {
             let e = Config::from_properties(&format!("{key}={value}"))
                 .unwrap_err()
                 .to_string();
+            // A URL with credentials is shown without them.
             assert!(
-                e.contains(key) && e.contains(value) && e.contains(says),
+                e.contains(key) && e.contains(&redacted_urls(value)) && e.contains(says),
                 "{e}"
             );
         }

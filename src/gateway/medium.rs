@@ -20,7 +20,10 @@
 //! A service token acts as its service only: it appends messages its service sends,
 //! under the catalog; follows what its service receives (a monitor needs admin); adds
 //! only its own actions to the catalog (what is already declared passes); claims its
-//! service's work; and its checkpoints and idempotency records live under names scoped
+//! service's work, under owners scoped to its service (`<service>/<owner>`), and renews,
+//! settles and buries only under those owners (a settle without an owner, an asker's
+//! time-out, only for work its service sent or is sent); reads the outcomes of its
+//! service's requests only; and its checkpoints and idempotency records live under names scoped
 //! to its service (`<service>/<name>`). Listing, reading and removing dead letters and
 //! the inspections are admin routes.
 
@@ -69,6 +72,13 @@ impl Acting {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// The owner of a claim made through these routes: scoped to the caller's service
+    /// for a service token (`<service>/<owner>`), so that no other service's token can
+    /// name the owner of a lease it does not hold.
+    fn owner(&self, owner: &str) -> ApiResult<String> {
+        self.scoped("owner", owner)
     }
 
     /// A name the caller keeps in the medium (checkpoint, consumer): scoped to its
@@ -474,10 +484,10 @@ pub(crate) async fn claim(
     for action in &request.actions {
         check_name("action", action)?;
     }
-    check_name("owner", &request.owner)?;
+    let owner = acting.owner(&request.owner)?;
     acting.may_act_for(&request.service, "claim work")?;
     let lease = ms(request.lease_ms, "lease_ms", MAX_LEASE_MS)?;
-    let claim = ClaimRequest::new(request.service, request.actions, request.owner, lease);
+    let claim = ClaimRequest::new(request.service, request.actions, owner, lease);
     maybe_message(work(&state)?.claim(&claim).await?)
 }
 
@@ -500,13 +510,11 @@ pub(crate) async fn renew(
     caller: AnyCaller,
     Json(request): Json<RenewJson>,
 ) -> ApiResult<axum::Json<DoneJson>> {
-    Acting::of(&caller)?;
+    let acting = Acting::of(&caller)?;
     check_name("id", &request.id)?;
-    check_name("owner", &request.owner)?;
+    let owner = acting.owner(&request.owner)?;
     let lease = ms(request.lease_ms, "lease_ms", MAX_LEASE_MS)?;
-    let done = work(&state)?
-        .renew(&request.id, &request.owner, lease)
-        .await?;
+    let done = work(&state)?.renew(&request.id, &owner, lease).await?;
     Ok(axum::Json(DoneJson { done }))
 }
 
@@ -522,7 +530,7 @@ pub(crate) async fn renew(
         (status = 200, description = "Whether it was settled", body = DoneJson),
         (status = 400, description = "A bad id or settlement", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "A token without a service or admin", body = ErrorBody),
+        (status = 403, description = "A token without a service or admin, or an owner-less settle of work neither from nor to the token's service", body = ErrorBody),
     )
 )]
 pub(crate) async fn settle(
@@ -530,17 +538,34 @@ pub(crate) async fn settle(
     caller: AnyCaller,
     Json(request): Json<SettleJson>,
 ) -> ApiResult<axum::Json<DoneJson>> {
-    Acting::of(&caller)?;
+    let acting = Acting::of(&caller)?;
     check_name("id", &request.id)?;
-    if let Some(owner) = &request.owner {
-        check_name("owner", owner)?;
-    }
+    let owner = request
+        .owner
+        .as_deref()
+        .map(|owner| acting.owner(owner))
+        .transpose()?;
     if let SettlementJson::Retry { after_ms, .. } = &request.settlement {
         ms(*after_ms, "after_ms", MAX_LEASE_MS)?;
     }
     let settlement = request.settlement.into_settlement()?;
-    let done = work(&state)?
-        .settle(&request.id, request.owner.as_deref(), settlement)
+    let work = work(&state)?;
+    if let (None, Some(own)) = (&owner, &acting.service) {
+        // Without an owner, a settle holds while the work is pending: the asker's
+        // time-out or abandon mark. A service token marks only work its service sent or
+        // is sent.
+        let concerns = match work.work_services(&request.id).await? {
+            Some((source, dest)) => &source == own || dest.as_ref() == Some(own),
+            None => false,
+        };
+        if !concerns {
+            return Err(ApiError::Forbidden(format!(
+                "a token of `{own}` settles without an owner only work `{own}` sent or is sent"
+            )));
+        }
+    }
+    let done = work
+        .settle(&request.id, owner.as_deref(), settlement)
         .await?;
     Ok(axum::Json(DoneJson { done }))
 }
@@ -564,11 +589,11 @@ pub(crate) async fn bury(
     caller: AnyCaller,
     Json(request): Json<BuryJson>,
 ) -> ApiResult<axum::Json<DoneJson>> {
-    Acting::of(&caller)?;
+    let acting = Acting::of(&caller)?;
     check_name("id", &request.id)?;
-    check_name("owner", &request.owner)?;
+    let owner = acting.owner(&request.owner)?;
     let done = work(&state)?
-        .bury(&request.id, &request.owner, &request.reason)
+        .bury(&request.id, &owner, &request.reason)
         .await?;
     Ok(axum::Json(DoneJson { done }))
 }
@@ -585,7 +610,7 @@ pub(crate) async fn bury(
         (status = 200, description = "The settled request, or none in time", body = MaybeMessageJson),
         (status = 400, description = "A bad id", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "A token without a service or admin", body = ErrorBody),
+        (status = 403, description = "A token without a service or admin, or the outcome of another service's request", body = ErrorBody),
     )
 )]
 pub(crate) async fn outcome(
@@ -593,11 +618,19 @@ pub(crate) async fn outcome(
     caller: AnyCaller,
     Json(request): Json<OutcomeJson>,
 ) -> ApiResult<axum::Json<MaybeMessageJson>> {
-    Acting::of(&caller)?;
+    let acting = Acting::of(&caller)?;
     check_name("id", &request.id)?;
     let timeout =
         Duration::from_millis(request.timeout_ms).min(state.options().max_request_timeout);
-    maybe_message(work(&state)?.await_outcome(&request.id, timeout).await?)
+    let outcome = work(&state)?.await_outcome(&request.id, timeout).await?;
+    if let (Some(message), Some(own)) = (&outcome, &acting.service) {
+        if &message.source_service != own {
+            return Err(ApiError::Forbidden(format!(
+                "a token of `{own}` reads the outcomes of `{own}`'s requests only"
+            )));
+        }
+    }
+    maybe_message(outcome)
 }
 
 fn records(state: &AppState) -> ApiResult<&dyn crate::medium::Records> {
@@ -732,12 +765,12 @@ pub(crate) async fn dead_letter(
     let acting = Acting::of(&caller)?;
     let document = wire::doc_of(request.document, "document")?;
     if let Some(own) = &acting.service {
+        // An admin's retry republishes a dead letter as its sender: a service token
+        // keeps only documents its own service sent or is sent (not a broadcast of
+        // another service, whose sender it could name at will).
         let text = |key: &str| document.get_str(key).ok();
-        let dest = document.get("serviceNameDest");
-        let to_all = matches!(dest, None | Some(bson::Bson::Null));
         let concerns = text("serviceNameSource") == Some(own.as_str())
-            || text("serviceNameDest") == Some(own.as_str())
-            || to_all;
+            || text("serviceNameDest") == Some(own.as_str());
         if !concerns {
             return Err(ApiError::Forbidden(format!(
                 "a token of `{own}` keeps dead letters of messages to or from `{own}` only"

@@ -322,6 +322,10 @@ impl<M: Medium, F: Faults> WorkQueue for Faulty<M, F> {
         let outcome = self.work_below()?.await_outcome(id, timeout).await?;
         self.faults.outcome(id, outcome).await
     }
+
+    async fn work_services(&self, id: &str) -> Result<Option<(String, Option<String>)>> {
+        self.work_below()?.work_services(id).await
+    }
 }
 
 #[async_trait]

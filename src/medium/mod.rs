@@ -601,6 +601,15 @@ pub trait WorkQueue: sealed::Sealed + Send + Sync {
     /// Waits until a request is settled (`state` done or error) and returns it as
     /// stored; `None` when `timeout` passes first.
     async fn await_outcome(&self, id: &str, timeout: Duration) -> Result<Option<Message>>;
+
+    /// The sending service and the destination service of a stored work message,
+    /// whatever its state (a gateway checks with it who may end someone else's work).
+    /// `None` when no such message is stored, or when the medium cannot read one back
+    /// (the default).
+    async fn work_services(&self, id: &str) -> Result<Option<(String, Option<String>)>> {
+        let _ = id;
+        Ok(None)
+    }
 }
 
 /// The dead letters, the ability of [`Medium::dead_letter_store`] (the `dead` collection on

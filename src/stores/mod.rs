@@ -111,6 +111,26 @@ struct ReservationAnswer {
     result: Option<serde_json::Value>,
 }
 
+/// At most this much of an error answer's body is read.
+const ERROR_BODY_BYTES: usize = 4096;
+
+/// At most this much of an error answer's message goes into an error.
+const ERROR_CHARS: usize = 200;
+
+/// The first [`ERROR_BODY_BYTES`] of an answer's body (what could be read of them): a
+/// store that answers an error with a huge body costs no more than that.
+async fn body_head(mut response: reqwest::Response) -> Vec<u8> {
+    let mut head = Vec::new();
+    while head.len() < ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    head.truncate(ERROR_BODY_BYTES);
+    head
+}
+
 /// The error body of the gateway.
 #[derive(Deserialize)]
 struct ErrorAnswer {
@@ -243,10 +263,13 @@ impl HttpStores {
         if status.is_success() {
             return Ok(response);
         }
-        let body = response.bytes().await.unwrap_or_default();
-        let reason = serde_json::from_slice::<ErrorAnswer>(&body)
+        let body = body_head(response).await;
+        let reason: String = serde_json::from_slice::<ErrorAnswer>(&body)
             .map(|e| e.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned())
+            .chars()
+            .take(ERROR_CHARS)
+            .collect();
         if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
             Err(Error::StoreUnavailable {
                 store,
@@ -381,7 +404,16 @@ impl HttpStores {
                 priority: message.priority,
                 from: &message.source_service,
             };
-            let request = self.request(reqwest::Method::POST, &url).json(&body);
+            let mut request = self.request(reqwest::Method::POST, &url).json(&body);
+            // The API carries the trace context as the W3C headers (the gateway stores
+            // them in the message's `trace`); the sending instance and `query_ts` are
+            // the gateway's own when it publishes.
+            if let Some(trace) = &message.trace {
+                request = request.header("traceparent", &trace.traceparent);
+                if let Some(state) = &trace.tracestate {
+                    request = request.header("tracestate", state);
+                }
+            }
             if let Err(error) = self.send("messages", &url, request).await {
                 return (kept, Some(error));
             }
@@ -428,6 +460,44 @@ fn encode_segment(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer of `body` from a one-shot server.
+    async fn answer(body: Vec<u8>) -> reqwest::Response {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let address = listener.local_addr().expect("an address");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("a connection");
+            let mut request = [0_u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let head = format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
+        });
+        let url = format!("http://{address}/");
+        let tls = plain_tls(&url).expect("a TLS configuration");
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .expect("a client")
+            .get(url)
+            .send()
+            .await
+            .expect("an answer")
+    }
+
+    #[tokio::test]
+    async fn an_error_body_is_read_up_to_its_limit() {
+        let head = body_head(answer(vec![b'x'; 1 << 20]).await).await;
+        assert_eq!(head.len(), ERROR_BODY_BYTES);
+        let head = body_head(answer(b"short".to_vec()).await).await;
+        assert_eq!(head, b"short");
+    }
 
     #[test]
     fn ids_are_one_path_segment() {

@@ -11,8 +11,9 @@
 //! - `memory::http_from_now_*`, `rs::http_from_now_*`: a subscription from now whose
 //!   stream breaks before its first message gets what was published while it was
 //!   broken.
-//! - `memory::http_service_token_*`: what a service token may not do on the medium
-//!   routes.
+//! - `memory::http_service_token_*` (and `rs::` for ending work): what a service token
+//!   may not do on the medium routes: act for another service, end another service's
+//!   work or read its outcomes, keep dead letters of other services' messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,25 @@ pub fn trials() -> Vec<Trial> {
     trials.push(Trial::test(
         "memory::http_service_token_acts_as_its_service_only",
         || block_on(service_token_acts_as_its_service_only()),
+    ));
+    trials.push(Trial::test(
+        "memory::http_service_token_ends_its_services_work_only",
+        || block_on(service_token_ends_its_services_work_only(Place::Memory)),
+    ));
+    // On MongoDB: the owner-less settle's check reads the message from the database.
+    let rs = Place::Server(Target::Secantus(Kind::SecantusRs));
+    let unavailable = rs.unavailable();
+    let trial = Trial::test(
+        "rs::http_service_token_ends_its_services_work_only",
+        move || block_on(service_token_ends_its_services_work_only(rs)),
+    );
+    trials.push(match unavailable {
+        Some(reason) => trial.with_ignored_flag(true).with_kind(reason),
+        None => trial,
+    });
+    trials.push(Trial::test(
+        "memory::http_service_token_keeps_its_services_dead_letters_only",
+        || block_on(service_token_keeps_its_services_dead_letters_only()),
     ));
     trials
 }
@@ -622,5 +642,184 @@ async fn service_token_acts_as_its_service_only() {
         .post("/medium/dead/list", USERS, json!({ "limit": 10 }))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    gw.stop().await;
+}
+
+/// A message as the medium routes carry it.
+fn ext_of(message: &Message) -> serde_json::Value {
+    let document = intracom::bson::to_document(message).expect("a document");
+    intracom::bson::Bson::Document(document).into_canonical_extjson()
+}
+
+/// A service token renews, settles and buries only under owners its service claimed
+/// with, settles without an owner only work its service sent or is sent, and reads the
+/// outcomes of its service's requests only; the service itself still can.
+async fn service_token_ends_its_services_work_only(place: Place) {
+    use reqwest::StatusCode;
+    use serde_json::json;
+    let gw = Gw::start(&place).await;
+    let work = |id: &str| {
+        let mut message = Message::to_service("billing", "invoice.get")
+            .from_service("billing")
+            .with_id(id)
+            .work();
+        message.source_instance = "billing-1".into();
+        ext_of(&message)
+    };
+    let (status, body) = gw
+        .post(
+            "/medium/append",
+            BILLING,
+            json!({ "messages": [work("held"), work("waiting")] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = gw
+        .post(
+            "/medium/work/claim",
+            BILLING,
+            json!({ "service": "billing", "actions": ["invoice.get"], "owner": "w", "lease_ms": 60000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let held = body["message"]["_id"]
+        .as_str()
+        .expect("a claimed id")
+        .to_string();
+    let other = if held == "held" { "waiting" } else { "held" };
+    // Another service's token, naming the same owner: the lease is not its.
+    let (status, body) = gw
+        .post(
+            "/medium/work/renew",
+            USERS,
+            json!({ "id": held, "owner": "w", "lease_ms": 60000 }),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["done"]),
+        (StatusCode::OK, &json!(false)),
+        "{body}"
+    );
+    let (status, body) = gw
+        .post(
+            "/medium/work/bury",
+            USERS,
+            json!({ "id": held, "owner": "w", "reason": "forged" }),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["done"]),
+        (StatusCode::OK, &json!(false)),
+        "{body}"
+    );
+    let forged = json!({ "done": { "result": { "forged": true } } });
+    let (status, body) = gw
+        .post(
+            "/medium/work/settle",
+            USERS,
+            json!({ "id": held, "owner": "w", "settlement": forged }),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["done"]),
+        (StatusCode::OK, &json!(false)),
+        "{body}"
+    );
+    // Without an owner, on pending work neither from nor to its service: refused.
+    let (status, body) = gw
+        .post(
+            "/medium/work/settle",
+            USERS,
+            json!({ "id": other, "settlement": forged }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // The service itself: renews and settles under its owner, marks its other request.
+    let (status, body) = gw
+        .post(
+            "/medium/work/renew",
+            BILLING,
+            json!({ "id": held, "owner": "w", "lease_ms": 60000 }),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["done"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    let (status, body) = gw
+        .post(
+            "/medium/work/settle",
+            BILLING,
+            json!({ "id": held, "owner": "w", "settlement": { "done": { "result": { "n": "one" } } } }),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["done"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    let (status, body) = gw
+        .post(
+            "/medium/work/settle",
+            BILLING,
+            json!({ "id": other, "settlement": { "failed": { "response": { "error": "timed out" } } } }),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["done"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    // Outcomes: the asker's only.
+    let (status, body) = gw
+        .post(
+            "/medium/work/outcome",
+            USERS,
+            json!({ "id": held, "timeout_ms": 1000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = gw
+        .post(
+            "/medium/work/outcome",
+            BILLING,
+            json!({ "id": held, "timeout_ms": 1000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["message"]["result"]["n"], json!("one"), "{body}");
+    gw.stop().await;
+}
+
+/// A service token keeps dead letters of messages its service sent or is sent only: an
+/// admin's retry republishes one as its sender.
+async fn service_token_keeps_its_services_dead_letters_only() {
+    use reqwest::StatusCode;
+    use serde_json::json;
+    let gw = Gw::start(&Place::Memory).await;
+    let dead = |message: Message| json!({ "document": ext_of(&message), "reason": "r" });
+    let cases = [
+        (
+            Message::broadcast("reload").from_service("billing"),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Message::to_service("billing", "invoice.get").from_service("web"),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Message::to_service("users", "user.deleted").from_service("billing"),
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            Message::to_service("billing", "user.deleted").from_service("users"),
+            StatusCode::NO_CONTENT,
+        ),
+    ];
+    for (message, expected) in cases {
+        let (status, body) = gw.post("/medium/dead", USERS, dead(message)).await;
+        assert_eq!(status, expected, "{body}");
+    }
     gw.stop().await;
 }

@@ -300,10 +300,25 @@ async fn messages_survive_a_gateway_restart() {
                 .expect("publish")
         }
     };
-    let first = publish(1).await;
+    // The first carries a trace context: the gateway keeps it.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = Message::broadcast("reload").body(doc! { "n": 1, "wide": 1_i64 });
+    traced.trace = intracom::trace::TraceContext::new(traceparent, Some("vendor=1".into()));
+    assert!(traced.trace.is_some(), "a valid trace context");
+    let first = bus.publish(traced).await.expect("publish");
     assert_eq!(first.status, PublishStatus::Buffered);
     assert_eq!(bus.outbox_len(), 0, "kept by the gateway, not here");
-    assert_eq!(next(&mut received).await, (first.id.clone(), 1));
+    let delivery = tokio::time::timeout(GUARD, received.next())
+        .await
+        .expect("a delivery within the hang guard")
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(delivery.message().id, first.id);
+    let trace = delivery.message().trace.clone().expect("the trace context");
+    assert_eq!(
+        (trace.traceparent.as_str(), trace.tracestate.as_deref()),
+        (traceparent, Some("vendor=1"))
+    );
     assert_eq!(bus.message_store_fallbacks(), 0);
 
     // The gateway stops: the outbox keeps what it cannot take (counted once).

@@ -151,10 +151,59 @@ fn error_of(status: reqwest::StatusCode, answer: Option<ErrorAnswer>) -> Error {
             medium: NAME.into(),
             what: message,
         },
+        // The gateway's errors travel as their code and text: the variants are rebuilt
+        // from the text the crate writes for them (what it does not give stays empty).
+        "too_large" => too_large_of(&message),
+        "unknown_sender" => match between(&message, "`", "`") {
+            Some(service) => Error::UnknownSender {
+                service: service.to_string(),
+            },
+            None => Error::refused(NAME, format!("the gateway answered {status}: {message}")),
+        },
+        "unknown_action" => {
+            let service = between(&message, "service `", "`");
+            let action = between(&message, "action `", "`");
+            match (service, action) {
+                (Some(service), Some(action)) => Error::UnknownAction {
+                    service: service.to_string(),
+                    action: action.to_string(),
+                    declared: between(&message, "(declared: ", ")")
+                        .unwrap_or_default()
+                        .to_string(),
+                },
+                _ => Error::refused(NAME, format!("the gateway answered {status}: {message}")),
+            }
+        }
+        _ if status.as_u16() == 413 => too_large_of(&message),
         _ if matches!(status.as_u16(), 408 | 429 | 503 | 504) => {
             Error::unavailable(NAME, format!("the gateway answered {status}: {message}"))
         }
         _ => Error::refused(NAME, format!("the gateway answered {status}: {message}")),
+    }
+}
+
+/// The text of `text` between the first `open` and the next `close`.
+fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
+    let start = text.find(open)? + open.len();
+    let len = text[start..].find(close)?;
+    Some(&text[start..start + len])
+}
+
+/// A message over the limit, from the text of `Error::TooLarge` ("message <id> is
+/// <size> bytes, over the limit of <limit> bytes") or of a body over the gateway's
+/// limit (no id, no size: [`HttpMedium`]'s append fills them in for a lone message).
+fn too_large_of(text: &str) -> Error {
+    let number = |open: &str| {
+        between(text, open, " ")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    Error::TooLarge {
+        id: between(text, "message ", " is ")
+            .unwrap_or_default()
+            .to_string(),
+        size: number(" is "),
+        limit: number("limit of "),
     }
 }
 
@@ -167,6 +216,11 @@ fn unreachable(url: &str, error: &reqwest::Error) -> Error {
 }
 
 impl Inner {
+    /// The most bytes a follower's stream may hold while an event is incomplete.
+    fn max_buffer(&self) -> usize {
+        sse::max_buffer(usize::try_from(self.info.max_message_bytes).unwrap_or(usize::MAX))
+    }
+
     /// Sends `body` to `path`: on the gateway in use, or, when it cannot be reached, on
     /// the next ones in turn. A gateway's error answer is the crate's error.
     async fn send<B: Serialize + ?Sized>(
@@ -346,11 +400,25 @@ impl Medium for HttpMedium {
 
     async fn append(&self, messages: &[Message]) -> Result<Vec<Appended>> {
         let mut appended = Vec::with_capacity(messages.len());
+        let mut sent = 0;
         for batch in batches(messages, self.max_message_bytes())? {
+            let count = batch.len();
             let answer: Vec<AppendedJson> = self
                 .inner
                 .post("/medium/append", &AppendJson { messages: batch })
-                .await?;
+                .await
+                .map_err(|error| match (error, &messages[sent..sent + count]) {
+                    // A lone message over the gateway's body limit: its id and size.
+                    (Error::TooLarge { id, limit, .. }, [one]) if id.is_empty() => {
+                        Error::TooLarge {
+                            id: one.id.clone(),
+                            size: one.encoded_len().unwrap_or(0),
+                            limit,
+                        }
+                    }
+                    (error, _) => error,
+                })?;
+            sent += count;
             for a in answer {
                 appended.push(Appended {
                     id: a.id,
@@ -435,7 +503,7 @@ impl HttpMedium {
             )
             .await?;
         let mut request = request;
-        let mut events = sse::events(response.bytes_stream());
+        let mut events = sse::events(response.bytes_stream(), inner.max_buffer(), sse::IDLE);
         let mut pending = None;
         if matches!(request.from, FromJson::Now) && inner.info.anchors {
             // The gateway's anchor comes first: this follower is anchored once it is
@@ -587,7 +655,11 @@ async fn follow(
         {
             Ok(response) => {
                 tracing::info!("http medium: a follower resumed");
-                open = Some(sse::events(response.bytes_stream()));
+                open = Some(sse::events(
+                    response.bytes_stream(),
+                    inner.max_buffer(),
+                    sse::IDLE,
+                ));
             }
             Err(error) if error.is_retryable() => {
                 tracing::debug!(%error, "http medium: a follower waits for a gateway");
@@ -964,5 +1036,56 @@ mod tests {
         assert!(error_of(S::SERVICE_UNAVAILABLE, answer("shutting_down")).is_retryable());
         assert!(error_of(S::TOO_MANY_REQUESTS, answer("too_many_requests")).is_retryable());
         assert!(error_of(S::SERVICE_UNAVAILABLE, None).is_retryable());
+    }
+
+    /// The gateway's text of an error is enough to rebuild the crate's variant: what
+    /// the caller matches on (the outbox keeps no message over the limit).
+    #[test]
+    fn refusals_of_messages_are_rebuilt() {
+        use reqwest::StatusCode as S;
+        let answer = |code: &str, error: Error| {
+            Some(ErrorAnswer {
+                code: code.into(),
+                message: error.to_string(),
+            })
+        };
+        let too_large = Error::TooLarge {
+            id: "m1".into(),
+            size: 70_000,
+            limit: 65_536,
+        };
+        let got = error_of(S::PAYLOAD_TOO_LARGE, answer("too_large", too_large));
+        assert!(
+            matches!(&got, Error::TooLarge { id, size: 70_000, limit: 65_536 } if id == "m1"),
+            "{got:?}"
+        );
+        let body = Some(ErrorAnswer {
+            code: "too_large".into(),
+            message: "the request body is over the limit of 1000 bytes (common.intracom.max_message_bytes)".into(),
+        });
+        let got = error_of(S::PAYLOAD_TOO_LARGE, body);
+        assert!(
+            matches!(got, Error::TooLarge { limit: 1000, .. }),
+            "{got:?}"
+        );
+        let unknown = Error::UnknownAction {
+            service: "billing".into(),
+            action: "x".into(),
+            declared: "a, b".into(),
+        };
+        let got = error_of(S::FORBIDDEN, answer("unknown_action", unknown));
+        assert!(
+            matches!(&got, Error::UnknownAction { service, action, declared }
+                if service == "billing" && action == "x" && declared == "a, b"),
+            "{got:?}"
+        );
+        let sender = Error::UnknownSender {
+            service: "web".into(),
+        };
+        let got = error_of(S::FORBIDDEN, answer("unknown_sender", sender));
+        assert!(
+            matches!(&got, Error::UnknownSender { service } if service == "web"),
+            "{got:?}"
+        );
     }
 }

@@ -176,6 +176,16 @@ impl WorkQueue for MemoryMedium {
             }
         }
     }
+
+    async fn work_services(&self, id: &str) -> Result<Option<(String, Option<String>)>> {
+        let log = read(&self.shared.log);
+        Ok(log.work.get(id).map(|work| {
+            (
+                work.message.source_service.clone(),
+                work.message.dest_service.clone(),
+            )
+        }))
+    }
 }
 
 /// A lease for `owner` taken at `at` (the medium's clock) for `d`.

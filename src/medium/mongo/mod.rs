@@ -836,6 +836,11 @@ impl WorkQueue for MongoMedium {
         let hub = self.hub().await?;
         work::await_outcome(&self.inner, id, timeout, hub.as_deref()).await
     }
+
+    async fn work_services(&self, id: &str) -> Result<Option<(String, Option<String>)>> {
+        let _op = self.inner.op()?;
+        work::services(&self.inner, id).await
+    }
 }
 
 #[async_trait]

@@ -248,6 +248,25 @@ impl Claimed {
 
 /// The instance that asked request `id` (none for work that is not a request): known
 /// from its claim, or read.
+/// The sending and the destination service of a stored message.
+pub(crate) async fn services(inner: &Inner, id: &str) -> Result<Option<(String, Option<String>)>> {
+    let found = inner
+        .messages
+        .find_one(doc! { "_id": id })
+        .projection(doc! { "serviceNameSource": 1, "serviceNameDest": 1 })
+        .await
+        .map_err(to_error)?;
+    Ok(found.map(|document| {
+        (
+            document
+                .get_str("serviceNameSource")
+                .unwrap_or_default()
+                .to_string(),
+            document.get_str("serviceNameDest").ok().map(str::to_string),
+        )
+    }))
+}
+
 async fn asker(inner: &Inner, id: &str) -> Option<String> {
     if let Some(known) = inner.claimed.take(id) {
         return known;
