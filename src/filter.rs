@@ -73,8 +73,9 @@ enum Repr {
 }
 
 struct Lazy {
-    ts: Timestamp,
-    make: Box<dyn Fn() -> Position + Send + Sync>,
+    /// What is known without making anything: the position less what `make` adds.
+    base: Position,
+    make: Box<dyn Fn(&Position) -> Position + Send + Sync>,
     made: OnceLock<Position>,
 }
 
@@ -114,17 +115,30 @@ impl SharedPosition {
         }))
     }
 
-    /// A position made by `make` when it is first read (what it needs is kept until
-    /// then: a medium shares what it holds anyway instead of copying it per delivery).
+    /// A position made from `base` by `make` when it is first read (what it needs is
+    /// kept until then: a medium shares what it holds anyway instead of copying it per
+    /// delivery). [`SharedPosition::compact`] gives `base` without making it.
     pub(crate) fn lazily(
-        ts: Timestamp,
-        make: impl Fn() -> Position + Send + Sync + 'static,
+        base: Position,
+        make: impl Fn(&Position) -> Position + Send + Sync + 'static,
     ) -> Self {
         SharedPosition(Repr::Lazy(Arc::new(Lazy {
-            ts,
+            base,
             make: Box::new(make),
             made: OnceLock::new(),
         })))
+    }
+
+    /// The position without what a medium adds only for a restart from a saved
+    /// checkpoint (the ids delivered within a safety window before it): short enough for
+    /// an SSE event id, and cheap. Resuming from it is as exact as from the whole one but
+    /// where the server's history of the window is gone.
+    #[cfg(feature = "gateway")]
+    pub(crate) fn compact(&self) -> &Position {
+        match &self.0 {
+            Repr::Lazy(l) => &l.base,
+            _ => self.get(),
+        }
     }
 
     /// The order stamp (without making the position).
@@ -132,7 +146,7 @@ impl SharedPosition {
         match &self.0 {
             Repr::Made(position) => position.ts,
             Repr::Deferred(d) => d.ts,
-            Repr::Lazy(l) => l.ts,
+            Repr::Lazy(l) => l.base.ts,
         }
     }
 
@@ -141,7 +155,7 @@ impl SharedPosition {
         match &self.0 {
             Repr::Made(position) => position,
             Repr::Deferred(d) => d.made.get_or_init(|| Box::new((d.make)(d.ts, d.number))),
-            Repr::Lazy(l) => l.made.get_or_init(|| (l.make)()),
+            Repr::Lazy(l) => l.made.get_or_init(|| (l.make)(&l.base)),
         }
     }
 }

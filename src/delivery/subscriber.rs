@@ -134,6 +134,13 @@ impl Delivery {
         self.position.get()
     }
 
+    /// The position, less what a medium adds only for a restart from a checkpoint (see
+    /// `SharedPosition::compact`): what an SSE event id carries.
+    #[cfg(feature = "gateway")]
+    pub(crate) fn compact_position(&self) -> &Position {
+        self.position.compact()
+    }
+
     /// Decodes the payload into a typed value.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
         self.message.decode()

@@ -274,7 +274,10 @@ pub(crate) async fn follow(
 fn event_of(item: crate::Result<Event>) -> SseEvent {
     match item {
         Ok(Event::Message(message, position)) => {
-            let position = wire::ext_of_position(position.get());
+            // Without the window's ids: a follower over a gateway does not hold them for
+            // every event (a restart through a gateway whose server lost the window's
+            // history may deliver some again).
+            let position = wire::ext_of_position(position.compact());
             match wire::ext_of_message(&message) {
                 Ok(message) => {
                     let id = position.to_string();

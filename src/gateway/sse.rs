@@ -674,7 +674,7 @@ impl Pump {
         let json = MessageJson::from(delivery.message());
         let data = serde_json::to_string(&json)
             .map_err(|e| End::Failed(ApiError::Internal(e.to_string()).body()))?;
-        let id = self.state.event_keys().sign(delivery.position());
+        let id = self.state.event_keys().sign(delivery.compact_position());
         let mut queued = Queued::new("message", Some(id), data);
         // Latency is measured on live deliveries only: a message stamped before the
         // client connected is backlog (a replay after Last-Event-ID, a checkpoint or

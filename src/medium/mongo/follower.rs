@@ -776,7 +776,7 @@ impl Follower {
         let own = message.id.clone();
         // Only this follower's messages: the others are not delivered again anyway.
         let filter = self.filter.clone();
-        SharedPosition::lazily(ts, move || {
+        SharedPosition::lazily(base, move |base| {
             let mut token = base.token.clone().unwrap_or_default();
             let mut ids: Vec<String> = token
                 .get_array("a")
