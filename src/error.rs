@@ -118,6 +118,21 @@ pub enum Error {
         count: u64,
     },
 
+    /// A [`run_once`](crate::Idempotent::run_once) handler ran, but its reservation had
+    /// lapsed before its outcome was recorded (its process was paused past the lease)
+    /// and another instance took the message over: this run's outcome was not recorded,
+    /// the other instance's is. Not retryable. The handler's effect may then have
+    /// happened twice: make it idempotent on the message id (a unique key) for this case.
+    #[error(
+        "the reservation of message `{id}` for `{consumer}` lapsed before its outcome was recorded: another instance took it over"
+    )]
+    ReservationLost {
+        /// The consumer (`idempotent(consumer)`).
+        consumer: String,
+        /// The message id.
+        id: String,
+    },
+
     /// The medium could not be reached or did not answer in time. Retry later; the
     /// operation may or may not have happened (publishing is idempotent on the message id).
     #[error("medium `{medium}` unavailable: {reason}")]

@@ -109,6 +109,7 @@ impl ApiError {
                     StatusCode::BAD_GATEWAY
                 }
                 E::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                E::ReservationLost { .. } => StatusCode::CONFLICT,
                 E::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
                 E::Config { .. } | E::ConfigFile { .. } | E::Lost { .. } | E::Io { .. } => {
                     StatusCode::INTERNAL_SERVER_ERROR
@@ -149,6 +150,7 @@ impl ApiError {
                 E::Medium { .. } => "medium_refused",
                 E::Remote { .. } => "remote_error",
                 E::Timeout { .. } => "timeout",
+                E::ReservationLost { .. } => "reservation_lost",
                 E::Unsupported { .. } => "unsupported",
                 E::Config { .. } | E::ConfigFile { .. } => "config",
                 E::Lost { .. } => "lost",

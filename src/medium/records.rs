@@ -103,14 +103,24 @@ impl LocalRecords {
         Reservation::Reserved
     }
 
-    pub(crate) fn complete(&self, consumer: &str, id: &str, owner: &str, result: Option<Document>) {
+    /// Marks `owner`'s reservation done; false when `owner` no longer holds it (its
+    /// lease lapsed and another owner took it over, or it is gone).
+    pub(crate) fn complete(
+        &self,
+        consumer: &str,
+        id: &str,
+        owner: &str,
+        result: Option<Document>,
+    ) -> bool {
         let mut records = self.lock();
         if let Some(record) = records.map.get_mut(&(consumer.to_string(), id.to_string())) {
             if matches!(&record.state, State::Running { owner: holder, .. } if holder == owner) {
                 record.state = State::Done(result);
                 record.at = bson::DateTime::now();
+                return true;
             }
         }
+        false
     }
 
     pub(crate) fn release(&self, consumer: &str, id: &str, owner: &str) {

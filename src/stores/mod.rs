@@ -351,14 +351,17 @@ impl HttpStores {
         match self.send("idempotency", &url, request).await {
             Ok(_) => Ok(()),
             // The lease lapsed and another owner took it over: its outcome stands, as
-            // with the medium's store.
+            // with the medium's store, and this run's is not recorded.
             Err(Error::StoreRefused {
                 status: 409,
                 reason,
                 ..
             }) => {
                 tracing::warn!(consumer, message_id = %id, %reason, "idempotency: reservation lost before completion");
-                Ok(())
+                Err(Error::ReservationLost {
+                    consumer: consumer.to_string(),
+                    id: id.to_string(),
+                })
             }
             Err(error) => Err(error),
         }

@@ -1265,6 +1265,53 @@ pub async fn a_dead_holders_reservation_is_taken_over(h: &dyn Harness) {
     );
 }
 
+/// A holder whose reservation lapsed (a process paused past its lease) and was taken
+/// over cannot complete it afterwards: its late completion is refused, so its run is
+/// not the one recorded, and `run_once` tells its caller so.
+pub async fn a_lapsed_holders_late_completion_is_refused(h: &dyn Harness) {
+    use intracom::Once;
+    let w = h.world(300_000).await;
+    let b1 = bus(&*w, "billing", "billing-1").await;
+    let records = b1.medium().records().expect("idempotency records");
+    let reserved = records
+        .processed_reserve(
+            "ledger",
+            "m-late",
+            "billing-paused/1",
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reserved, intracom::medium::Reservation::Reserved);
+    let outcome = tokio::time::timeout(
+        HANG_GUARD,
+        b1.idempotent("ledger")
+            .run_once("m-late", || async { Ok::<_, Error>("taken over") }),
+    )
+    .await
+    .expect("taken over after the lease")
+    .unwrap();
+    assert_eq!(outcome, Once::Ran("taken over"));
+    // The paused holder wakes up and completes.
+    let late = records
+        .processed_complete("ledger", "m-late", "billing-paused/1", None)
+        .await;
+    assert!(
+        matches!(&late, Err(Error::ReservationLost { consumer, id }) if consumer == "ledger" && id == "m-late"),
+        "a lapsed holder's completion is refused: {late:?}"
+    );
+    // The recorded outcome is the one that took over.
+    let again = b1
+        .idempotent("ledger")
+        .run_once("m-late", || async { Ok::<_, Error>("a third run") })
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Once::AlreadyDone(_)),
+        "done once: {again:?}"
+    );
+}
+
 /// One case of the suite: its name, what it needs, how to run it.
 pub struct Case {
     /// The function name, used as the test name.
@@ -1322,6 +1369,7 @@ pub fn cases() -> Vec<Case> {
         case!(idempotent_handlers_run_once_per_consumer, SharedState),
         case!(concurrent_instances_run_an_effect_once, SharedState),
         case!(a_dead_holders_reservation_is_taken_over, SharedState),
+        case!(a_lapsed_holders_late_completion_is_refused, SharedState),
     ]
 }
 

@@ -1122,7 +1122,7 @@ async fn idempotency_store(place: &Place) {
         )
         .await,
         StatusCode::CONFLICT,
-        "conflict",
+        "reservation_lost",
     );
     gw.stop().await;
 }

@@ -154,6 +154,11 @@ fn error_of(status: reqwest::StatusCode, answer: Option<ErrorAnswer>) -> Error {
         // The gateway's errors travel as their code and text: the variants are rebuilt
         // from the text the crate writes for them (what it does not give stays empty).
         "too_large" => too_large_of(&message),
+        // Filled in by the caller, which knows the consumer and the message.
+        "reservation_lost" => Error::ReservationLost {
+            consumer: String::new(),
+            id: String::new(),
+        },
         "unknown_sender" => match between(&message, "`", "`") {
             Some(service) => Error::UnknownSender {
                 service: service.to_string(),
@@ -855,9 +860,17 @@ impl Records for HttpMedium {
             lease_ms: 0,
             result: result.as_ref().map(wire::ext_of),
         };
-        self.inner
+        match self
+            .inner
             .post_empty("/medium/records/complete", &body)
             .await
+        {
+            Err(Error::ReservationLost { .. }) => Err(Error::ReservationLost {
+                consumer: consumer.to_string(),
+                id: id.to_string(),
+            }),
+            other => other,
+        }
     }
 
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {

@@ -29,8 +29,14 @@ impl Records for MemoryMedium {
         owner: &str,
         result: Option<Document>,
     ) -> Result<()> {
-        self.shared.processed.complete(consumer, id, owner, result);
-        Ok(())
+        if self.shared.processed.complete(consumer, id, owner, result) {
+            Ok(())
+        } else {
+            Err(crate::Error::ReservationLost {
+                consumer: consumer.to_string(),
+                id: id.to_string(),
+            })
+        }
     }
 
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {

@@ -690,7 +690,7 @@ pub(crate) async fn processed_complete(
     if let Some(result) = result {
         set.insert("result", result);
     }
-    inner
+    let updated = inner
         .processed
         .update_one(
             doc! { "consumer": consumer, "messageId": id, "owner": owner, "state": "running" },
@@ -698,7 +698,25 @@ pub(crate) async fn processed_complete(
         )
         .await
         .map_err(to_error)?;
-    Ok(())
+    if updated.matched_count == 1 {
+        return Ok(());
+    }
+    // Not this owner's running reservation: done by this owner already (a retried
+    // completion whose first answer was lost), or taken over after its lease lapsed.
+    let mine = inner
+        .processed
+        .count_documents(
+            doc! { "consumer": consumer, "messageId": id, "owner": owner, "state": "done" },
+        )
+        .await
+        .map_err(to_error)?;
+    if mine == 1 {
+        return Ok(());
+    }
+    Err(crate::Error::ReservationLost {
+        consumer: consumer.to_string(),
+        id: id.to_string(),
+    })
 }
 
 pub(crate) async fn processed_release(

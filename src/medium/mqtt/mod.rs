@@ -1015,8 +1015,14 @@ impl Records for MqttMedium {
         owner: &str,
         result: Option<Document>,
     ) -> Result<()> {
-        self.inner.processed.complete(consumer, id, owner, result);
-        Ok(())
+        if self.inner.processed.complete(consumer, id, owner, result) {
+            Ok(())
+        } else {
+            Err(Error::ReservationLost {
+                consumer: consumer.to_string(),
+                id: id.to_string(),
+            })
+        }
     }
 
     async fn processed_release(&self, consumer: &str, id: &str, owner: &str) -> Result<()> {
