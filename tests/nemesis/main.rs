@@ -45,9 +45,9 @@ use servers::{Kind, Target};
 const KNOWN_VIOLATIONS: Option<&str> = Some(
     "not yet clean at length: a 30-minute run on the Rust server found a redelivery after \
      a restart whose window had left the oplog and a run-once body run by a worker paused \
-     past its lease (both fixed since, not yet re-run for 30 minutes), and a 30-minute \
-     run on the Python server stopped draining (not diagnosed): run with \
-     INTRACOM_NEMESIS_SECONDS=N",
+     past its lease; with the first fixed, a second 30-minute run passed, the second fix \
+     has not run 30 minutes yet, and a 30-minute run on the Python server stopped \
+     draining (not diagnosed): run with INTRACOM_NEMESIS_SECONDS=N",
 );
 
 /// The default length of a run's fault period, in seconds.
