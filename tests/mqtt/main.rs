@@ -180,9 +180,10 @@ fn main() {
     for check in checks {
         let run = check.run;
         let trial = Trial::test(check.name, move || conformance::block_on(run()));
-        trials.push(match &unavailable {
-            Some(reason) => trial.with_ignored_flag(true).with_kind(reason.clone()),
-            None => trial,
+        trials.push(match (&unavailable, trace::flaky(check.name)) {
+            (Some(reason), _) => trial.with_ignored_flag(true).with_kind(reason.clone()),
+            (None, Some(reason)) => trial.with_ignored_flag(true).with_kind(reason),
+            (None, None) => trial,
         });
     }
     let tls_unavailable = unavailable.clone().or_else(broker::tls_unavailable);
