@@ -58,6 +58,8 @@ mod outbox;
 mod stop;
 #[cfg(feature = "http")]
 mod stores;
+#[cfg(any(feature = "mqtt", feature = "http"))]
+mod tls;
 pub mod trace;
 pub mod work;
 

@@ -55,42 +55,14 @@ impl std::fmt::Debug for HttpStores {
 /// TLS for an `https://` store: rustls with the ring provider, the system's roots or a
 /// CA file.
 fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let key = "common.intracom.stores.ca_file";
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.stores.ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| Error::config(key, path.display().to_string(), e))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| Error::config(key, path.display().to_string(), e))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::config(key, path.display().to_string(), e))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(Error::config(
-                    key,
-                    "",
-                    "no system CA certificates found for an https:// store: name a CA file",
-                ));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = crate::tls::roots(
+        "common.intracom.stores.ca_file",
+        config.stores.ca_file.as_deref(),
+        true,
+        "an https:// store",
+    )?;
     let url = config.stores.url.clone().unwrap_or_default();
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::config("common.intracom.stores.url", url, e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    crate::tls::client_config(roots, "common.intracom.stores.url", url)
 }
 
 /// A TLS configuration for a store reached over plain HTTP: no roots (it is not used).

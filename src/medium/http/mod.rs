@@ -95,43 +95,18 @@ struct ErrorAnswer {
 /// TLS for `https://` gateways: rustls with the ring provider, the system's roots or a
 /// CA file (none are loaded when every URL is plain `http://`).
 fn tls_config(config: &Config) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let key = "common.intracom.http.ca_file";
-    let mut roots = rustls::RootCertStore::empty();
     let https = config.http.urls.iter().any(|u| u.starts_with("https://"));
-    match &config.http.ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| Error::config(key, path.display().to_string(), e))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| Error::config(key, path.display().to_string(), e))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::config(key, path.display().to_string(), e))?;
-            }
-        }
-        None if https => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(Error::config(
-                    key,
-                    "",
-                    "no system CA certificates found for https://: name a CA file",
-                ));
-            }
-        }
-        None => {}
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::config("common.intracom.http.url", config.http.urls.join(","), e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    let roots = crate::tls::roots(
+        "common.intracom.http.ca_file",
+        config.http.ca_file.as_deref(),
+        https,
+        "https://",
+    )?;
+    crate::tls::client_config(
+        roots,
+        "common.intracom.http.url",
+        config.http.urls.join(","),
+    )
 }
 
 /// The crate's error for a gateway's error answer.

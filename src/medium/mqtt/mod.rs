@@ -197,41 +197,13 @@ fn short_id() -> String {
 
 /// TLS for `mqtts://`: rustls with the ring provider, the system's roots or a CA file.
 fn tls_config(config: &Config) -> Result<rumqttc::TlsConfiguration> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let key = "common.intracom.mqtt.ca_file";
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.mqtt.ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| Error::config(key, path.display().to_string(), e))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| Error::config(key, path.display().to_string(), e))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::config(key, path.display().to_string(), e))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(Error::config(
-                    key,
-                    "",
-                    "no system CA certificates found for mqtts://: name a CA file",
-                ));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::config("common.intracom.mqtt.url", &config.mqtt.url, e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let roots = crate::tls::roots(
+        "common.intracom.mqtt.ca_file",
+        config.mqtt.ca_file.as_deref(),
+        true,
+        "mqtts://",
+    )?;
+    let tls = crate::tls::client_config(roots, "common.intracom.mqtt.url", &config.mqtt.url)?;
     Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(tls)))
 }
 
