@@ -7,11 +7,11 @@
         metrics.commands: insert, update, findAndModify, getMore) and the CPU used by
         the server process (found by its listening port) and by the bench process.
 
-    request-probe.py claims [URI]
+    request-probe.py claims [URI [SETTLED,...]]
         Times 500 claims and settles, one after the other, in a throwaway collection
-        with intracom's claim index, with 0 and then 2000 settled requests beside the
-        500 pending ones, for the claim filter as intracom writes it (an `$and` of
-        clauses) and for the same conjunction written at the top level.
+        with intracom's claim index, with SETTLED (default 0,2000) settled requests
+        beside the 500 pending ones, for the claim filter as intracom writes it (an
+        `$and` of clauses) and for the same conjunction written at the top level.
 
 Needs pymongo (the Python test server's venv that `scripts/test` installs has it:
 ~/.cache/intracom/secantus-py/bin/python). Linux only (reads /proc).
@@ -79,7 +79,7 @@ def run(intracom, requests, uri):
     print(bench.stdout.read())
 
 
-def claims(uri):
+def claims(uri, settled_counts=(0, 2000)):
     client = pymongo.MongoClient(uri)
     db = client["intracom_claim_probe"]
     lease_end = {"$dateAdd": {"startDate": "$lease.at", "unit": "millisecond",
@@ -102,7 +102,7 @@ def claims(uri):
         return {"_id": f"r{i}", "serviceNameDest": "billing", "delivery": "one",
                 "state": state, "priority": 0, "ts": i, "action": "echo"}
 
-    for settled in (0, 2000):
+    for settled in settled_counts:
         for name, query in forms.items():
             db.drop_collection("messages")
             messages = db["messages"]
@@ -136,7 +136,10 @@ def main():
     if len(sys.argv) >= 4 and sys.argv[1] == "run":
         run(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else DEFAULT_URI)
     elif len(sys.argv) >= 2 and sys.argv[1] == "claims":
-        claims(sys.argv[2] if len(sys.argv) > 2 else DEFAULT_URI)
+        counts = (0, 2000)
+        if len(sys.argv) > 3:
+            counts = tuple(int(n) for n in sys.argv[3].split(","))
+        claims(sys.argv[2] if len(sys.argv) > 2 else DEFAULT_URI, counts)
     else:
         sys.exit(__doc__)
 

@@ -32,6 +32,8 @@ pub struct Evidence {
     pub python_server: bool,
     pub seed: u64,
     pub seconds: u64,
+    /// The workload's pace (its pauses multiplied by it).
+    pub pace: u64,
     pub start_ms: f64,
     /// The machine's wall clock minus its monotonic clock, in ms, at the start: maps a
     /// server stamp (a local server's wall clock) onto the histories' times.
@@ -703,6 +705,7 @@ pub fn check(e: &Evidence) -> (Value, bool) {
         "seed": e.seed,
         "server": e.server,
         "seconds": e.seconds,
+        "pace": e.pace,
         "start_ms": round(e.start_ms),
         "duration_ms": round(e.faults_end_ms - e.start_ms),
         "invariants": inv_json,
@@ -805,6 +808,7 @@ fn evidence(
         python_server: false,
         seed: 1,
         seconds: 10,
+        pace: 1,
         start_ms: 0.0,
         wall_minus_monotonic_ms: 0.0,
         faults_end_ms: 10_000.0,

@@ -43,6 +43,25 @@ pub struct Settings {
     /// the server for a few seconds about a second later", every 6–9 s (a replay of a
     /// known failure, not a random schedule).
     pub directed: bool,
+    /// What the publishers' and callers' pauses are multiplied by
+    /// (`INTRACOM_NEMESIS_PACE`; default [`Target`]-dependent, see `default_pace`).
+    pub pace: u64,
+}
+
+/// The default pace of the workload on a server: 1 (a publisher every 250 ms, a caller
+/// every 300 ms), and 2 on the SecantusDB Python server. That server answers every claim
+/// (a `findAndModify` whose filter has a top-level operator) by reading the whole
+/// collection: 500 claims and settles took 14.9 s beside no settled messages and 140 s
+/// beside 8000 (0.82 s and 0.87 s on the Rust server; `scripts/request-probe.py
+/// claims`). The collection keeps every message of a run for the checker, so the
+/// claims slow as it grows; at full pace the server's one core was saturated within
+/// five minutes and the run stopped draining. The invariants judged are the same at
+/// any pace.
+pub fn default_pace(target: &Target) -> u64 {
+    match target {
+        Target::Secantus(Kind::SecantusPy) => 2,
+        _ => 1,
+    }
 }
 
 /// How the server is had and hurt.
@@ -130,6 +149,7 @@ struct Run {
     faketime: bool,
     dir: PathBuf,
     seed: u64,
+    pace: u64,
     database: String,
     procs: Vec<Proc>,
     exe: PathBuf,
@@ -172,6 +192,7 @@ impl Run {
             .env("INTRACOM_NEMESIS_DB", &self.database)
             .env("INTRACOM_NEMESIS_DIR", &self.dir)
             .env("INTRACOM_NEMESIS_SEED", self.seed.to_string())
+            .env("INTRACOM_NEMESIS_PACE", self.pace.to_string())
             .env(
                 "RUST_LOG",
                 std::env::var("INTRACOM_NEMESIS_LOG").unwrap_or_else(|_| "intracom=info".into()),
@@ -277,10 +298,12 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     println!(
-        "nemesis: seed {seed} on {} for {} s (replay: scripts/nemesis --server {label} --seed {seed} --seconds {}); run directory {}",
+        "nemesis: seed {seed} on {} for {} s at pace {} (replay: scripts/nemesis --server {label} --seed {seed} --seconds {} --pace {}); run directory {}",
         settings.target,
         settings.seconds,
+        settings.pace,
         settings.seconds,
+        settings.pace,
         dir.display()
     );
     // The server.
@@ -375,6 +398,7 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
         faketime,
         dir: dir.clone(),
         seed,
+        pace: settings.pace,
         database: database.clone(),
         procs,
         exe,
@@ -481,6 +505,7 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
         python_server: settings.target == Target::Secantus(Kind::SecantusPy),
         seed,
         seconds: settings.seconds,
+        pace: settings.pace,
         start_ms: start,
         wall_minus_monotonic_ms,
         faults_end_ms: faults_end,
@@ -525,9 +550,10 @@ async fn run_async(settings: &Settings) -> Result<(Value, bool), String> {
         }
     } else {
         println!(
-            "nemesis: histories, logs and report kept in {}; seed {seed} (replay: scripts/nemesis --server {label} --seed {seed} --seconds {})",
+            "nemesis: histories, logs and report kept in {}; seed {seed} (replay: scripts/nemesis --server {label} --seed {seed} --seconds {} --pace {})",
             dir.display(),
-            settings.seconds
+            settings.seconds,
+            settings.pace
         );
     }
     println!("{closing}");

@@ -14,6 +14,8 @@
 //! - `INTRACOM_NEMESIS_SEED`: the seed (default: random, printed);
 //! - `INTRACOM_NEMESIS_REPORTS`: a directory the report is copied to;
 //! - `INTRACOM_NEMESIS_LOG`: the workload's log filter (default `intracom=info`);
+//! - `INTRACOM_NEMESIS_PACE`: a factor (1 or more) on the pauses of the publishers and
+//!   callers (default 1, and 2 on the Python server: `control::default_pace` says why);
 //! - `INTRACOM_NEMESIS_SCHEDULE=directed`: instead of the random schedule, only "kill a
 //!   subscriber, restart it, pause the server 2–4 s about a second later", every 6–9 s;
 //! - against a mongod, the server faults come from commands:
@@ -82,6 +84,11 @@ fn seed() -> u64 {
 fn nemesis(target: Target) -> Result<(), Failed> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let (seconds, _) = seconds();
+    let pace = std::env::var("INTRACOM_NEMESIS_PACE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|p| *p >= 1)
+        .unwrap_or_else(|| control::default_pace(&target));
     let settings = control::Settings {
         target,
         seed: seed(),
@@ -90,6 +97,7 @@ fn nemesis(target: Target) -> Result<(), Failed> {
             .filter(|d| !d.is_empty())
             .map(Into::into),
         directed: std::env::var("INTRACOM_NEMESIS_SCHEDULE").is_ok_and(|s| s == "directed"),
+        pace,
     };
     let (report, passed) = control::run(&settings)?;
     let faults = report["faults"]["total"].as_u64().unwrap_or(0);

@@ -12,6 +12,9 @@
 //! - `work{k}` does `job.run`, failing on purpose as the job's body plans, its effect
 //!   through `idempotent("effects").run_once` into `effects` (unique index on `job`);
 //! - `srv{k}` serves `calc.add` (sleeps 0–1.5 s), `call{k}` asks it (time-out 2 s).
+//!
+//! A publisher publishes every 250 ms and a caller asks every 300 ms, times the pace
+//! (`INTRACOM_NEMESIS_PACE`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +81,8 @@ pub struct Env {
     pub database: String,
     pub dir: PathBuf,
     pub seed: u64,
+    /// What the publishers' and callers' pauses are multiplied by.
+    pub pace: u64,
 }
 
 impl Env {
@@ -96,6 +101,11 @@ impl Env {
             database: var("INTRACOM_NEMESIS_DB")?,
             dir: PathBuf::from(var("INTRACOM_NEMESIS_DIR")?),
             seed: var("INTRACOM_NEMESIS_SEED")?.parse().unwrap_or(0),
+            pace: var("INTRACOM_NEMESIS_PACE")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(1)
+                .max(1),
         })
     }
 
@@ -291,7 +301,7 @@ async fn publisher(env: &Env, history: Arc<History>) -> Result<(), String> {
             .await;
         }
         seq += 1;
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(250 * env.pace)).await;
     }
 }
 
@@ -575,6 +585,6 @@ async fn caller(env: &Env, history: Arc<History>) -> Result<(), String> {
             }
         }
         seq += 1;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(300 * env.pace)).await;
     }
 }
