@@ -43,20 +43,20 @@ pub struct Settings {
     /// the server for a few seconds about a second later", every 6–9 s (a replay of a
     /// known failure, not a random schedule).
     pub directed: bool,
-    /// What the publishers' and callers' pauses are multiplied by
+    /// What the publishers', callers' and workers' pauses are multiplied by
     /// (`INTRACOM_NEMESIS_PACE`; default [`Target`]-dependent, see `default_pace`).
     pub pace: u64,
 }
 
 /// The default pace of the workload on a server: 1 (a publisher every 250 ms, a caller
-/// every 300 ms), and 2 on the SecantusDB Python server. That server answers every claim
-/// (a `findAndModify` whose filter has a top-level operator) by reading the whole
-/// collection: 500 claims and settles took 14.9 s beside no settled messages and 140 s
-/// beside 8000 (0.82 s and 0.87 s on the Rust server; `scripts/request-probe.py
-/// claims`). The collection keeps every message of a run for the checker, so the
-/// claims slow as it grows; at full pace the server's one core was saturated within
-/// five minutes and the run stopped draining. The invariants judged are the same at
-/// any pace.
+/// every 300 ms, a worker's poll every 500 ms), and 2 on the SecantusDB Python server.
+/// That server answers every claim (a `findAndModify` whose filter has a top-level
+/// operator) by reading the whole collection: 500 claims and settles took 14.9 s beside
+/// no settled requests and 140 s beside 8000 (0.82 s and 0.87 s on the Rust server;
+/// `scripts/request-probe.py claims URI 0,2000,8000`). The collection keeps every
+/// message of a run for the checker, so the claims slow as it grows; at full pace the
+/// server's one core was saturated within five minutes and the run stopped draining.
+/// The invariants judged are the same at any pace.
 pub fn default_pace(target: &Target) -> u64 {
     match target {
         Target::Secantus(Kind::SecantusPy) => 2,

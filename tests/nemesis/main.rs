@@ -14,8 +14,9 @@
 //! - `INTRACOM_NEMESIS_SEED`: the seed (default: random, printed);
 //! - `INTRACOM_NEMESIS_REPORTS`: a directory the report is copied to;
 //! - `INTRACOM_NEMESIS_LOG`: the workload's log filter (default `intracom=info`);
-//! - `INTRACOM_NEMESIS_PACE`: a factor (1 or more) on the pauses of the publishers and
-//!   callers (default 1, and 2 on the Python server: `control::default_pace` says why);
+//! - `INTRACOM_NEMESIS_PACE`: a factor (1 or more) on the pauses of the publishers,
+//!   callers and workers (default 1, and 2 on the Python server:
+//!   `control::default_pace` says why);
 //! - `INTRACOM_NEMESIS_SCHEDULE=directed`: instead of the random schedule, only "kill a
 //!   subscriber, restart it, pause the server 2–4 s about a second later", every 6–9 s;
 //! - against a mongod, the server faults come from commands:

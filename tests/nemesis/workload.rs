@@ -13,8 +13,8 @@
 //!   through `idempotent("effects").run_once` into `effects` (unique index on `job`);
 //! - `srv{k}` serves `calc.add` (sleeps 0–1.5 s), `call{k}` asks it (time-out 2 s).
 //!
-//! A publisher publishes every 250 ms and a caller asks every 300 ms, times the pace
-//! (`INTRACOM_NEMESIS_PACE`).
+//! A publisher publishes every 250 ms, a caller asks every 300 ms and a worker polls for
+//! lapsed leases and due retries every 500 ms, times the pace (`INTRACOM_NEMESIS_PACE`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -394,7 +394,7 @@ async fn worker(env: &Env, history: Arc<History>) -> Result<(), String> {
         .lease(Duration::from_millis(LEASE_MS))
         .backoff(Duration::from_millis(200))
         .max_attempts(MAX_ATTEMPTS as i32)
-        .poll(Duration::from_millis(500));
+        .poll(Duration::from_millis(500 * env.pace));
     // Retries stay within the drain's bound.
     options.max_backoff = Duration::from_secs(2);
     let name = env.name.clone();
