@@ -45,13 +45,7 @@ use servers::{Kind, Target};
 /// Set while intracom is known to break an invariant the nemesis judges: the default
 /// runs are then reported as ignored with this reason, unless `INTRACOM_NEMESIS_SECONDS`
 /// asks for them explicitly.
-const KNOWN_VIOLATIONS: Option<&str> = Some(
-    "not yet clean at length: a 30-minute run on the Rust server found a redelivery after \
-     a restart whose window had left the oplog and a run-once body run by a worker paused \
-     past its lease; with the first fixed, a second 30-minute run passed, the second fix \
-     has not run 30 minutes yet, and a 30-minute run on the Python server stopped \
-     draining (not diagnosed): run with INTRACOM_NEMESIS_SECONDS=N",
-);
+const KNOWN_VIOLATIONS: Option<&str> = None;
 
 /// The default length of a run's fault period, in seconds.
 const DEFAULT_SECONDS: u64 = 120;
