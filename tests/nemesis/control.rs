@@ -51,9 +51,9 @@ pub struct Settings {
 /// The default pace of the workload on a server: 1 (a publisher every 250 ms, a caller
 /// every 300 ms, a worker's poll every 500 ms), and 2 on the SecantusDB Python server.
 /// That server answers every claim (a `findAndModify` whose filter has a top-level
-/// operator) by reading the whole collection: 500 claims and settles took 14.9 s beside
-/// no settled requests and 140 s beside 8000 (0.82 s and 0.87 s on the Rust server;
-/// `scripts/request-probe.py claims URI 0,2000,8000`). The collection keeps every
+/// operator) by reading the whole collection: 500 claims and settles took 11–15 s beside
+/// no settled requests and 120–140 s beside 8000, in two runs (0.8–1.4 s on the Rust
+/// server; `scripts/request-probe.py claims URI 0,2000,8000`). The collection keeps every
 /// message of a run for the checker, so the claims slow as it grows; at full pace the
 /// server's one core was saturated within five minutes and the run stopped draining.
 /// The invariants judged are the same at any pace.
