@@ -426,6 +426,61 @@ fn within(document: &Document, lower: Timestamp, upper: Option<Timestamp>) -> bo
     ts > lower && upper.is_none_or(|u| ts <= u)
 }
 
+/// Answers the subscribers' scans of `messages` from `stored` (what lies within each
+/// scan's bounds). Returns a flag set once a scan was answered, and each scan's lower
+/// bound.
+fn serve_scans(
+    peer: &Peer,
+    stored: Vec<Document>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::Mutex<Vec<Timestamp>>>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let scanned = Arc::new(AtomicBool::new(false));
+    let lowers = Arc::new(Mutex::new(Vec::new()));
+    let (flag, seen) = (Arc::clone(&scanned), Arc::clone(&lowers));
+    peer.on("find", move |c| {
+        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
+            flag.store(true, Ordering::SeqCst);
+            let lower = scan_lower(c).unwrap_or(ts(0));
+            seen.lock().unwrap().push(lower);
+            let batch: Vec<Document> = stored
+                .iter()
+                .filter(|d| within(d, lower, scan_upper(c)))
+                .cloned()
+                .collect();
+            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
+        })
+    });
+    (scanned, lowers)
+}
+
+/// Answers the shared stream's `getMore`s (cursor 101): `event` once `scanned` is set,
+/// empty batches (after 100 ms) before and after it.
+fn one_event_after_a_scan(
+    peer: &Peer,
+    scanned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    event: Document,
+    token: &'static str,
+) {
+    let mut event = Some(event);
+    peer.on("getMore", move |c| {
+        if c.get_i64("getMore") != Ok(101) {
+            return None;
+        }
+        let event = event.take_if(|_| scanned.load(std::sync::atomic::Ordering::SeqCst));
+        Some(match event {
+            Some(event) => Reply::Doc(cursor_reply(101, "nextBatch", vec![event], token)),
+            None => Reply::After(
+                Duration::from_millis(100),
+                cursor_reply(101, "nextBatch", vec![], token),
+            ),
+        })
+    });
+}
+
 fn change_stream_stage(aggregate: &Document) -> Document {
     let pipeline = aggregate.get_array("pipeline").unwrap();
     pipeline[0]
@@ -2415,8 +2470,6 @@ async fn a_message_committed_behind_a_catch_up_comes_once_in_stamp_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_from_a_settled_catch_up_position_delivers_nothing_it_covers() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     // The previous run caught up by `ts` and was acked up to m5, which a settled pass
     // delivered: every message up to (ts(5), "m5") was handled, and above it m8 (which
     // its ring had delivered before the catch-up). m2 sorts below the checkpoint but
@@ -2448,42 +2501,14 @@ async fn a_restart_from_a_settled_catch_up_position_delivers_nothing_it_covers()
         );
         Some(Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")))
     });
-    let scanned = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&scanned);
-    let lowers = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = Arc::clone(&lowers);
-    peer.on("find", move |c| {
-        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
-            flag.store(true, Ordering::SeqCst);
-            let lower = scan_lower(c).unwrap_or(ts(0));
-            seen.lock().unwrap().push(lower);
-            let batch: Vec<Document> = stored
-                .iter()
-                .filter(|d| within(d, lower, scan_upper(c)))
-                .cloned()
-                .collect();
-            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
-        })
-    });
+    let (scanned, lowers) = serve_scans(&peer, stored);
     // A later message on the shared stream, once the catch-up has read.
-    let mut m10 = Some(insert_event(
+    let m10 = insert_event(
         "t10",
         stored_message("m10", "reload", ts_at(10, 0)),
         ts_at(10, 1),
-    ));
-    peer.on("getMore", move |c| {
-        if c.get_i64("getMore") != Ok(101) {
-            return None;
-        }
-        let event = m10.take_if(|_| scanned.load(Ordering::SeqCst));
-        Some(match event {
-            Some(event) => Reply::Doc(cursor_reply(101, "nextBatch", vec![event], "t10")),
-            None => Reply::After(
-                Duration::from_millis(100),
-                cursor_reply(101, "nextBatch", vec![], "t10"),
-            ),
-        })
-    });
+    );
+    one_event_after_a_scan(&peer, scanned, m10, "t10");
     let bus = connect(&peer).await;
     let mut sub = bus
         .subscribe(Subscription::named("billing-cache").actions(["reload"]))
@@ -2508,8 +2533,6 @@ async fn a_restart_from_a_settled_catch_up_position_delivers_nothing_it_covers()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_whose_window_left_the_oplog_skips_what_its_checkpoint_names() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     // The previous run followed the stream and was acked up to m5 (its event's token and
     // cluster time); its position names m3 and m4, delivered within the safety window
     // before it. The oplog no longer holds that window: the restart reads the collection
@@ -2543,38 +2566,13 @@ async fn a_restart_whose_window_left_the_oplog_skips_what_its_checkpoint_names()
         }
         Some(Reply::Doc(cursor_reply(101, "firstBatch", vec![], "t0")))
     });
-    let scanned = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&scanned);
-    peer.on("find", move |c| {
-        (c.get_str("find") == Ok("messages") && c.get_str("comment").is_err()).then(|| {
-            flag.store(true, Ordering::SeqCst);
-            let lower = scan_lower(c).unwrap_or(ts(0));
-            let batch: Vec<Document> = stored
-                .iter()
-                .filter(|d| within(d, lower, scan_upper(c)))
-                .cloned()
-                .collect();
-            Reply::Doc(doc! { "cursor": { "id": 0i64, "ns": "intracom.messages", "firstBatch": batch }, "ok": 1 })
-        })
-    });
-    let mut m7 = Some(insert_event(
+    let (scanned, _) = serve_scans(&peer, stored);
+    let m7 = insert_event(
         "t7",
         stored_message("m7", "reload", ts_at(10, 0)),
         ts_at(10, 1),
-    ));
-    peer.on("getMore", move |c| {
-        if c.get_i64("getMore") != Ok(101) {
-            return None;
-        }
-        let event = m7.take_if(|_| scanned.load(Ordering::SeqCst));
-        Some(match event {
-            Some(event) => Reply::Doc(cursor_reply(101, "nextBatch", vec![event], "t7")),
-            None => Reply::After(
-                Duration::from_millis(100),
-                cursor_reply(101, "nextBatch", vec![], "t7"),
-            ),
-        })
-    });
+    );
+    one_event_after_a_scan(&peer, scanned, m7, "t7");
     let bus = connect(&peer).await;
     let mut sub = bus
         .subscribe(Subscription::named("billing-cache").actions(["reload"]))

@@ -1236,33 +1236,41 @@ pub async fn a_dead_holders_reservation_is_taken_over(h: &dyn Harness) {
     let w = h.world(300_000).await;
     let b1 = bus(&*w, "billing", "billing-1").await;
     // An instance reserved the message, then died without finishing.
-    let reserved = b1
-        .medium()
-        .records()
-        .expect("idempotency records")
-        .processed_reserve(
-            "ledger",
-            "m-crash",
-            "billing-dead/1",
-            Duration::from_millis(300),
-        )
-        .await
-        .unwrap();
-    assert_eq!(reserved, intracom::medium::Reservation::Reserved);
-    // Bounded well below the record's retention (300 s), so only a take-over passes.
-    let outcome = tokio::time::timeout(
-        HANG_GUARD,
-        b1.idempotent("ledger")
-            .run_once("m-crash", || async { Ok::<_, Error>("done here") }),
-    )
-    .await
-    .expect("taken over after the lease, not after the retention")
-    .unwrap();
+    let outcome =
+        run_once_past_a_lapsed_holder(&b1, "m-crash", "billing-dead/1", "done here").await;
     assert_eq!(
         outcome,
         Once::Ran("done here"),
         "run once the dead holder's lease lapsed"
     );
+}
+
+/// Reserves `id` for the consumer `ledger` as `holder`, with a lease of 300 ms that
+/// `holder` never ends (it died or is paused), then runs `run_once` for `id` on `bus`:
+/// what it returns once it took the lapsed reservation over (bounded well below the
+/// record's retention, 300 s, so only a take-over passes).
+async fn run_once_past_a_lapsed_holder(
+    bus: &Intracom,
+    id: &str,
+    holder: &str,
+    value: &'static str,
+) -> intracom::Once<&'static str> {
+    let reserved = bus
+        .medium()
+        .records()
+        .expect("idempotency records")
+        .processed_reserve("ledger", id, holder, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(reserved, intracom::medium::Reservation::Reserved);
+    tokio::time::timeout(
+        HANG_GUARD,
+        bus.idempotent("ledger")
+            .run_once(id, || async move { Ok::<_, Error>(value) }),
+    )
+    .await
+    .expect("taken over after the lease, not after the retention")
+    .unwrap()
 }
 
 /// A holder whose reservation lapsed (a process paused past its lease) and was taken
@@ -1272,26 +1280,10 @@ pub async fn a_lapsed_holders_late_completion_is_refused(h: &dyn Harness) {
     use intracom::Once;
     let w = h.world(300_000).await;
     let b1 = bus(&*w, "billing", "billing-1").await;
-    let records = b1.medium().records().expect("idempotency records");
-    let reserved = records
-        .processed_reserve(
-            "ledger",
-            "m-late",
-            "billing-paused/1",
-            Duration::from_millis(300),
-        )
-        .await
-        .unwrap();
-    assert_eq!(reserved, intracom::medium::Reservation::Reserved);
-    let outcome = tokio::time::timeout(
-        HANG_GUARD,
-        b1.idempotent("ledger")
-            .run_once("m-late", || async { Ok::<_, Error>("taken over") }),
-    )
-    .await
-    .expect("taken over after the lease")
-    .unwrap();
+    let outcome =
+        run_once_past_a_lapsed_holder(&b1, "m-late", "billing-paused/1", "taken over").await;
     assert_eq!(outcome, Once::Ran("taken over"));
+    let records = b1.medium().records().expect("idempotency records");
     // The paused holder wakes up and completes.
     let late = records
         .processed_complete("ledger", "m-late", "billing-paused/1", None)

@@ -979,27 +979,20 @@ mod tests {
         assert!(request.position.is_none());
         anchor(&event(anchored), &mut request);
         assert!(matches!(request.from, FromJson::After));
-        let position = wire::position_of(request.position.clone().expect("a position"))
-            .expect("the anchor's position");
-        assert_eq!(
-            position.ts,
-            bson::Timestamp {
-                time: 3,
-                increment: 1
-            }
-        );
+        let anchored_at = |request: &FollowJson| {
+            wire::position_of(request.position.clone().expect("a position"))
+                .expect("the anchor's position")
+                .ts
+        };
+        let first = bson::Timestamp {
+            time: 3,
+            increment: 1,
+        };
+        assert_eq!(anchored_at(&request), first);
         // A later anchor (a stream opened again) does not move a follower that has one.
         let other = r#"{"position":{"ts":{"$timestamp":{"t":9,"i":1}}}}"#;
         anchor(&event(other), &mut request);
-        let position = wire::position_of(request.position.clone().expect("a position"))
-            .expect("the anchor's position");
-        assert_eq!(
-            position.ts,
-            bson::Timestamp {
-                time: 3,
-                increment: 1
-            }
-        );
+        assert_eq!(anchored_at(&request), first);
     }
 
     #[test]
