@@ -69,14 +69,14 @@ mod imp {
     use std::io::{BufRead, BufReader};
     use std::path::PathBuf;
     use std::process::{Child, Stdio};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use intracom::gateway::{Identity, Tokens};
     use intracom::Config;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 
-    use super::super::fleet::{proc_cpu_seconds, service, ticks_per_second, SELECTION_ENV};
+    use super::super::fleet::{proc_cpu_seconds, reap, service, ticks_per_second, SELECTION_ENV};
     use super::super::CONFIG_FILE;
     use super::GatewayReading;
     use crate::output::{fail, Failure};
@@ -262,20 +262,7 @@ mod imp {
                     .status();
             }
             for child in &mut self.children {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(_)) => break,
-                        Ok(None) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(20))
-                        }
-                        _ => {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            break;
-                        }
-                    }
-                }
+                reap(child);
             }
             self.children.clear();
             let _ = std::fs::remove_dir_all(&self.dir);
