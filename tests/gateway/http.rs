@@ -651,6 +651,17 @@ fn ext_of(message: &Message) -> serde_json::Value {
     intracom::bson::Bson::Document(document).into_canonical_extjson()
 }
 
+/// Posts `body` as `token` to a `/medium/work/...` route that answers `{done}`, and
+/// checks the answer: 200 with `done` as `expected`.
+async fn expect_done(gw: &Gw, path: &str, token: &str, body: serde_json::Value, expected: bool) {
+    let (status, answer) = gw.post(path, token, body).await;
+    assert_eq!(
+        (status, &answer["done"]),
+        (reqwest::StatusCode::OK, &serde_json::Value::Bool(expected)),
+        "{path}: {answer}"
+    );
+}
+
 /// A service token renews, settles and buries only under owners its service claimed
 /// with, settles without an owner only work its service sent or is sent, and reads the
 /// outcomes of its service's requests only; the service itself still can.
@@ -688,43 +699,31 @@ async fn service_token_ends_its_services_work_only(place: Place) {
         .to_string();
     let other = if held == "held" { "waiting" } else { "held" };
     // Another service's token, naming the same owner: the lease is not its.
-    let (status, body) = gw
-        .post(
-            "/medium/work/renew",
-            USERS,
-            json!({ "id": held, "owner": "w", "lease_ms": 60000 }),
-        )
-        .await;
-    assert_eq!(
-        (status, &body["done"]),
-        (StatusCode::OK, &json!(false)),
-        "{body}"
-    );
-    let (status, body) = gw
-        .post(
-            "/medium/work/bury",
-            USERS,
-            json!({ "id": held, "owner": "w", "reason": "forged" }),
-        )
-        .await;
-    assert_eq!(
-        (status, &body["done"]),
-        (StatusCode::OK, &json!(false)),
-        "{body}"
-    );
+    expect_done(
+        &gw,
+        "/medium/work/renew",
+        USERS,
+        json!({ "id": held, "owner": "w", "lease_ms": 60000 }),
+        false,
+    )
+    .await;
+    expect_done(
+        &gw,
+        "/medium/work/bury",
+        USERS,
+        json!({ "id": held, "owner": "w", "reason": "forged" }),
+        false,
+    )
+    .await;
     let forged = json!({ "done": { "result": { "forged": true } } });
-    let (status, body) = gw
-        .post(
-            "/medium/work/settle",
-            USERS,
-            json!({ "id": held, "owner": "w", "settlement": forged }),
-        )
-        .await;
-    assert_eq!(
-        (status, &body["done"]),
-        (StatusCode::OK, &json!(false)),
-        "{body}"
-    );
+    expect_done(
+        &gw,
+        "/medium/work/settle",
+        USERS,
+        json!({ "id": held, "owner": "w", "settlement": forged }),
+        false,
+    )
+    .await;
     // Without an owner, on pending work neither from nor to its service: refused.
     let (status, body) = gw
         .post(
@@ -735,42 +734,23 @@ async fn service_token_ends_its_services_work_only(place: Place) {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     // The service itself: renews and settles under its owner, marks its other request.
-    let (status, body) = gw
-        .post(
-            "/medium/work/renew",
-            BILLING,
-            json!({ "id": held, "owner": "w", "lease_ms": 60000 }),
-        )
-        .await;
-    assert_eq!(
-        (status, &body["done"]),
-        (StatusCode::OK, &json!(true)),
-        "{body}"
-    );
-    let (status, body) = gw
-        .post(
-            "/medium/work/settle",
-            BILLING,
-            json!({ "id": held, "owner": "w", "settlement": { "done": { "result": { "n": "one" } } } }),
-        )
-        .await;
-    assert_eq!(
-        (status, &body["done"]),
-        (StatusCode::OK, &json!(true)),
-        "{body}"
-    );
-    let (status, body) = gw
-        .post(
-            "/medium/work/settle",
-            BILLING,
-            json!({ "id": other, "settlement": { "failed": { "response": { "error": "timed out" } } } }),
-        )
-        .await;
-    assert_eq!(
-        (status, &body["done"]),
-        (StatusCode::OK, &json!(true)),
-        "{body}"
-    );
+    expect_done(
+        &gw,
+        "/medium/work/renew",
+        BILLING,
+        json!({ "id": held, "owner": "w", "lease_ms": 60000 }),
+        true,
+    )
+    .await;
+    expect_done(
+        &gw,
+        "/medium/work/settle",
+        BILLING,
+        json!({ "id": held, "owner": "w", "settlement": { "done": { "result": { "n": "one" } } } }),
+        true,
+    )
+    .await;
+    expect_done(&gw, "/medium/work/settle", BILLING, json!({ "id": other, "settlement": { "failed": { "response": { "error": "timed out" } } } }), true).await;
     // Outcomes: the asker's only.
     let (status, body) = gw
         .post(
